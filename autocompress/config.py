@@ -1,0 +1,288 @@
+"""Study configuration: one dataclass whose fields are the CLI options and the YAML keys.
+
+Precedence: built-in defaults < YAML file (``--config``) < command line. Unknown keys and
+values of the wrong type are ``ConfigError`` naming the key, so a typo never silently falls
+back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from autocompress.errors import BudgetError, ConfigError
+
+SAMPLERS = ("tpe", "random", "nsga2", "gp")
+OBJECTIVES = ("accuracy", "size", "latency")
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A hard limit a candidate must meet: latency in ms or size in bytes."""
+
+    kind: str  # "latency" | "size"
+    value: float  # milliseconds for latency, bytes for size
+    text: str  # as the user wrote it, e.g. "50ms"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "value": self.value, "text": self.text}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Budget:
+        return cls(kind=str(data["kind"]), value=float(data["value"]), text=str(data["text"]))
+
+    def violation(self, latency_ms: float, size_bytes: float) -> float:
+        """Optuna constraint value: > 0 means broken (relative excess, so units don't matter)."""
+        measured = latency_ms if self.kind == "latency" else size_bytes
+        return (measured - self.value) / self.value
+
+    def describe(self, latency_ms: float, size_bytes: float) -> str:
+        if self.kind == "latency":
+            return f"latency {latency_ms:.3g} ms vs budget {self.text}"
+        return f"size {format_bytes(size_bytes)} vs budget {self.text}"
+
+
+_LATENCY_UNITS = {"us": 1e-3, "µs": 1e-3, "ms": 1.0, "s": 1000.0}
+_SIZE_UNITS = {
+    "b": 1,
+    "kb": 1000,
+    "mb": 1000**2,
+    "gb": 1000**3,
+    "kib": 1024,
+    "mib": 1024**2,
+    "gib": 1024**3,
+}
+_BUDGET_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*([a-zA-Zµ]+)\s*$")
+
+
+def parse_budget(text: str) -> Budget:
+    """``50ms``, ``0.05s``, ``500us`` (latency) or ``8MB``, ``512KiB`` (size)."""
+    match = _BUDGET_RE.match(str(text))
+    if not match:
+        raise BudgetError(
+            f"budget {text!r} is not a latency or size; "
+            "write e.g. 50ms, 0.05s, 500us, 8MB or 512KiB"
+        )
+    number, unit = float(match.group(1)), match.group(2)
+    if number <= 0:
+        raise BudgetError(f"budget {text!r} must be positive; write e.g. 50ms or 8MB")
+    if unit in _LATENCY_UNITS:
+        return Budget("latency", number * _LATENCY_UNITS[unit], str(text).strip())
+    if unit.lower() in _SIZE_UNITS:
+        return Budget("size", number * _SIZE_UNITS[unit.lower()], str(text).strip())
+    raise BudgetError(
+        f"budget {text!r} has unknown unit {unit!r}; use us, ms, s for latency or "
+        "B, KB, MB, KiB, MiB for size"
+    )
+
+
+def format_bytes(n: float) -> str:
+    for unit, scale in (("MB", 1000**2), ("KB", 1000)):
+        if n >= scale:
+            return f"{n / scale:.3g} {unit}"
+    return f"{int(n)} B"
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """Everything a search needs. Field names are the YAML keys; CLI flags use dashes."""
+
+    # what to compress
+    model: str | None = None
+    weights: str | None = None
+    data: str | None = None
+    num_classes: int | None = None
+    input_size: int | None = None
+    # where the study lives
+    study: str = "demo"
+    storage: str | None = None
+    artifacts: str | None = None
+    # what to optimise and under which limits
+    budgets: tuple[str, ...] = ()
+    objectives: tuple[str, ...] = ("accuracy", "size")
+    trials: int = 20
+    sampler: str = "tpe"
+    seed: int = 0
+    # the space
+    bits: tuple[int, ...] = (32, 8, 4)
+    prune_max: float = 0.7
+    prune_step: float = 0.05
+    kd_temperature_min: float = 1.0
+    kd_temperature_max: float = 10.0
+    kd_alpha_min: float = 0.5
+    kd_alpha_max: float = 1.0
+    round_to: int = 8
+    # the fine-tune each candidate gets
+    finetune_steps: int = 150
+    learning_rate: float = 2e-3
+    batch_size: int = 64
+    early_stop_drop: float = 0.25
+    device: str = "auto"
+    # the runtime latency is measured on
+    threads: int = 1
+    latency_batch_size: int = 1
+    latency_repeats: int = 30
+    baselines: bool = True
+
+    def __post_init__(self) -> None:
+        self.check()
+
+    # -- checks ---------------------------------------------------------------------
+
+    def check(self) -> None:
+        for budget in self.budgets:
+            parse_budget(budget)
+        if self.trials < 1:
+            raise ConfigError(f"trials {self.trials} must be at least 1 (--trials 20)")
+        if self.sampler not in SAMPLERS:
+            raise ConfigError(f"sampler {self.sampler!r} is unknown; use one of {list(SAMPLERS)}")
+        if not self.objectives or any(o not in OBJECTIVES for o in self.objectives):
+            raise ConfigError(
+                f"objectives {','.join(self.objectives)!r} invalid; use a comma list of "
+                f"{list(OBJECTIVES)} starting with accuracy, e.g. accuracy,size,latency"
+            )
+        if self.objectives[0] != "accuracy" or len(set(self.objectives)) != len(self.objectives):
+            raise ConfigError(
+                "objectives must start with accuracy and not repeat, e.g. accuracy,size"
+            )
+        for b in self.bits:
+            if b not in (32, 8, 4):
+                raise ConfigError(f"bits value {b} is unsupported; use values from 32, 8, 4")
+        if not self.bits:
+            raise ConfigError("bits is empty: the search space has nothing to choose from")
+        if not 0.0 <= self.prune_max < 1.0:
+            raise ConfigError(f"prune_max {self.prune_max} must be in [0, 1) (e.g. 0.7)")
+        if self.prune_step <= 0:
+            raise ConfigError(f"prune_step {self.prune_step} must be > 0 (e.g. 0.05)")
+        if not 0 < self.kd_temperature_min <= self.kd_temperature_max:
+            raise ConfigError("kd_temperature_min must be > 0 and <= kd_temperature_max")
+        if not 0 <= self.kd_alpha_min <= self.kd_alpha_max <= 1:
+            raise ConfigError("kd_alpha_min <= kd_alpha_max must both lie in [0, 1]")
+        for name in ("finetune_steps", "batch_size", "threads", "latency_batch_size",
+                     "latency_repeats", "round_to"):
+            minimum = 0 if name == "finetune_steps" else 1
+            if getattr(self, name) < minimum:
+                raise ConfigError(f"{name} {getattr(self, name)} must be >= {minimum}")
+        if self.learning_rate <= 0:
+            raise ConfigError(f"learning_rate {self.learning_rate} must be > 0 (e.g. 2e-3)")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"device {self.device!r} is unknown; use auto, cpu or cuda")
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", self.study):
+            raise ConfigError(
+                f"study name {self.study!r} may hold only letters, digits, '_', '-' and '.'"
+            )
+
+    # -- derived --------------------------------------------------------------------
+
+    def parsed_budgets(self) -> list[Budget]:
+        return [parse_budget(b) for b in self.budgets]
+
+    def storage_url(self) -> str:
+        return self.storage or f"sqlite:///studies/{self.study}.db"
+
+    def replace(self, **changes: Any) -> SearchConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        items = dataclasses.asdict(self).items()
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in items}
+
+
+def _field_types() -> dict[str, Any]:
+    hints = typing.get_type_hints(SearchConfig)
+    return {f.name: hints[f.name] for f in dataclasses.fields(SearchConfig)}
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """Check a YAML value against the field's type; lists become tuples."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (types.UnionType, typing.Union):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(key, value, inner[0])
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise ConfigError(f"config key {key!r} must be a list, got {type(value).__name__}")
+        return tuple(_coerce(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value))
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"config key {key!r} must be true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"config key {key!r} must be an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config key {key!r} must be a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"config key {key!r} must be a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML study config into checked keyword arguments for SearchConfig."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist; see studies/demo.yaml")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        first = str(exc).splitlines()[0]
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {first}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {str(path)!r} must be a mapping of keys to values")
+    hints = _field_types()
+    checked: dict[str, Any] = {}
+    for key, value in raw.items():
+        name = str(key).replace("-", "_")
+        if name == "budget":  # singular spelling, as on the command line
+            name = "budgets"
+            value = value if isinstance(value, list) else [value]
+        if name not in hints:
+            raise ConfigError(
+                f"unknown config key {key!r} in {path}; known keys: {', '.join(sorted(hints))}"
+            )
+        checked[name] = _coerce(name, value, hints[name])
+    return checked
+
+
+def build_config(config_file: str | Path | None, overrides: dict[str, Any]) -> SearchConfig:
+    """Defaults < file < overrides (overrides whose value is None are not given)."""
+    values: dict[str, Any] = load_config_file(config_file) if config_file else {}
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return SearchConfig(**values)
+    except TypeError as exc:  # a key that slipped past the checks above
+        raise ConfigError(f"bad config: {exc}") from None
+
+
+def config_keys() -> list[str]:
+    return [f.name for f in dataclasses.fields(SearchConfig)]
+
+
+__all__ = [
+    "OBJECTIVES",
+    "SAMPLERS",
+    "Budget",
+    "SearchConfig",
+    "build_config",
+    "config_keys",
+    "format_bytes",
+    "load_config_file",
+    "parse_budget",
+]

@@ -1,0 +1,395 @@
+"""One trial: plan -> build -> latency pre-check -> QAT+KD fine-tune -> export -> measure.
+
+Every recorded figure is measured on the exported ONNX file that becomes the trial's
+artifact (DESIGN rule 1). The pre-check exports the pruned structure at the planned bit widths
+before any fine-tuning and rejects over-budget candidates cheaply (rule 4); its result is
+cached by structure, because latency does not depend on fine-tuned weight values.
+
+Early stopping (ours: multi-objective Optuna cannot prune): every ``eval_every`` steps after the
+first third of the fine-tune, a candidate whose fake-quant validation accuracy is more than
+``early_stop_drop`` (absolute) below the fp32 teacher's is abandoned as hopeless and recorded
+as a PRUNED trial with the reason.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from autocompress import distill, measure, prune, quantize, runtime, space
+from autocompress.config import Budget, SearchConfig
+from autocompress.errors import AutocompressError
+from autocompress.intake import Task
+from autocompress.inventory import Inventory
+from autocompress.plan import CompressionPlan
+from autocompress.study import TrialPruned
+
+log = logging.getLogger("autocompress")
+
+PRECHECK_REPEATS = 10
+CALIBRATION_BATCHES = 8
+CALIBRATION_BATCH_SIZE = 32
+
+
+@dataclass
+class Precheck:
+    """Latency and size of one structure at its bit widths, before fine-tuning."""
+
+    latency: measure.LatencyStats
+    reference: measure.LatencyStats
+    ratio: float
+    size_bytes: int
+    session_options: dict[str, str]
+
+
+@dataclass
+class SearchContext:
+    """What every trial of one search shares. Built once by ``search.py``."""
+
+    task: Task
+    inventory: Inventory
+    config: SearchConfig
+    budgets: list[Budget]
+    workdir: Path
+    fp32_onnx: Path
+    fp32_accuracy: float
+    device: str
+    calibration: list[torch.Tensor]
+    upload: Callable[[Any, Path], str]
+    precheck_cache: dict[str, Precheck] = field(default_factory=dict)
+
+    @property
+    def latency_shape(self) -> tuple[int, ...]:
+        return (self.config.latency_batch_size, *self.task.input_shape)
+
+
+class _Timer:
+    """Seconds per phase, for the ``timing`` attribute."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = round(
+                self.seconds.get(name, 0.0) + time.perf_counter() - start, 4
+            )
+
+
+def structure_key(plan: CompressionPlan) -> str:
+    body = json.dumps({"bits": plan.bits, "prune": plan.prune}, sort_keys=True)
+    return hashlib.sha256(body.encode()).hexdigest()[:16]
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def build_student(task: Task, plan: CompressionPlan, round_to: int) -> nn.Module:
+    """The pruned, BN-folded float structure of a plan (teacher untouched)."""
+    example = task.data.example_input(1)
+    if any(r > 0 for r in plan.prune.values()):
+        model = prune.prune(task.model, plan, example, round_to=round_to)
+    else:
+        model = copy.deepcopy(task.model)
+    if plan.sparsity:
+        model = prune.apply_unstructured(model, plan.sparsity)
+    model.eval()
+    return quantize.fold_batchnorm(model)
+
+
+def _calibrate(qat: nn.Module, batches: list[torch.Tensor]) -> None:
+    """Run calibration batches in train mode so activation observers see real ranges."""
+    qat.train()
+    with torch.no_grad():
+        for x in batches:
+            qat(x)
+    qat.eval()
+
+
+class TrialRunner:
+    """Callable objective for ``study.optimize``: returns the objective values."""
+
+    def __init__(self, ctx: SearchContext) -> None:
+        self.ctx = ctx
+
+    # -- the trial ------------------------------------------------------------------------
+
+    def __call__(self, trial: Any) -> tuple[float, ...]:
+        ctx = self.ctx
+        timer = _Timer()
+        baseline = trial.user_attrs.get("baseline")
+        plan = space.suggest_plan(trial, ctx.inventory, ctx.config)
+        trial.set_user_attr("plan", plan.to_json())
+        trial.set_user_attr("plan_summary", plan.summary())
+        out_dir = ctx.workdir / f"trial-{trial.number}"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            return self._run(trial, plan, baseline, timer, out_dir)
+        except TrialPruned:
+            raise
+        except AutocompressError as exc:
+            trial.set_user_attr("fail_reason", str(exc))
+            raise
+        except Exception as exc:
+            trial.set_user_attr("fail_reason", f"{type(exc).__name__}: {exc}"[:500])
+            raise
+        finally:
+            trial.set_user_attr("timing", json.dumps(timer.seconds))
+
+    def _run(
+        self,
+        trial: Any,
+        plan: CompressionPlan,
+        baseline: str | None,
+        timer: _Timer,
+        out_dir: Path,
+    ) -> tuple[float, ...]:
+        ctx = self.ctx
+        with timer.phase("build"):
+            student = build_student(ctx.task, plan, ctx.config.round_to)
+
+        with timer.phase("precheck"):
+            pre = self.precheck(student, plan, baseline, out_dir)
+        broken = self._broken_budgets(pre.latency.median_ms, pre.size_bytes)
+        if broken:
+            return self._reject(trial, pre, broken, out_dir)
+
+        qat: nn.Module | None = None
+        if baseline is None and plan.finetune_steps > 0:
+            with timer.phase("finetune"):
+                qat, stopped = self._finetune(trial, student, plan)
+            if stopped:
+                self._set_constraints(trial, pre.latency.median_ms, pre.size_bytes)
+                trial.set_user_attr("early_stopped", stopped)
+                raise TrialPruned(stopped)
+
+        with timer.phase("export"):
+            artifact = self._export(student, qat, plan, baseline, out_dir)
+
+        with timer.phase("measure"):
+            values = self._measure(trial, artifact, student, pre)
+        return values
+
+    # -- phases ---------------------------------------------------------------------------
+
+    def precheck(
+        self, student: nn.Module, plan: CompressionPlan, baseline: str | None, out_dir: Path
+    ) -> Precheck:
+        ctx = self.ctx
+        key = f"{baseline or 'search'}:{structure_key(plan)}"
+        if key in ctx.precheck_cache:
+            return ctx.precheck_cache[key]
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path = self._export(student, None, plan, baseline, out_dir, name="precheck.onnx")
+        options, _ = runtime.pick_session_options(
+            path, ctx.latency_shape, threads=ctx.config.threads
+        )
+        inter = runtime.time_interleaved(
+            path,
+            ctx.fp32_onnx,
+            ctx.latency_shape,
+            threads=ctx.config.threads,
+            candidate_options=options,
+            reference_options={},
+            rounds=2,
+            repeats=PRECHECK_REPEATS,
+        )
+        result = Precheck(
+            latency=inter.candidate,
+            reference=inter.reference,
+            ratio=inter.ratio,
+            size_bytes=measure.file_size(path),
+            session_options=options,
+        )
+        ctx.precheck_cache[key] = result
+        return result
+
+    def _broken_budgets(self, latency_ms: float, size_bytes: float) -> dict[str, float]:
+        return {
+            b.text: b.violation(latency_ms, size_bytes)
+            for b in self.ctx.budgets
+            if b.violation(latency_ms, size_bytes) > 0
+        }
+
+    def _set_constraints(self, trial: Any, latency_ms: float, size_bytes: float) -> bool:
+        """Set every budget as an Optuna constraint (on every path); True when all are met."""
+        values = {b.text: b.violation(latency_ms, size_bytes) for b in self.ctx.budgets}
+        if not values:
+            values = {"none": -1.0}  # a trial with no constraint must still say it is feasible
+        for name, value in values.items():
+            trial.set_constraint(name, value)
+        feasible = all(v <= 0 for v in values.values())
+        trial.set_user_attr("constraints", json.dumps(values))
+        trial.set_user_attr("feasible", feasible)
+        return feasible
+
+    def _reject(
+        self, trial: Any, pre: Precheck, broken: dict[str, float], out_dir: Path
+    ) -> tuple[float, ...]:
+        """Over budget before any fine-tune: record why and the pre-check figures, stop."""
+        ctx = self.ctx
+        self._set_constraints(trial, pre.latency.median_ms, pre.size_bytes)
+        reasons = [
+            b.describe(pre.latency.median_ms, pre.size_bytes)
+            for b in ctx.budgets
+            if b.text in broken
+        ]
+        trial.set_user_attr("rejected", "over budget at pre-check: " + "; ".join(reasons))
+        trial.set_user_attr("size_bytes", pre.size_bytes)
+        trial.set_user_attr("latency_ms", pre.latency.median_ms)
+        trial.set_user_attr("latency_spread_ms", pre.latency.spread_ms)
+        trial.set_user_attr("latency_vs_fp32", pre.ratio)
+        trial.set_user_attr("fp32_latency_ms", pre.reference.median_ms)
+        trial.set_user_attr("runtime", json.dumps(self._runtime(pre.session_options)))
+        # No fine-tune was spent: the accuracy objective is a floor, never shown as measured.
+        return self._values(0.0, pre.size_bytes, pre.latency.median_ms)
+
+    def _finetune(
+        self, trial: Any, student: nn.Module, plan: CompressionPlan
+    ) -> tuple[nn.Module, str | None]:
+        """QAT + KD from the teacher; returns the model and the early-stop reason, if any."""
+        ctx = self.ctx
+        qat = quantize.prepare_qat(student, plan)
+        _calibrate(qat, ctx.calibration)
+        floor = ctx.fp32_accuracy - ctx.config.early_stop_drop
+        min_step = max(1, plan.finetune_steps // 3)
+
+        def evaluate(model: nn.Module) -> float:
+            return _torch_accuracy(model, ctx.task.data.batches("val", 256))
+
+        def hopeless(step: int, accuracy: float) -> bool:
+            return step >= min_step and accuracy < floor
+
+        result = distill.finetune(
+            qat,
+            ctx.task.model,
+            ctx.task.data,
+            plan,
+            batch_size=ctx.config.batch_size,
+            device=ctx.device,
+            evaluate=evaluate,
+            eval_every=max(10, plan.finetune_steps // 4),
+            should_stop=hopeless,
+            seed=ctx.config.seed + trial.number,
+        )
+        trial.set_user_attr("finetune_steps_run", result.steps)
+        qat.eval()
+        if result.stopped_early:
+            return qat, f"early-stopped at step {result.steps}: {result.reason}"
+        return qat, None
+
+    def _export(
+        self,
+        student: nn.Module,
+        qat: nn.Module | None,
+        plan: CompressionPlan,
+        baseline: str | None,
+        out_dir: Path,
+        name: str = "model.onnx",
+    ) -> Path:
+        ctx = self.ctx
+        path = out_dir / name
+        example = ctx.task.data.example_input(1)
+        if baseline == "fp32":
+            path.write_bytes(ctx.fp32_onnx.read_bytes())
+            return path
+        if baseline == "int8-ptq":
+            quantize.ptq_static(ctx.fp32_onnx, path, ctx.calibration, weight_bits=8)
+            return path
+        if qat is None:
+            qat = quantize.prepare_qat(student, plan)
+            _calibrate(qat, ctx.calibration)
+        info = quantize.export_onnx(qat, example, path, plan, ctx.calibration)
+        return Path(info.path)
+
+    def _measure(
+        self, trial: Any, artifact: Path, student: nn.Module, pre: Precheck
+    ) -> tuple[float, ...]:
+        ctx = self.ctx
+        cfg = ctx.config
+        threads = cfg.threads
+        accuracy = runtime.onnx_accuracy(
+            artifact, ctx.task.data.batches("val", 256), threads=threads
+        )
+        test_accuracy = runtime.onnx_accuracy(
+            artifact, ctx.task.data.batches("test", 256), threads=threads
+        )
+        inter = runtime.time_interleaved(
+            artifact,
+            ctx.fp32_onnx,
+            ctx.latency_shape,
+            threads=threads,
+            candidate_options=pre.session_options,
+            reference_options={},
+            rounds=3,
+            repeats=max(1, cfg.latency_repeats // 3),
+        )
+        size = measure.file_size(artifact)
+        example = ctx.task.data.example_input(1)
+        attrs: dict[str, Any] = {
+            "accuracy": accuracy,
+            "test_accuracy": test_accuracy,
+            "size_bytes": size,
+            "zip_size_bytes": measure.zipped_size(artifact),
+            "latency_ms": inter.candidate.median_ms,
+            "latency_spread_ms": inter.candidate.spread_ms,
+            "latency_p10_ms": inter.candidate.p10_ms,
+            "latency_p90_ms": inter.candidate.p90_ms,
+            "latency_vs_fp32": inter.ratio,
+            "fp32_latency_ms": inter.reference.median_ms,
+            "runtime": json.dumps(self._runtime(pre.session_options)),
+            "flops": measure.count_flops(student, example),
+            "params": measure.count_params(student),
+            "weight_types": json.dumps(quantize.onnx_weight_types(artifact)),
+            "artifact_sha256": sha256_file(artifact),
+        }
+        for key, value in attrs.items():
+            trial.set_user_attr(key, value)
+        self._set_constraints(trial, inter.candidate.median_ms, size)
+        # Upload while the trial is RUNNING (Optuna writes metadata before the file).
+        trial.set_user_attr("artifact_id", ctx.upload(trial, artifact))
+        return self._values(accuracy, size, inter.candidate.median_ms)
+
+    # -- helpers --------------------------------------------------------------------------
+
+    def _values(self, accuracy: float, size: float, latency: float) -> tuple[float, ...]:
+        by_name = {"accuracy": accuracy, "size": float(size), "latency": latency}
+        return tuple(by_name[o] for o in self.ctx.config.objectives)
+
+    def _runtime(self, options: dict[str, str]) -> dict[str, Any]:
+        cfg = self.ctx.config
+        return runtime.runtime_info(cfg.threads, cfg.latency_batch_size, options)
+
+
+def _torch_accuracy(model: nn.Module, batches: Any) -> float:
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    correct = total = 0
+    with torch.no_grad():
+        for x, y in batches:
+            pred = model(x.to(device)).argmax(dim=1).cpu()
+            correct += int((pred == y).sum())
+            total += int(y.numel())
+    model.train(was_training)
+    return correct / max(total, 1)

@@ -1,0 +1,147 @@
+"""Pareto fronts, hypervolume and the selection rule: pure functions over plain records."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from autocompress.config import Budget
+
+
+@dataclass(frozen=True)
+class TrialRecord:
+    """One finished trial as plain data (built from the study database by ``study.py``)."""
+
+    number: int
+    state: str  # COMPLETE | FAIL | PRUNED | RUNNING | WAITING
+    accuracy: float | None = None
+    test_accuracy: float | None = None
+    size_bytes: float | None = None
+    latency_ms: float | None = None
+    latency_spread_ms: float | None = None
+    latency_vs_fp32: float | None = None
+    flops: float | None = None
+    params: float | None = None
+    feasible: bool = False
+    baseline: str | None = None
+    plan: dict[str, Any] = field(default_factory=dict)
+    plan_summary: str = ""
+    rejected: str | None = None
+    fail_reason: str | None = None
+    attrs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def measured(self) -> bool:
+        """Completed with figures measured on its exported file (not only a pre-check)."""
+        return self.state == "COMPLETE" and self.rejected is None and self.accuracy is not None
+
+    def objective(self, name: str) -> float:
+        """Value oriented so that larger is better, for dominance tests."""
+        if name == "accuracy":
+            return float(self.accuracy or 0.0)
+        if name == "size":
+            return -float(self.size_bytes or 0.0)
+        if name == "latency":
+            return -float(self.latency_ms or 0.0)
+        raise ValueError(f"unknown objective {name!r}")
+
+    def json_attr(self, name: str) -> Any:
+        value = self.attrs.get(name)
+        return json.loads(value) if isinstance(value, str) else value
+
+
+def dominates(a: TrialRecord, b: TrialRecord, objectives: Sequence[str]) -> bool:
+    better_or_equal = all(a.objective(o) >= b.objective(o) for o in objectives)
+    strictly = any(a.objective(o) > b.objective(o) for o in objectives)
+    return better_or_equal and strictly
+
+
+def pareto_front(
+    records: Iterable[TrialRecord], objectives: Sequence[str] = ("accuracy", "size")
+) -> list[TrialRecord]:
+    """Feasible, measured, non-dominated records, sorted by size (smallest first)."""
+    pool = [r for r in records if r.measured and r.feasible]
+    front = [r for r in pool if not any(dominates(o, r, objectives) for o in pool)]
+    return sorted(front, key=lambda r: (r.size_bytes or 0.0, -(r.accuracy or 0.0)))
+
+
+def hypervolume_2d(
+    records: Iterable[TrialRecord], reference_size: float, reference_accuracy: float = 0.0
+) -> float:
+    """Area dominated by the (accuracy up, size down) front, bounded by the reference point.
+
+    Units: accuracy fraction x bytes / reference_size, i.e. normalised to [0, 1]-ish so fronts
+    of one benchmark can be compared against one fixed reference.
+    """
+    pts = sorted(
+        (float(r.size_bytes), float(r.accuracy))
+        for r in pareto_front(records)
+        if r.size_bytes is not None and r.size_bytes < reference_size
+        and r.accuracy is not None and r.accuracy > reference_accuracy
+    )
+    # Staircase integral over size, smallest file first: from each front point to the next
+    # (or to the reference size) the best accuracy reached so far is dominated.
+    area, best_acc = 0.0, reference_accuracy
+    for idx, (size, acc) in enumerate(pts):
+        next_size = pts[idx + 1][0] if idx + 1 < len(pts) else reference_size
+        best_acc = max(best_acc, acc)
+        area += (next_size - size) * (best_acc - reference_accuracy)
+    return area / reference_size
+
+
+def meets(record: TrialRecord, budgets: Sequence[Budget]) -> bool:
+    if record.latency_ms is None or record.size_bytes is None:
+        return False
+    return all(b.violation(record.latency_ms, record.size_bytes) <= 0 for b in budgets)
+
+
+@dataclass(frozen=True)
+class Selection:
+    chosen: TrialRecord
+    rule: str
+    runners_up: list[TrialRecord]
+
+
+def select_best(
+    records: Iterable[TrialRecord],
+    budgets: Sequence[Budget],
+    *,
+    max_accuracy_drop: float | None = None,
+    reference_accuracy: float | None = None,
+) -> Selection | None:
+    """Highest validation accuracy among measured trials within every budget (and the drop
+    limit, as a fraction of the fp32 accuracy); ties go to the smaller file."""
+    pool = [r for r in records if r.measured and r.feasible and meets(r, budgets)]
+    rule = "highest validation accuracy within " + (
+        ", ".join(b.text for b in budgets) if budgets else "no budget"
+    )
+    if max_accuracy_drop is not None and reference_accuracy is not None:
+        floor = reference_accuracy * (1.0 - max_accuracy_drop)
+        pool = [r for r in pool if (r.accuracy or 0.0) >= floor - 1e-12]
+        rule += f" and at most {max_accuracy_drop:.2%} accuracy drop vs fp32"
+    if not pool:
+        return None
+    ranked = sorted(pool, key=lambda r: (-(r.accuracy or 0.0), r.size_bytes or 0.0, r.number))
+    return Selection(chosen=ranked[0], rule=rule + "; ties to the smaller file",
+                     runners_up=ranked[1:4])
+
+
+def closest_to_budgets(
+    records: Iterable[TrialRecord], budgets: Sequence[Budget], k: int = 3
+) -> list[tuple[TrialRecord, str]]:
+    """The k measured trials that miss the budgets by the least, with what each misses by."""
+    scored = []
+    for r in records:
+        if r.latency_ms is None or r.size_bytes is None or r.state != "COMPLETE":
+            continue
+        misses = [
+            (b.violation(r.latency_ms, r.size_bytes), b.describe(r.latency_ms, r.size_bytes))
+            for b in budgets
+        ]
+        worst = max((m for m, _ in misses), default=0.0)
+        why = "; ".join(f"{text} (+{m:.0%})" for m, text in misses if m > 0) or "meets budgets"
+        scored.append((worst, r, why))
+    scored.sort(key=lambda item: (item[0], -(item[1].accuracy or 0.0)))
+    return [(r, why) for _, r, why in scored[:k]]

@@ -1,0 +1,252 @@
+"""The search: intake -> inventory -> study -> baselines -> floors -> optimize.
+
+``run_search(config)`` is what ``autocompress search`` calls. ``--trials N`` means N more
+search trials from this worker (baselines come on top, once per study); several workers on
+one PostgreSQL study each run their own N.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from autocompress import __version__, intake, quantize, runtime, space
+from autocompress import study as study_mod
+from autocompress.config import Budget, SearchConfig
+from autocompress.errors import BudgetError
+from autocompress.inventory import build_inventory
+from autocompress.objective import SearchContext, TrialRunner, build_student
+from autocompress.pareto import TrialRecord, pareto_front
+
+log = logging.getLogger("autocompress")
+
+BASELINES = ("fp32", "int8-ptq")
+# A latency budget is called impossible only when it is clearly below the fastest structure
+# measured, so machine noise cannot turn a tight-but-possible budget into an error.
+_FLOOR_NOISE = 0.8
+
+
+@dataclass(frozen=True)
+class Progress:
+    done: int
+    total: int
+    feasible: int
+    best_accuracy: float | None
+    elapsed_s: float
+    last: TrialRecord
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    study: str
+    storage_url: str
+    artifacts_dir: str
+    records: list[TrialRecord]
+    front: list[TrialRecord]
+    fp32: TrialRecord | None
+    new_trials: int
+    budgets: list[Budget]
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        log.warning("--device cuda asked but CUDA is not available; fine-tuning on CPU")
+        return "cpu"
+    return device
+
+
+def _file_sha256(path: str | None) -> str | None:
+    if not path:
+        return None
+    digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    return digest[:16]
+
+
+def run_search(
+    config: SearchConfig,
+    *,
+    on_progress: Callable[[Progress], None] | None = None,
+    on_start: Callable[[str], None] | None = None,
+) -> SearchResult:
+    budgets = config.parsed_budgets()
+    url = config.storage_url()
+    storage = study_mod.open_storage(url)  # fail fast on a bad URL, before loading models
+    task = intake.load_task(
+        config.model,
+        config.weights,
+        config.data,
+        num_classes=config.num_classes,
+        input_size=config.input_size,
+        seed=config.seed,
+    )
+    example = task.data.example_input(1)
+    inventory = build_inventory(task.model, example)
+    space.check_space(inventory, config)
+    description = space.space_description(inventory, config)
+    identity = {
+        "model_spec": task.model_spec,
+        "weights_sha256": _file_sha256(config.weights),
+        "data_spec": task.data_spec,
+        "objectives": list(config.objectives),
+        "space_hash": space.space_hash(description),
+    }
+    artifacts_dir = Path(config.artifacts or study_mod.default_artifacts_dir(url, config.study))
+    store = study_mod.artifact_store(artifacts_dir)
+
+    with study_mod.single_sqlite_worker(url), tempfile.TemporaryDirectory(
+        prefix="autocompress-"
+    ) as tmp:
+        seed_offset = 0 if study_mod.sqlite_path(url) else os.getpid() % 10_000
+        study = study_mod.create_or_load_study(
+            storage, config, identity, seed_offset=seed_offset
+        )
+        workdir = Path(tmp)
+        fp32_onnx = quantize.export_float_onnx(task.model, example, workdir / "fp32.onnx")
+        fp32_accuracy = runtime.onnx_accuracy(
+            fp32_onnx, task.data.batches("val", 256), threads=config.threads
+        )
+        study_mod.set_study_info(study, {
+            "model_spec": task.model_spec,
+            "data_spec": task.data_spec,
+            "budgets": json.dumps([b.to_dict() for b in budgets]),
+            "objectives": list(config.objectives),
+            "inventory": json.dumps(inventory.to_dict()),
+            "data": json.dumps(task.data.describe()),
+            "search_space": json.dumps(description),
+            "config": json.dumps(config.to_dict()),
+            "input_shape": list(task.input_shape),
+            "num_classes": task.num_classes,
+            "fp32_accuracy": fp32_accuracy,
+            "artifacts_dir": str(artifacts_dir.resolve()),
+            "created_by": f"autocompress {__version__}",
+        })
+        calibration = [
+            x for x, _ in _take(task.data.batches("train", 32, shuffle=True, seed=config.seed), 8)
+        ]
+        ctx = SearchContext(
+            task=task,
+            inventory=inventory,
+            config=config,
+            budgets=budgets,
+            workdir=workdir,
+            fp32_onnx=fp32_onnx,
+            fp32_accuracy=fp32_accuracy,
+            device=resolve_device(config.device),
+            calibration=calibration,
+            upload=lambda trial, path: study_mod.upload(trial, store, path),
+        )
+        runner = TrialRunner(ctx)
+        if on_start:
+            on_start(f"study {config.study!r} in {url}: teacher val accuracy "
+                     f"{fp32_accuracy:.4f}, {len(description['layers'])} quantizable layers, "
+                     f"{len(description['groups'])} prunable groups")
+
+        queued = _enqueue_baselines(study, inventory, config)
+        total = config.trials + queued
+        started = time.perf_counter()
+        done = 0
+
+        def callback(study_obj: Any, frozen: Any) -> None:
+            nonlocal done
+            done += 1
+            if on_progress:
+                recs = study_mod.records(study_obj)
+                feasible = [r for r in recs if r.measured and r.feasible]
+                best = max((r.accuracy or 0.0 for r in feasible), default=None)
+                on_progress(Progress(done, total, len(feasible), best,
+                                     time.perf_counter() - started, study_mod.to_record(frozen)))
+
+        if queued:
+            study.optimize(runner, n_trials=queued, callbacks=[callback], catch=(Exception,))
+            _check_floors(runner, inventory, config, budgets, study)
+        study.optimize(runner, n_trials=config.trials, callbacks=[callback], catch=(Exception,))
+
+    recs = study_mod.records(study)
+    return SearchResult(
+        study=config.study,
+        storage_url=url,
+        artifacts_dir=str(artifacts_dir),
+        records=recs,
+        front=pareto_front(recs, _front_objectives(config)),
+        fp32=next((r for r in recs if r.baseline == "fp32" and r.measured), None),
+        new_trials=done,
+        budgets=budgets,
+    )
+
+
+def _front_objectives(config: SearchConfig) -> tuple[str, ...]:
+    return tuple(config.objectives)
+
+
+def _take(iterator: Any, n: int) -> list[Any]:
+    out = []
+    for item in iterator:
+        out.append(item)
+        if len(out) >= n:
+            break
+    return out
+
+
+def _enqueue_baselines(study: Any, inventory: Any, config: SearchConfig) -> int:
+    """fp32 as exported and uniform int8 PTQ, once per study, so the front always shows what
+    the user would get without us."""
+    if not config.baselines or study.get_trials(deepcopy=False):
+        return 0
+    for name, bits in (("fp32", 32), ("int8-ptq", 8)):
+        plan = space.uniform_plan(inventory, config, bits=bits)
+        study_mod.enqueue(study, space.plan_to_params(plan, inventory, config), {"baseline": name})
+    return len(BASELINES)
+
+
+def _check_floors(
+    runner: TrialRunner,
+    inventory: Any,
+    config: SearchConfig,
+    budgets: list[Budget],
+    study: Any,
+) -> None:
+    """Refuse a budget no candidate in the space can meet, once the baselines are recorded.
+
+    The floor structures are the most-pruned plans at each allowed width; the fastest and the
+    smallest measured among them and the baselines bound what the search can reach.
+    """
+    if not budgets:
+        return
+    recs = [r for r in study_mod.records(study) if r.latency_ms is not None]
+    best_latency = min((r.latency_ms for r in recs), default=float("inf"))
+    best_size = min((r.size_bytes for r in recs if r.size_bytes), default=float("inf"))
+    where_latency = where_size = "the baselines"
+    ratio = space.prune_high(config)
+    for bits in sorted(set(config.bits)):
+        plan = space.uniform_plan(inventory, config, bits=bits, ratio=ratio)
+        student = build_student(runner.ctx.task, plan, config.round_to)
+        pre = runner.precheck(student, plan, None, runner.ctx.workdir / "floors")
+        label = f"every group pruned {ratio:.0%} at {bits} bits"
+        if pre.latency.median_ms < best_latency:
+            best_latency, where_latency = pre.latency.median_ms, label
+        if pre.size_bytes < best_size:
+            best_size, where_size = pre.size_bytes, label
+    for budget in budgets:
+        if budget.kind == "latency" and budget.value < best_latency * _FLOOR_NOISE:
+            raise BudgetError(
+                f"latency budget {budget.text} is below the fastest candidate in the space "
+                f"({best_latency:.3g} ms, {where_latency}); raise the budget (baselines are "
+                "recorded in the study)"
+            )
+        if budget.kind == "size" and budget.value < best_size:
+            raise BudgetError(
+                f"size budget {budget.text} is below the smallest candidate in the space "
+                f"({best_size / 1000:.1f} KB, {where_size}); raise the budget"
+            )
