@@ -1,0 +1,298 @@
+"""Command line: parse -> call the library -> print -> exit code. No logic of its own.
+
+Exit codes: 0 success, 2 bad input (one line on stderr, no traceback), 130 interrupted.
+Logging and progress go to stderr, tables to stdout; ``--json`` prints machine output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from typing import Any, NoReturn
+
+from autocompress import __version__
+from autocompress.errors import AutocompressError
+
+log = logging.getLogger("autocompress")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line and exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
+
+
+def _csv(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def _int_csv(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(p) for p in _csv(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma list of integers") from None
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model and data (none: the built-in demo CNN on digits)")
+    g.add_argument("--model", help="torchvision:NAME, timm:NAME, path/file.py:factory, "
+                   "package.module:factory, or demo")
+    g.add_argument("--weights", help="state_dict or checkpoint file (loaded weights_only)")
+    g.add_argument("--data", help="digits, imagefolder:ROOT, cifar10:ROOT or "
+                   "package.module:factory")
+    g.add_argument("--num-classes", type=int, help="classifier outputs (default: the data's)")
+    g.add_argument("--input-size", type=int, help="square input side in pixels")
+
+
+def _add_storage_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--study", help="study name (default: demo)")
+    p.add_argument("--storage", help="database URL (default: sqlite:///studies/<study>.db; "
+                   "postgresql://user:pw@host/db for several workers)")
+    p.add_argument("--artifacts", help="artifact folder shared by all workers "
+                   "(default: beside the SQLite file)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="autocompress",
+        description="Compress a trained PyTorch model: search per-layer pruning, int8/int4 "
+        "quantization and distillation under a latency or size budget, measured on the "
+        "exported ONNX file.",
+    )
+    parser.add_argument("--version", action="version", version=f"autocompress {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    s = sub.add_parser("search", help="run the compression search (the main job)")
+    s.add_argument("--config", help="YAML study config (studies/demo.yaml); flags override it")
+    _add_model_options(s)
+    _add_storage_options(s)
+    s.add_argument("--budget", action="append", dest="budgets", metavar="LIMIT",
+                   help="latency (50ms, 0.05s, 500us) or size (8MB, 512KiB); repeatable")
+    s.add_argument("--trials", type=int, help="search trials this run adds (default 20)")
+    s.add_argument("--objectives", type=_csv, help="accuracy,size (default) or "
+                   "accuracy,size,latency")
+    s.add_argument("--sampler", help="tpe (default), random, nsga2 or gp")
+    s.add_argument("--seed", type=int, help="seed for the sampler, splits and fine-tune")
+    s.add_argument("--bits", type=_int_csv, help="weight widths to search (default 32,8,4)")
+    s.add_argument("--prune-max", type=float, help="largest prune ratio (default 0.7)")
+    s.add_argument("--prune-step", type=float, help="prune ratio grid step (default 0.05)")
+    s.add_argument("--finetune-steps", type=int, help="QAT+KD steps per candidate")
+    s.add_argument("--learning-rate", type=float, help="fine-tune learning rate")
+    s.add_argument("--batch-size", type=int, help="fine-tune batch size")
+    s.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads for latency")
+    s.add_argument("--latency-batch-size", type=int, help="batch size latency is measured at")
+    s.add_argument("--latency-repeats", type=int, help="timed runs per latency measurement")
+    s.add_argument("--device", help="fine-tune device: auto, cpu or cuda")
+    s.add_argument("--no-baselines", dest="baselines", action="store_const", const=False,
+                   help="do not record the fp32 and int8-PTQ baselines")
+    s.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    sh = sub.add_parser("show", help="the Pareto table of a study, from the database")
+    _add_storage_options(sh)
+    sh.add_argument("--all", action="store_true", help="every trial, not just the front")
+    sh.add_argument("--json", action="store_true")
+
+    ls = sub.add_parser("list", help="studies in the storage, with trial counts")
+    ls.add_argument("--storage", help="database URL (default: every studies/*.db)")
+    ls.add_argument("--json", action="store_true")
+
+    pr = sub.add_parser("profile", help="per-layer params, FLOPs and latency share")
+    _add_model_options(pr)
+    pr.add_argument("--input-shape", type=_int_csv,
+                    help="C,H,W of one input (default: from the data or the model spec)")
+    pr.add_argument("--repeats", type=int, default=20, help="timed forward passes")
+    pr.add_argument("--format", choices=("table", "json", "csv"), default="table")
+
+    d = sub.add_parser("dashboard", help="browse the Pareto front in a browser")
+    _add_storage_options(d)
+    d.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    d.add_argument("--port", type=int, default=8080)
+    d.add_argument("--token", help="required for a non-loopback --host "
+                   "(or AUTOCOMPRESS_DASHBOARD_TOKEN)")
+
+    e = sub.add_parser("export", help="write the chosen candidate, verified, with a report")
+    _add_storage_options(e)
+    pick = e.add_mutually_exclusive_group(required=True)
+    pick.add_argument("--best", action="store_true", help="best feasible within budgets")
+    pick.add_argument("--trial", type=int, help="a trial number")
+    e.add_argument("--out", required=True, help="output folder")
+    e.add_argument("--budget", action="append", dest="budgets", metavar="LIMIT",
+                   help="tighten the study's budgets (repeatable)")
+    e.add_argument("--max-accuracy-drop", help="e.g. 1%% or 0.01, relative to fp32")
+    e.add_argument("--force", action="store_true", help="write into a non-empty folder")
+    e.add_argument("--no-verify", dest="verify", action="store_false",
+                   help="skip re-measuring the written file")
+    e.add_argument("--json", action="store_true")
+    return parser
+
+
+# -- commands ----------------------------------------------------------------------------
+
+
+def _search(args: argparse.Namespace) -> int:
+    from autocompress import report
+    from autocompress.config import build_config
+    from autocompress.search import run_search
+
+    keys = ("model", "weights", "data", "num_classes", "input_size", "study", "storage",
+            "artifacts", "budgets", "trials", "objectives", "sampler", "seed", "bits",
+            "prune_max", "prune_step", "finetune_steps", "learning_rate", "batch_size",
+            "threads", "latency_batch_size", "latency_repeats", "device", "baselines")
+    overrides: dict[str, Any] = {k: getattr(args, k) for k in keys}
+    if overrides["budgets"] is not None:
+        overrides["budgets"] = tuple(overrides["budgets"])
+    config = build_config(args.config, overrides)
+    with report.SearchProgress(config.trials, enabled=not args.json) as progress:
+        result = run_search(config, on_progress=progress.update, on_start=progress.note)
+    if args.json:
+        print(json.dumps(report.result_json(result), indent=2))
+    else:
+        report.print_front(result.records, result.front, result.budgets,
+                           title=f"Pareto front of study {result.study!r}")
+        report.print_next_steps(result.study, result.storage_url, result.artifacts_dir)
+    return 0
+
+
+def _show(args: argparse.Namespace) -> int:
+    from autocompress import report
+    from autocompress.config import Budget
+    from autocompress.pareto import pareto_front
+    from autocompress.study import load_existing_study, records, study_info
+
+    name = args.study or "demo"
+    url = args.storage or f"sqlite:///studies/{name}.db"
+    study = load_existing_study(url, name)
+    info = study_info(study, url)
+    budgets = [Budget.from_dict(b) for b in info.json_attr("budgets", [])]
+    recs = records(study)
+    objectives = tuple(info.identity.get("objectives", ["accuracy", "size"]))
+    front = pareto_front(recs, objectives)
+    shown = recs if args.all else front
+    if args.json:
+        print(json.dumps([report.record_json(r) for r in shown], indent=2))
+    else:
+        report.print_front(recs, shown, budgets, title=f"{'Trials' if args.all else 'Pareto front'}"
+                           f" of study {name!r}")
+    return 0
+
+
+def _list(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from autocompress import report
+    from autocompress.study import study_summaries
+
+    urls = [args.storage] if args.storage else [
+        f"sqlite:///{p}" for p in sorted(Path("studies").glob("*.db"))
+    ]
+    rows = [dict(row, storage=url) for url in urls for row in study_summaries(url)]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        report.print_studies(rows)
+    return 0
+
+
+def _profile(args: argparse.Namespace) -> int:
+    from autocompress import intake, profile
+
+    model, example = intake.load_for_profile(
+        args.model, args.weights, args.data,
+        num_classes=args.num_classes, input_size=args.input_size,
+        input_shape=args.input_shape,
+    )
+    result = profile.profile_model(model, example, repeats=args.repeats)
+    if args.format == "json":
+        print(result.to_json())
+    elif args.format == "csv":
+        print(result.to_csv(), end="")
+    else:
+        print(profile.format_table(result))
+    return 0
+
+
+def _dashboard(args: argparse.Namespace) -> int:
+    from autocompress.dashboard import serve
+
+    name = args.study or "demo"
+    url = args.storage or f"sqlite:///studies/{name}.db"
+    serve(url, host=args.host, port=args.port, token=args.token,
+          artifacts_dir=args.artifacts)
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from autocompress import export
+
+    name = args.study or "demo"
+    url = args.storage or f"sqlite:///studies/{name}.db"
+    result = export.export_from_storage(
+        url,
+        name,
+        out=args.out,
+        trial=args.trial,
+        best=args.best,
+        budgets=tuple(args.budgets or ()),
+        max_accuracy_drop=args.max_accuracy_drop,
+        force=args.force,
+        verify=args.verify,
+        artifacts_dir=args.artifacts,
+    )
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        print(result.summary())
+    return 0
+
+
+_COMMANDS = {
+    "search": _search,
+    "show": _show,
+    "list": _list,
+    "profile": _profile,
+    "dashboard": _dashboard,
+    "export": _export,
+}
+
+
+def _sigterm_as_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    if args.command is None:
+        parser.print_help()
+        return 0
+    # SIGTERM ends a worker like Ctrl-C: Optuna fails the running trial, the database stays
+    # consistent, and the process exits 130.
+    signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
+    try:
+        return _COMMANDS[args.command](args)
+    except AutocompressError as exc:
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: the running trial was marked failed; finished trials are kept "
+              "(run the same command to resume)", file=sys.stderr)
+        return 130
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
+
+
+if __name__ == "__main__":
+    sys.exit(main())
