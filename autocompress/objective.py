@@ -86,9 +86,7 @@ class _Timer:
         try:
             yield
         finally:
-            self.seconds[name] = round(
-                self.seconds.get(name, 0.0) + time.perf_counter() - start, 4
-            )
+            self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - start, 4)
 
 
 def structure_key(plan: CompressionPlan) -> str:
@@ -184,10 +182,19 @@ class TrialRunner:
                 raise TrialPruned(stopped)
 
         with timer.phase("export"):
+            if baseline is None and qat is None:
+                qat = quantize.prepare_qat(student, plan)
+                _calibrate(qat, ctx.calibration)
             artifact = self._export(student, qat, plan, baseline, out_dir)
+            # The PyTorch side of the candidate (fine-tuned weights) for `export`/`rebuild`.
+            torch_state = out_dir / "student.pt"
+            torch.save((qat if qat is not None else student).state_dict(), torch_state)
 
         with timer.phase("measure"):
             values = self._measure(trial, artifact, student, pre)
+            trial.set_user_attr("torch_kind", "float" if qat is None else "qat")
+            trial.set_user_attr("torch_artifact_sha256", sha256_file(torch_state))
+            trial.set_user_attr("torch_artifact_id", ctx.upload(trial, torch_state))
         return values
 
     # -- phases ---------------------------------------------------------------------------

@@ -1,0 +1,346 @@
+"""Per-layer profile of a PyTorch model: output shape, params, FLOPs and latency share.
+
+Used by ``autocompress profile`` to show where a model's size and time go before a search:
+
+    report = profile_model(model, example_input, repeats=20)
+    print(format_table(report))      # or report.to_json() / report.to_csv()
+
+Numbers and their meaning
+- FLOPs are fvcore counts: one multiply-add counts as ONE flop (not two). Per-layer values
+  come from ``FlopCountAnalysis.by_module()``; the total is fvcore's ``total()``. Work done by
+  functional ops outside any leaf module is reported as ``unattributed_flops``.
+- Latency: PyTorch eager on the CPU with the caller's thread count (never changed here).
+  Each leaf module is timed with forward pre/post hooks (time.perf_counter); a layer called
+  several times per forward (a shared ReLU) sums its calls. The median over ``repeats``
+  forwards is kept per layer, and shares are normalised over the sum of leaf medians so they
+  add up to 100%. Hooks add overhead, so the un-hooked end-to-end forward median is
+  reported separately (``forward_ms``). This is a guide to where time goes, not the
+  deployment latency: that is measured on the exported ONNX file.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import statistics
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import torch
+from torch import nn
+
+from autocompress.errors import InputError
+
+__all__ = ["LayerProfile", "ProfileReport", "format_table", "profile_model"]
+
+_WARMUP = 2
+_ROOT_NAME = "(model)"  # row name when the model itself is a single leaf module
+FLOPS_NOTE = "FLOPs counted by fvcore: one multiply-add = 1 flop"
+
+
+@dataclass
+class LayerProfile:
+    """One leaf layer. output_shape is that of its (first) output tensor, [] if none."""
+
+    name: str
+    type: str
+    output_shape: list[int]
+    params: int
+    flops: int
+    calls: int
+    latency_ms: float
+    latency_share: float  # percent of the summed leaf latency
+
+
+@dataclass
+class ProfileReport:
+    rows: list[LayerProfile]
+    total_params: int
+    total_flops: int  # fvcore total(), including unattributed work
+    unattributed_flops: int
+    forward_ms: float  # un-hooked end-to-end forward, median over repeats
+    leaf_ms: float  # sum of per-layer medians (hooked)
+    repeats: int
+    threads: int
+    input_shape: list[int]
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ProfileReport:
+        data = dict(data)
+        data["rows"] = [LayerProfile(**row) for row in data["rows"]]
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, text: str) -> ProfileReport:
+        return cls.from_dict(json.loads(text))
+
+    def to_csv(self) -> str:
+        """One line per leaf layer (totals are in the JSON and the table, not here, so a
+        spreadsheet can sum columns without double counting). Shapes are written 1x64x56x56.
+        """
+        out = io.StringIO()
+        names = [f.name for f in fields(LayerProfile)]
+        writer = csv.DictWriter(out, fieldnames=names, lineterminator="\n")
+        writer.writeheader()
+        for row in self.rows:
+            record = asdict(row)
+            record["output_shape"] = _shape_text(row.output_shape)
+            writer.writerow(record)
+        return out.getvalue()
+
+    @staticmethod
+    def rows_from_csv(text: str) -> list[LayerProfile]:
+        rows = []
+        for rec in csv.DictReader(io.StringIO(text)):
+            shape = rec["output_shape"]
+            rows.append(
+                LayerProfile(
+                    name=rec["name"],
+                    type=rec["type"],
+                    output_shape=[int(d) for d in shape.split("x")] if shape else [],
+                    params=int(rec["params"]),
+                    flops=int(rec["flops"]),
+                    calls=int(rec["calls"]),
+                    latency_ms=float(rec["latency_ms"]),
+                    latency_share=float(rec["latency_share"]),
+                )
+            )
+        return rows
+
+
+def _shape_text(shape: list[int]) -> str:
+    return "x".join(str(d) for d in shape)
+
+
+def _leaf_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    leaves = [(name, mod) for name, mod in model.named_modules() if not any(mod.children())]
+    return [(name or _ROOT_NAME, mod) for name, mod in leaves]
+
+
+def _first_tensor(output: Any) -> torch.Tensor | None:
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)):
+        for item in output:
+            found = _first_tensor(item)
+            if found is not None:
+                return found
+    if isinstance(output, dict):
+        return _first_tensor(list(output.values()))
+    return None
+
+
+def _count_flops(model: nn.Module, example_input: torch.Tensor) -> tuple[int, dict[str, int]]:
+    with warnings.catch_warnings():
+        # fvcore traces with torch.jit, which now warns about its own deprecation and
+        # about data-dependent control flow; neither changes the counts.
+        warnings.simplefilter("ignore")
+        from fvcore.nn import FlopCountAnalysis  # lazy: fvcore pulls in iopath, yacs, ...
+
+        analysis = FlopCountAnalysis(model, (example_input,))
+        analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+        total = int(analysis.total())
+        by_module = {name: int(v) for name, v in analysis.by_module().items()}
+    return total, by_module
+
+
+def _time_forward(model: nn.Module, x: torch.Tensor, repeats: int) -> list[float]:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        model(x)
+        times.append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+def profile_model(
+    model: nn.Module, example_input: torch.Tensor, *, repeats: int = 20
+) -> ProfileReport:
+    """Profile every leaf module of ``model`` on ``example_input`` (a batched tensor).
+
+    The model runs in eval mode under no_grad and is returned to its previous mode.
+    """
+    if repeats < 1:
+        raise InputError(f"repeats {repeats} must be >= 1 (try 20)")
+    if not isinstance(example_input, torch.Tensor):
+        raise InputError(
+            f"example_input must be a tensor such as torch.randn(1, 3, 224, 224), "
+            f"not {type(example_input).__name__}"
+        )
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return _profile(model, example_input, repeats)
+    finally:
+        model.train(was_training)
+
+
+def _profile(model: nn.Module, x: torch.Tensor, repeats: int) -> ProfileReport:
+    leaves = _leaf_modules(model)
+    total_flops, by_module = _count_flops(model, x)
+
+    # Un-hooked end-to-end forward first, so hook overhead cannot leak into it.
+    _time_forward(model, x, _WARMUP)
+    forward_ms = statistics.median(_time_forward(model, x, repeats))
+
+    per_forward: dict[str, float] = {name: 0.0 for name, _ in leaves}
+    calls: dict[str, int] = {name: 0 for name, _ in leaves}
+    shapes: dict[str, list[int]] = {}
+    starts: dict[str, float] = {}
+    handles = []
+
+    def pre_hook(name: str) -> Callable[[nn.Module, Any], None]:
+        def hook(_m: nn.Module, _inputs: Any) -> None:
+            starts[name] = time.perf_counter()
+
+        return hook
+
+    def post_hook(name: str) -> Callable[[nn.Module, Any, Any], None]:
+        def hook(_m: nn.Module, _inputs: Any, output: Any) -> None:
+            per_forward[name] += time.perf_counter() - starts[name]
+            calls[name] += 1
+            if name not in shapes:
+                tensor = _first_tensor(output)
+                shapes[name] = list(tensor.shape) if tensor is not None else []
+
+        return hook
+
+    samples: dict[str, list[float]] = {name: [] for name, _ in leaves}
+    try:
+        for name, mod in leaves:
+            handles.append(mod.register_forward_pre_hook(pre_hook(name)))
+            handles.append(mod.register_forward_hook(post_hook(name)))
+        for i in range(_WARMUP + repeats):
+            for name in per_forward:
+                per_forward[name] = 0.0
+                calls[name] = 0
+            model(x)
+            if i >= _WARMUP:
+                for name, seconds in per_forward.items():
+                    samples[name].append(seconds * 1e3)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+    medians = {name: statistics.median(values) for name, values in samples.items()}
+    leaf_ms = sum(medians.values())
+    rows = []
+    for name, mod in leaves:
+        key = "" if name == _ROOT_NAME else name
+        rows.append(
+            LayerProfile(
+                name=name,
+                type=type(mod).__name__,
+                output_shape=shapes.get(name, []),
+                params=sum(p.numel() for p in mod.parameters(recurse=False)),
+                flops=by_module.get(key, 0),
+                calls=calls[name],
+                latency_ms=medians[name],
+                latency_share=100.0 * medians[name] / leaf_ms if leaf_ms > 0 else 0.0,
+            )
+        )
+    unique_params = {id(p): p.numel() for p in model.parameters()}
+    attributed = sum(row.flops for row in rows)
+    notes = [
+        FLOPS_NOTE,
+        f"latency: PyTorch eager, median of {repeats} hooked forwards per layer; shares are "
+        "of the summed layer time",
+    ]
+    unused = [row.name for row in rows if row.calls == 0]
+    if unused:
+        notes.append(f"{len(unused)} layer(s) never called in forward: {', '.join(unused[:8])}")
+    return ProfileReport(
+        rows=rows,
+        total_params=sum(unique_params.values()),
+        total_flops=total_flops,
+        unattributed_flops=total_flops - attributed,
+        forward_ms=forward_ms,
+        leaf_ms=leaf_ms,
+        repeats=repeats,
+        threads=torch.get_num_threads(),
+        input_shape=list(x.shape),
+        notes=notes,
+    )
+
+
+# -- text table --------------------------------------------------------------------------
+
+
+def _si(value: float) -> str:
+    """1819065856 -> '1.82G'; small values stay exact."""
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(value) >= scale:
+            return f"{value / scale:.2f}{unit}"
+    return f"{value:g}"
+
+
+def format_table(report: ProfileReport) -> str:
+    """Plain-text table (rich, no colour codes) with totals and a footer explaining units."""
+    from rich.console import Console  # lazy: only the CLI's table output needs rich
+    from rich.table import Table
+
+    table = Table(show_footer=True, box=None, pad_edge=False, header_style="bold")
+    total_share = sum(row.latency_share for row in report.rows)
+    columns = [
+        ("layer", "TOTAL", "left"),
+        ("type", "", "left"),
+        ("output", "", "left"),
+        ("params", f"{report.total_params:,}", "right"),
+        ("FLOPs", _si(report.total_flops), "right"),
+        ("ms", f"{report.leaf_ms:.3f}", "right"),
+        ("latency %", f"{total_share:.1f}", "right"),
+    ]
+    for header, footer, justify in columns:
+        table.add_column(header, footer=footer, justify=justify)  # type: ignore[arg-type]
+    for row in report.rows:
+        table.add_row(
+            row.name,
+            row.type,
+            _shape_text(row.output_shape),
+            f"{row.params:,}",
+            _si(row.flops),
+            f"{row.latency_ms:.3f}",
+            f"{row.latency_share:.1f}",
+        )
+    # Wide enough that rich never truncates a layer name (the output may go to a file).
+    longest = max(
+        (len(r.name) + len(r.type) + len(_shape_text(r.output_shape)) for r in report.rows),
+        default=0,
+    )
+    width = max(100, longest + 70)
+    console = Console(
+        file=io.StringIO(),
+        width=width,
+        no_color=True,
+        force_terminal=False,
+        color_system=None,
+        highlight=False,
+    )
+    console.print(table)
+    lines = [
+        console.file.getvalue().rstrip(),  # type: ignore[attr-defined]
+        "",
+        f"FLOPs total {report.total_flops:,} (fvcore: one multiply-add = 1 flop)"
+        + (
+            f"; {report.unattributed_flops:,} in functional ops outside leaf layers"
+            if report.unattributed_flops
+            else ""
+        ),
+        f"latency: median of {report.repeats} hooked forwards per layer, shares of the summed "
+        f"layer time {report.leaf_ms:.3f} ms; end-to-end forward without hooks "
+        f"{report.forward_ms:.3f} ms (median), {report.threads} thread(s), input "
+        f"{_shape_text(report.input_shape)}, PyTorch eager",
+    ]
+    return "\n".join(lines) + "\n"

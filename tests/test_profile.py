@@ -1,0 +1,154 @@
+"""Per-layer profile: FLOPs agree with fvcore, latency shares add up, every layer exported."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import warnings
+from collections.abc import Iterator
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from autocompress.errors import InputError
+from autocompress.profile import ProfileReport, format_table, profile_model
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    # The caller owns the thread count (profile_model never changes it). One thread keeps
+    # resnet18 timing quick and stable on a loaded shared 2-core machine, where two
+    # spinning OpenMP threads made each forward ~50x slower.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def resnet18_report() -> ProfileReport:
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18()  # random weights: FLOPs and timing ignore values
+    model.train()  # profile_model must use eval and hand the mode back
+    report = profile_model(model, torch.randn(1, 3, 224, 224), repeats=3)
+    assert model.training
+    return report
+
+
+def _fvcore_total(model: nn.Module, x: torch.Tensor) -> int:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from fvcore.nn import FlopCountAnalysis
+
+        analysis = FlopCountAnalysis(model.eval(), x)
+        analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+        return int(analysis.total())
+
+
+RESNET18_LEAVES = [
+    n for n, m in torchvision.models.resnet18().named_modules() if not any(m.children())
+]
+
+
+def test_resnet18_totals_match_fvcore_and_torch(resnet18_report: ProfileReport) -> None:
+    report = resnet18_report
+    expected = _fvcore_total(torchvision.models.resnet18(), torch.randn(1, 3, 224, 224))
+    assert report.total_flops == expected
+    assert report.total_flops == pytest.approx(1.82e9, rel=0.01)
+    # Every resnet18 FLOP is inside a leaf layer (fvcore ignores the residual adds).
+    assert report.unattributed_flops == 0
+    assert sum(row.flops for row in report.rows) == report.total_flops
+    assert report.total_params == 11_689_512
+    assert sum(row.params for row in report.rows) == report.total_params
+    assert report.threads == 1 and torch.get_num_threads() == 1
+    assert report.input_shape == [1, 3, 224, 224] and report.repeats == 3
+
+
+def test_resnet18_rows_cover_every_leaf_with_shapes(resnet18_report: ProfileReport) -> None:
+    rows = {row.name: row for row in resnet18_report.rows}
+    assert [row.name for row in resnet18_report.rows] == RESNET18_LEAVES
+    assert rows["conv1"].type == "Conv2d" and rows["conv1"].output_shape == [1, 64, 112, 112]
+    assert rows["conv1"].flops == 64 * 112 * 112 * 3 * 7 * 7  # one multiply-add = one flop
+    assert rows["layer4.1.conv2"].output_shape == [1, 512, 7, 7]
+    assert rows["fc"].output_shape == [1, 1000] and rows["fc"].params == 513_000
+    assert rows["layer1.0.relu"].calls == 2  # torchvision's BasicBlock reuses its ReLU
+    assert rows["conv1"].calls == 1
+
+
+def test_resnet18_latency_shares_sum_to_100(resnet18_report: ProfileReport) -> None:
+    report = resnet18_report
+    shares = [row.latency_share for row in report.rows]
+    assert sum(shares) == pytest.approx(100.0, abs=0.5)
+    assert all(s >= 0 for s in shares)
+    assert report.leaf_ms == pytest.approx(sum(r.latency_ms for r in report.rows))
+    assert report.forward_ms > 0
+    # Time lands where the work is: the 20 convs do ~99% of the FLOPs.
+    conv_share = sum(r.latency_share for r in report.rows if r.type == "Conv2d")
+    assert conv_share > 40
+
+
+def test_json_and_csv_round_trips_keep_every_layer(resnet18_report: ProfileReport) -> None:
+    report = resnet18_report
+    text = report.to_json()
+    assert ProfileReport.from_json(text) == report
+    data = json.loads(text)
+    assert [r["name"] for r in data["rows"]] == RESNET18_LEAVES
+    assert data["total_flops"] == report.total_flops
+
+    csv_text = report.to_csv()
+    records = list(csv.DictReader(io.StringIO(csv_text)))
+    assert [r["name"] for r in records] == RESNET18_LEAVES
+    assert records[0]["output_shape"] == "1x64x112x112"
+    assert ProfileReport.rows_from_csv(csv_text) == report.rows
+
+
+def test_format_table_lists_layers_totals_and_units(resnet18_report: ProfileReport) -> None:
+    table = format_table(resnet18_report)
+    lines = table.splitlines()
+    for name in RESNET18_LEAVES:
+        assert any(line.split()[:1] == [name] for line in lines), name
+    total = next(line for line in lines if line.startswith("TOTAL"))
+    assert "11,689,512" in total and "1.82G" in total and "100.0" in total
+    assert "one multiply-add = 1 flop" in table
+    assert f"{resnet18_report.forward_ms:.3f} ms" in table
+    assert "\x1b[" not in table  # no terminal colour codes
+
+
+class _Attention(nn.Module):
+    """A matmul in forward outside any leaf: fvcore counts it, no leaf row owns it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q = nn.Linear(16, 16)
+        self.k = nn.Linear(16, 16)
+        self.scale = nn.Parameter(torch.ones(1))  # a parameter of a non-leaf module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.q(x) @ self.k(x).transpose(1, 2)) * self.scale
+
+
+def test_functional_flops_are_reported_as_unattributed() -> None:
+    model = _Attention()
+    x = torch.randn(2, 8, 16)
+    report = profile_model(model, x, repeats=2)
+    assert [row.name for row in report.rows] == ["q", "k"]
+    assert report.total_flops == _fvcore_total(model, x)
+    matmul = 2 * 8 * 8 * 16
+    assert report.unattributed_flops == matmul
+    assert report.total_params == 2 * (16 * 16 + 16) + 1
+    assert "functional ops outside leaf layers" in format_table(report)
+
+
+def test_single_module_model_and_bad_arguments() -> None:
+    report = profile_model(nn.Linear(4, 3), torch.randn(5, 4), repeats=2)
+    assert [(r.name, r.type, r.output_shape, r.params, r.flops) for r in report.rows] == [
+        ("(model)", "Linear", [5, 3], 15, 60)
+    ]
+    assert report.rows[0].latency_share == pytest.approx(100.0)
+    with pytest.raises(InputError, match="repeats 0"):
+        profile_model(nn.Linear(4, 3), torch.randn(5, 4), repeats=0)
+    with pytest.raises(InputError, match="example_input must be a tensor"):
+        profile_model(nn.Linear(4, 3), [1.0, 2.0], repeats=1)  # type: ignore[arg-type]
