@@ -11,6 +11,7 @@ import json
 import logging
 import signal
 import sys
+import warnings
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
@@ -268,11 +269,7 @@ def _sigterm_as_interrupt(signum: int, frame: Any) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(levelname)s %(message)s",
-        stream=sys.stderr,
-    )
+    _quiet_libraries(verbose=args.verbose)
     if args.command is None:
         parser.print_help()
         return 0
@@ -288,6 +285,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("interrupted: the running trial was marked failed; finished trials are kept "
               "(run the same command to resume)", file=sys.stderr)
         return 130
+
+
+def _quiet_libraries(*, verbose: bool) -> None:
+    """Our own log lines at INFO on stderr; third-party chatter (ONNX Runtime's quantizer INFO
+    lines, Optuna's experimental-feature and torch's deprecation warnings) only with -v."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    log.setLevel(logging.DEBUG if verbose else logging.INFO)
+    if not verbose:
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", message=".*experimental.*")
+        warnings.filterwarnings("ignore", category=UserWarning, module="torch")
 
 
 def _one_line(exc: BaseException) -> str:

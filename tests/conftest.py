@@ -19,6 +19,18 @@ if TYPE_CHECKING:  # torch is imported only by tests that ask for the demo
 
 
 @pytest.fixture(scope="session", autouse=True)
+def _one_torch_thread() -> Iterator[None]:
+    """Tiny test models run fastest on one thread, and a 2-core CI box shared by ONNX Runtime
+    sessions and test subprocesses slows down badly under thread oversubscription."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session", autouse=True)
 def autocompress_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     path = tmp_path_factory.mktemp("autocompress-cache")
     with pytest.MonkeyPatch.context() as patch:
@@ -31,3 +43,12 @@ def demo_task(autocompress_cache: Path) -> Task:
     from autocompress.intake import load_task
 
     return load_task(None, None, None)
+
+
+@pytest.fixture(scope="session")
+def short_study(autocompress_cache: Path, tmp_path_factory: pytest.TempPathFactory):
+    """One short real search on the digits demo (baselines + a few trials), shared read-only
+    by the tests that inspect a study: search records, export, dashboard."""
+    from tests.search_fixture import run_short_search
+
+    return run_short_search(tmp_path_factory.mktemp("short-study"))
