@@ -9,6 +9,7 @@ Set AUTOCOMPRESS_SCREENSHOTS=1 (or to a folder) to save the three pages as PNGs.
 from __future__ import annotations
 
 import os
+import shutil
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +17,6 @@ from typing import Any
 
 import pytest
 from dashboard_fixtures import (
-    STUDY_SOURCES,
     DashboardStudy,
     add_trial_in_subprocess,
     artifact_bytes,
@@ -84,12 +84,17 @@ def browser() -> Iterator[Any]:
         chromium.close()
 
 
-@pytest.fixture(scope="module", params=sorted(STUDY_SOURCES))
-def source(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> DashboardStudy:
+@pytest.fixture(scope="module")
+def source(short_study: Any, tmp_path_factory: pytest.TempPathFactory) -> DashboardStudy:
+    """A copy of the session's short real search, so the trial another process adds here
+    does not change the study other tests read."""
     _require_browser()  # skip before spending time building a study
-    return STUDY_SOURCES[request.param](tmp_path_factory.mktemp(f"browser-{request.param}"))
+    folder = tmp_path_factory.mktemp("browser-real")
+    db = folder / short_study.db_path.name
+    shutil.copy(short_study.db_path, db)
+    artifacts = folder / short_study.artifacts_dir.name
+    shutil.copytree(short_study.artifacts_dir, artifacts)
+    return DashboardStudy(f"sqlite:///{db}", short_study.study, artifacts)
 
 
 @pytest.fixture(scope="module")

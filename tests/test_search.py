@@ -1,0 +1,169 @@
+"""Short real searches on the digits demo: what the study database holds, and bad input."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from autocompress import runtime
+from autocompress.cli import main
+from autocompress.intake import load_data
+from autocompress.objective import sha256_file
+from autocompress.study import default_artifacts_dir
+from tests.search_fixture import run_short_search
+
+REQUIRED = {
+    "accuracy", "test_accuracy", "size_bytes", "latency_ms", "latency_spread_ms",
+    "latency_vs_fp32", "runtime", "flops", "params", "plan", "timing", "artifact_sha256",
+    "artifact_id", "constraints", "feasible", "torch_artifact_id",
+}
+
+
+def _complete(study) -> list:
+    return [r for r in study.result.records if r.state == "COMPLETE"]
+
+
+def test_database_holds_baselines_and_every_attribute(short_study) -> None:
+    records = short_study.result.records
+    baselines = {r.baseline: r for r in records if r.baseline}
+    assert set(baselines) == {"fp32", "int8-ptq"}
+    assert baselines["fp32"].accuracy > 0.9
+    assert baselines["int8-ptq"].size_bytes < baselines["fp32"].size_bytes / 3
+    measured = [r for r in records if r.measured]
+    assert len(measured) >= 3
+    for r in measured:
+        missing = REQUIRED - set(r.attrs)
+        assert not missing, f"trial {r.number} lacks {missing}"
+        timing = json.loads(r.attrs["timing"])
+        assert {"build", "precheck", "export", "measure"} <= set(timing)
+        info = json.loads(r.attrs["runtime"])
+        assert info["threads"] == 1 and info["batch_size"] == 1
+        assert "session_options" in info
+
+
+def test_artifact_sha_and_accuracy_match_the_file(short_study) -> None:
+    store = default_artifacts_dir(short_study.storage_url, short_study.study)
+    data = load_data("digits", seed=0)
+    for r in short_study.result.records:
+        if not r.measured:
+            continue
+        path = store / r.attrs["artifact_id"]
+        assert sha256_file(path) == r.attrs["artifact_sha256"]
+        accuracy = runtime.onnx_accuracy(path, data.batches("val", 256), threads=1)
+        assert accuracy == pytest.approx(r.accuracy, abs=1e-12)
+
+
+def test_constraints_are_set_on_every_finished_trial(short_study) -> None:
+    con = sqlite3.connect(short_study.db_path)
+    rows = con.execute(
+        "SELECT t.number, t.state FROM trials t WHERE t.state IN ('COMPLETE', 'PRUNED')"
+    ).fetchall()
+    for number, _state in rows:
+        keys = con.execute(
+            "SELECT a.key FROM trial_system_attributes a JOIN trials t USING (trial_id) "
+            "WHERE t.number = ?", (number,)
+        ).fetchall()
+        assert any(k[0].startswith("constraints") for k in keys), number
+
+
+def test_tight_budget_rejects_without_finetune_and_resume_continues(tmp_path: Path) -> None:
+    # 150 KB lies between int8 (about 133 KB) and fp32 (about 457 KB): mostly-float plans
+    # break it at the pre-check and must not be fine-tuned.
+    first = run_short_search(tmp_path, study="tight", budgets=("150KB",), trials=3)
+    rejected = [r for r in first.result.records if r.rejected]
+    fp32 = next(r for r in first.result.records if r.baseline == "fp32")
+    assert fp32 in rejected and not fp32.feasible
+    for r in rejected:
+        assert "finetune" not in json.loads(r.attrs["timing"])
+        assert "150KB" in r.rejected
+    numbers = [r.number for r in first.result.records]
+    second = run_short_search(tmp_path, study="tight", budgets=("150KB",), trials=2)
+    again = [r.number for r in second.result.records]
+    assert again[: len(numbers)] == numbers
+    assert len(again) == len(numbers) + 2  # no second set of baselines on resume
+
+
+def _cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
+    code = main(list(args))
+    err = capsys.readouterr().err.strip()
+    return code, err
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--budget", "fast"], "budget 'fast'"),
+        (["--budget", "-5ms"], "budget"),
+        (["--sampler", "bayes"], "sampler 'bayes'"),
+        (["--trials", "0"], "trials 0"),
+        (["--bits", "32", "--prune-max", "0"], "search space is empty"),
+        (["--storage", "nosuchdb://x"], "cannot open storage"),
+    ],
+)
+def test_bad_search_input_exits_2_with_one_line(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, args: list[str], needle: str
+) -> None:
+    storage = ["--storage", f"sqlite:///{tmp_path}/s.db"] if "--storage" not in args else []
+    code, err = _cli(capsys, "search", *storage, *args)
+    assert code == 2
+    assert needle in err and len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_impossible_budget_is_refused_after_baselines(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    code, err = _cli(capsys, "search", "--storage", f"sqlite:///{tmp_path}/i.db",
+                     "--budget", "1us", "--trials", "2", "--latency-repeats", "3")
+    assert code == 2 and "below the fastest candidate" in err
+    con = sqlite3.connect(tmp_path / "i.db")
+    states = con.execute("SELECT state FROM trials").fetchall()
+    assert len(states) == 2  # the baselines are recorded, nothing else ran
+
+
+def test_study_with_other_space_is_refused(
+    capsys: pytest.CaptureFixture[str], short_study
+) -> None:
+    code, err = _cli(capsys, "search", "--storage", short_study.storage_url, "--study",
+                     short_study.study, "--bits", "8,4", "--trials", "1")
+    assert code == 2 and "different space hash" in err and "--study NEW_NAME" in err
+
+
+def test_show_and_list_read_the_database(capsys: pytest.CaptureFixture[str], short_study) -> None:
+    assert main(["show", "--storage", short_study.storage_url, "--study", short_study.study,
+                 "--json"]) == 0
+    front = json.loads(capsys.readouterr().out)
+    assert front and all(row["feasible"] for row in front)
+    assert main(["list", "--storage", short_study.storage_url, "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert rows[0]["study"] == short_study.study and rows[0]["complete"] >= 3
+    code, err = _cli(capsys, "show", "--storage", short_study.storage_url, "--study", "nope")
+    assert code == 2 and "not found" in err
+
+
+def test_interrupted_search_leaves_a_consistent_database(tmp_path: Path) -> None:
+    """SIGINT in the middle of a trial: exit 130, that trial FAIL, the others intact."""
+    db = tmp_path / "int.db"
+    script = (
+        "import os, signal, threading, sys\n"
+        "from autocompress.cli import main\n"
+        "import autocompress.distill as d\n"
+        "orig = d.finetune\n"
+        "def boom(*a, **k):\n"
+        "    os.kill(os.getpid(), signal.SIGINT)\n"
+        "    return orig(*a, **k)\n"
+        "d.finetune = boom\n"
+        f"sys.exit(main(['search', '--storage', 'sqlite:///{db}', '--trials', '3',"
+        " '--finetune-steps', '10', '--latency-repeats', '3']))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 130, proc.stderr[-2000:]
+    con = sqlite3.connect(db)
+    states = [s for (s,) in con.execute("SELECT state FROM trials ORDER BY number")]
+    assert states[:2] == ["COMPLETE", "COMPLETE"]  # the baselines
+    assert states[2] == "FAIL" and "RUNNING" not in states
