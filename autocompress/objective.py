@@ -145,6 +145,9 @@ class TrialRunner:
             return self._run(trial, plan, baseline, timer, out_dir)
         except TrialPruned:
             raise
+        except KeyboardInterrupt:
+            trial.set_user_attr("fail_reason", "interrupted (Ctrl-C or SIGTERM)")
+            raise
         except AutocompressError as exc:
             trial.set_user_attr("fail_reason", str(exc))
             raise

@@ -167,3 +167,8 @@ def test_interrupted_search_leaves_a_consistent_database(tmp_path: Path) -> None
     states = [s for (s,) in con.execute("SELECT state FROM trials ORDER BY number")]
     assert states[:2] == ["COMPLETE", "COMPLETE"]  # the baselines
     assert states[2] == "FAIL" and "RUNNING" not in states
+    reason = con.execute(
+        "SELECT value_json FROM trial_user_attributes a JOIN trials t USING (trial_id) "
+        "WHERE t.number = 2 AND a.key = 'fail_reason'"
+    ).fetchone()
+    assert reason and "interrupted" in reason[0]

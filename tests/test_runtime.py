@@ -1,0 +1,135 @@
+"""runtime.py: sessions, accuracy, latency statistics and session-option choice on real files."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from sklearn.datasets import load_digits
+from torch import nn
+
+from autocompress import quantize, runtime
+from autocompress.errors import InputError
+from autocompress.measure import LatencyStats
+
+INPUT_SHAPE = (1, 1, 8, 8)
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 16, 3, padding=1)
+        self.conv2 = nn.Conv2d(16, 16, 3, padding=1)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.conv2(F.relu(self.conv1(x))))
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+@pytest.fixture(scope="module")
+def digits() -> tuple[torch.Tensor, torch.Tensor]:
+    data = load_digits()
+    x = torch.tensor(data.images[:400], dtype=torch.float32).unsqueeze(1) / 8.0 - 1.0
+    return x, torch.tensor(data.target[:400], dtype=torch.int64)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory, digits: tuple) -> dict[str, Path]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(0)
+        model = Net().eval()
+        folder = tmp_path_factory.mktemp("runtime")
+        fp32 = quantize.export_float_onnx(model, digits[0][:1], folder / "fp32.onnx")
+        int8 = quantize.ptq_static(fp32, folder / "int8.onnx", [digits[0][:64]])
+    finally:
+        torch.set_num_threads(threads)
+    return {"fp32": fp32, "int8": int8}
+
+
+def _batches(x: torch.Tensor, y: torch.Tensor, size: int = 100) -> Iterator[tuple]:
+    for i in range(0, len(x), size):
+        yield x[i : i + size], y[i : i + size]
+
+
+def test_predictions_and_accuracy_agree(files: dict[str, Path], digits: tuple) -> None:
+    x, y = digits
+    pred = runtime.predictions(files["fp32"], (b for b, _ in _batches(x, y)))
+    assert pred.shape == (400,) and pred.dtype == np.int64
+    expected = float((pred == y.numpy()).mean())
+    assert runtime.onnx_accuracy(files["fp32"], _batches(x, y)) == pytest.approx(expected)
+    # numpy labels and arrays are accepted too
+    numpy_batches = [(bx.numpy(), by.numpy()) for bx, by in _batches(x, y)]
+    assert runtime.onnx_accuracy(files["fp32"], numpy_batches) == pytest.approx(expected)
+
+
+def test_accuracy_errors_name_the_problem(files: dict[str, Path], digits: tuple) -> None:
+    with pytest.raises(InputError, match="no samples"):
+        runtime.onnx_accuracy(files["fp32"], [])
+    with pytest.raises(InputError, match=r"\(x, y\)"):
+        runtime.onnx_accuracy(files["fp32"], [digits[0][:4]])
+    with pytest.raises(InputError, match="does not exist"):
+        runtime.make_session(Path("/nonexistent/model.onnx"))
+    with pytest.raises(InputError, match="threads"):
+        runtime.make_session(files["fp32"], threads=0)
+
+
+def test_time_latency_stats(files: dict[str, Path]) -> None:
+    stats = runtime.time_latency(files["int8"], INPUT_SHAPE, threads=1, repeats=20, warmup=3)
+    assert isinstance(stats, LatencyStats)
+    assert stats.repeats == 20
+    assert 0 < stats.p10_ms <= stats.median_ms <= stats.p90_ms
+    assert stats.spread_ms >= 0
+    with pytest.raises(InputError, match="repeats"):
+        runtime.time_latency(files["int8"], INPUT_SHAPE, repeats=0)
+
+
+def test_time_interleaved_file_against_itself(files: dict[str, Path]) -> None:
+    result = runtime.time_interleaved(
+        files["fp32"], files["fp32"], (4, 1, 8, 8), threads=1, rounds=4, repeats=15, warmup=3
+    )
+    assert result.candidate.repeats == result.reference.repeats == 60
+    assert 0.5 <= result.ratio <= 2.0
+    assert result.ratio == pytest.approx(result.candidate.median_ms / result.reference.median_ms)
+    assert set(result.to_dict()) == {"candidate", "reference", "ratio", "rounds"}
+
+
+def test_pick_session_options(files: dict[str, Path]) -> None:
+    options, stats = runtime.pick_session_options(
+        files["int8"], INPUT_SHAPE, threads=1, rounds=2, repeats=10
+    )
+    assert options in ({}, runtime.DISABLE_QDQ_OPTION)
+    assert stats.median_ms > 0 and stats.repeats == 20
+    # The chosen options must give a working session with the same predictions.
+    x = np.random.default_rng(0).standard_normal((8, 1, 8, 8)).astype(np.float32)
+    a = runtime.make_session(files["int8"], session_options=options).run(None, {"input": x})
+    assert a[0].shape == (8, 10)
+    # A float file has no QDQ nodes: nothing to choose, defaults are returned.
+    assert runtime.has_qdq(files["int8"]) and not runtime.has_qdq(files["fp32"])
+    options, _ = runtime.pick_session_options(files["fp32"], INPUT_SHAPE, threads=1, repeats=5)
+    assert options == {}
+
+
+def test_runtime_info_keys() -> None:
+    info = runtime.runtime_info(2, 1, {"session.disable_quant_qdq": "1"})
+    for key in (
+        "runtime",
+        "version",
+        "providers",
+        "session_options",
+        "threads",
+        "batch_size",
+        "cpu",
+    ):
+        assert key in info
+    assert info["runtime"] == "onnxruntime"
+    assert info["providers"] == ["CPUExecutionProvider"]
+    assert info["session_options"] == {"session.disable_quant_qdq": "1"}
+    assert info["threads"] == 2 and info["batch_size"] == 1
+    assert isinstance(info["cpu"], str) and info["cpu"]
