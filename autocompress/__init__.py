@@ -2,8 +2,70 @@
 
 An Optuna search over per-layer bit widths, structured pruning ratios and distillation
 settings, where every recorded number is measured on the exported ONNX file.
+
+The public API is imported lazily, so ``import autocompress.dashboard`` (which must never
+load torch) stays light:
+
+    import autocompress as ac
+    result = ac.run_search(ac.SearchConfig(budgets=("50ms",)))
+    study = ac.load_study("demo"); study.pareto_front(); study.export(17, "out/")
 """
 
 from __future__ import annotations
 
+import importlib
+from typing import Any
+
 __version__ = "0.1.0"
+
+# public name -> module that defines it
+_EXPORTS = {
+    # configuration and plans
+    "SearchConfig": "autocompress.config",
+    "Budget": "autocompress.config",
+    "parse_budget": "autocompress.config",
+    "CompressionPlan": "autocompress.plan",
+    # the main job and its results
+    "run_search": "autocompress.search",
+    "SearchResult": "autocompress.search",
+    "load_study": "autocompress.api",
+    "rebuild": "autocompress.api",
+    "TrialRecord": "autocompress.pareto",
+    "pareto_front": "autocompress.pareto",
+    # intake
+    "load_task": "autocompress.intake",
+    "load_model": "autocompress.intake",
+    "load_data": "autocompress.intake",
+    # transforms, usable on their own
+    "build_inventory": "autocompress.inventory",
+    "prune": "autocompress.prune",
+    "apply_unstructured": "autocompress.prune",
+    "fold_batchnorm": "autocompress.quantize",
+    "prepare_qat": "autocompress.quantize",
+    "export_onnx": "autocompress.quantize",
+    "export_float_onnx": "autocompress.quantize",
+    "ptq_static": "autocompress.quantize",
+    "ptq_dynamic": "autocompress.quantize",
+    "finetune": "autocompress.distill",
+    "kd_loss": "autocompress.distill",
+    "profile_model": "autocompress.profile",
+    # errors
+    "AutocompressError": "autocompress.errors",
+    "InputError": "autocompress.errors",
+    "PlanError": "autocompress.errors",
+}
+
+__all__ = ["__version__", *sorted(_EXPORTS)]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'autocompress' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

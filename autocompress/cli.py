@@ -90,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--latency-batch-size", type=int, help="batch size latency is measured at")
     s.add_argument("--latency-repeats", type=int, help="timed runs per latency measurement")
     s.add_argument("--device", help="fine-tune device: auto, cpu or cuda")
+    s.add_argument("--train-threads", type=int, help="torch threads for fine-tuning (default 1)")
     s.add_argument("--no-baselines", dest="baselines", action="store_const", const=False,
                    help="do not record the fp32 and int8-PTQ baselines")
     s.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -144,7 +145,8 @@ def _search(args: argparse.Namespace) -> int:
     keys = ("model", "weights", "data", "num_classes", "input_size", "study", "storage",
             "artifacts", "budgets", "trials", "objectives", "sampler", "seed", "bits",
             "prune_max", "prune_step", "finetune_steps", "learning_rate", "batch_size",
-            "threads", "latency_batch_size", "latency_repeats", "device", "baselines")
+            "threads", "latency_batch_size", "latency_repeats", "device", "train_threads",
+            "baselines")
     overrides: dict[str, Any] = {k: getattr(args, k) for k in keys}
     if overrides["budgets"] is not None:
         overrides["budgets"] = tuple(overrides["budgets"])

@@ -125,6 +125,7 @@ class SearchConfig:
     batch_size: int = 64
     early_stop_drop: float = 0.25
     device: str = "auto"
+    train_threads: int = 1  # torch threads for fine-tuning; 1 is fastest for small models
     # the runtime latency is measured on
     threads: int = 1
     latency_batch_size: int = 1
@@ -166,7 +167,7 @@ class SearchConfig:
         if not 0 <= self.kd_alpha_min <= self.kd_alpha_max <= 1:
             raise ConfigError("kd_alpha_min <= kd_alpha_max must both lie in [0, 1]")
         for name in ("finetune_steps", "batch_size", "threads", "latency_batch_size",
-                     "latency_repeats", "round_to"):
+                     "latency_repeats", "round_to", "train_threads"):
             minimum = 0 if name == "finetune_steps" else 1
             if getattr(self, name) < minimum:
                 raise ConfigError(f"{name} {getattr(self, name)} must be >= {minimum}")

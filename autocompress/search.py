@@ -7,13 +7,14 @@ one PostgreSQL study each run their own N.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -107,7 +108,7 @@ def run_search(
 
     with study_mod.single_sqlite_worker(url), tempfile.TemporaryDirectory(
         prefix="autocompress-"
-    ) as tmp:
+    ) as tmp, _torch_threads(config.train_threads):
         seed_offset = 0 if study_mod.sqlite_path(url) else os.getpid() % 10_000
         study = study_mod.create_or_load_study(
             storage, config, identity, seed_offset=seed_offset
@@ -184,6 +185,17 @@ def run_search(
         new_trials=done,
         budgets=budgets,
     )
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int) -> Iterator[None]:
+    """Fine-tuning threads for the search's duration (ONNX Runtime sets its own)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _front_objectives(config: SearchConfig) -> tuple[str, ...]:
