@@ -38,7 +38,7 @@ _EXPORTS = {
     "load_data": "autocompress.intake",
     # transforms, usable on their own
     "build_inventory": "autocompress.inventory",
-    "prune": "autocompress.prune",
+    "prune_model": "autocompress.prune",
     "apply_unstructured": "autocompress.prune",
     "fold_batchnorm": "autocompress.quantize",
     "prepare_qat": "autocompress.quantize",
@@ -58,11 +58,17 @@ _EXPORTS = {
 __all__ = ["__version__", *sorted(_EXPORTS)]
 
 
+# Public names that differ from the defining module's name for them. A public name must never
+# equal a submodule's name (``prune``, ``profile``...): ``from autocompress import prune`` must
+# keep meaning the module.
+_RENAMED = {"prune_model": "prune"}
+
+
 def __getattr__(name: str) -> Any:
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'autocompress' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
+    value = getattr(importlib.import_module(module), _RENAMED.get(name, name))
     globals()[name] = value
     return value
 

@@ -270,7 +270,10 @@ def _sigterm_as_interrupt(signum: int, frame: Any) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version, or a one-line usage error (code 2)
+        return int(exc.code or 0)
     _quiet_libraries(verbose=args.verbose)
     if args.command is None:
         parser.print_help()

@@ -59,7 +59,7 @@ _SIZE_UNITS = {
     "mib": 1024**2,
     "gib": 1024**3,
 }
-_BUDGET_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*([a-zA-Zµ]+)\s*$")
+_BUDGET_RE = re.compile(r"^\s*([-+]?[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*([a-zA-Zµ]+)\s*$")
 
 
 def parse_budget(text: str) -> Budget:

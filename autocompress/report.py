@@ -31,7 +31,7 @@ class SearchProgress:
             TextColumn("eta"),
             TimeRemainingColumn(),
             console=_err,
-            transient=False,
+            transient=True,  # a one-line error stays one line; the table follows success
             disable=not enabled,
         )
         self._task = self._progress.add_task("search", total=trials, status="starting")

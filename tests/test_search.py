@@ -98,7 +98,8 @@ def _cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
     ("args", "needle"),
     [
         (["--budget", "fast"], "budget 'fast'"),
-        (["--budget", "-5ms"], "budget"),
+        (["--budget=-5ms"], "must be positive"),
+        (["--budget", "-5ms"], "--budget"),
         (["--sampler", "bayes"], "sampler 'bayes'"),
         (["--trials", "0"], "trials 0"),
         (["--bits", "32", "--prune-max", "0"], "search space is empty"),

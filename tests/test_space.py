@@ -77,3 +77,19 @@ def test_space_hash_changes_with_space() -> None:
     a = space_hash(space_description(inv, SearchConfig()))
     b = space_hash(space_description(inv, SearchConfig(bits=(8, 4))))
     assert a != b and a == space_hash(space_description(inv, SearchConfig()))
+
+
+def test_public_names_never_shadow_submodules() -> None:
+    """Regression: exporting the function ``prune`` at the top level made
+    ``from autocompress import prune`` return the function instead of the module."""
+    import importlib
+    import pkgutil
+
+    import autocompress
+
+    submodules = {m.name for m in pkgutil.iter_modules(autocompress.__path__)}
+    assert not submodules & set(autocompress.__all__)
+    assert autocompress.prune_model is importlib.import_module("autocompress.prune").prune
+    from autocompress import prune
+
+    assert hasattr(prune, "dependency_groups")
