@@ -1,0 +1,83 @@
+"""The command line: version/help, profile, and one-line exit-2 errors for bad intake."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from autocompress import __version__
+from autocompress.cli import main
+
+
+def _run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    code = main(list(args))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err.strip()
+
+
+def test_version_and_help(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = _run(capsys, "--version")
+    assert code == 0 and __version__ in out
+    code, out, _ = _run(capsys, "--help")
+    assert code == 0
+    for command in ("search", "show", "list", "profile", "dashboard", "export"):
+        assert command in out
+
+
+def test_console_script_runs() -> None:
+    """The installed entry point (python -m form, so it works without the venv's bin/)."""
+    proc = subprocess.run([sys.executable, "-m", "autocompress.cli", "--version"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and __version__ in proc.stdout
+
+
+def test_profile_demo_as_json(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = _run(capsys, "profile", "--format", "json", "--repeats", "3")
+    assert code == 0
+    report = json.loads(out)
+    shares = sum(row["latency_share"] for row in report["rows"])
+    assert shares == pytest.approx(100, abs=0.5)  # percent
+    assert report["total_flops"] > 0
+
+
+def test_profile_resnet18_matches_fvcore(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = _run(capsys, "profile", "--model", "torchvision:resnet18", "--repeats", "2",
+                        "--format", "table")
+    assert code == 0
+    assert "1.82" in out or "1,814" in out or "1814" in out  # fvcore: 1.82 GFLOPs at 224x224
+    assert "multiply-add" in out
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--model", "torchvision:resnet1800"], "resnet1800"),
+        (["--model", "nosuchpackage.mod:factory"], "nosuchpackage"),
+        (["--model", "torchvision:resnet18", "--weights", "missing.pt"], "missing.pt"),
+        (["--model", "torchvision:resnet18", "--input-shape", "1,64,64"], "1, 64, 64"),
+    ],
+)
+def test_profile_bad_model_exits_2_in_one_line(
+    capsys: pytest.CaptureFixture[str], args: list[str], needle: str
+) -> None:
+    code, _, err = _run(capsys, "profile", *args)
+    assert code == 2, err
+    assert needle in err and len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_search_bad_data_root_exits_2(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    code, _, err = _run(capsys, "search", "--storage", f"sqlite:///{tmp_path}/x.db",
+                        "--model", "torchvision:resnet18", "--data",
+                        f"imagefolder:{tmp_path}/nothing")
+    assert code == 2 and "nothing" in err and len(err.splitlines()) == 1
+
+
+def test_unknown_config_key_exits_2(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text("trails: 3\n")
+    code, _, err = _run(capsys, "search", "--config", str(config))
+    assert code == 2 and "'trails'" in err
