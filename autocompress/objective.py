@@ -6,7 +6,7 @@ before any fine-tuning and rejects over-budget candidates cheaply (rule 4); its 
 cached by structure, because latency does not depend on fine-tuned weight values.
 
 Early stopping (ours: multi-objective Optuna cannot prune): every ``eval_every`` steps after the
-first third of the fine-tune, a candidate whose fake-quant validation accuracy is more than
+first half of the fine-tune, a candidate whose fake-quant validation accuracy is more than
 ``early_stop_drop`` (absolute) below the fp32 teacher's is abandoned as hopeless and recorded
 as a PRUNED trial with the reason.
 """
@@ -282,7 +282,7 @@ class TrialRunner:
         qat = quantize.prepare_qat(student, plan)
         _calibrate(qat, ctx.calibration)
         floor = ctx.fp32_accuracy - ctx.config.early_stop_drop
-        min_step = max(1, plan.finetune_steps // 3)
+        min_step = max(1, plan.finetune_steps // 2)
 
         def evaluate(model: nn.Module) -> float:
             return _torch_accuracy(model, ctx.task.data.batches("val", 256))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 from types import TracebackType
 from typing import Any
@@ -14,8 +13,8 @@ from rich.table import Table
 from autocompress.config import Budget, format_bytes
 from autocompress.pareto import TrialRecord
 
-_out = Console(file=sys.stdout, soft_wrap=True)
-_err = Console(file=sys.stderr)
+_out = Console(soft_wrap=True)  # resolves sys.stdout at write time (pytest swaps it)
+_err = Console(stderr=True)
 
 
 class SearchProgress:

@@ -417,8 +417,13 @@ def expected_from_storage(source: DashboardStudy) -> dict[str, Any]:
         "artifact_trial": with_artifact[-1].number if with_artifact else None,
         "artifact_id": with_artifact[-1].user_attrs["artifact_id"] if with_artifact else None,
         "feasible_numbers": [t.number for t in feasible],
-        "inventory": study.user_attrs.get("inventory"),
+        "inventory": _maybe_json(study.user_attrs.get("inventory")),
     }
+
+
+def _maybe_json(value: Any) -> Any:
+    """The search stores dict attributes as JSON strings; hand-made studies may not."""
+    return json.loads(value) if isinstance(value, str) else value
 
 
 def weight_layers(inventory: dict[str, Any]) -> list[str]:

@@ -35,7 +35,7 @@ LAUNCH_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-SCREENSHOT_DIR = Path(__file__).resolve().parents[1] / "docs" / "screenshots"
+SCREENSHOT_DIR = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "dashboard"
 
 # JavaScript run in the page: trial markers drawn in a chart (every marker trace carries the
 # trial numbers as customdata; the front line carries none).
