@@ -14,6 +14,13 @@ from autocompress.config import Budget, format_bytes
 from autocompress.pareto import TrialRecord
 
 _out = Console(soft_wrap=True)  # resolves sys.stdout at write time (pytest swaps it)
+_PIPE_WIDTH = 150  # tables piped to a file or `less` would otherwise wrap at 80 columns
+
+
+def _table_console() -> Console:
+    if not _out.is_terminal:
+        _out.width = _PIPE_WIDTH
+    return _out
 _err = Console(stderr=True)
 
 
@@ -142,7 +149,7 @@ def print_front(
         table.add_row(str(r.number), f"{r.accuracy:.4f}", delta, format_bytes(r.size_bytes),
                       smaller, latency, faster,
                       "" if r.flops is None else f"{r.flops / 1e6:.2f}", label)
-    _out.print(table)
+    _table_console().print(table)
     counts = _counts(records)
     budget_text = ", ".join(b.text for b in budgets) or "none"
     _out.print(f"budgets: {budget_text} | trials: {counts} | latency: median ±IQR/2, "
@@ -181,4 +188,4 @@ def print_studies(rows: Sequence[dict[str, Any]]) -> None:
     if not rows:
         _out.print("no studies found (run `autocompress search` first)")
         return
-    _out.print(table)
+    _table_console().print(table)
