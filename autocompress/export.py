@@ -18,7 +18,6 @@ latencies drift by tens of percent on shared machines (DESIGN rule 7), ratios mu
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -35,7 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from autocompress import __version__, api, intake, quantize, runtime
+from autocompress import __version__, api, intake, measure, quantize, runtime
 from autocompress import study as study_mod
 from autocompress.config import Budget, format_bytes, parse_budget
 from autocompress.errors import AutocompressError
@@ -296,14 +295,6 @@ def _nothing_feasible(
 # -- files -------------------------------------------------------------------------------------
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _check_out(out: Path, force: bool) -> None:
     if out.exists() and not out.is_dir():
         raise ExportError(f"--out {str(out)!r} is a file; pass a folder path")
@@ -366,7 +357,7 @@ def _fetch(store: Any, record: TrialRecord, id_key: str, sha_key: str, dest: Pat
             f"{what} {artifact_id} of trial {record.number} is missing from the artifact store "
             f"({type(exc).__name__}); pass --artifacts with the folder the search wrote to"
         ) from None
-    actual = sha256_file(dest)
+    actual = measure.sha256_file(dest)
     if actual != expected:
         raise ExportError(
             f"{what} {artifact_id} of trial {record.number} fails its checksum (sha256 "
@@ -600,7 +591,7 @@ def export_from_storage(
         with tempfile.TemporaryDirectory(prefix="autocompress-export-") as scratch:
             report = _write(tmp, Path(scratch), store, ctx, choice, records, fp32, verify)
         files = {
-            name: {"bytes": (tmp / name).stat().st_size, "sha256": sha256_file(tmp / name)}
+            name: {"bytes": (tmp / name).stat().st_size, "sha256": measure.sha256_file(tmp / name)}
             for name in FILES
         }
         _publish(tmp, out_path, force)

@@ -7,6 +7,7 @@ samples into statistics so any timer can report the same way.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import math
@@ -58,6 +59,15 @@ class LatencyStats:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks (artifacts are checked against it)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def file_size(path: str | os.PathLike[str]) -> int:

@@ -94,14 +94,6 @@ def structure_key(plan: CompressionPlan) -> str:
     return hashlib.sha256(body.encode()).hexdigest()[:16]
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def build_student(task: Task, plan: CompressionPlan, round_to: int) -> nn.Module:
     """The pruned, BN-folded float structure of a plan (teacher untouched)."""
     example = task.data.example_input(1)
@@ -196,7 +188,7 @@ class TrialRunner:
         with timer.phase("measure"):
             values = self._measure(trial, artifact, student, pre)
             trial.set_user_attr("torch_kind", "float" if qat is None else "qat")
-            trial.set_user_attr("torch_artifact_sha256", sha256_file(torch_state))
+            trial.set_user_attr("torch_artifact_sha256", measure.sha256_file(torch_state))
             trial.set_user_attr("torch_artifact_id", ctx.upload(trial, torch_state))
         return values
 
@@ -371,7 +363,7 @@ class TrialRunner:
             "flops": measure.count_flops(student, example),
             "params": measure.count_params(student),
             "weight_types": json.dumps(quantize.onnx_weight_types(artifact)),
-            "artifact_sha256": sha256_file(artifact),
+            "artifact_sha256": measure.sha256_file(artifact),
         }
         for key, value in attrs.items():
             trial.set_user_attr(key, value)

@@ -13,7 +13,7 @@ import pytest
 from autocompress import runtime
 from autocompress.cli import main
 from autocompress.intake import load_data
-from autocompress.objective import sha256_file
+from autocompress.measure import sha256_file
 from autocompress.study import default_artifacts_dir
 from tests.search_fixture import run_short_search
 
