@@ -54,8 +54,8 @@ def _add_storage_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--study", help="study name (default: demo)")
     p.add_argument("--storage", help="database URL (default: sqlite:///studies/<study>.db; "
                    "postgresql://user:pw@host/db for several workers)")
-    p.add_argument("--artifacts", help="artifact folder shared by all workers "
-                   "(default: beside the SQLite file)")
+    p.add_argument("--artifacts", help="artifact folder shared by all workers, or "
+                   "s3://bucket/prefix (needs boto3; default: beside the SQLite file)")
 
 
 def build_parser() -> argparse.ArgumentParser:

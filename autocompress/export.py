@@ -325,13 +325,12 @@ def _umask() -> int:
     return mask
 
 
-def _artifacts_dir(info: study_mod.StudyInfo, url: str, given: str | Path | None) -> Path:
-    if given is not None:
-        folder = Path(given)
-    elif info.attrs.get("artifacts_dir"):
-        folder = Path(info.attrs["artifacts_dir"])
-    else:
-        folder = study_mod.default_artifacts_dir(url, info.name)
+def _artifacts_dir(info: study_mod.StudyInfo, url: str, given: str | Path | None) -> str | Path:
+    """The study's artifact folder, or its ``s3://bucket/prefix`` (checked when opened)."""
+    location = given or info.attrs.get("artifacts_dir")
+    if location and study_mod.is_remote_artifacts(location):
+        return str(location)
+    folder = Path(location) if location else study_mod.default_artifacts_dir(url, info.name)
     if not folder.is_dir():
         raise ExportError(
             f"artifact folder {str(folder)!r} of study {info.name!r} does not exist; pass "

@@ -81,9 +81,21 @@ def run_search(
     on_progress: Callable[[Progress], None] | None = None,
     on_start: Callable[[str], None] | None = None,
 ) -> SearchResult:
-    budgets = config.parsed_budgets()
     url = config.storage_url()
     storage = study_mod.open_storage(url)  # fail fast on a bad URL, before loading models
+    # SQLite admits one worker: refuse a second one now, not after loading the model.
+    with study_mod.single_sqlite_worker(url):
+        return _run_search(config, url, storage, on_progress, on_start)
+
+
+def _run_search(
+    config: SearchConfig,
+    url: str,
+    storage: Any,
+    on_progress: Callable[[Progress], None] | None,
+    on_start: Callable[[str], None] | None,
+) -> SearchResult:
+    budgets = config.parsed_budgets()
     task = intake.load_task(
         config.model,
         config.weights,
@@ -103,12 +115,13 @@ def run_search(
         "objectives": list(config.objectives),
         "space_hash": space.space_hash(description),
     }
-    artifacts_dir = Path(config.artifacts or study_mod.default_artifacts_dir(url, config.study))
-    store = study_mod.artifact_store(artifacts_dir)
+    # A folder (absolute) or s3://bucket/prefix, recorded in the study for export/dashboard.
+    artifacts = study_mod.artifact_location(config.artifacts, url, config.study)
+    store = study_mod.artifact_store(artifacts)
 
-    with study_mod.single_sqlite_worker(url), tempfile.TemporaryDirectory(
-        prefix="autocompress-"
-    ) as tmp, _torch_threads(config.train_threads):
+    with tempfile.TemporaryDirectory(prefix="autocompress-") as tmp, _torch_threads(
+        config.train_threads
+    ):
         seed_offset = 0 if study_mod.sqlite_path(url) else os.getpid() % 10_000
         study = study_mod.create_or_load_study(
             storage, config, identity, seed_offset=seed_offset
@@ -130,7 +143,7 @@ def run_search(
             "input_shape": list(task.input_shape),
             "num_classes": task.num_classes,
             "fp32_accuracy": fp32_accuracy,
-            "artifacts_dir": str(artifacts_dir.resolve()),
+            "artifacts_dir": artifacts,
             "created_by": f"autocompress {__version__}",
         })
         calibration = [
@@ -178,7 +191,7 @@ def run_search(
     return SearchResult(
         study=config.study,
         storage_url=url,
-        artifacts_dir=str(artifacts_dir),
+        artifacts_dir=artifacts,
         records=recs,
         front=pareto_front(recs, _front_objectives(config)),
         fp32=next((r for r in recs if r.baseline == "fp32" and r.measured), None),
@@ -213,13 +226,16 @@ def _take(iterator: Any, n: int) -> list[Any]:
 
 def _enqueue_baselines(study: Any, inventory: Any, config: SearchConfig) -> int:
     """fp32 as exported and uniform int8 PTQ, once per study, so the front always shows what
-    the user would get without us."""
-    if not config.baselines or study.get_trials(deepcopy=False):
+    the user would get without us. Race-safe: of several workers starting together, one
+    queues them (and runs that many extra trials; any worker may pick them up)."""
+    if not config.baselines:
         return 0
-    for name, bits in (("fp32", 32), ("int8-ptq", 8)):
-        plan = space.uniform_plan(inventory, config, bits=bits)
-        study_mod.enqueue(study, space.plan_to_params(plan, inventory, config), {"baseline": name})
-    return len(BASELINES)
+    baselines = [
+        (name, space.plan_to_params(space.uniform_plan(inventory, config, bits=bits),
+                                    inventory, config))
+        for name, bits in zip(BASELINES, (32, 8), strict=True)
+    ]
+    return study_mod.enqueue_baselines(study, baselines)
 
 
 def _check_floors(

@@ -168,21 +168,12 @@ def _json(worker: Worker) -> dict[str, Any]:
 
 def test_three_workers_share_one_study(tmp_path: Path, demo_task: object) -> None:
     with fresh_database() as url:
-        # The same command three times. The first worker queues the baselines before the
-        # others start: search.py still checks "study empty?" and queues outside a lock, so
-        # workers started at the same instant could each queue them (study.enqueue_baselines
-        # is the race-safe replacement). Study creation itself is raced in test_study.py.
-        workers = [_start(tmp_path, "w1", url, "shared", 4)]
-        watch = Watch(url, "shared")
-        try:
-            wait_until(lambda: len(watch.trials()) >= 2, TIMEOUT, "the baselines to be queued")
-        finally:
-            watch.close()
-        workers += [_start(tmp_path, f"w{i}", url, "shared", 4) for i in (2, 3)]
+        # The same command three times, at the same moment: one of them queues the baselines.
+        workers = [_start(tmp_path, f"w{i}", url, "shared", 4) for i in (1, 2, 3)]
         for w in workers:
             assert w.wait() == 0, w.tail()
-        # --trials is per worker: 4 each, the first one also ran the two baselines.
-        assert [_json(w)["new_trials"] for w in workers] == [6, 4, 4]
+        # --trials is per worker: 4 each; the one that queued the baselines ran two more.
+        assert sorted(_json(w)["new_trials"] for w in workers) == [4, 4, 6]
 
         study, trials = _load(url, "shared")
         assert [t.number for t in trials] == list(range(14))
@@ -232,7 +223,7 @@ def test_killed_worker_trial_is_failed_and_retried(tmp_path: Path, demo_task: ob
 
 
 def test_database_outage_then_resume(tmp_path: Path, demo_task: object) -> None:
-    env = {"AUTOCOMPRESS_DB_RETRY_SECONDS": "4"}
+    env = {"AUTOCOMPRESS_DB_RETRY_SECONDS": "2"}
     # A server of our own: stopping the shared one would break other tests using it.
     with private_server() as server:
         first = _start(tmp_path, "first", server.url, "outage", 1, *NO_BASELINES, env=env)
@@ -266,9 +257,12 @@ def test_sqlite_refuses_a_second_worker_and_sigterm_ends_cleanly(
 ) -> None:
     url = f"sqlite:///{tmp_path / 'one.db'}"
     first = _start(tmp_path, "first", url, "one", 50, *NO_BASELINES)
+    lock = tmp_path / "one.db.lock"
     watch = Watch(url, "one")
     try:
-        wait_until(lambda: watch.running_with_plan() == 1, TIMEOUT, "the first worker's trial")
+        # The first worker holds the lock (its pid in the file) for the whole search.
+        wait_until(lambda: lock.is_file() and lock.read_text() == str(first.proc.pid), TIMEOUT,
+                   "the first worker to take the SQLite lock")
         second = _start(tmp_path, "second", url, "one", 50, *NO_BASELINES)
         assert second.wait() == 2, second.tail()
         assert "Traceback" not in second.stderr()

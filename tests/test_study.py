@@ -24,6 +24,9 @@ from autocompress.config import SearchConfig
 from autocompress.errors import StudyError
 from tests.pg import fresh_database
 
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:Heartbeat of storage is supposed to be used with Study.optimize:UserWarning")
+
 IDENTITY = {"model_spec": "demo", "weights_sha256": None, "data_spec": "digits",
             "objectives": ["accuracy", "size"], "space_hash": "h"}
 LOST = re.compile(r"^lost the connection to the study database \S+ \(.+\) after \d+ s; the "
@@ -242,6 +245,28 @@ def test_optimize_reports_a_lost_database_as_study_error(
     with pytest.raises(StudyError) as info:
         study.optimize(objective, n_trials=3, catch=(Exception,))
     assert LOST.match(str(info.value)), str(info.value)
+
+
+def test_worker_overtaken_by_a_stale_check_goes_on(
+    tmp_path: Path, fast_heartbeats: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = _config(tmp_path)
+    storage = study_mod.open_storage(config.storage_url())
+    study = study_mod.create_or_load_study(storage, config, IDENTITY)
+    calls: list[int] = []
+
+    def objective(trial: optuna.Trial) -> tuple[float, float]:
+        calls.append(trial.number)
+        if trial.number == 0:  # another worker decided this one was dead and failed its trial
+            storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+            trial.set_user_attr("accuracy", 1.0)  # raises: the trial is finished
+        return 1.0, 1.0
+
+    with caplog.at_level(logging.WARNING, logger="autocompress"):
+        study.optimize(objective, n_trials=3, catch=(Exception,))
+    assert calls == [0, 1, 2]
+    assert [t.state for t in study.get_trials()] == [TrialState.FAIL] + [TrialState.COMPLETE] * 2
+    assert "failed by another worker" in caplog.text
 
 
 # -- SQLite: one worker ----------------------------------------------------------------------

@@ -163,7 +163,8 @@ class StudyReader:
         self.storage_url = storage_url
         self.display_url = masked_url(storage_url)
         self.storage = open_storage(storage_url)
-        self.artifacts_dir = Path(artifacts_dir) if artifacts_dir is not None else None
+        # Kept as given: pathlib would turn s3://bucket/prefix into s3:/bucket/prefix.
+        self.artifacts_dir = str(artifacts_dir) if artifacts_dir is not None else None
 
     # -- studies --------------------------------------------------------------------------
 
@@ -414,10 +415,14 @@ class StudyReader:
 
     # -- artifacts ------------------------------------------------------------------------
 
-    def _artifacts_dir(self, name: str) -> Path:
+    def _artifacts_dir(self, name: str) -> str:
+        """--artifacts; else the search's bucket when it used one; else the default folder."""
         if self.artifacts_dir is not None:
             return self.artifacts_dir
-        return default_artifacts_dir(self.storage_url, name)
+        recorded = _retry(lambda: self._load(name)).user_attrs.get("artifacts_dir")
+        if isinstance(recorded, str) and _is_s3(recorded):
+            return recorded
+        return str(default_artifacts_dir(self.storage_url, name))
 
     def _artifact_info(self, name: str, t: FrozenTrial) -> dict[str, Any] | None:
         artifact_id = t.user_attrs.get("artifact_id")
@@ -444,15 +449,28 @@ class StudyReader:
         if not _SAFE_ARTIFACT_ID.match(info["id"]):
             raise Missing(f"trial {number} records an artifact id that is not servable", [])
         folder = self._artifacts_dir(name)
-        store = FileSystemArtifactStore(str(folder))
         try:
-            return store.open_reader(info["id"]), info
-        except (ArtifactNotFound, ValueError, OSError):
+            return _store(folder).open_reader(info["id"]), info
+        except (ArtifactNotFound, StudyError, ValueError, OSError):
             raise Missing(
                 f"artifact {info['id']} of trial {number} is not in {folder}; start the "
                 "dashboard with --artifacts pointing at the study's artifact folder",
                 [],
             ) from None
+
+
+def _is_s3(location: str) -> bool:
+    return location.startswith("s3:/")
+
+
+def _store(location: str) -> Any:
+    """A folder, or an S3 bucket through the search's own adapter (imported only then: it
+    brings Optuna's boto3 store and the search config along)."""
+    if _is_s3(location):
+        from autocompress.study import artifact_store
+
+        return artifact_store(location)
+    return FileSystemArtifactStore(location)
 
 
 def _pick(trial: dict[str, Any] | None, key: str) -> dict[str, Any] | None:
