@@ -7,6 +7,7 @@ from types import TracebackType
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -131,7 +132,8 @@ def print_front(
     for r in shown:
         if r.accuracy is None or r.size_bytes is None:
             table.add_row(str(r.number), "-", "-", "-", "-", "-", "-", "-",
-                          r.fail_reason or r.rejected or r.state.lower())
+                          escape(r.fail_reason or r.rejected or r.attrs.get("early_stopped")
+                                 or r.state.lower()))
             continue
         delta = "" if fp32 is None or fp32.accuracy is None else (
             f"{100 * (r.accuracy - fp32.accuracy):+.2f} pt")
@@ -148,7 +150,7 @@ def print_front(
             label = f"[over budget] {label}"
         table.add_row(str(r.number), f"{r.accuracy:.4f}", delta, format_bytes(r.size_bytes),
                       smaller, latency, faster,
-                      "" if r.flops is None else f"{r.flops / 1e6:.2f}", label)
+                      "" if r.flops is None else f"{r.flops / 1e6:.2f}", escape(label))
     _table_console().print(table)
     counts = _counts(records)
     budget_text = ", ".join(b.text for b in budgets) or "none"
