@@ -280,7 +280,8 @@ class TrialRunner:
             return _torch_accuracy(model, ctx.task.data.batches("val", 256))
 
         def hopeless(step: int, accuracy: float) -> bool:
-            return step >= min_step and accuracy < floor
+            # Never at the last step: a finished fine-tune is measured, however it scored.
+            return min_step <= step < plan.finetune_steps and accuracy < floor
 
         result = distill.finetune(
             qat,

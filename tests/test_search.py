@@ -173,3 +173,13 @@ def test_interrupted_search_leaves_a_consistent_database(tmp_path: Path) -> None
         "WHERE t.number = 2 AND a.key = 'fail_reason'"
     ).fetchone()
     assert reason and "interrupted" in reason[0]
+
+
+def test_early_stop_never_discards_a_finished_finetune(short_study) -> None:
+    """Regression: with eval_every == finetune_steps the only evaluation came at the last
+    step, and a low score there threw away a fully fine-tuned candidate as 'early-stopped'."""
+    steps = short_study.result.records[0].plan.get("finetune_steps")
+    for r in short_study.result.records:
+        reason = r.attrs.get("early_stopped")
+        if reason:
+            assert f"step {steps}:" not in reason, reason
