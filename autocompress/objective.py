@@ -274,14 +274,12 @@ class TrialRunner:
         qat = quantize.prepare_qat(student, plan)
         _calibrate(qat, ctx.calibration)
         floor = ctx.fp32_accuracy - ctx.config.early_stop_drop
-        min_step = max(1, plan.finetune_steps // 2)
 
         def evaluate(model: nn.Module) -> float:
             return _torch_accuracy(model, ctx.task.data.batches("val", 256))
 
         def hopeless(step: int, accuracy: float) -> bool:
-            # Never at the last step: a finished fine-tune is measured, however it scored.
-            return min_step <= step < plan.finetune_steps and accuracy < floor
+            return is_hopeless(step, accuracy, total=plan.finetune_steps, floor=floor)
 
         result = distill.finetune(
             qat,
@@ -382,6 +380,12 @@ class TrialRunner:
     def _runtime(self, options: dict[str, str]) -> dict[str, Any]:
         cfg = self.ctx.config
         return runtime.runtime_info(cfg.threads, cfg.latency_batch_size, options)
+
+
+def is_hopeless(step: int, accuracy: float, *, total: int, floor: float) -> bool:
+    """Our early-stop rule: from half-way, a candidate below ``floor`` is abandoned; never at
+    the last step, because a finished fine-tune is measured however it scored."""
+    return max(1, total // 2) <= step < total and accuracy < floor
 
 
 def _torch_accuracy(model: nn.Module, batches: Any) -> float:
