@@ -672,7 +672,10 @@ def set_study_info(study: optuna.Study, info: dict[str, Any]) -> None:
 
 
 def _refuse_mismatch(config: SearchConfig, stored: dict[str, Any], now: dict[str, Any]) -> None:
-    for key in ("model_spec", "weights_sha256", "data_spec", "objectives", "space_hash"):
+    # Budgets too: the trials' feasibility was judged against them, and export's --best
+    # selects against the study's budgets.
+    for key in ("model_spec", "weights_sha256", "data_spec", "objectives", "space_hash",
+                "budgets"):
         if stored.get(key) != now.get(key):
             raise StudyError(
                 f"study {config.study!r} in {masked_url(config.storage_url())} was made with a "

@@ -135,6 +135,15 @@ def test_study_with_other_space_is_refused(
     assert code == 2 and "different space hash" in err and "--study NEW_NAME" in err
 
 
+def test_study_with_other_budgets_is_refused(
+    capsys: pytest.CaptureFixture[str], short_study
+) -> None:
+    code, err = _cli(capsys, "search", "--storage", short_study.storage_url, "--study",
+                     short_study.study, "--budget", "60ms", "--trials", "1",
+                     "--finetune-steps", "30")
+    assert code == 2 and "different budgets" in err and "--study NEW_NAME" in err
+
+
 def test_show_and_list_read_the_database(capsys: pytest.CaptureFixture[str], short_study) -> None:
     assert main(["show", "--storage", short_study.storage_url, "--study", short_study.study,
                  "--json"]) == 0
