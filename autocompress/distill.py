@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from autocompress._outputs import first_tensor
 from autocompress.errors import InputError, PlanError, TrainingError
 from autocompress.plan import CompressionPlan
 
@@ -72,23 +73,6 @@ def kd_loss(
     log_p_teacher = F.log_softmax(teacher_logits.detach() / t, dim=-1)
     kl = F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True)
     return kl * (t * t)
-
-
-def _first_tensor(output: Any) -> torch.Tensor | None:
-    """A module's output tensor; for tuple/list/dict outputs the first tensor in it."""
-    if isinstance(output, torch.Tensor):
-        return output
-    if isinstance(output, (tuple, list)):
-        for item in output:
-            found = _first_tensor(item)
-            if found is not None:
-                return found
-    if isinstance(output, dict):
-        for item in output.values():
-            found = _first_tensor(item)
-            if found is not None:
-                return found
-    return None
 
 
 def _names_hint(names: Sequence[str]) -> str:
@@ -177,7 +161,7 @@ class FeatureDistiller:
         store: dict[str, torch.Tensor], name: str
     ) -> Callable[[nn.Module, Any, Any], None]:
         def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
-            tensor = _first_tensor(output)
+            tensor = first_tensor(output)
             if tensor is not None:
                 store[name] = tensor
 

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from autocompress._outputs import first_tensor
 from autocompress.errors import InputError
 
 INVENTORY_FORMAT_VERSION = 1
@@ -216,7 +217,8 @@ def _output_shapes(
     def hook_for(name: str) -> Any:
         def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
             if name not in shapes:
-                shapes[name] = _first_shape(output)
+                tensor = first_tensor(output)
+                shapes[name] = None if tensor is None else list(tensor.shape)
 
         return hook
 
@@ -227,22 +229,6 @@ def _output_shapes(
         for handle in handles:
             handle.remove()
     return shapes, set(shapes)
-
-
-def _first_shape(output: Any) -> list[int] | None:
-    if isinstance(output, torch.Tensor):
-        return list(output.shape)
-    if isinstance(output, (list, tuple)):
-        for item in output:
-            shape = _first_shape(item)
-            if shape is not None:
-                return shape
-    if isinstance(output, dict):
-        for item in output.values():
-            shape = _first_shape(item)
-            if shape is not None:
-                return shape
-    return None
 
 
 def _flops(

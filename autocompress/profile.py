@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from autocompress._outputs import first_tensor
 from autocompress.errors import InputError
 
 __all__ = ["LayerProfile", "ProfileReport", "format_table", "profile_model"]
@@ -128,19 +129,6 @@ def _leaf_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(name or _ROOT_NAME, mod) for name, mod in leaves]
 
 
-def _first_tensor(output: Any) -> torch.Tensor | None:
-    if isinstance(output, torch.Tensor):
-        return output
-    if isinstance(output, (tuple, list)):
-        for item in output:
-            found = _first_tensor(item)
-            if found is not None:
-                return found
-    if isinstance(output, dict):
-        return _first_tensor(list(output.values()))
-    return None
-
-
 def _count_flops(model: nn.Module, example_input: torch.Tensor) -> tuple[int, dict[str, int]]:
     with warnings.catch_warnings():
         # fvcore traces with torch.jit, which now warns about its own deprecation and
@@ -212,7 +200,7 @@ def _profile(model: nn.Module, x: torch.Tensor, repeats: int) -> ProfileReport:
             per_forward[name] += time.perf_counter() - starts[name]
             calls[name] += 1
             if name not in shapes:
-                tensor = _first_tensor(output)
+                tensor = first_tensor(output)
                 shapes[name] = list(tensor.shape) if tensor is not None else []
 
         return hook
