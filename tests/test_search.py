@@ -160,7 +160,9 @@ def test_interrupted_search_leaves_a_consistent_database(tmp_path: Path) -> None
     """SIGINT in the middle of a trial: exit 130, that trial FAIL, the others intact."""
     db = tmp_path / "int.db"
     script = (
-        "import os, signal, threading, sys\n"
+        "import os, signal, sys\n"
+        # A background CI job starts with SIGINT ignored, and children inherit that.
+        "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
         "from autocompress.cli import main\n"
         "import autocompress.distill as d\n"
         "orig = d.finetune\n"
