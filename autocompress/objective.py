@@ -107,15 +107,6 @@ def build_student(task: Task, plan: CompressionPlan, round_to: int) -> nn.Module
     return quantize.fold_batchnorm(model)
 
 
-def _calibrate(qat: nn.Module, batches: list[torch.Tensor]) -> None:
-    """Run calibration batches in train mode so activation observers see real ranges."""
-    qat.train()
-    with torch.no_grad():
-        for x in batches:
-            qat(x)
-    qat.eval()
-
-
 class TrialRunner:
     """Callable objective for ``study.optimize``: returns the objective values."""
 
@@ -165,7 +156,7 @@ class TrialRunner:
             pre = self.precheck(student, plan, baseline, out_dir)
         broken = self._broken_budgets(pre.latency.median_ms, pre.size_bytes)
         if broken:
-            return self._reject(trial, pre, broken, out_dir)
+            return self._reject(trial, pre, broken)
 
         qat: nn.Module | None = None
         if baseline is None and plan.finetune_steps > 0:
@@ -177,9 +168,8 @@ class TrialRunner:
                 raise TrialPruned(stopped)
 
         with timer.phase("export"):
-            if baseline is None and qat is None:
-                qat = quantize.prepare_qat(student, plan)
-                _calibrate(qat, ctx.calibration)
+            if baseline is None and qat is None:  # a plan with zero fine-tune steps
+                qat = self._untrained_qat(student, plan)
             artifact = self._export(student, qat, plan, baseline, out_dir)
             # The PyTorch side of the candidate (fine-tuned weights) for `export`/`rebuild`.
             torch_state = out_dir / "student.pt"
@@ -245,9 +235,7 @@ class TrialRunner:
         trial.set_user_attr("feasible", feasible)
         return feasible
 
-    def _reject(
-        self, trial: Any, pre: Precheck, broken: dict[str, float], out_dir: Path
-    ) -> tuple[float, ...]:
+    def _reject(self, trial: Any, pre: Precheck, broken: dict[str, float]) -> tuple[float, ...]:
         """Over budget before any fine-tune: record why and the pre-check figures, stop."""
         ctx = self.ctx
         self._set_constraints(trial, pre.latency.median_ms, pre.size_bytes)
@@ -271,8 +259,7 @@ class TrialRunner:
     ) -> tuple[nn.Module, str | None]:
         """QAT + KD from the teacher; returns the model and the early-stop reason, if any."""
         ctx = self.ctx
-        qat = quantize.prepare_qat(student, plan)
-        _calibrate(qat, ctx.calibration)
+        qat = self._untrained_qat(student, plan)
         floor = ctx.fp32_accuracy - ctx.config.early_stop_drop
 
         def evaluate(model: nn.Module) -> float:
@@ -318,8 +305,7 @@ class TrialRunner:
             quantize.ptq_static(ctx.fp32_onnx, path, ctx.calibration, weight_bits=8)
             return path
         if qat is None:
-            qat = quantize.prepare_qat(student, plan)
-            _calibrate(qat, ctx.calibration)
+            qat = self._untrained_qat(student, plan)
         info = quantize.export_onnx(qat, example, path, plan, ctx.calibration)
         return Path(info.path)
 
@@ -372,6 +358,13 @@ class TrialRunner:
         return self._values(accuracy, size, inter.candidate.median_ms)
 
     # -- helpers --------------------------------------------------------------------------
+
+    def _untrained_qat(self, student: nn.Module, plan: CompressionPlan) -> nn.Module:
+        """Fake-quant model at the plan's widths with calibrated observers, no fine-tune."""
+        qat = quantize.prepare_qat(student, plan)
+        # Observers from real data, in eval mode (BatchNorm left unfolded keeps its statistics).
+        quantize.calibrate(qat, self.ctx.calibration)
+        return qat
 
     def _values(self, accuracy: float, size: float, latency: float) -> tuple[float, ...]:
         by_name = {"accuracy": accuracy, "size": float(size), "latency": latency}
