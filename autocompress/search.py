@@ -26,7 +26,13 @@ from autocompress import study as study_mod
 from autocompress.config import Budget, SearchConfig
 from autocompress.errors import BudgetError
 from autocompress.inventory import build_inventory
-from autocompress.objective import SearchContext, TrialRunner, build_student
+from autocompress.objective import (
+    CALIBRATION_BATCH_SIZE,
+    CALIBRATION_BATCHES,
+    SearchContext,
+    TrialRunner,
+    build_student,
+)
 from autocompress.pareto import TrialRecord, pareto_front
 
 log = logging.getLogger("autocompress")
@@ -148,7 +154,11 @@ def _run_search(
             "created_by": f"autocompress {__version__}",
         })
         calibration = [
-            x for x, _ in _take(task.data.batches("train", 32, shuffle=True, seed=config.seed), 8)
+            x
+            for x, _ in _take(
+                task.data.batches("train", CALIBRATION_BATCH_SIZE, shuffle=True, seed=config.seed),
+                CALIBRATION_BATCHES,
+            )
         ]
         ctx = SearchContext(
             task=task,
