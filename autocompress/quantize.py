@@ -324,22 +324,24 @@ class _FakeQuantMixin(nn.Module):
         return f"{super().extra_repr()}, w{self.weight_bits}a{self.activation_bits}"
 
 
-class QuantConv1d(_FakeQuantMixin, nn.Conv1d):
+class _QuantConvForward(_FakeQuantMixin):
+    """One forward for every convolution rank; ``_conv_forward`` comes from nn.ConvNd."""
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self._quantize_input(x)
         return self._quantize_output(self._conv_forward(x, self.quantized_weight(), self.bias))
 
 
-class QuantConv2d(_FakeQuantMixin, nn.Conv2d):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self._quantize_input(x)
-        return self._quantize_output(self._conv_forward(x, self.quantized_weight(), self.bias))
+class QuantConv1d(_QuantConvForward, nn.Conv1d):
+    pass
 
 
-class QuantConv3d(_FakeQuantMixin, nn.Conv3d):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self._quantize_input(x)
-        return self._quantize_output(self._conv_forward(x, self.quantized_weight(), self.bias))
+class QuantConv2d(_QuantConvForward, nn.Conv2d):
+    pass
+
+
+class QuantConv3d(_QuantConvForward, nn.Conv3d):
+    pass
 
 
 class QuantLinear(_FakeQuantMixin, nn.Linear):

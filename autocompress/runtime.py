@@ -288,7 +288,8 @@ def pick_session_options(
     return default, result.reference
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's marketing name (recorded with every latency)."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as fh:
             for line in fh:
@@ -326,7 +327,7 @@ def runtime_info(
         "execution_mode": "sequential",
         "graph_optimization": "all",
         "batch_size": int(batch_size),
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "cpu_vnni": _cpu_has_vnni(),  # False on x86 -> int8 weights are range-reduced (63)
         "cpu_count": os.cpu_count(),
         "platform": platform.platform(),

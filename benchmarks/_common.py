@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import time
@@ -23,23 +22,13 @@ RESULTS = REPO / "benchmarks" / "results"
 if str(REPO) not in sys.path:  # run as `python benchmarks/x.py` without installing
     sys.path.insert(0, str(REPO))
 
-# Import the submodule before anything runs `from autocompress import prune`: the package's
-# lazy __getattr__ exports a *function* named prune, which shadows the module of that name
-# when the module has not been imported yet (reported to the lead; harmless once fixed).
-import autocompress.prune  # noqa: E402, F401
+from autocompress import runtime  # noqa: E402 - after the sys.path fix above
 
 # -- machine state --------------------------------------------------------------------------
 
 
 def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            for line in fh:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return runtime.cpu_model()  # the same name the search records with every latency
 
 
 def cpu_flags() -> list[str]:
