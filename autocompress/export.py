@@ -675,7 +675,8 @@ def _verify(
 
     # 1. accuracy: the same computation objective.py recorded (file, split, batches, threads).
     accuracy = runtime.onnx_accuracy(
-        onnx_path, data.batches("test", EVAL_BATCH_SIZE), threads=threads
+        onnx_path, data.batches("test", EVAL_BATCH_SIZE), threads=threads,
+        session_options=dict(rt.get("session_options") or {}),
     )
     recorded = record.test_accuracy
     if recorded is None or abs(accuracy - float(recorded)) > ACCURACY_TOLERANCE:

@@ -322,11 +322,15 @@ class TrialRunner:
         ctx = self.ctx
         cfg = ctx.config
         threads = cfg.threads
+        # Accuracy under the same session options as the recorded latency: the options change
+        # the arithmetic (disable_quant_qdq folds int4 weights to float at load).
+        options = pre.session_options
         accuracy = runtime.onnx_accuracy(
-            artifact, ctx.task.data.batches("val", 256), threads=threads
+            artifact, ctx.task.data.batches("val", 256), threads=threads, session_options=options
         )
         test_accuracy = runtime.onnx_accuracy(
-            artifact, ctx.task.data.batches("test", 256), threads=threads
+            artifact, ctx.task.data.batches("test", 256), threads=threads,
+            session_options=options,
         )
         inter = runtime.time_interleaved(
             artifact,

@@ -55,7 +55,9 @@ def test_artifact_sha_and_accuracy_match_the_file(short_study) -> None:
             continue
         path = store / r.attrs["artifact_id"]
         assert sha256_file(path) == r.attrs["artifact_sha256"]
-        accuracy = runtime.onnx_accuracy(path, data.batches("val", 256), threads=1)
+        options = json.loads(r.attrs["runtime"])["session_options"]  # as recorded
+        accuracy = runtime.onnx_accuracy(path, data.batches("val", 256), threads=1,
+                                         session_options=options)
         assert accuracy == pytest.approx(r.accuracy, abs=1e-12)
 
 
