@@ -54,7 +54,10 @@ def plot(data: dict[str, Any], path: Path) -> None:
                     ys.append(ys[-1])
                 xs.append(f["size_bytes"] / 1e3)
                 ys.append(f["accuracy"])
-            ax.plot(xs, ys, "-o", color=color, ms=5,
+            # random drawn larger and hollow so an identical TPE front stays visible on top
+            hollow = s["sampler"] == "random"
+            ax.plot(xs, ys, "-o", color=color, ms=9 if hollow else 5,
+                    mfc="none" if hollow else color, lw=2.5 if hollow else 1.2,
                     label=f"{s['sampler']} seed {s['seed']} front (HV {s['hypervolume']:.3f})")
     markers = {"fp32": "*", "int8-ptq": "s", "int4-ptq": "D", "prune50-kd": "v",
                "int8-qat-kd": "^"}
@@ -64,7 +67,7 @@ def plot(data: dict[str, Any], path: Path) -> None:
         ax.scatter([r["size_bytes"] / 1e3], [r["accuracy"]], marker=markers.get(name, "x"),
                    s=80, color="black", zorder=5)
         ax.annotate(name, (r["size_bytes"] / 1e3, r["accuracy"]), textcoords="offset points",
-                    xytext=(6, -10), fontsize=8)
+                    xytext=(6, 6) if name == "int8-qat-kd" else (6, -12), fontsize=8)
     ax.axhline(fp32["accuracy"] - 0.01, color="gray", ls=":", lw=1)
     ax.axvline(fp32["size_bytes"] / 8e3, color="gray", ls=":", lw=1)
     ax.text(fp32["size_bytes"] / 8e3, ax.get_ylim()[0], " 8x smaller", fontsize=7, color="gray",
