@@ -612,30 +612,20 @@ def _export_dynamo(
     batch = torch.export.Dim("batch", min=1, max=4096)
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
+        common: dict[str, Any] = {
+            "dynamo": True,
+            "opset_version": EXPORT_OPSET,
+            "input_names": ["input"],
+            "output_names": outputs,
+            "verbose": False,
+        }
         try:
             torch.onnx.export(
-                model,
-                (example_input,),
-                str(path),
-                dynamo=True,
-                opset_version=EXPORT_OPSET,
-                input_names=["input"],
-                output_names=outputs,
-                dynamic_shapes=({0: batch},),
-                verbose=False,
+                model, (example_input,), str(path), dynamic_shapes=({0: batch},), **common
             )
         except Exception:
             # A model that specialises on the batch size: export it static.
-            torch.onnx.export(
-                model,
-                (example_input,),
-                str(path),
-                dynamo=True,
-                opset_version=EXPORT_OPSET,
-                input_names=["input"],
-                output_names=outputs,
-                verbose=False,
-            )
+            torch.onnx.export(model, (example_input,), str(path), **common)
 
 
 def _restore_param_names(proto: onnx.ModelProto, model: nn.Module) -> int:

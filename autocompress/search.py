@@ -204,7 +204,7 @@ def _run_search(
         storage_url=url,
         artifacts_dir=artifacts,
         records=recs,
-        front=pareto_front(recs, _front_objectives(config)),
+        front=pareto_front(recs, config.objectives),
         fp32=next((r for r in recs if r.baseline == "fp32" and r.measured), None),
         new_trials=done,
         budgets=budgets,
@@ -220,10 +220,6 @@ def _torch_threads(n: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
-
-
-def _front_objectives(config: SearchConfig) -> tuple[str, ...]:
-    return tuple(config.objectives)
 
 
 def _take(iterator: Any, n: int) -> list[Any]:

@@ -793,10 +793,6 @@ def records(study: optuna.Study) -> list[TrialRecord]:
     return [to_record(t) for t in study.get_trials(deepcopy=False)]
 
 
-def is_complete(trial: FrozenTrial) -> bool:
-    return trial.state == TrialState.COMPLETE
-
-
 @dataclass(frozen=True)
 class StudyInfo:
     """The study-level facts readers need, as plain data."""
