@@ -79,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--objectives", type=_csv, help="accuracy,size (default) or "
                    "accuracy,size,latency")
     s.add_argument("--sampler", help="tpe (default), random, nsga2 or gp")
+    s.add_argument("--startup-trials", type=int, help="random trials before TPE/GP model "
+                   "the results (default trials // 3, 2..10)")
     s.add_argument("--seed", type=int, help="seed for the sampler, splits and fine-tune")
     s.add_argument("--bits", type=_int_csv, help="weight widths to search (default 32,8,4)")
     s.add_argument("--prune-max", type=float, help="largest prune ratio (default 0.7)")
@@ -143,8 +145,8 @@ def _search(args: argparse.Namespace) -> int:
     from autocompress.search import run_search
 
     keys = ("model", "weights", "data", "num_classes", "input_size", "study", "storage",
-            "artifacts", "budgets", "trials", "objectives", "sampler", "seed", "bits",
-            "prune_max", "prune_step", "finetune_steps", "learning_rate", "batch_size",
+            "artifacts", "budgets", "trials", "objectives", "sampler", "startup_trials", "seed",
+            "bits", "prune_max", "prune_step", "finetune_steps", "learning_rate", "batch_size",
             "threads", "latency_batch_size", "latency_repeats", "device", "train_threads",
             "baselines")
     overrides: dict[str, Any] = {k: getattr(args, k) for k in keys}

@@ -109,6 +109,7 @@ class SearchConfig:
     objectives: tuple[str, ...] = ("accuracy", "size")
     trials: int = 20
     sampler: str = "tpe"
+    startup_trials: int | None = None  # random trials before TPE/GP model; None: trials // 3
     seed: int = 0
     # the space
     bits: tuple[int, ...] = (32, 8, 4)
@@ -144,6 +145,10 @@ class SearchConfig:
             raise ConfigError(f"trials {self.trials} must be at least 1 (--trials 20)")
         if self.sampler not in SAMPLERS:
             raise ConfigError(f"sampler {self.sampler!r} is unknown; use one of {list(SAMPLERS)}")
+        if self.startup_trials is not None and self.startup_trials < 1:
+            raise ConfigError(
+                f"startup_trials {self.startup_trials} must be >= 1 (or left out for trials // 3)"
+            )
         if not self.objectives or any(o not in OBJECTIVES for o in self.objectives):
             raise ConfigError(
                 f"objectives {','.join(self.objectives)!r} invalid; use a comma list of "
@@ -181,6 +186,14 @@ class SearchConfig:
             )
 
     # -- derived --------------------------------------------------------------------
+
+    def sampler_startup_trials(self) -> int:
+        """Random trials before TPE/GP start modelling. Optuna's fixed 10 would leave a short
+        search (--trials 6) random from start to end, so by default a third of the trials,
+        between 2 and 10."""
+        if self.startup_trials is not None:
+            return self.startup_trials
+        return max(2, min(10, self.trials // 3))
 
     def parsed_budgets(self) -> list[Budget]:
         return [parse_budget(b) for b in self.budgets]

@@ -19,7 +19,7 @@ import itertools
 import json
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +42,7 @@ PRECHECK_REPEATS = 10
 EARLY_STOP_BATCHES = 4  # x 256 validation images per early-stop evaluation
 CALIBRATION_BATCHES = 8
 CALIBRATION_BATCH_SIZE = 32
+BN_RECALIBRATION_BATCHES = 10  # x config.batch_size training images, after pruning
 
 
 @dataclass
@@ -96,8 +97,21 @@ def structure_key(plan: CompressionPlan) -> str:
     return hashlib.sha256(body.encode()).hexdigest()[:16]
 
 
-def build_student(task: Task, plan: CompressionPlan, round_to: int) -> nn.Module:
-    """The pruned, BN-folded float structure of a plan (teacher untouched)."""
+def build_student(
+    task: Task,
+    plan: CompressionPlan,
+    round_to: int,
+    *,
+    bn_batches: Iterable[torch.Tensor] | None = None,
+) -> nn.Module:
+    """The pruned, BN-folded float structure of a plan (teacher untouched).
+
+    With ``bn_batches`` (training inputs), a plan that removes channels or weights gets its
+    BatchNorm statistics re-estimated before they are folded away (``prune.
+    recalibrate_batchnorm``): the fine-tune then starts from a working model instead of
+    spending its steps undoing stale statistics. Without data (structure-only rebuilds,
+    latency checks) the teacher's statistics are folded as they are.
+    """
     example = task.data.example_input(1)
     if any(r > 0 for r in plan.prune.values()):
         model = prune.prune(task.model, plan, example, round_to=round_to)
@@ -106,6 +120,8 @@ def build_student(task: Task, plan: CompressionPlan, round_to: int) -> nn.Module
     if plan.sparsity:
         model = prune.apply_unstructured(model, plan.sparsity)
     model.eval()
+    if bn_batches is not None and _removes_weights(plan):
+        prune.recalibrate_batchnorm(model, bn_batches, max_batches=BN_RECALIBRATION_BATCHES)
     return quantize.fold_batchnorm(model)
 
 
@@ -152,6 +168,7 @@ class TrialRunner:
     ) -> tuple[float, ...]:
         ctx = self.ctx
         with timer.phase("build"):
+            # Structure only: the pre-check needs shapes and bit widths, not tuned values.
             student = build_student(ctx.task, plan, ctx.config.round_to)
 
         with timer.phase("precheck"):
@@ -159,6 +176,12 @@ class TrialRunner:
         broken = self._broken_budgets(pre.latency.median_ms, pre.size_bytes)
         if broken:
             return self._reject(trial, pre, broken)
+
+        if baseline is None and _removes_weights(plan):
+            with timer.phase("build"):  # within budget: now worth re-estimating BN statistics
+                student = build_student(
+                    ctx.task, plan, ctx.config.round_to, bn_batches=self._bn_batches(trial)
+                )
 
         qat: nn.Module | None = None
         if baseline is None and plan.finetune_steps > 0:
@@ -377,6 +400,15 @@ class TrialRunner:
         quantize.calibrate(qat, self.ctx.calibration)
         return qat
 
+    def _bn_batches(self, trial: Any) -> Iterator[torch.Tensor]:
+        """Training inputs for BatchNorm re-estimation after pruning; seeded per trial like
+        the fine-tune, so a trial rebuilt from its number sees the same images."""
+        cfg = self.ctx.config
+        batches = self.ctx.task.data.batches(
+            "train", cfg.batch_size, shuffle=True, seed=cfg.seed + trial.number
+        )
+        return (x for x, _ in batches)
+
     def _values(self, accuracy: float, size: float, latency: float) -> tuple[float, ...]:
         by_name = {"accuracy": accuracy, "size": float(size), "latency": latency}
         return tuple(by_name[o] for o in self.ctx.config.objectives)
@@ -384,6 +416,10 @@ class TrialRunner:
     def _runtime(self, options: dict[str, str]) -> dict[str, Any]:
         cfg = self.ctx.config
         return runtime.runtime_info(cfg.threads, cfg.latency_batch_size, options)
+
+
+def _removes_weights(plan: CompressionPlan) -> bool:
+    return any(r > 0 for r in plan.prune.values()) or any(v > 0 for v in plan.sparsity.values())
 
 
 def is_hopeless(step: int, accuracy: float, *, total: int, floor: float) -> bool:

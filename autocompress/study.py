@@ -518,15 +518,20 @@ def artifact_store(location: str | Path) -> ArtifactStore:
 # -- studies ---------------------------------------------------------------------------------
 
 
-def make_sampler(name: str, seed: int | None) -> optuna.samplers.BaseSampler:
+def make_sampler(
+    name: str, seed: int | None, startup_trials: int = 10
+) -> optuna.samplers.BaseSampler:
+    """``startup_trials``: trials sampled at random before TPE or GP fit their model."""
     if name == "tpe":
-        return optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=8)
+        return optuna.samplers.TPESampler(
+            seed=seed, multivariate=True, n_startup_trials=startup_trials
+        )
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if name == "nsga2":
         return optuna.samplers.NSGAIISampler(seed=seed, population_size=10)
     if name == "gp":
-        return optuna.samplers.GPSampler(seed=seed)
+        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=startup_trials)
     raise StudyError(f"sampler {name!r} is unknown; use tpe, random, nsga2 or gp")
 
 
@@ -619,7 +624,9 @@ def create_or_load_study(
     ``seed_offset`` (non-zero for server storages) gives each worker its own sampler seed.
     Trials of dead workers are failed (and queued once more) before the study is returned.
     """
-    sampler = make_sampler(config.sampler, _worker_seed(config.seed, seed_offset))
+    sampler = make_sampler(
+        config.sampler, _worker_seed(config.seed, seed_offset), config.sampler_startup_trials()
+    )
     dirs = directions(config.objectives)
     last: Exception | None = None
     created = False

@@ -82,6 +82,7 @@ def test_bad_config_names_the_key(tmp_path: Path, yaml_text: str, needle: str) -
     [
         ({"trials": 0}, "trials 0"),
         ({"sampler": "bayes"}, "sampler 'bayes'"),
+        ({"startup_trials": 0}, "startup_trials 0"),
         ({"objectives": ("size",)}, "objectives"),
         ({"bits": (3,)}, "bits value 3"),
         ({"bits": ()}, "bits is empty"),
@@ -97,3 +98,12 @@ def test_bad_values_refused(changes: dict, needle: str) -> None:
 def test_missing_config_file() -> None:
     with pytest.raises(ConfigError, match="does not exist"):
         build_config("nope.yaml", {})
+
+
+@pytest.mark.parametrize(("trials", "startup", "expected"),
+                         [(4, None, 2), (12, None, 4), (20, None, 6), (90, None, 10), (4, 3, 3)])
+def test_sampler_startup_trials_scale_with_the_search(
+    trials: int, startup: int | None, expected: int
+) -> None:
+    config = SearchConfig(trials=trials, startup_trials=startup)
+    assert config.sampler_startup_trials() == expected

@@ -22,6 +22,7 @@ from autocompress.prune import (
     kept_channels,
     prune,
     prune_with_report,
+    recalibrate_batchnorm,
 )
 
 
@@ -412,3 +413,44 @@ def test_apply_unstructured_rejects_unknown_layers(resnet18: nn.Module) -> None:
         apply_unstructured(resnet18, {"nope": 0.5})
     with pytest.raises(PlanError, match="outside"):
         apply_unstructured(resnet18, {"conv1": 1.0})
+
+
+# -- BatchNorm re-estimation after pruning ------------------------------------------------------
+
+
+class _ConvBnDrop(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4, momentum=0.3)
+        self.drop = nn.Dropout(0.5)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.drop(self.bn(self.conv(x)).mean(dim=(2, 3))))
+
+
+def test_recalibrate_batchnorm_sets_the_statistics_of_the_data() -> None:
+    torch.manual_seed(0)
+    model = _ConvBnDrop().eval()
+    batches = [torch.randn(8, 3, 6, 6) * 3 + 1 for _ in range(3)]
+    used = recalibrate_batchnorm(model, iter([torch.randn(1, 3, 6, 6), *batches]), max_batches=2)
+    assert used == 2  # the one-sample batch is skipped, the third batch is beyond the cap
+    with torch.no_grad():
+        acts = [model.conv(b) for b in batches[:2]]
+    # Cumulative average of the two batches' statistics (not an EMA with momentum 0.3).
+    mean = torch.stack([a.mean(dim=(0, 2, 3)) for a in acts]).mean(0)
+    var = torch.stack([a.var(dim=(0, 2, 3), unbiased=True) for a in acts]).mean(0)
+    assert torch.allclose(model.bn.running_mean, mean, atol=1e-5)
+    assert torch.allclose(model.bn.running_var, var, rtol=1e-4)
+    assert model.bn.momentum == 0.3 and not model.training and not model.drop.training
+
+
+def test_recalibrate_batchnorm_without_usable_data_changes_nothing() -> None:
+    model = _ConvBnDrop().train()
+    model.bn.running_mean.fill_(0.5)
+    before = _state(model)
+    assert recalibrate_batchnorm(model, iter([torch.randn(1, 3, 6, 6)])) == 0
+    assert recalibrate_batchnorm(model, iter([])) == 0
+    assert _same_state(model, before) and model.training
+

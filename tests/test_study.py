@@ -378,3 +378,23 @@ def test_three_workers_create_one_study_at_once(tmp_path: Path) -> None:
         assert sorted(t.user_attrs["baseline"] for t in trials) == ["fp32", "int8-ptq"]
         assert json.loads(study.user_attrs["identity"])["space_hash"] == "h"
         storage.engine.dispose()
+
+
+def _proposals(sampler: optuna.samplers.BaseSampler, n: int) -> list[dict[str, float]]:
+    study = optuna.create_study(directions=["maximize", "minimize"], sampler=sampler)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.optimize(lambda t: (t.suggest_float("a", 0, 1), t.suggest_float("b", 0, 1)),
+                       n_trials=n)
+    return [t.params for t in study.trials]
+
+
+def test_tpe_models_after_its_startup_trials() -> None:
+    """TPE's start-up draws equal the seeded random sampler's; after ``startup_trials`` it
+    proposes its own. (With Optuna's fixed 8-10, a 4-trial search never left start-up and a
+    TPE-vs-random benchmark compared random with random.)"""
+    random = _proposals(study_mod.make_sampler("random", 0), 5)
+    early = _proposals(study_mod.make_sampler("tpe", 0, startup_trials=2), 5)
+    late = _proposals(study_mod.make_sampler("tpe", 0, startup_trials=10), 5)
+    assert late == random
+    assert early[:2] == random[:2] and early[2:] != random[2:]

@@ -126,7 +126,7 @@ def markdown(data: dict[str, Any]) -> str:
         f"{s['batch_size']} (lr {s['learning_rate']}, AdamW, cosine, "
         f"{s.get('train_threads', 1)} torch thread(s)); searches: "
         f"{s['trials']} trials each, seeds {s['seeds']}, samplers random and TPE (the default; "
-        "it samples at random for its first 8 trials), space bits {32, 8, 4} per layer x prune "
+        f"it samples at random for its first {s.get('startup_trials', 8)} trials), space bits {32, 8, 4} per layer x prune "
         f"0..{s['prune_max']} per group; baselines off in the searches (fp32 and int8 PTQ are "
         "measured once below, same code path).",
         "",

@@ -1,0 +1,40 @@
+"""Trial building blocks on the digits demo: the student a trial fine-tunes."""
+
+from __future__ import annotations
+
+import torch
+
+from autocompress.intake import Task
+from autocompress.objective import _torch_accuracy, build_student
+from autocompress.plan import CompressionPlan
+from autocompress.prune import dependency_groups
+
+
+def _half_pruned(task: Task) -> CompressionPlan:
+    x = task.data.example_input(1)
+    groups = dependency_groups(task.model, x)
+    return CompressionPlan(prune={g.name: 0.5 for g in groups if g.prunable})
+
+
+def test_pruned_student_with_training_batches_gets_fresh_bn_statistics(demo_task: Task) -> None:
+    """The repair every pruned trial starts from: BN statistics re-estimated on training images
+    before folding beat the teacher's stale ones folded into the pruned convs (measured here:
+    about 0.10 -> 0.35 on the 50%-pruned demo CNN, before any fine-tune)."""
+    plan = _half_pruned(demo_task)
+    stale = build_student(demo_task, plan, 8)
+    train = (x for x, _ in demo_task.data.batches("train", 64, shuffle=True, seed=0))
+    fresh = build_student(demo_task, plan, 8, bn_batches=train)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fresh.modules())  # folded
+    val = list(demo_task.data.batches("val", 256))
+    stale_acc, fresh_acc = _torch_accuracy(stale, val), _torch_accuracy(fresh, val)
+    assert fresh_acc > stale_acc + 0.05, (stale_acc, fresh_acc)
+
+
+def test_unpruned_student_keeps_the_teacher_statistics(demo_task: Task) -> None:
+    """No channel removed: the teacher's statistics are right, data must not move them."""
+    plan = CompressionPlan(bits={})
+    train = (x for x, _ in demo_task.data.batches("train", 64, shuffle=True, seed=0))
+    with_data = build_student(demo_task, plan, 8, bn_batches=train)
+    without = build_student(demo_task, plan, 8)
+    a, b = with_data.state_dict(), without.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
