@@ -13,7 +13,8 @@ apart. Teacher: ``autocompress.zoo:resnet20`` trained once and cached at
 Recipes (fp32, int8 PTQ, int4-weight PTQ, 50% L1 channel pruning + KD, int8 QAT + KD) are
 run through the package's TrialRunner, i.e. measured exactly like search trials; searches
 with the random and TPE samplers get equal trial counts and fine-tune budgets and the same
-seeds. Writes benchmarks/results/cifar10.md, cifar10.json and cifar10_pareto.png.
+seeds. Writes benchmarks/results/cifar10.md, cifar10.json and cifar10_pareto.png (--quick:
+cifar10_quick.md, .json and _pareto.png, so a quick check never overwrites the full run).
 """
 
 from __future__ import annotations
@@ -68,6 +69,7 @@ MODES: dict[str, dict[str, Any]] = {
 MODEL_SPEC = "autocompress.zoo:resnet20"
 SAMPLERS = ("random", "tpe")
 HV_REFERENCE_ACCURACY = 0.1  # chance on 10 classes
+STEMS = {"full": "cifar10", "quick": "cifar10_quick"}  # results file names per mode
 TARGET_QUICK_S = 15 * 60
 TARGET_FULL_S = 90 * 60
 STUDIES = REPO / "benchmarks" / "cache" / "cifar10"  # gitignored: study DBs + artifacts
@@ -340,11 +342,13 @@ def targets(data: dict[str, Any], demo_json: Path) -> list[list[str]]:
         stopped = [t for t in all_trials if t["state"] == "PRUNED"]
         p50 = data["recipes"].get("prune50-kd", {})
         if stopped or p50.get("accuracy") is not None:
+            pruning = [t for t in all_trials if "prune" in (t.get("plan_summary") or "")]
             why += (f"{len(stopped)} of {len(all_trials)} search trials were early-stopped "
-                    "(below teacher - 0.25 at half-way); every searched plan prunes channels and "
-                    f"the uniform 50%-pruned recipe reached {p50.get('accuracy', 0):.3f} after the "
-                    f"same {data['settings']['finetune_steps']}-step fine-tune: structured "
-                    "pruning of ResNet-20 needs a far longer repair than this budget. ")
+                    f"(below teacher - 0.25 at half-way); {len(pruning)} of them prune channels; "
+                    f"the uniform 50%-pruned recipe reached {p50.get('accuracy', 0):.3f} after "
+                    "BN re-estimation and the same "
+                    f"{data['settings']['finetune_steps']}-step fine-tune: structured pruning of "
+                    "ResNet-20 needs a longer repair than this budget. ")
         if int4.get("latency_vs_fp32"):
             why += (f"int4 weights alone reach {size0 / int4['size_bytes']:.1f}x at "
                     f"x{int4['latency_vs_fp32']:.2f} latency (weights dequantized at run time, "
@@ -425,7 +429,7 @@ def targets(data: dict[str, Any], demo_json: Path) -> list[list[str]]:
                + ", ".join(f"{k} {v:.1f} s" for k, v in top)
                + f", against {ph['mean_forward_backward_s']:.1f} s of forward/backward "
                f"({data['settings']['finetune_steps']}-step fine-tunes). The early-stop rule "
-               "scores the whole validation split in PyTorch every max(10, steps/4) steps and "
+               "scores 1,024 validation images in PyTorch every max(10, steps/4) steps and "
                "`measure` scores val + test in ONNX Runtime: fixed costs per trial that a longer "
                "fine-tune amortises")
         out.append(status_row("framework overhead < 20%", f"{ov:.1%} (1 - fwd/bwd / trial time "
@@ -484,11 +488,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="override the mode's teacher epochs (testing the script)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results folder")
     parser.add_argument("--report-only", action="store_true",
-                        help="rewrite cifar10.md and the plot from cifar10.json, measure nothing")
+                        help="rewrite the Markdown and the plot from the JSON (with --quick: "
+                             "the quick files), measure nothing")
     args = parser.parse_args(argv)
-    if args.report_only:
-        return _report_only(args.out)
     mode = "quick" if args.quick else "full"
+    stem = STEMS[mode]
+    if args.report_only:
+        return _report_only(args.out, stem)
     settings = dict(MODES[mode])
     if args.seeds:
         settings["seeds"] = args.seeds
@@ -584,32 +590,31 @@ def main(argv: list[str] | None = None) -> int:
     }
     data["targets"] = targets(data, RESULTS / "search_demo.json")
 
-    from cifar10 import report
-
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
-    report.plot(data, out / "cifar10_pareto.png")
-    (out / "cifar10.md").write_text(report.markdown(data))
-    write_json(out / "cifar10.json", data)
+    _write(data, out, stem)
     log("")
     log(text_table(["target", "measured", "status"], [t[:3] for t in data["targets"]]))
     log(f"\nwall {wall / 60:.1f} min; load 1-min min {data['load']['min']} max "
         f"{data['load']['max']}; torch threads {torch_threads}, ORT threads 1")
-    log(f"wrote {out / 'cifar10.md'}, cifar10.json, cifar10_pareto.png")
     return 0
 
 
-def _report_only(out: Path) -> int:
-    import json
-
+def _write(data: dict[str, Any], out: Path, stem: str) -> None:
     from cifar10 import report
 
-    data = json.loads((out / "cifar10.json").read_text())
+    report.plot(data, out / f"{stem}_pareto.png")
+    (out / f"{stem}.md").write_text(report.markdown(data, stem))
+    write_json(out / f"{stem}.json", data)
+    log(f"wrote {out / stem}.md, {stem}.json, {stem}_pareto.png")
+
+
+def _report_only(out: Path, stem: str) -> int:
+    import json
+
+    data = json.loads((out / f"{stem}.json").read_text())
     data["targets"] = targets(data, RESULTS / "search_demo.json")
-    report.plot(data, out / "cifar10_pareto.png")
-    (out / "cifar10.md").write_text(report.markdown(data))
-    write_json(out / "cifar10.json", data)
-    log(f"rewrote {out / 'cifar10.md'}, cifar10_pareto.png and the targets in cifar10.json")
+    _write(data, out, stem)
     return 0
 
 

@@ -93,7 +93,7 @@ def plot(data: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def markdown(data: dict[str, Any]) -> str:
+def markdown(data: dict[str, Any], stem: str = "cifar10") -> str:
     fp32 = data["recipes"]["fp32"]
     st = data["machine_start"]
     teacher = data["teacher"]
@@ -126,7 +126,8 @@ def markdown(data: dict[str, Any]) -> str:
         f"{s['batch_size']} (lr {s['learning_rate']}, AdamW, cosine, "
         f"{s.get('train_threads', 1)} torch thread(s)); searches: "
         f"{s['trials']} trials each, seeds {s['seeds']}, samplers random and TPE (the default; "
-        f"it samples at random for its first {s.get('startup_trials', 8)} trials), space bits {32, 8, 4} per layer x prune "
+        f"it samples at random for its first {s.get('startup_trials', 8)} trials), space "
+        "bits {32, 8, 4} per layer x prune "
         f"0..{s['prune_max']} per group; baselines off in the searches (fp32 and int8 PTQ are "
         "measured once below, same code path).",
         "",
@@ -183,7 +184,7 @@ def markdown(data: dict[str, Any]) -> str:
              for sr in data["searches"]],
         ),
         "",
-        "![Pareto fronts](cifar10_pareto.png)",
+        f"![Pareto fronts]({stem}_pareto.png)",
         "",
         "## Time per trial by phase",
         "",
@@ -208,7 +209,7 @@ def markdown(data: dict[str, Any]) -> str:
     lat = data.get("latency_scenario")
     if lat:
         lines += latency_lines(lat)
-    lines.append("Raw figures: `cifar10.json`.")
+    lines.append(f"Raw figures: `{stem}.json`.")
     return "\n".join(lines) + "\n"
 
 
