@@ -95,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--train-threads", type=int, help="torch threads for fine-tuning (default 1)")
     s.add_argument("--no-baselines", dest="baselines", action="store_const", const=False,
                    help="do not record the fp32 and int8-PTQ baselines")
+    s.add_argument("--no-warm-starts", dest="warm_starts", action="store_const", const=False,
+                   help="do not start the search from uniform int8/int4 QAT + KD trials")
     s.add_argument("--json", action="store_true", help="print the result as JSON")
 
     sh = sub.add_parser("show", help="the Pareto table of a study, from the database")
@@ -148,7 +150,7 @@ def _search(args: argparse.Namespace) -> int:
             "artifacts", "budgets", "trials", "objectives", "sampler", "startup_trials", "seed",
             "bits", "prune_max", "prune_step", "finetune_steps", "learning_rate", "batch_size",
             "threads", "latency_batch_size", "latency_repeats", "device", "train_threads",
-            "baselines")
+            "baselines", "warm_starts")
     overrides: dict[str, Any] = {k: getattr(args, k) for k in keys}
     if overrides["budgets"] is not None:
         overrides["budgets"] = tuple(overrides["budgets"])

@@ -132,6 +132,7 @@ class SearchConfig:
     latency_batch_size: int = 1
     latency_repeats: int = 30
     baselines: bool = True
+    warm_starts: bool = True  # uniform int8 / int4 QAT + KD as the first search trials
 
     def __post_init__(self) -> None:
         self.check()

@@ -38,6 +38,7 @@ from autocompress.pareto import TrialRecord, pareto_front
 log = logging.getLogger("autocompress")
 
 BASELINES = ("fp32", "int8-ptq")
+WARM_START_SHARE = 3  # a search needs this many trials per warm start to get them
 # A latency budget is called impossible only when it is clearly below the fastest structure
 # measured, so machine noise cannot turn a tight-but-possible budget into an error.
 _FLOOR_NOISE = 0.8
@@ -196,6 +197,7 @@ def _run_search(
         if queued:
             study.optimize(runner, n_trials=queued, callbacks=[callback], catch=(Exception,))
             _check_floors(runner, inventory, config, budgets, study)
+        _enqueue_warm_starts(study, inventory, config)
         study.optimize(runner, n_trials=config.trials, callbacks=[callback], catch=(Exception,))
 
     recs = study_mod.records(study)
@@ -243,6 +245,23 @@ def _enqueue_baselines(study: Any, inventory: Any, config: SearchConfig) -> int:
         for name, bits in zip(BASELINES, (32, 8), strict=True)
     ]
     return study_mod.enqueue_baselines(study, baselines)
+
+
+def _enqueue_warm_starts(study: Any, inventory: Any, config: SearchConfig) -> int:
+    """Uniform QAT + KD at each width below 32 in the space (no pruning), once per study, as
+    the first search trials: the recipes a practitioner tries by hand, fine-tuned like every
+    candidate, so the front starts from them and the sampler's model from real points. They
+    count as search trials; searches too short to spend a third of their trials on them
+    (fewer than 3 per warm start) go without."""
+    widths = sorted((b for b in config.bits if b < 32), reverse=True)
+    if not config.warm_starts or not widths or config.trials < WARM_START_SHARE * len(widths):
+        return 0
+    named = [
+        (f"uniform-int{bits}", space.plan_to_params(
+            space.uniform_plan(inventory, config, bits=bits), inventory, config))
+        for bits in widths
+    ]
+    return study_mod.enqueue_once(study, named, "warm_start")
 
 
 def _check_floors(

@@ -761,11 +761,19 @@ def enqueue_baselines(study: optuna.Study, baselines: Sequence[tuple[str, dict[s
     worker that queued k baselines should run k extra trials: the study then holds the
     baselines plus N search trials per worker, whoever ran what.
     """
+    return enqueue_once(study, baselines, "baseline")
+
+
+def enqueue_once(
+    study: optuna.Study, named: Sequence[tuple[str, dict[str, Any]]], attr: str
+) -> int:
+    """Queue each (name, params) whose name no trial of the study carries in user attribute
+    ``attr`` yet; race-safe across workers. Returns how many this worker queued."""
     with study_lock(study):
-        have = {t.user_attrs.get("baseline") for t in study.get_trials(deepcopy=False)}
-        missing = [(name, params) for name, params in baselines if name not in have]
+        have = {t.user_attrs.get(attr) for t in study.get_trials(deepcopy=False)}
+        missing = [(name, params) for name, params in named if name not in have]
         for name, params in missing:
-            enqueue(study, params, {"baseline": name})
+            enqueue(study, params, {attr: name})
     return len(missing)
 
 
