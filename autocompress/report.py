@@ -82,6 +82,7 @@ def record_json(record: TrialRecord, fp32: TrialRecord | None = None) -> dict[st
         "trial": record.number,
         "state": record.state,
         "baseline": record.baseline,
+        "warm_start": record.attrs.get("warm_start"),
         "feasible": record.feasible,
         "accuracy": record.accuracy,
         "test_accuracy": record.test_accuracy,
@@ -144,6 +145,8 @@ def print_front(
         label = r.plan_summary
         if r.baseline:
             label = f"[baseline {r.baseline}] {label}"
+        elif r.attrs.get("warm_start"):
+            label = f"[warm start {r.attrs['warm_start']}] {label}"
         if r.rejected:
             label = f"[rejected] {r.rejected}"
         if not r.feasible:

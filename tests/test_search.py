@@ -15,6 +15,7 @@ from autocompress.cli import main
 from autocompress.intake import load_data
 from autocompress.measure import sha256_file
 from autocompress.objective import is_hopeless
+from autocompress.report import record_json
 from autocompress.study import default_artifacts_dir
 from tests.search_fixture import run_short_search
 
@@ -196,3 +197,26 @@ def test_early_stop_rule() -> None:
     assert not is_hopeless(10, 0.1, total=30, floor=0.7)  # too early to judge
     assert is_hopeless(20, 0.1, total=30, floor=0.7)
     assert not is_hopeless(20, 0.8, total=30, floor=0.7)
+
+
+def test_warm_starts_open_the_search_once_per_study(tmp_path: Path) -> None:
+    """Uniform QAT + KD at each width below 32 are the first search trials (fine-tuned like
+    any candidate, counted in --trials), and a resumed study does not queue them again."""
+    first = run_short_search(tmp_path, study="warm", trials=3, bits=(32, 8),
+                             finetune_steps=5, baselines=False)
+    recs = first.result.records
+    assert [r.attrs.get("warm_start") for r in recs] == ["uniform-int8", None, None]
+    warm = recs[0]
+    assert warm.state == "COMPLETE" and warm.plan_summary.startswith("8b:")
+    assert "prune" not in warm.plan_summary and "finetune" in json.loads(warm.attrs["timing"])
+    assert record_json(warm)["warm_start"] == "uniform-int8"
+    second = run_short_search(tmp_path, study="warm", trials=3, bits=(32, 8),
+                              finetune_steps=5, baselines=False)
+    again = second.result.records
+    assert len(again) == 6
+    assert sum(r.attrs.get("warm_start") is not None for r in again) == 1
+
+
+def test_short_searches_go_without_warm_starts(short_study) -> None:
+    # 4 trials over widths 8 and 4: fewer than 3 per warm start, so every trial is sampled.
+    assert not any(r.attrs.get("warm_start") for r in short_study.result.records)
