@@ -366,11 +366,14 @@ def finetune(
     seed: int = 0,
     log: Callable[[str], None] | None = None,
     optimizer: str = "adamw",
+    evaluate_at: Callable[[int], bool] | None = None,
 ) -> FinetuneResult:
     """Distil ``teacher`` into ``student`` in place for exactly ``plan.finetune_steps`` steps.
 
     Every ``eval_every`` steps ``evaluate(student)`` is called (student in eval mode, on the
     training device, under no_grad) and ``should_stop(step, metric)`` may end the run early.
+    ``evaluate_at(step)``, when given, further limits those steps to the ones where the
+    metric can matter (evaluations cost forward passes over the validation data).
     Raises TrainingError when the loss becomes nan/inf. Both models end on the CPU in the
     train/eval mode they arrived in. The run is deterministic for a given ``seed`` (same
     data order, adapter init and dropout masks); the global RNG state is left untouched.
@@ -408,6 +411,7 @@ def finetune(
                 seed,
                 log,
                 optimizer,
+                evaluate_at,
             )
         finally:
             student.to("cpu")
@@ -429,6 +433,7 @@ def _run(
     seed: int,
     log: Callable[[str], None] | None,
     optimizer_name: str,
+    evaluate_at: Callable[[int], bool] | None,
 ) -> FinetuneResult:
     steps = plan.finetune_steps
     batches = _cycle_batches(data, batch_size, seed)
@@ -474,7 +479,8 @@ def _run(
             recent.append(value)
             del recent[:-_FINAL_LOSS_WINDOW]
 
-            if evaluate is not None and step % eval_every == 0:
+            due = step % eval_every == 0 and (evaluate_at is None or evaluate_at(step))
+            if evaluate is not None and due:
                 metric = _evaluate(student, distiller, evaluate)
                 history.append((step, metric))
                 if log is not None:

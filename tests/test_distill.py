@@ -339,6 +339,20 @@ def test_should_stop_ends_the_run_early_and_says_why(teacher: nn.Module, data: D
         finetune(_pruned(teacher), teacher, data, plan, should_stop=should_stop)
 
 
+def test_evaluate_at_limits_the_evaluations(teacher: nn.Module, data: DataSplits) -> None:
+    calls: list[int] = []
+    result = finetune(
+        _pruned(teacher),
+        teacher,
+        data,
+        CompressionPlan(finetune_steps=12, learning_rate=1e-3),
+        evaluate=lambda m: calls.append(1) or _accuracy(m, data),
+        eval_every=1,
+        evaluate_at={6, 9}.__contains__,
+    )
+    assert [s for s, _ in result.history] == [6, 9] and len(calls) == 2
+
+
 def test_finetune_devices_and_zero_steps(teacher: nn.Module, data: DataSplits) -> None:
     student = _pruned(teacher)
     state = copy.deepcopy(student.state_dict())

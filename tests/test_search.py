@@ -14,7 +14,7 @@ from autocompress import runtime
 from autocompress.cli import main
 from autocompress.intake import load_data
 from autocompress.measure import sha256_file
-from autocompress.objective import is_hopeless
+from autocompress.objective import early_stop_checkpoints, is_hopeless
 from autocompress.report import record_json
 from autocompress.study import default_artifacts_dir
 from tests.search_fixture import run_short_search
@@ -197,6 +197,13 @@ def test_early_stop_rule() -> None:
     assert not is_hopeless(10, 0.1, total=30, floor=0.7)  # too early to judge
     assert is_hopeless(20, 0.1, total=30, floor=0.7)
     assert not is_hopeless(20, 0.8, total=30, floor=0.7)
+    # The rule is only evaluated where it can act: half-way and three-quarters, not the end.
+    assert early_stop_checkpoints(40) == {20, 30}
+    assert early_stop_checkpoints(150) == {75, 112}
+    assert early_stop_checkpoints(1) == frozenset()
+    for total in (2, 3, 40, 150):
+        for step in early_stop_checkpoints(total):
+            assert is_hopeless(step, 0.0, total=total, floor=0.5)
 
 
 def test_warm_starts_open_the_search_once_per_study(tmp_path: Path) -> None:
