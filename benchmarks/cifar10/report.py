@@ -7,6 +7,8 @@ from typing import Any
 
 from _common import fmt_bytes, fmt_flops, fmt_ms, md_table, met, state_line
 
+from cifar10.teacher import EPOCHS as TEACHER_EPOCHS
+
 SAMPLER_COLORS = {"random": "tab:orange", "tpe": "tab:blue"}
 
 
@@ -99,6 +101,9 @@ def markdown(data: dict[str, Any], stem: str = "cifar10") -> str:
     teacher = data["teacher"]
     s = data["settings"]
     flag = " --quick" if data["mode"] == "quick" else ""
+    mode_epochs = TEACHER_EPOCHS[data["mode"]]
+    if teacher["epochs"] != mode_epochs:
+        flag += f" --teacher-epochs {teacher['epochs']}"
     lines = [
         f"# ResNet-20 on CIFAR-10 ({data['mode']} mode)",
         "",
@@ -120,7 +125,13 @@ def markdown(data: dict[str, Any], stem: str = "cifar10") -> str:
         f" ({teacher['train_seconds'] / 60:.1f} min to train, torch {teacher['torch_threads']} "
         f"thread(s)). fp32 ONNX: val {fp32['accuracy']:.4f}, **test {fp32['test_accuracy']:.4f}**,"
         f" {fmt_bytes(fp32['size_bytes'])}, {fmt_ms(fp32['latency_ms'], fp32['latency_spread_ms'])}"
-        " ms.",
+        " ms."
+        + ("" if teacher["epochs"] == mode_epochs else
+           f" This mode's own teacher has {mode_epochs} epochs; at"
+           f" {teacher['train_seconds'] / teacher['epochs'] / 60:.1f} min per epoch here that is"
+           f" {mode_epochs * teacher['train_seconds'] / teacher['epochs'] / 3600:.1f} h, more"
+           " than a work session, so this run reused the cached"
+           f" {teacher['epochs']}-epoch teacher: every figure is relative to it."),
         "",
         f"Fine-tune budget per trial and per recipe: {s['finetune_steps']} steps at batch "
         f"{s['batch_size']} (lr {s['learning_rate']}, AdamW, cosine, "
