@@ -40,6 +40,7 @@ _EXPORTS = {
     "build_inventory": "autocompress.inventory",
     "prune_model": "autocompress.prune",
     "apply_unstructured": "autocompress.prune",
+    "recalibrate_batchnorm": "autocompress.prune",
     "fold_batchnorm": "autocompress.quantize",
     "prepare_qat": "autocompress.quantize",
     "export_onnx": "autocompress.quantize",

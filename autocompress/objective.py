@@ -38,7 +38,9 @@ from autocompress.study import TrialPruned
 
 log = logging.getLogger("autocompress")
 
-PRECHECK_REPEATS = 10
+PRECHECK_REPEATS = 10  # x 2 rounds, interleaved with fp32, when the verdict is close
+PRECHECK_FIRST_LOOK = 5  # runs per side of the first look, which settles clear verdicts
+PRECHECK_CLEAR_MARGIN = 1.3  # "clear": every latency budget more than 30% away
 PRECHECK_CALIBRATION_IMAGES = 4
 EARLY_STOP_BATCHES = 4  # x 256 validation images per early-stop evaluation
 CALIBRATION_BATCHES = 8
@@ -224,25 +226,37 @@ class TrialRunner:
         path = self._export(
             student, None, plan, baseline, out_dir, name="precheck.onnx", calibration=few
         )
+        size = measure.file_size(path)
         # A choice between two variants (2x apart when it matters): a short interleaved look.
-        options, _ = runtime.pick_session_options(
-            path, ctx.latency_shape, threads=ctx.config.threads, rounds=2, repeats=5
-        )
-        inter = runtime.time_interleaved(
-            path,
-            ctx.fp32_onnx,
-            ctx.latency_shape,
-            threads=ctx.config.threads,
-            candidate_options=options,
-            reference_options={},
-            rounds=2,
-            repeats=PRECHECK_REPEATS,
-        )
+        # Files without QDQ nodes run the same either way.
+        options: dict[str, str] = {}
+        if runtime.has_qdq(path):
+            options, _ = runtime.pick_session_options(
+                path, ctx.latency_shape, threads=ctx.config.threads, rounds=2, repeats=5
+            )
+
+        def look(rounds: int, repeats: int) -> runtime.InterleavedLatency:
+            return runtime.time_interleaved(
+                path,
+                ctx.fp32_onnx,
+                ctx.latency_shape,
+                threads=ctx.config.threads,
+                candidate_options=options,
+                reference_options={},
+                rounds=rounds,
+                repeats=repeats,
+            )
+
+        # Clear verdicts are cheap, close calls get the full measurement: a candidate far
+        # over (or far under) every latency budget needs no 40 runs to say so.
+        inter = look(1, PRECHECK_FIRST_LOOK)
+        if not clear_verdict(ctx.budgets, inter.candidate.median_ms, size):
+            inter = look(2, PRECHECK_REPEATS)
         result = Precheck(
             latency=inter.candidate,
             reference=inter.reference,
             ratio=inter.ratio,
-            size_bytes=measure.file_size(path),
+            size_bytes=size,
             session_options=options,
         )
         ctx.precheck_cache[key] = result
@@ -435,6 +449,18 @@ class TrialRunner:
     def _runtime(self, options: dict[str, str]) -> dict[str, Any]:
         cfg = self.ctx.config
         return runtime.runtime_info(cfg.threads, cfg.latency_batch_size, options)
+
+
+def clear_verdict(budgets: list[Budget], latency_ms: float, size_bytes: float) -> bool:
+    """True when a short latency look is enough to judge a structure: a size budget (known
+    exactly) is broken, or every latency budget lies more than PRECHECK_CLEAR_MARGIN away."""
+    if any(b.kind == "size" and b.violation(latency_ms, size_bytes) > 0 for b in budgets):
+        return True
+    return all(
+        not 1 / PRECHECK_CLEAR_MARGIN < latency_ms / b.value < PRECHECK_CLEAR_MARGIN
+        for b in budgets
+        if b.kind == "latency"
+    )
 
 
 def _removes_weights(plan: CompressionPlan) -> bool:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from autocompress.config import parse_budget
 from autocompress.intake import Task
-from autocompress.objective import _torch_accuracy, build_student
+from autocompress.objective import _torch_accuracy, build_student, clear_verdict
 from autocompress.plan import CompressionPlan
 from autocompress.prune import dependency_groups
 
@@ -38,3 +39,13 @@ def test_unpruned_student_keeps_the_teacher_statistics(demo_task: Task) -> None:
     without = build_student(demo_task, plan, 8)
     a, b = with_data.state_dict(), without.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_precheck_verdict_is_clear_only_far_from_every_latency_budget() -> None:
+    fifty, one_mb = parse_budget("50ms"), parse_budget("1MB")
+    assert clear_verdict([fifty], 80.0, 0) and clear_verdict([fifty], 30.0, 0)
+    assert not clear_verdict([fifty], 60.0, 0) and not clear_verdict([fifty], 40.0, 0)
+    assert clear_verdict([], 60.0, 0)  # no latency budget: nothing to decide
+    # A broken size budget settles it whatever the latency; a met one does not.
+    assert clear_verdict([fifty, one_mb], 55.0, 2_000_000)
+    assert not clear_verdict([fifty, one_mb], 55.0, 500_000)
