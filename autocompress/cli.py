@@ -86,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--prune-max", type=float, help="largest prune ratio (default 0.7)")
     s.add_argument("--prune-step", type=float, help="prune ratio grid step (default 0.05)")
     s.add_argument("--finetune-steps", type=int, help="QAT+KD steps per candidate")
-    s.add_argument("--learning-rate", type=float, help="fine-tune learning rate")
+    s.add_argument("--learning-rate", type=float, help="fine-tune learning rate (default: "
+                   "chosen once per study by a short probe)")
     s.add_argument("--batch-size", type=int, help="fine-tune batch size")
     s.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads for latency")
     s.add_argument("--latency-batch-size", type=int, help="batch size latency is measured at")

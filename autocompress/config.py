@@ -122,7 +122,7 @@ class SearchConfig:
     round_to: int = 8
     # the fine-tune each candidate gets
     finetune_steps: int = 150
-    learning_rate: float = 2e-3
+    learning_rate: float | None = None  # None: chosen per study by a short probe (lrprobe)
     batch_size: int = 64
     early_stop_drop: float = 0.25
     device: str = "auto"
@@ -177,8 +177,11 @@ class SearchConfig:
             minimum = 0 if name == "finetune_steps" else 1
             if getattr(self, name) < minimum:
                 raise ConfigError(f"{name} {getattr(self, name)} must be >= {minimum}")
-        if self.learning_rate <= 0:
-            raise ConfigError(f"learning_rate {self.learning_rate} must be > 0 (e.g. 2e-3)")
+        if self.learning_rate is not None and self.learning_rate <= 0:
+            raise ConfigError(
+                f"learning_rate {self.learning_rate} must be > 0 (e.g. 2e-3), or left out to "
+                "let the search choose it"
+            )
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"device {self.device!r} is unknown; use auto, cpu or cuda")
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", self.study):

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from autocompress import __version__, intake, quantize, runtime, space
+from autocompress import __version__, intake, lrprobe, quantize, runtime, space
 from autocompress import study as study_mod
 from autocompress.config import Budget, SearchConfig
 from autocompress.errors import BudgetError
@@ -38,6 +38,7 @@ from autocompress.pareto import TrialRecord, pareto_front
 log = logging.getLogger("autocompress")
 
 BASELINES = ("fp32", "int8-ptq")
+LR_PROBE_ATTR = "learning_rate_probe"
 WARM_START_SHARE = 3  # a search needs this many trials per warm start to get them
 # A latency budget is called impossible only when it is clearly below the fastest structure
 # measured, so machine noise cannot turn a tight-but-possible budget into an error.
@@ -161,6 +162,7 @@ def _run_search(
                 CALIBRATION_BATCHES,
             )
         ]
+        config = _resolve_learning_rate(study, task, inventory, config, calibration, on_start)
         ctx = SearchContext(
             task=task,
             inventory=inventory,
@@ -245,6 +247,35 @@ def _enqueue_baselines(study: Any, inventory: Any, config: SearchConfig) -> int:
         for name, bits in zip(BASELINES, (32, 8), strict=True)
     ]
     return study_mod.enqueue_baselines(study, baselines)
+
+
+def _resolve_learning_rate(
+    study: Any,
+    task: Any,
+    inventory: Any,
+    config: SearchConfig,
+    calibration: list[torch.Tensor],
+    on_start: Callable[[str], None] | None,
+) -> SearchConfig:
+    """The config with its fine-tune learning rate set: the user's, else the study's probed
+    one (probed once per study, under the study lock so concurrent workers agree)."""
+    if config.learning_rate is not None:
+        return config
+    with study_mod.study_lock(study):
+        stored = study.user_attrs.get(LR_PROBE_ATTR)
+        if stored is None:
+            probe = lrprobe.probe_learning_rate(
+                task, inventory, config, calibration, device=resolve_device(config.device)
+            )
+            stored = probe.to_dict()
+            study.set_user_attr(LR_PROBE_ATTR, stored)
+            note = probe.describe()
+        else:
+            note = f"learning rate {stored['chosen']:g}, probed when the study began"
+    if on_start:
+        on_start(note)
+    log.info(note)
+    return config.replace(learning_rate=float(stored["chosen"]))
 
 
 def _enqueue_warm_starts(study: Any, inventory: Any, config: SearchConfig) -> int:

@@ -91,13 +91,16 @@ def _plan(
     temperature: float,
     alpha: float,
 ) -> CompressionPlan:
+    # A search resolves an unset learning rate (lrprobe) before it makes any plan; plans made
+    # outside a search for their structure alone keep CompressionPlan's default.
+    rate = {} if config.learning_rate is None else {"learning_rate": config.learning_rate}
     return CompressionPlan(
         bits=bits,
         prune=prune,
         kd_temperature=temperature,
         kd_alpha=alpha,
         finetune_steps=config.finetune_steps,
-        learning_rate=config.learning_rate,
+        **rate,
     )
 
 

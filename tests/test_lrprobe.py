@@ -1,0 +1,63 @@
+"""The per-study learning-rate probe on the digits demo."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import pytest
+
+from autocompress import lrprobe, search
+from autocompress.config import SearchConfig
+from autocompress.intake import Task
+from autocompress.inventory import build_inventory
+from tests.search_fixture import run_short_search
+
+
+def test_choose_takes_the_fastest_rate_that_does_no_harm() -> None:
+    assert lrprobe.choose({3e-3: 0.10, 1e-3: 0.70, 3e-4: 0.745, 1e-4: 0.752}) == 3e-4
+    assert lrprobe.choose({3e-3: 0.99, 1e-3: 0.99, 3e-4: 0.98}) == 3e-3
+    assert lrprobe.choose({3e-3: 0.5, 1e-4: 0.8}, tolerance=0.5) == 3e-3
+
+
+def test_probe_refuses_a_rate_that_wrecks_the_student(demo_task: Task) -> None:
+    config = SearchConfig(finetune_steps=30)
+    inventory = build_inventory(demo_task.model, demo_task.data.example_input(1))
+    calibration = [x for x, _ in itertools.islice(demo_task.data.batches("train", 32), 2)]
+    probe = lrprobe.probe_learning_rate(
+        demo_task, inventory, config, calibration, candidates=(5.0, 1e-3)
+    )
+    assert probe.bits == 8 and probe.steps == 20
+    assert probe.start_accuracy > 0.9
+    assert probe.scores[5.0] < 0.5 < probe.scores[1e-3]  # 5.0 destroys it, 1e-3 keeps it
+    assert probe.chosen == 1e-3
+    assert "learning rate 0.001 chosen" in probe.describe()
+    assert probe.to_dict()["scores"] == {"5": probe.scores[5.0], "0.001": probe.scores[1e-3]}
+
+
+def test_search_probes_once_per_study_and_plans_carry_the_rate(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = run_short_search(tmp_path, study="lr", trials=1, finetune_steps=5,
+                             baselines=False, learning_rate=None)
+    from autocompress.api import load_study
+
+    handle = load_study("lr", storage=first.storage_url)
+    stored = handle.info.attrs[search.LR_PROBE_ATTR]
+    assert stored["chosen"] in lrprobe.CANDIDATES
+    plan = first.result.records[0].plan
+    assert plan["learning_rate"] == stored["chosen"]
+
+    def no_second_probe(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the study's probed rate must be reused on resume")
+
+    monkeypatch.setattr(lrprobe, "probe_learning_rate", no_second_probe)
+    second = run_short_search(tmp_path, study="lr", trials=1, finetune_steps=5,
+                              baselines=False, learning_rate=None)
+    assert second.result.records[-1].plan["learning_rate"] == stored["chosen"]
+
+
+def test_a_given_rate_is_used_as_is(tmp_path: Path) -> None:
+    result = run_short_search(tmp_path, study="fixed", trials=1, finetune_steps=5,
+                              baselines=False, learning_rate=7e-4)
+    assert result.result.records[0].plan["learning_rate"] == 7e-4
