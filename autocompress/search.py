@@ -259,8 +259,8 @@ def _resolve_learning_rate(
 ) -> SearchConfig:
     """The config with its fine-tune learning rate set: the user's, else the study's probed
     one (probed once per study, under the study lock so concurrent workers agree)."""
-    if config.learning_rate is not None:
-        return config
+    if config.learning_rate is not None or config.finetune_steps == 0:
+        return config  # given, or nothing will be fine-tuned
     with study_mod.study_lock(study):
         stored = study.user_attrs.get(LR_PROBE_ATTR)
         if stored is None:
