@@ -275,6 +275,8 @@ def _study_attrs(
         },
         "search_space": json.dumps({"bits": [32, 8, 4], "prune": [0.0, 0.75]}),
         "created_by": "autocompress 0.1.0",
+        "learning_rate_probe": {"chosen": 0.003, "start_accuracy": 0.99, "steps": 20,
+                                "bits": 8, "scores": {"0.003": 0.99, "0.0001": 0.99}},
     }
     for key, value in attrs.items():
         study.set_user_attr(key, value)
@@ -340,6 +342,7 @@ def build_synthetic_study(root: Path) -> DashboardStudy:
         size=60_000,
         latency=6.5,
         plan=_plan(dict.fromkeys(WEIGHT_LAYERS, 4)),
+        extra={"warm_start": "uniform-int4"},
     )  # over the 5 ms budget
     _complete(
         study,

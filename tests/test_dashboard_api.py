@@ -91,6 +91,8 @@ def test_study_json_counts_front_and_progress(client) -> None:
     assert data["front_2d"] == [7, 2, 0]
     by_number = {t["number"]: t for t in data["trials"]}
     assert by_number[3]["feasible"] is False and not by_number[3]["on_front"]
+    assert by_number[3]["warm_start"] == "uniform-int4" and by_number[2]["warm_start"] is None
+    assert data["learning_rate_probe"]["chosen"] == 0.003
     assert by_number[4]["accuracy"] is None  # rejected: the floor value is never shown
     assert by_number[4]["reason"].startswith("over budget at pre-check")
     assert by_number[5]["state"] == "FAIL" and by_number[5]["feasible"] is None

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import optuna
 import pytest
 from dashboard_fixtures import (
     DashboardStudy,
@@ -151,6 +152,10 @@ def test_study_page_draws_one_marker_per_completed_trial(
     _open_study(page, base_url, source)
     assert page.evaluate(_MARKERS_JS, "pareto") == expected["n_complete"]
     assert page.locator("#trials-body tr").count() == expected["n_trials"]
+    # The short search left its learning rate to the probe: the chip says what was chosen.
+    chosen = optuna.load_study(study_name=source.study_name, storage=source.storage_url
+                               ).user_attrs["learning_rate_probe"]["chosen"]
+    assert f"learning rate {chosen:g} (probed)" in page.locator("#study-chips").inner_text()
     assert page.js_errors == []
 
 

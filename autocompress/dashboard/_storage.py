@@ -274,6 +274,7 @@ class StudyReader:
             "directions": directions,
             "created_by": attrs.get("created_by"),
             "data": an.maybe_json(attrs.get("data")),
+            "learning_rate_probe": an.maybe_json(attrs.get("learning_rate_probe")),
             "counts": counts,
             "trials": trials,
             "front": sorted(front),
@@ -305,6 +306,7 @@ class StudyReader:
         row["values"] = list(t.values) if t.values is not None else None
         row["feasible"] = an.is_feasible(state, a, t.constraints)
         row["baseline"] = a.get("baseline")
+        row["warm_start"] = a.get("warm_start")
         row["plan_summary"] = a.get("plan_summary")
         row["rejected"] = a.get("rejected")
         row["fail_reason"] = a.get("fail_reason")

@@ -115,7 +115,7 @@
   const tableState = { key: "number", dir: 1 };
   const COLUMNS = [
     { key: "number", label: "#", num: true, fmt: (t, s) => `<a href="${trialUrl(s.name, t.number)}">${t.number}</a>` },
-    { key: "state", label: "Status", fmt: (t) => stateBadge(t) + (t.on_front ? ' <span class="badge front">front</span>' : "") + (t.baseline ? ` <span class="badge base">${esc(t.baseline)}</span>` : "") },
+    { key: "state", label: "Status", fmt: (t) => stateBadge(t) + (t.on_front ? ' <span class="badge front">front</span>' : "") + (t.baseline ? ` <span class="badge base">${esc(t.baseline)}</span>` : "") + (t.warm_start ? ` <span class="badge base">${esc(t.warm_start)}</span>` : "") },
     { key: "accuracy", label: "Accuracy (val)", num: true, fmt: (t) => pct(t.accuracy) },
     { key: "test_accuracy", label: "Accuracy (test)", num: true, fmt: (t) => pct(t.test_accuracy) },
     { key: "size_bytes", label: "Size", num: true, fmt: (t) => bytes(t.size_bytes) },
@@ -161,6 +161,11 @@
     if (study.data_spec) chips.push(`<span class="chip"><b>data</b> ${esc(study.data_spec)}</span>`);
     for (const b of study.budgets || []) chips.push(`<span class="chip budget"><b>budget</b> ${esc(budgetText(b))}</span>`);
     chips.push(`<span class="chip"><b>objectives</b> ${esc((study.objectives || []).join(", "))}</span>`);
+    const probe = study.learning_rate_probe;
+    if (probe && isNum(probe.chosen)) {
+      const tried = Object.entries(probe.scores || {}).map(([lr, acc]) => `${lr}: ${isNum(acc) ? acc.toFixed(3) : "?"}`).join(", ");
+      chips.push(`<span class="chip" title="${esc(`accuracy after ${probe.steps} steps at each rate: ${tried}`)}"><b>learning rate</b> ${esc(String(probe.chosen))} (probed)</span>`);
+    }
     el("study-chips").innerHTML = chips.join("");
     const c = study.counts;
     el("study-counts").innerHTML = [
