@@ -162,6 +162,10 @@ def _run_search(
                 CALIBRATION_BATCHES,
             )
         ]
+        if on_start:
+            on_start(f"study {config.study!r} in {url}: teacher val accuracy "
+                     f"{fp32_accuracy:.4f}, {len(description['layers'])} quantizable layers, "
+                     f"{len(description['groups'])} prunable groups")
         config = _resolve_learning_rate(study, task, inventory, config, calibration, on_start)
         ctx = SearchContext(
             task=task,
@@ -176,10 +180,6 @@ def _run_search(
             upload=lambda trial, path: study_mod.upload(trial, store, path),
         )
         runner = TrialRunner(ctx)
-        if on_start:
-            on_start(f"study {config.study!r} in {url}: teacher val accuracy "
-                     f"{fp32_accuracy:.4f}, {len(description['layers'])} quantizable layers, "
-                     f"{len(description['groups'])} prunable groups")
 
         queued = _enqueue_baselines(study, inventory, config)
         total = config.trials + queued
@@ -274,7 +274,8 @@ def _resolve_learning_rate(
             note = f"learning rate {stored['chosen']:g}, probed when the study began"
     if on_start:
         on_start(note)
-    log.info(note)
+    else:
+        log.info(note)
     return config.replace(learning_rate=float(stored["chosen"]))
 
 
