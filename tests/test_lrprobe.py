@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import itertools
+import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -61,3 +64,25 @@ def test_a_given_rate_is_used_as_is(tmp_path: Path) -> None:
     result = run_short_search(tmp_path, study="fixed", trials=1, finetune_steps=5,
                               baselines=False, learning_rate=7e-4)
     assert result.result.records[0].plan["learning_rate"] == 7e-4
+
+
+def test_ctrl_c_during_the_probe_exits_130_without_a_traceback(tmp_path: Path) -> None:
+    db = tmp_path / "probe.db"
+    script = (
+        "import os, signal, sys\n"
+        "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
+        "from autocompress.cli import main\n"
+        "import autocompress.distill as d\n"
+        "def boom(*a, **k):\n"
+        "    os.kill(os.getpid(), signal.SIGINT)\n"
+        "d.finetune = boom\n"
+        f"sys.exit(main(['search', '--storage', 'sqlite:///{db}', '--trials', '2']))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 130, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    con = sqlite3.connect(db)
+    assert list(con.execute("SELECT state FROM trials")) == []  # nothing half-written
+    attrs = [k for (k,) in con.execute("SELECT key FROM study_user_attributes")]
+    assert search.LR_PROBE_ATTR not in attrs  # an interrupted probe is not recorded as done

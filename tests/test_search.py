@@ -173,8 +173,9 @@ def test_interrupted_search_leaves_a_consistent_database(tmp_path: Path) -> None
         "    os.kill(os.getpid(), signal.SIGINT)\n"
         "    return orig(*a, **k)\n"
         "d.finetune = boom\n"
+        # A given learning rate: no probe, so the first fine-tune is the first search trial's.
         f"sys.exit(main(['search', '--storage', 'sqlite:///{db}', '--trials', '3',"
-        " '--finetune-steps', '10', '--latency-repeats', '3']))\n"
+        " '--finetune-steps', '10', '--latency-repeats', '3', '--learning-rate', '1e-3']))\n"
     )
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           timeout=600)
