@@ -8,6 +8,7 @@ one PostgreSQL study each run their own N.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -166,7 +167,6 @@ def _run_search(
             on_start(f"study {config.study!r} in {url}: teacher val accuracy "
                      f"{fp32_accuracy:.4f}, {len(description['layers'])} quantizable layers, "
                      f"{len(description['groups'])} prunable groups")
-        config = _resolve_learning_rate(study, task, inventory, config, calibration, on_start)
         ctx = SearchContext(
             task=task,
             inventory=inventory,
@@ -199,6 +199,10 @@ def _run_search(
         if queued:
             study.optimize(runner, n_trials=queued, callbacks=[callback], catch=(Exception,))
             _check_floors(runner, inventory, config, budgets, study)
+        # After the floor check (an impossible budget is refused without waiting for the
+        # probe); baselines do not fine-tune, so they never needed the rate.
+        config = _resolve_learning_rate(study, task, inventory, config, calibration, on_start)
+        runner.ctx = dataclasses.replace(ctx, config=config)  # same pre-check cache
         _enqueue_warm_starts(study, inventory, config)
         study.optimize(runner, n_trials=config.trials, callbacks=[callback], catch=(Exception,))
 

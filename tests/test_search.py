@@ -128,6 +128,8 @@ def test_impossible_budget_is_refused_after_baselines(
     con = sqlite3.connect(tmp_path / "i.db")
     states = con.execute("SELECT state FROM trials").fetchall()
     assert len(states) == 2  # the baselines are recorded, nothing else ran
+    keys = [k for (k,) in con.execute("SELECT key FROM study_user_attributes")]
+    assert "learning_rate_probe" not in keys  # refused before spending the probe
 
 
 def test_study_with_other_space_is_refused(
