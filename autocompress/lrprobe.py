@@ -23,7 +23,8 @@ from autocompress.config import SearchConfig
 from autocompress.errors import TrainingError
 from autocompress.intake import Task
 from autocompress.inventory import Inventory
-from autocompress.objective import build_student
+from autocompress.objective import build_student, torch_accuracy
+from autocompress.plan import CompressionPlan
 
 CANDIDATES = (3e-3, 1e-3, 3e-4, 1e-4)
 PROBE_STEPS = 20  # collapse at a too-high rate shows within 5 steps on ResNet-20
@@ -79,30 +80,24 @@ def probe_learning_rate(
     student = build_student(task, base, config.round_to)
 
     def accuracy(model: torch.nn.Module) -> float:
-        was_training = model.training
-        model.eval()
-        correct = total = 0
-        with torch.no_grad():
-            for x, y in itertools.islice(task.data.batches("val", 256), PROBE_EVAL_BATCHES):
-                correct += int((model(x.to(device)).argmax(dim=1).cpu() == y).sum())
-                total += int(y.numel())
-        model.train(was_training)
-        model.to("cpu")
-        return correct / max(total, 1)
+        val = itertools.islice(task.data.batches("val", 256), PROBE_EVAL_BATCHES)
+        return torch_accuracy(model.to(device), val)
 
-    start_model = quantize.prepare_qat(student, base)
-    quantize.calibrate(start_model, calibration)
-    start = accuracy(start_model.to(device))
+    def calibrated(plan: CompressionPlan) -> torch.nn.Module:
+        model = quantize.prepare_qat(student, plan)
+        quantize.calibrate(model, calibration)
+        return model
+
+    start = accuracy(calibrated(base))
     scores: dict[float, float] = {}
     for lr in candidates:
         plan = dataclasses.replace(base, learning_rate=lr, finetune_steps=steps)
-        model = quantize.prepare_qat(student, plan)
-        quantize.calibrate(model, calibration)
+        model = calibrated(plan)
         try:
             distill.finetune(model, task.model, task.data, plan, batch_size=config.batch_size,
                              device=device, seed=config.seed)
         except TrainingError:
             scores[lr] = 0.0  # the loss diverged: as bad as a rate can be
             continue
-        scores[lr] = accuracy(model.to(device))
+        scores[lr] = accuracy(model)
     return LearningRateProbe(choose(scores), start, scores, steps, bits)

@@ -312,7 +312,7 @@ class TrialRunner:
             # A coarse look is enough to call a candidate hopeless: a fixed slice of the
             # validation split (on CIFAR-10 the full 5,000 images cost more than the
             # fine-tune itself). Recorded accuracy is always the exported file's, on all of it.
-            return _torch_accuracy(
+            return torch_accuracy(
                 model, itertools.islice(ctx.task.data.batches("val", 256), EARLY_STOP_BATCHES)
             )
 
@@ -479,7 +479,9 @@ def is_hopeless(step: int, accuracy: float, *, total: int, floor: float) -> bool
     return max(1, total // 2) <= step < total and accuracy < floor
 
 
-def _torch_accuracy(model: nn.Module, batches: Any) -> float:
+def torch_accuracy(model: nn.Module, batches: Any) -> float:
+    """Top-1 of a PyTorch model over ``batches`` (x, y), in eval mode on the model's device;
+    the model's train/eval mode is restored."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device

@@ -6,7 +6,7 @@ import torch
 
 from autocompress.config import parse_budget
 from autocompress.intake import Task
-from autocompress.objective import _torch_accuracy, build_student, clear_verdict
+from autocompress.objective import build_student, clear_verdict, torch_accuracy
 from autocompress.plan import CompressionPlan
 from autocompress.prune import dependency_groups
 
@@ -27,7 +27,7 @@ def test_pruned_student_with_training_batches_gets_fresh_bn_statistics(demo_task
     fresh = build_student(demo_task, plan, 8, bn_batches=train)
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fresh.modules())  # folded
     val = list(demo_task.data.batches("val", 256))
-    stale_acc, fresh_acc = _torch_accuracy(stale, val), _torch_accuracy(fresh, val)
+    stale_acc, fresh_acc = torch_accuracy(stale, val), torch_accuracy(fresh, val)
     assert fresh_acc > stale_acc + 0.05, (stale_acc, fresh_acc)
 
 
