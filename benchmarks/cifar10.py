@@ -42,6 +42,7 @@ from _common import (
     text_table,
     trial_rows,
     write_json,
+    write_text,
 )
 
 # Fine-tune learning rate (AdamW, the package's fine-tune optimizer). Measured here on the
@@ -618,7 +619,7 @@ def _write(data: dict[str, Any], out: Path, stem: str) -> None:
     from cifar10 import report
 
     report.plot(data, out / f"{stem}_pareto.png")
-    (out / f"{stem}.md").write_text(report.markdown(data, stem))
+    write_text(out / f"{stem}.md", report.markdown(data, stem))
     write_json(out / f"{stem}.json", data)
     log(f"wrote {out / stem}.md, {stem}.json, {stem}_pareto.png")
 

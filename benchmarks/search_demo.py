@@ -47,6 +47,7 @@ from _common import (
     text_table,
     trial_rows,
     write_json,
+    write_text,
 )
 
 TARGET_WALL_S = 300.0
@@ -350,10 +351,7 @@ def write_markdown(data: dict[str, Any]) -> Path:
                 "",
             ]
     lines.append("Raw figures and every trial: `search_demo.json`.")
-    path = RESULTS / "search_demo.md"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    return write_text(RESULTS / "search_demo.md", "\n".join(lines) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -40,6 +40,7 @@ from _common import (
     state_line,
     text_table,
     write_json,
+    write_text,
 )
 
 MODELS = ("resnet18", "mobilenet_v3_small")
@@ -273,10 +274,7 @@ def write_markdown(rows: list[dict[str, Any]], state: dict[str, Any], args: Any,
         "",
         "Raw figures: `transforms.json`.",
     ]
-    path = RESULTS / "transforms.md"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    return write_text(RESULTS / "transforms.md", "\n".join(lines) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
