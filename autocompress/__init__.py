@@ -47,6 +47,7 @@ _EXPORTS = {
     "export_float_onnx": "autocompress.quantize",
     "ptq_static": "autocompress.quantize",
     "ptq_dynamic": "autocompress.quantize",
+    "compact_graph": "autocompress.onnx_compact",
     "finetune": "autocompress.distill",
     "kd_loss": "autocompress.distill",
     "profile_model": "autocompress.profile",

@@ -17,8 +17,9 @@ Quantization scheme (the same in training and in the exported file):
 - layers at 32 bits: untouched, no weight or activation quantization of their own.
 
 Export path: strip fake-quant -> fold BN -> float ONNX (TorchScript exporter, opset 20,
-upgraded to 21 for native INT4 Q/DQ) -> ``quant_pre_process`` -> ``quantize_static`` (QDQ).
-All onnxruntime calls go through runtime.py.
+upgraded to 21 for native INT4 Q/DQ) -> ``quant_pre_process`` -> ``quantize_static`` (QDQ)
+-> float logits and short tensor names (onnx_compact.py). All onnxruntime calls go through
+runtime.py.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ from torch import nn
 
 from autocompress.errors import ConfigError, InputError, ModelSpecError, PlanError
 from autocompress.measure import file_size
+from autocompress.onnx_compact import compact_graph
 
 if TYPE_CHECKING:
     from autocompress.plan import CompressionPlan
@@ -711,6 +713,7 @@ def export_float_onnx(model: nn.Module, example_input: torch.Tensor, path: str |
     proto = onnx.load(str(out_path))
     proto = _upgrade_opset(proto)
     _restore_param_names(proto, export_model)
+    compact_graph(proto)  # the fp32 reference pays the same (small) name overhead as the rest
     onnx.save(proto, str(out_path))
     onnx.checker.check_model(str(out_path))
     return out_path
@@ -849,17 +852,24 @@ def _quantize_file(
             nodes_to_quantize=nodes if layer_bits is not None else None,
             op_types=op_types,
         )
-        _drop_output_qdq(out_path)
+        _finish_quantized(out_path)
     return requested
 
 
-def _drop_output_qdq(path: Path) -> int:
+def _finish_quantized(path: Path) -> None:
+    """Float logits and compact names for a file ORT's quantizer wrote (one load, one save)."""
+    proto = onnx.load(str(path))
+    _drop_output_qdq(proto)
+    compact_graph(proto)
+    onnx.save(proto, str(path))
+
+
+def _drop_output_qdq(proto: onnx.ModelProto) -> int:
     """Remove QuantizeLinear->DequantizeLinear pairs that end in a graph output.
 
     ORT's QDQ quantizer also quantizes the last layer's output: uint8 logits (a step of
     ~0.08 here) flip the argmax of close calls for no speed gain. Returns pairs removed.
     """
-    proto = onnx.load(str(path))
     graph = proto.graph
     outputs = {o.name for o in graph.output}
     producers = {out: node for node in graph.node for out in node.output}
@@ -885,7 +895,6 @@ def _drop_output_qdq(path: Path) -> int:
     for init in list(graph.initializer):
         if init.name not in used:
             graph.initializer.remove(init)
-    onnx.save(proto, str(path))
     return len(remove) // 2
 
 
@@ -1007,6 +1016,9 @@ def ptq_dynamic(float_onnx: str | Path, out: str | Path) -> Path:
     with tempfile.TemporaryDirectory(prefix="autocompress-d-") as tmp:
         pre_path = runtime.pre_process(float_onnx, Path(tmp) / "pre.onnx")
         runtime.quantize_dynamic(pre_path, out_path, weight_type="QInt8")
+    proto = onnx.load(str(out_path))
+    compact_graph(proto)
+    onnx.save(proto, str(out_path))
     onnx.checker.check_model(str(out_path))
     return out_path
 
