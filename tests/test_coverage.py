@@ -16,18 +16,13 @@ import pytest
 import torch
 from torch import nn
 from torchvision import models
-from torchvision.models.vision_transformer import VisionTransformer
 
 from autocompress import prune, quantize, runtime
 from autocompress.inventory import build_inventory
 from autocompress.plan import CompressionPlan
+from tests.tiny_models import tiny_vit
 
 NUM_CLASSES = 10
-
-
-def _tiny_vit() -> nn.Module:
-    return VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2,
-                             hidden_dim=32, mlp_dim=64, num_classes=NUM_CLASSES)
 
 
 # family -> (factory, input side)
@@ -45,7 +40,7 @@ FAMILIES: dict[str, tuple[Callable[[], nn.Module], int]] = {
         lambda: models.shufflenet_v2_x0_5(num_classes=NUM_CLASSES), 32),
     "concatenation (squeezenet1_1)": (
         lambda: models.squeezenet1_1(num_classes=NUM_CLASSES), 64),
-    "vision transformer (tiny ViT)": (_tiny_vit, 32),
+    "vision transformer (tiny ViT)": (lambda: tiny_vit(NUM_CLASSES), 32),
 }
 
 

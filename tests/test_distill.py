@@ -43,16 +43,6 @@ class SmallCNN(nn.Module):
         return self.head(x.mean((2, 3)))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    # 8x8 inputs gain nothing from a second thread, and on a loaded shared 2-core machine
-    # two spinning OpenMP threads made a 150-step fine-tune 20x slower.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def data() -> DataSplits:
     return load_data("digits", seed=0)

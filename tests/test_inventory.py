@@ -9,13 +9,13 @@ import torch
 import torchvision
 from fvcore.nn import FlopCountAnalysis
 from torch import nn
-from torchvision.models.vision_transformer import VisionTransformer
 
 from autocompress.demo import build_demo_model
 from autocompress.errors import InputError, PlanError
 from autocompress.inventory import Inventory, build_inventory
 from autocompress.plan import CompressionPlan
 from autocompress.prune import CLASSIFIER_REASON
+from tests.tiny_models import tiny_vit
 
 
 def _fvcore(model: nn.Module, x: torch.Tensor) -> FlopCountAnalysis:
@@ -139,15 +139,7 @@ def test_resnet18_inventory_groups(resnet18: tuple) -> None:
 
 def test_vit_attention_layers_are_reported() -> None:
     torch.manual_seed(0)
-    model = VisionTransformer(
-        image_size=32,
-        patch_size=8,
-        num_layers=2,
-        num_heads=2,
-        hidden_dim=32,
-        mlp_dim=64,
-        num_classes=10,
-    ).eval()
+    model = tiny_vit().eval()
     x = torch.randn(1, 3, 32, 32)
     inv = build_inventory(model, x)
     out_proj = "encoder.layers.encoder_layer_0.self_attention.out_proj"

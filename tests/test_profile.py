@@ -6,7 +6,6 @@ import csv
 import io
 import json
 import warnings
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -15,17 +14,6 @@ from torch import nn
 
 from autocompress.errors import InputError
 from autocompress.profile import ProfileReport, format_table, profile_model
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    # The caller owns the thread count (profile_model never changes it). One thread keeps
-    # resnet18 timing quick and stable on a loaded shared 2-core machine, where two
-    # spinning OpenMP threads made each forward ~50x slower.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

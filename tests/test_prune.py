@@ -9,7 +9,6 @@ import torch
 import torchvision
 from fvcore.nn import FlopCountAnalysis
 from torch import nn
-from torchvision.models.vision_transformer import VisionTransformer
 
 from autocompress.demo import build_demo_model
 from autocompress.errors import InputError, PlanError
@@ -24,6 +23,7 @@ from autocompress.prune import (
     prune_with_report,
     recalibrate_batchnorm,
 )
+from tests.tiny_models import tiny_vit
 
 
 def _flops(model: nn.Module, x: torch.Tensor) -> int:
@@ -346,15 +346,7 @@ def test_more_architectures_prune_or_report() -> None:
 
 def test_vit_embedding_group_is_reported_not_crashed() -> None:
     torch.manual_seed(0)
-    model = VisionTransformer(
-        image_size=32,
-        patch_size=8,
-        num_layers=2,
-        num_heads=2,
-        hidden_dim=32,
-        mlp_dim=64,
-        num_classes=10,
-    ).eval()
+    model = tiny_vit().eval()
     x = torch.randn(1, 3, 32, 32)
     groups = {g.name: g for g in dependency_groups(model, x)}
     # The residual stream width is hard-coded in VisionTransformer's reshape: probing finds it.

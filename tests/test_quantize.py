@@ -65,16 +65,6 @@ class SequenceHead(nn.Module):
         return self.out(F.relu(self.proj(x)).mean(dim=1))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    # Tiny models on 2 shared cores: a second torch thread only adds contention (seen here:
-    # 30 QAT steps took 31 s with 2 threads on a busy machine and 1 s with one).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def digits() -> dict[str, torch.Tensor]:
     data = load_digits()
