@@ -124,6 +124,7 @@ def _run_search(
         "objectives": list(config.objectives),
         "space_hash": space.space_hash(description),
         "budgets": sorted(f"{b.kind}<={b.value:g}" for b in budgets),
+        "onnx_format": quantize.ONNX_FORMAT,
     }
     # A folder (absolute) or s3://bucket/prefix, recorded in the study for export/dashboard.
     artifacts = study_mod.artifact_location(config.artifacts, url, config.study)

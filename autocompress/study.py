@@ -679,15 +679,23 @@ def set_study_info(study: optuna.Study, info: dict[str, Any]) -> None:
 
 
 def _refuse_mismatch(config: SearchConfig, stored: dict[str, Any], now: dict[str, Any]) -> None:
+    where = f"study {config.study!r} in {masked_url(config.storage_url())}"
+    if stored.get("onnx_format", 1) != now.get("onnx_format", 1):
+        # No setting brings the old layout back: the only way on is a new study.
+        raise StudyError(
+            f"{where} holds ONNX files in another layout (format {stored.get('onnx_format', 1)}"
+            f", this autocompress writes {now.get('onnx_format', 1)}), so file sizes would not "
+            "compare; use --study NEW_NAME (export and dashboard still read the old study)"
+        )
     # Budgets too: the trials' feasibility was judged against them, and export's --best
     # selects against the study's budgets.
     for key in ("model_spec", "weights_sha256", "data_spec", "objectives", "space_hash",
                 "budgets"):
         if stored.get(key) != now.get(key):
             raise StudyError(
-                f"study {config.study!r} in {masked_url(config.storage_url())} was made with a "
-                f"different {key.replace('_', ' ')} ({stored.get(key)!r}, now {now.get(key)!r}); "
-                "use --study NEW_NAME to start a new study, or the original settings to resume it"
+                f"{where} was made with a different {key.replace('_', ' ')} "
+                f"({stored.get(key)!r}, now {now.get(key)!r}); use --study NEW_NAME to start a "
+                "new study, or the original settings to resume it"
             )
 
 

@@ -140,6 +140,36 @@ def test_study_with_other_space_is_refused(
     assert code == 2 and "different space hash" in err and "--study NEW_NAME" in err
 
 
+def test_study_with_older_file_layout_is_refused_and_kept(
+    capsys: pytest.CaptureFixture[str], short_study, tmp_path: Path
+) -> None:
+    """A study written before compact ONNX files has bigger files for the same plans: resuming
+    it would compare sizes across layouts. Refused, and nothing in the old study changes."""
+    db = tmp_path / "old.db"
+    db.write_bytes(short_study.db_path.read_bytes())
+    con = sqlite3.connect(db)
+    (raw,) = con.execute(
+        "SELECT value_json FROM study_user_attributes WHERE key = 'identity'"
+    ).fetchone()
+    identity = json.loads(json.loads(raw))
+    assert identity.pop("onnx_format") == 2
+    con.execute("UPDATE study_user_attributes SET value_json = ? WHERE key = 'identity'",
+                (json.dumps(json.dumps(identity, sort_keys=True)),))
+    con.commit()
+    trials_before = con.execute("SELECT COUNT(*) FROM trials").fetchone()[0]
+    con.close()
+
+    code, err = _cli(capsys, "search", "--storage", f"sqlite:///{db}", "--study",
+                     short_study.study, "--budget", "50ms", "--trials", "1",
+                     "--finetune-steps", "30", "--latency-repeats", "6")
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "another layout (format 1, this autocompress writes 2)" in err
+    assert "--study NEW_NAME" in err
+    con = sqlite3.connect(db)
+    assert con.execute("SELECT COUNT(*) FROM trials").fetchone()[0] == trials_before
+    con.close()
+
+
 def test_study_with_other_budgets_is_refused(
     capsys: pytest.CaptureFixture[str], short_study
 ) -> None:
