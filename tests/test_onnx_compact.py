@@ -142,24 +142,32 @@ def test_short_names_never_collide_with_kept_names() -> None:
     onnx.checker.check_model(proto)
 
 
-def test_graphs_with_subgraphs_keep_their_tensor_names() -> None:
-    """If/Loop bodies name outer tensors: renaming those would break the body."""
+def test_graphs_with_subgraphs_keep_their_tensor_names_and_initializers(
+    tmp_path: Path,
+) -> None:
+    """If/Loop bodies name outer tensors: renaming them, or dropping an initializer only a
+    body reads, would break the body."""
+    body = [helper.make_node("DequantizeLinear", ["b_quantized", "b_scale", "b_zero_point"],
+                             ["bias"], axis=0),
+            helper.make_node("Add", ["outer_tensor", "bias"], ["out"])]
     branch = helper.make_graph(
-        [helper.make_node("Identity", ["outer_tensor"], ["out"])], "branch", [],
-        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [2])],
+        body, "branch", [], [helper.make_tensor_value_info("out", TensorProto.FLOAT, [2])]
     )
-    nodes = [
+    proto = _tiny_graph([0, 0])
+    graph = proto.graph
+    del graph.node[:]
+    graph.node.extend([
         helper.make_node("Relu", ["x"], ["outer_tensor"]),
         helper.make_node("If", ["cond"], ["y"], then_branch=branch, else_branch=branch),
-    ]
-    graph = helper.make_graph(
-        nodes, "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2]),
-         helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
-    )
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    ])
+    graph.input.append(helper.make_tensor_value_info("cond", TensorProto.BOOL, []))
     stats = compact_graph(proto)
-    assert stats.renamed_tensors == 0
-    assert proto.graph.node[0].output[0] == "outer_tensor"
+    assert stats.renamed_tensors == 0 and stats.dropped_zero_points == 0
+    assert graph.node[0].output[0] == "outer_tensor"
+    assert "b_zero_point" in {i.name for i in graph.initializer}
     onnx.checker.check_model(proto)
+    onnx.save(proto, str(tmp_path / "if.onnx"))
+    session = ort.InferenceSession(str(tmp_path / "if.onnx"), providers=["CPUExecutionProvider"])
+    x = np.array([-1.0, 2.0], dtype=np.float32)
+    (y,) = session.run(None, {"x": x, "cond": np.array(True)})
+    np.testing.assert_array_equal(y, [1.5, 0.75])  # relu(x) + [3 * 0.5, -5 * 0.25]
