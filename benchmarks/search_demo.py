@@ -44,6 +44,7 @@ from _common import (
     overhead,
     progress_printer,
     state_line,
+    steal_text,
     text_table,
     trial_rows,
     write_json,
@@ -284,7 +285,8 @@ def write_markdown(data: dict[str, Any]) -> Path:
         f"{part1['config'].get('train_threads', '?')} torch thread(s) (`train_threads`, the "
         "default; the process setting above applies outside the search). Load average during "
         f"the run: min {data['load']['min']:.1f}, max {data['load']['max']:.1f} on "
-        f"{state['cpu_count']} cores (other engineers' tests ran at the same time, so wall times "
+        f"{state['cpu_count']} cores{steal_text(data['load'])} (other engineers' tests ran at "
+        "the same time, so wall times "
         "are pessimistic).",
         "",
         "## Targets",

@@ -38,6 +38,7 @@ from _common import (
     machine_state,
     md_table,
     state_line,
+    steal_text,
     text_table,
     write_json,
     write_text,
@@ -221,7 +222,8 @@ def write_markdown(rows: list[dict[str, Any]], state: dict[str, Any], args: Any,
         f"wall time {wall_s:.0f} s.",
         "",
         f"**Conditions:** {state_line(state)}. Load average over the run: "
-        f"min {loads['min']:.1f}, max {loads['max']:.1f} on {state['cpu_count']} cores "
+        f"min {loads['min']:.1f}, max {loads['max']:.1f} on {state['cpu_count']} cores"
+        f"{steal_text(loads)} "
         "(other engineers' tests ran at the same time): absolute latencies are inflated and "
         "noisy, the interleaved ratio `x fp32` is the figure to compare.",
         "",

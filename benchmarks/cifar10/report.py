@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from _common import fmt_bytes, fmt_flops, fmt_ms, md_table, met, state_line
+from _common import fmt_bytes, fmt_flops, fmt_ms, md_table, met, state_line, steal_text
 
 from cifar10.teacher import EPOCHS as TEACHER_EPOCHS
 
@@ -112,7 +112,8 @@ def markdown(data: dict[str, Any], stem: str = "cifar10") -> str:
         " min of it training the teacher).",
         "",
         f"**Conditions:** {state_line(st)}. Load average 1-min during the run: min "
-        f"{data['load']['min']:.1f}, max {data['load']['max']:.1f} on {st['cpu_count']} cores: "
+        f"{data['load']['min']:.1f}, max {data['load']['max']:.1f} on {st['cpu_count']} cores"
+        f"{steal_text(data['load'])}: "
         "other engineers' tests shared the machine, so absolute times and latencies are "
         "pessimistic and noisy; latency ratios are interleaved with fp32 in the same window.",
         "",
