@@ -603,10 +603,12 @@ def main(argv: list[str] | None = None) -> int:
         "latency_scenario_s": lat["wall_s"] if lat else 0.0,
         "phases": phase_summary(searches),
     }
-    data["targets"] = targets(data, RESULTS / "search_demo.json")
-
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
+    # The measurements go to disk before any reporting code runs: a report that fails must not
+    # cost the hour of runs behind it (--report-only rebuilds everything from this file).
+    write_json(out / f"{stem}.json", data)
+    data["targets"] = targets(data, RESULTS / "search_demo.json")
     _write(data, out, stem)
     log("")
     log(text_table(["target", "measured", "status"], [t[:3] for t in data["targets"]]))
