@@ -444,7 +444,7 @@ def targets(data: dict[str, Any], demo_json: Path) -> list[list[str]]:
                + ", ".join(f"{k} {v:.1f} s" for k, v in top)
                + f", against {ph['mean_forward_backward_s']:.1f} s of forward/backward "
                f"({data['settings']['finetune_steps']}-step fine-tunes). The early-stop rule "
-               "scores 1,024 validation images in PyTorch every max(10, steps/4) steps and "
+               "scores 1,024 validation images in PyTorch at 1/2 and 3/4 of the steps and "
                "`measure` scores val + test in ONNX Runtime: fixed costs per trial that a longer "
                "fine-tune amortises")
         out.append(status_row("framework overhead < 20%", f"{ov:.1%} (1 - fwd/bwd / trial time "
