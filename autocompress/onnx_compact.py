@@ -70,12 +70,19 @@ def _drop_int32_zero_points(graph: onnx.GraphProto) -> int:
         del node.input[2]
         dropped += 1
     if dropped:
-        used = {name for node in graph.node for name in node.input}
-        used |= {out.name for out in graph.output}
-        for init in list(graph.initializer):
-            if init.name not in used:
-                graph.initializer.remove(init)
+        drop_unused_initializers(graph)
     return dropped
+
+
+def drop_unused_initializers(graph: onnx.GraphProto) -> int:
+    """Remove initializers that no node reads and no graph output names; returns how many.
+    (Not for graphs with If/Loop bodies, which may read outer initializers.)"""
+    used = {name for node in graph.node for name in node.input}
+    used |= {out.name for out in graph.output}
+    unused = [init for init in graph.initializer if init.name not in used]
+    for init in unused:
+        graph.initializer.remove(init)
+    return len(unused)
 
 
 def _shorten_tensor_names(graph: onnx.GraphProto) -> int:

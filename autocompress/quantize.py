@@ -51,7 +51,7 @@ from torch import nn
 
 from autocompress.errors import ConfigError, InputError, ModelSpecError, PlanError
 from autocompress.measure import file_size
-from autocompress.onnx_compact import compact_graph
+from autocompress.onnx_compact import compact_graph, drop_unused_initializers
 
 if TYPE_CHECKING:
     from autocompress.plan import CompressionPlan
@@ -894,10 +894,7 @@ def _drop_output_qdq(proto: onnx.ModelProto) -> int:
         return 0
     for node in remove:
         graph.node.remove(node)
-    used = {name for node in graph.node for name in node.input}
-    for init in list(graph.initializer):
-        if init.name not in used:
-            graph.initializer.remove(init)
+    drop_unused_initializers(graph)
     return len(remove) // 2
 
 
