@@ -98,6 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do not record the fp32 and int8-PTQ baselines")
     s.add_argument("--no-warm-starts", dest="warm_starts", action="store_const", const=False,
                    help="do not start the search from uniform int8/int4 QAT + KD trials")
+    s.add_argument("--max-rejections", type=int, help="end the run after this many plans in "
+                   "a row are rejected at the pre-check (default 50; rejections never count "
+                   "in --trials)")
+    s.add_argument("--time-limit", type=float, metavar="MINUTES", help="end the run between "
+                   "trials after this many minutes (the study can be resumed)")
     s.add_argument("--json", action="store_true", help="print the result as JSON")
 
     sh = sub.add_parser("show", help="the Pareto table of a study, from the database")
@@ -151,7 +156,7 @@ def _search(args: argparse.Namespace) -> int:
             "artifacts", "budgets", "trials", "objectives", "sampler", "startup_trials", "seed",
             "bits", "prune_max", "prune_step", "finetune_steps", "learning_rate", "batch_size",
             "threads", "latency_batch_size", "latency_repeats", "device", "train_threads",
-            "baselines", "warm_starts")
+            "baselines", "warm_starts", "max_rejections", "time_limit")
     overrides: dict[str, Any] = {k: getattr(args, k) for k in keys}
     if overrides["budgets"] is not None:
         overrides["budgets"] = tuple(overrides["budgets"])
@@ -164,6 +169,8 @@ def _search(args: argparse.Namespace) -> int:
         report.print_front(result.records, result.front, result.budgets,
                            title=f"Pareto front of study {result.study!r}")
         report.print_next_steps(result.study, result.storage_url, result.artifacts_dir)
+    if result.stop_reason:  # after the table, so the last line says why the run ended early
+        print(result.stop_reason, file=sys.stderr)
     return 0
 
 

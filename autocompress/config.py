@@ -8,6 +8,7 @@ back to a default.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -71,6 +72,8 @@ def parse_budget(text: str) -> Budget:
             "write e.g. 50ms, 0.05s, 500us, 8MB or 512KiB"
         )
     number, unit = float(match.group(1)), match.group(2)
+    if not math.isfinite(number):
+        raise BudgetError(f"budget {text!r} is not a finite number; write e.g. 50ms or 8MB")
     if number <= 0:
         raise BudgetError(f"budget {text!r} must be positive; write e.g. 50ms or 8MB")
     if unit in _LATENCY_UNITS:
@@ -133,6 +136,9 @@ class SearchConfig:
     latency_repeats: int = 30
     baselines: bool = True
     warm_starts: bool = True  # uniform int8 / int4 QAT + KD as the first search trials
+    # when to give up: rejected plans in a row, and minutes of wall time (None: no limit)
+    max_rejections: int = 50
+    time_limit: float | None = None
 
     def __post_init__(self) -> None:
         self.check()
@@ -177,6 +183,15 @@ class SearchConfig:
             minimum = 0 if name == "finetune_steps" else 1
             if getattr(self, name) < minimum:
                 raise ConfigError(f"{name} {getattr(self, name)} must be >= {minimum}")
+        if self.max_rejections < 1:
+            raise ConfigError(
+                f"max_rejections {self.max_rejections} must be >= 1 (e.g. 50 plans rejected "
+                "in a row before the search gives up)"
+            )
+        if self.time_limit is not None and not (0 < self.time_limit < math.inf):
+            raise ConfigError(
+                f"time_limit {self.time_limit} must be a positive number of minutes (e.g. 15)"
+            )
         if self.learning_rate is not None and self.learning_rate <= 0:
             raise ConfigError(
                 f"learning_rate {self.learning_rate} must be > 0 (e.g. 2e-3), or left out to "

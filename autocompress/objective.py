@@ -33,6 +33,8 @@ from autocompress.config import Budget, SearchConfig
 from autocompress.errors import AutocompressError
 from autocompress.intake import Task
 from autocompress.inventory import Inventory
+from autocompress.latency_model import LatencyModel, structure_features
+from autocompress.latency_reference import ReferenceLatency, estimate_ms
 from autocompress.plan import CompressionPlan
 from autocompress.study import TrialPruned
 
@@ -57,6 +59,7 @@ class Precheck:
     ratio: float
     size_bytes: int
     session_options: dict[str, str]
+    estimate_ms: float  # the latency budgets are judged on (see latency_reference)
 
 
 @dataclass
@@ -74,10 +77,28 @@ class SearchContext:
     calibration: list[torch.Tensor]
     upload: Callable[[Any, Path], str]
     precheck_cache: dict[str, Precheck] = field(default_factory=dict)
+    # The study's fp32 latency on this machine. Without one (a context built by hand), a
+    # budget is judged on each measurement's absolute median instead.
+    reference: ReferenceLatency | None = None
+    latency_model: LatencyModel = field(default_factory=LatencyModel)
 
     @property
     def latency_shape(self) -> tuple[int, ...]:
         return (self.config.latency_batch_size, *self.task.input_shape)
+
+    def budget_latency_ms(self, inter: runtime.InterleavedLatency) -> float:
+        """The latency a budget is judged on: interleaved ratio x the study's fp32 reference
+        (the same estimator at the pre-check and at the final measurement)."""
+        if self.reference is None:
+            return inter.candidate.median_ms
+        return estimate_ms(inter.ratio, self.reference)
+
+    def budget_ratio(self) -> float | None:
+        """The tightest latency budget as a ratio to fp32, or None without one."""
+        if self.reference is None:
+            return None
+        limits = [b.value for b in self.budgets if b.kind == "latency"]
+        return min(limits) / self.reference.median_ms if limits else None
 
 
 class _Timer:
@@ -175,10 +196,16 @@ class TrialRunner:
             student = build_student(ctx.task, plan, ctx.config.round_to)
 
         with timer.phase("precheck"):
+            predicted = self._predict_ratio(trial, student, plan, baseline)
+            if ctx.latency_model.should_skip(predicted, ctx.budget_ratio()):
+                self._reject_predicted(trial, predicted)
             pre = self.precheck(student, plan, baseline, out_dir)
-        broken = self._broken_budgets(pre.latency.median_ms, pre.size_bytes)
+            if predicted is not None:
+                ctx.latency_model.record_check(predicted, pre.ratio)
+        broken = self._broken_budgets(pre.estimate_ms, pre.size_bytes)
         if broken:
-            return self._reject(trial, pre, broken)
+            self._reject(trial, pre, broken)
+        trial.set_user_attr("precheck_latency_estimate_ms", pre.estimate_ms)
 
         if baseline is None and _removes_weights(plan):
             with timer.phase("build"):  # within budget: now worth re-estimating BN statistics
@@ -191,7 +218,7 @@ class TrialRunner:
             with timer.phase("finetune"):
                 qat, stopped = self._finetune(trial, student, plan)
             if stopped:
-                self._set_constraints(trial, pre.latency.median_ms, pre.size_bytes)
+                self._set_constraints(trial, pre.estimate_ms, pre.size_bytes)
                 trial.set_user_attr("early_stopped", stopped)
                 raise TrialPruned(stopped)
 
@@ -250,7 +277,7 @@ class TrialRunner:
         # Clear verdicts are cheap, close calls get the full measurement: a candidate far
         # over (or far under) every latency budget needs no 40 runs to say so.
         inter = look(1, PRECHECK_FIRST_LOOK)
-        if not clear_verdict(ctx.budgets, inter.candidate.median_ms, size):
+        if not clear_verdict(ctx.budgets, ctx.budget_latency_ms(inter), size):
             inter = look(2, PRECHECK_REPEATS)
         result = Precheck(
             latency=inter.candidate,
@@ -258,9 +285,28 @@ class TrialRunner:
             ratio=inter.ratio,
             size_bytes=size,
             session_options=options,
+            estimate_ms=ctx.budget_latency_ms(inter),
         )
         ctx.precheck_cache[key] = result
+        if baseline != "int8-ptq":  # ORT's own quantizer: another export path than ours
+            features = structure_features(student, plan, ctx.inventory, ctx.task.model)
+            ctx.latency_model.observe(key, features, inter.ratio)
         return result
+
+    def _predict_ratio(
+        self, trial: Any, student: nn.Module, plan: CompressionPlan, baseline: str | None
+    ) -> float | None:
+        """The latency model's ratio for this structure, recorded on the trial, when the
+        model is fitted, a latency budget exists and the structure was never measured."""
+        ctx = self.ctx
+        key = f"{baseline or 'search'}:{structure_key(plan)}"
+        if baseline is not None or key in ctx.precheck_cache or ctx.budget_ratio() is None:
+            return None
+        features = structure_features(student, plan, ctx.inventory, ctx.task.model)
+        predicted = ctx.latency_model.predict(features)
+        if predicted is not None:
+            trial.set_user_attr("latency_predicted_vs_fp32", predicted)
+        return predicted
 
     def _broken_budgets(self, latency_ms: float, size_bytes: float) -> dict[str, float]:
         return {
@@ -269,9 +315,16 @@ class TrialRunner:
             if b.violation(latency_ms, size_bytes) > 0
         }
 
-    def _set_constraints(self, trial: Any, latency_ms: float, size_bytes: float) -> bool:
-        """Set every budget as an Optuna constraint (on every path); True when all are met."""
-        values = {b.text: b.violation(latency_ms, size_bytes) for b in self.ctx.budgets}
+    def _set_constraints(
+        self, trial: Any, latency_ms: float, size_bytes: float, *, only_latency: bool = False
+    ) -> bool:
+        """Set every budget as an Optuna constraint (on every path); True when all are met.
+        ``only_latency``: the size is unknown (a predicted rejection); size budgets get 0."""
+        values = {
+            b.text: (0.0 if only_latency and b.kind == "size"
+                     else b.violation(latency_ms, size_bytes))
+            for b in self.ctx.budgets
+        }
         if not values:
             values = {"none": -1.0}  # a trial with no constraint must still say it is feasible
         for name, value in values.items():
@@ -281,24 +334,51 @@ class TrialRunner:
         trial.set_user_attr("feasible", feasible)
         return feasible
 
-    def _reject(self, trial: Any, pre: Precheck, broken: dict[str, float]) -> tuple[float, ...]:
-        """Over budget before any fine-tune: record why and the pre-check figures, stop."""
+    def _reject(self, trial: Any, pre: Precheck, broken: dict[str, float]) -> None:
+        """Over budget before any fine-tune: record why and the pre-check figures, stop.
+
+        Recorded as PRUNED with its constraints and no objective values: nothing was
+        measured, so the sampler must not learn an accuracy for it. TPE (the default) sorts
+        such trials by their constraint violation; NSGA-II and GP read COMPLETE trials only
+        and ignore them (they learn the budget from measured trials instead)."""
         ctx = self.ctx
-        self._set_constraints(trial, pre.latency.median_ms, pre.size_bytes)
+        self._set_constraints(trial, pre.estimate_ms, pre.size_bytes)
         reasons = [
-            b.describe(pre.latency.median_ms, pre.size_bytes)
+            b.describe(pre.estimate_ms, pre.size_bytes)
             for b in ctx.budgets
             if b.text in broken
         ]
-        trial.set_user_attr("rejected", "over budget at pre-check: " + "; ".join(reasons))
+        text = "over budget at pre-check: " + "; ".join(reasons)
+        if ctx.reference is not None and any(b.kind == "latency" for b in ctx.budgets):
+            text += f" (x{pre.ratio:.2f} of fp32 x {ctx.reference.median_ms:.3g} ms reference)"
+        trial.set_user_attr("rejected", text)
         trial.set_user_attr("size_bytes", pre.size_bytes)
         trial.set_user_attr("latency_ms", pre.latency.median_ms)
         trial.set_user_attr("latency_spread_ms", pre.latency.spread_ms)
         trial.set_user_attr("latency_vs_fp32", pre.ratio)
+        trial.set_user_attr("latency_estimate_ms", pre.estimate_ms)
         trial.set_user_attr("fp32_latency_ms", pre.reference.median_ms)
+        if ctx.reference is not None:
+            trial.set_user_attr("fp32_reference_ms", ctx.reference.median_ms)
         trial.set_user_attr("runtime", json.dumps(self._runtime(pre.session_options)))
-        # No fine-tune was spent: the accuracy objective is a floor, never shown as measured.
-        return self._values(0.0, pre.size_bytes, pre.latency.median_ms)
+        raise TrialPruned(text)
+
+    def _reject_predicted(self, trial: Any, predicted: float | None) -> None:
+        """Far over the latency budget by the study's latency model: recorded as rejected
+        without a pre-check (no file was exported or timed; the figures are a prediction)."""
+        ctx = self.ctx
+        if predicted is None or ctx.reference is None:  # should_skip never says so; be safe
+            return
+        estimate = estimate_ms(predicted, ctx.reference)
+        self._set_constraints(trial, estimate, 0.0, only_latency=True)
+        reasons = [b.describe(estimate, 0.0) for b in ctx.budgets if b.kind == "latency"]
+        text = ("predicted over budget by the latency model (not measured): "
+                + "; ".join(reasons) + f" (x{predicted:.2f} of fp32 predicted)")
+        trial.set_user_attr("rejected", text)
+        trial.set_user_attr("rejected_by_model", True)
+        trial.set_user_attr("latency_estimate_ms", estimate)
+        trial.set_user_attr("fp32_reference_ms", ctx.reference.median_ms)
+        raise TrialPruned(text)
 
     def _finetune(
         self, trial: Any, student: nn.Module, plan: CompressionPlan
@@ -394,6 +474,7 @@ class TrialRunner:
             repeats=max(1, cfg.latency_repeats // 3),
         )
         size = measure.file_size(artifact)
+        estimate = ctx.budget_latency_ms(inter)
         example = ctx.task.data.example_input(1)
         attrs: dict[str, Any] = {
             "accuracy": accuracy,
@@ -405,6 +486,7 @@ class TrialRunner:
             "latency_p10_ms": inter.candidate.p10_ms,
             "latency_p90_ms": inter.candidate.p90_ms,
             "latency_vs_fp32": inter.ratio,
+            "latency_estimate_ms": estimate,
             "fp32_latency_ms": inter.reference.median_ms,
             "runtime": json.dumps(self._runtime(pre.session_options)),
             "flops": measure.count_flops(student, example),
@@ -412,12 +494,14 @@ class TrialRunner:
             "weight_types": json.dumps(quantize.onnx_weight_types(artifact)),
             "artifact_sha256": measure.sha256_file(artifact),
         }
+        if ctx.reference is not None:
+            attrs["fp32_reference_ms"] = ctx.reference.median_ms
         for key, value in attrs.items():
             trial.set_user_attr(key, value)
-        self._set_constraints(trial, inter.candidate.median_ms, size)
+        self._set_constraints(trial, estimate, size)
         # Upload while the trial is RUNNING (Optuna writes metadata before the file).
         trial.set_user_attr("artifact_id", ctx.upload(trial, artifact))
-        return self._values(accuracy, size, inter.candidate.median_ms)
+        return self._values(accuracy, size, estimate)
 
     # -- helpers --------------------------------------------------------------------------
 

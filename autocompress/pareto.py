@@ -22,6 +22,8 @@ class TrialRecord:
     latency_ms: float | None = None
     latency_spread_ms: float | None = None
     latency_vs_fp32: float | None = None
+    # ratio to fp32 x the study's fp32 reference: what latency budgets are judged on
+    latency_estimate_ms: float | None = None
     flops: float | None = None
     params: float | None = None
     feasible: bool = False
@@ -31,6 +33,13 @@ class TrialRecord:
     rejected: str | None = None
     fail_reason: str | None = None
     attrs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def budget_latency_ms(self) -> float | None:
+        """The latency budgets are judged on: the ratio-based estimate where the study made
+        one (see ``latency_reference``), else the absolute median (older studies)."""
+        return self.latency_estimate_ms if self.latency_estimate_ms is not None else (
+            self.latency_ms)
 
     @property
     def measured(self) -> bool:
@@ -44,7 +53,7 @@ class TrialRecord:
         if name == "size":
             return -float(self.size_bytes or 0.0)
         if name == "latency":
-            return -float(self.latency_ms or 0.0)
+            return -float(self.budget_latency_ms or 0.0)
         raise ValueError(f"unknown objective {name!r}")
 
     def json_attr(self, name: str) -> Any:
@@ -92,9 +101,10 @@ def hypervolume_2d(
 
 
 def meets(record: TrialRecord, budgets: Sequence[Budget]) -> bool:
-    if record.latency_ms is None or record.size_bytes is None:
+    latency = record.budget_latency_ms
+    if latency is None or record.size_bytes is None:
         return False
-    return all(b.violation(record.latency_ms, record.size_bytes) <= 0 for b in budgets)
+    return all(b.violation(latency, record.size_bytes) <= 0 for b in budgets)
 
 
 @dataclass(frozen=True)
@@ -134,10 +144,12 @@ def closest_to_budgets(
     """The k measured trials that miss the budgets by the least, with what each misses by."""
     scored = []
     for r in records:
-        if r.latency_ms is None or r.size_bytes is None or r.state != "COMPLETE":
+        latency = r.budget_latency_ms
+        pre_checked = r.rejected is not None and not r.attrs.get("rejected_by_model")
+        if latency is None or r.size_bytes is None or not (r.state == "COMPLETE" or pre_checked):
             continue
         misses = [
-            (b.violation(r.latency_ms, r.size_bytes), b.describe(r.latency_ms, r.size_bytes))
+            (b.violation(latency, r.size_bytes), b.describe(latency, r.size_bytes))
             for b in budgets
         ]
         worst = max((m for m, _ in misses), default=0.0)

@@ -90,6 +90,7 @@ def record_json(record: TrialRecord, fp32: TrialRecord | None = None) -> dict[st
         "latency_ms": record.latency_ms,
         "latency_spread_ms": record.latency_spread_ms,
         "latency_vs_fp32": record.latency_vs_fp32,
+        "latency_estimate_ms": record.latency_estimate_ms,
         "flops": record.flops,
         "params": record.params,
         "plan_summary": record.plan_summary,
@@ -113,6 +114,8 @@ def result_json(result: Any) -> dict[str, Any]:
         "artifacts": result.artifacts_dir,
         "budgets": [b.to_dict() for b in result.budgets],
         "new_trials": result.new_trials,
+        "rejected_this_run": result.rejected,
+        "stop_reason": result.stop_reason,
         "trials": len(result.records),
         "front": [record_json(r, fp32) for r in result.front],
     }
@@ -166,7 +169,7 @@ def _counts(records: Sequence[TrialRecord]) -> str:
     feasible = sum(r.measured and r.feasible for r in records)
     rejected = sum(r.rejected is not None for r in records)
     failed = sum(r.state == "FAIL" for r in records)
-    pruned = sum(r.state == "PRUNED" for r in records)
+    pruned = sum(r.state == "PRUNED" and r.rejected is None for r in records)
     return (f"{len(records)} ({complete} complete, {feasible} feasible, {rejected} rejected "
             f"over budget, {pruned} stopped early, {failed} failed)")
 

@@ -193,11 +193,29 @@ def time_latency(
     warmup: int = 10,
 ) -> LatencyStats:
     """Per-run wall time of ``session.run`` on a random input of ``input_shape`` (with batch)."""
+    stats, _ = time_latency_samples(
+        path, input_shape, threads=threads, session_options=session_options, repeats=repeats,
+        warmup=warmup,
+    )
+    return stats
+
+
+def time_latency_samples(
+    path: str | os.PathLike[str],
+    input_shape: Sequence[int],
+    *,
+    threads: int = DEFAULT_THREADS,
+    session_options: Mapping[str, str] | None = None,
+    repeats: int = 50,
+    warmup: int = 10,
+) -> tuple[LatencyStats, list[float]]:
+    """``time_latency`` with the raw per-run samples (ms), for callers that pool rounds."""
     _check_counts(repeats, warmup)
     session = make_session(path, threads=threads, session_options=session_options)
     feed = _random_input(session, input_shape)
     _time_runs(session, feed, warmup)
-    return LatencyStats.from_samples(_time_runs(session, feed, repeats))
+    samples = _time_runs(session, feed, repeats)
+    return LatencyStats.from_samples(samples), samples
 
 
 def time_interleaved(

@@ -1,8 +1,11 @@
 """The search: intake -> inventory -> study -> baselines -> floors -> optimize.
 
 ``run_search(config)`` is what ``autocompress search`` calls. ``--trials N`` means N more
-search trials from this worker (baselines come on top, once per study); several workers on
-one PostgreSQL study each run their own N.
+fine-tuned search trials from this worker (baselines come on top, once per study); several
+workers on one PostgreSQL study each run their own N. Plans rejected at the latency/size
+pre-check are recorded as trials too (the sampler learns from them, the dashboard shows
+them) but do not use up N; ``max_rejections`` of them in a row end the run with one line
+naming the closest plan, and ``time_limit`` (minutes) ends it between trials.
 """
 
 from __future__ import annotations
@@ -23,10 +26,12 @@ from typing import Any
 import torch
 
 from autocompress import __version__, intake, lrprobe, quantize, runtime, space
+from autocompress import latency_reference as reference_mod
 from autocompress import study as study_mod
 from autocompress.config import Budget, SearchConfig
 from autocompress.errors import BudgetError
 from autocompress.inventory import build_inventory
+from autocompress.latency_reference import ReferenceLatency
 from autocompress.objective import (
     CALIBRATION_BATCH_SIZE,
     CALIBRATION_BATCHES,
@@ -34,13 +39,14 @@ from autocompress.objective import (
     TrialRunner,
     build_student,
 )
-from autocompress.pareto import TrialRecord, pareto_front
+from autocompress.pareto import TrialRecord, closest_to_budgets, pareto_front
+from autocompress.warm_starts import plan_warm_starts
 
 log = logging.getLogger("autocompress")
 
 BASELINES = ("fp32", "int8-ptq")
 LR_PROBE_ATTR = "learning_rate_probe"
-WARM_START_SHARE = 3  # a search needs this many trials per warm start to get them
+LATENCY_MODEL_ATTR = "latency_model"
 # A latency budget is called impossible only when it is clearly below the fastest structure
 # measured, so machine noise cannot turn a tight-but-possible budget into an error.
 _FLOOR_NOISE = 0.8
@@ -66,6 +72,8 @@ class SearchResult:
     fp32: TrialRecord | None
     new_trials: int
     budgets: list[Budget]
+    rejected: int = 0  # plans this run rejected before fine-tuning (not counted in trials)
+    stop_reason: str | None = None  # why the run ended before its trials, in one line
 
 
 def resolve_device(device: str) -> str:
@@ -104,6 +112,7 @@ def _run_search(
     on_progress: Callable[[Progress], None] | None,
     on_start: Callable[[str], None] | None,
 ) -> SearchResult:
+    started = time.perf_counter()  # the time limit counts from here
     budgets = config.parsed_budgets()
     task = intake.load_task(
         config.model,
@@ -168,7 +177,9 @@ def _run_search(
             on_start(f"study {config.study!r} in {url}: teacher val accuracy "
                      f"{fp32_accuracy:.4f}, {len(description['layers'])} quantizable layers, "
                      f"{len(description['groups'])} prunable groups")
+        reference = _resolve_reference(study, fp32_onnx, task.input_shape, config, on_start)
         ctx = SearchContext(
+            reference=reference,
             task=task,
             inventory=inventory,
             config=config,
@@ -183,19 +194,19 @@ def _run_search(
         runner = TrialRunner(ctx)
 
         queued = _enqueue_baselines(study, inventory, config)
-        total = config.trials + queued
-        started = time.perf_counter()
-        done = 0
+        counter = _TrialCounter(config, queued, started)
 
         def callback(study_obj: Any, frozen: Any) -> None:
-            nonlocal done
-            done += 1
+            record = study_mod.to_record(frozen)
+            counter.add(record)
             if on_progress:
                 recs = study_mod.records(study_obj)
                 feasible = [r for r in recs if r.measured and r.feasible]
                 best = max((r.accuracy or 0.0 for r in feasible), default=None)
-                on_progress(Progress(done, total, len(feasible), best,
-                                     time.perf_counter() - started, study_mod.to_record(frozen)))
+                on_progress(Progress(counter.done, counter.total, len(feasible), best,
+                                     counter.elapsed(), record))
+            if counter.searching and counter.should_stop():
+                study_obj.stop()
 
         if queued:
             study.optimize(runner, n_trials=queued, callbacks=[callback], catch=(Exception,))
@@ -203,9 +214,19 @@ def _run_search(
         # After the floor check (an impossible budget is refused without waiting for the
         # probe); baselines do not fine-tune, so they never needed the rate.
         config = _resolve_learning_rate(study, task, inventory, config, calibration, on_start)
-        runner.ctx = dataclasses.replace(ctx, config=config)  # same pre-check cache
-        _enqueue_warm_starts(study, inventory, config)
-        study.optimize(runner, n_trials=config.trials, callbacks=[callback], catch=(Exception,))
+        ctx = dataclasses.replace(runner.ctx, config=config)  # same pre-check cache and model
+        runner.ctx = ctx
+        warm = plan_warm_starts(runner, inventory, config, budgets, study_mod.records(study))
+        for note in warm.notes:
+            _say(note, on_start)
+        study_mod.enqueue_once(study, warm.named, "warm_start")
+        counter.searching = True
+        study.optimize(runner, n_trials=counter.hard_cap(), callbacks=[callback],
+                       catch=(Exception,))
+        stop_reason = counter.end_note(budgets, study_mod.records(study))
+        if stop_reason:
+            _say(stop_reason, on_start)
+        study.set_user_attr(LATENCY_MODEL_ATTR, ctx.latency_model.summary(ctx.budget_ratio()))
 
     recs = study_mod.records(study)
     return SearchResult(
@@ -215,9 +236,85 @@ def _run_search(
         records=recs,
         front=pareto_front(recs, config.objectives),
         fp32=next((r for r in recs if r.baseline == "fp32" and r.measured), None),
-        new_trials=done,
+        new_trials=counter.done,
         budgets=budgets,
+        rejected=counter.rejected,
+        stop_reason=stop_reason,
     )
+
+
+class _TrialCounter:
+    """What ``--trials`` counts (fine-tuned candidates, failures included: they spent the
+    work), the rejections in a row that end a hopeless run, and the time limit."""
+
+    def __init__(self, config: SearchConfig, baselines: int, started: float) -> None:
+        self.config = config
+        self.baselines = baselines
+        self.counted = 0
+        self.rejected = 0
+        self.in_a_row = 0
+        self.finished = 0  # every trial this run finished, baselines included
+        self.searching = False  # baselines are done; search trials are being counted
+        self.started = started
+
+    @property
+    def done(self) -> int:
+        return min(self.baselines, self.finished) + self.counted
+
+    @property
+    def total(self) -> int:
+        return self.baselines + self.config.trials
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+    def hard_cap(self) -> int:
+        """An upper bound on search trials, so the loop ends even if a callback never fires:
+        each counted trial can follow at most max_rejections rejections."""
+        return (self.config.trials + 1) * (self.config.max_rejections + 1)
+
+    def add(self, record: TrialRecord) -> None:
+        self.finished += 1
+        if not self.searching:
+            return
+        if record.rejected is not None:
+            self.rejected += 1
+            self.in_a_row += 1
+        else:
+            self.counted += 1
+            self.in_a_row = 0
+
+    def _out_of_time(self) -> bool:
+        limit = self.config.time_limit
+        return limit is not None and self.elapsed() >= limit * 60
+
+    def should_stop(self) -> bool:
+        cfg = self.config
+        return (self.counted >= cfg.trials or self.in_a_row >= cfg.max_rejections
+                or self._out_of_time())
+
+    def end_note(self, budgets: list[Budget], records: list[TrialRecord]) -> str | None:
+        """None when the run did its trials; else one line saying why it ended early (with
+        the closest plan when rejections ended it)."""
+        cfg = self.config
+        if self.counted >= cfg.trials:
+            return None
+        if self._out_of_time():
+            return (f"time limit of {cfg.time_limit:g} min reached after {self.counted} of "
+                    f"{cfg.trials} fine-tuned trials ({self.rejected} plans rejected at the "
+                    "pre-check); run the same command again to continue the study")
+        if self.in_a_row >= cfg.max_rejections:
+            head = (f"stopped after {self.in_a_row} plans in a row were rejected at the "
+                    f"pre-check ({self.counted} of {cfg.trials} fine-tuned)")
+            closest = closest_to_budgets(
+                [r for r in records if r.rejected is not None], budgets, k=1
+            )
+            if closest:
+                record, why = closest[0]
+                head += f"; closest: trial {record.number} ({record.plan_summary}), {why}"
+            return (head + "; raise the budget, allow more pruning (--prune-max) or fewer "
+                    "bits (--bits), or --max-rejections to keep trying")
+        return None
 
 
 @contextlib.contextmanager
@@ -284,21 +381,37 @@ def _resolve_learning_rate(
     return config.replace(learning_rate=float(stored["chosen"]))
 
 
-def _enqueue_warm_starts(study: Any, inventory: Any, config: SearchConfig) -> int:
-    """Uniform QAT + KD at each width below 32 in the space (no pruning), once per study, as
-    the first search trials: the recipes a practitioner tries by hand, fine-tuned like every
-    candidate, so the front starts from them and the sampler's model from real points. They
-    count as search trials; searches too short to spend a third of their trials on them
-    (fewer than 3 per warm start) go without."""
-    widths = sorted((b for b in config.bits if b < 32), reverse=True)
-    if not config.warm_starts or not widths or config.trials < WARM_START_SHARE * len(widths):
-        return 0
-    named = [
-        (f"uniform-int{bits}", space.plan_to_params(
-            space.uniform_plan(inventory, config, bits=bits), inventory, config))
-        for bits in widths
-    ]
-    return study_mod.enqueue_once(study, named, "warm_start")
+def _say(text: str, on_start: Callable[[str], None] | None) -> None:
+    if on_start:
+        on_start(text)
+    else:
+        log.info(text)
+
+
+def _resolve_reference(
+    study: Any,
+    fp32_onnx: Path,
+    input_shape: tuple[int, ...],
+    config: SearchConfig,
+    on_start: Callable[[str], None] | None,
+) -> ReferenceLatency:
+    """The study's fp32 latency on this machine: measured once per study and machine (under
+    the study lock, so concurrent workers on one machine agree), re-measured and said so
+    when the study is resumed elsewhere or with other threads or batch size."""
+    info = reference_mod.machine(config.threads, config.latency_batch_size)
+    key = reference_mod.machine_key(info)
+    with study_mod.study_lock(study):
+        refs = reference_mod.stored_references(study.user_attrs)
+        measured_now = key not in refs
+        if measured_now:
+            refs[key] = reference_mod.measure_reference(
+                fp32_onnx, (config.latency_batch_size, *input_shape), threads=config.threads
+            )
+            study.set_user_attr(reference_mod.REFERENCE_ATTR, reference_mod.encode_references(refs))
+    ref = refs[key]
+    others = [r for k, r in refs.items() if k != key]
+    _say(reference_mod.resume_note(ref, others, measured_now), on_start)
+    return ref
 
 
 def _check_floors(
@@ -315,8 +428,8 @@ def _check_floors(
     """
     if not budgets:
         return
-    recs = [r for r in study_mod.records(study) if r.latency_ms is not None]
-    best_latency = min((r.latency_ms for r in recs), default=float("inf"))
+    recs = [r for r in study_mod.records(study) if r.budget_latency_ms is not None]
+    best_latency = min((r.budget_latency_ms or 0.0 for r in recs), default=float("inf"))
     best_size = min((r.size_bytes for r in recs if r.size_bytes), default=float("inf"))
     where_latency = where_size = "the baselines"
     ratio = space.prune_high(config)
@@ -325,16 +438,20 @@ def _check_floors(
         student = build_student(runner.ctx.task, plan, config.round_to)
         pre = runner.precheck(student, plan, None, runner.ctx.workdir / "floors")
         label = f"every group pruned {ratio:.0%} at {bits} bits"
-        if pre.latency.median_ms < best_latency:
-            best_latency, where_latency = pre.latency.median_ms, label
+        if pre.estimate_ms < best_latency:
+            best_latency, where_latency = pre.estimate_ms, label
         if pre.size_bytes < best_size:
             best_size, where_size = pre.size_bytes, label
     for budget in budgets:
         if budget.kind == "latency" and budget.value < best_latency * _FLOOR_NOISE:
+            ref = runner.ctx.reference
+            ratios = "" if ref is None else (
+                f" = x{best_latency / ref.median_ms:.2f} of the fp32 reference "
+                f"{ref.median_ms:.3g} ms; the budget needs x{budget.value / ref.median_ms:.2f}")
             raise BudgetError(
                 f"latency budget {budget.text} is below the fastest candidate in the space "
-                f"({best_latency:.3g} ms, {where_latency}); raise the budget (baselines are "
-                "recorded in the study)"
+                f"({best_latency:.3g} ms, {where_latency}{ratios}); raise the budget "
+                "(baselines are recorded in the study)"
             )
         if budget.kind == "size" and budget.value < best_size:
             raise BudgetError(

@@ -800,6 +800,7 @@ def to_record(trial: FrozenTrial) -> TrialRecord:
         latency_ms=a.get("latency_ms"),
         latency_spread_ms=a.get("latency_spread_ms"),
         latency_vs_fp32=a.get("latency_vs_fp32"),
+        latency_estimate_ms=a.get("latency_estimate_ms"),
         flops=a.get("flops"),
         params=a.get("params"),
         feasible=bool(a.get("feasible", False)) and trial.state == TrialState.COMPLETE,

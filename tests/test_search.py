@@ -257,6 +257,7 @@ def test_warm_starts_open_the_search_once_per_study(tmp_path: Path) -> None:
     assert sum(r.attrs.get("warm_start") is not None for r in again) == 1
 
 
-def test_short_searches_go_without_warm_starts(short_study) -> None:
-    # 4 trials over widths 8 and 4: fewer than 3 per warm start, so every trial is sampled.
-    assert not any(r.attrs.get("warm_start") for r in short_study.result.records)
+def test_short_searches_get_one_warm_start_per_three_trials(short_study) -> None:
+    # 4 trials over widths 8 and 4: room for one warm start (3 trials each), the int8 one.
+    warm = [r.attrs.get("warm_start") for r in short_study.result.records]
+    assert [w for w in warm if w] == ["uniform-int8"]

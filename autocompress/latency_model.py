@@ -1,0 +1,125 @@
+"""A small latency model fitted on the study's own pre-checks: feasible-first proposals.
+
+Latency depends on structure and bit widths only, and every pre-check measures one structure.
+After a handful of them, a linear model of the latency ratio to fp32 in the multiply-adds
+left at each weight width predicts a new plan's ratio from its built structure alone (no
+export, no ONNX Runtime session), so a plan the model places far over the latency budget
+can be recorded as rejected without the pre-check. Simple and measured: every prediction the
+search makes before a pre-check it does run is recorded beside the measured ratio, and the
+model's hit rate is stored on the study.
+
+Features of a structure (all fractions of the teacher's multiply-adds in the inventory's
+layers): MACs left at 32, 8 and 4 bits, plus an intercept for the layers and ops the
+inventory does not count (pooling, additions, the runtime's fixed cost per call).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from torch import nn
+
+from autocompress.inventory import Inventory
+from autocompress.plan import CompressionPlan
+
+WIDTHS = (32, 8, 4)
+MIN_OBSERVATIONS = 6  # distinct structures before the model may predict
+# "Far over": the model may reject without measuring only beyond this multiple of the budget,
+# and only while its checked predictions were within MAX_ERROR of the measured ratio.
+FAR_OVER = 1.3
+MAX_ERROR = 0.15
+AUDIT_EVERY = 4  # every 4th plan the model would reject is pre-checked anyway, to keep it honest
+_RIDGE = 1e-4
+
+
+def structure_features(
+    student: nn.Module, plan: CompressionPlan, inventory: Inventory, teacher: nn.Module
+) -> list[float]:
+    """[1, MACs at 32, 8, 4 bits] of a built student, as fractions of the teacher's MACs."""
+    teacher_modules = dict(teacher.named_modules())
+    student_modules = dict(student.named_modules())
+    total = float(sum(layer.flops for layer in inventory.layers)) or 1.0
+    by_width = dict.fromkeys(WIDTHS, 0.0)
+    for layer in inventory.layers:
+        weight_t = getattr(teacher_modules.get(layer.name), "weight", None)
+        weight_s = getattr(student_modules.get(layer.name), "weight", None)
+        if weight_t is None or weight_s is None or not layer.flops:
+            continue
+        # Output positions are unchanged by channel pruning: MACs scale with the weights kept.
+        macs = layer.flops * weight_s.numel() / max(weight_t.numel(), 1)
+        bits = plan.bits.get(layer.name, 32)
+        by_width[bits if bits in by_width else 32] += macs
+    return [1.0] + [by_width[w] / total for w in WIDTHS]
+
+
+@dataclass
+class LatencyModel:
+    """Least-squares fit of the latency ratio to fp32 on structure features."""
+
+    observations: dict[str, tuple[list[float], float]] = field(default_factory=dict)
+    checked: list[tuple[float, float]] = field(default_factory=list)  # (predicted, measured)
+    _coef: np.ndarray | None = None
+    _would_reject: int = 0
+
+    def observe(self, key: str, features: list[float], ratio: float) -> None:
+        """One measured structure (a pre-check); refits when the data changed."""
+        if key in self.observations:
+            return
+        self.observations[key] = (list(features), float(ratio))
+        self._coef = None
+
+    def record_check(self, predicted: float, measured: float) -> None:
+        self.checked.append((float(predicted), float(measured)))
+
+    @property
+    def ready(self) -> bool:
+        return len(self.observations) >= MIN_OBSERVATIONS
+
+    def predict(self, features: list[float]) -> float | None:
+        """Predicted ratio to fp32, or None while the model has too few structures."""
+        if not self.ready:
+            return None
+        if self._coef is None:
+            x = np.array([f for f, _ in self.observations.values()], dtype=np.float64)
+            y = np.array([r for _, r in self.observations.values()], dtype=np.float64)
+            # A touch of ridge: the width columns are collinear in a study that never mixes
+            # widths (e.g. only int8 plans so far).
+            gram = x.T @ x + _RIDGE * np.eye(x.shape[1])
+            self._coef = np.linalg.solve(gram, x.T @ y)
+        return float(np.asarray(features, dtype=np.float64) @ self._coef)
+
+    def error(self) -> float | None:
+        """Median relative error of the predictions checked against a pre-check."""
+        if not self.checked:
+            return None
+        return float(np.median([abs(p - m) / m for p, m in self.checked if m > 0]))
+
+    def trusted(self) -> bool:
+        err = self.error()
+        return self.ready and err is not None and len(self.checked) >= 3 and err <= MAX_ERROR
+
+    def should_skip(self, predicted_ratio: float | None, budget_ratio: float | None) -> bool:
+        """Reject without a pre-check: trusted model, far over budget, not an audit turn."""
+        if predicted_ratio is None or budget_ratio is None or not self.trusted():
+            return False
+        if predicted_ratio <= budget_ratio * FAR_OVER:
+            return False
+        self._would_reject += 1
+        return self._would_reject % AUDIT_EVERY != 0
+
+    def summary(self, budget_ratio: float | None) -> dict[str, Any]:
+        """What is stored on the study: the fit and how often it was right."""
+        right = None
+        if budget_ratio is not None and self.checked:
+            right = sum((p <= budget_ratio) == (m <= budget_ratio) for p, m in self.checked)
+        return {
+            "features": ["intercept", *(f"macs_int{w}" if w < 32 else "macs_fp32"
+                                        for w in WIDTHS)],
+            "coefficients": None if self._coef is None else [float(c) for c in self._coef],
+            "observations": len(self.observations),
+            "checked": len(self.checked),
+            "verdicts_right": right,
+            "median_relative_error": self.error(),
+        }
