@@ -83,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "the results (default trials // 3, 2..10)")
     s.add_argument("--seed", type=int, help="seed for the sampler, splits and fine-tune")
     s.add_argument("--bits", type=_int_csv, help="weight widths to search (default 32,8,4)")
+    s.add_argument("--activation-bits", type=_int_csv, help="activations of quantized "
+                   "layers: 8 (uint8, integer kernels), 32 (weight-only: float activations, "
+                   "integer weights in the file) or both (default 8,32)")
     s.add_argument("--prune-max", type=float, help="largest prune ratio (default 0.7)")
     s.add_argument("--prune-step", type=float, help="prune ratio grid step (default 0.05)")
     s.add_argument("--finetune-steps", type=int, help="QAT+KD steps per candidate")
@@ -149,14 +152,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _search(args: argparse.Namespace) -> int:
     from autocompress import report
-    from autocompress.config import build_config
+    from autocompress.config import build_config, config_keys
     from autocompress.search import run_search
 
-    keys = ("model", "weights", "data", "num_classes", "input_size", "study", "storage",
-            "artifacts", "budgets", "trials", "objectives", "sampler", "startup_trials", "seed",
-            "bits", "prune_max", "prune_step", "finetune_steps", "learning_rate", "batch_size",
-            "threads", "latency_batch_size", "latency_repeats", "device", "train_threads",
-            "baselines", "warm_starts", "max_rejections", "time_limit")
+    # Every SearchConfig field that has a flag of the same name (the YAML keys are the
+    # fields too), so a new field cannot be forgotten here.
+    keys = [k for k in config_keys() if hasattr(args, k)]
     overrides: dict[str, Any] = {k: getattr(args, k) for k in keys}
     if overrides["budgets"] is not None:
         overrides["budgets"] = tuple(overrides["budgets"])

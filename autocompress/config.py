@@ -116,6 +116,8 @@ class SearchConfig:
     seed: int = 0
     # the space
     bits: tuple[int, ...] = (32, 8, 4)
+    # activations of quantized layers: 8 (uint8, integer kernels) and/or 32 (weight-only)
+    activation_bits: tuple[int, ...] = (8, 32)
     prune_max: float = 0.7
     prune_step: float = 0.05
     kd_temperature_min: float = 1.0
@@ -170,6 +172,12 @@ class SearchConfig:
                 raise ConfigError(f"bits value {b} is unsupported; use values from 32, 8, 4")
         if not self.bits:
             raise ConfigError("bits is empty: the search space has nothing to choose from")
+        if not self.activation_bits or any(a not in (8, 32) for a in self.activation_bits) or (
+                len(set(self.activation_bits)) != len(self.activation_bits)):
+            raise ConfigError(
+                f"activation_bits {list(self.activation_bits)} is invalid; use 8 (uint8 "
+                "activations), 32 (weight-only) or both: 8,32"
+            )
         if not 0.0 <= self.prune_max < 1.0:
             raise ConfigError(f"prune_max {self.prune_max} must be in [0, 1) (e.g. 0.7)")
         if self.prune_step <= 0:

@@ -403,6 +403,8 @@ def deployable_module(model: nn.Module) -> nn.Module:
         for name, qmod in quant_layers.items():
             modules[name].weight.copy_(qmod.quantized_weight())
     for name, qmod in quant_layers.items():
+        if int(qmod.activation_bits) >= quantize.WEIGHT_ONLY:
+            continue  # weight-only: float activations, nothing to simulate
         qmax = quantize.ACTIVATION_QMAX[int(qmod.activation_bits)]
         in_params = qmod.activation_qparams()
         out_params = qmod.output_qparams() if hasattr(qmod, "output_qparams") else None

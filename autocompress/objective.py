@@ -203,8 +203,10 @@ class TrialRunner:
             if predicted is not None:
                 ctx.latency_model.record_check(predicted, pre.ratio)
         broken = self._broken_budgets(pre.estimate_ms, pre.size_bytes)
-        if broken:
+        if broken and baseline is None:
             self._reject(trial, pre, broken)
+        # Baselines cost no fine-tune: they are measured even over budget (recorded as
+        # infeasible), so the study always knows the teacher's and plain PTQ's accuracy.
         trial.set_user_attr("precheck_latency_estimate_ms", pre.estimate_ms)
 
         if baseline is None and _removes_weights(plan):

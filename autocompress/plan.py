@@ -9,7 +9,10 @@ Conventions
 - ``prune[group]``: structured prune ratio of a prunable group, named after the group's
   leading layer (see ``Inventory.groups``). Missing means 0. Ratio in [0, 1).
 - ``sparsity[layer]``: unstructured L1 magnitude sparsity in [0, 1); missing means 0.
-- ``activation_bits``: precision of activations entering quantized layers (8, or 16).
+- ``activation_bits``: precision of activations entering quantized layers (8, or 16), or
+  32 for weight-only quantization: integer weights in the file, float activations (ONNX
+  Runtime folds the weights to float at load, so the layer runs at float speed with the
+  file size of its integer weights).
   Layers left at 32 bits get no quantization at all, activations included.
 """
 
@@ -26,7 +29,7 @@ if TYPE_CHECKING:
     from autocompress.inventory import Inventory
 
 ALLOWED_WEIGHT_BITS: tuple[int, ...] = (32, 8, 4)
-ALLOWED_ACTIVATION_BITS: tuple[int, ...] = (8, 16)
+ALLOWED_ACTIVATION_BITS: tuple[int, ...] = (8, 16, 32)
 PLAN_FORMAT_VERSION = 1
 
 
@@ -127,6 +130,8 @@ class CompressionPlan:
         for b in self.bits.values():
             counts[b] = counts.get(b, 0) + 1
         parts = [f"{b}b:{n}" if b != 32 else f"fp:{n}" for b, n in sorted(counts.items())]
+        if self.activation_bits == 32 and any(b < 32 for b in self.bits.values()):
+            parts.append("w-only")
         ratios = [r for r in self.prune.values() if r > 0]
         if ratios:
             parts.append(f"prune~{sum(ratios) / len(ratios):.2f}x{len(ratios)}")

@@ -15,6 +15,10 @@ Quantization scheme (the same in training and in the exported file):
   from EMA min/max observers frozen in eval. The ranges are carried into the file, so ONNX
   Runtime computes what QAT trained.
 - layers at 32 bits: untouched, no weight or activation quantization of their own.
+- weight-only (``plan.activation_bits == 32``): the same weights, no activation
+  quantization; exported as integer initializers behind DequantizeLinear with float
+  activations (no ORT quantizer involved). int8 then uses the full [-127, 127]: no integer
+  kernel runs, so the u8s8 saturation cannot happen.
 
 Export path: strip fake-quant -> fold BN -> float ONNX (TorchScript exporter, opset 20,
 upgraded to 21 for native INT4 Q/DQ) -> ``quant_pre_process`` -> ``quantize_static`` (QDQ)
@@ -68,6 +72,7 @@ INT4_QMAX = 7
 INT8_RANGE_ENV = "AUTOCOMPRESS_INT8_WEIGHT_RANGE"  # auto | full | reduced
 _VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
 ACTIVATION_QMAX: dict[int, int] = {8: 255, 16: 65535}
+WEIGHT_ONLY = 32  # plan.activation_bits meaning "quantize weights, keep activations float"
 _WEIGHT_QTYPE: dict[int, str] = {8: "QInt8", 4: "QInt4"}
 _ACTIVATION_QTYPE: dict[int, str] = {8: "QUInt8", 16: "QUInt16"}
 _ONNX_TYPE_NAMES: dict[int, str] = {
@@ -251,7 +256,11 @@ class _FakeQuantMixin(nn.Module):
             quant.__dict__[key] = dict(layer.__dict__[key])
         quant._float_cls = type(layer)
         quant.weight_bits = weight_bits
-        quant.weight_qmax = weight_qmax(weight_bits)  # fixed now: export must use the same
+        # fixed now: export must use the same
+        quant.weight_qmax = (
+            weight_qmax(weight_bits) if activation_bits < WEIGHT_ONLY
+            else {8: INT8_FULL_QMAX, 4: INT4_QMAX}[weight_bits]
+        )
         quant.activation_bits = activation_bits
         quant.observing = False
         quant.quantize_output = True
@@ -289,7 +298,7 @@ class _FakeQuantMixin(nn.Module):
         return self._qparams("out") if self.quantize_output else None
 
     def _qparams(self, side: str) -> tuple[float, int] | None:
-        if not bool(getattr(self, f"{side}_seen")):
+        if self.activation_bits >= WEIGHT_ONLY or not bool(getattr(self, f"{side}_seen")):
             return None
         lo, hi = float(getattr(self, f"{side}_min")), float(getattr(self, f"{side}_max"))
         return _affine_qparams(lo, hi, ACTIVATION_QMAX[self.activation_bits])
@@ -308,6 +317,8 @@ class _FakeQuantMixin(nn.Module):
             hi_buf.add_(_EMA_MOMENTUM * (hi - hi_buf))
 
     def _fake_quant(self, side: str, x: torch.Tensor) -> torch.Tensor:
+        if self.activation_bits >= WEIGHT_ONLY:
+            return x  # weight-only: activations stay float
         # Observers learn in train mode (and in calibrate()); eval mode uses frozen ranges.
         if self.training or self.observing:
             self._observe(side, x)
@@ -859,6 +870,52 @@ def _quantize_file(
     return requested
 
 
+def _weight_only_file(
+    float_path: Path, out_path: Path, layer_bits: dict[str, int], learned: dict[str, LearnedQuant]
+) -> dict[str, int]:
+    """Integer weights behind DequantizeLinear, float activations: each planned layer's
+    weight initializer W becomes ``W_quantized`` (INT8/INT4, per output channel, symmetric,
+    the QAT scales) plus ``W_scale``, and a DequantizeLinear writes W where the layer reads
+    it. Returns the bits requested per layer found in the graph."""
+    proto = onnx.load(str(float_path))
+    graph = proto.graph
+    initializers = {init.name: init for init in graph.initializer}
+    dequantize: list[onnx.NodeProto] = []
+    requested: dict[str, int] = {}
+    done: set[str] = set()  # an initializer two nodes read is quantized once
+    for site in _weight_sites(proto):
+        bits = layer_bits.get(site.layer, 32)
+        if bits >= 32 or site.initializer in done:
+            continue
+        done.add(site.initializer)
+        layer_learned = learned.get(site.layer)
+        qmax = (layer_learned.weight_qmax if layer_learned
+                else {8: INT8_FULL_QMAX, 4: INT4_QMAX}[bits])
+        weight = numpy_helper.to_array(initializers[site.initializer])
+        scales = _numpy_scales(weight, site.axis, qmax).astype(np.float32)
+        shape = [1] * weight.ndim
+        shape[site.axis] = -1
+        q = np.clip(np.round(weight / scales.reshape(shape)), -qmax, qmax).astype(np.int8)
+        name = site.initializer
+        if bits == 4:  # make_tensor packs two INT4 values per byte
+            q_init = onnx.helper.make_tensor(f"{name}_quantized", onnx.TensorProto.INT4,
+                                             q.shape, q.flatten().tolist())
+        else:
+            q_init = numpy_helper.from_array(q, f"{name}_quantized")
+        graph.initializer.remove(initializers[name])
+        graph.initializer.extend([q_init, numpy_helper.from_array(scales, f"{name}_scale")])
+        dequantize.append(onnx.helper.make_node(
+            "DequantizeLinear", [f"{name}_quantized", f"{name}_scale"], [name], axis=site.axis
+        ))
+        requested[site.layer] = bits
+    nodes = list(graph.node)
+    del graph.node[:]
+    graph.node.extend(dequantize + nodes)  # producers first: the graph stays sorted
+    compact_graph(proto)
+    onnx.save(proto, str(out_path))
+    return requested
+
+
 def _finish_quantized(path: Path) -> None:
     """Float logits and compact names for a file ORT's quantizer wrote (one load, one save)."""
     proto = onnx.load(str(path))
@@ -945,6 +1002,8 @@ def export_onnx(
         if not layer_bits:
             shutil.copyfile(float_path, out_path)
             requested: dict[str, int] = {}
+        elif plan.activation_bits >= WEIGHT_ONLY:
+            requested = _weight_only_file(float_path, out_path, layer_bits, learned)
         else:
             requested = _quantize_file(
                 float_path,

@@ -6,6 +6,8 @@ Parameter names are stable and readable so a study can be resumed and read by pe
     prune/<group>     float 0..prune_max in prune_step steps e.g. prune/layer1.0.conv1
     kd/temperature    float kd_temperature_min..max
     kd/alpha          float kd_alpha_min..max
+    quant/activations categorical over config.activation_bits (only when there are two or
+                      more: 8 = uint8 activations and integer kernels, 32 = weight-only)
 
 ``params_to_plan(plan_to_params(plan)) == plan`` for every plan the space can produce; the
 search relies on it to enqueue baselines and to rebuild any trial from its params alone.
@@ -29,6 +31,9 @@ class _Suggests(Protocol):
     def suggest_categorical(self, name: str, choices: Any) -> Any: ...
     def suggest_float(self, name: str, low: float, high: float, *, step: float | None = ...,
                       log: bool = ...) -> float: ...
+
+
+ACTIVATIONS_PARAM = "quant/activations"
 
 
 def bits_param(layer: str) -> str:
@@ -81,7 +86,11 @@ def suggest_plan(trial: _Suggests, inventory: Inventory, config: SearchConfig) -
         "kd/temperature", config.kd_temperature_min, config.kd_temperature_max
     )
     alpha = trial.suggest_float("kd/alpha", config.kd_alpha_min, config.kd_alpha_max)
-    return _plan(config, bits, prune, temperature, alpha)
+    activations = config.activation_bits[0]
+    if len(config.activation_bits) > 1:
+        activations = int(trial.suggest_categorical(ACTIVATIONS_PARAM,
+                                                    list(config.activation_bits)))
+    return _plan(config, bits, prune, temperature, alpha, activations)
 
 
 def _plan(
@@ -90,6 +99,7 @@ def _plan(
     prune: dict[str, float],
     temperature: float,
     alpha: float,
+    activation_bits: int,
 ) -> CompressionPlan:
     # A search resolves an unset learning rate (lrprobe) before it makes any plan; plans made
     # outside a search for their structure alone keep CompressionPlan's default.
@@ -99,6 +109,7 @@ def _plan(
         prune=prune,
         kd_temperature=temperature,
         kd_alpha=alpha,
+        activation_bits=activation_bits,
         finetune_steps=config.finetune_steps,
         **rate,
     )
@@ -114,6 +125,8 @@ def plan_to_params(plan: CompressionPlan, inventory: Inventory, config: SearchCo
             params[prune_param(group)] = plan.ratio_for(group)
     params["kd/temperature"] = plan.kd_temperature
     params["kd/alpha"] = plan.kd_alpha
+    if len(config.activation_bits) > 1:
+        params[ACTIVATIONS_PARAM] = plan.activation_bits
     return params
 
 
@@ -126,13 +139,21 @@ def params_to_plan(
         for group in _searchable_groups(inventory, config)
         if prune_param(group) in params
     }
-    return _plan(config, bits, prune, float(params["kd/temperature"]), float(params["kd/alpha"]))
+    activations = int(params.get(ACTIVATIONS_PARAM, config.activation_bits[0]))
+    return _plan(config, bits, prune, float(params["kd/temperature"]),
+                 float(params["kd/alpha"]), activations)
 
 
 def uniform_plan(
-    inventory: Inventory, config: SearchConfig, *, bits: int, ratio: float = 0.0
+    inventory: Inventory,
+    config: SearchConfig,
+    *,
+    bits: int,
+    ratio: float = 0.0,
+    activation_bits: int | None = None,
 ) -> CompressionPlan:
-    """Every searchable layer at ``bits`` and every group at ``ratio`` (baselines, floors)."""
+    """Every searchable layer at ``bits`` and every group at ``ratio`` (baselines, floors);
+    activations at the first of config.activation_bits unless given."""
     middle_t = (config.kd_temperature_min + config.kd_temperature_max) / 2
     middle_a = (config.kd_alpha_min + config.kd_alpha_max) / 2
     prune = (
@@ -141,7 +162,8 @@ def uniform_plan(
         else {}
     )
     layer_bits = {layer: bits for layer in _searchable_layers(inventory)}
-    return _plan(config, layer_bits, prune, middle_t, middle_a)
+    activations = config.activation_bits[0] if activation_bits is None else activation_bits
+    return _plan(config, layer_bits, prune, middle_t, middle_a, activations)
 
 
 def space_description(inventory: Inventory, config: SearchConfig) -> dict[str, Any]:
@@ -155,6 +177,7 @@ def space_description(inventory: Inventory, config: SearchConfig) -> dict[str, A
         "kd_temperature": [config.kd_temperature_min, config.kd_temperature_max],
         "kd_alpha": [config.kd_alpha_min, config.kd_alpha_max],
         "finetune_steps": config.finetune_steps,
+        "activation_bits": list(config.activation_bits),
     }
 
 

@@ -29,8 +29,7 @@ WARM_START_SHARE = 3  # a search needs this many trials per warm start to get th
 # A pruned warm start aims this far under the latency budget, so the final measurement's
 # noise (same estimator, fewer runs) cannot push it over.
 BUDGET_MARGIN = 0.95
-# The baseline whose structure an unpruned warm start shares, for the budgets it can break.
-_SAME_STRUCTURE = {8: ("int8-ptq", ("latency", "size")), 4: ("fp32", ("latency",))}
+WEIGHT_ONLY = 32
 
 
 @dataclass(frozen=True)
@@ -52,23 +51,27 @@ def plan_warm_starts(
     named: list[tuple[str, dict[str, Any]]] = []
     notes: list[str] = []
     for bits in widths:
-        over = _baseline_over(bits, budgets, records)
+        acts = _activations_for(bits, config)
+        over = _baseline_over(bits, acts, budgets, records)
         if over:
             notes.append(f"warm start uniform-int{bits} skipped: {over}")
             continue
-        plan = space.uniform_plan(inventory, config, bits=bits)
+        plan = space.uniform_plan(inventory, config, bits=bits, activation_bits=acts)
         named.append((f"uniform-int{bits}", space.plan_to_params(plan, inventory, config)))
     if budgets and space.prune_high(config) > 0:
         for bits in widths:
-            ratio = _smallest_ratio_within(runner, inventory, config, bits)
+            acts = _activations_for(bits, config)
+            ratio = _smallest_ratio_within(runner, inventory, config, bits, acts)
+            what = f"int{bits}" + (" weight-only" if acts == WEIGHT_ONLY else "")
             if ratio is None:
                 notes.append(f"no uniform pruning ratio up to {space.prune_high(config):.0%} "
-                             f"meets the budgets at int{bits}: no pruned warm start there")
+                             f"meets the budgets at {what}: no pruned warm start there")
             elif ratio > 0:
-                plan = space.uniform_plan(inventory, config, bits=bits, ratio=ratio)
+                plan = space.uniform_plan(inventory, config, bits=bits, ratio=ratio,
+                                          activation_bits=acts)
                 named.append((f"budget-int{bits}", space.plan_to_params(plan, inventory, config)))
                 notes.append(f"warm start budget-int{bits}: every group pruned {ratio:.0%} at "
-                             f"int{bits}, the least uniform pruning the pre-check found within "
+                             f"{what}, the least uniform pruning the pre-check found within "
                              "the budgets")
     # Pruned warm starts first under a budget: they are the ones known to fit it.
     named.sort(key=lambda item: not item[0].startswith("budget-"))
@@ -82,9 +85,25 @@ def plan_warm_starts(
     return WarmStarts(named, notes)
 
 
-def _baseline_over(bits: int, budgets: Sequence[Budget], records: Sequence[TrialRecord]) -> str:
-    """Why the unpruned structure at ``bits`` is known to break a budget ('' when it is not)."""
-    name, kinds = _SAME_STRUCTURE.get(bits, ("", ()))
+def _activations_for(bits: int, config: SearchConfig) -> int:
+    """int8 warm starts use uint8 activations (integer kernels), int4 ones weight-only
+    (int4 weights behind uint8 activations ran 1.5x slower than fp32 on ResNet-20; weight-
+    only int4 runs at float speed), each where the space allows it."""
+    wanted = 8 if bits == 8 else WEIGHT_ONLY
+    return wanted if wanted in config.activation_bits else config.activation_bits[0]
+
+
+def _baseline_over(
+    bits: int, activations: int, budgets: Sequence[Budget], records: Sequence[TrialRecord]
+) -> str:
+    """Why the unpruned structure at ``bits`` is known to break a budget ('' when it is not).
+
+    The int8 PTQ baseline is the unpruned int8 structure with uint8 activations; a structure
+    whose weights are dequantized to float (weight-only) or int4 runs no faster than fp32."""
+    if bits == 8 and activations == 8:
+        name, kinds = "int8-ptq", ("latency", "size")
+    else:
+        name, kinds = "fp32", ("latency",)
     base = next((r for r in records if r.baseline == name), None)
     if base is None or base.size_bytes is None:
         return ""
@@ -99,7 +118,7 @@ def _baseline_over(bits: int, budgets: Sequence[Budget], records: Sequence[Trial
 
 
 def _smallest_ratio_within(
-    runner: TrialRunner, inventory: Inventory, config: SearchConfig, bits: int
+    runner: TrialRunner, inventory: Inventory, config: SearchConfig, bits: int, activations: int
 ) -> float | None:
     """Smallest ratio on the prune grid whose uniform plan at ``bits`` meets every budget
     (latency with the margin), by bisection with real pre-checks; None when even the
@@ -108,7 +127,8 @@ def _smallest_ratio_within(
     grid = [round(k * step, 6) for k in range(round(space.prune_high(config) / step) + 1)]
 
     def fits(ratio: float) -> bool:
-        plan = space.uniform_plan(inventory, config, bits=bits, ratio=ratio)
+        plan = space.uniform_plan(inventory, config, bits=bits, ratio=ratio,
+                                  activation_bits=activations)
         student = build_student(runner.ctx.task, plan, config.round_to)
         pre = runner.precheck(student, plan, None, runner.ctx.workdir / "warm-starts")
         return all(

@@ -81,7 +81,8 @@ def test_tight_budget_rejects_without_finetune_and_resume_continues(tmp_path: Pa
     first = run_short_search(tmp_path, study="tight", budgets=("150KB",), trials=3)
     rejected = [r for r in first.result.records if r.rejected]
     fp32 = next(r for r in first.result.records if r.baseline == "fp32")
-    assert fp32 in rejected and not fp32.feasible
+    # Baselines cost no fine-tune: measured even over budget, and recorded as infeasible.
+    assert fp32.measured and fp32.accuracy > 0.9 and not fp32.feasible
     for r in rejected:
         assert "finetune" not in json.loads(r.attrs["timing"])
         assert "150KB" in r.rejected
@@ -261,3 +262,97 @@ def test_short_searches_get_one_warm_start_per_three_trials(short_study) -> None
     # 4 trials over widths 8 and 4: room for one warm start (3 trials each), the int8 one.
     warm = [r.attrs.get("warm_start") for r in short_study.result.records]
     assert [w for w in warm if w] == ["uniform-int8"]
+
+
+def _search_records(result) -> list:
+    return [r for r in result.records if not r.baseline]
+
+
+def test_rejected_plans_are_recorded_but_do_not_use_up_trials(tmp_path: Path) -> None:
+    # 100 KB lies between int4 (about 86 KB) and int8 weight-only (116 KB): unpruned random
+    # plans mixing 8-bit or float layers break it. Three fine-tuned trials are asked for and
+    # delivered, whatever was rejected on the way.
+    study = run_short_search(tmp_path, study="count", budgets=("100KB",), trials=3,
+                             sampler="random", finetune_steps=5, warm_starts=False,
+                             prune_max=0.0)
+    search = _search_records(study.result)
+    rejected = [r for r in search if r.rejected]
+    assert rejected, "the seed should draw over-budget plans"
+    assert len(search) - len(rejected) == 3
+    assert study.result.rejected == len(rejected)
+    for r in rejected:  # no objective value was invented for them
+        assert r.state == "PRUNED" and r.accuracy is None
+    con = sqlite3.connect(study.db_path)
+    numbers = ",".join(str(r.number) for r in rejected)
+    values = con.execute(f"SELECT COUNT(*) FROM trial_values v JOIN trials t USING (trial_id) "
+                         f"WHERE t.number IN ({numbers})").fetchone()[0]
+    assert values == 0
+    import optuna
+
+    loaded = optuna.load_study(study_name="count", storage=study.storage_url)
+    for trial in loaded.get_trials():
+        if trial.number in {r.number for r in rejected}:
+            assert trial.constraints and max(trial.constraints.values()) > 0
+
+
+def test_rejection_cap_ends_the_run_with_one_line_and_exit_0(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    code = main(["search", "--storage", f"sqlite:///{tmp_path}/cap.db", "--study", "cap",
+                 "--budget", "100KB", "--trials", "3", "--max-rejections", "1",
+                 "--sampler", "random", "--no-warm-starts", "--finetune-steps", "3",
+                 "--prune-max", "0",
+                 "--latency-repeats", "3", "--learning-rate", "1e-3", "--seed", "3"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 0
+    last = err[-1]
+    assert last.startswith("stopped after 1 plans in a row were rejected")
+    assert "closest: trial" in last and "100KB" in last and "--prune-max" in last
+
+
+def test_latency_verdict_does_not_flip_when_the_machine_drifts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 'latency' that depends on the file only (its size relative to fp32), with every
+    final measurement taken while the machine runs 2.5x slower on both sides. Judged on the
+    absolute median, every candidate that passed the pre-check would now break the budget;
+    judged on the ratio x the study's reference, none does."""
+    from autocompress import latency_reference, objective
+    from autocompress.measure import LatencyStats, file_size
+
+    def fake_interleaved(candidate, reference, shape, *, rounds=5, **_kw):
+        ratio = file_size(candidate) / file_size(reference)
+        slow = 2.5 if rounds == 3 else 1.0  # rounds=3: the final measurement
+        stats = [LatencyStats(v, 0.0, v, v, 10) for v in (ratio * slow, slow)]
+        return runtime.InterleavedLatency(stats[0], stats[1], ratio, rounds)
+
+    monkeypatch.setattr(objective.runtime, "time_interleaved", fake_interleaved)
+    monkeypatch.setattr(latency_reference, "measure_reference", lambda *a, **k: (
+        latency_reference.ReferenceLatency(1.0, 0.0, [1.0], 1, {}, "now")))
+    # 0.4 ms = 0.4 x fp32: int8 files (about 0.27x fp32's bytes) pass, float ones do not.
+    study = run_short_search(tmp_path, study="drift", budgets=("0.4ms",), trials=3,
+                             sampler="random", finetune_steps=5, seed=1)
+    measured = [r for r in _search_records(study.result) if r.measured]
+    assert measured
+    # the absolute median would have called these over budget
+    assert any(r.latency_ms > 0.4 for r in measured)
+    for r in measured:
+        assert r.feasible, f"trial {r.number} passed the pre-check and flipped"
+        pre = r.attrs["precheck_latency_estimate_ms"]
+        assert r.latency_estimate_ms == pytest.approx(pre, rel=0.05)
+
+
+def test_warm_starts_respect_a_size_budget(tmp_path: Path) -> None:
+    # 60 KB: below the unpruned int8 file (the int8 PTQ baseline breaks it), so uniform-int8
+    # is skipped, and pruned warm starts that fit the budget open the search instead.
+    study = run_short_search(tmp_path, study="warmbudget", budgets=("60KB",), trials=6,
+                             finetune_steps=3, learning_rate=1e-3)
+    search = _search_records(study.result)
+    warm = {r.attrs["warm_start"]: r for r in search if r.attrs.get("warm_start")}
+    assert "uniform-int8" not in warm
+    assert {"budget-int8", "budget-int4"} <= set(warm)
+    for name in ("budget-int8", "budget-int4"):
+        r = warm[name]
+        assert r.rejected is None and "prune" in r.plan_summary
+        if r.measured:
+            assert r.size_bytes <= 60_000
