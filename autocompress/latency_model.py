@@ -40,9 +40,12 @@ def structure_features(
     """[1, MACs at 32, 8, 4 bits] of a built student, as fractions of the teacher's MACs."""
     teacher_modules = dict(teacher.named_modules())
     student_modules = dict(student.named_modules())
-    total = float(sum(layer.flops for layer in inventory.layers)) or 1.0
+    # Convolutions and linear layers only: the inventory also lists containers (whose FLOPs
+    # are their children's) and BatchNorms (folded away in every exported file).
+    layers = [layer for layer in inventory.layers if _is_weight_layer(layer.type)]
+    total = float(sum(layer.flops for layer in layers)) or 1.0
     by_width = dict.fromkeys(WIDTHS, 0.0)
-    for layer in inventory.layers:
+    for layer in layers:
         weight_t = getattr(teacher_modules.get(layer.name), "weight", None)
         weight_s = getattr(student_modules.get(layer.name), "weight", None)
         if weight_t is None or weight_s is None or not layer.flops:
@@ -52,6 +55,10 @@ def structure_features(
         bits = plan.bits.get(layer.name, 32)
         by_width[bits if bits in by_width else 32] += macs
     return [1.0] + [by_width[w] / total for w in WIDTHS]
+
+
+def _is_weight_layer(type_name: str) -> bool:
+    return type_name.startswith(("Conv", "Linear")) and "Transpose" not in type_name
 
 
 @dataclass

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from autocompress import __version__, intake, lrprobe, quantize, runtime, space
+from autocompress import __version__, intake, lrprobe, measure, quantize, runtime, space
 from autocompress import latency_reference as reference_mod
 from autocompress import study as study_mod
 from autocompress.config import Budget, SearchConfig
@@ -193,6 +193,10 @@ def _run_search(
         )
         runner = TrialRunner(ctx)
 
+        if not study.get_trials(deepcopy=False):
+            # A new study: refuse an impossible budget from a few pre-checks, before any
+            # trial is recorded or fine-tune learning rate probed.
+            _check_floors(runner, inventory, config, budgets, study)
         queued = _enqueue_baselines(study, inventory, config)
         counter = _TrialCounter(config, queued, started)
 
@@ -210,9 +214,7 @@ def _run_search(
 
         if queued:
             study.optimize(runner, n_trials=queued, callbacks=[callback], catch=(Exception,))
-            _check_floors(runner, inventory, config, budgets, study)
-        # After the floor check (an impossible budget is refused without waiting for the
-        # probe); baselines do not fine-tune, so they never needed the rate.
+        # Baselines do not fine-tune, so they never needed the rate.
         config = _resolve_learning_rate(study, task, inventory, config, calibration, on_start)
         ctx = dataclasses.replace(runner.ctx, config=config)  # same pre-check cache and model
         runner.ctx = ctx
@@ -421,27 +423,34 @@ def _check_floors(
     budgets: list[Budget],
     study: Any,
 ) -> None:
-    """Refuse a budget no candidate in the space can meet, once the baselines are recorded.
+    """Refuse a budget no candidate in the space can meet, before any trial is recorded.
 
-    The floor structures are the most-pruned plans at each allowed width; the fastest and the
-    smallest measured among them and the baselines bound what the search can reach.
+    The floor structures are the most-pruned plans at each allowed width (and activation
+    choice); the fastest and the smallest of them (and of any trial already recorded) bound
+    what the search can reach. The size limit quoted is the smallest file's bytes and, below
+    it, the packing limit (parameters x bits) no file can go under.
     """
     if not budgets:
         return
     recs = [r for r in study_mod.records(study) if r.budget_latency_ms is not None]
     best_latency = min((r.budget_latency_ms or 0.0 for r in recs), default=float("inf"))
     best_size = min((r.size_bytes for r in recs if r.size_bytes), default=float("inf"))
-    where_latency = where_size = "the baselines"
+    where_latency = where_size = "the trials recorded"
+    packing = float("inf")
     ratio = space.prune_high(config)
     for bits in sorted(set(config.bits)):
-        plan = space.uniform_plan(inventory, config, bits=bits, ratio=ratio)
-        student = build_student(runner.ctx.task, plan, config.round_to)
-        pre = runner.precheck(student, plan, None, runner.ctx.workdir / "floors")
-        label = f"every group pruned {ratio:.0%} at {bits} bits"
-        if pre.estimate_ms < best_latency:
-            best_latency, where_latency = pre.estimate_ms, label
-        if pre.size_bytes < best_size:
-            best_size, where_size = pre.size_bytes, label
+        for acts in (config.activation_bits if bits < 32 else config.activation_bits[:1]):
+            plan = space.uniform_plan(inventory, config, bits=bits, ratio=ratio,
+                                      activation_bits=acts)
+            student = build_student(runner.ctx.task, plan, config.round_to)
+            pre = runner.precheck(student, plan, None, runner.ctx.workdir / "floors")
+            label = f"every group pruned {ratio:.0%} at {bits} bits" + (
+                " weight-only" if bits < 32 and acts == 32 else "")
+            if pre.estimate_ms < best_latency:
+                best_latency, where_latency = pre.estimate_ms, label
+            if pre.size_bytes < best_size:
+                best_size, where_size = pre.size_bytes, label
+                packing = measure.packing_limit_bytes(student, plan)
     for budget in budgets:
         if budget.kind == "latency" and budget.value < best_latency * _FLOOR_NOISE:
             ref = runner.ctx.reference
@@ -451,10 +460,13 @@ def _check_floors(
             raise BudgetError(
                 f"latency budget {budget.text} is below the fastest candidate in the space "
                 f"({best_latency:.3g} ms, {where_latency}{ratios}); raise the budget "
-                "(baselines are recorded in the study)"
+                "(nothing was recorded)"
             )
         if budget.kind == "size" and budget.value < best_size:
+            limit = "" if packing == float("inf") else (
+                f"; its packing limit, parameters x bits, is {packing / 1000:.1f} KB")
             raise BudgetError(
                 f"size budget {budget.text} is below the smallest candidate in the space "
-                f"({best_size / 1000:.1f} KB, {where_size}); raise the budget"
+                f"({best_size / 1000:.1f} KB, {where_size}{limit}); raise the budget "
+                "(nothing was recorded)"
             )

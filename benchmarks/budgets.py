@@ -83,7 +83,7 @@ def run_one(spec: str, sampler: str, seed: int, budget_ms: float, minutes: float
         sampler=sampler, seed=seed, train_threads=torch_threads, device="cpu",
     )
     started = time.perf_counter()
-    result = run_search(config, on_progress=progress_printer(loads))
+    result = run_search(config, on_progress=progress_printer(loads), on_start=log)
     wall = time.perf_counter() - started
     return summarise(result, budget_ms, wall, sampler, seed)
 

@@ -120,15 +120,22 @@ def test_bad_search_input_exits_2_with_one_line(
     assert needle in err and len(err.splitlines()) == 1 and "Traceback" not in err
 
 
-def test_impossible_budget_is_refused_after_baselines(
-    capsys: pytest.CaptureFixture[str], tmp_path: Path
+@pytest.mark.parametrize(("budget", "needle"), [
+    ("1us", "below the fastest candidate"), ("1KB", "packing limit"),
+])
+def test_impossible_budget_is_refused_before_any_trial(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, budget: str, needle: str
 ) -> None:
     code, err = _cli(capsys, "search", "--storage", f"sqlite:///{tmp_path}/i.db",
-                     "--budget", "1us", "--trials", "2", "--latency-repeats", "3")
-    assert code == 2 and "below the fastest candidate" in err
+                     "--budget", budget, "--trials", "2", "--latency-repeats", "3")
+    last = err.splitlines()[-1]  # after the progress notes: the one-line refusal
+    assert code == 2 and needle in last and "Traceback" not in err
+    assert last.startswith("error:") and "nothing was recorded" in last
+    if budget == "1us":  # the ratio the budget needs, against the study's fp32 reference
+        assert "of the fp32 reference" in last and "the budget needs x0.0" in last
     con = sqlite3.connect(tmp_path / "i.db")
     states = con.execute("SELECT state FROM trials").fetchall()
-    assert len(states) == 2  # the baselines are recorded, nothing else ran
+    assert states == []  # refused from the floor pre-checks alone
     keys = [k for (k,) in con.execute("SELECT key FROM study_user_attributes")]
     assert "learning_rate_probe" not in keys  # refused before spending the probe
 

@@ -40,7 +40,11 @@ def test_parameter_names_are_readable() -> None:
     assert set(trial.params) == {
         "bits/stem", "bits/layer1.0.conv1", "bits/fc",
         "prune/stem", "prune/layer1.0.conv1", "kd/temperature", "kd/alpha",
+        "quant/activations",
     }
+    one = optuna.create_study(directions=["maximize", "minimize"]).ask()
+    plan = suggest_plan(one, _inventory(), SearchConfig(activation_bits=(32,)))
+    assert "quant/activations" not in one.params and plan.activation_bits == 32
 
 
 @pytest.mark.parametrize("seed", range(5))

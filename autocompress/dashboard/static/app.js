@@ -38,7 +38,7 @@
 
   function stateBadge(t) {
     const s = t.state;
-    if (s === "COMPLETE" && t.rejected) return '<span class="badge warn">rejected at pre-check</span>';
+    if (t.rejected) return '<span class="badge warn">rejected at pre-check</span>';
     if (s === "COMPLETE") return t.feasible ? '<span class="badge ok">feasible</span>' : '<span class="badge warn">over budget</span>';
     if (s === "FAIL") return '<span class="badge bad">failed</span>';
     if (s === "RUNNING") return '<span class="badge run">running</span>';
@@ -178,6 +178,7 @@
     const front = new Set(study.front_2d);
     const out = { feasible: [], infeasible: [], rejected: [], baseline: [] };
     for (const t of study.trials) {
+      if (t.rejected) { out.rejected.push(t); continue; }  // PRUNED at the pre-check
       if (t.state !== "COMPLETE") continue;
       if (t.baseline) out.baseline.push(t);
       else if (t.accuracy == null) out.rejected.push(t);
