@@ -65,7 +65,8 @@ log = logging.getLogger(__name__)
 QUANT_WEIGHT_BITS: tuple[int, ...] = (8, 4)
 # Bumped whenever the same plan starts exporting to other bytes, so a study never compares
 # sizes across layouts. 2: compact graphs (onnx_compact.py), up to a fifth smaller files.
-ONNX_FORMAT = 2
+# 3: weightless ops between quantized layers quantized too (_integer_neighbours).
+ONNX_FORMAT = 3
 INT8_FULL_QMAX = 127
 INT8_REDUCED_QMAX = 63  # 2 * 255 * 64 < 32767: no int16 saturation in u8s8 pair sums
 INT4_QMAX = 7
@@ -101,6 +102,14 @@ _WEIGHT_INPUT: dict[str, int] = {
     "QGemm": 3,
 }
 _QUANT_OPS: tuple[str, ...] = ("Conv", "Gemm", "MatMul")
+# Weightless ops ORT's QDQ quantizer handles. Between quantized layers they are quantized too,
+# so the integer path is not broken by a float residual Add (each costs a DequantizeLinear in
+# and a QuantizeLinear out): on ResNet-20 uniform int8, quantizing the convolutions alone ran
+# at 0.94x of fp32 on an AVX2 machine, ORT's all-op PTQ of the same network at 0.66x.
+_JOIN_OPS: tuple[str, ...] = (
+    "Add", "Mul", "Concat", "GlobalAveragePool", "AveragePool", "MaxPool", "Relu", "Clip",
+    "Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze",
+)
 # ORT's optimizer renames a fused weight as e.g. "ConvBnFusion_W_layer1.0.conv1.weight".
 _FUSION_PREFIX = re.compile(r"^[A-Za-z0-9]+Fusion_(?:W|B|BN_B)_")
 _EMA_MOMENTUM = 0.05  # fine-tunes here are a few hundred steps: a short memory is enough
@@ -849,6 +858,8 @@ def _quantize_file(
                 # (A renamed weight means ORT fused something into the node, e.g. a BN the
                 # PyTorch model still had: its output is then not the tensor QAT observed.)
                 output_ranges[site.output] = layer_learned.output
+        if layer_bits is not None and nodes:
+            nodes += _integer_neighbours(proto, set(nodes))
         for tensor, qparams in output_ranges.items():
             act_ranges.setdefault(tensor, qparams)
         for tensor, (scale, zero_point) in act_ranges.items():
@@ -864,7 +875,7 @@ def _quantize_file(
             weight_overrides=overrides,
             activation_overrides=act_overrides,
             nodes_to_quantize=nodes if layer_bits is not None else None,
-            op_types=op_types,
+            op_types=None if op_types is None else (*op_types, *_JOIN_OPS),
         )
         _finish_quantized(out_path)
     return requested
@@ -914,6 +925,24 @@ def _weight_only_file(
     compact_graph(proto)
     onnx.save(proto, str(out_path))
     return requested
+
+
+def _integer_neighbours(proto: onnx.ModelProto, quantized: set[str]) -> list[str]:
+    """Weightless nodes (``_JOIN_OPS``) whose every non-constant input comes from a quantized
+    node (directly or through other such nodes), in graph order: quantizing them keeps
+    integer tensors integer. Nodes next to a float layer stay float (no Q/DQ is added)."""
+    initializers = {init.name for init in proto.graph.initializer}
+    integer: set[str] = set()
+    extra: list[str] = []
+    for node in proto.graph.node:  # ONNX graphs are topologically sorted
+        if node.name in quantized:
+            integer.update(node.output)
+            continue
+        dynamic = [t for t in node.input if t and t not in initializers]
+        if node.op_type in _JOIN_OPS and dynamic and all(t in integer for t in dynamic):
+            extra.append(node.name)
+            integer.update(node.output)
+    return extra
 
 
 def _finish_quantized(path: Path) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from autocompress import runtime
+from autocompress import quantize, runtime
 from autocompress.cli import main
 from autocompress.intake import load_data
 from autocompress.measure import sha256_file
@@ -160,7 +160,7 @@ def test_study_with_older_file_layout_is_refused_and_kept(
         "SELECT value_json FROM study_user_attributes WHERE key = 'identity'"
     ).fetchone()
     identity = json.loads(json.loads(raw))
-    assert identity.pop("onnx_format") == 2
+    assert identity.pop("onnx_format") == quantize.ONNX_FORMAT
     con.execute("UPDATE study_user_attributes SET value_json = ? WHERE key = 'identity'",
                 (json.dumps(json.dumps(identity, sort_keys=True)),))
     con.commit()
@@ -171,7 +171,7 @@ def test_study_with_older_file_layout_is_refused_and_kept(
                      short_study.study, "--budget", "50ms", "--trials", "1",
                      "--finetune-steps", "30", "--latency-repeats", "6")
     assert code == 2 and len(err.splitlines()) == 1
-    assert "another layout (format 1, this autocompress writes 2)" in err
+    assert f"another layout (format 1, this autocompress writes {quantize.ONNX_FORMAT})" in err
     assert "--study NEW_NAME" in err
     con = sqlite3.connect(db)
     assert con.execute("SELECT COUNT(*) FROM trials").fetchone()[0] == trials_before
