@@ -9,8 +9,9 @@ search makes before a pre-check it does run is recorded beside the measured rati
 model's hit rate is stored on the study.
 
 Features of a structure (all fractions of the teacher's multiply-adds in the inventory's
-layers): MACs left at 32, 8 and 4 bits, plus an intercept for the layers and ops the
-inventory does not count (pooling, additions, the runtime's fixed cost per call).
+convolutions and linear layers): MACs left at 32, 8 and 4 bits (weight-only layers count as
+32: they run in float), plus an intercept for what the inventory does not count (pooling,
+additions, the runtime's fixed cost per call).
 """
 
 from __future__ import annotations
@@ -52,7 +53,8 @@ def structure_features(
             continue
         # Output positions are unchanged by channel pruning: MACs scale with the weights kept.
         macs = layer.flops * weight_s.numel() / max(weight_t.numel(), 1)
-        bits = plan.bits.get(layer.name, 32)
+        # Weight-only layers run in float once ONNX Runtime folds their weights at load.
+        bits = 32 if plan.activation_bits >= 32 else plan.bits.get(layer.name, 32)
         by_width[bits if bits in by_width else 32] += macs
     return [1.0] + [by_width[w] / total for w in WIDTHS]
 

@@ -103,6 +103,11 @@ def _cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
     ("args", "needle"),
     [
         (["--budget", "fast"], "budget 'fast'"),
+        (["--budget", "1e999ms"], "not a finite number"),
+        (["--budget", "1e999MB"], "not a finite number"),
+        (["--max-rejections", "0"], "max_rejections 0"),
+        (["--time-limit", "0"], "time_limit 0"),
+        (["--activation-bits", "16"], "activation_bits [16]"),
         (["--budget=-5ms"], "must be positive"),
         (["--budget", "-5ms"], "--budget"),
         (["--sampler", "bayes"], "sampler 'bayes'"),
