@@ -253,7 +253,7 @@ def _exportable(records: Sequence[TrialRecord], number: int, study_name: str) ->
             "`autocompress show --all` lists them"
         )
     if record.state != "COMPLETE":
-        why = record.fail_reason or record.attrs.get("early_stopped") or ""
+        why = record.fail_reason or record.rejected or record.attrs.get("early_stopped") or ""
         raise ExportError(
             f"trial {number} did not complete (state {record.state}"
             f"{': ' + why if why else ''}); export a completed trial from `autocompress show`"

@@ -280,7 +280,9 @@ def _search_records(result) -> list:
     return [r for r in result.records if not r.baseline]
 
 
-def test_rejected_plans_are_recorded_but_do_not_use_up_trials(tmp_path: Path) -> None:
+def test_rejected_plans_are_recorded_but_do_not_use_up_trials(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
     # 100 KB lies between int4 (about 86 KB) and int8 weight-only (116 KB): unpruned random
     # plans mixing 8-bit or float layers break it. Three fine-tuned trials are asked for and
     # delivered, whatever was rejected on the way.
@@ -305,6 +307,11 @@ def test_rejected_plans_are_recorded_but_do_not_use_up_trials(tmp_path: Path) ->
     for trial in loaded.get_trials():
         if trial.number in {r.number for r in rejected}:
             assert trial.constraints and max(trial.constraints.values()) > 0
+    # Exporting one says why there is nothing to export.
+    code = main(["export", "--storage", study.storage_url, "--study", "count", "--trial",
+                 str(rejected[0].number), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "over budget at pre-check" in err and len(err.splitlines()) == 1
 
 
 def test_rejection_cap_ends_the_run_with_one_line_and_exit_0(
