@@ -908,9 +908,8 @@ def _weight_only_file(
         shape[site.axis] = -1
         q = np.clip(np.round(weight / scales.reshape(shape)), -qmax, qmax).astype(np.int8)
         name = site.initializer
-        if bits == 4:  # make_tensor packs two INT4 values per byte
-            q_init = onnx.helper.make_tensor(f"{name}_quantized", onnx.TensorProto.INT4,
-                                             q.shape, q.flatten().tolist())
+        if bits == 4:
+            q_init = _int4_tensor(f"{name}_quantized", q)
         else:
             q_init = numpy_helper.from_array(q, f"{name}_quantized")
         graph.initializer.remove(initializers[name])
@@ -943,6 +942,23 @@ def _integer_neighbours(proto: onnx.ModelProto, quantized: set[str]) -> list[str
             extra.append(node.name)
             integer.update(node.output)
     return extra
+
+
+def _int4_tensor(name: str, values: np.ndarray) -> onnx.TensorProto:
+    """INT4 initializer packed two values per byte in ``raw_data`` (first value in the low
+    nibble, as the ONNX spec says). ``helper.make_tensor`` with a list stores each value as a
+    varint in ``int32_data``: about twice the bytes."""
+    flat = values.astype(np.int8).flatten()
+    if flat.size % 2:
+        flat = np.concatenate([flat, np.zeros(1, dtype=np.int8)])
+    nibbles = (flat.astype(np.uint8) & 0x0F).reshape(-1, 2)
+    packed = (nibbles[:, 0] | (nibbles[:, 1] << 4)).astype(np.uint8)
+    tensor = onnx.TensorProto()
+    tensor.name = name
+    tensor.data_type = onnx.TensorProto.INT4
+    tensor.dims.extend(values.shape)
+    tensor.raw_data = packed.tobytes()
+    return tensor
 
 
 def _finish_quantized(path: Path) -> None:

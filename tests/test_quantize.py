@@ -240,6 +240,33 @@ def test_export_mixed_plan_matches_fake_quant_model(
     assert acc > 0.8
 
 
+def test_weight_only_export_packs_integer_weights_and_keeps_activations_float(
+    trained: nn.Module, digits: dict, tmp_path: Path
+) -> None:
+    """activation_bits 32: INT4/INT8 weights behind DequantizeLinear, no activation Q/DQ,
+    INT4 packed two per byte, and the file computes what the fake-quant model computes."""
+    plan = CompressionPlan(bits={"conv1": 8, "conv2": 4, "conv3": 4, "fc": 32},
+                           activation_bits=32)
+    prepared = _qat(q.fold_batchnorm(trained), plan, digits)
+    assert prepared.conv1.weight_qmax == q.INT8_FULL_QMAX  # no integer kernel will run
+    calibration = list(_batches(digits["x_train"][:64]))
+    info = q.export_onnx(prepared, digits["x_test"][:1], tmp_path / "wo.onnx", plan, calibration)
+    assert info.weight_types == {"conv1": "INT8", "conv2": "INT4", "conv3": "INT4", "fc": "FLOAT"}
+    proto = onnx.load(str(info.path))
+    assert "QuantizeLinear" not in {n.op_type for n in proto.graph.node}
+    for init in proto.graph.initializer:
+        if init.data_type == onnx.TensorProto.INT4:  # raw, two values per byte
+            assert len(init.raw_data) == (int(np.prod(init.dims)) + 1) // 2
+    scales = q.weight_scales(info.path)
+    np.testing.assert_allclose(scales["conv2"], prepared.conv2.weight_scale().numpy(), rtol=1e-6)
+    x_test = digits["x_test"]
+    with torch.no_grad():
+        reference = prepared(x_test).argmax(1).numpy()
+    for options in ({}, runtime.DISABLE_QDQ_OPTION):
+        onnx_pred = runtime.predictions(info.path, _batches(x_test), session_options=options)
+        assert (onnx_pred == reference).mean() >= 0.995
+
+
 def test_export_float_model_calibrates_with_ort(
     trained: nn.Module, digits: dict, tmp_path: Path
 ) -> None:
