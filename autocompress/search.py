@@ -1,4 +1,5 @@
-"""The search: intake -> inventory -> study -> baselines -> floors -> optimize.
+"""The search: intake -> inventory -> study -> fp32 reference -> floors -> baselines ->
+learning rate -> warm starts -> optimize.
 
 ``run_search(config)`` is what ``autocompress search`` calls. ``--trials N`` means N more
 fine-tuned search trials from this worker (baselines come on top, once per study); several
@@ -218,10 +219,13 @@ def _run_search(
         config = _resolve_learning_rate(study, task, inventory, config, calibration, on_start)
         ctx = dataclasses.replace(runner.ctx, config=config)  # same pre-check cache and model
         runner.ctx = ctx
-        warm = plan_warm_starts(runner, inventory, config, budgets, study_mod.records(study))
-        for note in warm.notes:
-            _say(note, on_start)
-        study_mod.enqueue_once(study, warm.named, "warm_start")
+        recorded = study_mod.records(study)
+        if not any(r.attrs.get("warm_start") for r in recorded):  # once per study: the
+            # budget-aware ones cost a few pre-checks each to find their pruning ratio
+            warm = plan_warm_starts(runner, inventory, config, budgets, recorded)
+            for note in warm.notes:
+                _say(note, on_start)
+            study_mod.enqueue_once(study, warm.named, "warm_start")
         counter.searching = True
         study.optimize(runner, n_trials=counter.hard_cap(), callbacks=[callback],
                        catch=(Exception,))
