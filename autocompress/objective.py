@@ -245,7 +245,7 @@ class TrialRunner:
         self, student: nn.Module, plan: CompressionPlan, baseline: str | None, out_dir: Path
     ) -> Precheck:
         ctx = self.ctx
-        key = f"{baseline or 'search'}:{structure_key(plan)}"
+        key = _precheck_key(plan, baseline)
         if key in ctx.precheck_cache:
             return ctx.precheck_cache[key]
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -301,7 +301,7 @@ class TrialRunner:
         """The latency model's ratio for this structure, recorded on the trial, when the
         model is fitted, a latency budget exists and the structure was never measured."""
         ctx = self.ctx
-        key = f"{baseline or 'search'}:{structure_key(plan)}"
+        key = _precheck_key(plan, baseline)
         if baseline is not None or key in ctx.precheck_cache or ctx.budget_ratio() is None:
             return None
         features = structure_features(student, plan, ctx.inventory, ctx.task.model)
@@ -547,6 +547,11 @@ def clear_verdict(budgets: list[Budget], latency_ms: float, size_bytes: float) -
         for b in budgets
         if b.kind == "latency"
     )
+
+
+def _precheck_key(plan: CompressionPlan, baseline: str | None) -> str:
+    """Pre-check cache key: baselines are exported by their own path, so they key apart."""
+    return f"{baseline or 'search'}:{structure_key(plan)}"
 
 
 def _removes_weights(plan: CompressionPlan) -> bool:

@@ -180,6 +180,14 @@ def weight_qmax(bits: int) -> int:
     raise PlanError(f"weight bit width {bits} cannot be quantized; use 8 or 4 (or 32)")
 
 
+def weight_only_qmax(bits: int) -> int:
+    """Weight range of a weight-only layer: the full range, since no integer kernel runs
+    (ONNX Runtime dequantizes the weights to float), so u8s8 saturation cannot happen."""
+    if bits not in (8, 4):
+        raise PlanError(f"weight bit width {bits} cannot be quantized; use 8 or 4 (or 32)")
+    return INT8_FULL_QMAX if bits == 8 else INT4_QMAX
+
+
 def symmetric_scales(weight: torch.Tensor, qmax: int) -> torch.Tensor:
     """Per-output-channel (dim 0) symmetric scale ``max|w_c| / qmax`` as float32, shape [C].
 
@@ -268,7 +276,7 @@ class _FakeQuantMixin(nn.Module):
         # fixed now: export must use the same
         quant.weight_qmax = (
             weight_qmax(weight_bits) if activation_bits < WEIGHT_ONLY
-            else {8: INT8_FULL_QMAX, 4: INT4_QMAX}[weight_bits]
+            else weight_only_qmax(weight_bits)
         )
         quant.activation_bits = activation_bits
         quant.observing = False
@@ -900,8 +908,7 @@ def _weight_only_file(
             continue
         done.add(site.initializer)
         layer_learned = learned.get(site.layer)
-        qmax = (layer_learned.weight_qmax if layer_learned
-                else {8: INT8_FULL_QMAX, 4: INT4_QMAX}[bits])
+        qmax = layer_learned.weight_qmax if layer_learned else weight_only_qmax(bits)
         weight = numpy_helper.to_array(initializers[site.initializer])
         scales = _numpy_scales(weight, site.axis, qmax).astype(np.float32)
         shape = [1] * weight.ndim

@@ -380,10 +380,7 @@ def _resolve_learning_rate(
             note = probe.describe()
         else:
             note = f"learning rate {stored['chosen']:g}, probed when the study began"
-    if on_start:
-        on_start(note)
-    else:
-        log.info(note)
+    _say(note, on_start)
     return config.replace(learning_rate=float(stored["chosen"]))
 
 
