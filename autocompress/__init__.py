@@ -31,6 +31,10 @@ _EXPORTS = {
     "load_study": "autocompress.api",
     "rebuild": "autocompress.api",
     "TrialRecord": "autocompress.pareto",
+    "evaluate_plan": "autocompress.evaluate",
+    "refine_trial": "autocompress.refine",
+    "measure_sensitivity": "autocompress.sensitivity",
+    "Sensitivity": "autocompress.sensitivity",
     "pareto_front": "autocompress.pareto",
     # intake
     "load_task": "autocompress.intake",

@@ -106,6 +106,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "in --trials)")
     s.add_argument("--time-limit", type=float, metavar="MINUTES", help="end the run between "
                    "trials after this many minutes (the study can be resumed)")
+    s.add_argument("--no-guided", dest="guided", action="store_const", const=False,
+                   help="skip the sensitivity pass and the least-damage plans solved from it")
+    s.add_argument("--sensitivity-images", type=int, help="validation images each choice is "
+                   "scored on in the sensitivity pass (default 512)")
+    s.add_argument("--promote-share", type=float, help="share of the run's fine-tune effort "
+                   "spent retraining the best plans longer (default 0.25; 0: none)")
+    s.add_argument("--promote-factor", type=int, help="a promoted plan gets this many times "
+                   "its fine-tune steps (default 4)")
     s.add_argument("--json", action="store_true", help="print the result as JSON")
 
     sh = sub.add_parser("show", help="the Pareto table of a study, from the database")
@@ -143,7 +151,24 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--force", action="store_true", help="write into a non-empty folder")
     e.add_argument("--no-verify", dest="verify", action="store_false",
                    help="skip re-measuring the written file")
+    e.add_argument("--refine-epochs", type=int, metavar="E", help="first fine-tune the chosen "
+                   "plan for E epochs (a new trial, see `refine`), then export that")
     e.add_argument("--json", action="store_true")
+
+    rf = sub.add_parser("refine", help="fine-tune one trial's plan for whole epochs (a new "
+                        "trial, measured on its own file)")
+    _add_storage_options(rf)
+    rf.add_argument("--trial", type=int, required=True, help="the trial whose plan to refine")
+    rf.add_argument("--epochs", type=int, required=True, help="epochs over the training split")
+    rf.add_argument("--out", help="also export the refined trial, verified, to this folder")
+    rf.add_argument("--force", action="store_true", help="write into a non-empty --out folder")
+    rf.add_argument("--json", action="store_true")
+
+    se = sub.add_parser("sensitivity", help="per-layer sensitivity table of a study "
+                        "(which layers must stay at high precision)")
+    _add_storage_options(se)
+    se.add_argument("--top", type=int, help="only the N most sensitive layers and groups")
+    se.add_argument("--json", action="store_true")
     return parser
 
 
@@ -244,26 +269,79 @@ def _dashboard(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from autocompress import export
+    from autocompress import export, refine, report
 
     name = args.study or "demo"
     url = args.storage or f"sqlite:///studies/{name}.db"
-    result = export.export_from_storage(
-        url,
-        name,
-        out=args.out,
-        trial=args.trial,
-        best=args.best,
-        budgets=tuple(args.budgets or ()),
-        max_accuracy_drop=args.max_accuracy_drop,
-        force=args.force,
-        verify=args.verify,
-        artifacts_dir=args.artifacts,
-    )
+    common: dict[str, Any] = {
+        "out": args.out, "trial": args.trial, "best": args.best,
+        "budgets": tuple(args.budgets or ()), "max_accuracy_drop": args.max_accuracy_drop,
+        "force": args.force, "verify": args.verify, "artifacts_dir": args.artifacts,
+    }
+    if args.refine_epochs is not None:
+        with report.StepProgress("refine", enabled=not args.json) as bar:
+            result = refine.refine_and_export(url, name, epochs=args.refine_epochs,
+                                              on_step=bar.update, on_note=bar.note, **common)
+    else:
+        result = export.export_from_storage(url, name, **common)
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
     else:
         print(result.summary())
+    return 0
+
+
+def _refine(args: argparse.Namespace) -> int:
+    from autocompress import refine, report
+
+    name = args.study or "demo"
+    url = args.storage or f"sqlite:///studies/{name}.db"
+    if args.out:  # check the folder before a fine-tune of many minutes
+        from pathlib import Path
+
+        from autocompress.export import check_out
+        check_out(Path(args.out).expanduser().absolute(), args.force)
+    with report.StepProgress("refine", enabled=not args.json) as bar:
+        record = refine.refine_trial(url, name, args.trial, args.epochs,
+                                     artifacts_dir=args.artifacts, on_step=bar.update,
+                                     on_note=bar.note)
+    exported = None
+    if args.out:
+        from autocompress.export import export_from_storage
+        exported = export_from_storage(url, name, out=args.out, trial=record.number,
+                                       force=args.force, artifacts_dir=args.artifacts)
+    if args.json:
+        data = refine.refine_json(record)
+        if exported is not None:
+            data["export"] = exported.to_dict()
+        print(json.dumps(data, indent=2))
+        return 0
+    report.print_front([record], [record], [], title=f"Refined trial {record.number} (plan of "
+                       f"trial {args.trial}, {args.epochs} epoch(s))")
+    if exported is not None:
+        print(exported.summary())
+    return 0
+
+
+def _sensitivity(args: argparse.Namespace) -> int:
+    from autocompress import report
+    from autocompress.sensitivity import SENSITIVITY_ATTR, Sensitivity
+    from autocompress.study import load_existing_study
+
+    name = args.study or "demo"
+    url = args.storage or f"sqlite:///studies/{name}.db"
+    study = load_existing_study(url, name)
+    stored = study.user_attrs.get(SENSITIVITY_ATTR)
+    if stored is None:
+        from autocompress.errors import StudyError
+        raise StudyError(
+            f"study {name!r} has no sensitivity table yet; run `autocompress search --study "
+            f"{name}` (its sensitivity pass runs unless --no-guided)")
+    table = Sensitivity.from_dict(json.loads(stored))
+    if args.json:
+        print(json.dumps(table.to_dict(), indent=2))
+    else:
+        report.print_sensitivity(table, top=args.top)
     return 0
 
 
@@ -274,6 +352,8 @@ _COMMANDS = {
     "profile": _profile,
     "dashboard": _dashboard,
     "export": _export,
+    "refine": _refine,
+    "sensitivity": _sensitivity,
 }
 
 

@@ -141,6 +141,13 @@ class SearchConfig:
     # when to give up: rejected plans in a row, and minutes of wall time (None: no limit)
     max_rejections: int = 50
     time_limit: float | None = None
+    # search intelligence: a sensitivity pass and least-damage plans solved from it, queued
+    # after the warm starts; the best plans retrained longer (promote_factor x the steps)
+    # with promote_share of the run's fine-tune effort (0: no promotions)
+    guided: bool = True
+    sensitivity_images: int = 512
+    promote_share: float = 0.25
+    promote_factor: int = 4
 
     def __post_init__(self) -> None:
         self.check()
@@ -200,6 +207,15 @@ class SearchConfig:
             raise ConfigError(
                 f"time_limit {self.time_limit} must be a positive number of minutes (e.g. 15)"
             )
+        if not 0.0 <= self.promote_share < 1.0:
+            raise ConfigError(f"promote_share {self.promote_share} must be in [0, 1) (e.g. "
+                              "0.25 of the run's fine-tune effort; 0 turns promotions off)")
+        if self.promote_factor < 2:
+            raise ConfigError(f"promote_factor {self.promote_factor} must be >= 2 (e.g. 4: "
+                              "a promoted plan gets 4x the fine-tune steps)")
+        if self.sensitivity_images < 16:
+            raise ConfigError(f"sensitivity_images {self.sensitivity_images} must be >= 16 "
+                              "(e.g. 512 validation images score each choice)")
         if self.learning_rate is not None and self.learning_rate <= 0:
             raise ConfigError(
                 f"learning_rate {self.learning_rate} must be > 0 (e.g. 2e-3), or left out to "
@@ -312,6 +328,18 @@ def build_config(config_file: str | Path | None, overrides: dict[str, Any]) -> S
         raise ConfigError(f"bad config: {exc}") from None
 
 
+def config_from_stored(values: dict[str, Any], **overrides: Any) -> SearchConfig:
+    """The SearchConfig a study recorded (its ``config`` attribute), with ``overrides``.
+    Keys this version does not know (a study written by another one) are left out."""
+    hints = _field_types()
+    checked = {k: _coerce(k, v, hints[k]) for k, v in values.items() if k in hints}
+    checked.update(overrides)
+    try:
+        return SearchConfig(**checked)
+    except TypeError as exc:
+        raise ConfigError(f"the study's stored config is unreadable: {exc}") from None
+
+
 def config_keys() -> list[str]:
     return [f.name for f in dataclasses.fields(SearchConfig)]
 
@@ -322,6 +350,7 @@ __all__ = [
     "Budget",
     "SearchConfig",
     "build_config",
+    "config_from_stored",
     "config_keys",
     "format_bytes",
     "load_config_file",

@@ -367,6 +367,7 @@ def finetune(
     log: Callable[[str], None] | None = None,
     optimizer: str = "adamw",
     evaluate_at: Callable[[int], bool] | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> FinetuneResult:
     """Distil ``teacher`` into ``student`` in place for exactly ``plan.finetune_steps`` steps.
 
@@ -374,6 +375,7 @@ def finetune(
     training device, under no_grad) and ``should_stop(step, metric)`` may end the run early.
     ``evaluate_at(step)``, when given, further limits those steps to the ones where the
     metric can matter (evaluations cost forward passes over the validation data).
+    ``progress(step, total)``, when given, is called after every step (progress bars).
     Raises TrainingError when the loss becomes nan/inf. Both models end on the CPU in the
     train/eval mode they arrived in. The run is deterministic for a given ``seed`` (same
     data order, adapter init and dropout masks); the global RNG state is left untouched.
@@ -412,6 +414,7 @@ def finetune(
                 log,
                 optimizer,
                 evaluate_at,
+                progress,
             )
         finally:
             student.to("cpu")
@@ -434,6 +437,7 @@ def _run(
     log: Callable[[str], None] | None,
     optimizer_name: str,
     evaluate_at: Callable[[int], bool] | None,
+    progress: Callable[[int, int], None] | None,
 ) -> FinetuneResult:
     steps = plan.finetune_steps
     batches = _cycle_batches(data, batch_size, seed)
@@ -478,6 +482,8 @@ def _run(
             sched.step()
             recent.append(value)
             del recent[:-_FINAL_LOSS_WINDOW]
+            if progress is not None:
+                progress(step, steps)
 
             due = step % eval_every == 0 and (evaluate_at is None or evaluate_at(step))
             if evaluate is not None and due:

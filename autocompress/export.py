@@ -18,6 +18,7 @@ latencies drift by tens of percent on shared machines (DESIGN rule 7), ratios mu
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -295,7 +296,7 @@ def _nothing_feasible(
 # -- files -------------------------------------------------------------------------------------
 
 
-def _check_out(out: Path, force: bool) -> None:
+def check_out(out: Path, force: bool) -> None:
     if out.exists() and not out.is_dir():
         raise ExportError(f"--out {str(out)!r} is a file; pass a folder path")
     if out.is_dir() and any(out.iterdir()) and not force:
@@ -308,7 +309,7 @@ def _check_out(out: Path, force: bool) -> None:
 def _publish(tmp: Path, out: Path, force: bool) -> None:
     """Move the finished files into place: one rename when ``out`` is new or empty; with
     --force into a non-empty folder, file by file (other files in it are left alone)."""
-    _check_out(out, force)  # again: something may have written there meanwhile
+    check_out(out, force)  # again: something may have written there meanwhile
     if out.is_dir() and not any(out.iterdir()):
         out.rmdir()
     if not out.exists():
@@ -542,6 +543,34 @@ def _rebuild(ctx: _Context, record: TrialRecord, state_path: Path) -> tuple[nn.M
 # -- export ------------------------------------------------------------------------------------
 
 
+def choose_from_study(
+    study: Any,
+    info: study_mod.StudyInfo,
+    *,
+    trial: int | None = None,
+    best: bool = False,
+    budgets: Sequence[str] = (),
+    max_accuracy_drop: str | float | None = None,
+    records: Sequence[TrialRecord] | None = None,
+) -> Choice:
+    """``choose`` over a loaded study, against its budgets and fp32 accuracy."""
+    records = study_mod.records(study) if records is None else records
+    fp32 = fp32_record(records)
+    # The fp32 baseline trial's validation accuracy; without one, the teacher's accuracy the
+    # search measured on the same fp32 ONNX export before any trial.
+    reference = fp32.accuracy if fp32 is not None else info.attrs.get("fp32_accuracy")
+    return choose(
+        records,
+        [Budget.from_dict(b) for b in info.json_attr("budgets", []) or []],
+        trial=trial,
+        best=best,
+        budgets=tuple(budgets),
+        max_accuracy_drop=max_accuracy_drop,
+        reference_accuracy=reference,
+        study_name=info.name,
+    )
+
+
 def export_from_storage(
     url: str,
     study_name: str,
@@ -554,6 +583,7 @@ def export_from_storage(
     force: bool = False,
     verify: bool = True,
     artifacts_dir: str | Path | None = None,
+    rule: str | None = None,
 ) -> ExportResult:
     """Choose a trial of a stored study, write its files to ``out`` and verify them.
 
@@ -563,24 +593,15 @@ def export_from_storage(
     figures. On any error nothing is left in ``out``.
     """
     out_path = Path(out).expanduser().absolute()
-    _check_out(out_path, force)
+    check_out(out_path, force)
     study = study_mod.load_existing_study(url, study_name)
     info = study_mod.study_info(study, url)
     records = study_mod.records(study)
     fp32 = fp32_record(records)
-    # The fp32 baseline trial's validation accuracy; without one, the teacher's accuracy the
-    # search measured on the same fp32 ONNX export before any trial.
-    reference = fp32.accuracy if fp32 is not None else info.attrs.get("fp32_accuracy")
-    choice = choose(
-        records,
-        [Budget.from_dict(b) for b in info.json_attr("budgets", []) or []],
-        trial=trial,
-        best=best,
-        budgets=tuple(budgets),
-        max_accuracy_drop=max_accuracy_drop,
-        reference_accuracy=reference,
-        study_name=study_name,
-    )
+    choice = choose_from_study(study, info, trial=trial, best=best, budgets=budgets,
+                               max_accuracy_drop=max_accuracy_drop, records=records)
+    if rule is not None:
+        choice = dataclasses.replace(choice, rule=rule)
     store = study_mod.artifact_store(_artifacts_dir(info, url, artifacts_dir))
     ctx = _Context.from_info(info)
 

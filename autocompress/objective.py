@@ -14,6 +14,7 @@ as a PRUNED trial with the reason.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -40,6 +41,11 @@ from autocompress.study import TrialPruned
 
 log = logging.getLogger("autocompress")
 
+# User attributes a retrain is queued with: the trial it retrains (same plan, its own file
+# and measurements) and its fine-tune steps (the parent's x the promotion factor, or the
+# refine's epochs x steps per epoch).
+PARENT_ATTR = "parent_trial"
+FINETUNE_STEPS_ATTR = "finetune_steps"
 PRECHECK_REPEATS = 10  # x 2 rounds, interleaved with fp32, when the verdict is close
 PRECHECK_FIRST_LOOK = 5  # runs per side of the first look, which settles clear verdicts
 PRECHECK_CLEAR_MARGIN = 1.3  # "clear": every latency budget more than 30% away
@@ -81,6 +87,8 @@ class SearchContext:
     # budget is judged on each measurement's absolute median instead.
     reference: ReferenceLatency | None = None
     latency_model: LatencyModel = field(default_factory=LatencyModel)
+    # Called with (step, total) after every fine-tune step (refine's progress bar).
+    on_step: Callable[[int, int], None] | None = None
 
     @property
     def latency_shape(self) -> tuple[int, ...]:
@@ -162,6 +170,9 @@ class TrialRunner:
         timer = _Timer()
         baseline = trial.user_attrs.get("baseline")
         plan = space.suggest_plan(trial, ctx.inventory, ctx.config)
+        steps = trial.user_attrs.get(FINETUNE_STEPS_ATTR)
+        if steps is not None:  # a promotion or a refine: the parent's plan, trained longer
+            plan = dataclasses.replace(plan, finetune_steps=int(steps))
         trial.set_user_attr("plan", plan.to_json())
         trial.set_user_attr("plan_summary", plan.summary())
         out_dir = ctx.workdir / f"trial-{trial.number}"
@@ -203,10 +214,15 @@ class TrialRunner:
             if predicted is not None:
                 ctx.latency_model.record_check(predicted, pre.ratio)
         broken = self._broken_budgets(pre.estimate_ms, pre.size_bytes)
-        if broken and baseline is None:
+        # A trial queued with its own step count (a promotion, a refine, evaluate_plan) was
+        # asked for by name: measured even over budget, fine-tuned to the end.
+        retrain = FINETUNE_STEPS_ATTR in trial.user_attrs
+        if broken and baseline is None and not retrain:
             self._reject(trial, pre, broken)
         # Baselines cost no fine-tune: they are measured even over budget (recorded as
         # infeasible), so the study always knows the teacher's and plain PTQ's accuracy.
+        # So is a retrain of a plan measured within budget: a noisy pre-check must not throw
+        # away the long fine-tune someone asked for.
         trial.set_user_attr("precheck_latency_estimate_ms", pre.estimate_ms)
 
         if baseline is None and _removes_weights(plan):
@@ -218,7 +234,7 @@ class TrialRunner:
         qat: nn.Module | None = None
         if baseline is None and plan.finetune_steps > 0:
             with timer.phase("finetune"):
-                qat, stopped = self._finetune(trial, student, plan)
+                qat, stopped = self._finetune(trial, student, plan, early_stop=not retrain)
             if stopped:
                 self._set_constraints(trial, pre.estimate_ms, pre.size_bytes)
                 trial.set_user_attr("early_stopped", stopped)
@@ -383,9 +399,10 @@ class TrialRunner:
         raise TrialPruned(text)
 
     def _finetune(
-        self, trial: Any, student: nn.Module, plan: CompressionPlan
+        self, trial: Any, student: nn.Module, plan: CompressionPlan, *, early_stop: bool = True
     ) -> tuple[nn.Module, str | None]:
-        """QAT + KD from the teacher; returns the model and the early-stop reason, if any."""
+        """QAT + KD from the teacher; returns the model and the early-stop reason, if any
+        (``early_stop=False``: a retrain of a plan that earned it runs to the end)."""
         ctx = self.ctx
         qat = self._untrained_qat(student, plan)
         floor = ctx.fp32_accuracy - ctx.config.early_stop_drop
@@ -408,12 +425,13 @@ class TrialRunner:
             plan,
             batch_size=ctx.config.batch_size,
             device=ctx.device,
-            evaluate=evaluate,
+            evaluate=evaluate if early_stop else None,
             eval_every=1,
             # Only where the rule can act: an evaluation costs 1,024 validation images.
             evaluate_at=early_stop_checkpoints(plan.finetune_steps).__contains__,
-            should_stop=hopeless,
+            should_stop=hopeless if early_stop else None,
             seed=ctx.config.seed + trial.number,
+            progress=ctx.on_step,
         )
         trial.set_user_attr("finetune_steps_run", result.steps)
         qat.eval()

@@ -67,11 +67,30 @@ def dominates(a: TrialRecord, b: TrialRecord, objectives: Sequence[str]) -> bool
     return better_or_equal and strictly
 
 
+PARENT_ATTR = "parent_trial"  # written by the objective on a promotion or a refine
+
+
+def parent_of(record: TrialRecord) -> int | None:
+    """The trial a retrain (promotion or refine) trained the same plan of, longer."""
+    parent = record.attrs.get(PARENT_ATTR)
+    return None if parent is None else int(parent)
+
+
+def most_trained(records: Iterable[TrialRecord]) -> list[TrialRecord]:
+    """The records minus those a measured, feasible retrain of the same plan supersedes (so
+    each plan counts once, at its longest fine-tune; a retrain that missed a budget on its
+    own measurement leaves its parent in place)."""
+    pool = list(records)
+    superseded = {parent_of(r) for r in pool if r.measured and r.feasible}
+    return [r for r in pool if r.number not in superseded]
+
+
 def pareto_front(
     records: Iterable[TrialRecord], objectives: Sequence[str] = ("accuracy", "size")
 ) -> list[TrialRecord]:
-    """Feasible, measured, non-dominated records, sorted by size (smallest first)."""
-    pool = [r for r in records if r.measured and r.feasible]
+    """Feasible, measured, non-dominated records (the most-trained trial of each plan),
+    sorted by size (smallest first)."""
+    pool = [r for r in most_trained(records) if r.measured and r.feasible]
     front = [r for r in pool if not any(dominates(o, r, objectives) for o in pool)]
     return sorted(front, key=lambda r: (r.size_bytes or 0.0, -(r.accuracy or 0.0)))
 
@@ -100,6 +119,20 @@ def hypervolume_2d(
     return area / reference_size
 
 
+def hypervolume_contributions(
+    records: Sequence[TrialRecord], reference_size: float, reference_accuracy: float = 0.0
+) -> dict[int, float]:
+    """Each front member's exclusive share of the (accuracy, size) hypervolume: what the
+    front loses without it (trial number -> area, normalised like ``hypervolume_2d``)."""
+    front = pareto_front(records)
+    whole = hypervolume_2d(front, reference_size, reference_accuracy)
+    return {
+        r.number: whole - hypervolume_2d([o for o in front if o.number != r.number],
+                                         reference_size, reference_accuracy)
+        for r in front
+    }
+
+
 def meets(record: TrialRecord, budgets: Sequence[Budget]) -> bool:
     latency = record.budget_latency_ms
     if latency is None or record.size_bytes is None:
@@ -123,7 +156,7 @@ def select_best(
 ) -> Selection | None:
     """Highest validation accuracy among measured trials within every budget (and the drop
     limit, as a fraction of the fp32 accuracy); ties go to the smaller file."""
-    pool = [r for r in records if r.measured and r.feasible and meets(r, budgets)]
+    pool = [r for r in most_trained(records) if r.measured and r.feasible and meets(r, budgets)]
     rule = "highest validation accuracy within " + (
         ", ".join(b.text for b in budgets) if budgets else "no budget"
     )

@@ -67,6 +67,8 @@ class SearchProgress:
             outcome = "rejected"
         elif last.baseline:
             outcome = f"baseline {last.baseline}"
+        elif last.attrs.get("parent_trial") is not None:
+            outcome = f"retrain of #{last.attrs['parent_trial']} {outcome}"
         status = f"feasible {progress.feasible} | best acc in budget {best} | last: {outcome}"
         self._progress.update(
             self._task, total=progress.total, completed=progress.done, status=status
@@ -150,6 +152,12 @@ def print_front(
             label = f"[baseline {r.baseline}] {label}"
         elif r.attrs.get("warm_start"):
             label = f"[warm start {r.attrs['warm_start']}] {label}"
+        elif r.attrs.get("guided"):
+            label = f"[{r.attrs['guided']}] {label}"
+        if r.attrs.get("parent_trial") is not None:
+            what = ("refined" if r.attrs.get("refine_epochs") else "promoted")
+            label = (f"[{what} #{r.attrs['parent_trial']}, "
+                     f"{r.plan.get('finetune_steps')} steps] {label}")
         if r.rejected:
             label = f"[rejected] {r.rejected}"
         if not r.feasible:
@@ -197,3 +205,100 @@ def print_studies(rows: Sequence[dict[str, Any]]) -> None:
         _out.print("no studies found (run `autocompress search` first)")
         return
     _table_console().print(table)
+
+
+class StepProgress:
+    """Fine-tune step i/N with a bar and an ETA (``autocompress refine``); on a terminal only,
+    elsewhere a line every tenth of the run."""
+
+    def __init__(self, label: str, *, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self._live = enabled and _err.is_terminal
+        self._label = label
+        self._last_tenth = -1
+        self._progress = Progress(
+            TextColumn(f"[bold]{escape(label)}" + " step {task.completed}/{task.total}"),
+            BarColumn(),
+            TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+            console=_err,
+            transient=True,
+            disable=not self._live,
+        )
+        self._task = self._progress.add_task(label, total=None)
+
+    def __enter__(self) -> StepProgress:
+        self._progress.__enter__()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._progress.__exit__(exc_type, exc, tb)
+
+    def note(self, text: str) -> None:
+        if self.enabled:
+            self._progress.console.print(text)
+
+    def update(self, step: int, total: int) -> None:
+        if not self.enabled:
+            return
+        if self._live:
+            self._progress.update(self._task, total=total, completed=step)
+            return
+        tenth = (10 * step) // max(total, 1)
+        if tenth != self._last_tenth:
+            self._last_tenth = tenth
+            _err.print(f"{self._label}: step {step}/{total}")
+
+
+def print_sensitivity(table: Any, *, top: int | None = None) -> None:
+    """The sensitivity table: one row per layer (KL to the teacher and accuracy at each
+    width), one per group (at each ratio), most sensitive first."""
+    widths = sorted({int(b) for e in table.layers.values() for b in e["bits"]}, reverse=True)
+    layers = Table(title=f"Layer sensitivity (KL to the teacher on {table.images} validation "
+                   f"images, nothing fine-tuned; teacher accuracy "
+                   f"{table.teacher_accuracy:.4f})", title_justify="left")
+    layers.add_column("layer")
+    layers.add_column("params", justify="right")
+    for b in widths:
+        layers.add_column(f"int{b} KL", justify="right")
+        layers.add_column(f"int{b} acc", justify="right")
+    low = min(widths) if widths else None
+    rows = sorted(table.layers.items(),
+                  key=lambda kv: -float(kv[1]["bits"].get(str(low), {}).get("kl", 0.0)))
+    for name, entry in rows[:top]:
+        cells = [escape(name), f"{entry['params']:,}"]
+        for b in widths:
+            got = entry["bits"].get(str(b))
+            cells += ["-", "-"] if got is None else [f"{got['kl']:.4g}", f"{got['accuracy']:.4f}"]
+        layers.add_row(*cells)
+    _table_console().print(layers)
+    if table.groups:
+        ratios = sorted({float(r) for g in table.groups.values() for r in g["ratios"]})
+        groups = Table(title="Prunable group sensitivity (channels removed, BatchNorm "
+                       "re-estimated, nothing fine-tuned)", title_justify="left")
+        groups.add_column("group")
+        for r in ratios:
+            groups.add_column(f"{r:.0%} KL", justify="right")
+            groups.add_column(f"{r:.0%} acc", justify="right")
+        last = f"{ratios[-1]:g}"
+        rows = sorted(table.groups.items(),
+                      key=lambda kv: -float(kv[1]["ratios"].get(last, {}).get("kl", 0.0)))
+        for name, entry in rows[:top]:
+            cells = [escape(name)]
+            for r in ratios:
+                got = entry["ratios"].get(f"{r:g}")
+                cells += (["-", "-"] if got is None
+                          else [f"{got['kl']:.4g}", f"{got['accuracy']:.4f}"])
+            groups.add_row(*cells)
+        _table_console().print(groups)
+    if low is not None:
+        fragile = table.fragile_layers(low)
+        _out.print("keep at higher precision (int" + f"{low} damage > 5x the median layer's): "
+                   + (", ".join(fragile) if fragile else "none"))
+    _out.print(f"measured in {table.seconds:.1f} s")

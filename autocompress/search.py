@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from autocompress import __version__, intake, lrprobe, measure, quantize, runtime, space
+from autocompress import __version__, guided, intake, lrprobe, measure, quantize, runtime, space
 from autocompress import latency_reference as reference_mod
 from autocompress import study as study_mod
 from autocompress.config import Budget, SearchConfig
@@ -36,16 +36,22 @@ from autocompress.latency_reference import ReferenceLatency
 from autocompress.objective import (
     CALIBRATION_BATCH_SIZE,
     CALIBRATION_BATCHES,
+    FINETUNE_STEPS_ATTR,
+    PARENT_ATTR,
     SearchContext,
     TrialRunner,
     build_student,
 )
 from autocompress.pareto import TrialRecord, closest_to_budgets, pareto_front
+from autocompress.plan import CompressionPlan
+from autocompress.promotion import plan_promotions
+from autocompress.sensitivity import SENSITIVITY_ATTR, Sensitivity, measure_sensitivity
 from autocompress.warm_starts import plan_warm_starts
 
 log = logging.getLogger("autocompress")
 
 BASELINES = ("fp32", "int8-ptq")
+GUIDED_SHARE = 4  # a search gets one guided plan per this many trials (at least one)
 LR_PROBE_ATTR = "learning_rate_probe"
 LATENCY_MODEL_ATTR = "latency_model"
 # A latency budget is called impossible only when it is clearly below the fastest structure
@@ -106,23 +112,41 @@ def run_search(
         return _run_search(config, url, storage, on_progress, on_start)
 
 
-def _run_search(
+@dataclass
+class Session:
+    """What a search (or a refine) works with once the study is open: plain handles, built
+    by ``open_session`` inside the caller's temporary folder and torch-thread scope."""
+
+    study: Any
+    runner: TrialRunner
+    task: Any
+    inventory: Any
+    calibration: list[torch.Tensor]
+    budgets: list[Budget]
+    artifacts: str  # where this run uploads its files
+
+
+def open_session(
     config: SearchConfig,
     url: str,
     storage: Any,
-    on_progress: Callable[[Progress], None] | None,
+    workdir: Path,
     on_start: Callable[[str], None] | None,
-) -> SearchResult:
-    started = time.perf_counter()  # the time limit counts from here
+    *,
+    task: intake.Task | None = None,
+) -> Session:
+    """Load the task (unless given), open (or create) the study, export and score the fp32
+    model, resolve the fp32 latency reference: everything a trial runner needs."""
     budgets = config.parsed_budgets()
-    task = intake.load_task(
-        config.model,
-        config.weights,
-        config.data,
-        num_classes=config.num_classes,
-        input_size=config.input_size,
-        seed=config.seed,
-    )
+    if task is None:
+        task = intake.load_task(
+            config.model,
+            config.weights,
+            config.data,
+            num_classes=config.num_classes,
+            input_size=config.input_size,
+            seed=config.seed,
+        )
     example = task.data.example_input(1)
     inventory = build_inventory(task.model, example)
     space.check_space(inventory, config)
@@ -139,60 +163,80 @@ def _run_search(
     # A folder (absolute) or s3://bucket/prefix, recorded in the study for export/dashboard.
     artifacts = study_mod.artifact_location(config.artifacts, url, config.study)
     store = study_mod.artifact_store(artifacts)
+    seed_offset = 0 if study_mod.sqlite_path(url) else os.getpid() % 10_000
+    study = study_mod.create_or_load_study(storage, config, identity, seed_offset=seed_offset)
+    fp32_onnx = quantize.export_float_onnx(task.model, example, workdir / "fp32.onnx")
+    fp32_accuracy = runtime.onnx_accuracy(
+        fp32_onnx, task.data.batches("val", 256), threads=config.threads
+    )
+    study_mod.set_study_info(study, {
+        "model_spec": task.model_spec,
+        "data_spec": task.data_spec,
+        "budgets": json.dumps([b.to_dict() for b in budgets]),
+        "objectives": list(config.objectives),
+        "inventory": json.dumps(inventory.to_dict()),
+        "data": json.dumps(task.data.describe()),
+        "search_space": json.dumps(description),
+        "config": json.dumps(config.to_dict()),
+        "input_shape": list(task.input_shape),
+        "num_classes": task.num_classes,
+        "fp32_accuracy": fp32_accuracy,
+        "artifacts_dir": artifacts,
+        "created_by": f"autocompress {__version__}",
+    })
+    calibration = [
+        x
+        for x, _ in _take(
+            task.data.batches("train", CALIBRATION_BATCH_SIZE, shuffle=True, seed=config.seed),
+            CALIBRATION_BATCHES,
+        )
+    ]
+    if on_start:
+        on_start(f"study {config.study!r} in {url}: teacher val accuracy "
+                 f"{fp32_accuracy:.4f}, {len(description['layers'])} quantizable layers, "
+                 f"{len(description['groups'])} prunable groups")
+    reference = _resolve_reference(study, fp32_onnx, task.input_shape, config, on_start)
+    ctx = SearchContext(
+        reference=reference,
+        task=task,
+        inventory=inventory,
+        config=config,
+        budgets=budgets,
+        workdir=workdir,
+        fp32_onnx=fp32_onnx,
+        fp32_accuracy=fp32_accuracy,
+        device=resolve_device(config.device),
+        calibration=calibration,
+        upload=lambda trial, path: study_mod.upload(trial, store, path),
+    )
+    return Session(study, TrialRunner(ctx), task, inventory, calibration, budgets, artifacts)
 
-    with tempfile.TemporaryDirectory(prefix="autocompress-") as tmp, _torch_threads(
+
+def use_learning_rate(session: Session, on_start: Callable[[str], None] | None) -> SearchConfig:
+    """Set the session's fine-tune learning rate (the user's, the study's probed one, or a
+    new probe) on its runner; returns the config that carries it."""
+    runner = session.runner
+    config = _resolve_learning_rate(session.study, session.task, session.inventory,
+                                    runner.ctx.config, session.calibration, on_start)
+    runner.ctx = dataclasses.replace(runner.ctx, config=config)  # same cache and model
+    return config
+
+
+def _run_search(
+    config: SearchConfig,
+    url: str,
+    storage: Any,
+    on_progress: Callable[[Progress], None] | None,
+    on_start: Callable[[str], None] | None,
+) -> SearchResult:
+    started = time.perf_counter()  # the time limit counts from here
+    with tempfile.TemporaryDirectory(prefix="autocompress-") as tmp, torch_threads(
         config.train_threads
     ):
-        seed_offset = 0 if study_mod.sqlite_path(url) else os.getpid() % 10_000
-        study = study_mod.create_or_load_study(
-            storage, config, identity, seed_offset=seed_offset
-        )
-        workdir = Path(tmp)
-        fp32_onnx = quantize.export_float_onnx(task.model, example, workdir / "fp32.onnx")
-        fp32_accuracy = runtime.onnx_accuracy(
-            fp32_onnx, task.data.batches("val", 256), threads=config.threads
-        )
-        study_mod.set_study_info(study, {
-            "model_spec": task.model_spec,
-            "data_spec": task.data_spec,
-            "budgets": json.dumps([b.to_dict() for b in budgets]),
-            "objectives": list(config.objectives),
-            "inventory": json.dumps(inventory.to_dict()),
-            "data": json.dumps(task.data.describe()),
-            "search_space": json.dumps(description),
-            "config": json.dumps(config.to_dict()),
-            "input_shape": list(task.input_shape),
-            "num_classes": task.num_classes,
-            "fp32_accuracy": fp32_accuracy,
-            "artifacts_dir": artifacts,
-            "created_by": f"autocompress {__version__}",
-        })
-        calibration = [
-            x
-            for x, _ in _take(
-                task.data.batches("train", CALIBRATION_BATCH_SIZE, shuffle=True, seed=config.seed),
-                CALIBRATION_BATCHES,
-            )
-        ]
-        if on_start:
-            on_start(f"study {config.study!r} in {url}: teacher val accuracy "
-                     f"{fp32_accuracy:.4f}, {len(description['layers'])} quantizable layers, "
-                     f"{len(description['groups'])} prunable groups")
-        reference = _resolve_reference(study, fp32_onnx, task.input_shape, config, on_start)
-        ctx = SearchContext(
-            reference=reference,
-            task=task,
-            inventory=inventory,
-            config=config,
-            budgets=budgets,
-            workdir=workdir,
-            fp32_onnx=fp32_onnx,
-            fp32_accuracy=fp32_accuracy,
-            device=resolve_device(config.device),
-            calibration=calibration,
-            upload=lambda trial, path: study_mod.upload(trial, store, path),
-        )
-        runner = TrialRunner(ctx)
+        session = open_session(config, url, storage, Path(tmp), on_start)
+        study, runner, inventory = session.study, session.runner, session.inventory
+        budgets = session.budgets
+        artifacts = session.artifacts
 
         if not study.get_trials(deepcopy=False):
             # A new study: refuse an impossible budget from a few pre-checks, before any
@@ -216,9 +260,8 @@ def _run_search(
         if queued:
             study.optimize(runner, n_trials=queued, callbacks=[callback], catch=(Exception,))
         # Baselines do not fine-tune, so they never needed the rate.
-        config = _resolve_learning_rate(study, task, inventory, config, calibration, on_start)
-        ctx = dataclasses.replace(runner.ctx, config=config)  # same pre-check cache and model
-        runner.ctx = ctx
+        config = use_learning_rate(session, on_start)
+        ctx = runner.ctx
         recorded = study_mod.records(study)
         if not any(r.attrs.get("warm_start") for r in recorded):  # once per study: the
             # budget-aware ones cost a few pre-checks each to find their pruning ratio
@@ -226,12 +269,16 @@ def _run_search(
             for note in warm.notes:
                 _say(note, on_start)
             study_mod.enqueue_once(study, warm.named, "warm_start")
+        if config.guided and not any(r.attrs.get("guided") for r in recorded):
+            _enqueue_guided(study, runner, inventory, config, budgets, on_start)
         counter.searching = True
         study.optimize(runner, n_trials=counter.hard_cap(), callbacks=[callback],
                        catch=(Exception,))
         stop_reason = counter.end_note(budgets, study_mod.records(study))
         if stop_reason:
             _say(stop_reason, on_start)
+        counter.searching = False
+        _promote(study, runner, config, counter, callback, on_start)
         study.set_user_attr(LATENCY_MODEL_ATTR, ctx.latency_model.summary(ctx.budget_ratio()))
 
     recs = study_mod.records(study)
@@ -291,8 +338,20 @@ class _TrialCounter:
             self.in_a_row = 0
 
     def _out_of_time(self) -> bool:
+        """Past the search part of the time limit (the rest is the promotions' share)."""
         limit = self.config.time_limit
-        return limit is not None and self.elapsed() >= limit * 60
+        return limit is not None and self.elapsed() >= limit * 60 * (
+            1.0 - self.config.promote_share)
+
+    def promotion_effort(self, mean_trial_s: float | None) -> float:
+        """Short fine-tunes' worth of promotions this run may add: its share of the counted
+        trials, or, under a time limit, what is left of it over the mean short trial."""
+        cfg = self.config
+        if cfg.time_limit is None:
+            return cfg.promote_share * self.counted
+        if not mean_trial_s:
+            return 0.0
+        return max(cfg.time_limit * 60 - self.elapsed(), 0.0) / mean_trial_s
 
     def should_stop(self) -> bool:
         cfg = self.config
@@ -324,7 +383,7 @@ class _TrialCounter:
 
 
 @contextlib.contextmanager
-def _torch_threads(n: int) -> Iterator[None]:
+def torch_threads(n: int) -> Iterator[None]:
     """Fine-tuning threads for the search's duration (ONNX Runtime sets its own)."""
     before = torch.get_num_threads()
     torch.set_num_threads(n)
@@ -382,6 +441,93 @@ def _resolve_learning_rate(
             note = f"learning rate {stored['chosen']:g}, probed when the study began"
     _say(note, on_start)
     return config.replace(learning_rate=float(stored["chosen"]))
+
+
+def _enqueue_guided(
+    study: Any,
+    runner: TrialRunner,
+    inventory: Any,
+    config: SearchConfig,
+    budgets: list[Budget],
+    on_start: Callable[[str], None] | None,
+) -> None:
+    """The sensitivity pass (once per study) and the least-damage plans solved from it,
+    queued after the warm starts (one per GUIDED_SHARE trials)."""
+    ctx = runner.ctx
+    table = _resolve_sensitivity(study, ctx, inventory, config, on_start)
+    plans = guided.propose(
+        table, inventory, config,
+        fp32_bytes=measure.file_size(ctx.fp32_onnx),
+        budgets=budgets,
+        reference_ms=None if ctx.reference is None else ctx.reference.median_ms,
+        predict_latency=ctx.latency_model.predict,
+        limit=max(1, config.trials // GUIDED_SHARE),
+    )
+    for g in plans:
+        lat = ("" if g.predicted_latency_ratio is None
+               else f", x{g.predicted_latency_ratio:.2f} of fp32 latency")
+        _say(f"guided plan {g.name} ({g.target}): {g.plan.summary()}, predicted "
+             f"{g.predicted_size_bytes / 1000:.1f} KB{lat}, damage {g.predicted_damage:.3g}",
+             on_start)
+    named = [(g.name, space.plan_to_params(g.plan, inventory, config)) for g in plans]
+    study_mod.enqueue_once(study, named, "guided")
+
+
+def _resolve_sensitivity(
+    study: Any,
+    ctx: SearchContext,
+    inventory: Any,
+    config: SearchConfig,
+    on_start: Callable[[str], None] | None,
+) -> Sensitivity:
+    """The study's sensitivity table: measured once (under the study lock, so concurrent
+    workers share one), read back on a resume."""
+    with study_mod.study_lock(study):
+        stored = study.user_attrs.get(SENSITIVITY_ATTR)
+        if stored is not None:
+            return Sensitivity.from_dict(json.loads(stored))
+        table = measure_sensitivity(ctx.task, inventory, config, ctx.calibration,
+                                    images=config.sensitivity_images)
+        study.set_user_attr(SENSITIVITY_ATTR, json.dumps(table.to_dict()))
+    fragile = table.fragile_layers(min(config.bits))
+    _say(f"sensitivity pass: {len(table.layers)} layers and {len(table.groups)} groups "
+         f"scored on {table.images} validation images in {table.seconds:.0f} s"
+         + (f"; keep at higher precision: {', '.join(fragile)}" if fragile else "")
+         + f" (autocompress sensitivity --study {config.study})", on_start)
+    return table
+
+
+def _promote(
+    study: Any,
+    runner: TrialRunner,
+    config: SearchConfig,
+    counter: _TrialCounter,
+    callback: Callable[[Any, Any], None],
+    on_start: Callable[[str], None] | None,
+) -> None:
+    """Retrain the front's most valuable plans longer (see ``promotion``), as linked trials."""
+    recs = study_mod.records(study)
+    mine = [r for r in recs if r.measured and r.baseline is None
+            and r.attrs.get(PARENT_ATTR) is None]
+    seconds = [sum(r.json_attr("timing").values()) for r in mine if r.attrs.get("timing")]
+    mean_s = sum(seconds) / len(seconds) if seconds else None
+    effort = counter.promotion_effort(mean_s)
+    reference_size = 1.1 * measure.file_size(runner.ctx.fp32_onnx)
+    with study_mod.study_lock(study):  # two workers never promote the same plan
+        chosen = plan_promotions(study_mod.records(study), config, effort=effort,
+                                 reference_size=reference_size)
+        by_number = {r.number: r for r in recs}
+        for p in chosen:
+            parent = by_number[p.parent]
+            plan = CompressionPlan.from_dict(parent.plan)
+            params = space.plan_to_params(plan, runner.ctx.inventory, config)
+            study_mod.enqueue(study, params, {PARENT_ATTR: p.parent, FINETUNE_STEPS_ATTR: p.steps,
+                                              "promotion_rung": p.rung}, first=True)
+    if not chosen:
+        return
+    _say(f"promoting {len(chosen)} plan(s) to longer fine-tunes: "
+         + ", ".join(f"#{p.parent} -> {p.steps} steps" for p in chosen), on_start)
+    study.optimize(runner, n_trials=len(chosen), callbacks=[callback], catch=(Exception,))
 
 
 def _say(text: str, on_start: Callable[[str], None] | None) -> None:

@@ -600,6 +600,23 @@ class _WorkerStudy(optuna.Study):
     def _lost(self) -> StudyError | None:
         return self.resilient.lost if self.resilient is not None else None
 
+    def _pop_waiting_trial_id(self) -> int | None:
+        """Optuna's queue, oldest first, except that trials queued with QUEUE_FIRST_ATTR (a
+        promotion, a refine: asked for now) go before the plans a search queued for later
+        (warm starts and guided plans a time limit left waiting)."""
+        waiting = self._storage.get_all_trials(self._study_id, deepcopy=False,
+                                               states=(TrialState.WAITING,))
+        for trial in sorted(waiting, key=lambda t: (not t.user_attrs.get(QUEUE_FIRST_ATTR),
+                                                    t.number)):
+            try:  # claim it; another worker may have been faster
+                if not self._storage.set_trial_state_values(trial._trial_id,
+                                                            state=TrialState.RUNNING):
+                    continue
+            except optuna.exceptions.UpdateFinishedTrialError:
+                continue
+            return trial._trial_id
+        return None
+
 
 def _worker_seed(seed: int, seed_offset: int) -> int:
     """Per-worker sampler seed. The host name is mixed in because containers often give every
@@ -730,7 +747,15 @@ def study_summaries(storage_url: str) -> list[dict[str, Any]]:
     return rows
 
 
-def enqueue(study: optuna.Study, params: dict[str, Any], attrs: dict[str, Any]) -> None:
+QUEUE_FIRST_ATTR = "queue_first"
+
+
+def enqueue(study: optuna.Study, params: dict[str, Any], attrs: dict[str, Any], *,
+            first: bool = False) -> None:
+    """Queue a trial with fixed params; ``first``: before every trial queued without it (the
+    worker that queued it runs it next, see ``_WorkerStudy._pop_waiting_trial_id``)."""
+    if first:
+        attrs = {**attrs, QUEUE_FIRST_ATTR: True}
     study.enqueue_trial(params, user_attrs=attrs, skip_if_exists=False)
 
 

@@ -29,7 +29,7 @@ WARM_START_SHARE = 3  # a search needs this many trials per warm start to get th
 # A pruned warm start aims this far under the latency budget, so the final measurement's
 # noise (same estimator, fewer runs) cannot push it over.
 BUDGET_MARGIN = 0.95
-WEIGHT_ONLY = 32
+WEIGHT_ONLY = space.WEIGHT_ONLY
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,7 @@ def plan_warm_starts(
     named: list[tuple[str, dict[str, Any]]] = []
     notes: list[str] = []
     for bits in widths:
-        acts = _activations_for(bits, config)
+        acts = space.activations_for(bits, config)
         over = _baseline_over(bits, acts, budgets, records)
         if over:
             notes.append(f"warm start uniform-int{bits} skipped: {over}")
@@ -60,7 +60,7 @@ def plan_warm_starts(
         named.append((f"uniform-int{bits}", space.plan_to_params(plan, inventory, config)))
     if budgets and space.prune_high(config) > 0:
         for bits in widths:
-            acts = _activations_for(bits, config)
+            acts = space.activations_for(bits, config)
             ratio = _smallest_ratio_within(runner, inventory, config, bits, acts)
             what = f"int{bits}" + (" weight-only" if acts == WEIGHT_ONLY else "")
             if ratio is None:
@@ -83,14 +83,6 @@ def plan_warm_starts(
                          f"{config.trials} leaves room for {room} (one per {WARM_START_SHARE})")
         named = named[:room]
     return WarmStarts(named, notes)
-
-
-def _activations_for(bits: int, config: SearchConfig) -> int:
-    """int8 warm starts use uint8 activations (integer kernels), int4 ones weight-only
-    (int4 weights behind uint8 activations ran 1.5x slower than fp32 on ResNet-20; weight-
-    only int4 runs at float speed), each where the space allows it."""
-    wanted = 8 if bits == 8 else WEIGHT_ONLY
-    return wanted if wanted in config.activation_bits else config.activation_bits[0]
 
 
 def _baseline_over(

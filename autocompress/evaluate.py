@@ -1,0 +1,74 @@
+"""``evaluate_plan``: one candidate end to end, outside a search, measured like a trial.
+
+    import autocompress
+    from autocompress.intake import load_task
+    task = load_task("autocompress.zoo:resnet20", "teacher.pt", "imagefolder:~/cifar10")
+    plan = autocompress.CompressionPlan(bits={...}, finetune_steps=600)
+    record = autocompress.evaluate_plan(task, plan, autocompress.SearchConfig(...))
+    record.accuracy, record.size_bytes, record.latency_vs_fp32
+
+The plan runs through the search's own trial runner (build, pre-check, QAT + KD fine-tune of
+``plan.finetune_steps`` steps at ``plan.learning_rate`` unless the config sets one, export,
+every figure measured on the exported file) in a scratch study that is deleted afterwards,
+so hand recipes and benchmarks are measured exactly as search trials are. A plan over the
+config's budgets is measured anyway (and recorded infeasible); no early stop.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from autocompress import space
+from autocompress import study as study_mod
+from autocompress.config import SearchConfig
+from autocompress.errors import TrainingError
+from autocompress.intake import Task
+from autocompress.objective import FINETUNE_STEPS_ATTR
+from autocompress.pareto import TrialRecord
+from autocompress.plan import CompressionPlan
+
+SCRATCH_STUDY = "evaluate-plan"
+
+
+def evaluate_plan(
+    task: Task,
+    plan: CompressionPlan,
+    config: SearchConfig | None = None,
+    *,
+    on_step: Callable[[int, int], None] | None = None,
+    on_note: Callable[[str], None] | None = None,
+) -> TrialRecord:
+    """Fine-tune, export and measure ``plan`` on ``task``; returns the trial's record.
+
+    ``config`` gives the measurement conditions (threads, latency runs, batch size, budgets,
+    the space the plan must lie in: bits and the prune grid); its model/data/storage fields
+    are ignored. Raises TrainingError with the trial's failure reason when it fails.
+    """
+    from autocompress import search  # the search stack (torch, ONNX Runtime) when called
+
+    config = config or SearchConfig()
+    with tempfile.TemporaryDirectory(prefix="autocompress-evaluate-") as tmp:
+        url = f"sqlite:///{Path(tmp) / 'evaluate.db'}"
+        scratch = config.replace(
+            study=SCRATCH_STUDY, storage=url, artifacts=str(Path(tmp) / "artifacts"),
+            learning_rate=config.learning_rate or plan.learning_rate, time_limit=None,
+        )
+        storage = study_mod.open_storage(url)
+        with search.torch_threads(scratch.train_threads):
+            session = search.open_session(scratch, url, storage, Path(tmp), on_note, task=task)
+            plan.validate(session.inventory)
+            params = space.plan_to_params(plan, session.inventory, scratch)
+            study_mod.enqueue(session.study, params, {FINETUNE_STEPS_ATTR: plan.finetune_steps},
+                              first=True)
+            session.runner.ctx.on_step = on_step
+            session.study.optimize(session.runner, n_trials=1, catch=(Exception,))
+        record = study_mod.records(session.study)[-1]
+    if record.state != "COMPLETE" or not record.measured:
+        raise TrainingError(f"evaluating plan {plan.summary()} failed: "
+                            f"{record.fail_reason or record.rejected or record.state}")
+    return record
+
+
+__all__ = ["evaluate_plan"]

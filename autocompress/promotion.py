@@ -1,0 +1,85 @@
+"""Multi-fidelity: the plans that earned it are fine-tuned again, longer, as linked trials.
+
+Successive halving in spirit (Hyperband, ASHA): every candidate gets the short fine-tune;
+when a run's search trials are done, the front's members that add the most hypervolume
+are retrained with ``promote_factor`` x their steps (a second rung, factor squared, for
+plans already promoted once), each as a new trial with the same plan, its own file and
+measurements and the user attribute ``parent_trial``. The front, ``show``, the dashboard
+and ``export --best`` then count each plan once, at its most-trained trial
+(``pareto.most_trained``).
+
+The effort is a share of the run's (``promote_share``): in units of one short fine-tune,
+``share x trials`` without a time limit; with ``--time-limit``, the search part stops at
+``1 - share`` of it and promotions use what is left, costed by the run's own mean time per
+short trial.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from autocompress.config import SearchConfig
+from autocompress.pareto import (
+    TrialRecord,
+    hypervolume_contributions,
+    parent_of,
+    pareto_front,
+)
+
+MAX_RUNGS = 2  # x factor, then x factor^2; longer repairs are `autocompress refine`'s job
+
+
+@dataclass(frozen=True)
+class Promotion:
+    parent: int
+    steps: int  # fine-tune steps of the retrain
+    rung: int  # 1: factor x the search's steps, 2: factor^2 x
+    cost: float  # in short fine-tunes (the search's finetune_steps)
+
+
+def fidelity(record: TrialRecord, config: SearchConfig) -> float:
+    """The record's fine-tune steps over the search's (1 for an ordinary trial)."""
+    steps = record.plan.get("finetune_steps")
+    if not steps or not config.finetune_steps:
+        return 1.0
+    return float(steps) / config.finetune_steps
+
+
+def plan_promotions(
+    records: Sequence[TrialRecord],
+    config: SearchConfig,
+    *,
+    effort: float,
+    reference_size: float,
+) -> list[Promotion]:
+    """Which front members to retrain within ``effort`` short fine-tunes, most hypervolume
+    first. Baselines (nothing fine-tuned), plans already retrained (or being retrained) and
+    plans at the last rung are left out."""
+    if config.promote_share <= 0 or config.finetune_steps == 0 or effort <= 0:
+        return []
+    factor = config.promote_factor
+    has_child = {parent_of(r) for r in records if parent_of(r) is not None}
+    front = pareto_front(records)
+    gains = hypervolume_contributions(records, reference_size)
+    ranked = sorted(
+        (r for r in front if r.baseline is None and r.number not in has_child),
+        key=lambda r: (-gains.get(r.number, 0.0), r.number),
+    )
+    out: list[Promotion] = []
+    left = effort
+    for record in ranked:
+        level = fidelity(record, config)
+        rung = 1 if level < factor else 2
+        if level >= factor**MAX_RUNGS:
+            continue
+        cost = level * factor
+        if cost > left + 1e-9:
+            continue
+        steps = round(level * factor * config.finetune_steps)
+        out.append(Promotion(parent=record.number, steps=steps, rung=rung, cost=cost))
+        left -= cost
+    return out
+
+
+__all__ = ["MAX_RUNGS", "Promotion", "fidelity", "plan_promotions"]

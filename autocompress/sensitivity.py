@@ -1,0 +1,235 @@
+"""Per-layer sensitivity: the damage of each single compression choice, nothing else changed.
+
+Once per study, after the baselines: every quantizable layer at every width below 32 bits
+(everything else float) and every prunable group at a few ratios (everything else intact,
+BatchNorm statistics re-estimated as a trial does), scored against the teacher on a fixed
+slice of the validation split with no fine-tune. The score is the KL divergence of the
+candidate's softmax from the teacher's (smooth on a few hundred images, and additive enough
+across layers to plan with, see ``guided``) plus top-1 accuracy for people to read.
+
+The table is plain JSON stored on the study (``SENSITIVITY_ATTR``); ``autocompress
+sensitivity`` prints it and ``guided`` solves for least-damage plans from it. A group entry
+also records which share of each layer's weights the ratio keeps, so a plan's size and MACs
+can be predicted without building it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from autocompress import quantize, space
+from autocompress.config import SearchConfig
+from autocompress.intake import Task
+from autocompress.inventory import Inventory
+from autocompress.objective import build_student
+from autocompress.plan import CompressionPlan
+
+SENSITIVITY_ATTR = "sensitivity"
+SENSITIVITY_FORMAT = 1
+# Ratios each group is scored at (snapped to the search's prune grid, capped by prune_max).
+PRUNE_GRID = (0.2, 0.4, 0.6)
+SCORE_BATCH = 128
+CALIBRATION_BATCHES = 4  # of the search's calibration batches, for the activation observers
+
+
+@dataclass
+class Sensitivity:
+    """The table: ``layers[name]`` and ``groups[name]`` hold the measured options."""
+
+    images: int
+    seconds: float
+    teacher_accuracy: float
+    # layer -> {"params": weight elements, "macs": MACs, "bits": {"8": {"kl", "accuracy",
+    # "activation_bits"}, ...}}
+    layers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # group -> {"ratios": {"0.2": {"kl", "accuracy", "kept": {layer: weight share kept}}}}
+    groups: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": SENSITIVITY_FORMAT,
+            "metric": "kl_to_teacher",
+            "images": self.images,
+            "seconds": round(self.seconds, 2),
+            "teacher_accuracy": self.teacher_accuracy,
+            "layers": self.layers,
+            "groups": self.groups,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Sensitivity:
+        return cls(
+            images=int(data["images"]),
+            seconds=float(data["seconds"]),
+            teacher_accuracy=float(data["teacher_accuracy"]),
+            layers=dict(data.get("layers", {})),
+            groups=dict(data.get("groups", {})),
+        )
+
+    def ranked_layers(self, bits: int) -> list[tuple[str, float]]:
+        """(layer, KL at ``bits``), most sensitive first."""
+        rows = [(name, float(entry["bits"][str(bits)]["kl"]))
+                for name, entry in self.layers.items() if str(bits) in entry["bits"]]
+        return sorted(rows, key=lambda row: -row[1])
+
+    def fragile_layers(self, bits: int, factor: float = 5.0) -> list[str]:
+        """Layers whose damage at ``bits`` is more than ``factor`` x the median layer's: the
+        ones to keep at higher precision."""
+        ranked = self.ranked_layers(bits)
+        if len(ranked) < 3:
+            return []
+        median = sorted(kl for _, kl in ranked)[len(ranked) // 2]
+        floor = max(median * factor, 1e-4)
+        return [name for name, kl in ranked if kl > floor]
+
+
+def prune_grid(config: SearchConfig) -> list[float]:
+    """The ratios a group is scored at: PRUNE_GRID on the search's step grid, within
+    prune_max (an empty list when the search does not prune)."""
+    high = space.prune_high(config)
+    if high <= 0:
+        return []
+    ratios = {round(round(r / config.prune_step) * config.prune_step, 6) for r in PRUNE_GRID}
+    if high < min(PRUNE_GRID):  # a small prune_max: score its one ratio
+        ratios.add(high)
+    return sorted(r for r in ratios if 0 < r <= high)
+
+
+def measure_sensitivity(
+    task: Task,
+    inventory: Inventory,
+    config: SearchConfig,
+    calibration: list[torch.Tensor],
+    *,
+    images: int = 512,
+    on_item: Callable[[int, int], None] | None = None,
+) -> Sensitivity:
+    """Score every single choice of the search space against the teacher (no fine-tune)."""
+    started = time.perf_counter()
+    xs, ys = _fixed_slice(task, images)
+    teacher = task.model.eval()
+    with torch.no_grad():
+        teacher_logits = [teacher(x) for x in xs]
+    teacher_acc = _accuracy(teacher_logits, ys)
+    base = build_student(task, CompressionPlan(), config.round_to)  # BN folded, nothing else
+    layers = [layer for layer in inventory.layers if layer.quantizable]
+    widths = sorted((b for b in set(config.bits) if b < 32), reverse=True)
+    groups = [g.name for g in inventory.groups if g.prunable] if space.prune_high(config) else []
+    ratios = prune_grid(config)
+    total = len(layers) * len(widths) + len(groups) * len(ratios)
+    done = itertools.count(1)
+    weights = {name: _weight_numel(module) for name, module in task.model.named_modules()}
+
+    table = Sensitivity(images=sum(int(y.numel()) for y in ys), seconds=0.0,
+                        teacher_accuracy=teacher_acc)
+    for layer in layers:
+        entry: dict[str, Any] = {"params": weights.get(layer.name, 0), "macs": layer.flops,
+                                 "bits": {}}
+        for bits in widths:
+            acts = space.activations_for(bits, config)
+            plan = CompressionPlan(bits={layer.name: bits}, activation_bits=acts)
+            model = quantize.prepare_qat(base, plan)
+            quantize.calibrate(model, calibration, max_batches=CALIBRATION_BATCHES)
+            kl, acc = _score(model, xs, ys, teacher_logits)
+            entry["bits"][str(bits)] = {"kl": kl, "accuracy": acc, "activation_bits": acts}
+            _tick(on_item, next(done), total)
+        table.layers[layer.name] = entry
+    for group in groups:
+        measured: dict[str, Any] = {}
+        for ratio in ratios:
+            plan = CompressionPlan(prune={group: ratio})
+            bn = (x for x, _ in task.data.batches("train", config.batch_size, shuffle=True,
+                                                  seed=config.seed))
+            model = build_student(task, plan, config.round_to, bn_batches=bn)
+            kl, acc = _score(model, xs, ys, teacher_logits)
+            measured[_ratio_key(ratio)] = {"kl": kl, "accuracy": acc,
+                                           "kept": _kept_shares(model, weights)}
+            _tick(on_item, next(done), total)
+        table.groups[group] = {"ratios": measured}
+    table.seconds = time.perf_counter() - started
+    return table
+
+
+def _ratio_key(ratio: float) -> str:
+    return f"{ratio:g}"
+
+
+def _tick(on_item: Callable[[int, int], None] | None, done: int, total: int) -> None:
+    if on_item is not None:
+        on_item(done, total)
+
+
+def _fixed_slice(task: Task, images: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The first ``images`` validation images (unshuffled: the same slice every time)."""
+    xs: list[torch.Tensor] = []
+    ys: list[torch.Tensor] = []
+    count = 0
+    for x, y in task.data.batches("val", SCORE_BATCH):
+        xs.append(x[: images - count])
+        ys.append(y[: images - count])
+        count += int(xs[-1].shape[0])
+        if count >= images:
+            break
+    return xs, ys
+
+
+def _score(
+    model: nn.Module,
+    xs: list[torch.Tensor],
+    ys: list[torch.Tensor],
+    teacher_logits: list[torch.Tensor],
+) -> tuple[float, float]:
+    """Mean KL(teacher || model) per image, and top-1 accuracy."""
+    model.eval()
+    kl_sum = 0.0
+    logits = []
+    with torch.no_grad():
+        for x, t in zip(xs, teacher_logits, strict=True):
+            out = model(x)
+            logits.append(out)
+            kl = F.kl_div(F.log_softmax(out, dim=1), F.log_softmax(t, dim=1),
+                          reduction="sum", log_target=True)
+            kl_sum += float(kl)
+    n = sum(int(y.numel()) for y in ys)
+    kl_mean = kl_sum / max(n, 1)
+    return (kl_mean if math.isfinite(kl_mean) else 1e3), _accuracy(logits, ys)
+
+
+def _accuracy(logits: list[torch.Tensor], ys: list[torch.Tensor]) -> float:
+    correct = sum(int((out.argmax(dim=1) == y).sum()) for out, y in zip(logits, ys, strict=True))
+    return correct / max(sum(int(y.numel()) for y in ys), 1)
+
+
+def _weight_numel(module: nn.Module) -> int:
+    weight = getattr(module, "weight", None)
+    return int(weight.numel()) if isinstance(weight, torch.Tensor) else 0
+
+
+def _kept_shares(model: nn.Module, teacher_weights: dict[str, int]) -> dict[str, float]:
+    """Share of each layer's weight elements a pruned model kept (only the layers that lost
+    some): channel pruning shrinks both the group's layers and their consumers. BatchNorms,
+    folded away in the student, are not layers of the file."""
+    kept: dict[str, float] = {}
+    for name, module in model.named_modules():
+        before = teacher_weights.get(name, 0)
+        after = _weight_numel(module)
+        if before and 0 < after < before:
+            kept[name] = round(after / before, 6)
+    return kept
+
+
+__all__ = [
+    "SENSITIVITY_ATTR",
+    "Sensitivity",
+    "measure_sensitivity",
+    "prune_grid",
+]

@@ -1,0 +1,95 @@
+"""The guided planner: least predicted damage under size and latency targets."""
+
+from __future__ import annotations
+
+from autocompress.config import Budget, SearchConfig
+from autocompress.guided import _Problem, _Targets, propose, solve
+from autocompress.inventory import Inventory, LayerInfo, PruneGroup
+from autocompress.sensitivity import Sensitivity
+
+PARAMS = 10_000
+
+
+def _layer(name: str, quantizable: bool = True) -> LayerInfo:
+    return LayerInfo(name=name, type="Conv2d", params=PARAMS, flops=PARAMS * 100,
+                     output_shape=None, quantizable=quantizable, excluded_reason=None)
+
+
+def _table(kl4: dict[str, float], group_kl: float = 5.0) -> Sensitivity:
+    layers = {
+        name: {"params": PARAMS, "macs": PARAMS * 100,
+               "bits": {"8": {"kl": kl / 100, "accuracy": 0.9, "activation_bits": 8},
+                        "4": {"kl": kl, "accuracy": 0.8, "activation_bits": 32}}}
+        for name, kl in kl4.items()
+    }
+    groups = {"a": {"ratios": {"0.4": {"kl": group_kl, "accuracy": 0.5,
+                                       "kept": {"a": 0.5, "b": 0.5}}}}}
+    return Sensitivity(images=100, seconds=1.0, teacher_accuracy=0.9, layers=layers,
+                       groups=groups)
+
+
+def _inventory(names: list[str]) -> Inventory:
+    return Inventory(layers=[_layer(n) for n in names],
+                     groups=[PruneGroup("a", ["a"], 16, True, None)])
+
+
+FP32 = 4.0 * PARAMS * 3 + 1000  # three layers of float weights + 1 KB of other bytes
+
+
+def test_solver_spends_damage_where_it_is_cheapest() -> None:
+    sens = _table({"a": 0.01, "b": 1.0, "c": 0.02})
+    problem = _Problem(sens, SearchConfig(), FP32, 32, None)
+    # two of three layers at int4 and one at int8 fit; the fragile "b" is the one kept wide
+    target = 1000 + PARAMS * (0.5 + 0.5 + 1.0)
+    choice = solve(problem, _Targets(target, None))
+    assert choice is not None
+    assert choice[("layer", "a")] == 4 and choice[("layer", "c")] == 4
+    assert choice[("layer", "b")] == 8
+    assert choice[("group", "a")] == 0.0  # pruning is the most damaging option here
+    assert problem.size(choice) <= target
+
+
+def test_unreachable_target_gives_none() -> None:
+    sens = _table({"a": 0.01, "b": 1.0, "c": 0.02})
+    problem = _Problem(sens, SearchConfig(), FP32, 32, None)
+    assert solve(problem, _Targets(100.0, None)) is None
+
+
+def test_pruning_is_used_when_quantization_cannot_reach_the_target() -> None:
+    sens = _table({"a": 0.01, "b": 0.01, "c": 0.01}, group_kl=0.5)
+    problem = _Problem(sens, SearchConfig(), FP32, 32, None)
+    target = 1000 + 3 * PARAMS * 0.5 * 0.8  # below all-int4: needs group a's 40%
+    choice = solve(problem, _Targets(target, None))
+    assert choice is not None and choice[("group", "a")] == 0.4
+    assert problem.size(choice) <= target
+
+
+def test_latency_target_uses_the_predictor() -> None:
+    sens = _table({"a": 0.01, "b": 0.01, "c": 0.01}, group_kl=0.5)
+    # A predictor where only pruning helps (weight-only int4 runs at float speed)
+    problem = _Problem(sens, SearchConfig(), FP32, 32, lambda f: f[1] + f[2] + f[3])
+    choice = solve(problem, _Targets(None, 0.9))
+    assert choice is not None and choice[("group", "a")] == 0.4
+    assert problem.latency_ratio(choice) <= 0.9
+
+
+def test_propose_ladder_meets_targets_and_names_plans() -> None:
+    names = ["a", "b", "c"]
+    sens = _table({"a": 0.01, "b": 1.0, "c": 0.02}, group_kl=0.5)
+    plans = propose(sens, _inventory(names), SearchConfig(prune_max=0.5), fp32_bytes=FP32,
+                    budgets=[], reference_ms=None)
+    assert [p.name for p in plans][:3] == ["guided-8x", "guided-1.5x-faster", "guided-4x"]
+    for p in plans:
+        factor = float(p.name.removeprefix("guided-").removesuffix("-faster").removesuffix("x"))
+        if p.name.endswith("-faster"):
+            assert p.predicted_latency_ratio is not None
+            assert p.predicted_latency_ratio <= 1 / factor
+        else:
+            assert p.predicted_size_bytes <= FP32 / factor
+        assert set(p.plan.bits) == set(names)
+    # within a size budget, the budget plan comes first and every plan meets the budget
+    budget = Budget("size", FP32 / 5, "x")
+    plans = propose(sens, _inventory(names), SearchConfig(prune_max=0.5), fp32_bytes=FP32,
+                    budgets=[budget], reference_ms=None, limit=2)
+    assert [p.name for p in plans] == ["guided-budget", "guided-8x"]
+    assert all(p.predicted_size_bytes <= budget.value for p in plans)

@@ -1,0 +1,54 @@
+"""Which plans are promoted to longer fine-tunes, and how the front counts them."""
+
+from __future__ import annotations
+
+from autocompress.config import SearchConfig
+from autocompress.pareto import TrialRecord, most_trained, pareto_front, select_best
+from autocompress.promotion import plan_promotions
+
+CONFIG = SearchConfig(finetune_steps=100, promote_factor=4, promote_share=0.25)
+
+
+def _rec(number: int, acc: float, size: float, *, steps: int = 100, parent: int | None = None,
+         baseline: str | None = None, feasible: bool = True) -> TrialRecord:
+    attrs: dict[str, object] = {}
+    if parent is not None:
+        attrs["parent_trial"] = parent
+    return TrialRecord(number=number, state="COMPLETE", accuracy=acc, size_bytes=size,
+                       latency_ms=1.0, feasible=feasible, baseline=baseline,
+                       plan={"finetune_steps": steps}, attrs=attrs)
+
+
+def test_a_feasible_retrain_replaces_its_parent_on_the_front() -> None:
+    recs = [_rec(0, 0.90, 1000, baseline="fp32"), _rec(1, 0.80, 100),
+            _rec(2, 0.85, 100, steps=400, parent=1)]
+    assert [r.number for r in most_trained(recs)] == [0, 2]
+    assert [r.number for r in pareto_front(recs)] == [2, 0]
+    chosen = select_best(recs, [])
+    assert chosen is not None and 1 not in [chosen.chosen.number,
+                                            *(r.number for r in chosen.runners_up)]
+
+
+def test_a_retrain_over_budget_leaves_its_parent() -> None:
+    recs = [_rec(1, 0.80, 100), _rec(2, 0.85, 100, steps=400, parent=1, feasible=False)]
+    assert [r.number for r in pareto_front(recs)] == [1]
+
+
+def test_promotions_follow_hypervolume_and_the_effort() -> None:
+    recs = [_rec(0, 0.90, 1000, baseline="fp32"), _rec(1, 0.80, 100), _rec(2, 0.86, 300),
+            _rec(3, 0.70, 90), _rec(4, 0.60, 500)]  # 4 is dominated
+    got = plan_promotions(recs, CONFIG, effort=8, reference_size=1100)
+    assert len(got) == 2  # each costs 4 short fine-tunes
+    assert all(p.steps == 400 and p.rung == 1 for p in got)
+    assert {p.parent for p in got} <= {1, 2, 3}  # never the baseline or a dominated plan
+    assert plan_promotions(recs, CONFIG, effort=3, reference_size=1100) == []
+    assert plan_promotions(recs, CONFIG.replace(promote_share=0.0), effort=8,
+                           reference_size=1100) == []
+
+
+def test_second_rung_and_no_double_promotion() -> None:
+    recs = [_rec(1, 0.80, 100), _rec(2, 0.85, 100, steps=400, parent=1)]
+    got = plan_promotions(recs, CONFIG, effort=100, reference_size=1100)
+    assert [(p.parent, p.steps, p.rung) for p in got] == [(2, 1600, 2)]
+    recs.append(_rec(3, 0.86, 100, steps=1600, parent=2))
+    assert plan_promotions(recs, CONFIG, effort=100, reference_size=1100) == []  # last rung

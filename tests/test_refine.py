@@ -1,0 +1,127 @@
+"""Guided plans, promotions and the final refine on one short real search (digits demo)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import optuna
+import pytest
+
+from autocompress import cli
+from autocompress.export import export_from_storage
+from autocompress.refine import RefineError, refine_trial
+from autocompress.sensitivity import SENSITIVITY_ATTR
+from autocompress.study import load_existing_study, records
+from tests.search_fixture import ShortStudy, run_short_search
+
+STEPS = 30
+
+
+@pytest.fixture(scope="module")
+def guided_study(tmp_path_factory: pytest.TempPathFactory) -> ShortStudy:
+    # promote_share 0.5 of 4 trials = 2 short fine-tunes: one promotion at factor 2
+    return run_short_search(tmp_path_factory.mktemp("guided"), study="g", trials=4,
+                            finetune_steps=STEPS, promote_share=0.5, promote_factor=2)
+
+
+def _cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    code = cli.main(list(args))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_guided_plan_meets_its_size_target(guided_study: ShortStudy) -> None:
+    recs = guided_study.result.records
+    fp32 = guided_study.result.fp32
+    assert fp32 is not None and fp32.size_bytes
+    guided = [r for r in recs if r.attrs.get("guided")]
+    assert guided, "the search queued no guided plan"
+    for r in guided:
+        assert r.measured
+        name = r.attrs["guided"]
+        if name.endswith("x"):
+            factor = float(name.removeprefix("guided-").removesuffix("x"))
+            assert r.size_bytes is not None and r.size_bytes <= fp32.size_bytes / factor
+
+
+def test_promotion_is_linked_and_replaces_its_parent(guided_study: ShortStudy) -> None:
+    recs = {r.number: r for r in guided_study.result.records}
+    promoted = [r for r in recs.values() if r.attrs.get("parent_trial") is not None]
+    assert len(promoted) == 1
+    child = promoted[0]
+    parent = recs[child.attrs["parent_trial"]]
+    assert child.plan["finetune_steps"] == 2 * STEPS
+    assert parent.plan["finetune_steps"] == STEPS
+    assert {k: v for k, v in child.plan.items() if k != "finetune_steps"} == {
+        k: v for k, v in parent.plan.items() if k != "finetune_steps"}
+    assert child.attrs["artifact_sha256"] != parent.attrs["artifact_sha256"]
+    front = [r.number for r in guided_study.result.front]
+    assert parent.number not in front
+    if child.feasible and child.measured:
+        # on the front unless another trial dominates it
+        assert child.number in front or any(
+            (o.accuracy or 0) >= (child.accuracy or 0) and (o.size_bytes or 0)
+            <= (child.size_bytes or 0) for o in guided_study.result.front)
+
+
+def test_sensitivity_command(guided_study: ShortStudy, capsys: pytest.CaptureFixture[str],
+                             tmp_path: Path) -> None:
+    code, out, _ = _cli(capsys, "sensitivity", "--study", "g", "--storage",
+                        guided_study.storage_url, "--json")
+    assert code == 0
+    table = json.loads(out)
+    assert table["metric"] == "kl_to_teacher" and set(table["layers"])
+    code, out, _ = _cli(capsys, "sensitivity", "--study", "g", "--storage",
+                        guided_study.storage_url)
+    assert code == 0 and "Layer sensitivity" in out and "keep at higher precision" in out
+    # a study without a table: one line, exit 2
+    url = f"sqlite:///{tmp_path / 'bare.db'}"
+    optuna.create_study(study_name="bare", storage=url)
+    code, _, err = _cli(capsys, "sensitivity", "--study", "bare", "--storage", url)
+    assert code == 2 and "no sensitivity table" in err and len(err.strip().splitlines()) == 1
+    study = load_existing_study(guided_study.storage_url, "g")
+    assert SENSITIVITY_ATTR in study.user_attrs
+
+
+def test_refine_records_a_new_trial_that_exports_verified(
+    guided_study: ShortStudy, tmp_path: Path
+) -> None:
+    recs = guided_study.result.records
+    parent = next(r for r in recs if r.attrs.get("warm_start") == "uniform-int8")
+    steps_seen: list[int] = []
+    record = refine_trial(guided_study.storage_url, "g", parent.number, 1,
+                          on_step=lambda step, total: steps_seen.append(step))
+    assert record.attrs["parent_trial"] == parent.number
+    assert record.attrs["refine_epochs"] == 1
+    train = json.loads(load_existing_study(guided_study.storage_url, "g")
+                       .user_attrs["data"])["sizes"]["train"]
+    assert record.plan["finetune_steps"] == math.ceil(train / 64)
+    assert steps_seen[-1] == record.plan["finetune_steps"]
+    assert record.measured and record.attrs["artifact_sha256"] != parent.attrs["artifact_sha256"]
+    result = export_from_storage(guided_study.storage_url, "g", out=tmp_path / "out",
+                                 trial=record.number)
+    assert result.trial == record.number
+    verification = result.verification
+    assert verification is not None and verification["sha256_matches"]
+    assert verification["agreement"] >= verification["agreement_floor"]
+
+
+def test_refine_refuses_bad_requests(guided_study: ShortStudy,
+                                     capsys: pytest.CaptureFixture[str]) -> None:
+    recs = guided_study.result.records
+    fp32 = next(r for r in recs if r.baseline == "fp32")
+    url = guided_study.storage_url
+    with pytest.raises(RefineError, match="fp32 baseline"):
+        refine_trial(url, "g", fp32.number, 1)
+    with pytest.raises(RefineError, match="no trial 999"):
+        refine_trial(url, "g", 999, 1)
+    with pytest.raises(RefineError, match="--epochs 0"):
+        refine_trial(url, "g", 2, 0)
+    before = len(records(load_existing_study(url, "g")))
+    code, _, err = _cli(capsys, "refine", "--study", "g", "--storage", url, "--trial",
+                        str(fp32.number), "--epochs", "1")
+    assert code == 2 and err.strip().startswith("error: trial")
+    assert len(err.strip().splitlines()) == 1
+    assert len(records(load_existing_study(url, "g"))) == before  # nothing recorded

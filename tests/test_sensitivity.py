@@ -1,0 +1,83 @@
+"""The sensitivity pass on the digits demo: a layer made fragile on purpose ranks first."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+
+from autocompress.config import SearchConfig
+from autocompress.intake import Task
+from autocompress.inventory import build_inventory
+from autocompress.sensitivity import Sensitivity, measure_sensitivity, prune_grid
+
+FRAGILE = "block1.conv2"
+OUTLIER = 1000.0
+
+
+def _calibration(task: Task) -> list[torch.Tensor]:
+    return [x for x, _ in task.data.batches("train", 32, shuffle=True, seed=0)][:4]
+
+
+def _fragile_task(task: Task) -> Task:
+    """The same function, but block1.conv2's weights for input channel 0 are 1000x larger
+    (its input is 1000x smaller: bn1's scale and shift for that channel divided, through a
+    ReLU, which is positively homogeneous). Per output channel the outlier sets the
+    quantization scale, so every other weight of the layer rounds to zero at 4 bits."""
+    model = copy.deepcopy(task.model)
+    with torch.no_grad():
+        model.block1.bn1.weight[0] /= OUTLIER
+        model.block1.bn1.bias[0] /= OUTLIER
+        model.block1.conv2.weight[:, 0] *= OUTLIER
+    x = task.data.example_input(8)
+    assert torch.allclose(model(x), task.model(x), atol=1e-3)  # same teacher function
+    return dataclasses.replace(task, model=model.eval())
+
+
+@pytest.fixture(scope="module")
+def fragile_table(demo_task: Task) -> Sensitivity:
+    task = _fragile_task(demo_task)
+    inventory = build_inventory(task.model, task.data.example_input(1))
+    config = SearchConfig(prune_max=0.5)
+    return measure_sensitivity(task, inventory, config, _calibration(task), images=128)
+
+
+def test_fragile_layer_ranks_first_at_int4(fragile_table: Sensitivity) -> None:
+    ranked = fragile_table.ranked_layers(4)
+    assert ranked[0][0] == FRAGILE
+    # and by a wide margin: the others barely move at int4
+    assert ranked[0][1] > 10 * ranked[1][1]
+    assert fragile_table.fragile_layers(4) == [FRAGILE]
+    assert fragile_table.layers[FRAGILE]["bits"]["4"]["accuracy"] < 0.5
+
+
+def test_table_covers_every_choice_and_round_trips(fragile_table: Sensitivity) -> None:
+    assert set(fragile_table.layers) == {"conv1", "block1.conv1", "block1.conv2",
+                                         "down_conv", "block2.conv1", "block2.conv2", "fc"}
+    for entry in fragile_table.layers.values():
+        assert set(entry["bits"]) == {"8", "4"}
+        assert entry["params"] > 0 and entry["macs"] > 0
+    assert fragile_table.images == 128
+    assert set(fragile_table.groups)  # the demo CNN has prunable groups
+    for group in fragile_table.groups.values():
+        assert list(group["ratios"]) == ["0.2", "0.4"]  # PRUNE_GRID within prune_max 0.5
+        for entry in group["ratios"].values():
+            assert entry["kept"]  # pruning a group removes weights somewhere
+            assert all(0 < share < 1 for share in entry["kept"].values())
+    again = Sensitivity.from_dict(fragile_table.to_dict())
+    assert again.ranked_layers(4) == fragile_table.ranked_layers(4)
+
+
+def test_more_pruning_does_more_damage(fragile_table: Sensitivity) -> None:
+    # On average over groups: single groups can tie when rounding keeps the same channels.
+    mild = sum(g["ratios"]["0.2"]["kl"] for g in fragile_table.groups.values())
+    hard = sum(g["ratios"]["0.4"]["kl"] for g in fragile_table.groups.values())
+    assert hard > mild
+
+
+def test_prune_grid_follows_the_space() -> None:
+    assert prune_grid(SearchConfig(prune_max=0.7)) == [0.2, 0.4, 0.6]
+    assert prune_grid(SearchConfig(prune_max=0.1)) == [0.1]
+    assert prune_grid(SearchConfig(prune_max=0.0)) == []
