@@ -274,11 +274,16 @@ def _run_search(
         counter.searching = True
         study.optimize(runner, n_trials=counter.hard_cap(), callbacks=[callback],
                        catch=(Exception,))
+        counter.searching = False
+        _promote(study, runner, config, counter, callback, on_start)
+        if counter.time_left_for_more():
+            # promotions did not use all of their share: back to searching until the limit
+            counter.searching = counter.last_stretch = True
+            study.optimize(runner, n_trials=counter.hard_cap(), callbacks=[callback],
+                           catch=(Exception,))
         stop_reason = counter.end_note(budgets, study_mod.records(study))
         if stop_reason:
             _say(stop_reason, on_start)
-        counter.searching = False
-        _promote(study, runner, config, counter, callback, on_start)
         study.set_user_attr(LATENCY_MODEL_ATTR, ctx.latency_model.summary(ctx.budget_ratio()))
 
     recs = study_mod.records(study)
@@ -308,6 +313,7 @@ class _TrialCounter:
         self.in_a_row = 0
         self.finished = 0  # every trial this run finished, baselines included
         self.searching = False  # baselines are done; search trials are being counted
+        self.last_stretch = False  # after the promotions: search until the full time limit
         self.started = started
 
     @property
@@ -338,10 +344,21 @@ class _TrialCounter:
             self.in_a_row = 0
 
     def _out_of_time(self) -> bool:
-        """Past the search part of the time limit (the rest is the promotions' share)."""
+        """Past the search part of the time limit (the rest is the promotions' share, and
+        after them, the last stretch of searching)."""
         limit = self.config.time_limit
-        return limit is not None and self.elapsed() >= limit * 60 * (
-            1.0 - self.config.promote_share)
+        share = 0.0 if self.last_stretch else self.config.promote_share
+        return limit is not None and self.elapsed() >= limit * 60 * (1.0 - share)
+
+    def time_left_for_more(self) -> bool:
+        """Under a time limit, after the promotions: is there time for one more trial (the
+        mean of this run's trials so far)?"""
+        limit = self.config.time_limit
+        if limit is None or self.counted >= self.config.trials or self.in_a_row >= (
+                self.config.max_rejections) or not self.counted:
+            return False
+        mean = self.elapsed() / max(self.finished, 1)
+        return limit * 60 - self.elapsed() > mean
 
     def promotion_effort(self, mean_trial_s: float | None) -> float:
         """Short fine-tunes' worth of promotions this run may add: its share of the counted

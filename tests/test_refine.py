@@ -125,3 +125,17 @@ def test_refine_refuses_bad_requests(guided_study: ShortStudy,
     assert code == 2 and err.strip().startswith("error: trial")
     assert len(err.strip().splitlines()) == 1
     assert len(records(load_existing_study(url, "g"))) == before  # nothing recorded
+
+
+def test_dashboard_shows_sensitivity_and_counts_each_plan_once(guided_study: ShortStudy) -> None:
+    from autocompress.dashboard import create_app
+
+    data = create_app(guided_study.storage_url).test_client().get("/api/study/g").get_json()
+    assert set(data["sensitivity"]["layers"]) and set(data["sensitivity"]["groups"])
+    by_number = {t["number"]: t for t in data["trials"]}
+    child = next(t for t in data["trials"] if t["parent_trial"] is not None)
+    parent = by_number[child["parent_trial"]]
+    if child["feasible"]:
+        assert parent["superseded"] and parent["number"] not in data["front_2d"]
+        assert not parent["on_front"]
+    assert any(t["guided"] for t in data["trials"])

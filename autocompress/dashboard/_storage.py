@@ -230,7 +230,13 @@ class StudyReader:
         counts["infeasible"] = sum(t["feasible"] is False for t in trials)
         counts["failed"] = counts.pop("fail")
 
-        feasible = [t for t in trials if t["feasible"]]
+        # Each plan counts once on the front, at its most-trained trial: a promotion or a
+        # refine that measured within budget supersedes the trial it retrained.
+        superseded = {t["parent_trial"] for t in trials
+                      if t["feasible"] and t["parent_trial"] is not None}
+        feasible = [t for t in trials if t["feasible"] and t["number"] not in superseded]
+        for t in trials:
+            t["superseded"] = t["number"] in superseded
         full = {
             t["number"]: [t[k] for k in keys]
             for t in feasible
@@ -275,6 +281,7 @@ class StudyReader:
             "created_by": attrs.get("created_by"),
             "data": an.maybe_json(attrs.get("data")),
             "learning_rate_probe": an.maybe_json(attrs.get("learning_rate_probe")),
+            "sensitivity": an.maybe_json(attrs.get("sensitivity")),
             "counts": counts,
             "trials": trials,
             "front": sorted(front),
@@ -307,6 +314,9 @@ class StudyReader:
         row["feasible"] = an.is_feasible(state, a, t.constraints)
         row["baseline"] = a.get("baseline")
         row["warm_start"] = a.get("warm_start")
+        row["guided"] = a.get("guided")
+        parent = a.get("parent_trial")
+        row["parent_trial"] = int(parent) if parent is not None else None
         row["plan_summary"] = a.get("plan_summary")
         row["rejected"] = a.get("rejected")
         row["fail_reason"] = a.get("fail_reason")

@@ -115,7 +115,7 @@
   const tableState = { key: "number", dir: 1 };
   const COLUMNS = [
     { key: "number", label: "#", num: true, fmt: (t, s) => `<a href="${trialUrl(s.name, t.number)}">${t.number}</a>` },
-    { key: "state", label: "Status", fmt: (t) => stateBadge(t) + (t.on_front ? ' <span class="badge front">front</span>' : "") + (t.baseline ? ` <span class="badge base">${esc(t.baseline)}</span>` : "") + (t.warm_start ? ` <span class="badge base">${esc(t.warm_start)}</span>` : "") },
+    { key: "state", label: "Status", fmt: (t) => stateBadge(t) + (t.on_front ? ' <span class="badge front">front</span>' : "") + (t.baseline ? ` <span class="badge base">${esc(t.baseline)}</span>` : "") + (t.warm_start ? ` <span class="badge base">${esc(t.warm_start)}</span>` : "") + (t.guided ? ` <span class="badge base">${esc(t.guided)}</span>` : "") + (t.parent_trial != null ? ` <span class="badge base">retrain of #${t.parent_trial}</span>` : "") + (t.superseded ? ' <span class="badge base">retrained later</span>' : "") },
     { key: "accuracy", label: "Accuracy (val)", num: true, fmt: (t) => pct(t.accuracy) },
     { key: "test_accuracy", label: "Accuracy (test)", num: true, fmt: (t) => pct(t.test_accuracy) },
     { key: "size_bytes", label: "Size", num: true, fmt: (t) => bytes(t.size_bytes) },
@@ -316,11 +316,36 @@
     });
   }
 
+  function heatmap(id, rows, columns, cell, title) {
+    // rows: [name, entry]; cell(entry, column) -> {kl, accuracy} or undefined
+    const z = rows.map(([, e]) => columns.map((c) => { const v = cell(e, c); return v ? Math.log10(Math.max(v.kl, 1e-6)) : null; }));
+    const text = rows.map(([, e]) => columns.map((c) => { const v = cell(e, c); return v ? `KL ${v.kl.toPrecision(3)} · acc ${(100 * v.accuracy).toFixed(1)}%` : "not scored"; }));
+    const trace = { type: "heatmap", z, x: columns.map((c) => c.label), y: rows.map(([n]) => n), text, hoverinfo: "x+y+text",
+      colorscale: [[0, "#0f9d58"], [0.5, "#e0a100"], [1, "#d93025"]], colorbar: { title: { text: "log10 KL", side: "top" }, thickness: 12 } };
+    const layout = layoutBase({ title: { text: title, font: { size: 13 } }, margin: { l: 140, r: 20, t: 40, b: 40 },
+      yaxis: { autorange: "reversed", automargin: true }, xaxis: { side: "bottom" } });
+    Plotly.react(id, [trace], layout, PLOT_CONFIG);
+  }
+
+  function renderSensitivity(study) {
+    const s = study.sensitivity;
+    const card = document.getElementById("sensitivity-card");
+    if (!card || !s || !s.layers) return;
+    card.hidden = false;
+    const widths = [...new Set(Object.values(s.layers).flatMap((e) => Object.keys(e.bits)))].sort((a, b) => b - a);
+    heatmap("sensitivity-layers", Object.entries(s.layers), widths.map((w) => ({ key: w, label: `int${w}` })),
+      (e, c) => e.bits[c.key], `layers at each width (${s.images} validation images)`);
+    const ratios = [...new Set(Object.values(s.groups || {}).flatMap((g) => Object.keys(g.ratios)))].sort((a, b) => a - b);
+    heatmap("sensitivity-groups", Object.entries(s.groups || {}), ratios.map((r) => ({ key: r, label: `${Math.round(100 * r)}% pruned` })),
+      (e, c) => e.ratios[c.key], "prunable groups at each ratio");
+  }
+
   function renderStudy(study) {
     renderStudyHead(study);
     renderPareto(study);
     renderLatency(study);
     renderProgress(study);
+    renderSensitivity(study);
     renderTable(study);
     bindClicks("pareto", study);
     bindClicks("latency", study);
