@@ -16,7 +16,8 @@ from collections.abc import Sequence
 from typing import Any, NoReturn
 
 from autocompress import __version__
-from autocompress.errors import AutocompressError
+from autocompress.config import default_storage_url
+from autocompress.errors import AutocompressError, one_line
 
 log = logging.getLogger("autocompress")
 
@@ -88,7 +89,17 @@ def build_parser() -> argparse.ArgumentParser:
                    "integer weights in the file) or both (default 8,32)")
     s.add_argument("--prune-max", type=float, help="largest prune ratio (default 0.7)")
     s.add_argument("--prune-step", type=float, help="prune ratio grid step (default 0.05)")
+    s.add_argument("--kd-temperature-min", type=float, help="lowest distillation "
+                   "temperature searched (default 1)")
+    s.add_argument("--kd-temperature-max", type=float, help="highest (default 10)")
+    s.add_argument("--kd-alpha-min", type=float, help="lowest distillation weight searched "
+                   "(default 0.5; the rest is cross-entropy on the labels)")
+    s.add_argument("--kd-alpha-max", type=float, help="highest (default 1)")
+    s.add_argument("--round-to", type=int, help="pruned channel counts kept at multiples of "
+                   "this (default 8)")
     s.add_argument("--finetune-steps", type=int, help="QAT+KD steps per candidate")
+    s.add_argument("--early-stop-drop", type=float, help="stop a fine-tune half-way when its "
+                   "accuracy is this far below the teacher's (default 0.25)")
     s.add_argument("--learning-rate", type=float, help="fine-tune learning rate (default: "
                    "chosen once per study by a short probe)")
     s.add_argument("--batch-size", type=int, help="fine-tune batch size")
@@ -207,7 +218,7 @@ def _show(args: argparse.Namespace) -> int:
     from autocompress.study import load_existing_study, records, study_info
 
     name = args.study or "demo"
-    url = args.storage or f"sqlite:///studies/{name}.db"
+    url = args.storage or default_storage_url(name)
     study = load_existing_study(url, name)
     info = study_info(study, url)
     budgets = [Budget.from_dict(b) for b in info.json_attr("budgets", [])]
@@ -262,7 +273,7 @@ def _dashboard(args: argparse.Namespace) -> int:
     from autocompress.dashboard import serve
 
     name = args.study or "demo"
-    url = args.storage or f"sqlite:///studies/{name}.db"
+    url = args.storage or default_storage_url(name)
     serve(url, host=args.host, port=args.port, token=args.token,
           artifacts_dir=args.artifacts)
     return 0
@@ -272,7 +283,7 @@ def _export(args: argparse.Namespace) -> int:
     from autocompress import export, refine, report
 
     name = args.study or "demo"
-    url = args.storage or f"sqlite:///studies/{name}.db"
+    url = args.storage or default_storage_url(name)
     common: dict[str, Any] = {
         "out": args.out, "trial": args.trial, "best": args.best,
         "budgets": tuple(args.budgets or ()), "max_accuracy_drop": args.max_accuracy_drop,
@@ -295,7 +306,7 @@ def _refine(args: argparse.Namespace) -> int:
     from autocompress import refine, report
 
     name = args.study or "demo"
-    url = args.storage or f"sqlite:///studies/{name}.db"
+    url = args.storage or default_storage_url(name)
     if args.out:  # check the folder before a fine-tune of many minutes
         from pathlib import Path
 
@@ -329,7 +340,7 @@ def _sensitivity(args: argparse.Namespace) -> int:
     from autocompress.study import load_existing_study
 
     name = args.study or "demo"
-    url = args.storage or f"sqlite:///studies/{name}.db"
+    url = args.storage or default_storage_url(name)
     study = load_existing_study(url, name)
     stored = study.user_attrs.get(SENSITIVITY_ATTR)
     if stored is None:
@@ -377,7 +388,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _COMMANDS[args.command](args)
     except AutocompressError as exc:
-        print(f"error: {_one_line(exc)}", file=sys.stderr)
+        print(f"error: {one_line(exc, whole=True, limit=None)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: the running trial was marked failed; finished trials are kept "
@@ -399,10 +410,6 @@ def _quiet_libraries(*, verbose: bool) -> None:
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         warnings.filterwarnings("ignore", message=".*experimental.*")
         warnings.filterwarnings("ignore", category=UserWarning, module="torch")
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())
 
 
 if __name__ == "__main__":

@@ -86,6 +86,11 @@ def parse_budget(text: str) -> Budget:
     )
 
 
+def default_storage_url(study: str) -> str:
+    """Where a study lives when no --storage is given: one SQLite file per study."""
+    return f"sqlite:///studies/{study}.db"
+
+
 def format_bytes(n: float) -> str:
     for unit, scale in (("MB", 1000**2), ("KB", 1000)):
         if n >= scale:
@@ -242,7 +247,7 @@ class SearchConfig:
         return [parse_budget(b) for b in self.budgets]
 
     def storage_url(self) -> str:
-        return self.storage or f"sqlite:///studies/{self.study}.db"
+        return self.storage or default_storage_url(self.study)
 
     def replace(self, **changes: Any) -> SearchConfig:
         return dataclasses.replace(self, **changes)
@@ -352,6 +357,7 @@ __all__ = [
     "build_config",
     "config_from_stored",
     "config_keys",
+    "default_storage_url",
     "format_bytes",
     "load_config_file",
     "parse_budget",

@@ -13,6 +13,7 @@ by the search through ``should_stop`` so hopeless candidates cost little.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -295,12 +296,19 @@ class FinetuneResult:
     reason: str = ""
 
 
-def resolve_device(device: str | torch.device) -> torch.device:
-    """ "cpu", "cuda" (must be available) or "auto" (cuda when available, else cpu)."""
+def resolve_device(device: str | torch.device, *, fallback: bool = False) -> torch.device:
+    """ "cpu", "cuda" (must be available) or "auto" (cuda when available, else cpu).
+
+    ``fallback``: an unavailable CUDA is a warning and the CPU (a search keeps going on a
+    machine without a GPU); without it, an InputError (a direct call asked for CUDA)."""
     text = str(device)
     if text == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if text.startswith("cuda"):
+        if not torch.cuda.is_available() and fallback:
+            logging.getLogger("autocompress").warning(
+                "--device %s asked but CUDA is not available; fine-tuning on CPU", text)
+            return torch.device("cpu")
         if not torch.cuda.is_available():
             raise InputError(
                 f"device {text!r} was requested but CUDA is not available; use 'cpu' or 'auto'"

@@ -41,3 +41,20 @@ class StudyError(InputError):
 
 class TrainingError(AutocompressError):
     """Fine-tuning diverged (NaN/inf loss) or could not run."""
+
+
+def one_line(exc: BaseException, *, typed: bool = False, limit: int | None = 200,
+             whole: bool = False) -> str:
+    """An exception as one line of a message: its first non-empty line (``whole``: every
+    line joined by spaces), or its type name when it says nothing; ``Type: text`` with
+    ``typed``; cut to ``limit`` characters (None: no cut). Library errors can span pages
+    (a torch trace, a SQL statement): a user's message must stay one line."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = " ".join(" ".join(lines).split()) if whole else (lines[0] if lines else "")
+    if typed:
+        text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    elif not text:
+        text = type(exc).__name__
+    if limit is not None and len(text) > limit:
+        text = text[: limit - 3] + "..."
+    return text

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from autocompress.errors import DataSpecError, InputError, ModelSpecError
+from autocompress.errors import DataSpecError, InputError, ModelSpecError, one_line
 
 DEMO_MODEL_SPEC = "demo"
 DIGITS_DATA_SPEC = "digits"
@@ -473,7 +473,7 @@ def _probe_image(path: str, input_size: int | None) -> tuple[str, tuple[int, int
             size = (input_size, input_size) if input_size else (img.height, img.width)
     except Exception as exc:  # any decoder failure is a bad file to the user
         raise DataSpecError(
-            f"cannot read image {path}: {_one_line(exc)}; remove or fix it"
+            f"cannot read image {path}: {one_line(exc, typed=True)}; remove or fix it"
         ) from exc
     return mode, size
 
@@ -526,7 +526,7 @@ def _decode_folder(
             return _decode_image(item[0], mode, size)
         except Exception as exc:
             raise DataSpecError(
-                f"cannot read image {item[0]}: {_one_line(exc)}; remove or fix it"
+                f"cannot read image {item[0]}: {one_line(exc, typed=True)}; remove or fix it"
             ) from exc
 
     # PIL releases the GIL while decoding, so threads overlap the JPEG work.
@@ -564,9 +564,9 @@ def _load_cifar10(root_text: str) -> tuple[_Source, _Source, list[str]]:
         test = CIFAR10(str(root), train=False, download=True)
     except Exception as exc:  # URLError, checksum errors, HTTP errors...
         raise DataSpecError(
-            f"could not download CIFAR-10 into {root} ({_one_line(exc)}); without network, "
-            "unpack a local copy as ROOT/train/<class>/*.png and ROOT/test/<class>/*.png and "
-            "use --data imagefolder:ROOT"
+            f"could not download CIFAR-10 into {root} ({one_line(exc, typed=True)}); without "
+            "network, unpack a local copy as ROOT/train/<class>/*.png and "
+            "ROOT/test/<class>/*.png and use --data imagefolder:ROOT"
         ) from exc
 
     def source(ds: Any) -> _Source:
@@ -591,7 +591,7 @@ def _load_data_factory(spec: str) -> tuple[_Source, _Source | None, _Source, lis
         result = factory()
     except Exception as exc:  # user code: report, do not crash
         raise DataSpecError(
-            f"data factory {spec!r} raised {_one_line(exc)}; fix the factory"
+            f"data factory {spec!r} raised {one_line(exc, typed=True)}; fix the factory"
         ) from exc
     if isinstance(result, dict):
         missing = [k for k in ("train", "test") if k not in result]
@@ -642,7 +642,7 @@ def _materialize(dataset: Any, spec: str, name: str) -> _Source:
             items = list(dataset)
     except Exception as exc:
         raise DataSpecError(
-            f"reading the {name} dataset of {spec!r} failed: {_one_line(exc)}"
+            f"reading the {name} dataset of {spec!r} failed: {one_line(exc, typed=True)}"
         ) from exc
     if not items:
         raise DataSpecError(f"the {name} dataset of {spec!r} is empty; it must yield samples")
@@ -784,7 +784,7 @@ def _build_torchvision(name: str, num_classes: int | None) -> nn.Module:
         return models.get_model(name, **kwargs)
     except Exception as exc:
         raise ModelSpecError(
-            f"torchvision model {name!r} could not be built: {_one_line(exc)}"
+            f"torchvision model {name!r} could not be built: {one_line(exc, typed=True)}"
         ) from exc
 
 
@@ -805,7 +805,9 @@ def _build_timm(name: str, num_classes: int | None) -> nn.Module:
     try:
         return timm.create_model(name, **kwargs)
     except Exception as exc:
-        raise ModelSpecError(f"timm model {name!r} could not be built: {_one_line(exc)}") from exc
+        raise ModelSpecError(
+            f"timm model {name!r} could not be built: {one_line(exc, typed=True)}"
+        ) from exc
 
 
 def _call_model_factory(factory: Callable[..., Any], spec: str, num_classes: int | None) -> Any:
@@ -822,7 +824,7 @@ def _call_model_factory(factory: Callable[..., Any], spec: str, num_classes: int
         return factory(**kwargs)
     except Exception as exc:  # user code: report, do not crash
         raise ModelSpecError(
-            f"model factory {spec!r} raised {_one_line(exc)}; fix the factory "
+            f"model factory {spec!r} raised {one_line(exc, typed=True)}; fix the factory "
             "(it is called with no arguments, or num_classes= when it accepts it)"
         ) from exc
 
@@ -837,8 +839,8 @@ def _resolve_factory(spec: str, error: type[InputError], what: str) -> Callable[
             module = importlib.import_module(target)
         except Exception as exc:  # ImportError or an error inside the module
             raise error(
-                f"cannot import {what} module {target!r} ({_one_line(exc)}); check it is "
-                "installed or on PYTHONPATH"
+                f"cannot import {what} module {target!r} ({one_line(exc, typed=True)}); check it "
+                "is installed or on PYTHONPATH"
             ) from exc
     obj: Any = module
     for part in attr.split("."):
@@ -870,7 +872,7 @@ def _import_file(path: Path, error: type[InputError], what: str) -> Any:
         module_spec.loader.exec_module(module)
     except Exception as exc:
         sys.modules.pop(name, None)
-        raise error(f"importing {what} file {path} failed: {_one_line(exc)}") from exc
+        raise error(f"importing {what} file {path} failed: {one_line(exc, typed=True)}") from exc
     finally:
         sys.path.remove(str(resolved.parent))
     return module
@@ -973,7 +975,7 @@ def check_model_input(model: nn.Module, example: torch.Tensor, spec: str) -> int
             out = model(example)
     except Exception as exc:  # any failure means the shape is not accepted
         raise ModelSpecError(
-            f"model {spec!r} rejects input of shape {shape}: {_one_line(exc)}; pass "
+            f"model {spec!r} rejects input of shape {shape}: {one_line(exc, typed=True)}; pass "
             "--input-size N to feed NxN images (or data with the channel count it expects)"
         ) from exc
     if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != shape[0]:
@@ -1121,12 +1123,3 @@ def load_for_profile(
     # Values do not change FLOPs or latency; a seeded random input avoids all-zero fast paths.
     example = torch.randn((1, *shape), generator=torch.Generator().manual_seed(seed))
     return model, example
-
-
-def _one_line(exc: BaseException) -> str:
-    """``Type: first line of the message`` (shortened): error messages stay one line."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    text = lines[0] if lines else ""
-    if len(text) > 200:
-        text = text[:197] + "..."
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -20,6 +20,7 @@ from torch import nn
 
 from autocompress._outputs import first_tensor
 from autocompress.errors import InputError
+from autocompress.prune_groups import PruneGroup
 
 INVENTORY_FORMAT_VERSION = 1
 QUANTIZABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Linear)
@@ -43,21 +44,6 @@ class LayerInfo:
     flops: int
     output_shape: list[int] | None
     quantizable: bool
-    excluded_reason: str | None
-
-
-@dataclass(frozen=True)
-class PruneGroup:
-    """Output channels that must be pruned together, named after its first Conv/Linear member.
-
-    ``members`` are the Conv/Linear layers whose output channels the group removes (their
-    consumers lose the matching input channels too); ``channels`` is the current count.
-    """
-
-    name: str
-    members: list[str]
-    channels: int
-    prunable: bool
     excluded_reason: str | None
 
 

@@ -1,7 +1,7 @@
 """One trial: plan -> build -> latency pre-check -> QAT+KD fine-tune -> export -> measure.
 
 Every recorded figure is measured on the exported ONNX file that becomes the trial's
-artifact (DESIGN rule 1). The pre-check exports the pruned structure at the planned bit widths
+artifact (design rule 1). The pre-check exports the pruned structure at the planned bit widths
 before any fine-tuning and rejects over-budget candidates cheaply (rule 4); its result is
 cached by structure, because latency does not depend on fine-tuned weight values.
 

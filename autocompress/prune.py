@@ -29,9 +29,9 @@ import torch.nn.utils.prune as torch_prune
 import torch_pruning as tp
 from torch import nn
 
-from autocompress.errors import InputError, PlanError
-from autocompress.inventory import PruneGroup
+from autocompress.errors import InputError, PlanError, one_line
 from autocompress.plan import CompressionPlan
+from autocompress.prune_groups import PruneGroup
 
 CLASSIFIER_REASON = "classifier output: its channels are the classes"
 _WEIGHT_TYPES = (nn.modules.conv._ConvNd, nn.Linear)
@@ -89,7 +89,7 @@ def dependency_groups(
     try:
         graph = _build_graph(work, example_input)
     except Exception as exc:  # tracing can fail on exotic models: report, never crash
-        reason = f"dependency tracing failed ({_one_line(exc)})"
+        reason = f"dependency tracing failed ({one_line(exc, typed=True)})"
         return [
             PruneGroup(name, [name], _out_channels(m), False, reason)
             for name, m in work.named_modules()
@@ -157,7 +157,7 @@ def prune_with_report(
     except Exception as exc:
         raise PlanError(
             f"prunable group {next(iter(ratios))!r} cannot be used: dependency tracing "
-            f"failed ({_one_line(exc)}); leave plan.prune empty for this model"
+            f"failed ({one_line(exc, typed=True)}); leave plan.prune empty for this model"
         ) from None
     groups = _collect_groups(work, graph, min_channels=min_channels)
     _check_names(ratios, groups)
@@ -465,7 +465,7 @@ def _apply(
         try:
             graph = _build_graph(work, example_input)
         except Exception as exc:
-            return None, f"dependency tracing failed ({_one_line(exc)})"
+            return None, f"dependency tracing failed ({one_line(exc, typed=True)})"
     modules = dict(work.named_modules())
     for name, idxs in removals.items():
         try:
@@ -478,7 +478,7 @@ def _apply(
                 return name, "torch-pruning refused: a coupled layer would lose every channel"
             group.prune()
         except Exception as exc:
-            return name, f"torch-pruning failed ({_one_line(exc)})"
+            return name, f"torch-pruning failed ({one_line(exc, typed=True)})"
         if check_each:
             why = _check_runs(work, example_input, reference)
             if why:
@@ -496,7 +496,7 @@ def _check_runs(model: nn.Module, example_input: torch.Tensor, reference: Any) -
         with torch.no_grad():
             shape = _output_shape(model.eval(), example_input)
     except Exception as exc:
-        return f"pruned model no longer runs ({_one_line(exc)})"
+        return f"pruned model no longer runs ({one_line(exc, typed=True)})"
     if shape != reference:
         return f"pruning changed the output shape {reference} -> {shape}"
     return None
@@ -532,11 +532,6 @@ def _out_channels(module: nn.Module) -> int:
     if isinstance(module, nn.Linear):
         return module.out_features
     return int(module.out_channels)
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"[:200]
 
 
 def _shown(names: list[str]) -> str:

@@ -5,7 +5,7 @@ Quantization scheme (the same in training and in the exported file):
   int4: [-7, 7]), zero point 0. The scale is a function of the weights, so the scales
   "learned" in QAT are the ones recomputed from the fine-tuned weights at export; they go
   into the file through ORT's ``TensorQuantOverrides`` with ``axis`` set explicitly (without
-  it ORT silently falls back to per-tensor int4: -6.7 pt on ResNet-20, DESIGN rule 3).
+  it ORT silently falls back to per-tensor int4: -6.7 pt on ResNet-20, design rule 3).
   On x86 CPUs without VNNI, int8 weights use [-63, 63]: ORT's u8s8 kernels there add pairs
   of uint8*int8 products in int16 and saturate (seen here: a digits CNN's first conv made
   the file disagree with its fake-quant twin on 7% of samples; with 7-bit weights, on

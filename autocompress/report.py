@@ -11,7 +11,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from autocompress.config import Budget, format_bytes
+from autocompress.config import Budget, default_storage_url, format_bytes
 from autocompress.pareto import TrialRecord
 
 _out = Console(soft_wrap=True)  # resolves sys.stdout at write time (pytest swaps it)
@@ -183,7 +183,7 @@ def _counts(records: Sequence[TrialRecord]) -> str:
 
 
 def print_next_steps(study: str, storage_url: str, artifacts_dir: str) -> None:
-    default = storage_url == f"sqlite:///studies/{study}.db"
+    default = storage_url == default_storage_url(study)
     where = f"--study {study}" + ("" if default else f" --storage {storage_url}")
     _out.print(
         "next:\n"

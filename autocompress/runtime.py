@@ -3,7 +3,7 @@
 The only module that imports ``onnxruntime`` (sessions and ``onnxruntime.quantization``), so
 the rest of the package stays importable and testable without it, and every runtime knob we
 set is visible in one place. Every figure the search records is measured here, on the file
-the user will get (DESIGN rule 1), with explicit threads and session options (rule 3).
+the user will get (design rule 1), with explicit threads and session options (rule 3).
 """
 
 from __future__ import annotations
@@ -232,7 +232,7 @@ def time_interleaved(
 ) -> InterleavedLatency:
     """Time two files alternately, ``repeats`` runs each per round, for ``rounds`` rounds.
 
-    Latency on shared machines drifts by tens of percent within minutes (DESIGN rule 7);
+    Latency on shared machines drifts by tens of percent within minutes (design rule 7);
     alternating in the same window makes the drift hit both sides, so the ratio is
     trustworthy even when the absolute numbers move. The order flips every round so neither
     side always runs on a cache warmed by the other.

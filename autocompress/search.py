@@ -26,7 +26,17 @@ from typing import Any
 
 import torch
 
-from autocompress import __version__, guided, intake, lrprobe, measure, quantize, runtime, space
+from autocompress import (
+    __version__,
+    distill,
+    guided,
+    intake,
+    lrprobe,
+    measure,
+    quantize,
+    runtime,
+    space,
+)
 from autocompress import latency_reference as reference_mod
 from autocompress import study as study_mod
 from autocompress.config import Budget, SearchConfig
@@ -84,12 +94,8 @@ class SearchResult:
 
 
 def resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        log.warning("--device cuda asked but CUDA is not available; fine-tuning on CPU")
-        return "cpu"
-    return device
+    """The fine-tune device a search uses: ``distill.resolve_device`` with a CPU fallback."""
+    return str(distill.resolve_device(device, fallback=True))
 
 
 def _file_sha256(path: str | None) -> str | None:

@@ -56,7 +56,7 @@ from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy import exc as sa_exc
 
 from autocompress.config import SearchConfig
-from autocompress.errors import StudyError
+from autocompress.errors import StudyError, one_line
 from autocompress.pareto import TrialRecord
 
 log = logging.getLogger("autocompress")
@@ -347,7 +347,7 @@ def open_storage(url: str, *, heartbeat: bool = True, create: bool = True) -> RD
                 break
             time.sleep(delay)
             delay = min(2 * delay, _MAX_BACKOFF_S)
-    raise StudyError(f"cannot open storage {masked_url(url)!r}: {_first_line(last)}; check the "
+    raise StudyError(f"cannot open storage {masked_url(url)!r}: {one_line(last)}; check the "
                      "URL (e.g. sqlite:///studies/demo.db or postgresql://user:pw@host/db) and "
                      "that the database server is running")
 
@@ -356,12 +356,7 @@ def _cause_line(exc: BaseException) -> str:
     """The first line of the innermost cause: the driver's words ("connection refused"),
     not the wrapper's ("An exception is raised during the commit")."""
     *_, root = _exception_chain(exc)
-    return _first_line(getattr(root, "orig", None) or root)
-
-
-def _first_line(exc: BaseException | None) -> str:
-    text = str(exc).strip().splitlines()[0] if exc and str(exc).strip() else type(exc).__name__
-    return text[:200]
+    return one_line(getattr(root, "orig", None) or root)
 
 
 # Connection errors that waiting will not fix: a wrong password, user, host or database name.
@@ -498,7 +493,7 @@ def _s3_store(bucket: str, prefix: str) -> ArtifactStore:
     try:
         client.head_bucket(Bucket=bucket)
     except (BotoCoreError, ClientError) as exc:
-        raise StudyError(f"cannot use artifact bucket {bucket!r} ({_first_line(exc)}); check "
+        raise StudyError(f"cannot use artifact bucket {bucket!r} ({one_line(exc)}); check "
                          "the bucket exists, the AWS credentials, and AWS_ENDPOINT_URL for an "
                          "S3-compatible server such as MinIO") from None
     store = Boto3ArtifactStore(bucket, client=client)
@@ -670,7 +665,7 @@ def create_or_load_study(
                 break
             time.sleep(0.3 * (attempt + 1))
     if not created:
-        raise StudyError(f"cannot create study {config.study!r}: {_first_line(last)}")
+        raise StudyError(f"cannot create study {config.study!r}: {one_line(last)}")
     study = _WorkerStudy(study_name=config.study, storage=storage, sampler=sampler)
     if isinstance(storage, _ResilientStorage):
         study.resilient = storage

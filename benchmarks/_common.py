@@ -1,7 +1,7 @@
 """Shared helpers for the benchmark scripts: machine state, thread choice, tables, files.
 
 Every benchmark output states the thread counts and the machine load it was measured
-under (DESIGN rule 6): the machines here are shared, and a figure without its conditions
+under (design rule 6): the machines here are shared, and a figure without its conditions
 cannot be compared with anything.
 """
 

@@ -267,7 +267,7 @@ def compare_to_fp32(trial: dict[str, Any], fp32: dict[str, Any] | None) -> dict[
     """Times smaller, times faster and accuracy change (points) against the fp32 baseline.
 
     Speed prefers the interleaved ratio measured beside the fp32 file in the same run
-    (``latency_vs_fp32``; DESIGN rule 7: latency drifts, interleaving cancels it), then the
+    (``latency_vs_fp32``; design rule 7: latency drifts, interleaving cancels it), then the
     fp32 latency recorded on the trial, then the fp32 baseline trial's own latency.
     """
     out: dict[str, Any] = {

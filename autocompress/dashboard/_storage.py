@@ -24,7 +24,7 @@ from optuna.artifacts.exceptions import ArtifactNotFound
 from optuna.trial import FrozenTrial
 
 from autocompress.dashboard import _analysis as an
-from autocompress.errors import StudyError
+from autocompress.errors import StudyError, one_line
 
 _T = TypeVar("_T")
 _SAFE_ARTIFACT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,200}$")
@@ -49,11 +49,6 @@ class Missing(LookupError):
         super().__init__(message)
         self.message = message
         self.existing = existing
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
 
 
 def masked_url(storage_url: str) -> str:
@@ -110,7 +105,7 @@ def open_storage(storage_url: str) -> optuna.storages.BaseStorage:
                 "`autocompress search` with this --storage first"
             ) from None
         raise StudyError(
-            f"cannot open study storage {masked_url(storage_url)}: {_first_line(exc)}; check "
+            f"cannot open study storage {masked_url(storage_url)}: {one_line(exc)}; check "
             "the URL and that it is an Optuna database"
         ) from None
     return storage

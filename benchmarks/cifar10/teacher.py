@@ -2,7 +2,7 @@
 
 Trained on the ``train`` split of ``intake.load_data`` (the official train folder minus the
 stratified validation split), so the teacher never sees the images candidates are selected
-on (DESIGN rule 5); the official test folder stays apart. Recipe: SGD with Nesterov
+on (design rule 5); the official test folder stays apart. Recipe: SGD with Nesterov
 momentum 0.9, weight decay 5e-4, batch 128, linear warm-up then cosine decay, random crop
 (4-pixel zero padding) + horizontal flip applied on the preprocessed tensors.
 

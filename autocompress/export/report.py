@@ -1,0 +1,384 @@
+"""Export's report: report.json, report.md and pareto.png for the chosen candidate."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from autocompress import __version__
+from autocompress.config import Budget, format_bytes
+from autocompress.export._results import REPORT_FORMAT_VERSION, Choice, _speed_text
+from autocompress.export.program import _Context
+from autocompress.export.verify import _runtime_of
+from autocompress.inventory import Inventory
+from autocompress.pareto import (
+    TrialRecord,
+    pareto_front,
+)
+from autocompress.plan import CompressionPlan
+
+
+def _rate(original: float | None, compressed: float | None) -> float | None:
+    if original is None or compressed is None or not original:
+        return None
+    return (float(original) - float(compressed)) / float(original)
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or not b:
+        return None
+    return float(a) / float(b)
+
+
+def _metrics(record: TrialRecord | None, fp32: TrialRecord | None) -> dict[str, Any]:
+    if record is None:
+        return {}
+    a = record.attrs
+    weight_types = record.json_attr("weight_types")
+    return {
+        "trial": record.number,
+        "baseline": record.baseline,
+        "plan_summary": record.plan_summary,
+        "size_bytes": record.size_bytes,
+        "zip_size_bytes": a.get("zip_size_bytes"),
+        "times_smaller": _ratio(fp32.size_bytes, record.size_bytes) if fp32 else None,
+        "latency_ms": record.latency_ms,
+        "latency_spread_ms": record.latency_spread_ms,
+        "latency_p10_ms": a.get("latency_p10_ms"),
+        "latency_p90_ms": a.get("latency_p90_ms"),
+        "latency_vs_fp32": record.latency_vs_fp32,
+        "times_faster": _ratio(1.0, record.latency_vs_fp32),
+        "fp32_latency_ms": a.get("fp32_latency_ms"),
+        "runtime": _runtime_of(record),
+        "accuracy_val": record.accuracy,
+        "accuracy_test": record.test_accuracy,
+        "accuracy_drop_rate_val": _rate(fp32.accuracy, record.accuracy) if fp32 else None,
+        "accuracy_drop_rate_test": (
+            _rate(fp32.test_accuracy, record.test_accuracy) if fp32 else None
+        ),
+        "flops": record.flops,
+        "flop_reduction_rate": _rate(fp32.flops, record.flops) if fp32 else None,
+        "params": record.params,
+        "param_reduction_rate": _rate(fp32.params, record.params) if fp32 else None,
+        "weight_types": dict(Counter(weight_types.values())) if weight_types else None,
+    }
+
+
+def layer_table(
+    before: Inventory | None,
+    after: Inventory,
+    plan: CompressionPlan,
+    weight_types: dict[str, str] | None,
+) -> list[dict[str, Any]]:
+    """Per Conv/Linear layer: planned bits, weight type in the file, its group's prune
+    ratio, params and FLOPs before (the study's inventory) and after (the rebuilt model)."""
+    after_by_name = {info.name: info for info in after.layers}
+    source = before if before is not None else after
+    group_of = {m: g.name for g in source.groups for m in g.members}
+    rows = []
+    for info in source.layers:
+        if info.type not in ("Conv1d", "Conv2d", "Conv3d", "Linear"):
+            continue
+        new = after_by_name.get(info.name)
+        group = group_of.get(info.name)
+        rows.append({
+            "layer": info.name,
+            "type": info.type,
+            "bits": plan.bits_for(info.name),
+            "weights_in_file": (weight_types or {}).get(info.name),
+            "prune_group": group,
+            "prune_ratio": plan.ratio_for(group) if group else 0.0,
+            "params_before": info.params if before is not None else None,
+            "params_after": new.params if new else None,
+            "flops_before": info.flops if before is not None else None,
+            "flops_after": new.flops if new else None,
+            "excluded_reason": info.excluded_reason,
+        })
+    return rows
+
+
+def _runner_up(record: TrialRecord, chosen: TrialRecord) -> dict[str, Any]:
+    if (record.accuracy or 0.0) < (chosen.accuracy or 0.0):
+        why = "lower validation accuracy"
+    else:
+        why = "same validation accuracy, larger file"
+    return {
+        "trial": record.number,
+        "accuracy_val": record.accuracy,
+        "size_bytes": record.size_bytes,
+        "latency_ms": record.latency_ms,
+        "plan_summary": record.plan_summary,
+        "why_not_chosen": why,
+    }
+
+
+def _report(
+    ctx: _Context,
+    choice: Choice,
+    record: TrialRecord,
+    fp32: TrialRecord | None,
+    plan: CompressionPlan,
+    after: Inventory,
+    verification: dict[str, Any] | None,
+    program_diff: float,
+) -> dict[str, Any]:
+    fp32_row = _metrics(fp32, fp32)
+    if not fp32_row:
+        fp32_row = {
+            "trial": None,
+            "baseline": "fp32 (no baseline trial; teacher figures from the study)",
+            "accuracy_val": ctx.info.attrs.get("fp32_accuracy"),
+            "flops": ctx.inventory.total_flops if ctx.inventory else None,
+            "params": ctx.inventory.total_params if ctx.inventory else None,
+        }
+    return {
+        "format_version": REPORT_FORMAT_VERSION,
+        "created_by": f"autocompress {__version__}",
+        "study": ctx.info.name,
+        "storage": ctx.info.storage_url,
+        "model_spec": ctx.model_spec,
+        "data_spec": ctx.info.attrs.get("data_spec"),
+        "trial": record.number,
+        "selection": {
+            "rule": choice.rule,
+            "budgets": [b.to_dict() for b in choice.budgets],
+            "max_accuracy_drop": choice.max_accuracy_drop,
+            "reference_accuracy": choice.reference_accuracy,
+            "runners_up": [_runner_up(r, record) for r in choice.runners_up],
+        },
+        "candidate": _metrics(record, fp32),
+        "fp32": fp32_row,
+        "definitions": {
+            "accuracy_drop_rate": "(original - compressed) / original, fp32 baseline trial",
+            "flop_reduction_rate": "(original - compressed) / original, fvcore counts",
+            "latency": "median and IQR (spread) of ONNX Runtime runs, interleaved with fp32",
+            "times_smaller": "fp32 file bytes / exported file bytes",
+        },
+        "torch_kind": record.attrs.get("torch_kind"),
+        "notes": _notes(record, choice),
+        "program_max_abs_diff": program_diff,
+        "layers": layer_table(ctx.inventory, after, plan, record.json_attr("weight_types")),
+        "plan": plan.to_dict(),
+        "verification": verification,
+    }
+
+
+def _notes(record: TrialRecord, choice: Choice) -> list[str]:
+    notes = []
+    if not record.feasible:
+        constraints = record.json_attr("constraints") or {}
+        broken = ", ".join(f"{k} (+{v:.0%})" for k, v in constraints.items() if v > 0)
+        notes.append(f"trial {record.number} is over the study's budgets"
+                     + (f": {broken}" if broken else ""))
+    if record.baseline == "int8-ptq":
+        notes.append("int8-ptq quantizes the ONNX file only: model.pt2 is the float model "
+                     "it was quantized from, so the two can disagree on a few samples")
+    elif record.baseline == "fp32":
+        notes.append("this is the uncompressed fp32 baseline")
+    if choice.max_accuracy_drop is not None:
+        notes.append("the accuracy-drop limit filters candidates; among those left the most "
+                     "accurate is chosen")
+    return notes
+
+
+def _fmt(value: Any, spec: str = ".4f", none: str = "-") -> str:
+    if value is None:
+        return none
+    return format(value, spec)
+
+
+def _latency_text(row: dict[str, Any]) -> str:
+    if row.get("latency_ms") is None:
+        return "-"
+    text = f"{row['latency_ms']:.4f} ms ± {(row.get('latency_spread_ms') or 0) / 2:.4f}"
+    if row.get("latency_p10_ms") is not None and row.get("latency_p90_ms") is not None:
+        text += f" (p10 {row['latency_p10_ms']:.4f}, p90 {row['latency_p90_ms']:.4f})"
+    return text
+
+
+def _markdown(report: dict[str, Any]) -> str:
+    cand, fp32 = report["candidate"], report["fp32"]
+    sel = report["selection"]
+    rt = cand.get("runtime") or {}
+    lines = [
+        f"# autocompress export: trial {report['trial']} of study `{report['study']}`",
+        "",
+        f"Model `{report['model_spec']}` on data `{report['data_spec']}`; plan "
+        f"`{cand.get('plan_summary') or '-'}`.",
+        "",
+        f"**Chosen by:** {sel['rule']}.",
+        "",
+    ]
+    lines += [f"**Note:** {note}." for note in report.get("notes", [])]
+    if report.get("notes"):
+        lines.append("")
+    if sel["runners_up"]:
+        lines += ["| runner-up | val accuracy | size | latency ms | why not chosen |",
+                  "|---|---|---|---|---|"]
+        for r in sel["runners_up"]:
+            lines.append(
+                f"| trial {r['trial']} | {_fmt(r['accuracy_val'])} | "
+                f"{format_bytes(r['size_bytes']) if r['size_bytes'] else '-'} | "
+                f"{_fmt(r['latency_ms'])} | {r['why_not_chosen']} |"
+            )
+        lines.append("")
+    fp32_label = f"fp32 baseline (trial {fp32.get('trial')})" if fp32.get("trial") is not None \
+        else "fp32 teacher"
+    rows = [
+        ("file size", _size(fp32.get("size_bytes")), _size(cand.get("size_bytes"))
+         + (f" ({cand['times_smaller']:.2f}x smaller)" if cand.get("times_smaller") else "")),
+        ("zipped size", _size(fp32.get("zip_size_bytes")), _size(cand.get("zip_size_bytes"))),
+        ("latency (median ± IQR/2)", _latency_text(fp32), _latency_text(cand)),
+        ("latency vs fp32 (interleaved)", _fmt(fp32.get("latency_vs_fp32"), ".3f"),
+         _fmt(cand.get("latency_vs_fp32"), ".3f")
+         + (f" ({_speed_text(cand['latency_vs_fp32'])})" if cand.get("latency_vs_fp32") else "")),
+        ("accuracy, validation", _fmt(fp32.get("accuracy_val")), _fmt(cand.get("accuracy_val"))),
+        ("accuracy, held-out test", _fmt(fp32.get("accuracy_test")),
+         _fmt(cand.get("accuracy_test"))),
+        ("accuracy-drop rate (val)", "0", _fmt(cand.get("accuracy_drop_rate_val"), ".2%")),
+        ("accuracy-drop rate (test)", "0", _fmt(cand.get("accuracy_drop_rate_test"), ".2%")),
+        ("FLOPs", _fmt(fp32.get("flops"), ",d"), _fmt(cand.get("flops"), ",d")),
+        ("FLOP-reduction rate", "0", _fmt(cand.get("flop_reduction_rate"), ".2%")),
+        ("params", _fmt(fp32.get("params"), ",d"), _fmt(cand.get("params"), ",d")),
+        ("weight types in file", _types(fp32.get("weight_types")),
+         _types(cand.get("weight_types"))),
+    ]
+    lines += [f"| metric | {fp32_label} | exported (trial {report['trial']}) |", "|---|---|---|"]
+    lines += [f"| {name} | {a} | {b} |" for name, a, b in rows]
+    lines += [
+        "",
+        "Accuracy-drop rate and FLOP-reduction rate are (original - compressed) / original. "
+        "Accuracy is measured by ONNX Runtime on the exported file.",
+        "",
+        f"**Runtime (as measured):** {rt.get('runtime', 'onnxruntime')} {rt.get('version', '')}"
+        f", providers {rt.get('providers', ['CPUExecutionProvider'])}, intra-op threads "
+        f"{rt.get('threads', '?')}, batch size {rt.get('batch_size', '?')}, session options "
+        f"`{json.dumps(rt.get('session_options', {}))}`, execution "
+        f"{rt.get('execution_mode', '?')}, graph optimization {rt.get('graph_optimization', '?')}"
+        f", CPU {rt.get('cpu', '?')} ({rt.get('cpu_count', '?')} cores). Use the same session "
+        "options to reproduce the latency.",
+        "",
+        "## Per layer",
+        "",
+        "| layer | type | bits | weights in file | prune ratio (group) | params before → after "
+        "| FLOPs before → after |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in report["layers"]:
+        group = f"{row['prune_ratio']:.2f} ({row['prune_group']})" if row["prune_group"] else "-"
+        lines.append(
+            f"| {row['layer']} | {row['type']} | {row['bits']} | "
+            f"{row['weights_in_file'] or '-'} | {group} | "
+            f"{_fmt(row['params_before'], ',d')} → {_fmt(row['params_after'], ',d')} | "
+            f"{_fmt(row['flops_before'], ',d')} → {_fmt(row['flops_after'], ',d')} |"
+        )
+    lines += ["", "Before: the study's inventory of the original model. After: the rebuilt "
+              "model (pruned, BatchNorm folded into the conv, so a conv may gain a bias).", ""]
+    lines += ["## Verification", ""]
+    ver = report.get("verification")
+    if ver is None:
+        lines.append("Skipped (`--no-verify`): the figures above are the study's records.")
+    else:
+        lat = ver["latency"]
+        lines += [
+            f"- `model.onnx` sha256 `{ver['sha256']}` equals the study's record.",
+            f"- Test accuracy re-measured on the written file: {ver['test_accuracy']:.6f} "
+            f"(recorded {ver['recorded_test_accuracy']}, tolerance {ver['accuracy_tolerance']:g}).",
+            f"- `model.pt2` vs `model.onnx`: top-1 agreement {ver['agreement']:.2%} on "
+            f"{ver['agreement_samples']} validation samples (floor {ver['agreement_floor']:.0%})"
+            f"; max |logit difference| to the rebuilt model {ver['program_max_abs_diff']:.2e}.",
+        ]
+        if lat.get("skipped"):
+            lines.append(f"- Latency not re-checked: {lat['skipped']}.")
+        else:
+            lines.append(
+                f"- Latency re-measured interleaved with the fp32 baseline: "
+                f"{lat['candidate']['median_ms']:.4f} ms vs {lat['fp32']['median_ms']:.4f} ms, "
+                f"ratio {lat['ratio']:.3f} (recorded {lat['recorded_ratio']:.3f}; allowed "
+                f"{lat['allowed'][0]:.3f}-{lat['allowed'][1]:.3f}: {lat['tolerance']}, because "
+                "latency on shared machines drifts by tens of percent within minutes)."
+            )
+    lines += [
+        "",
+        "## Files",
+        "",
+        "- `model.onnx`: deploy with ONNX Runtime (QDQ int8/int4 weights per plan).",
+        "- `model.pt2`: `torch.export.load('model.pt2').module()(x)`; needs only PyTorch.",
+        "- `plan.json`: `autocompress.rebuild(model_spec, weights, plan, state_dict=...)`.",
+        "- `report.json`: every figure above as data; `pareto.png`: the study's trials.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _size(n: Any) -> str:
+    return "-" if not n else f"{format_bytes(n)} ({int(n):,d} B)"
+
+
+def _types(counts: dict[str, int] | None) -> str:
+    if not counts:
+        return "-"
+    return ", ".join(f"{k} x{v}" for k, v in sorted(counts.items()))
+
+
+def _plot(
+    path: Path,
+    records: list[TrialRecord],
+    chosen: TrialRecord,
+    ctx: _Context,
+    budgets: Sequence[Budget],
+) -> None:
+    # Figure + Agg canvas directly: no pyplot global state, no display needed.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    measured = [r for r in records if r.measured]
+    fig = Figure(figsize=(11, 4.5))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 2)
+    panels = (
+        ("size", "size_bytes", 1e-3, "file size (KB)"),
+        ("latency", "latency_ms", 1.0, "latency (ms, median, ONNX Runtime)"),
+    )
+    for ax, (objective, attr, scale, label) in zip(axes, panels, strict=True):
+        def x_of(r: TrialRecord, attr: str = attr, scale: float = scale) -> float:
+            return float(getattr(r, attr) or 0.0) * scale
+
+        ok = [r for r in measured if r.feasible]
+        over = [r for r in measured if not r.feasible]
+        ax.scatter([x_of(r) for r in ok], [r.accuracy for r in ok], c="tab:blue", s=22,
+                   label="within the study's budgets", alpha=0.7)
+        if over:
+            ax.scatter([x_of(r) for r in over], [r.accuracy for r in over], c="tab:gray",
+                       marker="x", s=22, label="over budget")
+        front = sorted(pareto_front(records, ("accuracy", objective)), key=x_of)
+        if front:
+            ax.step([x_of(r) for r in front], [r.accuracy for r in front], where="post",
+                    c="tab:blue", lw=1, label="Pareto front")
+        for r in measured:
+            if r.baseline:
+                ax.annotate(r.baseline, (x_of(r), r.accuracy), fontsize=7,
+                            xytext=(4, -10), textcoords="offset points")
+        xs = [x_of(r) for r in measured] or [0.0]
+        for b in budgets:
+            if b.kind != objective:
+                continue
+            # A budget far beyond every trial would squash the points into one column.
+            if b.value * scale <= 1.5 * max(xs):
+                ax.axvline(b.value * scale, c="tab:red", ls="--", lw=1,
+                           label=f"budget {b.text}")
+            else:
+                ax.set_title(f"budget {b.text} is beyond every trial", fontsize=8)
+        if getattr(chosen, attr) is not None:
+            ax.scatter([x_of(chosen)], [chosen.accuracy], marker="*", s=260, c="tab:red",
+                       edgecolors="black", zorder=5, label=f"exported: trial {chosen.number}")
+        ax.set_xlabel(label)
+        ax.set_ylabel("validation accuracy")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="lower right")
+    fig.suptitle(f"study {ctx.info.name!r}: {len(measured)} measured trials")
+    fig.tight_layout()
+    fig.savefig(str(path), dpi=100)

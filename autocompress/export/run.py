@@ -1,0 +1,134 @@
+"""Export orchestration: choose a trial, write its files and report, verify, publish."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from autocompress import measure
+from autocompress import study as study_mod
+from autocompress.config import Budget
+from autocompress.export._results import FILES, Choice, ExportResult
+from autocompress.export.files import _artifacts_dir, _fetch, _publish, _umask, check_out
+from autocompress.export.program import _Context, _export_program, _rebuild
+from autocompress.export.report import _markdown, _plot, _report
+from autocompress.export.selection import choose_from_study, fp32_record
+from autocompress.export.verify import _verify
+from autocompress.inventory import build_inventory
+from autocompress.pareto import (
+    TrialRecord,
+)
+from autocompress.plan import CompressionPlan
+
+
+def export_from_storage(
+    url: str,
+    study_name: str,
+    *,
+    out: str | Path,
+    trial: int | None = None,
+    best: bool = False,
+    budgets: Sequence[str] = (),
+    max_accuracy_drop: str | float | None = None,
+    force: bool = False,
+    verify: bool = True,
+    artifacts_dir: str | Path | None = None,
+    rule: str | None = None,
+) -> ExportResult:
+    """Choose a trial of a stored study, write its files to ``out`` and verify them.
+
+    Raises ExportError (CLI exit 2, one line) for an unknown or unfinished trial, nothing
+    within the limits, a non-empty ``out`` without ``force``, a missing or corrupted
+    artifact, and VerificationError when the written file does not reproduce the study's
+    figures. On any error nothing is left in ``out``.
+    """
+    out_path = Path(out).expanduser().absolute()
+    check_out(out_path, force)
+    study = study_mod.load_existing_study(url, study_name)
+    info = study_mod.study_info(study, url)
+    records = study_mod.records(study)
+    fp32 = fp32_record(records)
+    choice = choose_from_study(study, info, trial=trial, best=best, budgets=budgets,
+                               max_accuracy_drop=max_accuracy_drop, records=records)
+    if rule is not None:
+        choice = dataclasses.replace(choice, rule=rule)
+    store = study_mod.artifact_store(_artifacts_dir(info, url, artifacts_dir))
+    ctx = _Context.from_info(info)
+
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.", suffix=".partial",
+                                dir=out_path.parent))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700; the result is a normal folder
+    try:
+        with tempfile.TemporaryDirectory(prefix="autocompress-export-") as scratch:
+            report = _write(tmp, Path(scratch), store, ctx, choice, records, fp32, verify)
+        files = {
+            name: {"bytes": (tmp / name).stat().st_size, "sha256": measure.sha256_file(tmp / name)}
+            for name in FILES
+        }
+        _publish(tmp, out_path, force)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return ExportResult(
+        study=study_name,
+        storage_url=url,
+        trial=choice.record.number,
+        out=out_path,
+        rule=choice.rule,
+        files=files,
+        report=report,
+    )
+
+
+def _write(
+    tmp: Path,
+    scratch: Path,
+    store: Any,
+    ctx: _Context,
+    choice: Choice,
+    records: list[TrialRecord],
+    fp32: TrialRecord | None,
+    verify: bool,
+) -> dict[str, Any]:
+    record = choice.record
+    onnx_path = tmp / "model.onnx"
+    _fetch(store, record, "artifact_id", "artifact_sha256", onnx_path, "ONNX artifact")
+    state_path = scratch / "state.pt"
+    _fetch(store, record, "torch_artifact_id", "torch_artifact_sha256", state_path,
+           "PyTorch artifact")
+    fp32_path: Path | None = None
+    if verify and fp32 is not None:
+        fp32_path = scratch / "fp32.onnx"
+        _fetch(store, fp32, "artifact_id", "artifact_sha256", fp32_path, "fp32 ONNX artifact")
+    data = ctx.load_checked_data() if verify else None
+    example = data.example_input(2) if data is not None else torch.zeros((2, *ctx.input_shape))
+
+    model, float_model = _rebuild(ctx, record, state_path)
+    program_diff = _export_program(model, example, tmp / "model.pt2")
+    plan = CompressionPlan.from_dict(record.plan)
+    (tmp / "plan.json").write_text(json.dumps(plan.to_dict(), indent=2, sort_keys=True) + "\n")
+    after = build_inventory(float_model, example[:1])
+
+    verification = None
+    if verify and data is not None:
+        verification = _verify(tmp, ctx, record, fp32, fp32_path, data)
+        verification["program_max_abs_diff"] = program_diff
+
+    report = _report(ctx, choice, record, fp32, plan, after, verification, program_diff)
+    (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (tmp / "report.md").write_text(_markdown(report))
+    _plot(tmp / "pareto.png", records, record, ctx, choice.budgets or _study_budgets(ctx))
+    return report
+
+
+def _study_budgets(ctx: _Context) -> list[Budget]:
+    return [Budget.from_dict(b) for b in ctx.info.json_attr("budgets", []) or []]

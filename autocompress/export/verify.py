@@ -1,0 +1,153 @@
+"""Export verification: the written file re-measured (accuracy, model.pt2 agreement, latency)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from autocompress import intake, runtime
+from autocompress.export._results import (
+    ACCURACY_TOLERANCE,
+    AGREEMENT_FLOOR,
+    AGREEMENT_SAMPLES,
+    EVAL_BATCH_SIZE,
+    LATENCY_RATIO_FACTOR,
+    VerificationError,
+)
+from autocompress.export.program import _Context
+from autocompress.pareto import (
+    TrialRecord,
+)
+
+
+def _runtime_of(record: TrialRecord | None) -> dict[str, Any]:
+    value = record.json_attr("runtime") if record is not None else None
+    return value if isinstance(value, dict) else {}
+
+
+def _verify(
+    tmp: Path,
+    ctx: _Context,
+    record: TrialRecord,
+    fp32: TrialRecord | None,
+    fp32_path: Path | None,
+    data: intake.DataSplits,
+) -> dict[str, Any]:
+    onnx_path = tmp / "model.onnx"
+    rt = _runtime_of(record)
+    threads = int(rt.get("threads") or ctx.config.get("threads") or 1)
+
+    # 1. accuracy: the same computation objective.py recorded (file, split, batches, threads).
+    accuracy = runtime.onnx_accuracy(
+        onnx_path, data.batches("test", EVAL_BATCH_SIZE), threads=threads,
+        session_options=dict(rt.get("session_options") or {}),
+    )
+    recorded = record.test_accuracy
+    if recorded is None or abs(accuracy - float(recorded)) > ACCURACY_TOLERANCE:
+        version_note = ""
+        if rt.get("version") and rt["version"] != _ort_version():
+            version_note = f" (onnxruntime {_ort_version()} now, {rt['version']} in the search)"
+        raise VerificationError(
+            f"test accuracy of the written model.onnx is {accuracy:.6f} but the study recorded "
+            f"{recorded} for trial {record.number}{version_note}: same file and data must give "
+            "the same figure, so the study record or the runtime changed; pass --no-verify to "
+            "export anyway"
+        )
+
+    # 2. the PyTorch program against the ONNX file, top-1 on validation samples.
+    agreement, samples = _agreement(tmp / "model.pt2", onnx_path, data, threads)
+    if agreement < AGREEMENT_FLOOR and record.baseline != "int8-ptq":
+        raise VerificationError(
+            f"model.pt2 agrees with model.onnx on only {agreement:.2%} of {samples} validation "
+            f"samples (need {AGREEMENT_FLOOR:.0%}): the rebuilt PyTorch model is not the "
+            "exported one; pass --no-verify to export anyway"
+        )
+
+    return {
+        "sha256": record.attrs.get("artifact_sha256"),
+        "sha256_matches": True,
+        "test_accuracy": accuracy,
+        "recorded_test_accuracy": recorded,
+        "accuracy_tolerance": ACCURACY_TOLERANCE,
+        "agreement": agreement,
+        "agreement_samples": samples,
+        "agreement_floor": AGREEMENT_FLOOR,
+        "latency": _verify_latency(onnx_path, ctx, record, fp32, fp32_path, threads),
+    }
+
+
+def _ort_version() -> str:
+    return str(runtime.runtime_info(1, 1).get("version", "?"))
+
+
+def _agreement(
+    program_path: Path, onnx_path: Path, data: intake.DataSplits, threads: int
+) -> tuple[float, int]:
+    program = torch.export.load(str(program_path)).module()
+    batches = []
+    taken = 0
+    for x, _ in data.batches("val", EVAL_BATCH_SIZE):
+        x = x[: AGREEMENT_SAMPLES - taken]
+        batches.append(x)
+        taken += x.shape[0]
+        if taken >= AGREEMENT_SAMPLES:
+            break
+    onnx_pred = runtime.predictions(onnx_path, batches, threads=threads)
+    with torch.no_grad():
+        torch_pred = torch.cat([program(x).argmax(dim=1) for x in batches]).numpy()
+    return float((onnx_pred == torch_pred).mean()), int(taken)
+
+
+def _verify_latency(
+    onnx_path: Path,
+    ctx: _Context,
+    record: TrialRecord,
+    fp32: TrialRecord | None,
+    fp32_path: Path | None,
+    threads: int,
+) -> dict[str, Any]:
+    rt = _runtime_of(record)
+    recorded = record.latency_vs_fp32
+    if fp32 is None or fp32_path is None:
+        return {"skipped": "the study has no measured fp32 baseline trial to time against"}
+    if recorded is None:
+        return {"skipped": "the study recorded no latency ratio for this trial"}
+    batch = int(rt.get("batch_size") or ctx.config.get("latency_batch_size") or 1)
+    options = dict(rt.get("session_options") or {})
+    ref_options = dict(_runtime_of(fp32).get("session_options") or {})
+    repeats = max(5, int(ctx.config.get("latency_repeats", 30)) // 3)
+    allowed = (recorded / LATENCY_RATIO_FACTOR, recorded * LATENCY_RATIO_FACTOR)
+    attempts = []
+    # design rule 7: re-measure (longer) before calling a noisy figure a failure.
+    for rounds in (3, 6):
+        inter = runtime.time_interleaved(
+            onnx_path, fp32_path, (batch, *ctx.input_shape), threads=threads,
+            candidate_options=options, reference_options=ref_options,
+            rounds=rounds, repeats=repeats,
+        )
+        attempts.append(inter.ratio)
+        if allowed[0] <= inter.ratio <= allowed[1]:
+            break
+    else:
+        raise VerificationError(
+            f"latency of the written model.onnx re-measured at {inter.ratio:.3f}x the fp32 "
+            f"baseline (twice), but the study recorded {recorded:.3f}x; allowed "
+            f"{allowed[0]:.3f}-{allowed[1]:.3f}x (a factor {LATENCY_RATIO_FACTOR:g} for machine "
+            "noise): this machine's runtime differs from the search's; re-run the search here "
+            "or pass --no-verify"
+        )
+    return {
+        "ratio": inter.ratio,
+        "recorded_ratio": recorded,
+        "allowed": list(allowed),
+        "tolerance": f"within a factor {LATENCY_RATIO_FACTOR:g} of the recorded ratio",
+        "attempts": attempts,
+        "candidate": inter.candidate.to_dict(),
+        "fp32": inter.reference.to_dict(),
+        "threads": threads,
+        "batch_size": batch,
+        "session_options": options,
+        "fp32_session_options": ref_options,
+    }
