@@ -16,6 +16,7 @@ from sklearn.datasets import load_digits
 from torch import nn
 
 from autocompress import quantize as q
+from autocompress.quantize import onnx_float
 from autocompress import runtime
 from autocompress.errors import PlanError
 from autocompress.plan import CompressionPlan
@@ -197,7 +198,7 @@ def test_export_float_onnx_names_opset_and_dynamic_batch(
     proto = onnx.load(str(path))
     names = {init.name for init in proto.graph.initializer}
     assert {"conv1.weight", "conv2.weight", "conv3.weight", "fc.weight"} <= names
-    assert q._opset(proto) >= 21
+    assert onnx_float._opset(proto) >= 21
     with torch.no_grad():
         expected = folded(digits["x_test"][:37]).argmax(1).numpy()
     got = runtime.predictions(path, [digits["x_test"][:37]])  # batch 37 != export batch 1
