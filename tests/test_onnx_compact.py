@@ -14,10 +14,10 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from autocompress import quantize as q
-from autocompress.quantize import onnx_export, onnx_float
 from autocompress.intake import Task
 from autocompress.onnx_compact import compact_graph
 from autocompress.plan import CompressionPlan
+from autocompress.quantize import onnx_export, onnx_float
 
 
 def _export(task: Task, bits: int, path: Path) -> Path:

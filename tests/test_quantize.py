@@ -16,10 +16,10 @@ from sklearn.datasets import load_digits
 from torch import nn
 
 from autocompress import quantize as q
-from autocompress.quantize import onnx_float
 from autocompress import runtime
 from autocompress.errors import PlanError
 from autocompress.plan import CompressionPlan
+from autocompress.quantize import onnx_float
 
 
 class TinyCNN(nn.Module):
