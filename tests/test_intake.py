@@ -22,6 +22,7 @@ from autocompress import intake
 from autocompress.errors import DataSpecError, InputError, ModelSpecError
 from autocompress.intake import (
     Task,
+    data_sources,
     load_data,
     load_for_profile,
     load_model,
@@ -478,13 +479,13 @@ def test_imagefolder_decodes_splits_and_reuses_cache(
     assert len(list((cache / "images").glob("*.npz"))) == 2  # train and test folders
 
     calls: list[Path] = []
-    original = intake._decode_image
+    original = data_sources._decode_image
 
     def counting(path: Path, mode: str, size: tuple[int, int]) -> np.ndarray:
         calls.append(path)
         return original(path, mode, size)
 
-    monkeypatch.setattr(intake, "_decode_image", counting)
+    monkeypatch.setattr(data_sources, "_decode_image", counting)
     again = load_data(spec, cache_dir=cache, seed=0)
     assert calls == []  # nothing decoded: served from the cache
     assert torch.equal(again.train.x, data.train.x)

@@ -1,0 +1,148 @@
+"""A Task: the teacher and its data, loaded from specs and checked against each other."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from autocompress.errors import DataSpecError, ModelSpecError
+from autocompress.intake.data import DataSplits, load_data
+from autocompress.intake.models import _in_channels, check_model_input, load_model
+from autocompress.intake.specs import DEMO_MODEL_SPEC, DIGITS_DATA_SPEC, default_cache_dir
+
+
+@dataclass(eq=False)  # tensors inside: == would be ambiguous
+class Task:
+    """What the search compresses: the teacher (eval mode, CPU) and the data it is scored on."""
+
+    model: nn.Module
+    data: DataSplits
+    model_spec: str
+    data_spec: str
+    input_shape: tuple[int, int, int]
+    num_classes: int
+    weights: str | None = None
+
+
+def load_task(
+    model_spec: str | None,
+    weights: str | None,
+    data_spec: str | None,
+    *,
+    num_classes: int | None = None,
+    input_size: int | None = None,
+    seed: int = 0,
+    cache_dir: Path | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+) -> Task:
+    """Load model and data; with neither spec, the built-in demo CNN on digits.
+
+    The demo teacher is trained on the train split of this seed's digits split at first
+    use and cached; later calls load it.
+    """
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    if data_spec is None:
+        if model_spec is not None:
+            raise DataSpecError(
+                f"--model {model_spec} needs --data too (e.g. --data imagefolder:ROOT); only "
+                "the built-in demo runs without both"
+            )
+        data_spec = DIGITS_DATA_SPEC
+    data = load_data(
+        data_spec, input_size=input_size, seed=seed, cache_dir=cache, mean=mean, std=std
+    )
+    if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 1):
+        raise ModelSpecError(f"--num-classes must be a positive integer, got {num_classes!r}")
+    classes = num_classes if num_classes is not None else data.num_classes
+    if classes < data.num_classes:
+        raise ModelSpecError(
+            f"--num-classes {classes} is less than the {data.num_classes} classes in "
+            f"{data.spec!r}; drop --num-classes or match it to the data"
+        )
+    if model_spec is None or (model_spec == DEMO_MODEL_SPEC and weights is None):
+        if data.spec != DIGITS_DATA_SPEC:
+            raise ModelSpecError(
+                f"the built-in demo model is trained on digits only, not {data.spec!r}; "
+                "pass --model (and --weights) for your own model"
+            )
+        if classes != data.num_classes:
+            raise ModelSpecError(
+                f"--num-classes {classes} does not fit the built-in demo, trained on "
+                f"{data.num_classes} digit classes; drop --num-classes"
+            )
+        from autocompress.demo import load_demo_model
+
+        model_spec = DEMO_MODEL_SPEC
+        model: nn.Module = load_demo_model(data, cache_dir=cache, seed=seed)
+        check_model_input(model, data.example_input(), model_spec)
+    else:
+        model = load_model(model_spec, weights, num_classes=classes, input_shape=data.input_shape)
+        # The zero-input check above fixed the shape; one real batch catches dtype surprises.
+        check_model_input(model, data.example_input(2), model_spec)
+    return Task(
+        model=model.eval(),
+        data=data,
+        model_spec=model_spec,
+        data_spec=data.spec,
+        input_shape=data.input_shape,
+        num_classes=classes,
+        weights=str(weights) if weights is not None else None,
+    )
+
+
+def load_for_profile(
+    model_spec: str | None,
+    weights: str | None,
+    data_spec: str | None,
+    *,
+    num_classes: int | None = None,
+    input_size: int | None = None,
+    input_shape: Sequence[int] | None = None,
+    seed: int = 0,
+    cache_dir: Path | None = None,
+) -> tuple[nn.Module, torch.Tensor]:
+    """Model (eval mode) and one example input (batch 1) for ``autocompress profile``.
+
+    Unlike a search, profiling needs no data: the input shape comes from ``input_shape``
+    (C, H, W), else from the data when given, else from the model (first conv's channels,
+    ``input_size`` or 224 square). No model and no data: the built-in demo.
+    """
+    if input_shape is not None:
+        shape = tuple(input_shape)
+        if len(shape) != 3 or not all(isinstance(v, int) and v > 0 for v in shape):
+            raise ModelSpecError(
+                f"--input-shape must be C,H,W (three positive integers), got {shape}"
+            )
+    demo = model_spec in (None, DEMO_MODEL_SPEC) and weights is None
+    if data_spec is not None or (demo and input_shape is None):
+        task = load_task(
+            model_spec if data_spec is not None else None,
+            weights,
+            data_spec,
+            num_classes=num_classes,
+            input_size=input_size,
+            seed=seed,
+            cache_dir=cache_dir,
+        )
+        if input_shape is not None and tuple(input_shape) != task.input_shape:
+            raise ModelSpecError(
+                f"--input-shape {tuple(input_shape)} differs from the data's {task.input_shape}; "
+                "drop --input-shape or use --input-size to resize the data"
+            )
+        return task.model, task.data.example_input(1)
+    if model_spec is None:
+        model_spec = DEMO_MODEL_SPEC  # an untrained demo: the shape alone is being profiled
+    if input_shape is not None:
+        model = load_model(model_spec, weights, num_classes=num_classes, input_shape=shape)
+    else:
+        side = input_size or 224
+        model = load_model(model_spec, weights, num_classes=num_classes, input_size=side)
+        shape = (_in_channels(model), side, side)
+    # Values do not change FLOPs or latency; a seeded random input avoids all-zero fast paths.
+    example = torch.randn((1, *shape), generator=torch.Generator().manual_seed(seed))
+    return model, example
