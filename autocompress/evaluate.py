@@ -46,7 +46,7 @@ def evaluate_plan(
     the space the plan must lie in: bits and the prune grid); its model/data/storage fields
     are ignored. Raises TrainingError with the trial's failure reason when it fails.
     """
-    from autocompress import search  # the search stack (torch, ONNX Runtime) when called
+    from autocompress import session as sessions  # the search stack (torch, ORT) when called
 
     config = config or SearchConfig()
     with tempfile.TemporaryDirectory(prefix="autocompress-evaluate-") as tmp:
@@ -56,8 +56,8 @@ def evaluate_plan(
             learning_rate=config.learning_rate or plan.learning_rate, time_limit=None,
         )
         storage = study_mod.open_storage(url)
-        with search.torch_threads(scratch.train_threads):
-            session = search.open_session(scratch, url, storage, Path(tmp), on_note, task=task)
+        with sessions.torch_threads(scratch.train_threads):
+            session = sessions.open_session(scratch, url, storage, Path(tmp), on_note, task=task)
             plan.validate(session.inventory)
             params = space.plan_to_params(plan, session.inventory, scratch)
             study_mod.enqueue(session.study, params, {FINETUNE_STEPS_ATTR: plan.finetune_steps},

@@ -13,14 +13,13 @@ as a PRUNED trial with the reason.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import hashlib
 import itertools
 import json
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from autocompress import distill, measure, prune, quantize, runtime, space
+from autocompress import distill, measure, quantize, runtime, space
 from autocompress.config import Budget, SearchConfig
 from autocompress.errors import AutocompressError
 from autocompress.intake import Task
@@ -37,6 +36,11 @@ from autocompress.inventory import Inventory
 from autocompress.latency_model import LatencyModel, structure_features
 from autocompress.latency_reference import ReferenceLatency, estimate_ms
 from autocompress.plan import CompressionPlan
+from autocompress.student import (
+    build_student,
+    removes_weights,
+    torch_accuracy,
+)
 from autocompress.study import TrialPruned
 
 log = logging.getLogger("autocompress")
@@ -53,7 +57,6 @@ PRECHECK_CALIBRATION_IMAGES = 4
 EARLY_STOP_BATCHES = 4  # x 256 validation images per early-stop evaluation
 CALIBRATION_BATCHES = 8
 CALIBRATION_BATCH_SIZE = 32
-BN_RECALIBRATION_BATCHES = 10  # x config.batch_size training images, after pruning
 
 
 @dataclass
@@ -129,34 +132,6 @@ def structure_key(plan: CompressionPlan) -> str:
     return hashlib.sha256(body.encode()).hexdigest()[:16]
 
 
-def build_student(
-    task: Task,
-    plan: CompressionPlan,
-    round_to: int,
-    *,
-    bn_batches: Iterable[torch.Tensor] | None = None,
-) -> nn.Module:
-    """The pruned, BN-folded float structure of a plan (teacher untouched).
-
-    With ``bn_batches`` (training inputs), a plan that removes channels or weights gets its
-    BatchNorm statistics re-estimated before they are folded away (``prune.
-    recalibrate_batchnorm``): the fine-tune then starts from a working model instead of
-    spending its steps undoing stale statistics. Without data (structure-only rebuilds,
-    latency checks) the teacher's statistics are folded as they are.
-    """
-    example = task.data.example_input(1)
-    if any(r > 0 for r in plan.prune.values()):
-        model = prune.prune(task.model, plan, example, round_to=round_to)
-    else:
-        model = copy.deepcopy(task.model)
-    if plan.sparsity:
-        model = prune.apply_unstructured(model, plan.sparsity)
-    model.eval()
-    if bn_batches is not None and _removes_weights(plan):
-        prune.recalibrate_batchnorm(model, bn_batches, max_batches=BN_RECALIBRATION_BATCHES)
-    return quantize.fold_batchnorm(model)
-
-
 class TrialRunner:
     """Callable objective for ``study.optimize``: returns the objective values."""
 
@@ -225,7 +200,7 @@ class TrialRunner:
         # away the long fine-tune someone asked for.
         trial.set_user_attr("precheck_latency_estimate_ms", pre.estimate_ms)
 
-        if baseline is None and _removes_weights(plan):
+        if baseline is None and removes_weights(plan):
             with timer.phase("build"):  # within budget: now worth re-estimating BN statistics
                 student = build_student(
                     ctx.task, plan, ctx.config.round_to, bn_batches=self._bn_batches(trial)
@@ -572,10 +547,6 @@ def _precheck_key(plan: CompressionPlan, baseline: str | None) -> str:
     return f"{baseline or 'search'}:{structure_key(plan)}"
 
 
-def _removes_weights(plan: CompressionPlan) -> bool:
-    return any(r > 0 for r in plan.prune.values()) or any(v > 0 for v in plan.sparsity.values())
-
-
 def early_stop_checkpoints(total: int) -> frozenset[int]:
     """The steps where the early-stop rule looks: half-way and three-quarters of the way,
     never the last step (see ``is_hopeless``)."""
@@ -586,19 +557,3 @@ def is_hopeless(step: int, accuracy: float, *, total: int, floor: float) -> bool
     """Our early-stop rule: from half-way, a candidate below ``floor`` is abandoned; never at
     the last step, because a finished fine-tune is measured however it scored."""
     return max(1, total // 2) <= step < total and accuracy < floor
-
-
-def torch_accuracy(model: nn.Module, batches: Any) -> float:
-    """Top-1 of a PyTorch model over ``batches`` (x, y), in eval mode on the model's device;
-    the model's train/eval mode is restored."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    correct = total = 0
-    with torch.no_grad():
-        for x, y in batches:
-            pred = model(x.to(device)).argmax(dim=1).cpu()
-            correct += int((pred == y).sum())
-            total += int(y.numel())
-    model.train(was_training)
-    return correct / max(total, 1)

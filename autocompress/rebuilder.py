@@ -89,7 +89,7 @@ def rebuild_parts(
     import torch
 
     from autocompress import intake, quantize
-    from autocompress.objective import build_student
+    from autocompress.student import build_student
 
     plan = _as_plan(plan)
     shape = tuple(int(d) for d in input_shape) if input_shape is not None else None

@@ -75,7 +75,7 @@ def refine_trial(
     """
     if not 1 <= epochs <= MAX_EPOCHS:
         raise RefineError(f"--epochs {epochs} must be between 1 and {MAX_EPOCHS} (e.g. 5)")
-    from autocompress import search  # torch and the search stack only when refining
+    from autocompress import session as sessions  # torch and the search stack only when refining
 
     storage = study_mod.open_storage(storage_url, create=False)
     with study_mod.single_sqlite_worker(storage_url):
@@ -91,9 +91,9 @@ def refine_trial(
             artifacts=artifacts_dir or info.attrs.get("artifacts_dir"),
         )
         with tempfile.TemporaryDirectory(prefix="autocompress-refine-") as tmp, \
-                search.torch_threads(config.train_threads):
-            session = search.open_session(config, storage_url, storage, Path(tmp), on_note)
-            config = search.use_learning_rate(session, on_note)
+                sessions.torch_threads(config.train_threads):
+            session = sessions.open_session(config, storage_url, storage, Path(tmp), on_note)
+            config = sessions.use_learning_rate(session, on_note)
             train_images = len(session.task.data.split("train"))
             steps = steps_for(epochs, train_images, config.batch_size)
             plan = CompressionPlan.from_dict(parent.plan)

@@ -30,7 +30,7 @@ from autocompress import quantize, space
 from autocompress.config import SearchConfig
 from autocompress.intake import Task
 from autocompress.inventory import Inventory
-from autocompress.objective import build_student
+from autocompress.student import build_student
 from autocompress.plan import CompressionPlan
 
 SENSITIVITY_ATTR = "sensitivity"

@@ -118,3 +118,16 @@ def test_every_config_field_has_a_search_flag_and_a_readme_row() -> None:
     spelled.update(budgets="budget", baselines="no-baselines", warm_starts="no-warm-starts",
                    guided="no-guided")
     assert sorted(k for k, flag in spelled.items() if flag not in documented) == []
+
+
+def test_modules_stay_small_and_say_their_job() -> None:
+    too_long = []
+    no_docstring = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        text = path.read_text()
+        if len(text.splitlines()) > 600:
+            too_long.append(f"{path.relative_to(PACKAGE)} ({len(text.splitlines())} lines)")
+        if not ast.get_docstring(ast.parse(text)):
+            no_docstring.append(str(path.relative_to(PACKAGE)))
+    assert too_long == []
+    assert no_docstring == []

@@ -11,7 +11,7 @@ import pytest
 
 from autocompress import latency_reference as ref_mod
 from autocompress import quantize
-from autocompress import search as search_mod
+from autocompress import session as search_mod
 from autocompress.config import SearchConfig
 from autocompress.latency_reference import ReferenceLatency
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from autocompress import lrprobe, search
+from autocompress import lrprobe, session
 from autocompress.config import SearchConfig
 from autocompress.intake import Task
 from autocompress.inventory import build_inventory
@@ -46,7 +46,7 @@ def test_search_probes_once_per_study_and_plans_carry_the_rate(
     from autocompress.api import load_study
 
     handle = load_study("lr", storage=first.storage_url)
-    stored = handle.info.attrs[search.LR_PROBE_ATTR]
+    stored = handle.info.attrs[session.LR_PROBE_ATTR]
     assert stored["chosen"] in lrprobe.CANDIDATES
     plan = first.result.records[0].plan
     assert plan["learning_rate"] == stored["chosen"]
@@ -86,4 +86,4 @@ def test_ctrl_c_during_the_probe_exits_130_without_a_traceback(tmp_path: Path) -
     # The baselines (no fine-tune) ran before the probe; nothing after them was half-written.
     assert [s for (s,) in con.execute("SELECT state FROM trials")] == ["COMPLETE", "COMPLETE"]
     attrs = [k for (k,) in con.execute("SELECT key FROM study_user_attributes")]
-    assert search.LR_PROBE_ATTR not in attrs  # an interrupted probe is not recorded as done
+    assert session.LR_PROBE_ATTR not in attrs  # an interrupted probe is not recorded as done

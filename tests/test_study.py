@@ -22,6 +22,7 @@ from sqlalchemy import exc as sa_exc
 from autocompress import study as study_mod
 from autocompress.config import SearchConfig
 from autocompress.errors import StudyError
+from autocompress.study import storage as study_storage
 from tests.pg import fresh_database
 
 pytestmark = pytest.mark.filterwarnings(
@@ -155,7 +156,7 @@ def test_connection_errors_are_recognised() -> None:
 
 
 def test_every_retried_call_exists_in_optuna() -> None:
-    missing = [n for n in study_mod._RETRIED_CALLS if not hasattr(RDBStorage, n)]
+    missing = [n for n in study_storage._RETRIED_CALLS if not hasattr(RDBStorage, n)]
     assert not missing, f"Optuna renamed storage calls: {missing}; update _RETRIED_CALLS"
 
 
