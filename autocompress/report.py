@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 from rich.console import Console
 from rich.markup import escape
@@ -25,7 +25,30 @@ def _table_console() -> Console:
 _err = Console(stderr=True)
 
 
-class SearchProgress:
+class _Bar:
+    """A rich progress bar on stderr used as a context manager, with notes printed above it."""
+
+    enabled: bool
+    _progress: Progress
+
+    def __enter__(self) -> Self:
+        self._progress.__enter__()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._progress.__exit__(exc_type, exc, tb)
+
+    def note(self, text: str) -> None:
+        if self.enabled:
+            self._progress.console.print(text)
+
+
+class SearchProgress(_Bar):
     """trial i/N, feasible so far, best accuracy within budget, ETA."""
 
     def __init__(self, trials: int, *, enabled: bool = True) -> None:
@@ -43,21 +66,6 @@ class SearchProgress:
         )
         self._task = self._progress.add_task("search", total=trials, status="starting")
 
-    def __enter__(self) -> SearchProgress:
-        self._progress.__enter__()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self._progress.__exit__(exc_type, exc, tb)
-
-    def note(self, text: str) -> None:
-        if self.enabled:
-            self._progress.console.print(text)
 
     def update(self, progress: Any) -> None:
         best = "-" if progress.best_accuracy is None else f"{progress.best_accuracy:.4f}"
@@ -207,7 +215,7 @@ def print_studies(rows: Sequence[dict[str, Any]]) -> None:
     _table_console().print(table)
 
 
-class StepProgress:
+class StepProgress(_Bar):
     """Fine-tune step i/N with a bar and an ETA (``autocompress refine``); on a terminal only,
     elsewhere a line every tenth of the run."""
 
@@ -228,21 +236,6 @@ class StepProgress:
         )
         self._task = self._progress.add_task(label, total=None)
 
-    def __enter__(self) -> StepProgress:
-        self._progress.__enter__()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self._progress.__exit__(exc_type, exc, tb)
-
-    def note(self, text: str) -> None:
-        if self.enabled:
-            self._progress.console.print(text)
 
     def update(self, step: int, total: int) -> None:
         if not self.enabled:

@@ -30,8 +30,8 @@ from autocompress import quantize, space
 from autocompress.config import SearchConfig
 from autocompress.intake import Task
 from autocompress.inventory import Inventory
-from autocompress.student import build_student
 from autocompress.plan import CompressionPlan
+from autocompress.student import build_student
 
 SENSITIVITY_ATTR = "sensitivity"
 SENSITIVITY_FORMAT = 1
