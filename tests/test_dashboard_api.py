@@ -31,9 +31,11 @@ from dashboard_fixtures import (
 )
 
 from autocompress.dashboard import create_app, make_server, serve
-from autocompress.dashboard._analysis import hypervolume_2d, is_feasible, pareto_front
+from autocompress.dashboard._analysis import is_feasible
 from autocompress.dashboard._app import plotly_js_path
 from autocompress.errors import StudyError
+from autocompress.pareto import hypervolume_points as hypervolume_2d
+from autocompress.pareto import nondominated as pareto_front
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,8 @@ import math
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from autocompress.pareto import hypervolume_points
+
 # The order objectives are written in by the search (BRIEF: accuracy, size, then latency).
 DEFAULT_METRICS: tuple[str, ...] = ("accuracy", "size_bytes", "latency_ms")
 _METRIC_ALIASES = {
@@ -94,51 +96,6 @@ def is_feasible(
     return True
 
 
-def _dominates(a: Sequence[float], b: Sequence[float], signs: Sequence[int]) -> bool:
-    """True when a is at least as good as b everywhere and better somewhere (signs: +1 max)."""
-    better = False
-    for x, y, s in zip(a, b, signs, strict=True):
-        if s * x < s * y:
-            return False
-        if s * x > s * y:
-            better = True
-    return better
-
-
-def pareto_front(points: dict[int, Sequence[float]], maximize: Sequence[bool]) -> list[int]:
-    """Numbers of the non-dominated points (ties all kept), in ascending number order.
-
-    Points are visited best-first in lexicographic order, so a later point can never
-    dominate an earlier one: each point is checked against the front only (O(n * front)),
-    which keeps a 2-second poll cheap on studies with thousands of trials.
-    """
-    signs = [1 if m else -1 for m in maximize]
-    order = sorted(points, key=lambda n: [-s * v for s, v in zip(signs, points[n], strict=True)])
-    front: list[int] = []
-    for n in order:
-        if not any(_dominates(points[m], points[n], signs) for m in front):
-            front.append(n)
-    return sorted(front)
-
-
-def hypervolume_2d(points: Iterable[tuple[float, float]], ref_size: float) -> float:
-    """Area dominated by (accuracy, size) points against the reference (accuracy 0, ref_size).
-
-    Union of rectangles [size, ref_size] x [0, accuracy]: sweep sizes upwards and keep the
-    best accuracy seen so far; dominated points then add nothing.
-    """
-    pts = sorted(
-        (s, a) for a, s in points if a is not None and s is not None and s < ref_size and a > 0
-    )
-    area = 0.0
-    best = 0.0
-    for i, (size, acc) in enumerate(pts):
-        best = max(best, acc)
-        nxt = pts[i + 1][0] if i + 1 < len(pts) else ref_size
-        area += (nxt - size) * best
-    return area
-
-
 def is_compressed_candidate(trial: dict[str, Any]) -> bool:
     """Feasible search result or compressed baseline; the fp32 model is the reference only.
 
@@ -171,7 +128,7 @@ def progress(trials: Sequence[dict[str, Any]]) -> dict[str, Any]:
             if not any(a >= point[0] and s <= point[1] for a, s in front):
                 front = [(a, s) for a, s in front if not (point[0] >= a and point[1] <= s)]
                 front.append(point)
-                volume = hypervolume_2d(front, ref_size) if ref_size is not None else 0.0
+                volume = hypervolume_points(front, ref_size) if ref_size is not None else 0.0
         numbers.append(t["number"])
         best_acc.append(best)
         hv.append(volume if ref_size is not None else None)

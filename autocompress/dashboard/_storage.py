@@ -25,6 +25,8 @@ from optuna.trial import FrozenTrial
 
 from autocompress.dashboard import _analysis as an
 from autocompress.errors import StudyError, one_line
+from autocompress.pareto import nondominated
+from autocompress.study import default_artifacts_dir, masked_url
 
 _T = TypeVar("_T")
 _SAFE_ARTIFACT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,200}$")
@@ -49,16 +51,6 @@ class Missing(LookupError):
         super().__init__(message)
         self.message = message
         self.existing = existing
-
-
-def masked_url(storage_url: str) -> str:
-    """The URL with any password replaced by ***, for pages, messages and reports."""
-    from sqlalchemy.engine import make_url
-
-    try:
-        return make_url(storage_url).render_as_string(hide_password=True)
-    except Exception:  # not parseable: show nothing that could be a secret
-        return storage_url.split("@")[-1] if "@" in storage_url else storage_url
 
 
 def _sqlite_file(storage_url: str) -> Path | None:
@@ -123,14 +115,6 @@ def _engine_kwargs(url: str) -> dict[str, Any]:
     if url.startswith("mysql"):
         return {"connect_args": {"connect_timeout": 10}}
     return {}
-
-
-def default_artifacts_dir(storage_url: str, study_name: str) -> Path:
-    """Same rule as the search: ``x.db`` -> ``x-artifacts/``; servers: studies/<name>-artifacts."""
-    path = _sqlite_file(storage_url)
-    if path is not None:
-        return path.with_name(path.stem + "-artifacts")
-    return Path("studies") / f"{study_name}-artifacts"
 
 
 def _retry(fn: Callable[[], _T]) -> _T:
@@ -237,13 +221,13 @@ class StudyReader:
             for t in feasible
             if all(t[k] is not None for k in keys)
         }
-        front = set(an.pareto_front(full, [d == "maximize" for d in directions]))
+        front = set(nondominated(full, [d == "maximize" for d in directions]))
         flat = {
             t["number"]: [t["accuracy"], t["size_bytes"]]
             for t in feasible
             if t["accuracy"] is not None and t["size_bytes"] is not None
         }
-        front_2d = an.pareto_front(flat, [True, False])
+        front_2d = nondominated(flat, [True, False])
         front_2d.sort(key=lambda n: flat[n][1])
         for t in trials:
             t["on_front"] = t["number"] in front
