@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from autocompress import study as study_mod
-from autocompress.config import default_storage_url
+from autocompress.config import Budget, default_storage_url
 from autocompress.errors import StudyError
 from autocompress.pareto import TrialRecord, pareto_front
 from autocompress.rebuilder import rebuild
@@ -53,6 +53,10 @@ class StudyHandle:
     def records(self) -> list[TrialRecord]:
         """Every trial (any state) as plain records, in trial-number order."""
         return study_mod.records(self._study)
+
+    def budgets(self) -> list[Budget]:
+        """The study's budgets, as the search recorded them."""
+        return [Budget.from_dict(b) for b in self.info.json_attr("budgets", []) or []]
 
     def pareto_front(self) -> list[TrialRecord]:
         """Feasible measured non-dominated trials over the study's objectives, smallest first."""

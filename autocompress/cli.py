@@ -213,24 +213,17 @@ def _search(args: argparse.Namespace) -> int:
 
 def _show(args: argparse.Namespace) -> int:
     from autocompress import report
-    from autocompress.config import Budget
-    from autocompress.pareto import pareto_front
-    from autocompress.study import load_existing_study, records, study_info
+    from autocompress.api import load_study
 
     name = args.study or "demo"
-    url = args.storage or default_storage_url(name)
-    study = load_existing_study(url, name)
-    info = study_info(study, url)
-    budgets = [Budget.from_dict(b) for b in info.json_attr("budgets", [])]
-    recs = records(study)
-    objectives = tuple(info.identity.get("objectives", ["accuracy", "size"]))
-    front = pareto_front(recs, objectives)
-    shown = recs if args.all else front
+    handle = load_study(name, storage=args.storage or default_storage_url(name))
+    recs = handle.records()
+    shown = recs if args.all else handle.pareto_front()
     if args.json:
         print(json.dumps([report.record_json(r) for r in shown], indent=2))
     else:
-        report.print_front(recs, shown, budgets, title=f"{'Trials' if args.all else 'Pareto front'}"
-                           f" of study {name!r}")
+        what = "Trials" if args.all else "Pareto front"
+        report.print_front(recs, shown, handle.budgets(), title=f"{what} of study {name!r}")
     return 0
 
 
