@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import re
 import socket
 import time
 import warnings
@@ -67,10 +66,6 @@ def fail_stale_trials(study: optuna.Study) -> None:
         optuna.storages.fail_stale_trials(study)
 
 
-# Optuna's words when the trial a worker is finishing was finished by someone else.
-_OVERTAKEN_RE = re.compile(r"^Cannot tell a (FAIL|COMPLETE|PRUNED) trial")
-
-
 class _WorkerStudy(optuna.Study):
     """The study a search worker drives.
 
@@ -87,10 +82,12 @@ class _WorkerStudy(optuna.Study):
     def optimize(self, func: Callable[[optuna.Trial], Any], n_trials: int | None = None,
                  **kwargs: Any) -> None:
         calls = 0
+        running: list[int] = []  # the number of the trial this worker runs now
 
         def counted(trial: optuna.Trial) -> Any:
             nonlocal calls
             calls += 1
+            running[:] = [trial.number]
             return func(trial)
 
         try:
@@ -99,8 +96,8 @@ class _WorkerStudy(optuna.Study):
                 try:
                     super().optimize(counted, n_trials=left, **kwargs)
                     break
-                except ValueError as exc:
-                    if not _OVERTAKEN_RE.match(str(exc)) or self._lost() is not None:
+                except ValueError:
+                    if self._lost() is not None or not self._finished_elsewhere(running):
                         raise
                     log.warning("this worker's trial was failed by another worker (its "
                                 "heartbeats came too late) and will be run again; going on")
@@ -113,6 +110,16 @@ class _WorkerStudy(optuna.Study):
 
     def _lost(self) -> StudyError | None:
         return self.resilient.lost if self.resilient is not None else None
+
+    def _finished_elsewhere(self, running: list[int]) -> bool:
+        """Optuna refused to finish this worker's trial: was it finished by someone else
+        (another worker's stale-heartbeat check failed it)? Read back from the database,
+        not from the error's wording."""
+        if not running:
+            return False
+        trial = next((t for t in self.get_trials(deepcopy=False) if t.number == running[0]),
+                     None)
+        return trial is not None and trial.state.is_finished()
 
     def _pop_waiting_trial_id(self) -> int | None:
         """Optuna's queue, oldest first, except that trials queued with QUEUE_FIRST_ATTR (a
