@@ -1,0 +1,151 @@
+"""Hypervolume of the default search against random search at equal wall-clock.
+
+    python benchmarks/hv_vs_random.py                          # 2 seeds x 2 arms x 15 min
+    python benchmarks/hv_vs_random.py --minutes 2 --demo --seeds 0   # a smoke run
+
+Arms, each an ``autocompress search`` with ``--time-limit`` minutes on ResNet-20 / CIFAR-10
+(the shared teacher), one after the other, nothing else running:
+
+- default: every default (TPE, warm starts, sensitivity pass and guided plans, promotions);
+- random: ``--sampler random --no-warm-starts --no-guided --promote-share 0`` (plain random
+  search over the same space, same fine-tune per candidate).
+
+Hypervolume: ``pareto.hypervolume_2d`` of each study's feasible front (validation accuracy,
+file size; each plan at its most-trained trial) against one fixed reference point, the fp32
+file's size x 1.1 and chance accuracy (0.1). Reported per run, as mean and spread per arm, and
+as the ratio of the means. Writes benchmarks/results/hv_vs_random.md and .json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+from _common import (
+    REPO,
+    RESULTS,
+    LoadSampler,
+    choose_torch_threads,
+    machine_state,
+    md_table,
+    progress_printer,
+    state_line,
+    write_json,
+    write_text,
+)
+
+TEACHER = REPO.parent / "shared" / "models" / "resnet20-cifar10.pt"
+MODEL_SPEC = "autocompress.zoo:resnet20"
+STUDIES = REPO / "benchmarks" / "cache" / "hv_vs_random"  # gitignored
+CHANCE = 0.1
+ARMS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "random": {"sampler": "random", "warm_starts": False, "guided": False,
+               "promote_share": 0.0},
+}
+TARGET = 1.15
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def run_arm(arm: str, seed: int, minutes: float, spec: Any, torch_threads: int,
+            loads: LoadSampler) -> dict[str, Any]:
+    from autocompress.config import SearchConfig
+    from autocompress.pareto import hypervolume_2d, pareto_front
+    from autocompress.search import run_search
+
+    model, weights, data = spec
+    STUDIES.mkdir(parents=True, exist_ok=True)
+    name = f"hv-{arm}-s{seed}" + ("-demo" if model is None else "")
+    db = STUDIES / f"{name}.db"
+    for stale in (db, db.with_name(db.name + ".lock")):
+        stale.unlink(missing_ok=True)
+    config = SearchConfig(
+        model=model, weights=weights, data=data, study=name, storage=f"sqlite:///{db}",
+        artifacts=str(STUDIES / f"{name}-artifacts"), trials=10_000, time_limit=minutes,
+        seed=seed, train_threads=torch_threads, device="cpu", **ARMS[arm],
+    )
+    started = time.perf_counter()
+    result = run_search(config, on_progress=progress_printer(loads), on_start=log)
+    wall = time.perf_counter() - started
+    fp32 = next(r for r in result.records if r.baseline == "fp32")
+    reference = 1.1 * float(fp32.size_bytes or 0)
+    front = pareto_front(result.records)
+    return {
+        "arm": arm, "seed": seed, "wall_s": wall, "trials": len(result.records),
+        "fine_tuned": sum(1 for r in result.records if r.measured and r.baseline is None),
+        "front": [(r.number, r.accuracy, r.size_bytes, r.plan_summary) for r in front],
+        "hypervolume": hypervolume_2d(result.records, reference, CHANCE),
+        "reference_size": reference,
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--minutes", type=float, default=15.0)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--torch-threads", type=int)
+    parser.add_argument("--demo", action="store_true", help="digits demo instead of CIFAR-10")
+    parser.add_argument("--stem", default=None)
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", module="optuna")
+    sys.path.insert(0, str(Path(__file__).parent))
+    stem = args.stem or ("hv_vs_random_demo" if args.demo else "hv_vs_random")
+    torch_threads = choose_torch_threads(args.torch_threads)
+    loads = LoadSampler()
+    loads.mark("start")
+    state = machine_state(ort_threads=1, torch_threads=torch_threads)
+    log(f"hv-vs-random benchmark: {state_line(state)}")
+    if args.demo:
+        spec: tuple[Any, ...] = (None, None, None)
+    else:
+        from cifar10 import data as cdata
+        log(f"data: {cdata.ensure_cifar()}")
+        spec = (MODEL_SPEC, str(TEACHER), f"imagefolder:{cdata.root()}")
+    runs = []
+    for seed in args.seeds:
+        for arm in ARMS:
+            log(f"== {arm} seed {seed}: {args.minutes:g} min")
+            runs.append(run_arm(arm, seed, args.minutes, spec, torch_threads, loads))
+            log(f"   hypervolume {runs[-1]['hypervolume']:.4f}")
+    by_arm = {arm: [r["hypervolume"] for r in runs if r["arm"] == arm] for arm in ARMS}
+    summary = {arm: {"mean": statistics.mean(v), "min": min(v), "max": max(v)}
+               for arm, v in by_arm.items()}
+    ratio = summary["default"]["mean"] / summary["random"]["mean"]
+    data = {
+        "command": "python benchmarks/hv_vs_random.py " + " ".join(sys.argv[1:]),
+        "machine": state_line(state),
+        "machine_end": state_line(machine_state(ort_threads=1, torch_threads=torch_threads)),
+        "load": loads.summary(), "minutes": args.minutes, "runs": runs, "summary": summary,
+        "ratio": ratio,
+    }
+    write_json(RESULTS / f"{stem}.json", data)
+    rows = [[r["arm"], r["seed"], r["trials"], r["fine_tuned"], len(r["front"]),
+             f"{r['hypervolume']:.4f}", f"{r['wall_s'] / 60:.1f}"] for r in runs]
+    text = "\n".join([
+        "# Default search vs random search: hypervolume at equal wall-clock", "",
+        f"Generated by `{data['command']}`.", "",
+        f"**Conditions:** {data['machine']}. At the end: {data['machine_end']}.", "",
+        md_table(["arm", "seed", "trials", "fine-tuned", "front", "hypervolume", "wall min"],
+                 rows), "",
+        "| arm | mean | min | max |", "|---|---|---|---|",
+        *(f"| {arm} | {s['mean']:.4f} | {s['min']:.4f} | {s['max']:.4f} |"
+          for arm, s in summary.items()), "",
+        f"**default / random = {ratio:.3f}** (target >= {TARGET}: "
+        f"{'MET' if ratio >= TARGET else 'MISSED'}).", "",
+    ])
+    write_text(RESULTS / f"{stem}.md", text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
