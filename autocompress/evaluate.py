@@ -22,10 +22,10 @@ from pathlib import Path
 
 from autocompress import space
 from autocompress import study as study_mod
+from autocompress import trial_attrs as keys
 from autocompress.config import SearchConfig
 from autocompress.errors import TrainingError
 from autocompress.intake import Task
-from autocompress.objective import FINETUNE_STEPS_ATTR
 from autocompress.pareto import TrialRecord
 from autocompress.plan import CompressionPlan
 
@@ -60,7 +60,7 @@ def evaluate_plan(
             session = sessions.open_session(scratch, url, storage, Path(tmp), on_note, task=task)
             plan.validate(session.inventory)
             params = space.plan_to_params(plan, session.inventory, scratch)
-            study_mod.enqueue(session.study, params, {FINETUNE_STEPS_ATTR: plan.finetune_steps},
+            study_mod.enqueue(session.study, params, {keys.FINETUNE_STEPS: plan.finetune_steps},
                               first=True)
             session.runner.ctx.on_step = on_step
             session.study.optimize(session.runner, n_trials=1, catch=(Exception,))

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from autocompress import distill, measure, quantize, runtime, space
+from autocompress import trial_attrs as keys
 from autocompress.config import Budget, SearchConfig
 from autocompress.errors import AutocompressError
 from autocompress.intake import Task
@@ -45,11 +46,6 @@ from autocompress.study import TrialPruned
 
 log = logging.getLogger("autocompress")
 
-# User attributes a retrain is queued with: the trial it retrains (same plan, its own file
-# and measurements) and its fine-tune steps (the parent's x the promotion factor, or the
-# refine's epochs x steps per epoch).
-PARENT_ATTR = "parent_trial"
-FINETUNE_STEPS_ATTR = "finetune_steps"
 PRECHECK_REPEATS = 10  # x 2 rounds, interleaved with fp32, when the verdict is close
 PRECHECK_FIRST_LOOK = 5  # runs per side of the first look, which settles clear verdicts
 PRECHECK_CLEAR_MARGIN = 1.3  # "clear": every latency budget more than 30% away
@@ -143,13 +139,13 @@ class TrialRunner:
     def __call__(self, trial: Any) -> tuple[float, ...]:
         ctx = self.ctx
         timer = _Timer()
-        baseline = trial.user_attrs.get("baseline")
+        baseline = trial.user_attrs.get(keys.BASELINE)
         plan = space.suggest_plan(trial, ctx.inventory, ctx.config)
-        steps = trial.user_attrs.get(FINETUNE_STEPS_ATTR)
+        steps = trial.user_attrs.get(keys.FINETUNE_STEPS)
         if steps is not None:  # a promotion or a refine: the parent's plan, trained longer
             plan = dataclasses.replace(plan, finetune_steps=int(steps))
-        trial.set_user_attr("plan", plan.to_json())
-        trial.set_user_attr("plan_summary", plan.summary())
+        trial.set_user_attr(keys.PLAN, plan.to_json())
+        trial.set_user_attr(keys.PLAN_SUMMARY, plan.summary())
         out_dir = ctx.workdir / f"trial-{trial.number}"
         out_dir.mkdir(parents=True, exist_ok=True)
         try:
@@ -157,16 +153,16 @@ class TrialRunner:
         except TrialPruned:
             raise
         except KeyboardInterrupt:
-            trial.set_user_attr("fail_reason", "interrupted (Ctrl-C or SIGTERM)")
+            trial.set_user_attr(keys.FAIL_REASON, "interrupted (Ctrl-C or SIGTERM)")
             raise
         except AutocompressError as exc:
-            trial.set_user_attr("fail_reason", str(exc))
+            trial.set_user_attr(keys.FAIL_REASON, str(exc))
             raise
         except Exception as exc:
-            trial.set_user_attr("fail_reason", f"{type(exc).__name__}: {exc}"[:500])
+            trial.set_user_attr(keys.FAIL_REASON, f"{type(exc).__name__}: {exc}"[:500])
             raise
         finally:
-            trial.set_user_attr("timing", json.dumps(timer.seconds))
+            trial.set_user_attr(keys.TIMING, json.dumps(timer.seconds))
 
     def _run(
         self,
@@ -191,14 +187,14 @@ class TrialRunner:
         broken = self._broken_budgets(pre.estimate_ms, pre.size_bytes)
         # A trial queued with its own step count (a promotion, a refine, evaluate_plan) was
         # asked for by name: measured even over budget, fine-tuned to the end.
-        retrain = FINETUNE_STEPS_ATTR in trial.user_attrs
+        retrain = keys.FINETUNE_STEPS in trial.user_attrs
         if broken and baseline is None and not retrain:
             self._reject(trial, pre, broken)
         # Baselines cost no fine-tune: they are measured even over budget (recorded as
         # infeasible), so the study always knows the teacher's and plain PTQ's accuracy.
         # So is a retrain of a plan measured within budget: a noisy pre-check must not throw
         # away the long fine-tune someone asked for.
-        trial.set_user_attr("precheck_latency_estimate_ms", pre.estimate_ms)
+        trial.set_user_attr(keys.PRECHECK_LATENCY_ESTIMATE, pre.estimate_ms)
 
         if baseline is None and removes_weights(plan):
             with timer.phase("build"):  # within budget: now worth re-estimating BN statistics
@@ -212,7 +208,7 @@ class TrialRunner:
                 qat, stopped = self._finetune(trial, student, plan, early_stop=not retrain)
             if stopped:
                 self._set_constraints(trial, pre.estimate_ms, pre.size_bytes)
-                trial.set_user_attr("early_stopped", stopped)
+                trial.set_user_attr(keys.EARLY_STOPPED, stopped)
                 raise TrialPruned(stopped)
 
         with timer.phase("export"):
@@ -225,9 +221,9 @@ class TrialRunner:
 
         with timer.phase("measure"):
             values = self._measure(trial, artifact, student, pre)
-            trial.set_user_attr("torch_kind", "float" if qat is None else "qat")
-            trial.set_user_attr("torch_artifact_sha256", measure.sha256_file(torch_state))
-            trial.set_user_attr("torch_artifact_id", ctx.upload(trial, torch_state))
+            trial.set_user_attr(keys.TORCH_KIND, "float" if qat is None else "qat")
+            trial.set_user_attr(keys.TORCH_ARTIFACT_SHA256, measure.sha256_file(torch_state))
+            trial.set_user_attr(keys.TORCH_ARTIFACT_ID, ctx.upload(trial, torch_state))
         return values
 
     # -- phases ---------------------------------------------------------------------------
@@ -298,7 +294,7 @@ class TrialRunner:
         features = structure_features(student, plan, ctx.inventory, ctx.task.model)
         predicted = ctx.latency_model.predict(features)
         if predicted is not None:
-            trial.set_user_attr("latency_predicted_vs_fp32", predicted)
+            trial.set_user_attr(keys.LATENCY_PREDICTED_VS_FP32, predicted)
         return predicted
 
     def _broken_budgets(self, latency_ms: float, size_bytes: float) -> dict[str, float]:
@@ -323,8 +319,8 @@ class TrialRunner:
         for name, value in values.items():
             trial.set_constraint(name, value)
         feasible = all(v <= 0 for v in values.values())
-        trial.set_user_attr("constraints", json.dumps(values))
-        trial.set_user_attr("feasible", feasible)
+        trial.set_user_attr(keys.CONSTRAINTS, json.dumps(values))
+        trial.set_user_attr(keys.FEASIBLE, feasible)
         return feasible
 
     def _reject(self, trial: Any, pre: Precheck, broken: dict[str, float]) -> None:
@@ -344,16 +340,16 @@ class TrialRunner:
         text = "over budget at pre-check: " + "; ".join(reasons)
         if ctx.reference is not None and any(b.kind == "latency" for b in ctx.budgets):
             text += f" (x{pre.ratio:.2f} of fp32 x {ctx.reference.median_ms:.3g} ms reference)"
-        trial.set_user_attr("rejected", text)
-        trial.set_user_attr("size_bytes", pre.size_bytes)
-        trial.set_user_attr("latency_ms", pre.latency.median_ms)
-        trial.set_user_attr("latency_spread_ms", pre.latency.spread_ms)
-        trial.set_user_attr("latency_vs_fp32", pre.ratio)
-        trial.set_user_attr("latency_estimate_ms", pre.estimate_ms)
-        trial.set_user_attr("fp32_latency_ms", pre.reference.median_ms)
+        trial.set_user_attr(keys.REJECTED, text)
+        trial.set_user_attr(keys.SIZE, pre.size_bytes)
+        trial.set_user_attr(keys.LATENCY, pre.latency.median_ms)
+        trial.set_user_attr(keys.LATENCY_SPREAD, pre.latency.spread_ms)
+        trial.set_user_attr(keys.LATENCY_VS_FP32, pre.ratio)
+        trial.set_user_attr(keys.LATENCY_ESTIMATE, pre.estimate_ms)
+        trial.set_user_attr(keys.FP32_LATENCY, pre.reference.median_ms)
         if ctx.reference is not None:
-            trial.set_user_attr("fp32_reference_ms", ctx.reference.median_ms)
-        trial.set_user_attr("runtime", json.dumps(self._runtime(pre.session_options)))
+            trial.set_user_attr(keys.FP32_REFERENCE, ctx.reference.median_ms)
+        trial.set_user_attr(keys.RUNTIME, json.dumps(self._runtime(pre.session_options)))
         raise TrialPruned(text)
 
     def _reject_predicted(self, trial: Any, predicted: float | None) -> None:
@@ -367,10 +363,10 @@ class TrialRunner:
         reasons = [b.describe(estimate, 0.0) for b in ctx.budgets if b.kind == "latency"]
         text = ("predicted over budget by the latency model (not measured): "
                 + "; ".join(reasons) + f" (x{predicted:.2f} of fp32 predicted)")
-        trial.set_user_attr("rejected", text)
-        trial.set_user_attr("rejected_by_model", True)
-        trial.set_user_attr("latency_estimate_ms", estimate)
-        trial.set_user_attr("fp32_reference_ms", ctx.reference.median_ms)
+        trial.set_user_attr(keys.REJECTED, text)
+        trial.set_user_attr(keys.REJECTED_BY_MODEL, True)
+        trial.set_user_attr(keys.LATENCY_ESTIMATE, estimate)
+        trial.set_user_attr(keys.FP32_REFERENCE, ctx.reference.median_ms)
         raise TrialPruned(text)
 
     def _finetune(
@@ -408,7 +404,7 @@ class TrialRunner:
             seed=ctx.config.seed + trial.number,
             progress=ctx.on_step,
         )
-        trial.set_user_attr("finetune_steps_run", result.steps)
+        trial.set_user_attr(keys.FINETUNE_STEPS_RUN, result.steps)
         qat.eval()
         if result.stopped_early:
             return qat, f"early-stopped at step {result.steps}: {result.reason}"
@@ -472,30 +468,30 @@ class TrialRunner:
         estimate = ctx.budget_latency_ms(inter)
         example = ctx.task.data.example_input(1)
         attrs: dict[str, Any] = {
-            "accuracy": accuracy,
-            "test_accuracy": test_accuracy,
-            "size_bytes": size,
-            "zip_size_bytes": measure.zipped_size(artifact),
-            "latency_ms": inter.candidate.median_ms,
-            "latency_spread_ms": inter.candidate.spread_ms,
-            "latency_p10_ms": inter.candidate.p10_ms,
-            "latency_p90_ms": inter.candidate.p90_ms,
-            "latency_vs_fp32": inter.ratio,
-            "latency_estimate_ms": estimate,
-            "fp32_latency_ms": inter.reference.median_ms,
-            "runtime": json.dumps(self._runtime(pre.session_options)),
-            "flops": measure.count_flops(student, example),
-            "params": measure.count_params(student),
-            "weight_types": json.dumps(quantize.onnx_weight_types(artifact)),
-            "artifact_sha256": measure.sha256_file(artifact),
+            keys.ACCURACY: accuracy,
+            keys.TEST_ACCURACY: test_accuracy,
+            keys.SIZE: size,
+            keys.ZIP_SIZE: measure.zipped_size(artifact),
+            keys.LATENCY: inter.candidate.median_ms,
+            keys.LATENCY_SPREAD: inter.candidate.spread_ms,
+            keys.LATENCY_P10: inter.candidate.p10_ms,
+            keys.LATENCY_P90: inter.candidate.p90_ms,
+            keys.LATENCY_VS_FP32: inter.ratio,
+            keys.LATENCY_ESTIMATE: estimate,
+            keys.FP32_LATENCY: inter.reference.median_ms,
+            keys.RUNTIME: json.dumps(self._runtime(pre.session_options)),
+            keys.FLOPS: measure.count_flops(student, example),
+            keys.PARAMS: measure.count_params(student),
+            keys.WEIGHT_TYPES: json.dumps(quantize.onnx_weight_types(artifact)),
+            keys.ARTIFACT_SHA256: measure.sha256_file(artifact),
         }
         if ctx.reference is not None:
-            attrs["fp32_reference_ms"] = ctx.reference.median_ms
+            attrs[keys.FP32_REFERENCE] = ctx.reference.median_ms
         for key, value in attrs.items():
             trial.set_user_attr(key, value)
         self._set_constraints(trial, estimate, size)
         # Upload while the trial is RUNNING (Optuna writes metadata before the file).
-        trial.set_user_attr("artifact_id", ctx.upload(trial, artifact))
+        trial.set_user_attr(keys.ARTIFACT_ID, ctx.upload(trial, artifact))
         return self._values(accuracy, size, estimate)
 
     # -- helpers --------------------------------------------------------------------------

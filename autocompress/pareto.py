@@ -7,6 +7,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from autocompress import trial_attrs as keys
 from autocompress.config import Budget
 
 
@@ -67,12 +68,9 @@ def dominates(a: TrialRecord, b: TrialRecord, objectives: Sequence[str]) -> bool
     return better_or_equal and strictly
 
 
-PARENT_ATTR = "parent_trial"  # written by the objective on a promotion or a refine
-
-
 def parent_of(record: TrialRecord) -> int | None:
     """The trial a retrain (promotion or refine) trained the same plan of, longer."""
-    parent = record.attrs.get(PARENT_ATTR)
+    parent = record.attrs.get(keys.PARENT)
     return None if parent is None else int(parent)
 
 
@@ -215,7 +213,7 @@ def closest_to_budgets(
     scored = []
     for r in records:
         latency = r.budget_latency_ms
-        pre_checked = r.rejected is not None and not r.attrs.get("rejected_by_model")
+        pre_checked = r.rejected is not None and not r.attrs.get(keys.REJECTED_BY_MODEL)
         if latency is None or r.size_bytes is None or not (r.state == "COMPLETE" or pre_checked):
             continue
         misses = [

@@ -20,16 +20,15 @@ from typing import TYPE_CHECKING
 
 from autocompress import space
 from autocompress import study as study_mod
+from autocompress import trial_attrs as keys
 from autocompress.config import config_from_stored
 from autocompress.errors import InputError, StudyError
-from autocompress.objective import FINETUNE_STEPS_ATTR, PARENT_ATTR
 from autocompress.pareto import TrialRecord
 from autocompress.plan import CompressionPlan
 
 if TYPE_CHECKING:
     from autocompress.export import ExportResult
 
-REFINE_ATTR = "refine_epochs"
 MAX_EPOCHS = 1000
 
 
@@ -100,8 +99,8 @@ def refine_trial(
             params = space.plan_to_params(plan, session.inventory, config)
             marker = f"{trial}:{epochs}:{len(study.get_trials(deepcopy=False))}"
             study_mod.enqueue(session.study, params, {
-                PARENT_ATTR: trial, FINETUNE_STEPS_ATTR: steps, REFINE_ATTR: epochs,
-                "refine_request": marker,
+                keys.PARENT: trial, keys.FINETUNE_STEPS: steps, keys.REFINE_EPOCHS: epochs,
+                keys.REFINE_REQUEST: marker,
             }, first=True)
             if on_note:
                 on_note(f"refining trial {trial} ({parent.plan_summary}): {epochs} epoch(s) = "
@@ -110,7 +109,7 @@ def refine_trial(
             session.runner.ctx.on_step = on_step
             session.study.optimize(session.runner, n_trials=1, catch=(Exception,))
         records = study_mod.records(session.study)
-    mine = [r for r in records if r.attrs.get("refine_request") == marker]
+    mine = [r for r in records if r.attrs.get(keys.REFINE_REQUEST) == marker]
     if not mine:
         raise RefineError(f"the refine of trial {trial} was queued but another worker took it "
                           "up; see `autocompress show --all`")
@@ -159,8 +158,8 @@ def refine_and_export(
 def refine_json(record: TrialRecord) -> dict[str, object]:
     return {
         "trial": record.number,
-        "parent_trial": record.attrs.get(PARENT_ATTR),
-        "epochs": record.attrs.get(REFINE_ATTR),
+        "parent_trial": record.attrs.get(keys.PARENT),
+        "epochs": record.attrs.get(keys.REFINE_EPOCHS),
         "finetune_steps": record.plan.get("finetune_steps"),
         "accuracy": record.accuracy,
         "test_accuracy": record.test_accuracy,

@@ -11,6 +11,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from autocompress import trial_attrs as keys
 from autocompress.config import Budget, default_storage_url, format_bytes
 from autocompress.pareto import TrialRecord
 
@@ -75,7 +76,7 @@ class SearchProgress(_Bar):
             outcome = "rejected"
         elif last.baseline:
             outcome = f"baseline {last.baseline}"
-        elif last.attrs.get("parent_trial") is not None:
+        elif last.attrs.get(keys.PARENT) is not None:
             outcome = f"retrain of #{last.attrs['parent_trial']} {outcome}"
         status = f"feasible {progress.feasible} | best acc in budget {best} | last: {outcome}"
         self._progress.update(
@@ -92,7 +93,7 @@ def record_json(record: TrialRecord, fp32: TrialRecord | None = None) -> dict[st
         "trial": record.number,
         "state": record.state,
         "baseline": record.baseline,
-        "warm_start": record.attrs.get("warm_start"),
+        "warm_start": record.attrs.get(keys.WARM_START),
         "feasible": record.feasible,
         "accuracy": record.accuracy,
         "test_accuracy": record.test_accuracy,
@@ -146,7 +147,7 @@ def print_front(
     for r in shown:
         if r.accuracy is None or r.size_bytes is None:
             table.add_row(str(r.number), "-", "-", "-", "-", "-", "-", "-",
-                          escape(r.fail_reason or r.rejected or r.attrs.get("early_stopped")
+                          escape(r.fail_reason or r.rejected or r.attrs.get(keys.EARLY_STOPPED)
                                  or r.state.lower()))
             continue
         delta = "" if fp32 is None or fp32.accuracy is None else (
@@ -158,12 +159,12 @@ def print_front(
         label = r.plan_summary
         if r.baseline:
             label = f"[baseline {r.baseline}] {label}"
-        elif r.attrs.get("warm_start"):
+        elif r.attrs.get(keys.WARM_START):
             label = f"[warm start {r.attrs['warm_start']}] {label}"
-        elif r.attrs.get("guided"):
+        elif r.attrs.get(keys.GUIDED):
             label = f"[{r.attrs['guided']}] {label}"
-        if r.attrs.get("parent_trial") is not None:
-            what = ("refined" if r.attrs.get("refine_epochs") else "promoted")
+        if r.attrs.get(keys.PARENT) is not None:
+            what = ("refined" if r.attrs.get(keys.REFINE_EPOCHS) else "promoted")
             label = (f"[{what} #{r.attrs['parent_trial']}, "
                      f"{r.plan.get('finetune_steps')} steps] {label}")
         if r.rejected:

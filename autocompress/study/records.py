@@ -9,30 +9,31 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from autocompress import trial_attrs as keys
 from autocompress.pareto import TrialRecord
 
 
 def to_record(trial: FrozenTrial) -> TrialRecord:
     a = trial.user_attrs
-    plan = a.get("plan")
+    plan = a.get(keys.PLAN)
     return TrialRecord(
         number=trial.number,
         state=trial.state.name,
-        accuracy=a.get("accuracy"),
-        test_accuracy=a.get("test_accuracy"),
-        size_bytes=a.get("size_bytes"),
-        latency_ms=a.get("latency_ms"),
-        latency_spread_ms=a.get("latency_spread_ms"),
-        latency_vs_fp32=a.get("latency_vs_fp32"),
-        latency_estimate_ms=a.get("latency_estimate_ms"),
-        flops=a.get("flops"),
-        params=a.get("params"),
-        feasible=bool(a.get("feasible", False)) and trial.state == TrialState.COMPLETE,
-        baseline=a.get("baseline"),
+        accuracy=a.get(keys.ACCURACY),
+        test_accuracy=a.get(keys.TEST_ACCURACY),
+        size_bytes=a.get(keys.SIZE),
+        latency_ms=a.get(keys.LATENCY),
+        latency_spread_ms=a.get(keys.LATENCY_SPREAD),
+        latency_vs_fp32=a.get(keys.LATENCY_VS_FP32),
+        latency_estimate_ms=a.get(keys.LATENCY_ESTIMATE),
+        flops=a.get(keys.FLOPS),
+        params=a.get(keys.PARAMS),
+        feasible=bool(a.get(keys.FEASIBLE, False)) and trial.state == TrialState.COMPLETE,
+        baseline=a.get(keys.BASELINE),
         plan=json.loads(plan) if isinstance(plan, str) else (plan or {}),
-        plan_summary=a.get("plan_summary", ""),
-        rejected=a.get("rejected"),
-        fail_reason=a.get("fail_reason"),
+        plan_summary=a.get(keys.PLAN_SUMMARY, ""),
+        rejected=a.get(keys.REJECTED),
+        fail_reason=a.get(keys.FAIL_REASON),
         attrs=dict(a),
     )
 

@@ -24,6 +24,7 @@ from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy import exc as sa_exc
 
+from autocompress import trial_attrs as keys
 from autocompress.errors import StudyError, one_line
 
 log = logging.getLogger("autocompress")
@@ -264,7 +265,7 @@ class _RetryStaleTrial(RetryHeartbeatStaleTrialCallback):
     ``failed_trial``), minus what the dead attempt half-recorded: the retry starts with the
     ``baseline`` tag only and no artifact metadata, so every figure it shows is its own."""
 
-    _KEEP_USER_ATTRS = ("baseline",)
+    _KEEP_USER_ATTRS = (keys.BASELINE,)
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
         history = trial.system_attrs.get("retry_history", [])

@@ -1,0 +1,55 @@
+"""The names of what a trial and a study record (Optuna user attributes): one list, so the
+writer (``objective``) and the readers (``study.records``, ``show``, ``export``, the report
+and the dashboard) cannot drift apart. Values are plain JSON; figures are measured on the
+trial's exported file (design rule 1)."""
+
+from __future__ import annotations
+
+# -- a trial: what it was ------------------------------------------------------------------
+PLAN = "plan"  # CompressionPlan.to_json()
+PLAN_SUMMARY = "plan_summary"
+BASELINE = "baseline"  # "fp32" | "int8-ptq" for the baseline trials
+WARM_START = "warm_start"  # e.g. "uniform-int8", "budget-int4"
+GUIDED = "guided"  # e.g. "guided-8x", "guided-1.5x-faster"
+PARENT = "parent_trial"  # a promotion or refine: the trial whose plan it retrains
+FINETUNE_STEPS = "finetune_steps"  # queued with its own step count (promotion, refine)
+PROMOTION_RUNG = "promotion_rung"
+REFINE_EPOCHS = "refine_epochs"
+REFINE_REQUEST = "refine_request"
+
+# -- a trial: what was measured on its file --------------------------------------------------
+ACCURACY = "accuracy"  # validation split
+TEST_ACCURACY = "test_accuracy"
+SIZE = "size_bytes"
+ZIP_SIZE = "zip_size_bytes"
+LATENCY = "latency_ms"  # median, absolute
+LATENCY_SPREAD = "latency_spread_ms"  # IQR
+LATENCY_P10 = "latency_p10_ms"
+LATENCY_P90 = "latency_p90_ms"
+LATENCY_VS_FP32 = "latency_vs_fp32"  # interleaved ratio
+LATENCY_ESTIMATE = "latency_estimate_ms"  # ratio x the study's fp32 reference: budgets
+FP32_LATENCY = "fp32_latency_ms"
+FP32_REFERENCE = "fp32_reference_ms"
+FLOPS = "flops"
+PARAMS = "params"
+WEIGHT_TYPES = "weight_types"
+RUNTIME = "runtime"  # ONNX Runtime version, session options, threads, batch size, CPU
+TIMING = "timing"  # seconds per phase
+FINETUNE_STEPS_RUN = "finetune_steps_run"
+
+# -- a trial: budgets, rejection, failure -----------------------------------------------------
+CONSTRAINTS = "constraints"
+FEASIBLE = "feasible"
+REJECTED = "rejected"  # why the pre-check (or the latency model) rejected it
+REJECTED_BY_MODEL = "rejected_by_model"
+PRECHECK_LATENCY_ESTIMATE = "precheck_latency_estimate_ms"
+LATENCY_PREDICTED_VS_FP32 = "latency_predicted_vs_fp32"
+EARLY_STOPPED = "early_stopped"
+FAIL_REASON = "fail_reason"
+
+# -- a trial: its files ------------------------------------------------------------------------
+ARTIFACT_ID = "artifact_id"
+ARTIFACT_SHA256 = "artifact_sha256"
+TORCH_ARTIFACT_ID = "torch_artifact_id"
+TORCH_ARTIFACT_SHA256 = "torch_artifact_sha256"
+TORCH_KIND = "torch_kind"  # "qat" | "float"
