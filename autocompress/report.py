@@ -63,7 +63,7 @@ class SearchProgress(_Bar):
             TimeRemainingColumn(),
             console=_err,
             transient=True,  # a one-line error stays one line; the table follows success
-            disable=not enabled,
+            disable=not (enabled and _err.is_terminal),
         )
         self._task = self._progress.add_task("search", total=trials, status="starting")
 
@@ -79,6 +79,14 @@ class SearchProgress(_Bar):
         elif last.attrs.get(keys.PARENT) is not None:
             outcome = f"retrain of #{last.attrs['parent_trial']} {outcome}"
         status = f"feasible {progress.feasible} | best acc in budget {best} | last: {outcome}"
+        if self.enabled and not _err.is_terminal:
+            # A batch job's log: one line per finished trial instead of a redrawn bar.
+            acc = "-" if last.accuracy is None else f"{last.accuracy:.4f}"
+            _err.print(f"trial {progress.done}/{progress.total} (#{last.number} {outcome}, "
+                       f"acc {acc}, {last.plan_summary or '-'}) | feasible {progress.feasible}"
+                       f" | best acc in budget {best} | {progress.elapsed_s / 60:.1f} min",
+                       highlight=False, soft_wrap=True)
+            return
         self._progress.update(
             self._task, total=progress.total, completed=progress.done, status=status
         )

@@ -327,6 +327,8 @@ def test_rejection_cap_ends_the_run_with_one_line_and_exit_0(
     last = err[-1]
     assert last.startswith("stopped after 1 plans in a row were rejected")
     assert "closest: trial" in last and "100KB" in last and "--prune-max" in last
+    # stderr is not a terminal here: one progress line per finished trial, not a redrawn bar
+    assert any(line.startswith("trial 1/") and "#0 baseline fp32" in line for line in err)
 
 
 def test_latency_verdict_does_not_flip_when_the_machine_drifts(

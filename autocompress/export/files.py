@@ -22,6 +22,23 @@ def check_out(out: Path, force: bool) -> None:
             f"output folder {str(out)!r} exists and is not empty; pass an empty or new folder, "
             "or --force to overwrite the export files in it"
         )
+    _check_creatable(out.parent)
+
+
+def _check_creatable(folder: Path) -> None:
+    """The folder exists and is writable, or could be created: its nearest existing ancestor
+    is a writable folder. Checked before any work, and without creating anything."""
+    probe = folder
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ExportError(f"cannot write under {str(folder)!r}: {str(probe)!r} is a file; pass "
+                          "an --out path in a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ExportError(f"cannot write under {str(folder)!r}: {str(probe)!r} is not writable; "
+                          "pass an --out path in a folder you can write to")
 
 
 def _publish(tmp: Path, out: Path, force: bool) -> None:

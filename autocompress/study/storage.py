@@ -9,6 +9,7 @@ import functools
 import logging
 import os
 import re
+import sqlite3
 import threading
 import time
 import warnings
@@ -16,6 +17,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import optuna
 import sqlalchemy
@@ -296,7 +298,13 @@ def open_storage(url: str, *, heartbeat: bool = True, create: bool = True) -> RD
                 f"storage {url!r} does not exist; run `autocompress search` first "
                 "or pass the --storage a search wrote to"
             )
-        path.parent.mkdir(parents=True, exist_ok=True)
+        if not create:
+            _refuse_non_study_file(path, url)  # a reader must never write a schema into it
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StudyError(f"cannot create the folder of storage {url!r} ({one_line(exc)}); "
+                             "pass a --storage path in a folder you can write to") from None
     settings = worker_settings()
     kwargs: dict[str, Any] = {}
     engine: dict[str, Any] = {"pool_pre_ping": True}
@@ -327,6 +335,29 @@ def open_storage(url: str, *, heartbeat: bool = True, create: bool = True) -> RD
     raise StudyError(f"cannot open storage {masked_url(url)!r}: {one_line(last)}; check the "
                      "URL (e.g. sqlite:///studies/demo.db or postgresql://user:pw@host/db) and "
                      "that the database server is running")
+
+
+def _refuse_non_study_file(path: Path, url: str) -> None:
+    """A file a reader is pointed at must be a SQLite database holding Optuna's tables;
+    opening anything else through Optuna would write a fresh schema into it."""
+    try:
+        with path.open("rb") as handle:
+            header = handle.read(16)
+        ok = header == b"SQLite format 3\x00"
+        if ok:
+            connection = sqlite3.connect(f"file:{quote(str(path.resolve()))}?mode=ro", uri=True)
+            try:
+                ok = connection.execute(
+                    "SELECT 1 FROM sqlite_master WHERE type='table' AND name='studies'"
+                ).fetchone() is not None
+            finally:
+                connection.close()
+    except (OSError, sqlite3.Error) as exc:
+        raise StudyError(f"cannot read storage {url!r} ({one_line(exc)}); check the path and "
+                         "its permissions") from None
+    if not ok:
+        raise StudyError(f"storage {url!r} is not a study database (no Optuna tables in it); "
+                         "pass the --storage a search wrote to")
 
 
 def _cause_line(exc: BaseException) -> str:
