@@ -345,10 +345,14 @@
     renderPareto(study);
     renderLatency(study);
     renderProgress(study);
-    renderSensitivity(study);
     renderTable(study);
     bindClicks("pareto", study);
     bindClicks("latency", study);
+    try {
+      renderSensitivity(study);  // last: an old or odd table must not cost the rest of the page
+    } catch (err) {
+      console.warn("sensitivity heat map not drawn:", err);
+    }
   }
 
   // ---------------------------------------------------------------- trial page
