@@ -303,4 +303,7 @@ def print_sensitivity(table: Any, *, top: int | None = None) -> None:
         fragile = table.fragile_layers(low)
         _out.print("keep at higher precision (int" + f"{low} damage > 5x the median layer's): "
                    + (", ".join(fragile) if fragile else "none"))
+    if table.failed:
+        _out.print(f"not scored ({len(table.failed)}): " + "; ".join(
+            f"{choice}: {why}" for choice, why in list(table.failed.items())[:5]))
     _out.print(f"measured in {table.seconds:.1f} s")

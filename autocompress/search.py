@@ -28,7 +28,7 @@ from autocompress import (
 from autocompress import study as study_mod
 from autocompress import trial_attrs as keys
 from autocompress.config import Budget, SearchConfig
-from autocompress.errors import BudgetError
+from autocompress.errors import BudgetError, one_line
 from autocompress.objective import (
     SearchContext,
     TrialRunner,
@@ -297,7 +297,12 @@ def _enqueue_guided(
     """The sensitivity pass (once per study) and the least-damage plans solved from it,
     queued after the warm starts (one per GUIDED_SHARE trials)."""
     ctx = runner.ctx
-    table = _resolve_sensitivity(study, ctx, inventory, config, on_start)
+    try:
+        table = _resolve_sensitivity(study, ctx, inventory, config, on_start)
+    except Exception as exc:  # a model the pass cannot score still gets searched
+        _say(f"sensitivity pass failed ({one_line(exc, typed=True)}); searching without "
+             "guided plans", on_start)
+        return
     plans = guided.propose(
         table, inventory, config,
         fp32_bytes=measure.file_size(ctx.fp32_onnx),
@@ -336,6 +341,7 @@ def _resolve_sensitivity(
     _say(f"sensitivity pass: {len(table.layers)} layers and {len(table.groups)} groups "
          f"scored on {table.images} validation images in {table.seconds:.0f} s"
          + (f"; keep at higher precision: {', '.join(fragile)}" if fragile else "")
+         + (f"; {len(table.failed)} choices could not be scored" if table.failed else "")
          + f" (autocompress sensitivity --study {config.study})", on_start)
     return table
 

@@ -28,6 +28,7 @@ from torch import nn
 
 from autocompress import quantize, space
 from autocompress.config import SearchConfig
+from autocompress.errors import one_line
 from autocompress.intake import Task
 from autocompress.inventory import Inventory
 from autocompress.plan import CompressionPlan
@@ -53,6 +54,8 @@ class Sensitivity:
     layers: dict[str, dict[str, Any]] = field(default_factory=dict)
     # group -> {"ratios": {"0.2": {"kl", "accuracy", "kept": {layer: weight share kept}}}}
     groups: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # choices that could not be scored ("layer@int4", "group@40%") -> why; left out of plans
+    failed: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -63,6 +66,7 @@ class Sensitivity:
             "teacher_accuracy": self.teacher_accuracy,
             "layers": self.layers,
             "groups": self.groups,
+            "failed": self.failed,
         }
 
     @classmethod
@@ -73,6 +77,7 @@ class Sensitivity:
             teacher_accuracy=float(data["teacher_accuracy"]),
             layers=dict(data.get("layers", {})),
             groups=dict(data.get("groups", {})),
+            failed=dict(data.get("failed", {})),
         )
 
     def ranked_layers(self, bits: int) -> list[tuple[str, float]]:
@@ -137,10 +142,14 @@ def measure_sensitivity(
         for bits in widths:
             acts = space.activations_for(bits, config)
             plan = CompressionPlan(bits={layer.name: bits}, activation_bits=acts)
-            model = quantize.prepare_qat(base, plan)
-            quantize.calibrate(model, calibration, max_batches=CALIBRATION_BATCHES)
-            kl, acc = _score(model, xs, ys, teacher_logits)
-            entry["bits"][str(bits)] = {"kl": kl, "accuracy": acc, "activation_bits": acts}
+            try:
+                model = quantize.prepare_qat(base, plan)
+                quantize.calibrate(model, calibration, max_batches=CALIBRATION_BATCHES)
+                kl, acc = _score(model, xs, ys, teacher_logits)
+            except Exception as exc:  # one choice that cannot be scored must not end the pass
+                table.failed[f"{layer.name}@int{bits}"] = one_line(exc, typed=True)
+            else:
+                entry["bits"][str(bits)] = {"kl": kl, "accuracy": acc, "activation_bits": acts}
             _tick(on_item, next(done), total)
         table.layers[layer.name] = entry
     for group in groups:
@@ -149,12 +158,17 @@ def measure_sensitivity(
             plan = CompressionPlan(prune={group: ratio})
             bn = (x for x, _ in task.data.batches("train", config.batch_size, shuffle=True,
                                                   seed=config.seed))
-            model = build_student(task, plan, config.round_to, bn_batches=bn)
-            kl, acc = _score(model, xs, ys, teacher_logits)
-            measured[_ratio_key(ratio)] = {"kl": kl, "accuracy": acc,
-                                           "kept": _kept_shares(model, weights)}
+            try:
+                model = build_student(task, plan, config.round_to, bn_batches=bn)
+                kl, acc = _score(model, xs, ys, teacher_logits)
+            except Exception as exc:
+                table.failed[f"{group}@{ratio:.0%}"] = one_line(exc, typed=True)
+            else:
+                measured[_ratio_key(ratio)] = {"kl": kl, "accuracy": acc,
+                                               "kept": _kept_shares(model, weights)}
             _tick(on_item, next(done), total)
-        table.groups[group] = {"ratios": measured}
+        if measured:
+            table.groups[group] = {"ratios": measured}
     table.seconds = time.perf_counter() - started
     return table
 

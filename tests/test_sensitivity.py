@@ -81,3 +81,25 @@ def test_prune_grid_follows_the_space() -> None:
     assert prune_grid(SearchConfig(prune_max=0.7)) == [0.2, 0.4, 0.6]
     assert prune_grid(SearchConfig(prune_max=0.1)) == [0.1]
     assert prune_grid(SearchConfig(prune_max=0.0)) == []
+
+
+def test_a_choice_that_cannot_be_scored_is_left_out_not_fatal(
+    demo_task: Task, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from autocompress import sensitivity
+
+    real = sensitivity.quantize.prepare_qat
+
+    def broken(model: torch.nn.Module, plan: object) -> torch.nn.Module:
+        if "fc" in plan.bits:  # type: ignore[attr-defined]
+            raise RuntimeError("no kernel for this layer")
+        return real(model, plan)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(sensitivity.quantize, "prepare_qat", broken)
+    inventory = build_inventory(demo_task.model, demo_task.data.example_input(1))
+    table = measure_sensitivity(demo_task, inventory, SearchConfig(prune_max=0.0),
+                                _calibration(demo_task), images=64)
+    assert table.layers["fc"]["bits"] == {}
+    assert set(table.failed) == {"fc@int8", "fc@int4"}
+    assert "no kernel" in table.failed["fc@int4"]
+    assert table.layers["conv1"]["bits"]  # the others were scored
