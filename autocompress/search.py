@@ -363,9 +363,9 @@ def _promote(
     effort = counter.promotion_effort(mean_s)
     reference_size = 1.1 * measure.file_size(runner.ctx.fp32_onnx)
     with study_mod.study_lock(study):  # two workers never promote the same plan
-        chosen = plan_promotions(study_mod.records(study), config, effort=effort,
-                                 reference_size=reference_size)
-        by_number = {r.number: r for r in recs}
+        fresh = study_mod.records(study)  # other workers may have finished trials since
+        chosen = plan_promotions(fresh, config, effort=effort, reference_size=reference_size)
+        by_number = {r.number: r for r in fresh}
         for p in chosen:
             parent = by_number[p.parent]
             plan = CompressionPlan.from_dict(parent.plan)
