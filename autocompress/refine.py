@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import tempfile
+import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -97,7 +98,7 @@ def refine_trial(
             steps = steps_for(epochs, train_images, config.batch_size)
             plan = CompressionPlan.from_dict(parent.plan)
             params = space.plan_to_params(plan, session.inventory, config)
-            marker = f"{trial}:{epochs}:{len(study.get_trials(deepcopy=False))}"
+            marker = f"{trial}:{epochs}:{uuid.uuid4().hex[:12]}"  # finds this refine's trial
             study_mod.enqueue(session.study, params, {
                 keys.PARENT: trial, keys.FINETUNE_STEPS: steps, keys.REFINE_EPOCHS: epochs,
                 keys.REFINE_REQUEST: marker,
