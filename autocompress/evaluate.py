@@ -24,7 +24,7 @@ from autocompress import space
 from autocompress import study as study_mod
 from autocompress import trial_attrs as keys
 from autocompress.config import SearchConfig
-from autocompress.errors import TrainingError
+from autocompress.errors import PlanError, TrainingError
 from autocompress.intake import Task
 from autocompress.pareto import TrialRecord
 from autocompress.plan import CompressionPlan
@@ -60,6 +60,7 @@ def evaluate_plan(
             session = sessions.open_session(scratch, url, storage, Path(tmp), on_note, task=task)
             plan.validate(session.inventory)
             params = space.plan_to_params(plan, session.inventory, scratch)
+            _check_in_space(plan, space.params_to_plan(params, session.inventory, scratch))
             study_mod.enqueue(session.study, params, {keys.FINETUNE_STEPS: plan.finetune_steps},
                               first=True)
             session.runner.ctx.on_step = on_step
@@ -69,6 +70,27 @@ def evaluate_plan(
         raise TrainingError(f"evaluating plan {plan.summary()} failed: "
                             f"{record.fail_reason or record.rejected or record.state}")
     return record
+
+
+def _check_in_space(plan: CompressionPlan, rebuilt: CompressionPlan) -> None:
+    """The trial runs the plan the search space can express: refuse one it would change."""
+    fields = ("bits", "prune", "sparsity", "activation_bits", "kd_temperature", "kd_alpha",
+              "feature_pairs", "feature_weight")
+    def normal(p: CompressionPlan, name: str) -> object:
+        value = getattr(p, name)
+        if name == "bits":  # a layer left out stays at 32 bits
+            return {k: v for k, v in value.items() if v != 32}
+        if name in ("prune", "sparsity"):  # a group left out keeps every channel
+            return {k: v for k, v in value.items() if v > 0}
+        return value
+
+    differ = [f for f in fields if normal(plan, f) != normal(rebuilt, f)]
+    if differ:
+        raise PlanError(
+            f"plan {plan.summary()!r} lies outside the config's search space ({', '.join(differ)}"
+            " would change); widen the config (bits, activation_bits, prune_max/prune_step, "
+            "kd ranges) or change the plan"
+        )
 
 
 __all__ = ["evaluate_plan"]
