@@ -19,7 +19,7 @@ def test_one_plan_end_to_end(demo_task: Task) -> None:
     assert record.plan["finetune_steps"] == 20
     assert record.attrs["finetune_steps_run"] == 20  # no early stop, no rounding
     assert 0.5 < (record.accuracy or 0) <= 1.0 and record.size_bytes and record.latency_vs_fp32
-    assert set(record.attrs["weight_types"]) >= {"conv1", "block1.conv1"}
+    assert set(record.json_attr("weight_types")) >= {"conv1", "block1.conv1"}
 
 
 def test_a_plan_the_space_cannot_express_is_refused(demo_task: Task) -> None:
