@@ -74,11 +74,50 @@ def _row(r: Any, fp32: Any, label: str) -> dict[str, Any]:
 
 
 def _pick(pool: list[Any], fp32: Any, kind: str) -> Any | None:
+    """The most accurate searched candidate (validation) meeting the target. Baselines are
+    left out: they are recipes, and the int8 PTQ one is ORT's own export, not the search's
+    (its refine would be another file with another latency)."""
+    pool = [r for r in pool if r.baseline is None]
     if kind == "size":
         ok = [r for r in pool if (fp32.size_bytes or 0) / (r.size_bytes or 1) >= SIZE_TARGET]
     else:
         ok = [r for r in pool if r.latency_vs_fp32 and 1 / r.latency_vs_fp32 >= SPEED_TARGET]
     return max(ok, key=lambda r: (r.accuracy or 0, -(r.size_bytes or 0)), default=None)
+
+
+def run_recipes(model: Any, weights: Any, spec: Any, seed: int, config: Any,
+                learning_rate: float, steps: int, recs: list[Any], fp32: Any,
+                say: Any) -> tuple[list[dict[str, Any]], float]:
+    """The hand recipes through ``evaluate_plan`` (measured as trials are); the fine-tuned
+    ones get ``steps`` steps, the same as a refine. int8 PTQ is the search's baseline trial."""
+    from autocompress import intake, space
+    from autocompress.evaluate import evaluate_plan
+    from autocompress.inventory import build_inventory
+    from autocompress.plan import CompressionPlan
+
+    task = intake.load_task(model, weights, spec, seed=seed)
+    inventory = build_inventory(task.model, task.data.example_input(1))
+    recipe_cfg = config.replace(learning_rate=learning_rate, time_limit=None, budgets=())
+    recipes = {
+        "int4-ptq (weight-only)": (space.uniform_plan(inventory, recipe_cfg, bits=4,
+                                                      activation_bits=32), 0),
+        "int8-qat-kd": (space.uniform_plan(inventory, recipe_cfg, bits=8), steps),
+        "prune30-kd": (space.uniform_plan(inventory, recipe_cfg, bits=32, ratio=0.3), steps),
+        "prune50-kd": (space.uniform_plan(inventory, recipe_cfg, bits=32, ratio=0.5), steps),
+    }
+    rows = []
+    int8_ptq = next((r for r in recs if r.baseline == "int8-ptq"), None)
+    if int8_ptq is not None:
+        rows.append(_row(int8_ptq, fp32, "int8-ptq"))
+    started = time.perf_counter()
+    for label, (plan, n) in recipes.items():
+        plan = CompressionPlan.from_dict({**plan.to_dict(), "finetune_steps": n,
+                                          "learning_rate": learning_rate})
+        say(f"recipe {label}: {plan.summary()}, {n} steps")
+        rec = evaluate_plan(task, plan, recipe_cfg, on_note=say)
+        rows.append(_row(rec, fp32, label))
+        say(json.dumps(rows[-1]))
+    return rows, time.perf_counter() - started
 
 
 def main() -> int:
@@ -90,19 +129,18 @@ def main() -> int:
     parser.add_argument("--torch-threads", type=int)
     parser.add_argument("--demo", action="store_true", help="digits demo instead of CIFAR-10")
     parser.add_argument("--stem", default=None)
+    parser.add_argument("--resume", action="store_true", help="reuse the last run's study and "
+                        "recipe rows; refine only the picks that have no refine yet")
     args = parser.parse_args()
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", module="optuna")
     sys.path.insert(0, str(Path(__file__).parent))
 
-    from autocompress import intake, space
     from autocompress.config import SearchConfig
-    from autocompress.evaluate import evaluate_plan
-    from autocompress.inventory import build_inventory
     from autocompress.pareto import most_trained
     from autocompress.refine import refine_trial, steps_for
     from autocompress.search import run_search
-    from autocompress.study import load_existing_study
+    from autocompress.study import load_existing_study, records
 
     stem = args.stem or ("beat_recipes_demo" if args.demo else "beat_recipes")
     torch_threads = choose_torch_threads(args.torch_threads)
@@ -120,20 +158,29 @@ def main() -> int:
     STUDIES.mkdir(parents=True, exist_ok=True)
     name = f"{stem}-s{args.seed}"
     db = STUDIES / f"{name}.db"
-    for stale in (db, db.with_name(db.name + ".lock")):
-        stale.unlink(missing_ok=True)
+    url = f"sqlite:///{db}"
+    previous = json.loads((RESULTS / f"{stem}.json").read_text()) if args.resume else {}
+    if not args.resume:
+        for stale in (db, db.with_name(db.name + ".lock")):
+            stale.unlink(missing_ok=True)
     config = SearchConfig(
-        model=model, weights=weights, data=spec, study=name, storage=f"sqlite:///{db}",
+        model=model, weights=weights, data=spec, study=name, storage=url,
         artifacts=str(STUDIES / f"{name}-artifacts"), trials=10_000,
         time_limit=args.minutes, seed=args.seed, train_threads=torch_threads, device="cpu",
     )
-    started = time.perf_counter()
-    result = run_search(config, on_progress=progress_printer(loads), on_start=log)
-    search_s = time.perf_counter() - started
+    if args.resume:
+        search_s = float(previous["search_s"])
+        stop_reason = previous.get("stop_reason")
+        log(f"--resume: study {name} as recorded ({search_s / 60:.1f} min of search)")
+    else:
+        started = time.perf_counter()
+        result = run_search(config, on_progress=progress_printer(loads), on_start=log)
+        search_s = time.perf_counter() - started
+        stop_reason = result.stop_reason
     loads.mark("search done")
-    study = load_existing_study(result.storage_url, name)
+    study = load_existing_study(url, name)
     sens = json.loads(study.user_attrs.get("sensitivity") or "{}")
-    recs = result.records
+    recs = records(study)
     fp32 = next(r for r in recs if r.baseline == "fp32")
     pool = [r for r in most_trained(recs) if r.measured and r.feasible]
     stored = json.loads(study.user_attrs["config"])
@@ -144,18 +191,19 @@ def main() -> int:
     # fine-tune speed of this run: seconds per step over the search's fine-tuned trials
     per_step = [json.loads(r.attrs["timing"])["finetune"] / r.plan["finetune_steps"]
                 for r in recs if r.measured and r.baseline is None and r.attrs.get("timing")
-                and r.plan.get("finetune_steps")]
+                and r.plan.get("finetune_steps") and r.attrs.get("parent_trial") is None]
     step_s = sorted(per_step)[len(per_step) // 2] if per_step else 1.0
     train_images = json.loads(study.user_attrs["data"])["sizes"]["train"]
     epoch_steps = steps_for(1, train_images, config.batch_size)
     epochs = max(1, math.floor(args.refine_minutes * 60 / 2 / (step_s * epoch_steps)))
+    epochs = int(previous.get("epochs", epochs))  # --resume: the same repair as before
     log(f"search done in {search_s / 60:.1f} min; fine-tune {step_s:.3f} s/step, "
         f"{epoch_steps} steps/epoch: refines and recipes get {epochs} epoch(s)")
 
     picks = {"size": _pick(pool, fp32, "size"), "speed": _pick(pool, fp32, "speed")}
     refined: dict[str, Any] = {}
-    refine_s = 0.0
     done: dict[int, Any] = {}
+    refine_s = float(previous.get("refine_s", 0.0))
     for kind, cand in picks.items():
         if cand is None:
             log(f"no searched candidate for the {kind} target to refine")
@@ -163,45 +211,32 @@ def main() -> int:
         if cand.number in done:
             refined[kind] = done[cand.number]
             continue
+        earlier = [r for r in recs if r.attrs.get("parent_trial") == cand.number
+                   and r.attrs.get("refine_epochs") == epochs and r.measured]
+        if earlier:  # --resume: refined by the last run
+            refined[kind] = done[cand.number] = earlier[-1]
+            continue
         t0 = time.perf_counter()
         log(f"refining #{cand.number} ({cand.plan_summary}) for the {kind} target, "
             f"{epochs} epoch(s)")
-        rec = refine_trial(result.storage_url, name, cand.number, epochs, on_note=log)
+        rec = refine_trial(url, name, cand.number, epochs, on_note=log)
         refine_s += time.perf_counter() - t0
         refined[kind] = done[cand.number] = rec
         log(json.dumps(_row(rec, fp32, f"refined-{kind}")))
     loads.mark("refines done")
 
-    task = intake.load_task(model, weights, spec, seed=args.seed)
-    inventory = build_inventory(task.model, task.data.example_input(1))
-    recipe_cfg = config.replace(learning_rate=learning_rate, time_limit=None, budgets=())
-    steps = epochs * epoch_steps
-    recipes = {
-        "int4-ptq (weight-only)": (space.uniform_plan(inventory, recipe_cfg, bits=4,
-                                                      activation_bits=32), 0),
-        "int8-qat-kd": (space.uniform_plan(inventory, recipe_cfg, bits=8), steps),
-        "prune30-kd": (space.uniform_plan(inventory, recipe_cfg, bits=32, ratio=0.3), steps),
-        "prune50-kd": (space.uniform_plan(inventory, recipe_cfg, bits=32, ratio=0.5), steps),
-    }
-    rows = []
-    int8_ptq = next((r for r in recs if r.baseline == "int8-ptq"), None)
-    if int8_ptq is not None:
-        rows.append(_row(int8_ptq, fp32, "int8-ptq"))
-    recipe_s = 0.0
-    for label, (plan, n) in recipes.items():
-        t0 = time.perf_counter()
-        plan = plan.__class__.from_dict({**plan.to_dict(), "finetune_steps": n,
-                                         "learning_rate": learning_rate})
-        log(f"recipe {label}: {plan.summary()}, {n} steps")
-        rec = evaluate_plan(task, plan, recipe_cfg, on_note=log)
-        recipe_s += time.perf_counter() - t0
-        rows.append(_row(rec, fp32, label))
-        log(json.dumps(rows[-1]))
+    if previous.get("recipes"):  # --resume: the recipes do not depend on the search
+        rows, recipe_s = previous["recipes"], float(previous["recipe_s"])
+    else:
+        rows, recipe_s = run_recipes(model, weights, spec, args.seed, config, learning_rate,
+                                     epochs * epoch_steps, recs, fp32, log)
     loads.mark("recipes done")
+    recs = records(study)  # the refines are in the study now
+    pool = [r for r in most_trained(recs) if r.measured and r.feasible]
 
-    final = [r for r in pool if r.number not in {c.number for c in picks.values() if c}]
-    final += [r for r in refined.values() if r.measured and r.feasible]
-    front = [_row(r, fp32, "search") for r in final]
+    # every measured, feasible plan of the study at its most-trained trial (a refined pick
+    # in place of the trial it refined)
+    front = [_row(r, fp32, "search") for r in pool]
     data = {
         "command": "python benchmarks/beat_recipes.py " + " ".join(sys.argv[1:]),
         "machine": state_line(state),
@@ -221,7 +256,7 @@ def main() -> int:
         "promotions": [(r.attrs.get("parent_trial"), r.number) for r in recs
                        if r.attrs.get("parent_trial") is not None
                        and not r.attrs.get("refine_epochs")],
-        "stop_reason": result.stop_reason,
+        "stop_reason": stop_reason,
         "picks": {k: None if v is None else _row(v, fp32, f"searched-{k}")
                   for k, v in picks.items()},
         "refined": {k: _row(v, fp32, f"refined-{k}") for k, v in refined.items()},
