@@ -203,7 +203,6 @@ def main() -> int:
     picks = {"size": _pick(pool, fp32, "size"), "speed": _pick(pool, fp32, "speed")}
     refined: dict[str, Any] = {}
     done: dict[int, Any] = {}
-    refine_s = float(previous.get("refine_s", 0.0))
     for kind, cand in picks.items():
         if cand is None:
             log(f"no searched candidate for the {kind} target to refine")
@@ -216,14 +215,15 @@ def main() -> int:
         if earlier:  # --resume: refined by the last run
             refined[kind] = done[cand.number] = earlier[-1]
             continue
-        t0 = time.perf_counter()
         log(f"refining #{cand.number} ({cand.plan_summary}) for the {kind} target, "
             f"{epochs} epoch(s)")
         rec = refine_trial(url, name, cand.number, epochs, on_note=log)
-        refine_s += time.perf_counter() - t0
         refined[kind] = done[cand.number] = rec
         log(json.dumps(_row(rec, fp32, f"refined-{kind}")))
     loads.mark("refines done")
+    # the refine trials' own time (build, fine-tune, export, measure), whichever run made them
+    refine_s = sum(sum(json.loads(r.attrs.get("timing") or "{}").values())
+                   for r in {r.number: r for r in refined.values()}.values())
 
     if previous.get("recipes"):  # --resume: the recipes do not depend on the search
         rows, recipe_s = previous["recipes"], float(previous["recipe_s"])
