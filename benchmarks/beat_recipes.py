@@ -85,6 +85,18 @@ def _pick(pool: list[Any], fp32: Any, kind: str) -> Any | None:
     return max(ok, key=lambda r: (r.accuracy or 0, -(r.size_bytes or 0)), default=None)
 
 
+def _search_seconds(url: str, name: str) -> float:
+    """Wall time of a recorded search, for --resume without a results file: first trial
+    start to the last search trial's end (refines left out)."""
+    from autocompress.study import load_existing_study
+
+    trials = load_existing_study(url, name).get_trials(deepcopy=False)
+    ends = [t.datetime_complete for t in trials
+            if t.datetime_complete and "refine_epochs" not in t.user_attrs]
+    starts = [t.datetime_start for t in trials if t.datetime_start]
+    return (max(ends) - min(starts)).total_seconds()
+
+
 def run_recipes(model: Any, weights: Any, spec: Any, seed: int, config: Any,
                 learning_rate: float, steps: int, recs: list[Any], fp32: Any,
                 say: Any) -> tuple[list[dict[str, Any]], float]:
@@ -159,7 +171,8 @@ def main() -> int:
     name = f"{stem}-s{args.seed}"
     db = STUDIES / f"{name}.db"
     url = f"sqlite:///{db}"
-    previous = json.loads((RESULTS / f"{stem}.json").read_text()) if args.resume else {}
+    saved = RESULTS / f"{stem}.json"
+    previous = json.loads(saved.read_text()) if args.resume and saved.is_file() else {}
     if not args.resume:
         for stale in (db, db.with_name(db.name + ".lock")):
             stale.unlink(missing_ok=True)
@@ -169,7 +182,7 @@ def main() -> int:
         time_limit=args.minutes, seed=args.seed, train_threads=torch_threads, device="cpu",
     )
     if args.resume:
-        search_s = float(previous["search_s"])
+        search_s = float(previous.get("search_s") or _search_seconds(url, name))
         stop_reason = previous.get("stop_reason")
         log(f"--resume: study {name} as recorded ({search_s / 60:.1f} min of search)")
     else:
