@@ -195,7 +195,9 @@ def main() -> int:
     sens = json.loads(study.user_attrs.get("sensitivity") or "{}")
     recs = records(study)
     fp32 = next(r for r in recs if r.baseline == "fp32")
-    pool = [r for r in most_trained(recs) if r.measured and r.feasible]
+    # the search's own candidates (promotions included, refines left out): what is picked
+    searched = [r for r in recs if "refine_epochs" not in r.attrs]
+    pool = [r for r in most_trained(searched) if r.measured and r.feasible]
     stored = json.loads(study.user_attrs["config"])
     probe = study.user_attrs.get("learning_rate_probe")
     learning_rate = float(probe["chosen"]) if isinstance(probe, dict) else stored.get(
