@@ -264,10 +264,12 @@ for _name in _RETRIED_CALLS:
 
 class _RetryStaleTrial(RetryHeartbeatStaleTrialCallback):
     """Optuna's retry of a heartbeat-stale trial (same parameters, system attribute
-    ``failed_trial``), minus what the dead attempt half-recorded: the retry starts with the
-    ``baseline`` tag only and no artifact metadata, so every figure it shows is its own."""
+    ``failed_trial``), minus what the dead attempt half-recorded: the retry keeps the tags
+    that say what the trial is (baseline, warm start, guided plan, a retrain's parent and
+    step count) and no measurement or artifact metadata, so every figure it shows is its own."""
 
-    _KEEP_USER_ATTRS = (keys.BASELINE,)
+    _KEEP_USER_ATTRS = (keys.BASELINE, keys.WARM_START, keys.GUIDED, keys.PARENT,
+                        keys.FINETUNE_STEPS, keys.PROMOTION_RUNG, keys.REFINE_EPOCHS)
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
         history = trial.system_attrs.get("retry_history", [])
