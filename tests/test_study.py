@@ -118,6 +118,8 @@ def test_stale_trial_fails_and_is_queued_once_with_same_params(
     trial = _start_and_abandon(study, storage)
     x = trial.suggest_float("x", 0.0, 1.0)
     trial.set_user_attr("baseline", "fp32")
+    trial.set_user_attr("parent_trial", 7)  # what the trial is: kept
+    trial.set_user_attr("finetune_steps", 600)
     trial.set_user_attr("accuracy", 0.5)  # half-recorded by the dead worker
     trial.set_user_attr("plan", "{}")
     study._storage.set_trial_system_attr(trial._trial_id, "artifacts:abc", "{}")
@@ -130,7 +132,7 @@ def test_stale_trial_fails_and_is_queued_once_with_same_params(
     assert retry.state == TrialState.WAITING and retry.number == 1
     assert retry.system_attrs["failed_trial"] == 0
     assert retry.params == {"x": x}
-    assert retry.user_attrs == {"baseline": "fp32"}
+    assert retry.user_attrs == {"baseline": "fp32", "parent_trial": 7, "finetune_steps": 600}
     assert not [k for k in retry.system_attrs if k.startswith("artifacts:")]
 
     # The retry runs with the same parameters; if its worker dies too, no third attempt.
