@@ -27,6 +27,7 @@ from autocompress.sensitivity import Sensitivity
 # ("size", k) k x smaller than the fp32 file, ("speed", k) k x faster than fp32.
 LADDER = (("size", 8.0), ("speed", 1.5), ("size", 4.0), ("size", 16.0), ("speed", 2.0),
           ("size", 12.0))
+LATENCY_PROBES = 8  # structures pre-checked to fit the latency model before planning
 LATENCY_MARGIN = 0.9  # aim under a latency budget: the model and the proxy err by ~10-15%
 # aim under a size target: per-channel scales and zero points are not in the size model
 # (ResNet-20 at int4: ~3% of the file)

@@ -46,6 +46,14 @@ def test_guided_plan_meets_its_size_target(guided_study: ShortStudy) -> None:
             assert r.size_bytes is not None and r.size_bytes <= fp32.size_bytes / factor
 
 
+def test_latency_model_is_fitted_before_the_guided_plans(guided_study: ShortStudy) -> None:
+    from autocompress.guided import LATENCY_PROBES
+
+    summary = load_existing_study(guided_study.storage_url, "g").user_attrs["latency_model"]
+    assert summary["observations"] >= min(LATENCY_PROBES, 6)
+    assert summary["coefficients"] is not None
+
+
 def test_promotion_is_linked_and_replaces_its_parent(guided_study: ShortStudy) -> None:
     recs = {r.number: r for r in guided_study.result.records}
     promoted = [r for r in recs.values() if r.attrs.get("parent_trial") is not None]
