@@ -88,6 +88,14 @@ class LatencyModel:
 
     def predict(self, features: list[float]) -> float | None:
         """Predicted ratio to fp32, or None while the model has too few structures."""
+        coef = self._fit()
+        if coef is None:
+            return None
+        return float(np.asarray(features, dtype=np.float64) @ coef)
+
+    def _fit(self) -> np.ndarray | None:
+        """The least-squares coefficients (refitted after new observations), or None while
+        the model has too few structures."""
         if not self.ready:
             return None
         if self._coef is None:
@@ -97,7 +105,7 @@ class LatencyModel:
             # widths (e.g. only int8 plans so far).
             gram = x.T @ x + _RIDGE * np.eye(x.shape[1])
             self._coef = np.linalg.solve(gram, x.T @ y)
-        return float(np.asarray(features, dtype=np.float64) @ self._coef)
+        return self._coef
 
     def error(self) -> float | None:
         """Median relative error of the predictions checked against a pre-check."""
@@ -126,7 +134,7 @@ class LatencyModel:
         return {
             "features": ["intercept", *(f"macs_int{w}" if w < 32 else "macs_fp32"
                                         for w in WIDTHS)],
-            "coefficients": None if self._coef is None else [float(c) for c in self._coef],
+            "coefficients": None if self._fit() is None else [float(c) for c in self._fit()],
             "observations": len(self.observations),
             "checked": len(self.checked),
             "verdicts_right": right,
