@@ -20,9 +20,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from autocompress import space
+from autocompress import space, trial_attrs
 from autocompress import study as study_mod
-from autocompress import trial_attrs as keys
 from autocompress.config import SearchConfig
 from autocompress.errors import PlanError, TrainingError
 from autocompress.intake import Task
@@ -61,8 +60,8 @@ def evaluate_plan(
             plan.validate(session.inventory)
             params = space.plan_to_params(plan, session.inventory, scratch)
             _check_in_space(plan, space.params_to_plan(params, session.inventory, scratch))
-            study_mod.enqueue(session.study, params, {keys.FINETUNE_STEPS: plan.finetune_steps},
-                              first=True)
+            study_mod.enqueue(session.study, params,
+                              {trial_attrs.FINETUNE_STEPS: plan.finetune_steps}, first=True)
             session.runner.ctx.on_step = on_step
             session.study.optimize(session.runner, n_trials=1, catch=(Exception,))
         record = study_mod.records(session.study)[-1]

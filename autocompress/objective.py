@@ -28,8 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from autocompress import distill, measure, quantize, runtime, space
-from autocompress import trial_attrs as keys
+from autocompress import distill, measure, quantize, runtime, space, trial_attrs
 from autocompress.config import Budget, SearchConfig
 from autocompress.errors import AutocompressError
 from autocompress.intake import Task
@@ -139,13 +138,13 @@ class TrialRunner:
     def __call__(self, trial: Any) -> tuple[float, ...]:
         ctx = self.ctx
         timer = _Timer()
-        baseline = trial.user_attrs.get(keys.BASELINE)
+        baseline = trial.user_attrs.get(trial_attrs.BASELINE)
         plan = space.suggest_plan(trial, ctx.inventory, ctx.config)
-        steps = trial.user_attrs.get(keys.FINETUNE_STEPS)
+        steps = trial.user_attrs.get(trial_attrs.FINETUNE_STEPS)
         if steps is not None:  # a promotion or a refine: the parent's plan, trained longer
             plan = dataclasses.replace(plan, finetune_steps=int(steps))
-        trial.set_user_attr(keys.PLAN, plan.to_json())
-        trial.set_user_attr(keys.PLAN_SUMMARY, plan.summary())
+        trial.set_user_attr(trial_attrs.PLAN, plan.to_json())
+        trial.set_user_attr(trial_attrs.PLAN_SUMMARY, plan.summary())
         out_dir = ctx.workdir / f"trial-{trial.number}"
         out_dir.mkdir(parents=True, exist_ok=True)
         try:
@@ -153,16 +152,16 @@ class TrialRunner:
         except TrialPruned:
             raise
         except KeyboardInterrupt:
-            trial.set_user_attr(keys.FAIL_REASON, "interrupted (Ctrl-C or SIGTERM)")
+            trial.set_user_attr(trial_attrs.FAIL_REASON, "interrupted (Ctrl-C or SIGTERM)")
             raise
         except AutocompressError as exc:
-            trial.set_user_attr(keys.FAIL_REASON, str(exc))
+            trial.set_user_attr(trial_attrs.FAIL_REASON, str(exc))
             raise
         except Exception as exc:
-            trial.set_user_attr(keys.FAIL_REASON, f"{type(exc).__name__}: {exc}"[:500])
+            trial.set_user_attr(trial_attrs.FAIL_REASON, f"{type(exc).__name__}: {exc}"[:500])
             raise
         finally:
-            trial.set_user_attr(keys.TIMING, json.dumps(timer.seconds))
+            trial.set_user_attr(trial_attrs.TIMING, json.dumps(timer.seconds))
 
     def _run(
         self,
@@ -187,14 +186,14 @@ class TrialRunner:
         broken = self._broken_budgets(pre.estimate_ms, pre.size_bytes)
         # A trial queued with its own step count (a promotion, a refine, evaluate_plan) was
         # asked for by name: measured even over budget, fine-tuned to the end.
-        retrain = keys.FINETUNE_STEPS in trial.user_attrs
+        retrain = trial_attrs.FINETUNE_STEPS in trial.user_attrs
         if broken and baseline is None and not retrain:
             self._reject(trial, pre, broken)
         # Baselines cost no fine-tune: they are measured even over budget (recorded as
         # infeasible), so the study always knows the teacher's and plain PTQ's accuracy.
         # So is a retrain of a plan measured within budget: a noisy pre-check must not throw
         # away the long fine-tune someone asked for.
-        trial.set_user_attr(keys.PRECHECK_LATENCY_ESTIMATE, pre.estimate_ms)
+        trial.set_user_attr(trial_attrs.PRECHECK_LATENCY_ESTIMATE, pre.estimate_ms)
 
         if baseline is None and removes_weights(plan):
             with timer.phase("build"):  # within budget: now worth re-estimating BN statistics
@@ -208,7 +207,7 @@ class TrialRunner:
                 qat, stopped = self._finetune(trial, student, plan, early_stop=not retrain)
             if stopped:
                 self._set_constraints(trial, pre.estimate_ms, pre.size_bytes)
-                trial.set_user_attr(keys.EARLY_STOPPED, stopped)
+                trial.set_user_attr(trial_attrs.EARLY_STOPPED, stopped)
                 raise TrialPruned(stopped)
 
         with timer.phase("export"):
@@ -221,9 +220,9 @@ class TrialRunner:
 
         with timer.phase("measure"):
             values = self._measure(trial, artifact, student, pre)
-            trial.set_user_attr(keys.TORCH_KIND, "float" if qat is None else "qat")
-            trial.set_user_attr(keys.TORCH_ARTIFACT_SHA256, measure.sha256_file(torch_state))
-            trial.set_user_attr(keys.TORCH_ARTIFACT_ID, ctx.upload(trial, torch_state))
+            trial.set_user_attr(trial_attrs.TORCH_KIND, "float" if qat is None else "qat")
+            trial.set_user_attr(trial_attrs.TORCH_ARTIFACT_SHA256, measure.sha256_file(torch_state))
+            trial.set_user_attr(trial_attrs.TORCH_ARTIFACT_ID, ctx.upload(trial, torch_state))
         return values
 
     # -- phases ---------------------------------------------------------------------------
@@ -294,7 +293,7 @@ class TrialRunner:
         features = structure_features(student, plan, ctx.inventory, ctx.task.model)
         predicted = ctx.latency_model.predict(features)
         if predicted is not None:
-            trial.set_user_attr(keys.LATENCY_PREDICTED_VS_FP32, predicted)
+            trial.set_user_attr(trial_attrs.LATENCY_PREDICTED_VS_FP32, predicted)
         return predicted
 
     def _broken_budgets(self, latency_ms: float, size_bytes: float) -> dict[str, float]:
@@ -319,8 +318,8 @@ class TrialRunner:
         for name, value in values.items():
             trial.set_constraint(name, value)
         feasible = all(v <= 0 for v in values.values())
-        trial.set_user_attr(keys.CONSTRAINTS, json.dumps(values))
-        trial.set_user_attr(keys.FEASIBLE, feasible)
+        trial.set_user_attr(trial_attrs.CONSTRAINTS, json.dumps(values))
+        trial.set_user_attr(trial_attrs.FEASIBLE, feasible)
         return feasible
 
     def _reject(self, trial: Any, pre: Precheck, broken: dict[str, float]) -> None:
@@ -340,16 +339,16 @@ class TrialRunner:
         text = "over budget at pre-check: " + "; ".join(reasons)
         if ctx.reference is not None and any(b.kind == "latency" for b in ctx.budgets):
             text += f" (x{pre.ratio:.2f} of fp32 x {ctx.reference.median_ms:.3g} ms reference)"
-        trial.set_user_attr(keys.REJECTED, text)
-        trial.set_user_attr(keys.SIZE, pre.size_bytes)
-        trial.set_user_attr(keys.LATENCY, pre.latency.median_ms)
-        trial.set_user_attr(keys.LATENCY_SPREAD, pre.latency.spread_ms)
-        trial.set_user_attr(keys.LATENCY_VS_FP32, pre.ratio)
-        trial.set_user_attr(keys.LATENCY_ESTIMATE, pre.estimate_ms)
-        trial.set_user_attr(keys.FP32_LATENCY, pre.reference.median_ms)
+        trial.set_user_attr(trial_attrs.REJECTED, text)
+        trial.set_user_attr(trial_attrs.SIZE, pre.size_bytes)
+        trial.set_user_attr(trial_attrs.LATENCY, pre.latency.median_ms)
+        trial.set_user_attr(trial_attrs.LATENCY_SPREAD, pre.latency.spread_ms)
+        trial.set_user_attr(trial_attrs.LATENCY_VS_FP32, pre.ratio)
+        trial.set_user_attr(trial_attrs.LATENCY_ESTIMATE, pre.estimate_ms)
+        trial.set_user_attr(trial_attrs.FP32_LATENCY, pre.reference.median_ms)
         if ctx.reference is not None:
-            trial.set_user_attr(keys.FP32_REFERENCE, ctx.reference.median_ms)
-        trial.set_user_attr(keys.RUNTIME, json.dumps(self._runtime(pre.session_options)))
+            trial.set_user_attr(trial_attrs.FP32_REFERENCE, ctx.reference.median_ms)
+        trial.set_user_attr(trial_attrs.RUNTIME, json.dumps(self._runtime(pre.session_options)))
         raise TrialPruned(text)
 
     def _reject_predicted(self, trial: Any, predicted: float | None) -> None:
@@ -363,10 +362,10 @@ class TrialRunner:
         reasons = [b.describe(estimate, 0.0) for b in ctx.budgets if b.kind == "latency"]
         text = ("predicted over budget by the latency model (not measured): "
                 + "; ".join(reasons) + f" (x{predicted:.2f} of fp32 predicted)")
-        trial.set_user_attr(keys.REJECTED, text)
-        trial.set_user_attr(keys.REJECTED_BY_MODEL, True)
-        trial.set_user_attr(keys.LATENCY_ESTIMATE, estimate)
-        trial.set_user_attr(keys.FP32_REFERENCE, ctx.reference.median_ms)
+        trial.set_user_attr(trial_attrs.REJECTED, text)
+        trial.set_user_attr(trial_attrs.REJECTED_BY_MODEL, True)
+        trial.set_user_attr(trial_attrs.LATENCY_ESTIMATE, estimate)
+        trial.set_user_attr(trial_attrs.FP32_REFERENCE, ctx.reference.median_ms)
         raise TrialPruned(text)
 
     def _finetune(
@@ -404,7 +403,7 @@ class TrialRunner:
             seed=ctx.config.seed + trial.number,
             progress=ctx.on_step,
         )
-        trial.set_user_attr(keys.FINETUNE_STEPS_RUN, result.steps)
+        trial.set_user_attr(trial_attrs.FINETUNE_STEPS_RUN, result.steps)
         qat.eval()
         if result.stopped_early:
             return qat, f"early-stopped at step {result.steps}: {result.reason}"
@@ -468,30 +467,30 @@ class TrialRunner:
         estimate = ctx.budget_latency_ms(inter)
         example = ctx.task.data.example_input(1)
         attrs: dict[str, Any] = {
-            keys.ACCURACY: accuracy,
-            keys.TEST_ACCURACY: test_accuracy,
-            keys.SIZE: size,
-            keys.ZIP_SIZE: measure.zipped_size(artifact),
-            keys.LATENCY: inter.candidate.median_ms,
-            keys.LATENCY_SPREAD: inter.candidate.spread_ms,
-            keys.LATENCY_P10: inter.candidate.p10_ms,
-            keys.LATENCY_P90: inter.candidate.p90_ms,
-            keys.LATENCY_VS_FP32: inter.ratio,
-            keys.LATENCY_ESTIMATE: estimate,
-            keys.FP32_LATENCY: inter.reference.median_ms,
-            keys.RUNTIME: json.dumps(self._runtime(pre.session_options)),
-            keys.FLOPS: measure.count_flops(student, example),
-            keys.PARAMS: measure.count_params(student),
-            keys.WEIGHT_TYPES: json.dumps(quantize.onnx_weight_types(artifact)),
-            keys.ARTIFACT_SHA256: measure.sha256_file(artifact),
+            trial_attrs.ACCURACY: accuracy,
+            trial_attrs.TEST_ACCURACY: test_accuracy,
+            trial_attrs.SIZE: size,
+            trial_attrs.ZIP_SIZE: measure.zipped_size(artifact),
+            trial_attrs.LATENCY: inter.candidate.median_ms,
+            trial_attrs.LATENCY_SPREAD: inter.candidate.spread_ms,
+            trial_attrs.LATENCY_P10: inter.candidate.p10_ms,
+            trial_attrs.LATENCY_P90: inter.candidate.p90_ms,
+            trial_attrs.LATENCY_VS_FP32: inter.ratio,
+            trial_attrs.LATENCY_ESTIMATE: estimate,
+            trial_attrs.FP32_LATENCY: inter.reference.median_ms,
+            trial_attrs.RUNTIME: json.dumps(self._runtime(pre.session_options)),
+            trial_attrs.FLOPS: measure.count_flops(student, example),
+            trial_attrs.PARAMS: measure.count_params(student),
+            trial_attrs.WEIGHT_TYPES: json.dumps(quantize.onnx_weight_types(artifact)),
+            trial_attrs.ARTIFACT_SHA256: measure.sha256_file(artifact),
         }
         if ctx.reference is not None:
-            attrs[keys.FP32_REFERENCE] = ctx.reference.median_ms
+            attrs[trial_attrs.FP32_REFERENCE] = ctx.reference.median_ms
         for key, value in attrs.items():
             trial.set_user_attr(key, value)
         self._set_constraints(trial, estimate, size)
         # Upload while the trial is RUNNING (Optuna writes metadata before the file).
-        trial.set_user_attr(keys.ARTIFACT_ID, ctx.upload(trial, artifact))
+        trial.set_user_attr(trial_attrs.ARTIFACT_ID, ctx.upload(trial, artifact))
         return self._values(accuracy, size, estimate)
 
     # -- helpers --------------------------------------------------------------------------

@@ -7,7 +7,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from autocompress import trial_attrs as keys
+from autocompress import trial_attrs
 from autocompress.config import Budget
 
 
@@ -70,7 +70,7 @@ def dominates(a: TrialRecord, b: TrialRecord, objectives: Sequence[str]) -> bool
 
 def parent_of(record: TrialRecord) -> int | None:
     """The trial a retrain (promotion or refine) trained the same plan of, longer."""
-    parent = record.attrs.get(keys.PARENT)
+    parent = record.attrs.get(trial_attrs.PARENT)
     return None if parent is None else int(parent)
 
 
@@ -213,7 +213,7 @@ def closest_to_budgets(
     scored = []
     for r in records:
         latency = r.budget_latency_ms
-        pre_checked = r.rejected is not None and not r.attrs.get(keys.REJECTED_BY_MODEL)
+        pre_checked = r.rejected is not None and not r.attrs.get(trial_attrs.REJECTED_BY_MODEL)
         if latency is None or r.size_bytes is None or not (r.state == "COMPLETE" or pre_checked):
             continue
         misses = [

@@ -19,9 +19,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from autocompress import space
+from autocompress import space, trial_attrs
 from autocompress import study as study_mod
-from autocompress import trial_attrs as keys
 from autocompress.config import config_from_stored
 from autocompress.errors import InputError, StudyError
 from autocompress.pareto import TrialRecord
@@ -100,8 +99,8 @@ def refine_trial(
             params = space.plan_to_params(plan, session.inventory, config)
             marker = f"{trial}:{epochs}:{uuid.uuid4().hex[:12]}"  # finds this refine's trial
             study_mod.enqueue(session.study, params, {
-                keys.PARENT: trial, keys.FINETUNE_STEPS: steps, keys.REFINE_EPOCHS: epochs,
-                keys.REFINE_REQUEST: marker,
+                trial_attrs.PARENT: trial, trial_attrs.FINETUNE_STEPS: steps,
+                trial_attrs.REFINE_EPOCHS: epochs, trial_attrs.REFINE_REQUEST: marker,
             }, first=True)
             if on_note:
                 on_note(f"refining trial {trial} ({parent.plan_summary}): {epochs} epoch(s) = "
@@ -110,7 +109,7 @@ def refine_trial(
             session.runner.ctx.on_step = on_step
             session.study.optimize(session.runner, n_trials=1, catch=(Exception,))
         records = study_mod.records(session.study)
-    mine = [r for r in records if r.attrs.get(keys.REFINE_REQUEST) == marker]
+    mine = [r for r in records if r.attrs.get(trial_attrs.REFINE_REQUEST) == marker]
     if not mine:
         raise RefineError(f"the refine of trial {trial} was queued but another worker took it "
                           "up; see `autocompress show --all`")
@@ -159,8 +158,8 @@ def refine_and_export(
 def refine_json(record: TrialRecord) -> dict[str, object]:
     return {
         "trial": record.number,
-        "parent_trial": record.attrs.get(keys.PARENT),
-        "epochs": record.attrs.get(keys.REFINE_EPOCHS),
+        "parent_trial": record.attrs.get(trial_attrs.PARENT),
+        "epochs": record.attrs.get(trial_attrs.REFINE_EPOCHS),
         "finetune_steps": record.plan.get("finetune_steps"),
         "accuracy": record.accuracy,
         "test_accuracy": record.test_accuracy,

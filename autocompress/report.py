@@ -11,7 +11,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from autocompress import trial_attrs as keys
+from autocompress import trial_attrs
 from autocompress.config import Budget, default_storage_url, format_bytes
 from autocompress.pareto import TrialRecord
 
@@ -76,7 +76,7 @@ class SearchProgress(_Bar):
             outcome = "rejected"
         elif last.baseline:
             outcome = f"baseline {last.baseline}"
-        elif last.attrs.get(keys.PARENT) is not None:
+        elif last.attrs.get(trial_attrs.PARENT) is not None:
             outcome = f"retrain of #{last.attrs['parent_trial']} {outcome}"
         status = f"feasible {progress.feasible} | best acc in budget {best} | last: {outcome}"
         if self.enabled and not _err.is_terminal:
@@ -101,7 +101,7 @@ def record_json(record: TrialRecord, fp32: TrialRecord | None = None) -> dict[st
         "trial": record.number,
         "state": record.state,
         "baseline": record.baseline,
-        "warm_start": record.attrs.get(keys.WARM_START),
+        "warm_start": record.attrs.get(trial_attrs.WARM_START),
         "feasible": record.feasible,
         "accuracy": record.accuracy,
         "test_accuracy": record.test_accuracy,
@@ -155,8 +155,8 @@ def print_front(
     for r in shown:
         if r.accuracy is None or r.size_bytes is None:
             table.add_row(str(r.number), "-", "-", "-", "-", "-", "-", "-",
-                          escape(r.fail_reason or r.rejected or r.attrs.get(keys.EARLY_STOPPED)
-                                 or r.state.lower()))
+                          escape(r.fail_reason or r.rejected
+                                 or r.attrs.get(trial_attrs.EARLY_STOPPED) or r.state.lower()))
             continue
         delta = "" if fp32 is None or fp32.accuracy is None else (
             f"{100 * (r.accuracy - fp32.accuracy):+.2f} pt")
@@ -167,12 +167,12 @@ def print_front(
         label = r.plan_summary
         if r.baseline:
             label = f"[baseline {r.baseline}] {label}"
-        elif r.attrs.get(keys.WARM_START):
+        elif r.attrs.get(trial_attrs.WARM_START):
             label = f"[warm start {r.attrs['warm_start']}] {label}"
-        elif r.attrs.get(keys.GUIDED):
+        elif r.attrs.get(trial_attrs.GUIDED):
             label = f"[{r.attrs['guided']}] {label}"
-        if r.attrs.get(keys.PARENT) is not None:
-            what = ("refined" if r.attrs.get(keys.REFINE_EPOCHS) else "promoted")
+        if r.attrs.get(trial_attrs.PARENT) is not None:
+            what = ("refined" if r.attrs.get(trial_attrs.REFINE_EPOCHS) else "promoted")
             label = (f"[{what} #{r.attrs['parent_trial']}, "
                      f"{r.plan.get('finetune_steps')} steps] {label}")
         if r.rejected:

@@ -24,9 +24,9 @@ from autocompress import (
     guided,
     measure,
     space,
+    trial_attrs,
 )
 from autocompress import study as study_mod
-from autocompress import trial_attrs as keys
 from autocompress.config import Budget, SearchConfig
 from autocompress.errors import BudgetError, one_line
 from autocompress.objective import (
@@ -136,13 +136,13 @@ def _run_search(
         config = use_learning_rate(session, on_start)
         ctx = runner.ctx
         recorded = study_mod.records(study)
-        if not any(r.attrs.get(keys.WARM_START) for r in recorded):  # once per study: the
+        if not any(r.attrs.get(trial_attrs.WARM_START) for r in recorded):  # once per study: the
             # budget-aware ones cost a few pre-checks each to find their pruning ratio
             warm = plan_warm_starts(runner, inventory, config, budgets, recorded)
             for note in warm.notes:
                 _say(note, on_start)
-            study_mod.enqueue_once(study, warm.named, keys.WARM_START)
-        if config.guided and not any(r.attrs.get(keys.GUIDED) for r in recorded):
+            study_mod.enqueue_once(study, warm.named, trial_attrs.WARM_START)
+        if config.guided and not any(r.attrs.get(trial_attrs.GUIDED) for r in recorded):
             _enqueue_guided(study, runner, inventory, config, budgets, on_start)
         counter.searching = True
         study.optimize(runner, n_trials=counter.hard_cap(), callbacks=[callback],
@@ -319,7 +319,7 @@ def _enqueue_guided(
              f"{g.predicted_size_bytes / 1000:.1f} KB{lat}, damage {g.predicted_damage:.3g}",
              on_start)
     named = [(g.name, space.plan_to_params(g.plan, inventory, config)) for g in plans]
-    study_mod.enqueue_once(study, named, keys.GUIDED)
+    study_mod.enqueue_once(study, named, trial_attrs.GUIDED)
 
 
 def _fit_latency_model(runner: TrialRunner, inventory: Any, config: SearchConfig) -> None:
@@ -377,8 +377,8 @@ def _promote(
     """Retrain the front's most valuable plans longer (see ``promotion``), as linked trials."""
     recs = study_mod.records(study)
     mine = [r for r in recs if r.measured and r.baseline is None
-            and r.attrs.get(keys.PARENT) is None]
-    seconds = [sum(r.json_attr("timing").values()) for r in mine if r.attrs.get(keys.TIMING)]
+            and r.attrs.get(trial_attrs.PARENT) is None]
+    seconds = [sum(r.json_attr("timing").values()) for r in mine if r.attrs.get(trial_attrs.TIMING)]
     mean_s = sum(seconds) / len(seconds) if seconds else None
     effort = counter.promotion_effort(mean_s)
     reference_size = 1.1 * measure.file_size(runner.ctx.fp32_onnx)
@@ -390,8 +390,9 @@ def _promote(
             parent = by_number[p.parent]
             plan = CompressionPlan.from_dict(parent.plan)
             params = space.plan_to_params(plan, runner.ctx.inventory, config)
-            study_mod.enqueue(study, params, {keys.PARENT: p.parent, keys.FINETUNE_STEPS: p.steps,
-                                              keys.PROMOTION_RUNG: p.rung}, first=True)
+            study_mod.enqueue(study, params, {trial_attrs.PARENT: p.parent,
+                                              trial_attrs.FINETUNE_STEPS: p.steps,
+                                              trial_attrs.PROMOTION_RUNG: p.rung}, first=True)
     if not chosen:
         return
     _say(f"promoting {len(chosen)} plan(s) to longer fine-tunes: "

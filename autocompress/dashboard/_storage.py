@@ -23,7 +23,7 @@ from optuna.artifacts import FileSystemArtifactStore
 from optuna.artifacts.exceptions import ArtifactNotFound
 from optuna.trial import FrozenTrial
 
-from autocompress import trial_attrs as keys
+from autocompress import trial_attrs
 from autocompress.dashboard import _analysis as an
 from autocompress.errors import StudyError, one_line
 from autocompress.pareto import nondominated
@@ -288,21 +288,22 @@ class StudyReader:
         if t.values is not None:
             for i, key in enumerate(keys):
                 # Rejected trials carry a floor accuracy as objective value, never a measurement.
-                if row.get(key) is None and not (key == "accuracy" and a.get(keys.REJECTED)):
+                if row.get(key) is None and not (key == "accuracy" and a.get(trial_attrs.REJECTED)):
                     row[key] = an.number_or_none(t.values[i]) if i < len(t.values) else None
         row["values"] = list(t.values) if t.values is not None else None
         row["feasible"] = an.is_feasible(state, a, t.constraints)
-        row["baseline"] = a.get(keys.BASELINE)
-        row["warm_start"] = a.get(keys.WARM_START)
-        row["guided"] = a.get(keys.GUIDED)
-        parent = a.get(keys.PARENT)
+        row["baseline"] = a.get(trial_attrs.BASELINE)
+        row["warm_start"] = a.get(trial_attrs.WARM_START)
+        row["guided"] = a.get(trial_attrs.GUIDED)
+        parent = a.get(trial_attrs.PARENT)
         row["parent_trial"] = int(parent) if parent is not None else None
-        row["plan_summary"] = a.get(keys.PLAN_SUMMARY)
-        row["rejected"] = a.get(keys.REJECTED)
-        row["fail_reason"] = a.get(keys.FAIL_REASON)
-        row["early_stopped"] = a.get(keys.EARLY_STOPPED)
-        row["reason"] = a.get(keys.REJECTED) or a.get(keys.FAIL_REASON) or a.get(keys.EARLY_STOPPED)
-        row["has_artifact"] = bool(a.get(keys.ARTIFACT_ID))
+        row["plan_summary"] = a.get(trial_attrs.PLAN_SUMMARY)
+        row["rejected"] = a.get(trial_attrs.REJECTED)
+        row["fail_reason"] = a.get(trial_attrs.FAIL_REASON)
+        row["early_stopped"] = a.get(trial_attrs.EARLY_STOPPED)
+        row["reason"] = (a.get(trial_attrs.REJECTED) or a.get(trial_attrs.FAIL_REASON)
+                         or a.get(trial_attrs.EARLY_STOPPED))
+        row["has_artifact"] = bool(a.get(trial_attrs.ARTIFACT_ID))
         row["datetime_start"] = _iso(t.datetime_start)
         row["datetime_complete"] = _iso(t.datetime_complete)
         row["duration_s"] = (
@@ -337,20 +338,20 @@ class StudyReader:
         fp32_no = summary["baselines"].get("fp32")
         fp32 = next((t for t in summary["trials"] if t["number"] == fp32_no), None)
         a = frozen.user_attrs
-        plan = an.maybe_json(a.get(keys.PLAN))
+        plan = an.maybe_json(a.get(trial_attrs.PLAN))
         plan = plan if isinstance(plan, dict) else None
         inventory = an.maybe_json(study.user_attrs.get("inventory"))
         inventory = inventory if isinstance(inventory, dict) else None
-        constraints = an.maybe_json(a.get(keys.CONSTRAINTS))
+        constraints = an.maybe_json(a.get(trial_attrs.CONSTRAINTS))
         numbers = [t["number"] for t in summary["trials"]]
         idx = numbers.index(number)
         reason = None
-        if a.get(keys.REJECTED):
-            reason = {"kind": "rejected", "text": a[keys.REJECTED]}
-        elif a.get(keys.FAIL_REASON):
-            reason = {"kind": "failed", "text": a[keys.FAIL_REASON]}
-        elif a.get(keys.EARLY_STOPPED):
-            reason = {"kind": "early-stopped", "text": a[keys.EARLY_STOPPED]}
+        if a.get(trial_attrs.REJECTED):
+            reason = {"kind": "rejected", "text": a[trial_attrs.REJECTED]}
+        elif a.get(trial_attrs.FAIL_REASON):
+            reason = {"kind": "failed", "text": a[trial_attrs.FAIL_REASON]}
+        elif a.get(trial_attrs.EARLY_STOPPED):
+            reason = {"kind": "early-stopped", "text": a[trial_attrs.EARLY_STOPPED]}
         shown = {"plan", "timing", "runtime", "constraints", *_METRIC_ATTRS}
         return {
             "study": name,
@@ -360,11 +361,11 @@ class StudyReader:
             "fp32": fp32,
             "comparison": an.compare_to_fp32(row, fp32),
             "plan": plan,
-            "plan_summary": a.get(keys.PLAN_SUMMARY),
+            "plan_summary": a.get(trial_attrs.PLAN_SUMMARY),
             "layers": an.plan_layers(plan, inventory),
             "has_inventory": inventory is not None,
-            "timing": an.timing_rows(a.get(keys.TIMING)),
-            "runtime": an.maybe_json(a.get(keys.RUNTIME)),
+            "timing": an.timing_rows(a.get(trial_attrs.TIMING)),
+            "runtime": an.maybe_json(a.get(trial_attrs.RUNTIME)),
             "constraints": constraints if isinstance(constraints, dict) else frozen.constraints,
             "budgets": summary["budgets"],
             "reason": reason,
@@ -417,7 +418,7 @@ class StudyReader:
         return str(default_artifacts_dir(self.storage_url, name))
 
     def _artifact_info(self, name: str, t: FrozenTrial) -> dict[str, Any] | None:
-        artifact_id = t.user_attrs.get(keys.ARTIFACT_ID)
+        artifact_id = t.user_attrs.get(trial_attrs.ARTIFACT_ID)
         if not isinstance(artifact_id, str) or not artifact_id:
             return None
         meta = an.maybe_json(t.system_attrs.get(f"artifacts:{artifact_id}"))
@@ -427,7 +428,7 @@ class StudyReader:
             "id": artifact_id,
             "filename": filename,
             "mimetype": meta.get("mimetype") or "application/octet-stream",
-            "sha256": t.user_attrs.get(keys.ARTIFACT_SHA256),
+            "sha256": t.user_attrs.get(trial_attrs.ARTIFACT_SHA256),
             "url": f"/api/artifact/{quote(name, safe='')}/{t.number}",
         }
 

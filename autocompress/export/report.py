@@ -8,8 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from autocompress import __version__
-from autocompress import trial_attrs as keys
+from autocompress import __version__, trial_attrs
 from autocompress.config import Budget, format_bytes
 from autocompress.export._results import REPORT_FORMAT_VERSION, Choice, _speed_text
 from autocompress.export.program import _Context
@@ -44,15 +43,15 @@ def _metrics(record: TrialRecord | None, fp32: TrialRecord | None) -> dict[str, 
         "baseline": record.baseline,
         "plan_summary": record.plan_summary,
         "size_bytes": record.size_bytes,
-        "zip_size_bytes": a.get(keys.ZIP_SIZE),
+        "zip_size_bytes": a.get(trial_attrs.ZIP_SIZE),
         "times_smaller": _ratio(fp32.size_bytes, record.size_bytes) if fp32 else None,
         "latency_ms": record.latency_ms,
         "latency_spread_ms": record.latency_spread_ms,
-        "latency_p10_ms": a.get(keys.LATENCY_P10),
-        "latency_p90_ms": a.get(keys.LATENCY_P90),
+        "latency_p10_ms": a.get(trial_attrs.LATENCY_P10),
+        "latency_p90_ms": a.get(trial_attrs.LATENCY_P90),
         "latency_vs_fp32": record.latency_vs_fp32,
         "times_faster": _ratio(1.0, record.latency_vs_fp32),
-        "fp32_latency_ms": a.get(keys.FP32_LATENCY),
+        "fp32_latency_ms": a.get(trial_attrs.FP32_LATENCY),
         "runtime": _runtime_of(record),
         "accuracy_val": record.accuracy,
         "accuracy_test": record.test_accuracy,
@@ -158,7 +157,7 @@ def _report(
             "latency": "median and IQR (spread) of ONNX Runtime runs, interleaved with fp32",
             "times_smaller": "fp32 file bytes / exported file bytes",
         },
-        "torch_kind": record.attrs.get(keys.TORCH_KIND),
+        "torch_kind": record.attrs.get(trial_attrs.TORCH_KIND),
         "notes": _notes(record, choice),
         "program_max_abs_diff": program_diff,
         "layers": layer_table(ctx.inventory, after, plan, record.json_attr("weight_types")),

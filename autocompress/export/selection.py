@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from autocompress import study as study_mod
-from autocompress import trial_attrs as keys
+from autocompress import trial_attrs
 from autocompress.config import Budget, parse_budget
 from autocompress.export._results import Choice, ExportError
 from autocompress.pareto import (
@@ -94,7 +94,8 @@ def _exportable(records: Sequence[TrialRecord], number: int, study_name: str) ->
             "`autocompress show --all` lists them"
         )
     if record.state != "COMPLETE":
-        why = record.fail_reason or record.rejected or record.attrs.get(keys.EARLY_STOPPED) or ""
+        why = (record.fail_reason or record.rejected
+               or record.attrs.get(trial_attrs.EARLY_STOPPED) or "")
         raise ExportError(
             f"trial {number} did not complete (state {record.state}"
             f"{': ' + why if why else ''}); export a completed trial from `autocompress show`"

@@ -7,8 +7,7 @@ from typing import Any
 
 import torch
 
-from autocompress import intake, runtime
-from autocompress import trial_attrs as keys
+from autocompress import intake, runtime, trial_attrs
 from autocompress.export._results import (
     ACCURACY_TOLERANCE,
     AGREEMENT_FLOOR,
@@ -67,7 +66,7 @@ def _verify(
         )
 
     return {
-        "sha256": record.attrs.get(keys.ARTIFACT_SHA256),
+        "sha256": record.attrs.get(trial_attrs.ARTIFACT_SHA256),
         "sha256_matches": True,
         "test_accuracy": accuracy,
         "recorded_test_accuracy": recorded,

@@ -9,31 +9,31 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from autocompress import trial_attrs as keys
+from autocompress import trial_attrs
 from autocompress.pareto import TrialRecord
 
 
 def to_record(trial: FrozenTrial) -> TrialRecord:
     a = trial.user_attrs
-    plan = a.get(keys.PLAN)
+    plan = a.get(trial_attrs.PLAN)
     return TrialRecord(
         number=trial.number,
         state=trial.state.name,
-        accuracy=a.get(keys.ACCURACY),
-        test_accuracy=a.get(keys.TEST_ACCURACY),
-        size_bytes=a.get(keys.SIZE),
-        latency_ms=a.get(keys.LATENCY),
-        latency_spread_ms=a.get(keys.LATENCY_SPREAD),
-        latency_vs_fp32=a.get(keys.LATENCY_VS_FP32),
-        latency_estimate_ms=a.get(keys.LATENCY_ESTIMATE),
-        flops=a.get(keys.FLOPS),
-        params=a.get(keys.PARAMS),
-        feasible=bool(a.get(keys.FEASIBLE, False)) and trial.state == TrialState.COMPLETE,
-        baseline=a.get(keys.BASELINE),
+        accuracy=a.get(trial_attrs.ACCURACY),
+        test_accuracy=a.get(trial_attrs.TEST_ACCURACY),
+        size_bytes=a.get(trial_attrs.SIZE),
+        latency_ms=a.get(trial_attrs.LATENCY),
+        latency_spread_ms=a.get(trial_attrs.LATENCY_SPREAD),
+        latency_vs_fp32=a.get(trial_attrs.LATENCY_VS_FP32),
+        latency_estimate_ms=a.get(trial_attrs.LATENCY_ESTIMATE),
+        flops=a.get(trial_attrs.FLOPS),
+        params=a.get(trial_attrs.PARAMS),
+        feasible=bool(a.get(trial_attrs.FEASIBLE, False)) and trial.state == TrialState.COMPLETE,
+        baseline=a.get(trial_attrs.BASELINE),
         plan=json.loads(plan) if isinstance(plan, str) else (plan or {}),
-        plan_summary=a.get(keys.PLAN_SUMMARY, ""),
-        rejected=a.get(keys.REJECTED),
-        fail_reason=a.get(keys.FAIL_REASON),
+        plan_summary=a.get(trial_attrs.PLAN_SUMMARY, ""),
+        rejected=a.get(trial_attrs.REJECTED),
+        fail_reason=a.get(trial_attrs.FAIL_REASON),
         attrs=dict(a),
     )
 

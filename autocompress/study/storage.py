@@ -26,7 +26,7 @@ from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy import exc as sa_exc
 
-from autocompress import trial_attrs as keys
+from autocompress import trial_attrs
 from autocompress.errors import StudyError, one_line
 
 log = logging.getLogger("autocompress")
@@ -268,8 +268,9 @@ class _RetryStaleTrial(RetryHeartbeatStaleTrialCallback):
     that say what the trial is (baseline, warm start, guided plan, a retrain's parent and
     step count) and no measurement or artifact metadata, so every figure it shows is its own."""
 
-    _KEEP_USER_ATTRS = (keys.BASELINE, keys.WARM_START, keys.GUIDED, keys.PARENT,
-                        keys.FINETUNE_STEPS, keys.PROMOTION_RUNG, keys.REFINE_EPOCHS)
+    _KEEP_USER_ATTRS = (trial_attrs.BASELINE, trial_attrs.WARM_START, trial_attrs.GUIDED,
+                        trial_attrs.PARENT, trial_attrs.FINETUNE_STEPS,
+                        trial_attrs.PROMOTION_RUNG, trial_attrs.REFINE_EPOCHS)
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
         history = trial.system_attrs.get("retry_history", [])

@@ -19,7 +19,7 @@ from optuna.storages import RDBStorage
 from optuna.trial import TrialState
 from sqlalchemy import exc as sa_exc
 
-from autocompress import trial_attrs as keys
+from autocompress import trial_attrs
 from autocompress.config import SearchConfig
 from autocompress.errors import StudyError, one_line
 from autocompress.study.storage import (
@@ -316,7 +316,7 @@ def enqueue_baselines(study: optuna.Study, baselines: Sequence[tuple[str, dict[s
     worker that queued k baselines should run k extra trials: the study then holds the
     baselines plus N search trials per worker, whoever ran what.
     """
-    return enqueue_once(study, baselines, keys.BASELINE)
+    return enqueue_once(study, baselines, trial_attrs.BASELINE)
 
 
 def enqueue_once(
