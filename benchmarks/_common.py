@@ -372,3 +372,37 @@ def progress_printer(loads: LoadSampler) -> Callable[[Any], None]:
         )
 
     return show
+
+
+# -- the shared ResNet-20 / CIFAR-10 task ---------------------------------------------------
+
+TEACHER = REPO.parent / "shared" / "models" / "resnet20-cifar10.pt"
+MODEL_SPEC = "autocompress.zoo:resnet20"
+
+
+def resnet20_task(demo: bool, say: Callable[[str], None]) -> tuple[Any, Any, Any]:
+    """(model spec, weights, data spec) of the shared ResNet-20 teacher on CIFAR-10 (unpacked
+    when needed), or the built-in digits demo's (None, None, None) for smoke runs."""
+    if demo:
+        return None, None, None
+    sys.path.insert(0, str(Path(__file__).parent))
+    from cifar10 import data as cdata
+
+    say(f"data: {cdata.ensure_cifar()}")
+    return MODEL_SPEC, str(TEACHER), f"imagefolder:{cdata.root()}"
+
+
+def start_benchmark(name: str, torch_threads: int | None,
+                    say: Callable[[str], None]) -> tuple[int, LoadSampler, dict[str, Any]]:
+    """Quiet library warnings, choose torch threads, start the load sampler and say the
+    machine's state: (threads, sampler, state)."""
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", module="optuna")
+    threads = choose_torch_threads(torch_threads)
+    loads = LoadSampler()
+    loads.mark("start")
+    state = machine_state(ort_threads=1, torch_threads=threads)
+    say(f"{name} benchmark: {state_line(state)}")
+    return threads, loads, state

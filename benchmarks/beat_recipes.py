@@ -24,26 +24,22 @@ import json
 import math
 import sys
 import time
-import warnings
-from pathlib import Path
 from typing import Any
 
 from _common import (
     REPO,
     RESULTS,
-    LoadSampler,
-    choose_torch_threads,
     fmt_bytes,
     machine_state,
     md_table,
     progress_printer,
+    resnet20_task,
+    start_benchmark,
     state_line,
     write_json,
     write_text,
 )
 
-TEACHER = REPO.parent / "shared" / "models" / "resnet20-cifar10.pt"
-MODEL_SPEC = "autocompress.zoo:resnet20"
 STUDIES = REPO / "benchmarks" / "cache" / "beat_recipes"  # gitignored
 SIZE_TARGET = 8.0
 SPEED_TARGET = 1.5
@@ -145,10 +141,6 @@ def main() -> int:
     parser.add_argument("--resume", action="store_true", help="reuse the last run's study and "
                         "recipe rows; refine only the picks that have no refine yet")
     args = parser.parse_args()
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", module="optuna")
-    sys.path.insert(0, str(Path(__file__).parent))
-
     from autocompress.config import SearchConfig
     from autocompress.pareto import most_trained
     from autocompress.refine import refine_trial, steps_for
@@ -156,17 +148,8 @@ def main() -> int:
     from autocompress.study import load_existing_study, records
 
     stem = args.stem or ("beat_recipes_demo" if args.demo else "beat_recipes")
-    torch_threads = choose_torch_threads(args.torch_threads)
-    loads = LoadSampler()
-    loads.mark("start")
-    state = machine_state(ort_threads=1, torch_threads=torch_threads)
-    log(f"beat-recipes benchmark: {state_line(state)}")
-    if args.demo:
-        model, weights, spec = None, None, None
-    else:
-        from cifar10 import data as cdata
-        log(f"data: {cdata.ensure_cifar()}")
-        model, weights, spec = MODEL_SPEC, str(TEACHER), f"imagefolder:{cdata.root()}"
+    torch_threads, loads, state = start_benchmark("beat-recipes", args.torch_threads, log)
+    model, weights, spec = resnet20_task(args.demo, log)
 
     STUDIES.mkdir(parents=True, exist_ok=True)
     name = f"{stem}-s{args.seed}"

@@ -22,25 +22,22 @@ import argparse
 import statistics
 import sys
 import time
-import warnings
-from pathlib import Path
 from typing import Any
 
 from _common import (
     REPO,
     RESULTS,
     LoadSampler,
-    choose_torch_threads,
     machine_state,
     md_table,
     progress_printer,
+    resnet20_task,
+    start_benchmark,
     state_line,
     write_json,
     write_text,
 )
 
-TEACHER = REPO.parent / "shared" / "models" / "resnet20-cifar10.pt"
-MODEL_SPEC = "autocompress.zoo:resnet20"
 STUDIES = REPO / "benchmarks" / "cache" / "hv_vs_random"  # gitignored
 CHANCE = 0.1
 ARMS: dict[str, dict[str, Any]] = {
@@ -95,21 +92,9 @@ def main() -> int:
     parser.add_argument("--demo", action="store_true", help="digits demo instead of CIFAR-10")
     parser.add_argument("--stem", default=None)
     args = parser.parse_args()
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", module="optuna")
-    sys.path.insert(0, str(Path(__file__).parent))
     stem = args.stem or ("hv_vs_random_demo" if args.demo else "hv_vs_random")
-    torch_threads = choose_torch_threads(args.torch_threads)
-    loads = LoadSampler()
-    loads.mark("start")
-    state = machine_state(ort_threads=1, torch_threads=torch_threads)
-    log(f"hv-vs-random benchmark: {state_line(state)}")
-    if args.demo:
-        spec: tuple[Any, ...] = (None, None, None)
-    else:
-        from cifar10 import data as cdata
-        log(f"data: {cdata.ensure_cifar()}")
-        spec = (MODEL_SPEC, str(TEACHER), f"imagefolder:{cdata.root()}")
+    torch_threads, loads, state = start_benchmark("hv-vs-random", args.torch_threads, log)
+    spec = resnet20_task(args.demo, log)
     runs = []
     for seed in args.seeds:
         for arm in ARMS:
