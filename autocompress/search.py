@@ -337,8 +337,12 @@ def _fit_latency_model(runner: TrialRunner, inventory: Any, config: SearchConfig
                 return
             plan = space.uniform_plan(inventory, config, bits=bits, ratio=ratio,
                                       activation_bits=acts)
-            student = build_student(runner.ctx.task, plan, config.round_to)
-            runner.precheck(student, plan, None, runner.ctx.workdir / "latency-probes")
+            try:
+                student = build_student(runner.ctx.task, plan, config.round_to)
+                runner.precheck(student, plan, None, runner.ctx.workdir / "latency-probes")
+            except Exception as exc:  # a structure that cannot be timed: plan without it
+                log.warning("latency probe %s skipped: %s", plan.summary(),
+                            one_line(exc, typed=True))
 
 
 def _resolve_sensitivity(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from autocompress.config import Budget, SearchConfig
 from autocompress.guided import _Problem, _Targets, propose, solve
 from autocompress.inventory import Inventory, LayerInfo, PruneGroup
@@ -93,3 +95,27 @@ def test_propose_ladder_meets_targets_and_names_plans() -> None:
                     budgets=[budget], reference_ms=None, limit=2)
     assert [p.name for p in plans] == ["guided-budget", "guided-8x"]
     assert all(p.predicted_size_bytes <= budget.value for p in plans)
+
+
+def test_latency_probes_skip_a_structure_that_cannot_be_timed(demo_task: object,
+                                                              tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from autocompress.inventory import build_inventory
+    from autocompress.latency_model import LatencyModel
+    from autocompress.search import _fit_latency_model
+
+    task = demo_task
+    inventory = build_inventory(task.model, task.data.example_input(1))  # type: ignore[attr-defined]
+    timed: list[str] = []
+
+    class Runner:
+        ctx = SimpleNamespace(latency_model=LatencyModel(), task=task, workdir=tmp_path)
+
+        def precheck(self, student: object, plan: object, baseline: object, out: object) -> None:
+            if 4 in plan.bits.values():  # type: ignore[attr-defined]
+                raise RuntimeError("no kernel")
+            timed.append(plan.summary())  # type: ignore[attr-defined]
+
+    _fit_latency_model(Runner(), inventory, SearchConfig(prune_max=0.5))  # type: ignore[arg-type]
+    assert len(timed) == 6  # 32 and 8 bits x 0/25/50% pruning; the int4 ones were skipped
