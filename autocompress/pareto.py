@@ -74,13 +74,19 @@ def parent_of(record: TrialRecord) -> int | None:
     return None if parent is None else int(parent)
 
 
+def superseded(retrains: Iterable[tuple[int | None, bool]]) -> set[int]:
+    """The trials a retrain of the same plan supersedes, from (parent trial, the retrain was
+    measured within budget) pairs: each plan counts once, at its longest fine-tune, and a
+    retrain that missed a budget on its own measurement leaves its parent in place. The one
+    rule for the front here and on the dashboard (which works on plain rows)."""
+    return {parent for parent, within in retrains if parent is not None and within}
+
+
 def most_trained(records: Iterable[TrialRecord]) -> list[TrialRecord]:
-    """The records minus those a measured, feasible retrain of the same plan supersedes (so
-    each plan counts once, at its longest fine-tune; a retrain that missed a budget on its
-    own measurement leaves its parent in place)."""
+    """The records minus those a measured, feasible retrain of the same plan supersedes."""
     pool = list(records)
-    superseded = {parent_of(r) for r in pool if r.measured and r.feasible}
-    return [r for r in pool if r.number not in superseded]
+    gone = superseded((parent_of(r), r.measured and r.feasible) for r in pool)
+    return [r for r in pool if r.number not in gone]
 
 
 def _dominates(a: Sequence[float], b: Sequence[float], signs: Sequence[int]) -> bool:

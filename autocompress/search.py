@@ -331,6 +331,8 @@ def _fit_latency_model(runner: TrialRunner, inventory: Any, config: SearchConfig
     model = runner.ctx.latency_model
     ratios = sorted({0.0, *(r for r in (0.25, 0.5) if r <= space.prune_high(config))})
     for bits in sorted(set(config.bits), reverse=True):
+        # uint8 activations where allowed, int4 included: weight-only structures time like
+        # float ones, so only these teach the model what integer kernels cost here
         acts = 8 if bits < 32 and 8 in config.activation_bits else config.activation_bits[0]
         for ratio in ratios:
             if model.ready and len(model.observations) >= guided.LATENCY_PROBES:
@@ -379,17 +381,15 @@ def _promote(
     on_start: Callable[[str], None] | None,
 ) -> None:
     """Retrain the front's most valuable plans longer (see ``promotion``), as linked trials."""
-    recs = study_mod.records(study)
-    mine = [r for r in recs if r.measured and r.baseline is None
-            and r.attrs.get(trial_attrs.PARENT) is None]
-    seconds = [sum(r.json_attr("timing").values()) for r in mine if r.attrs.get(trial_attrs.TIMING)]
-    mean_s = sum(seconds) / len(seconds) if seconds else None
-    effort = counter.promotion_effort(mean_s)
     reference_size = 1.1 * measure.file_size(runner.ctx.fp32_onnx)
     with study_mod.study_lock(study):  # two workers never promote the same plan
-        fresh = study_mod.records(study)  # other workers may have finished trials since
-        chosen = plan_promotions(fresh, config, effort=effort, reference_size=reference_size)
-        by_number = {r.number: r for r in fresh}
+        recs = study_mod.records(study)
+        seconds = [sum(r.json_attr(trial_attrs.TIMING).values()) for r in recs
+                   if r.measured and r.baseline is None and r.attrs.get(trial_attrs.TIMING)
+                   and r.attrs.get(trial_attrs.PARENT) is None]
+        effort = counter.promotion_effort(sum(seconds) / len(seconds) if seconds else None)
+        chosen = plan_promotions(recs, config, effort=effort, reference_size=reference_size)
+        by_number = {r.number: r for r in recs}
         for p in chosen:
             parent = by_number[p.parent]
             plan = CompressionPlan.from_dict(parent.plan)

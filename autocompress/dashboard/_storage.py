@@ -26,7 +26,7 @@ from optuna.trial import FrozenTrial
 from autocompress import trial_attrs
 from autocompress.dashboard import _analysis as an
 from autocompress.errors import StudyError, one_line
-from autocompress.pareto import nondominated
+from autocompress.pareto import nondominated, superseded
 from autocompress.study import default_artifacts_dir, masked_url
 
 _T = TypeVar("_T")
@@ -210,13 +210,11 @@ class StudyReader:
         counts["infeasible"] = sum(t["feasible"] is False for t in trials)
         counts["failed"] = counts.pop("fail")
 
-        # Each plan counts once on the front, at its most-trained trial: a promotion or a
-        # refine that measured within budget supersedes the trial it retrained.
-        superseded = {t["parent_trial"] for t in trials
-                      if t["feasible"] and t["parent_trial"] is not None}
-        feasible = [t for t in trials if t["feasible"] and t["number"] not in superseded]
+        # Each plan counts once on the front, at its most-trained trial (pareto's rule).
+        gone = superseded((t["parent_trial"], bool(t["feasible"])) for t in trials)
+        feasible = [t for t in trials if t["feasible"] and t["number"] not in gone]
         for t in trials:
-            t["superseded"] = t["number"] in superseded
+            t["superseded"] = t["number"] in gone
         full = {
             t["number"]: [t[k] for k in keys]
             for t in feasible
