@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from autocompress import space
 from autocompress.config import Budget, SearchConfig
 from autocompress.inventory import Inventory
+from autocompress.latency_model import LayerCost, cost_features, is_weight_layer, output_elements
 from autocompress.plan import CompressionPlan
 from autocompress.sensitivity import Sensitivity
 
@@ -63,7 +64,8 @@ class _Problem:
     """The units (layers with widths, groups with ratios) and the size/latency/damage model."""
 
     def __init__(self, sens: Sensitivity, config: SearchConfig, fp32_bytes: float,
-                 activation_bits: int, predict: LatencyPredictor | None) -> None:
+                 activation_bits: int, predict: LatencyPredictor | None,
+                 inventory: Inventory) -> None:
         self.sens = sens
         self.acts = activation_bits
         self.predict = predict
@@ -81,6 +83,16 @@ class _Problem:
         weight_bytes = sum(4.0 * sens.layers[n]["params"] for n in self.layers)
         self.overhead = max(fp32_bytes - weight_bytes, 0.0)
         self.total_macs = float(sum(sens.layers[n]["macs"] for n in self.layers)) or 1.0
+        # What the latency model counts: every convolution and linear layer in graph order
+        # (name, MACs, output elements), and the groups whose output channels each loses.
+        self.weight_layers = [(info.name, float(info.flops), output_elements(info))
+                              for info in inventory.layers
+                              if is_weight_layer(info.type) and info.flops]
+        self.output_groups: dict[str, list[str]] = {}
+        for group in inventory.groups:
+            if group.name in sens.groups:
+                for member in group.members:
+                    self.output_groups.setdefault(member, []).append(group.name)
 
     def units(self) -> list[tuple[str, str]]:
         return [("layer", n) for n in self.layers] + [("group", g) for g in self.groups]
@@ -90,7 +102,8 @@ class _Problem:
                 else self.group_options[name])
 
     def kept(self, choice: dict[tuple[str, str], float]) -> dict[str, float]:
-        shares = dict.fromkeys(self.layers, 1.0)
+        """Share of each layer's weights kept (quantizable layers and every weight layer)."""
+        shares = dict.fromkeys([*self.layers, *(n for n, _, _ in self.weight_layers)], 1.0)
         for group in self.groups:
             ratio = choice[("group", group)]
             if ratio > 0:
@@ -119,14 +132,25 @@ class _Problem:
     def latency_ratio(self, choice: dict[tuple[str, str], float],
                       kept: dict[str, float] | None = None) -> float:
         kept = self.kept(choice) if kept is None else kept
-        by_width = {32: 0.0, 8: 0.0, 4: 0.0}
-        for n in self.layers:
-            bits = 32 if self.acts >= 32 else int(choice[("layer", n)])
-            by_width[bits] += self.sens.layers[n]["macs"] * kept[n] / self.total_macs
-        features = [1.0, by_width[32], by_width[8], by_width[4]]
+        costs = []
+        for name, macs, outputs in self.weight_layers:
+            bits = 32 if self.acts >= 32 else int(choice.get(("layer", name), 32))
+            # A member of a pruned group loses output channels; its kept weight share under
+            # its own group is its kept output share.
+            out_share = 1.0
+            for group in self.output_groups.get(name, []):
+                ratio = choice[("group", group)]
+                if ratio > 0:
+                    out_share *= float(self.sens.groups[group]["ratios"][f"{ratio:g}"]["kept"]
+                                       .get(name, 1.0))
+            costs.append(LayerCost(macs * kept[name], outputs * out_share, bits))
+        total_macs = sum(m for _, m, _ in self.weight_layers)
+        total_outputs = sum(o for _, _, o in self.weight_layers)
+        features = cost_features(costs, total_macs, total_outputs)
         predicted = self.predict(features) if self.predict is not None else None
         if predicted is not None:
             return predicted
+        by_width = {32: features[1], 8: features[2], 4: features[3]}
         return _PROXY_FIXED + (1 - _PROXY_FIXED) * sum(
             _PROXY_COST[w] * share for w, share in by_width.items())
 
@@ -221,7 +245,8 @@ def propose(
     for name, what, size, ratio in wanted:
         aim = _Targets(None if size is None else size * SIZE_MARGIN,
                        None if ratio is None else ratio * LATENCY_MARGIN)
-        best = _best_over_activations(sens, config, fp32_bytes, predict_latency, aim)
+        best = _best_over_activations(sens, config, fp32_bytes, predict_latency, aim,
+                                      inventory)
         if best is None:
             continue
         problem, choice = best
@@ -246,13 +271,13 @@ def propose(
 
 def _best_over_activations(
     sens: Sensitivity, config: SearchConfig, fp32_bytes: float,
-    predict: LatencyPredictor | None, targets: _Targets,
+    predict: LatencyPredictor | None, targets: _Targets, inventory: Inventory,
 ) -> tuple[_Problem, dict[tuple[str, str], float]] | None:
     """A plan has one activation mode: solve under each the space allows, keep the least
     predicted damage (ties, common since int4 is scored weight-only: the faster plan)."""
     best: tuple[tuple[float, float], _Problem, dict[tuple[str, str], float]] | None = None
     for acts in config.activation_bits:
-        problem = _Problem(sens, config, fp32_bytes, acts, predict)
+        problem = _Problem(sens, config, fp32_bytes, acts, predict, inventory)
         choice = solve(problem, targets)
         if choice is None:
             continue

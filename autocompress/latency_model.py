@@ -8,14 +8,20 @@ can be recorded as rejected without the pre-check. Simple and measured: every pr
 search makes before a pre-check it does run is recorded beside the measured ratio, and the
 model's hit rate is stored on the study.
 
-Features of a structure (all fractions of the teacher's multiply-adds in the inventory's
-convolutions and linear layers): MACs left at 32, 8 and 4 bits (weight-only layers count as
-32: they run in float), plus an intercept for what the inventory does not count (pooling,
-additions, the runtime's fixed cost per call).
+Features of a structure (fractions of the teacher's totals over the inventory's convolutions
+and linear layers, in inventory order): MACs left at 32, 8 and 4 bits (weight-only layers
+count as 32: they run in float); output elements left at 8 and 4 bits (quantizing and
+requantizing an integer layer's activations costs per element, not per MAC); the share of
+neighbouring layers where the graph switches between float and integer (a Quantize or
+Dequantize node each); plus an intercept for what the inventory does not count (pooling,
+additions, the runtime's fixed cost per call). Chosen by measurement
+(benchmarks/latency_model_fit.py): fitted on the 8 probes, the MAC-only model erred by a
+median 9% on uniformly pruned int8/float ResNet-20 structures, this one by 4%.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,40 +38,83 @@ MIN_OBSERVATIONS = 6  # distinct structures before the model may predict
 FAR_OVER = 1.3
 MAX_ERROR = 0.15
 AUDIT_EVERY = 4  # every 4th plan the model would reject is pre-checked anyway, to keep it honest
-_RIDGE = 1e-4
+# Ridge: the width columns are collinear in a study that never mixes widths, and the probes
+# (uniform structures) never switch between float and integer mid-graph.
+_RIDGE = 1e-2
+
+
+FEATURES = ("intercept", "macs_fp32", "macs_int8", "macs_int4", "outputs_int8",
+            "outputs_int4", "float_int_switches")
+
+
+@dataclass(frozen=True)
+class LayerCost:
+    """One convolution or linear layer of a structure, as the latency model sees it."""
+
+    macs: float  # multiply-adds left
+    outputs: float  # output elements left (per image)
+    width: int  # 32 (float, weight-only included), 8 or 4
+
+
+def cost_features(layers: Sequence[LayerCost], total_macs: float,
+                  total_outputs: float) -> list[float]:
+    """The model's features (FEATURES) of a structure's layers, in graph order."""
+    macs = dict.fromkeys(WIDTHS, 0.0)
+    outputs = dict.fromkeys(WIDTHS, 0.0)
+    switches = 0
+    for i, layer in enumerate(layers):
+        width = layer.width if layer.width in macs else 32
+        macs[width] += layer.macs
+        outputs[width] += layer.outputs
+        if i and (width < 32) != (layers[i - 1].width < 32):
+            switches += 1
+    m = total_macs or 1.0
+    o = total_outputs or 1.0
+    return [1.0, macs[32] / m, macs[8] / m, macs[4] / m, outputs[8] / o, outputs[4] / o,
+            switches / max(len(layers), 1)]
 
 
 def structure_features(
     student: nn.Module, plan: CompressionPlan, inventory: Inventory, teacher: nn.Module
 ) -> list[float]:
-    """[1, MACs at 32, 8, 4 bits] of a built student, as fractions of the teacher's MACs."""
+    """FEATURES of a built student."""
     teacher_modules = dict(teacher.named_modules())
     student_modules = dict(student.named_modules())
     # Convolutions and linear layers only: the inventory also lists containers (whose FLOPs
     # are their children's) and BatchNorms (folded away in every exported file).
-    layers = [layer for layer in inventory.layers if _is_weight_layer(layer.type)]
-    total = float(sum(layer.flops for layer in layers)) or 1.0
-    by_width = dict.fromkeys(WIDTHS, 0.0)
+    layers = [layer for layer in inventory.layers if is_weight_layer(layer.type)]
+    costs: list[LayerCost] = []
     for layer in layers:
         weight_t = getattr(teacher_modules.get(layer.name), "weight", None)
         weight_s = getattr(student_modules.get(layer.name), "weight", None)
         if weight_t is None or weight_s is None or not layer.flops:
             continue
-        # Output positions are unchanged by channel pruning: MACs scale with the weights kept.
+        # Output positions are unchanged by channel pruning: MACs scale with the weights
+        # kept, output elements with the output channels kept.
         macs = layer.flops * weight_s.numel() / max(weight_t.numel(), 1)
+        outputs = output_elements(layer) * weight_s.shape[0] / max(weight_t.shape[0], 1)
         # Weight-only layers run in float once ONNX Runtime folds their weights at load.
         bits = 32 if plan.activation_bits >= 32 else plan.bits.get(layer.name, 32)
-        by_width[bits if bits in by_width else 32] += macs
-    return [1.0] + [by_width[w] / total for w in WIDTHS]
+        costs.append(LayerCost(macs, outputs, bits))
+    return cost_features(costs, float(sum(layer.flops for layer in layers)),
+                         float(sum(output_elements(layer) for layer in layers)))
 
 
-def _is_weight_layer(type_name: str) -> bool:
+def output_elements(layer: Any) -> float:
+    """Output elements per image of an inventory layer (its first call, batch dimension
+    dropped)."""
+    shape = layer.output_shape or []
+    return float(np.prod(shape[1:])) if len(shape) > 1 else 0.0
+
+
+def is_weight_layer(type_name: str) -> bool:
+    """A convolution or linear layer (what the latency model counts)."""
     return type_name.startswith(("Conv", "Linear")) and "Transpose" not in type_name
 
 
 @dataclass
 class LatencyModel:
-    """Least-squares fit of the latency ratio to fp32 on structure features."""
+    """Ridge least-squares fit of the latency ratio to fp32 on structure features."""
 
     observations: dict[str, tuple[list[float], float]] = field(default_factory=dict)
     checked: list[tuple[float, float]] = field(default_factory=list)  # (predicted, measured)
@@ -101,8 +150,6 @@ class LatencyModel:
         if self._coef is None:
             x = np.array([f for f, _ in self.observations.values()], dtype=np.float64)
             y = np.array([r for _, r in self.observations.values()], dtype=np.float64)
-            # A touch of ridge: the width columns are collinear in a study that never mixes
-            # widths (e.g. only int8 plans so far).
             gram = x.T @ x + _RIDGE * np.eye(x.shape[1])
             self._coef = np.linalg.solve(gram, x.T @ y)
         return self._coef
@@ -132,8 +179,7 @@ class LatencyModel:
         if budget_ratio is not None and self.checked:
             right = sum((p <= budget_ratio) == (m <= budget_ratio) for p, m in self.checked)
         return {
-            "features": ["intercept", *(f"macs_int{w}" if w < 32 else "macs_fp32"
-                                        for w in WIDTHS)],
+            "features": list(FEATURES),
             "coefficients": None if self._fit() is None else [float(c) for c in self._fit()],
             "observations": len(self.observations),
             "checked": len(self.checked),

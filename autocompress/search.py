@@ -341,7 +341,8 @@ def _fit_latency_model(runner: TrialRunner, inventory: Any, config: SearchConfig
                                       activation_bits=acts)
             try:
                 student = build_student(runner.ctx.task, plan, config.round_to)
-                runner.precheck(student, plan, None, runner.ctx.workdir / "latency-probes")
+                runner.precheck(student, plan, None, runner.ctx.workdir / "latency-probes",
+                                careful=True)
             except Exception as exc:  # a structure that cannot be timed: plan without it
                 log.warning("latency probe %s skipped: %s", plan.summary(),
                             one_line(exc, typed=True))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from autocompress.config import Budget, SearchConfig
 from autocompress.guided import _Problem, _Targets, propose, solve
 from autocompress.inventory import Inventory, LayerInfo, PruneGroup
@@ -40,7 +42,7 @@ FP32 = 4.0 * PARAMS * 3 + 1000  # three layers of float weights + 1 KB of other 
 
 def test_solver_spends_damage_where_it_is_cheapest() -> None:
     sens = _table({"a": 0.01, "b": 1.0, "c": 0.02})
-    problem = _Problem(sens, SearchConfig(), FP32, 32, None)
+    problem = _Problem(sens, SearchConfig(), FP32, 32, None, _inventory(["a", "b", "c"]))
     # two of three layers at int4 and one at int8 fit; the fragile "b" is the one kept wide
     target = 1000 + PARAMS * (0.5 + 0.5 + 1.0)
     choice = solve(problem, _Targets(target, None))
@@ -53,13 +55,13 @@ def test_solver_spends_damage_where_it_is_cheapest() -> None:
 
 def test_unreachable_target_gives_none() -> None:
     sens = _table({"a": 0.01, "b": 1.0, "c": 0.02})
-    problem = _Problem(sens, SearchConfig(), FP32, 32, None)
+    problem = _Problem(sens, SearchConfig(), FP32, 32, None, _inventory(["a", "b", "c"]))
     assert solve(problem, _Targets(100.0, None)) is None
 
 
 def test_pruning_is_used_when_quantization_cannot_reach_the_target() -> None:
     sens = _table({"a": 0.01, "b": 0.01, "c": 0.01}, group_kl=0.5)
-    problem = _Problem(sens, SearchConfig(), FP32, 32, None)
+    problem = _Problem(sens, SearchConfig(), FP32, 32, None, _inventory(["a", "b", "c"]))
     target = 1000 + 3 * PARAMS * 0.5 * 0.8  # below all-int4: needs group a's 40%
     choice = solve(problem, _Targets(target, None))
     assert choice is not None and choice[("group", "a")] == 0.4
@@ -69,7 +71,8 @@ def test_pruning_is_used_when_quantization_cannot_reach_the_target() -> None:
 def test_latency_target_uses_the_predictor() -> None:
     sens = _table({"a": 0.01, "b": 0.01, "c": 0.01}, group_kl=0.5)
     # A predictor where only pruning helps (weight-only int4 runs at float speed)
-    problem = _Problem(sens, SearchConfig(), FP32, 32, lambda f: f[1] + f[2] + f[3])
+    problem = _Problem(sens, SearchConfig(), FP32, 32, lambda f: f[1] + f[2] + f[3],
+                       _inventory(["a", "b", "c"]))
     choice = solve(problem, _Targets(None, 0.9))
     assert choice is not None and choice[("group", "a")] == 0.4
     assert problem.latency_ratio(choice) <= 0.9
@@ -112,10 +115,48 @@ def test_latency_probes_skip_a_structure_that_cannot_be_timed(demo_task: object,
     class Runner:
         ctx = SimpleNamespace(latency_model=LatencyModel(), task=task, workdir=tmp_path)
 
-        def precheck(self, student: object, plan: object, baseline: object, out: object) -> None:
+        def precheck(self, student: object, plan: object, baseline: object, out: object,
+                     *, careful: bool = False) -> None:
+            # the model's probes take the full interleaved look: a first look alone put
+            # ResNet-20's own fp32 structure at 1.36x of the fp32 file
+            assert careful
             if 4 in plan.bits.values():  # type: ignore[attr-defined]
                 raise RuntimeError("no kernel")
             timed.append(plan.summary())  # type: ignore[attr-defined]
 
     _fit_latency_model(Runner(), inventory, SearchConfig(prune_max=0.5))  # type: ignore[arg-type]
     assert len(timed) == 6  # 32 and 8 bits x 0/25/50% pruning; the int4 ones were skipped
+
+
+def test_planner_features_match_the_built_structure(demo_task: object) -> None:
+    """The planner predicts latency from shares in the sensitivity table; the search's model
+    learns from built students. Both must describe a plan the same way."""
+    import copy
+
+    from autocompress import space
+    from autocompress.guided import _to_plan
+    from autocompress.inventory import build_inventory
+    from autocompress.latency_model import structure_features
+    from autocompress.objective import build_student
+    from autocompress.sensitivity import measure_sensitivity
+
+    task = demo_task
+    teacher = copy.deepcopy(task.model)  # type: ignore[attr-defined]
+    inventory = build_inventory(teacher, task.data.example_input(1))  # type: ignore[attr-defined]
+    config = SearchConfig(prune_max=0.6)
+    calibration = [x for x, _ in task.data.batches("train", 32)][:2]  # type: ignore[attr-defined]
+    sens = measure_sensitivity(task, inventory, config, calibration, images=64)  # type: ignore[arg-type]
+    seen: list[list[float]] = []
+    problem = _Problem(sens, config, FP32, 8, lambda f: seen.append(f) or 1.0, inventory)
+    choice = {unit: problem.options(*unit)[0] for unit in problem.units()}
+    layers = [name for kind, name in problem.units() if kind == "layer"]
+    groups = [name for kind, name in problem.units() if kind == "group"]
+    choice[("layer", layers[0])] = 4.0
+    choice[("layer", layers[-1])] = 8.0
+    choice[("group", groups[0])] = 0.4
+    problem.latency_ratio(choice)
+    plan = _to_plan(choice, config, 8, inventory)
+    built = structure_features(build_student(task, plan, config.round_to), plan, inventory,
+                               teacher)
+    assert space.prune_high(config) >= 0.4
+    assert seen[-1] == pytest.approx(built, rel=0.02, abs=1e-6)

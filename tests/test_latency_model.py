@@ -11,7 +11,13 @@ import pytest
 from autocompress import space
 from autocompress.config import SearchConfig
 from autocompress.inventory import build_inventory
-from autocompress.latency_model import AUDIT_EVERY, LatencyModel, structure_features
+from autocompress.latency_model import (
+    AUDIT_EVERY,
+    LatencyModel,
+    LayerCost,
+    cost_features,
+    structure_features,
+)
 from autocompress.objective import build_student
 
 
@@ -26,6 +32,17 @@ def test_features_count_the_macs_left_at_each_width(demo_task: Any) -> None:
     pruned = space.uniform_plan(inventory, config, bits=4, ratio=0.5)
     small = structure_features(build_student(demo_task, pruned, 8), pruned, inventory, teacher)
     assert small[2] == 0.0 and 0.0 < small[3] < feats[2] * 0.8  # pruning removed MACs
+    # output elements shrink with the output channels (linearly), MACs with both sides
+    assert feats[4] > 0 and 0.0 < small[5] < feats[4] and small[3] < small[5]
+
+
+def test_features_count_outputs_and_float_integer_switches() -> None:
+    layers = [LayerCost(10.0, 4.0, 8), LayerCost(20.0, 4.0, 32), LayerCost(10.0, 2.0, 4),
+              LayerCost(10.0, 2.0, 4)]
+    feats = cost_features(layers, total_macs=100.0, total_outputs=20.0)
+    assert feats == pytest.approx([1.0, 0.2, 0.1, 0.2, 0.2, 0.2, 2 / 4])
+    # weight-only (or any unknown width) layers count as float and never switch
+    assert cost_features([LayerCost(1.0, 1.0, 32), LayerCost(1.0, 1.0, 16)], 2.0, 2.0)[-1] == 0
 
 
 def _synthetic(model: LatencyModel, n: int) -> None:
