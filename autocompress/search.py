@@ -11,7 +11,6 @@ naming the closest plan, and ``time_limit`` (minutes) ends it between trials.
 
 from __future__ import annotations
 
-import json
 import logging
 import tempfile
 import time
@@ -21,23 +20,18 @@ from pathlib import Path
 from typing import Any
 
 from autocompress import (
-    guided,
     measure,
+    planning,
     space,
     trial_attrs,
 )
 from autocompress import study as study_mod
 from autocompress.config import Budget, SearchConfig
-from autocompress.errors import BudgetError, one_line
-from autocompress.objective import (
-    SearchContext,
-    TrialRunner,
-    build_student,
-)
+from autocompress.errors import BudgetError
+from autocompress.objective import TrialRunner, build_student
 from autocompress.pareto import TrialRecord, closest_to_budgets, pareto_front
 from autocompress.plan import CompressionPlan
 from autocompress.promotion import plan_promotions
-from autocompress.sensitivity import SENSITIVITY_ATTR, Sensitivity, measure_sensitivity
 from autocompress.session import _say, open_session, torch_threads, use_learning_rate
 from autocompress.warm_starts import plan_warm_starts
 
@@ -47,7 +41,6 @@ log = logging.getLogger("autocompress")
 BASELINES = ("fp32", "int8-ptq")
 
 
-GUIDED_SHARE = 4  # a search gets one guided plan per this many trials (at least one)
 
 
 LATENCY_MODEL_ATTR = "latency_model"
@@ -143,7 +136,7 @@ def _run_search(
                 _say(note, on_start)
             study_mod.enqueue_once(study, warm.named, trial_attrs.WARM_START)
         if config.guided and not any(r.attrs.get(trial_attrs.GUIDED) for r in recorded):
-            _enqueue_guided(study, runner, inventory, config, budgets, on_start)
+            planning.enqueue_guided(study, runner, inventory, config, budgets, on_start)
         counter.searching = True
         study.optimize(runner, n_trials=counter.hard_cap(), callbacks=[callback],
                        catch=(Exception,))
@@ -284,93 +277,6 @@ def _enqueue_baselines(study: Any, inventory: Any, config: SearchConfig) -> int:
         for name, bits in zip(BASELINES, (32, 8), strict=True)
     ]
     return study_mod.enqueue_baselines(study, baselines)
-
-
-def _enqueue_guided(
-    study: Any,
-    runner: TrialRunner,
-    inventory: Any,
-    config: SearchConfig,
-    budgets: list[Budget],
-    on_start: Callable[[str], None] | None,
-) -> None:
-    """The sensitivity pass (once per study) and the least-damage plans solved from it,
-    queued after the warm starts (one per GUIDED_SHARE trials)."""
-    ctx = runner.ctx
-    try:
-        table = _resolve_sensitivity(study, ctx, inventory, config, on_start)
-    except Exception as exc:  # a model the pass cannot score still gets searched
-        _say(f"sensitivity pass failed ({one_line(exc, typed=True)}); searching without "
-             "guided plans", on_start)
-        return
-    _fit_latency_model(runner, inventory, config)
-    plans = guided.propose(
-        table, inventory, config,
-        fp32_bytes=measure.file_size(ctx.fp32_onnx),
-        budgets=budgets,
-        reference_ms=None if ctx.reference is None else ctx.reference.median_ms,
-        predict_latency=ctx.latency_model.predict,
-        limit=max(1, config.trials // GUIDED_SHARE),
-    )
-    for g in plans:
-        lat = ("" if g.predicted_latency_ratio is None
-               else f", x{g.predicted_latency_ratio:.2f} of fp32 latency")
-        _say(f"guided plan {g.name} ({g.target}): {g.plan.summary()}, predicted "
-             f"{g.predicted_size_bytes / 1000:.1f} KB{lat}, damage {g.predicted_damage:.3g}",
-             on_start)
-    named = [(g.name, space.plan_to_params(g.plan, inventory, config)) for g in plans]
-    study_mod.enqueue_once(study, named, trial_attrs.GUIDED)
-
-
-def _fit_latency_model(runner: TrialRunner, inventory: Any, config: SearchConfig) -> None:
-    """Pre-check a few uniform structures (each width, 0/25/50% pruning) so the latency
-    model is fitted on this machine before the guided plans aim at a speed: its multiply-add
-    proxy alone put ResNet-20's 1.5x-faster plan at 0.60x of fp32, measured 0.63-0.69x.
-    Latency does not depend on weight values, so this costs an export and a short timing
-    per structure (cached by structure, reused by every later pre-check)."""
-    model = runner.ctx.latency_model
-    ratios = sorted({0.0, *(r for r in (0.25, 0.5) if r <= space.prune_high(config))})
-    for bits in sorted(set(config.bits), reverse=True):
-        # uint8 activations where allowed, int4 included: weight-only structures time like
-        # float ones, so only these teach the model what integer kernels cost here
-        acts = 8 if bits < 32 and 8 in config.activation_bits else config.activation_bits[0]
-        for ratio in ratios:
-            if model.ready and len(model.observations) >= guided.LATENCY_PROBES:
-                return
-            plan = space.uniform_plan(inventory, config, bits=bits, ratio=ratio,
-                                      activation_bits=acts)
-            try:
-                student = build_student(runner.ctx.task, plan, config.round_to)
-                runner.precheck(student, plan, None, runner.ctx.workdir / "latency-probes",
-                                careful=True)
-            except Exception as exc:  # a structure that cannot be timed: plan without it
-                log.warning("latency probe %s skipped: %s", plan.summary(),
-                            one_line(exc, typed=True))
-
-
-def _resolve_sensitivity(
-    study: Any,
-    ctx: SearchContext,
-    inventory: Any,
-    config: SearchConfig,
-    on_start: Callable[[str], None] | None,
-) -> Sensitivity:
-    """The study's sensitivity table: measured once (under the study lock, so concurrent
-    workers share one), read back on a resume."""
-    with study_mod.study_lock(study):
-        stored = study.user_attrs.get(SENSITIVITY_ATTR)
-        if stored is not None:
-            return Sensitivity.from_dict(json.loads(stored))
-        table = measure_sensitivity(ctx.task, inventory, config, ctx.calibration,
-                                    images=config.sensitivity_images)
-        study.set_user_attr(SENSITIVITY_ATTR, json.dumps(table.to_dict()))
-    fragile = table.fragile_layers(min(config.bits))
-    _say(f"sensitivity pass: {len(table.layers)} layers and {len(table.groups)} groups "
-         f"scored on {table.images} validation images in {table.seconds:.0f} s"
-         + (f"; keep at higher precision: {', '.join(fragile)}" if fragile else "")
-         + (f"; {len(table.failed)} choices could not be scored" if table.failed else "")
-         + f" (autocompress sensitivity --study {config.study})", on_start)
-    return table
 
 
 def _promote(

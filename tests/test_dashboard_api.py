@@ -371,10 +371,49 @@ def test_token_required_on_every_request(source: DashboardStudy) -> None:
     first = browser.get(f"/study/{STUDY}?token=s3cret")
     assert first.status_code == 303  # cookie set, token removed from the address bar
     assert first.headers["Location"].endswith(f"/study/{STUDY}")
-    assert "autocompress_token=" in first.headers["Set-Cookie"]
-    assert "HttpOnly" in first.headers["Set-Cookie"]
+    cookies = first.headers.getlist("Set-Cookie")
+    assert len(cookies) == 1  # once (it was sent twice)
+    assert "autocompress_token=" in cookies[0] and "HttpOnly" in cookies[0]
     assert browser.get(f"/study/{STUDY}").status_code == 200  # the cookie carries it now
     assert browser.get(f"/api/study/{STUDY}").status_code == 200
+
+
+def test_token_never_reaches_the_access_log_or_the_startup_line(
+    source: DashboardStudy, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import logging
+
+    import autocompress.dashboard._server as server_mod
+
+    server = make_server(source.storage_url, port=0, token="s3cret-tok")
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        with caplog.at_level(logging.INFO, logger="werkzeug"):
+            url = f"http://127.0.0.1:{server.server_port}/api/studies?x=1&token=s3cret-tok"
+            with urllib.request.urlopen(url, timeout=10) as r:
+                assert r.status == 200
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+    logged = "\n".join(rec.getMessage() for rec in caplog.records)
+    assert "/api/studies?x=1&token=***" in logged and "s3cret-tok" not in logged
+
+    class Once:  # serve() prints its startup lines, then serves until interrupted
+        server_port = 8099
+
+        def serve_forever(self) -> None:
+            raise KeyboardInterrupt
+
+        def server_close(self) -> None:
+            pass
+
+    monkeypatch.setattr(server_mod, "make_server", lambda *a, **k: Once())
+    serve(source.storage_url, port=8099, token="s3cret-tok")
+    out = capsys.readouterr().out
+    assert "http://127.0.0.1:8099/" in out and "s3cret-tok" not in out
 
 
 def test_token_from_environment(source: DashboardStudy, monkeypatch: pytest.MonkeyPatch) -> None:

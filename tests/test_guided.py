@@ -106,7 +106,7 @@ def test_latency_probes_skip_a_structure_that_cannot_be_timed(demo_task: object,
 
     from autocompress.inventory import build_inventory
     from autocompress.latency_model import LatencyModel
-    from autocompress.search import _fit_latency_model
+    from autocompress.planning import fit_latency_model
 
     task = demo_task
     inventory = build_inventory(task.model, task.data.example_input(1))  # type: ignore[attr-defined]
@@ -124,8 +124,9 @@ def test_latency_probes_skip_a_structure_that_cannot_be_timed(demo_task: object,
                 raise RuntimeError("no kernel")
             timed.append(plan.summary())  # type: ignore[attr-defined]
 
-    _fit_latency_model(Runner(), inventory, SearchConfig(prune_max=0.5))  # type: ignore[arg-type]
-    assert len(timed) == 6  # 32 and 8 bits x 0/25/50% pruning; the int4 ones were skipped
+    fit_latency_model(Runner(), inventory, SearchConfig(prune_max=0.5))  # type: ignore[arg-type]
+    # 32 and 8 bits x 0/25/50% pruning, and float/int8 alternating; the int4 ones were skipped
+    assert len(timed) == 7 and "8b:" in timed[-1] and "fp:" in timed[-1]
 
 
 def test_planner_features_match_the_built_structure(demo_task: object) -> None:

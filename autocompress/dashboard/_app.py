@@ -104,10 +104,8 @@ def _install_guards(app: Flask, token: str | None) -> None:
                 # Keep the token out of the address bar, history and Referer headers.
                 args = {k: v for k, v in request.args.items() if k != "token"}
                 target = request.path + ("?" + urlencode(args) if args else "")
-                response = redirect(target, code=303)
-                if g.get("set_token_cookie"):
-                    _set_cookie(response, token)
-                return response
+                # the cookie is set once, by _headers below (it runs for this response too)
+                return redirect(target, code=303)
             return None
         message = (
             "this dashboard needs its access token: open the URL printed by "

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import socket
 from pathlib import Path
+from typing import Any
 
-from werkzeug.serving import BaseWSGIServer
+from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler
 from werkzeug.serving import make_server as _werkzeug_server
 
 from autocompress.dashboard._app import TOKEN_ENV, create_app
@@ -23,6 +25,21 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False  # a host name: it may resolve to a public interface
+
+
+_TOKEN_IN_QUERY = re.compile(r"((?:^|[?&])token=)[^&\s]*", re.IGNORECASE)
+
+
+def mask_token(text: str) -> str:
+    """A request line with the value of any ``token=`` query parameter replaced by ***."""
+    return _TOKEN_IN_QUERY.sub(r"\1***", text)
+
+
+class _MaskingRequestHandler(WSGIRequestHandler):
+    """werkzeug's handler, whose access log never shows the dashboard's token."""
+
+    def log(self, type: str, message: str, *args: Any) -> None:
+        super().log(type, mask_token(message % args) if args else mask_token(message))
 
 
 def _check_port_free(host: str, port: int) -> None:
@@ -66,7 +83,8 @@ def make_server(
     app = create_app(storage_url, artifacts_dir=artifacts_dir, token=token)
     _check_port_free(host, port)
     try:
-        return _werkzeug_server(host, port, app, threaded=True)
+        return _werkzeug_server(host, port, app, threaded=True,
+                                request_handler=_MaskingRequestHandler)
     except OSError as exc:  # lost a race for the port, or the address is not ours
         raise StudyError(
             f"cannot serve on {host}:{port} ({exc.strerror or exc}); pick another --port or --host"
@@ -88,7 +106,9 @@ def serve(
     token = token or os.environ.get(TOKEN_ENV) or None
     shown = f"[{host}]" if ":" in host else host
     url = f"http://{shown}:{server.server_port}/"
-    print(f"autocompress dashboard: {url}{'?token=' + token if token else ''}", flush=True)
+    # The token is the user's own (--token or the environment): never echoed into a log.
+    hint = f" (open {url}?token=<your token> once; a cookie keeps it)" if token else ""
+    print(f"autocompress dashboard: {url}{hint}", flush=True)
     print(f"read-only view of {masked_url(storage_url)}; press Ctrl+C to stop", flush=True)
     try:
         server.serve_forever()

@@ -1,0 +1,208 @@
+"""The search's planned trials: latency probes, then guided plans checked by a pre-check.
+
+Before the guided planner (``guided``) aims at a speed, the study's latency model is fitted
+on this machine: a few structures are pre-checked with the full interleaved look (each width
+uniformly at 0/25/50% pruning, and float and int8 layers alternating, which teaches the
+model what switching between float and integer kernels costs).
+
+The planner then minimises predicted damage, which makes it seek out whatever the model
+underestimates. So every plan aimed at a latency target is pre-checked before it is queued
+(latency does not depend on weight values: an export and a short timing); a plan measured
+over its target teaches the model that structure, and that rung is solved again with a
+wider margin, up to REPLANS times; a rung keeps its first plan measured within target.
+Each plan's queued note says what was predicted and what was measured.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from autocompress import guided, measure, space, trial_attrs
+from autocompress import study as study_mod
+from autocompress.config import Budget, SearchConfig
+from autocompress.errors import one_line
+from autocompress.objective import SearchContext, TrialRunner
+from autocompress.plan import CompressionPlan
+from autocompress.sensitivity import SENSITIVITY_ATTR, Sensitivity, measure_sensitivity
+from autocompress.session import _say
+from autocompress.student import build_student
+
+log = logging.getLogger("autocompress")
+
+GUIDED_SHARE = 4  # a search gets one guided plan per this many trials (at least one)
+REPLANS = 3  # solve, pre-check the latency-aimed plans, refit, solve again: at most this often
+REPLAN_MARGIN_STEP = 0.05  # each new solve aims this much further under the latency target
+
+
+def enqueue_guided(
+    study: Any,
+    runner: TrialRunner,
+    inventory: Any,
+    config: SearchConfig,
+    budgets: list[Budget],
+    on_start: Callable[[str], None] | None,
+) -> None:
+    """The sensitivity pass (once per study) and the least-damage plans solved from it,
+    checked against their latency targets, queued after the warm starts (one per
+    GUIDED_SHARE trials)."""
+    ctx = runner.ctx
+    try:
+        table = _resolve_sensitivity(study, ctx, inventory, config, on_start)
+    except Exception as exc:  # a model the pass cannot score still gets searched
+        _say(f"sensitivity pass failed ({one_line(exc, typed=True)}); searching without "
+             "guided plans", on_start)
+        return
+    fit_latency_model(runner, inventory, config)
+    plans, measured = _checked_plans(runner, table, inventory, config, budgets)
+    for g in plans:
+        lat = ("" if g.predicted_latency_ratio is None
+               else f", x{g.predicted_latency_ratio:.2f} of fp32 latency")
+        seen = measured.get(g.plan.to_json())
+        if seen is not None:
+            lat += f" (pre-check x{seen:.2f})"
+        _say(f"guided plan {g.name} ({g.target}): {g.plan.summary()}, predicted "
+             f"{g.predicted_size_bytes / 1000:.1f} KB{lat}, damage {g.predicted_damage:.3g}",
+             on_start)
+    named = [(g.name, space.plan_to_params(g.plan, inventory, config)) for g in plans]
+    study_mod.enqueue_once(study, named, trial_attrs.GUIDED)
+
+
+def _checked_plans(
+    runner: TrialRunner,
+    table: Sensitivity,
+    inventory: Any,
+    config: SearchConfig,
+    budgets: list[Budget],
+) -> tuple[list[guided.GuidedPlan], dict[str, float]]:
+    """Solve the ladder; pre-check each plan aimed at a latency; solve the rungs that missed
+    again (the model has learned those structures since, and the margin widens). A rung
+    keeps its first plan measured within its target; one never measured within it is left
+    out when it breaks a latency budget (its trial would be rejected)."""
+    ctx = runner.ctx
+    measured: dict[str, float] = {}
+    kept: dict[str, guided.GuidedPlan] = {}
+    order: list[str] = []
+    limit = max(1, config.trials // GUIDED_SHARE)
+    for attempt in range(REPLANS):
+        plans = guided.propose(
+            table, inventory, config,
+            fp32_bytes=measure.file_size(ctx.fp32_onnx),
+            budgets=budgets,
+            reference_ms=None if ctx.reference is None else ctx.reference.median_ms,
+            predict_latency=ctx.latency_model.predict,
+            limit=limit,
+            latency_margin=guided.LATENCY_MARGIN - REPLAN_MARGIN_STEP * attempt,
+        )
+        order = order or [g.name for g in plans]
+        missed = False
+        for g in plans:
+            if g.name in kept or g.name not in order:
+                continue
+            key = g.plan.to_json()
+            if g.latency_target is not None:
+                if key not in measured:
+                    ratio = _measure(runner, g.plan, config)
+                    measured[key] = float("nan") if ratio is None else ratio
+                if measured[key] > g.latency_target:
+                    missed = True
+                    if attempt < REPLANS - 1 or _breaks_budget(measured[key], ctx):
+                        continue
+            kept[g.name] = g
+        if not missed:
+            break
+    chosen = [kept[name] for name in order if name in kept]
+    unique = {g.plan.to_json(): g for g in reversed(chosen)}  # two rungs, one plan: the first
+    return [g for g in chosen if unique[g.plan.to_json()] is g], measured
+
+
+def _breaks_budget(ratio: float, ctx: SearchContext) -> bool:
+    budget = ctx.budget_ratio()
+    return budget is not None and ratio > budget
+
+
+def _measure(runner: TrialRunner, plan: CompressionPlan, config: SearchConfig) -> float | None:
+    """The structure's latency ratio to fp32 (a careful pre-check, which the latency model
+    also learns from), or None when it cannot be timed."""
+    try:
+        student = build_student(runner.ctx.task, plan, config.round_to)
+        pre = runner.precheck(student, plan, None, runner.ctx.workdir / "guided", careful=True)
+    except Exception as exc:  # the trial itself will record why
+        log.warning("guided plan %s could not be pre-checked: %s", plan.summary(),
+                    one_line(exc, typed=True))
+        return None
+    return pre.ratio
+
+
+def fit_latency_model(runner: TrialRunner, inventory: Any, config: SearchConfig) -> None:
+    """Pre-check the probe structures (module docstring) so the latency model is fitted on
+    this machine before the guided plans aim at a speed. Latency does not depend on weight
+    values, so each costs an export and a timing (cached by structure, reused by every later
+    pre-check); a structure that cannot be timed is left out with a warning."""
+    model = runner.ctx.latency_model
+    for plan in latency_probes(inventory, config):
+        if model.ready and len(model.observations) >= guided.LATENCY_PROBES:
+            return
+        try:
+            student = build_student(runner.ctx.task, plan, config.round_to)
+            runner.precheck(student, plan, None, runner.ctx.workdir / "latency-probes",
+                            careful=True)
+        except Exception as exc:  # a structure that cannot be timed: plan without it
+            log.warning("latency probe %s skipped: %s", plan.summary(),
+                        one_line(exc, typed=True))
+
+
+def latency_probes(inventory: Any, config: SearchConfig) -> list[CompressionPlan]:
+    """Each width uniformly at 0/25/50% pruning, then the widest width and int8 (or the
+    narrowest) alternating layer by layer (unpruned), with uint8 activations where allowed:
+    weight-only structures time like float ones, so only these teach the model what integer
+    kernels and the switches between float and integer cost here."""
+    ratios = sorted({0.0, *(r for r in (0.25, 0.5) if r <= space.prune_high(config))})
+    widths = sorted(set(config.bits), reverse=True)
+
+    def acts_for(bits: int) -> int:
+        return 8 if bits < 32 and 8 in config.activation_bits else config.activation_bits[0]
+
+    probes = [space.uniform_plan(inventory, config, bits=bits, ratio=ratio,
+                                 activation_bits=acts_for(bits))
+              for bits in widths for ratio in ratios]
+    if len(widths) > 1:
+        # float and integer layers alternating: int8 where allowed, the planner's usual mix
+        narrow = 8 if 8 in widths else widths[-1]
+        base = space.uniform_plan(inventory, config, bits=widths[0],
+                                  activation_bits=acts_for(narrow))
+        mixed = {name: (narrow if i % 2 else bits) for i, (name, bits)
+                 in enumerate(base.bits.items())}
+        probes.append(dataclasses.replace(base, bits=mixed))
+    return probes
+
+
+def _resolve_sensitivity(
+    study: Any,
+    ctx: SearchContext,
+    inventory: Any,
+    config: SearchConfig,
+    on_start: Callable[[str], None] | None,
+) -> Sensitivity:
+    """The study's sensitivity table: measured once (under the study lock, so concurrent
+    workers share one), read back on a resume."""
+    with study_mod.study_lock(study):
+        stored = study.user_attrs.get(SENSITIVITY_ATTR)
+        if stored is not None:
+            return Sensitivity.from_dict(json.loads(stored))
+        table = measure_sensitivity(ctx.task, inventory, config, ctx.calibration,
+                                    images=config.sensitivity_images)
+        study.set_user_attr(SENSITIVITY_ATTR, json.dumps(table.to_dict()))
+    fragile = table.fragile_layers(min(config.bits))
+    _say(f"sensitivity pass: {len(table.layers)} layers and {len(table.groups)} groups "
+         f"scored on {table.images} validation images in {table.seconds:.0f} s"
+         + (f"; keep at higher precision: {', '.join(fragile)}" if fragile else "")
+         + (f"; {len(table.failed)} choices could not be scored" if table.failed else "")
+         + f" (autocompress sensitivity --study {config.study})", on_start)
+    return table
+
+
+__all__ = ["GUIDED_SHARE", "REPLANS", "enqueue_guided", "fit_latency_model", "latency_probes"]
