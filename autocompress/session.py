@@ -109,7 +109,8 @@ def open_session(
     artifacts = study_mod.artifact_location(config.artifacts, url, config.study)
     store = study_mod.artifact_store(artifacts)
     seed_offset = 0 if study_mod.sqlite_path(url) else os.getpid() % 10_000
-    study = study_mod.create_or_load_study(storage, config, identity, seed_offset=seed_offset)
+    study = study_mod.create_or_load_study(storage, config, identity, seed_offset=seed_offset,
+                                           space=description)
     fp32_onnx = quantize.export_float_onnx(task.model, example, workdir / "fp32.onnx")
     fp32_accuracy = runtime.onnx_accuracy(
         fp32_onnx, task.data.batches("val", 256), threads=config.threads

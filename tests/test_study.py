@@ -110,7 +110,7 @@ def _start_and_abandon(study: optuna.Study, storage: RDBStorage) -> optuna.Trial
 
 
 def test_stale_trial_fails_and_is_queued_once_with_same_params(
-    tmp_path: Path, fast_heartbeats: None
+    tmp_path: Path, fast_heartbeats: None, caplog: pytest.LogCaptureFixture
 ) -> None:
     config = _config(tmp_path)
     storage = study_mod.open_storage(config.storage_url())
@@ -133,6 +133,13 @@ def test_stale_trial_fails_and_is_queued_once_with_same_params(
     assert retry.system_attrs["failed_trial"] == 0
     assert retry.params == {"x": x}
     assert retry.user_attrs == {"baseline": "fp32", "parent_trial": 7, "finetune_steps": 600}
+    # nothing can be written on the failed trial afterwards: readers say why it failed
+    reason = study_mod.records(study)[0].fail_reason
+    assert reason is not None and "stopped sending heartbeats" in reason and "#1" in reason
+    # a run that ends with the retry still queued says so
+    with caplog.at_level(logging.WARNING, logger="autocompress"):
+        study.optimize(lambda t: 0.0, n_trials=0)
+    assert "trial 1 is queued to run trial 0 again" in caplog.text
     assert not [k for k in retry.system_attrs if k.startswith("artifacts:")]
 
     # The retry runs with the same parameters; if its worker dies too, no third attempt.

@@ -28,6 +28,7 @@ from autocompress.dashboard import _analysis as an
 from autocompress.errors import StudyError, one_line
 from autocompress.pareto import nondominated, superseded
 from autocompress.study import default_artifacts_dir, masked_url
+from autocompress.study.records import failure_reason, retried_as
 
 _T = TypeVar("_T")
 _SAFE_ARTIFACT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,200}$")
@@ -201,7 +202,9 @@ class StudyReader:
         directions = [d.name.lower() for d in study.directions]
         names = study.metric_names or [None] * len(directions)
         keys = [an.metric_key(n, i) for i, n in enumerate(names)]
-        trials = [self._row(t, keys) for t in study.get_trials(deepcopy=False)]
+        frozen = study.get_trials(deepcopy=False)
+        retries = retried_as(frozen)
+        trials = [self._row(t, keys, retries) for t in frozen]
 
         counts = {"total": len(trials)}
         for state in ("COMPLETE", "FAIL", "RUNNING", "PRUNED", "WAITING"):
@@ -276,7 +279,7 @@ class StudyReader:
             "signature": signature,
         }
 
-    def _row(self, t: FrozenTrial, keys: list[str]) -> dict[str, Any]:
+    def _row(self, t: FrozenTrial, keys: list[str], retries: dict[int, int]) -> dict[str, Any]:
         """One trial as a table row: metrics from attrs (measured on the artifact)."""
         a = t.user_attrs
         state = t.state.name
@@ -297,9 +300,9 @@ class StudyReader:
         row["parent_trial"] = int(parent) if parent is not None else None
         row["plan_summary"] = a.get(trial_attrs.PLAN_SUMMARY)
         row["rejected"] = a.get(trial_attrs.REJECTED)
-        row["fail_reason"] = a.get(trial_attrs.FAIL_REASON)
+        row["fail_reason"] = failure_reason(t, retries)
         row["early_stopped"] = a.get(trial_attrs.EARLY_STOPPED)
-        row["reason"] = (a.get(trial_attrs.REJECTED) or a.get(trial_attrs.FAIL_REASON)
+        row["reason"] = (a.get(trial_attrs.REJECTED) or row["fail_reason"]
                          or a.get(trial_attrs.EARLY_STOPPED))
         row["has_artifact"] = bool(a.get(trial_attrs.ARTIFACT_ID))
         row["datetime_start"] = _iso(t.datetime_start)
@@ -346,8 +349,8 @@ class StudyReader:
         reason = None
         if a.get(trial_attrs.REJECTED):
             reason = {"kind": "rejected", "text": a[trial_attrs.REJECTED]}
-        elif a.get(trial_attrs.FAIL_REASON):
-            reason = {"kind": "failed", "text": a[trial_attrs.FAIL_REASON]}
+        elif row.get("fail_reason"):
+            reason = {"kind": "failed", "text": row["fail_reason"]}
         elif a.get(trial_attrs.EARLY_STOPPED):
             reason = {"kind": "early-stopped", "text": a[trial_attrs.EARLY_STOPPED]}
         shown = {"plan", "timing", "runtime", "constraints", *_METRIC_ATTRS}

@@ -12,8 +12,32 @@ from optuna.trial import FrozenTrial, TrialState
 from autocompress import trial_attrs
 from autocompress.pareto import TrialRecord
 
+# Optuna fails a trial whose worker stopped beating from another process, after the fact:
+# nothing can be written on a finished trial then, so readers derive its reason from the
+# retry Optuna queued (system attribute "failed_trial" = the failed trial's number).
+STALE_REASON = "its worker stopped sending heartbeats (killed, or lost the database)"
 
-def to_record(trial: FrozenTrial) -> TrialRecord:
+
+def retried_as(trials: list[FrozenTrial]) -> dict[int, int]:
+    """Failed trial number -> the number of the retry queued for it."""
+    out: dict[int, int] = {}
+    for t in trials:
+        failed = t.system_attrs.get("failed_trial")
+        if isinstance(failed, int) and failed not in out:
+            out[failed] = t.number
+    return out
+
+
+def failure_reason(trial: FrozenTrial, retries: dict[int, int]) -> str | None:
+    """Why a trial failed: what its worker recorded, or, for a heartbeat-stale trial that
+    recorded nothing, that its worker stopped beating and which trial ran it again."""
+    recorded = trial.user_attrs.get(trial_attrs.FAIL_REASON)
+    if recorded or trial.state != TrialState.FAIL or trial.number not in retries:
+        return recorded
+    return f"{STALE_REASON}; run again as trial #{retries[trial.number]}"
+
+
+def to_record(trial: FrozenTrial, retries: dict[int, int] | None = None) -> TrialRecord:
     a = trial.user_attrs
     plan = a.get(trial_attrs.PLAN)
     return TrialRecord(
@@ -33,13 +57,15 @@ def to_record(trial: FrozenTrial) -> TrialRecord:
         plan=json.loads(plan) if isinstance(plan, str) else (plan or {}),
         plan_summary=a.get(trial_attrs.PLAN_SUMMARY, ""),
         rejected=a.get(trial_attrs.REJECTED),
-        fail_reason=a.get(trial_attrs.FAIL_REASON),
+        fail_reason=failure_reason(trial, retries or {}),
         attrs=dict(a),
     )
 
 
 def records(study: optuna.Study) -> list[TrialRecord]:
-    return [to_record(t) for t in study.get_trials(deepcopy=False)]
+    trials = study.get_trials(deepcopy=False)
+    retries = retried_as(trials)
+    return [to_record(t, retries) for t in trials]
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from sqlalchemy import exc as sa_exc
 from autocompress import trial_attrs
 from autocompress.config import SearchConfig
 from autocompress.errors import StudyError, one_line
+from autocompress.study.records import STALE_REASON
 from autocompress.study.storage import (
     _cause_line,
     _is_transient,
@@ -103,11 +104,23 @@ class _WorkerStudy(optuna.Study):
                     log.warning("this worker's trial was failed by another worker (its "
                                 "heartbeats came too late) and will be run again; going on")
             fail_stale_trials(self)
+            self._say_queued_retries()
         except Exception as exc:
             lost = self._lost()
             if lost is not None and not (isinstance(exc, StudyError) and str(exc) == str(lost)):
                 raise StudyError(str(lost)) from None
             raise
+
+    def _say_queued_retries(self) -> None:
+        """A dead worker's trial re-queued when this run ends is not lost: say so."""
+        waiting = self._storage.get_all_trials(self._study_id, deepcopy=False,
+                                               states=(TrialState.WAITING,))
+        for t in waiting:
+            failed = t.system_attrs.get("failed_trial")
+            if isinstance(failed, int):
+                log.warning("trial %d is queued to run trial %d again (%s); the next "
+                            "`autocompress search --study %s` runs it", t.number, failed,
+                            STALE_REASON, self.study_name)
 
     def _lost(self) -> StudyError | None:
         return self.resilient.lost if self.resilient is not None else None
@@ -155,11 +168,13 @@ def create_or_load_study(
     identity: dict[str, Any],
     *,
     seed_offset: int = 0,
+    space: dict[str, Any] | None = None,
 ) -> optuna.Study:
     """Create the study once (race-safe across workers) or resume it.
 
     ``identity`` holds what must match for a resume: model, data, objectives, space hash.
-    A mismatch is refused, because a sampler fed trials from another space learns nonsense.
+    A mismatch is refused, because a sampler fed trials from another space learns nonsense;
+    with ``space`` (``space.space_description``) the refusal names the settings that changed.
     ``seed_offset`` (non-zero for server storages) gives each worker its own sampler seed.
     Trials of dead workers are failed (and queued once more) before the study is returned.
     """
@@ -199,7 +214,9 @@ def create_or_load_study(
 
     stored = study.user_attrs
     if "identity" in stored:
-        _refuse_mismatch(config, json.loads(stored["identity"]), identity)
+        stored_space = json.loads(stored.get("search_space") or "null")
+        _refuse_mismatch(config, json.loads(stored["identity"]), identity,
+                         _space_changes(stored_space, space))
     else:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ExperimentalWarning)
@@ -217,7 +234,8 @@ def set_study_info(study: optuna.Study, info: dict[str, Any]) -> None:
             study.set_user_attr(key, value)
 
 
-def _refuse_mismatch(config: SearchConfig, stored: dict[str, Any], now: dict[str, Any]) -> None:
+def _refuse_mismatch(config: SearchConfig, stored: dict[str, Any], now: dict[str, Any],
+                     space_changes: list[str]) -> None:
     where = f"study {config.study!r} in {masked_url(config.storage_url())}"
     if stored.get("onnx_format", 1) != now.get("onnx_format", 1):
         # No setting brings the old layout back: the only way on is a new study.
@@ -231,11 +249,51 @@ def _refuse_mismatch(config: SearchConfig, stored: dict[str, Any], now: dict[str
     for key in ("model_spec", "weights_sha256", "data_spec", "objectives", "space_hash",
                 "budgets"):
         if stored.get(key) != now.get(key):
+            if key == "space_hash" and space_changes:
+                changed = "; ".join(space_changes)
+                raise StudyError(
+                    f"{where} was searched in another space ({changed}); pass the original "
+                    "settings to resume it, or --study NEW_NAME to start a new study"
+                )
             raise StudyError(
                 f"{where} was made with a different {key.replace('_', ' ')} "
                 f"({stored.get(key)!r}, now {now.get(key)!r}); use --study NEW_NAME to start a "
                 "new study, or the original settings to resume it"
             )
+
+
+# What each part of the stored search space is set by, in the user's words.
+_SPACE_SETTINGS = {
+    "bits": "--bits",
+    "activation_bits": "--activation-bits",
+    "prune_max": "--prune-max",
+    "prune_step": "--prune-step",
+    "kd_temperature": "--kd-temperature-min/max",
+    "kd_alpha": "--kd-alpha-min/max",
+    "finetune_steps": "--finetune-steps",
+    "layers": "the model's quantizable layers",
+    "groups": "the prunable groups (--prune-max, the model)",
+}
+
+
+def _space_changes(stored: dict[str, Any] | None, now: dict[str, Any] | None) -> list[str]:
+    """'--bits was [8, 4], now [8]' for each setting of the search space that changed."""
+    if not isinstance(stored, dict) or not isinstance(now, dict):
+        return []
+    out = []
+    for key, setting in _SPACE_SETTINGS.items():
+        if key in stored and key in now and stored[key] != now[key]:
+            if key in ("layers", "groups"):
+                out.append(f"{setting} changed")
+            else:
+                out.append(f"{setting} was {_plain(stored[key])}, now {_plain(now[key])}")
+    return out
+
+
+def _plain(value: Any) -> str:
+    if isinstance(value, list):
+        return ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value)
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def load_existing_study(storage_url: str, study_name: str) -> optuna.Study:
