@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import signal
 import sys
 import warnings
@@ -368,7 +369,8 @@ def _sigterm_as_interrupt(signum: int, frame: Any) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args = parser.parse_args(_negative_values_attached(
+            list(sys.argv[1:] if argv is None else argv)))
     except SystemExit as exc:  # --help, --version, or a one-line usage error (code 2)
         return int(exc.code or 0)
     _quiet_libraries(verbose=args.verbose)
@@ -387,6 +389,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("interrupted: the running trial was marked failed; finished trials are kept "
               "(run the same command to resume)", file=sys.stderr)
         return 130
+
+
+def _negative_values_attached(argv: list[str]) -> list[str]:
+    """``--budget -5ms`` as ``--budget=-5ms``: argparse reads a value that starts with '-'
+    as an option ("expected one argument"); attached, the value reaches the check that says
+    what is wrong with it (a budget must be positive)."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        following = argv[i + 1] if i + 1 < len(argv) else ""
+        if (token.startswith("--") and "=" not in token and token != "--"
+                and re.match(r"-\.?\d", following)):
+            out.append(f"{token}={following}")
+            i += 2
+            continue
+        out.append(token)
+        i += 1
+    return out
 
 
 def _quiet_libraries(*, verbose: bool) -> None:

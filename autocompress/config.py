@@ -86,6 +86,9 @@ def parse_budget(text: str) -> Budget:
     )
 
 
+MAX_STUDY_NAME = 120
+
+
 def default_storage_url(study: str) -> str:
     """Where a study lives when no --storage is given: one SQLite file per study."""
     return f"sqlite:///studies/{study}.db"
@@ -231,6 +234,12 @@ class SearchConfig:
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", self.study):
             raise ConfigError(
                 f"study name {self.study!r} may hold only letters, digits, '_', '-' and '.'"
+            )
+        if len(self.study) > MAX_STUDY_NAME:
+            # the default storage is studies/<name>.db: file systems stop at 255 bytes
+            raise ConfigError(
+                f"study name is {len(self.study)} characters long; use at most "
+                f"{MAX_STUDY_NAME} (e.g. {self.study[:20]!r})"
             )
 
     # -- derived --------------------------------------------------------------------

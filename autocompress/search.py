@@ -82,9 +82,12 @@ def run_search(
     on_start: Callable[[str], None] | None = None,
 ) -> SearchResult:
     url = config.storage_url()
+    before = study_mod.storage_snapshot(
+        url, config.study, study_mod.artifact_location(config.artifacts, url, config.study))
     storage = study_mod.open_storage(url)  # fail fast on a bad URL, before loading models
     # SQLite admits one worker: refuse a second one now, not after loading the model.
-    with study_mod.single_sqlite_worker(url):
+    with study_mod.single_sqlite_worker(url), study_mod.no_half_made_study(before):
+        # a bad model, data or budget found from here on leaves no empty study behind
         return _run_search(config, url, storage, on_progress, on_start)
 
 

@@ -18,6 +18,11 @@ def _one_line(err: str) -> bool:
     return len(err.splitlines()) == 1 and "Traceback" not in err and err.startswith("error: ")
 
 
+def _ends_in_one_line(err: str) -> bool:
+    """After the run's progress notes (a failure found once the model is loaded)."""
+    return "Traceback" not in err and err.splitlines()[-1].startswith("error: ")
+
+
 @pytest.mark.parametrize("command", [["list"], ["show", "--study", "s"],
                                      ["sensitivity", "--study", "s"],
                                      ["export", "--study", "s", "--best", "--out", "o"]])
@@ -53,3 +58,49 @@ def test_export_out_under_a_file_is_one_line(capsys: pytest.CaptureFixture[str],
     assert code == 2 and _one_line(err), err
     assert "is a file" in err and blocker.read_text() == "x"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--budget", "-5ms"], "must be positive"),
+    (["--budget", "-0.5MB"], "must be positive"),
+    (["--study", "s" * 300], "at most 120"),
+    (["--model", "demo"], "leave out --model and --data"),
+])
+def test_messages_say_what_to_do(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                 args: list[str], says: str) -> None:
+    db = tmp_path / "sub" / "x.db"
+    code, err = _run(capsys, "search", "--storage", f"sqlite:///{db}", "--trials", "1", *args)
+    assert code == 2 and _one_line(err), err
+    assert says in err and "expected one argument" not in err
+    assert list(tmp_path.iterdir()) == []  # nothing created
+
+
+def test_a_failed_start_leaves_no_study_file_or_folder(capsys: pytest.CaptureFixture[str],
+                                                       tmp_path: Path) -> None:
+    """A bad model or budget is found after the study exists: the run takes it back."""
+    db = tmp_path / "new" / "x.db"
+    model = tmp_path / "m.py"
+    model.write_text("import torch\n\ndef make():\n    return torch.nn.Linear(2, 2)\n")
+    code, err = _run(capsys, "search", "--storage", f"sqlite:///{db}", "--trials", "1",
+                     "--budget", "1us")
+    assert code == 2 and _ends_in_one_line(err) and "below the fastest candidate" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.py"]  # no db, lock or folders
+    code, err = _run(capsys, "search", "--storage", f"sqlite:///{db}", "--trials", "1",
+                     "--model", f"{model}:missing", "--data", "digits")
+    assert code == 2 and _ends_in_one_line(err), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.py"]
+
+
+def test_a_failed_start_keeps_what_the_database_already_held(
+    capsys: pytest.CaptureFixture[str], short_study: object
+) -> None:
+    import optuna
+
+    url = short_study.storage_url  # type: ignore[attr-defined]
+    before = {s.study_name: s.n_trials for s in optuna.get_all_study_summaries(url)}
+    code, err = _run(capsys, "search", "--storage", url, "--study", "another", "--trials", "1",
+                     "--budget", "1us")
+    assert code == 2 and _ends_in_one_line(err), err
+    # the new study is gone again (the same command with a sane budget starts afresh)
+    after = {s.study_name: s.n_trials for s in optuna.get_all_study_summaries(url)}
+    assert after == before

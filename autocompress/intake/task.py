@@ -47,10 +47,15 @@ def load_task(
     """
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     if data_spec is None:
+        if model_spec is not None and model_spec.strip().lower() == "demo":
+            raise DataSpecError(
+                "'demo' is not a model spec: for the built-in demo (a small CNN on digits), "
+                "leave out --model and --data"
+            )
         if model_spec is not None:
             raise DataSpecError(
-                f"--model {model_spec} needs --data too (e.g. --data imagefolder:ROOT); only "
-                "the built-in demo runs without both"
+                f"--model {model_spec} needs --data too (e.g. --data imagefolder:ROOT); "
+                "without --model and --data the built-in demo runs"
             )
         data_spec = DIGITS_DATA_SPEC
     data = load_data(
