@@ -14,6 +14,7 @@ import signal
 import sys
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, NoReturn
 
 from autocompress import __version__
@@ -410,6 +411,20 @@ def _negative_values_attached(argv: list[str]) -> list[str]:
     return out
 
 
+# Libraries that log through the root logger from inside their own code: ONNX Runtime's
+# quantizer writes ~30 "Axis 1 is out-of-range for weight ..." warnings per trial on
+# convnext_tiny with logging.warning(). Their warnings are shown with -v; errors always.
+_NOISY_PACKAGES = ("onnxruntime", "onnxscript", "onnx", "torch", "fvcore", "torch_pruning")
+
+
+def _library_noise(record: logging.LogRecord) -> bool:
+    """False (drop) for a library's record below ERROR that is not one of ours."""
+    if record.levelno >= logging.ERROR or record.name.startswith("autocompress"):
+        return True
+    parts = Path(record.pathname).parts
+    return not any(package in parts for package in _NOISY_PACKAGES)
+
+
 def _quiet_libraries(*, verbose: bool) -> None:
     """Our own log lines at INFO on stderr; third-party chatter (ONNX Runtime's quantizer INFO
     lines, Optuna's experimental-feature and torch's deprecation warnings) only with -v."""
@@ -420,6 +435,8 @@ def _quiet_libraries(*, verbose: bool) -> None:
     )
     log.setLevel(logging.DEBUG if verbose else logging.INFO)
     if not verbose:
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(_library_noise)
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         warnings.filterwarnings("ignore", message=".*experimental.*")

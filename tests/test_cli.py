@@ -81,3 +81,19 @@ def test_unknown_config_key_exits_2(capsys: pytest.CaptureFixture[str], tmp_path
     config.write_text("trails: 3\n")
     code, _, err = _run(capsys, "search", "--config", str(config))
     assert code == 2 and "'trails'" in err
+
+
+def test_library_warnings_stay_out_of_stderr_unless_verbose() -> None:
+    """ONNX Runtime's quantizer warns ~30 times a trial through the root logger."""
+    import logging
+
+    from autocompress.cli import _library_noise
+
+    def record(name: str, path: str, level: int = logging.WARNING) -> logging.LogRecord:
+        return logging.LogRecord(name, level, path, 1209, "Axis 1 is out-of-range", None, None)
+
+    ort = "/venv/lib/python3.11/site-packages/onnxruntime/quantization/qdq_quantizer.py"
+    assert not _library_noise(record("root", ort))
+    assert _library_noise(record("root", ort, logging.ERROR))  # errors always shown
+    assert _library_noise(record("autocompress", "/src/autocompress/search.py"))
+    assert _library_noise(record("root", "/home/me/train.py"))  # the user's own code
