@@ -390,6 +390,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("interrupted: the running trial was marked failed; finished trials are kept "
               "(run the same command to resume)", file=sys.stderr)
         return 130
+    except Exception as exc:  # not met by a check above: still one line, the rest with -v
+        if args.verbose:
+            raise
+        print(f"error: {one_line(exc, typed=True)} (unexpected: run again with -v for the "
+              "traceback, and please report it)", file=sys.stderr)
+        return 2
 
 
 def _negative_values_attached(argv: list[str]) -> list[str]:

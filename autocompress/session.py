@@ -30,6 +30,7 @@ from autocompress import (
 from autocompress import latency_reference as reference_mod
 from autocompress import study as study_mod
 from autocompress.config import Budget, SearchConfig
+from autocompress.errors import AutocompressError, TrainingError, one_line
 from autocompress.inventory import build_inventory
 from autocompress.latency_reference import ReferenceLatency
 from autocompress.objective import (
@@ -203,9 +204,19 @@ def _resolve_learning_rate(
     with study_mod.study_lock(study):
         stored = study.user_attrs.get(LR_PROBE_ATTR)
         if stored is None:
-            probe = lrprobe.probe_learning_rate(
-                task, inventory, config, calibration, device=resolve_device(config.device)
-            )
+            try:
+                probe = lrprobe.probe_learning_rate(
+                    task, inventory, config, calibration, device=resolve_device(config.device)
+                )
+            except AutocompressError:
+                raise
+            except Exception as exc:  # the model cannot be fine-tuned as the search would
+                raise TrainingError(
+                    f"the learning-rate probe (20 fine-tune steps at int8) failed on this "
+                    f"model: {one_line(exc, typed=True)}; a model whose forward returns "
+                    "something other than a logits tensor needs a task wrapper, and "
+                    "--learning-rate skips the probe"
+                ) from None
             stored = probe.to_dict()
             study.set_user_attr(LR_PROBE_ATTR, stored)
             note = probe.describe()

@@ -97,3 +97,20 @@ def test_library_warnings_stay_out_of_stderr_unless_verbose() -> None:
     assert _library_noise(record("root", ort, logging.ERROR))  # errors always shown
     assert _library_noise(record("autocompress", "/src/autocompress/search.py"))
     assert _library_noise(record("root", "/home/me/train.py"))  # the user's own code
+
+
+def test_an_unexpected_failure_is_one_line_and_traceback_with_v(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from autocompress import cli
+
+    def broken(args: object) -> int:
+        raise RuntimeError("named-tuple outputs\nsecond line")
+
+    monkeypatch.setitem(cli._COMMANDS, "list", broken)
+    assert cli.main(["list"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert err.startswith("error: RuntimeError: named-tuple outputs") and "-v" in err
+    with pytest.raises(RuntimeError):
+        cli.main(["-v", "list"])

@@ -87,3 +87,26 @@ def test_ctrl_c_during_the_probe_exits_130_without_a_traceback(tmp_path: Path) -
     assert [s for (s,) in con.execute("SELECT state FROM trials")] == ["COMPLETE", "COMPLETE"]
     attrs = [k for (k,) in con.execute("SELECT key FROM study_user_attributes")]
     assert session.LR_PROBE_ATTR not in attrs  # an interrupted probe is not recorded as done
+
+
+def test_a_probe_that_crashes_is_one_line_naming_the_way_out(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """googlenet's named-tuple outputs crashed the probe with a traceback."""
+    import contextlib
+
+    import optuna
+
+    from autocompress import session
+    from autocompress.config import SearchConfig
+    from autocompress.errors import TrainingError
+
+    def crash(*args: object, **kwargs: object) -> None:
+        raise AttributeError("'GoogLeNetOutputs' object has no attribute 'log_softmax'")
+
+    monkeypatch.setattr(session.lrprobe, "probe_learning_rate", crash)
+    monkeypatch.setattr(session.study_mod, "study_lock", lambda study: contextlib.nullcontext())
+    study = optuna.create_study()
+    with pytest.raises(TrainingError, match=r"learning-rate probe .*GoogLeNetOutputs.*"
+                                            r"--learning-rate skips the probe"):
+        session._resolve_learning_rate(study, None, None, SearchConfig(), [], None)
