@@ -18,6 +18,7 @@ its output shape) is left dense and reported with the reason, never a crash.
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import warnings
 from collections.abc import Iterable
@@ -30,8 +31,11 @@ import torch_pruning as tp
 from torch import nn
 
 from autocompress.errors import InputError, PlanError, one_line
+from autocompress.guard import analysis_limits, limited
 from autocompress.plan import CompressionPlan
 from autocompress.prune_groups import PruneGroup
+
+log = logging.getLogger("autocompress")
 
 CLASSIFIER_REASON = "classifier output: its channels are the classes"
 _WEIGHT_TYPES = (nn.modules.conv._ConvNd, nn.Linear)
@@ -86,23 +90,29 @@ def dependency_groups(
     groups that torch-pruning fails to prune at ratio 0.5 on a scratch copy.
     """
     work = _scratch_copy(model)
+    memory, seconds = analysis_limits()
+    failed: dict[str, str] = {}
     try:
-        graph = _build_graph(work, example_input)
+        # The first analysis of a model is the one that may explode (swin_t: 24 GB, killed
+        # by the OOM killer): guarded, it ends as "no pruning" with the reason instead.
+        with limited("torch-pruning's dependency analysis", memory_bytes=memory,
+                     seconds=seconds):
+            graph = _build_graph(work, example_input)
+            groups = _collect_groups(work, graph, min_channels=min_channels)
+            if probe:
+                ratios = {g.name: _PROBE_RATIO for g in groups if g.excluded_reason is None}
+                _, report = _prune_groups(
+                    model, groups, ratios, example_input, round_to=1, traced=(work, graph)
+                )
+                failed = report.failed
     except Exception as exc:  # tracing can fail on exotic models: report, never crash
         reason = f"dependency tracing failed ({one_line(exc, typed=True)})"
+        log.warning("structured pruning is off for this model: %s", reason)
         return [
             PruneGroup(name, [name], _out_channels(m), False, reason)
             for name, m in work.named_modules()
             if isinstance(m, _WEIGHT_TYPES)
         ]
-    groups = _collect_groups(work, graph, min_channels=min_channels)
-    failed: dict[str, str] = {}
-    if probe:
-        ratios = {g.name: _PROBE_RATIO for g in groups if g.excluded_reason is None}
-        _, report = _prune_groups(
-            model, groups, ratios, example_input, round_to=1, traced=(work, graph)
-        )
-        failed = report.failed
     return [
         PruneGroup(
             name=g.name,
