@@ -209,6 +209,73 @@ def _unit_damage(problem: _Problem, unit: tuple[str, str], value: float) -> floa
     return problem.damage({unit: value})
 
 
+@dataclass(frozen=True)
+class Rung:
+    """One target the planner solves for: a file size and/or a latency ratio to fp32."""
+
+    name: str  # e.g. "guided-8x"
+    what: str  # in words
+    size_bytes: float | None
+    latency_ratio: float | None
+
+
+def rungs(*, fp32_bytes: float, budgets: Sequence[Budget],
+          reference_ms: float | None) -> list[Rung]:
+    """The study's budgets (when any) and each rung of LADDER, each also within the
+    budgets, in the order their plans are queued."""
+    size_budget = min((b.value for b in budgets if b.kind == "size"), default=None)
+    budget_ratio = None
+    latency_limits = [b.value for b in budgets if b.kind == "latency"]
+    if latency_limits and reference_ms:
+        budget_ratio = min(latency_limits) / reference_ms
+    within = " within the budgets" if budgets else ""
+    out: list[Rung] = []
+    if budgets:
+        out.append(Rung("guided-budget", "the budgets", size_budget, budget_ratio))
+    for kind, factor in LADDER:
+        if kind == "size":
+            size = fp32_bytes / factor
+            out.append(Rung(f"guided-{factor:g}x", f"{factor:g}x smaller than fp32{within}",
+                            size if size_budget is None else min(size, size_budget),
+                            budget_ratio))
+        else:
+            ratio = 1 / factor
+            out.append(Rung(f"guided-{factor:g}x-faster", f"{factor:g}x faster than fp32{within}",
+                            size_budget,
+                            ratio if budget_ratio is None else min(ratio, budget_ratio)))
+    return out
+
+
+def solve_rung(
+    rung: Rung,
+    sens: Sensitivity,
+    inventory: Inventory,
+    config: SearchConfig,
+    *,
+    fp32_bytes: float,
+    predict_latency: LatencyPredictor | None = None,
+    latency_margin: float = LATENCY_MARGIN,
+) -> GuidedPlan | None:
+    """The least-damage plan for one rung, aiming ``latency_margin`` x under its latency
+    target; None when the space cannot reach it or the uncompressed model already does."""
+    aim = _Targets(None if rung.size_bytes is None else rung.size_bytes * SIZE_MARGIN,
+                   None if rung.latency_ratio is None else rung.latency_ratio * latency_margin)
+    best = _best_over_activations(sens, config, fp32_bytes, predict_latency, aim, inventory)
+    if best is None:
+        return None
+    problem, choice = best
+    if not any(v < 32 if kind == "layer" else v > 0 for (kind, _), v in choice.items()):
+        return None  # the uncompressed model already meets it: the baselines cover that
+    kept = problem.kept(choice)
+    return GuidedPlan(
+        name=rung.name, plan=_to_plan(choice, config, problem.acts, inventory),
+        predicted_damage=problem.damage(choice),
+        predicted_size_bytes=problem.size(choice, kept),
+        predicted_latency_ratio=problem.latency_ratio(choice, kept),
+        target=rung.what, latency_target=rung.latency_ratio,
+    )
+
+
 def propose(
     sens: Sensitivity,
     inventory: Inventory,
@@ -219,55 +286,19 @@ def propose(
     reference_ms: float | None,
     predict_latency: LatencyPredictor | None = None,
     limit: int | None = None,
-    latency_margin: float = LATENCY_MARGIN,
 ) -> list[GuidedPlan]:
-    """Least-damage plans for the study's budgets and for each rung of LADDER (x smaller
-    than the fp32 file, x faster than fp32), each also within the budgets; duplicates,
-    unreachable targets and plans that compress nothing are left out."""
-    size_budget = min((b.value for b in budgets if b.kind == "size"), default=None)
-    budget_ratio = None
-    latency_limits = [b.value for b in budgets if b.kind == "latency"]
-    if latency_limits and reference_ms:
-        budget_ratio = min(latency_limits) / reference_ms
-    within = " within the budgets" if budgets else ""
-    wanted: list[tuple[str, str, float | None, float | None]] = []
-    if budgets:
-        wanted.append(("guided-budget", "the budgets", size_budget, budget_ratio))
-    for kind, factor in LADDER:
-        if kind == "size":
-            size = fp32_bytes / factor
-            wanted.append((f"guided-{factor:g}x", f"{factor:g}x smaller than fp32{within}",
-                           size if size_budget is None else min(size, size_budget),
-                           budget_ratio))
-        else:
-            ratio = 1 / factor
-            wanted.append((f"guided-{factor:g}x-faster", f"{factor:g}x faster than fp32{within}",
-                           size_budget,
-                           ratio if budget_ratio is None else min(ratio, budget_ratio)))
+    """Least-damage plans for every rung (``rungs``), solved once from the model as it
+    stands; duplicates, unreachable targets and plans that compress nothing are left out.
+    (The search checks each latency-aimed plan by a pre-check: ``planning``.)"""
     out: list[GuidedPlan] = []
     seen: set[str] = set()
-    for name, what, size, ratio in wanted:
-        aim = _Targets(None if size is None else size * SIZE_MARGIN,
-                       None if ratio is None else ratio * latency_margin)
-        best = _best_over_activations(sens, config, fp32_bytes, predict_latency, aim,
-                                      inventory)
-        if best is None:
+    for rung in rungs(fp32_bytes=fp32_bytes, budgets=budgets, reference_ms=reference_ms):
+        plan = solve_rung(rung, sens, inventory, config, fp32_bytes=fp32_bytes,
+                          predict_latency=predict_latency)
+        if plan is None or plan.plan.to_json() in seen:
             continue
-        problem, choice = best
-        if not any(v < 32 if kind == "layer" else v > 0 for (kind, _), v in choice.items()):
-            continue  # the uncompressed model already meets it: the baselines cover that
-        plan = _to_plan(choice, config, problem.acts, inventory)
-        key = plan.to_json()
-        if key in seen:
-            continue
-        seen.add(key)
-        kept = problem.kept(choice)
-        out.append(GuidedPlan(
-            name=name, plan=plan, predicted_damage=problem.damage(choice),
-            predicted_size_bytes=problem.size(choice, kept),
-            predicted_latency_ratio=problem.latency_ratio(choice, kept),
-            target=what, latency_target=ratio,
-        ))
+        seen.add(plan.plan.to_json())
+        out.append(plan)
         if limit is not None and len(out) >= limit:
             break
     return out
@@ -310,4 +341,4 @@ def _to_plan(choice: dict[tuple[str, str], float], config: SearchConfig, acts: i
     )
 
 
-__all__ = ["LADDER", "GuidedPlan", "propose", "solve"]
+__all__ = ["LADDER", "GuidedPlan", "Rung", "propose", "rungs", "solve", "solve_rung"]

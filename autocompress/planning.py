@@ -8,8 +8,9 @@ model what switching between float and integer kernels costs).
 The planner then minimises predicted damage, which makes it seek out whatever the model
 underestimates. So every plan aimed at a latency target is pre-checked before it is queued
 (latency does not depend on weight values: an export and a short timing); a plan measured
-over its target teaches the model that structure, and that rung is solved again with a
-wider margin, up to REPLANS times; a rung keeps its first plan measured within target.
+over its target (or far under it: overshooting costs accuracy) teaches the model that
+structure, and the rung is solved again with its aim moved by part of the miss, up to
+REPLANS times; a rung keeps its least-damage plan measured within target.
 Each plan's queued note says what was predicted and what was measured.
 """
 
@@ -35,7 +36,8 @@ log = logging.getLogger("autocompress")
 
 GUIDED_SHARE = 4  # a search gets one guided plan per this many trials (at least one)
 REPLANS = 3  # solve, pre-check the latency-aimed plans, refit, solve again: at most this often
-REPLAN_MARGIN_STEP = 0.05  # each new solve aims this much further under the latency target
+CLOSE_ENOUGH = 0.92  # a plan measured within 92-100% of its latency target is not re-aimed
+MARGIN_RANGE = (0.75, 1.1)  # how far the aim may move from the latency target
 
 
 def enqueue_guided(
@@ -78,45 +80,59 @@ def _checked_plans(
     config: SearchConfig,
     budgets: list[Budget],
 ) -> tuple[list[guided.GuidedPlan], dict[str, float]]:
-    """Solve the ladder; pre-check each plan aimed at a latency; solve the rungs that missed
-    again (the model has learned those structures since, and the margin widens). A rung
-    keeps its first plan measured within its target; one never measured within it is left
-    out when it breaks a latency budget (its trial would be rejected)."""
+    """Per rung: solve, pre-check a latency-aimed plan, and solve again (the model has
+    learned that structure, and the aim moves by the miss) while it measured over its
+    target or far under it (overshooting costs accuracy), up to REPLANS solves. A rung
+    keeps its least-damage plan measured within target; one never measured within it is
+    kept only while it meets the latency budgets (its trial would be rejected otherwise)."""
     ctx = runner.ctx
+    fp32_bytes = measure.file_size(ctx.fp32_onnx)
     measured: dict[str, float] = {}
-    kept: dict[str, guided.GuidedPlan] = {}
-    order: list[str] = []
+    out: list[guided.GuidedPlan] = []
+    seen: set[str] = set()
     limit = max(1, config.trials // GUIDED_SHARE)
-    for attempt in range(REPLANS):
-        plans = guided.propose(
-            table, inventory, config,
-            fp32_bytes=measure.file_size(ctx.fp32_onnx),
-            budgets=budgets,
-            reference_ms=None if ctx.reference is None else ctx.reference.median_ms,
-            predict_latency=ctx.latency_model.predict,
-            limit=limit,
-            latency_margin=guided.LATENCY_MARGIN - REPLAN_MARGIN_STEP * attempt,
-        )
-        order = order or [g.name for g in plans]
-        missed = False
-        for g in plans:
-            if g.name in kept or g.name not in order:
-                continue
-            key = g.plan.to_json()
-            if g.latency_target is not None:
-                if key not in measured:
-                    ratio = _measure(runner, g.plan, config)
-                    measured[key] = float("nan") if ratio is None else ratio
-                if measured[key] > g.latency_target:
-                    missed = True
-                    if attempt < REPLANS - 1 or _breaks_budget(measured[key], ctx):
-                        continue
-            kept[g.name] = g
-        if not missed:
+    for rung in guided.rungs(fp32_bytes=fp32_bytes, budgets=budgets,
+                             reference_ms=None if ctx.reference is None
+                             else ctx.reference.median_ms):
+        if len(out) >= limit:
             break
-    chosen = [kept[name] for name in order if name in kept]
-    unique = {g.plan.to_json(): g for g in reversed(chosen)}  # two rungs, one plan: the first
-    return [g for g in chosen if unique[g.plan.to_json()] is g], measured
+        best: guided.GuidedPlan | None = None
+        last: guided.GuidedPlan | None = None
+        margin = guided.LATENCY_MARGIN
+        for _ in range(REPLANS):
+            g = guided.solve_rung(rung, table, inventory, config, fp32_bytes=fp32_bytes,
+                                  predict_latency=ctx.latency_model.predict,
+                                  latency_margin=margin)
+            if g is None:
+                break
+            last = g
+            if rung.latency_ratio is None:  # a size target: the size model is exact enough
+                best = g
+                break
+            key = g.plan.to_json()
+            if key not in measured:
+                ratio = _measure(runner, g.plan, config)
+                measured[key] = float("nan") if ratio is None else ratio
+            ratio = measured[key]
+            if ratio != ratio:  # cannot be timed: its trial will say why
+                best = best or g
+                break
+            if ratio <= rung.latency_ratio and (best is None
+                                                or g.predicted_damage < best.predicted_damage):
+                best = g
+            if CLOSE_ENOUGH * rung.latency_ratio <= ratio <= rung.latency_ratio:
+                break
+            # aim again: by the whole miss when over (the plan must fit), by half of it when
+            # far under (the refitted model corrects part of it already)
+            step = (rung.latency_ratio / ratio) ** (1.0 if ratio > rung.latency_ratio else 0.5)
+            margin = min(MARGIN_RANGE[1], max(MARGIN_RANGE[0], margin * step))
+        if best is None and last is not None and not _breaks_budget(
+                measured.get(last.plan.to_json(), 0.0), ctx):
+            best = last
+        if best is not None and best.plan.to_json() not in seen:
+            seen.add(best.plan.to_json())
+            out.append(best)
+    return out, measured
 
 
 def _breaks_budget(ratio: float, ctx: SearchContext) -> bool:

@@ -161,3 +161,51 @@ def test_planner_features_match_the_built_structure(demo_task: object) -> None:
                                teacher)
     assert space.prune_high(config) >= 0.4
     assert seen[-1] == pytest.approx(built, rel=0.02, abs=1e-6)
+
+
+@pytest.mark.parametrize("truth", [1.25, 0.7])
+def test_latency_aimed_plans_are_checked_and_re_aimed(
+    demo_task: object, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, truth: float
+) -> None:
+    """The model errs (x1.25: optimistic, x0.7: pessimistic): the budget's plan is
+    pre-checked, re-aimed, and what is queued measured within the budget, with no more
+    damage than the first solve (an overshoot costs accuracy)."""
+    import copy
+    from types import SimpleNamespace
+
+    from autocompress import guided, planning
+    from autocompress.inventory import build_inventory
+    from autocompress.sensitivity import measure_sensitivity
+
+    task = demo_task
+    teacher = copy.deepcopy(task.model)  # type: ignore[attr-defined]
+    inventory = build_inventory(teacher, task.data.example_input(1))  # type: ignore[attr-defined]
+    config = SearchConfig(prune_max=0.6, trials=4, budgets=("0.6ms",))
+    calibration = [x for x, _ in task.data.batches("train", 32)][:2]  # type: ignore[attr-defined]
+    sens = measure_sensitivity(task, inventory, config, calibration, images=64)  # type: ignore[arg-type]
+    fp32 = tmp_path / "fp32.onnx"
+    fp32.write_bytes(b"x" * 100_000)
+    model = SimpleNamespace(predict=lambda f: 0.1 + 0.9 * (f[1] + 0.8 * f[2] + 1.5 * f[3]))
+    ctx = SimpleNamespace(fp32_onnx=fp32, reference=SimpleNamespace(median_ms=1.0),
+                          latency_model=model, budget_ratio=lambda: 0.6)
+    predicted: dict[str, float] = {}
+    first: list[guided.GuidedPlan] = []
+    solve = guided.solve_rung
+
+    def spy(*args: object, **kwargs: object) -> guided.GuidedPlan | None:
+        g = solve(*args, **kwargs)  # type: ignore[arg-type]
+        if g is not None:
+            predicted[g.plan.to_json()] = float(g.predicted_latency_ratio or 0)
+            first.append(g)
+        return g
+
+    monkeypatch.setattr(planning.guided, "solve_rung", spy)
+    monkeypatch.setattr(planning, "_measure",
+                        lambda runner, plan, cfg: predicted[plan.to_json()] * truth)
+    plans, measured = planning._checked_plans(SimpleNamespace(ctx=ctx), sens, inventory,  # type: ignore[arg-type]
+                                              config, config.parsed_budgets())
+    budget_plan = next(p for p in plans if p.name == "guided-budget")
+    assert measured[budget_plan.plan.to_json()] <= 0.6
+    assert len(measured) >= 2  # the first aim missed (over, or far under): aimed again
+    if truth < 1:
+        assert budget_plan.predicted_damage <= first[0].predicted_damage

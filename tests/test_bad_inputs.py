@@ -1,0 +1,227 @@
+"""The bad-input battery: over 100 distinct wrong inputs, each met with exit 2, one line that
+starts with "error:", no traceback, and nothing created or changed in the working folder.
+
+Each case runs the real CLI in-process from an empty folder holding only the files the case
+needs (a model file, a broken YAML, a garbage database...). Cases that must load the model
+before they can know (a factory that is missing, a data folder that is empty) are marked
+``late``: their error may follow the run's progress notes, and it must still be the last
+line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from autocompress.cli import main
+
+LONG = "s" * 300
+MODEL_PY = "import torch\n\ndef make():\n    return torch.nn.Linear(64, 10)\n\n" \
+           "def broken():\n    raise ValueError('cannot build')\n\n" \
+           "def not_a_module():\n    return 42\n"
+
+# (id, argv, late): "{tmp}" is the case's folder; files below exist there
+SEARCH = ["search", "--trials", "1"]
+CASES: list[tuple[str, list[str], bool]] = [
+    # -- search: numbers and ranges -------------------------------------------------------
+    ("trials-text", [*SEARCH, "--trials", "abc"], False),
+    ("trials-zero", [*SEARCH, "--trials", "0"], False),
+    ("trials-negative", [*SEARCH, "--trials", "-3"], False),
+    ("trials-float", [*SEARCH, "--trials", "2.5"], False),
+    ("finetune-negative", [*SEARCH, "--finetune-steps", "-1"], False),
+    ("lr-zero", [*SEARCH, "--learning-rate", "0"], False),
+    ("lr-negative", [*SEARCH, "--learning-rate", "-1e-3"], False),
+    ("lr-text", [*SEARCH, "--learning-rate", "fast"], False),
+    ("batch-zero", [*SEARCH, "--batch-size", "0"], False),
+    ("threads-zero", [*SEARCH, "--threads", "0"], False),
+    ("train-threads-zero", [*SEARCH, "--train-threads", "0"], False),
+    ("latency-repeats-zero", [*SEARCH, "--latency-repeats", "0"], False),
+    ("latency-batch-zero", [*SEARCH, "--latency-batch-size", "0"], False),
+    ("seed-text", [*SEARCH, "--seed", "abc"], False),
+    ("max-rejections-zero", [*SEARCH, "--max-rejections", "0"], False),
+    ("max-rejections-negative", [*SEARCH, "--max-rejections", "-1"], False),
+    ("time-limit-zero", [*SEARCH, "--time-limit", "0"], False),
+    ("time-limit-negative", [*SEARCH, "--time-limit", "-5"], False),
+    ("promote-share-over-one", [*SEARCH, "--promote-share", "1.5"], False),
+    ("promote-share-negative", [*SEARCH, "--promote-share", "-0.1"], False),
+    ("promote-factor-one", [*SEARCH, "--promote-factor", "1"], False),
+    ("sensitivity-images-zero", [*SEARCH, "--sensitivity-images", "0"], False),
+    ("round-to-zero", [*SEARCH, "--round-to", "0"], False),
+    ("startup-trials-negative", [*SEARCH, "--startup-trials", "-1"], False),
+    ("max-drop-negative", [*SEARCH, "--max-accuracy-drop", "-1"], False),
+    ("early-stop-negative", [*SEARCH, "--early-stop-drop", "-1"], False),
+    # -- search: budgets ------------------------------------------------------------------
+    ("budget-no-unit", [*SEARCH, "--budget", "50"], False),
+    ("budget-bad-unit", [*SEARCH, "--budget", "50xs"], False),
+    ("budget-negative", [*SEARCH, "--budget", "-5ms"], False),
+    ("budget-negative-size", [*SEARCH, "--budget", "-1MB"], False),
+    ("budget-zero", [*SEARCH, "--budget", "0ms"], False),
+    ("budget-inf-ms", [*SEARCH, "--budget", "1e999ms"], False),
+    ("budget-inf-mb", [*SEARCH, "--budget", "1e999MB"], False),
+    ("budget-nan", [*SEARCH, "--budget", "nanms"], False),
+    ("budget-empty", [*SEARCH, "--budget", ""], False),
+    ("budget-text", [*SEARCH, "--budget", "fast"], False),
+    ("budget-impossible-latency", [*SEARCH, "--budget", "1us"], True),
+    ("budget-impossible-size", [*SEARCH, "--budget", "10B"], True),
+    # -- search: space --------------------------------------------------------------------
+    ("bits-three", [*SEARCH, "--bits", "3"], False),
+    ("bits-text", [*SEARCH, "--bits", "8,abc"], False),
+    ("bits-empty", [*SEARCH, "--bits", ""], False),
+    ("bits-zero", [*SEARCH, "--bits", "0"], False),
+    ("activation-bits-four", [*SEARCH, "--activation-bits", "4"], False),
+    ("prune-max-over-one", [*SEARCH, "--prune-max", "1.5"], False),
+    ("prune-max-negative", [*SEARCH, "--prune-max", "-0.1"], False),
+    ("prune-step-zero", [*SEARCH, "--prune-step", "0"], False),
+    ("prune-step-over-one", [*SEARCH, "--prune-step", "2"], False),
+    ("kd-temperature-zero", [*SEARCH, "--kd-temperature-min", "0"], False),
+    ("kd-temperature-swapped", [*SEARCH, "--kd-temperature-min", "5",
+                                "--kd-temperature-max", "2"], False),
+    ("kd-alpha-over-one", [*SEARCH, "--kd-alpha-min", "1.5"], False),
+    ("kd-alpha-negative", [*SEARCH, "--kd-alpha-min", "-1"], False),
+    ("sampler-unknown", [*SEARCH, "--sampler", "bogus"], False),
+    ("objectives-unknown", [*SEARCH, "--objectives", "bogus,size"], False),
+    ("objectives-empty", [*SEARCH, "--objectives", ""], False),
+    ("device-unknown", [*SEARCH, "--device", "tpu"], False),
+    # -- search: study names ----------------------------------------------------------------
+    ("study-spaces", [*SEARCH, "--study", "bad name"], False),
+    ("study-bang", [*SEARCH, "--study", "bad!"], False),
+    ("study-too-long", [*SEARCH, "--study", LONG], False),
+    ("study-empty", [*SEARCH, "--study", ""], False),
+    ("study-path", [*SEARCH, "--study", "../x"], False),
+    ("study-slash", [*SEARCH, "--study", "a/b"], False),
+    # -- search: storage and artifacts ----------------------------------------------------
+    ("storage-not-a-url", [*SEARCH, "--storage", "notaurl"], False),
+    ("storage-unknown-scheme", [*SEARCH, "--storage", "ftp://host/db"], False),
+    ("storage-under-a-file", [*SEARCH, "--storage", "sqlite:///{tmp}/file.txt/x.db"], False),
+    ("storage-garbage-file", [*SEARCH, "--storage", "sqlite:///{tmp}/garbage.db"], False),
+    ("artifacts-under-a-file", [*SEARCH, "--artifacts", "{tmp}/file.txt/sub"], True),
+    # -- search: YAML configs ---------------------------------------------------------------
+    ("config-missing", [*SEARCH, "--config", "{tmp}/missing.yaml"], False),
+    ("config-a-folder", [*SEARCH, "--config", "{tmp}/folder"], False),
+    ("config-bad-syntax", [*SEARCH, "--config", "{tmp}/syntax.yaml"], False),
+    ("config-unknown-key", [*SEARCH, "--config", "{tmp}/unknown.yaml"], False),
+    ("config-a-list", [*SEARCH, "--config", "{tmp}/list.yaml"], False),
+    ("config-wrong-type", [*SEARCH, "--config", "{tmp}/wrongtype.yaml"], False),
+    ("config-bad-value", [*SEARCH, "--config", "{tmp}/badvalue.yaml"], False),
+    ("config-binary", [*SEARCH, "--config", "{tmp}/garbage.db"], False),
+    # -- search: model, weights, data -----------------------------------------------------
+    ("model-demo-word", [*SEARCH, "--model", "demo"], False),
+    ("model-without-data", [*SEARCH, "--model", "{tmp}/model.py:make"], False),
+    ("model-file-missing", [*SEARCH, "--model", "{tmp}/nope.py:make", "--data", "digits"],
+     False),
+    ("model-factory-missing", [*SEARCH, "--model", "{tmp}/model.py:nothere", "--data",
+                               "digits"], False),
+    ("model-factory-raises", [*SEARCH, "--model", "{tmp}/model.py:broken", "--data",
+                              "digits"], False),
+    ("model-factory-not-a-module", [*SEARCH, "--model", "{tmp}/model.py:not_a_module",
+                                    "--data", "digits"], False),
+    ("model-not-python", [*SEARCH, "--model", "{tmp}/file.txt:make", "--data", "digits"],
+     False),
+    ("model-no-factory", [*SEARCH, "--model", "{tmp}/model.py", "--data", "digits"], False),
+    ("model-unknown-module", [*SEARCH, "--model", "no_such_module_xyz:make", "--data",
+                              "digits"], False),
+    ("model-unknown-torchvision", [*SEARCH, "--model", "torchvision:not_a_model", "--data",
+                                   "digits"], False),
+    ("weights-missing", [*SEARCH, "--model", "{tmp}/model.py:make", "--weights",
+                         "{tmp}/nope.pt", "--data", "digits"], False),
+    ("weights-garbage", [*SEARCH, "--model", "{tmp}/model.py:make", "--weights",
+                         "{tmp}/garbage.db", "--data", "digits"], False),
+    ("weights-a-folder", [*SEARCH, "--model", "{tmp}/model.py:make", "--weights",
+                          "{tmp}/folder", "--data", "digits"], False),
+    ("data-unknown-kind", [*SEARCH, "--model", "{tmp}/model.py:make", "--data",
+                           "bogus:thing"], False),
+    ("data-folder-missing", [*SEARCH, "--model", "{tmp}/model.py:make", "--data",
+                             "imagefolder:{tmp}/nope"], False),
+    ("data-folder-empty", [*SEARCH, "--model", "{tmp}/model.py:make", "--data",
+                           "imagefolder:{tmp}/folder"], False),
+    ("data-empty-spec", [*SEARCH, "--model", "{tmp}/model.py:make", "--data", ""], False),
+    ("num-classes-zero", [*SEARCH, "--num-classes", "0"], False),
+    ("input-size-zero", [*SEARCH, "--input-size", "0"], False),
+    # -- readers: show, list, sensitivity, profile ----------------------------------------
+    ("show-storage-missing", ["show", "--storage", "sqlite:///{tmp}/nope.db"], False),
+    ("show-storage-garbage", ["show", "--storage", "sqlite:///{tmp}/garbage.db"], False),
+    ("show-storage-empty-file", ["show", "--storage", "sqlite:///{tmp}/empty.db"], False),
+    ("show-storage-not-a-url", ["show", "--storage", "notaurl"], False),
+    ("list-storage-missing", ["list", "--storage", "sqlite:///{tmp}/nope.db"], False),
+    ("list-storage-garbage", ["list", "--storage", "sqlite:///{tmp}/garbage.db"], False),
+    ("sensitivity-storage-missing", ["sensitivity", "--storage", "sqlite:///{tmp}/nope.db"],
+     False),
+    ("sensitivity-top-zero", ["sensitivity", "--top", "0"], False),
+    ("profile-model-missing", ["profile", "--model", "{tmp}/nope.py:make"], False),
+    ("profile-input-shape-text", ["profile", "--input-shape", "abc"], False),
+    # -- export and refine -------------------------------------------------------------------
+    ("export-no-out", ["export", "--best"], False),
+    ("export-storage-missing", ["export", "--best", "--out", "{tmp}/o", "--storage",
+                                "sqlite:///{tmp}/nope.db"], False),
+    ("export-storage-garbage", ["export", "--best", "--out", "{tmp}/o", "--storage",
+                                "sqlite:///{tmp}/garbage.db"], False),
+    ("export-trial-text", ["export", "--trial", "abc", "--out", "{tmp}/o"], False),
+    ("export-format-unknown", ["export", "--best", "--format", "bogus", "--out", "{tmp}/o"],
+     False),
+    ("export-refine-epochs-zero", ["export", "--best", "--refine-epochs", "0", "--out",
+                                   "{tmp}/o"], False),
+    ("refine-trial-text", ["refine", "--trial", "abc", "--epochs", "1"], False),
+    ("refine-epochs-zero", ["refine", "--trial", "1", "--epochs", "0", "--storage",
+                            "sqlite:///{tmp}/nope.db"], False),
+    ("refine-storage-missing", ["refine", "--trial", "1", "--epochs", "1", "--storage",
+                                "sqlite:///{tmp}/nope.db"], False),
+    # -- dashboard ----------------------------------------------------------------------------
+    ("dashboard-port-too-big", ["dashboard", "--port", "99999"], False),
+    ("dashboard-port-text", ["dashboard", "--port", "abc"], False),
+    ("dashboard-public-without-token", ["dashboard", "--host", "0.0.0.0"], False),
+    ("dashboard-storage-missing", ["dashboard", "--storage", "sqlite:///{tmp}/nope.db"], False),
+    # -- the command line itself -------------------------------------------------------------
+    ("command-unknown", ["bogus"], False),
+    ("option-unknown", [*SEARCH, "--nope"], False),
+    ("positional-extra", [*SEARCH, "extra"], False),
+]
+
+FILES = {
+    "model.py": MODEL_PY,
+    "file.txt": "not a folder\n",
+    "garbage.db": "\x00\x01 this is not sqlite " * 20,
+    "empty.db": "",
+    "syntax.yaml": "trials: [1, 2\n",
+    "unknown.yaml": "trials: 2\nno_such_setting: 1\n",
+    "list.yaml": "- trials\n- 2\n",
+    "wrongtype.yaml": "trials: many\n",
+    "badvalue.yaml": "trials: 2\nbits: [3]\n",
+}
+
+
+def _setup(folder: Path) -> None:
+    for name, text in FILES.items():
+        (folder / name).write_text(text)
+    (folder / "folder").mkdir()
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): (p.read_bytes() if p.is_file() else b"<dir>")
+            for p in sorted(folder.rglob("*"))}
+
+
+def test_the_battery_has_over_100_distinct_inputs() -> None:
+    assert len(CASES) >= 100
+    assert len({case_id for case_id, _, _ in CASES}) == len(CASES)
+    assert len({tuple(argv) for _, argv, _ in CASES}) == len(CASES)
+
+
+@pytest.mark.parametrize("argv, late", [(a, late) for _, a, late in CASES],
+                         ids=[case_id for case_id, _, _ in CASES])
+def test_bad_input_is_one_line_exit_2_and_creates_nothing(
+    argv: list[str], late: bool, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("AUTOCOMPRESS_DASHBOARD_TOKEN", raising=False)
+    _setup(tmp_path)
+    before = _snapshot(tmp_path)
+    code = main([a.replace("{tmp}", str(tmp_path)) for a in argv])
+    err = capsys.readouterr().err.strip()
+    lines = err.splitlines()
+    assert code == 2, err
+    assert "Traceback" not in err, err
+    assert lines and lines[-1].startswith("error: "), err
+    if not late:
+        assert len(lines) == 1, err
+    assert _snapshot(tmp_path) == before  # nothing created, nothing changed
