@@ -195,8 +195,13 @@ class SearchConfig:
             )
         if not 0.0 <= self.prune_max < 1.0:
             raise ConfigError(f"prune_max {self.prune_max} must be in [0, 1) (e.g. 0.7)")
-        if self.prune_step <= 0:
-            raise ConfigError(f"prune_step {self.prune_step} must be > 0 (e.g. 0.05)")
+        if not 0 < self.prune_step < 1:
+            raise ConfigError(f"prune_step {self.prune_step} must be in (0, 1) (e.g. 0.05)")
+        if self.early_stop_drop is not None and not 0 < self.early_stop_drop <= 1:
+            raise ConfigError(
+                f"early_stop_drop {self.early_stop_drop} must be in (0, 1] (e.g. 0.25: stop a "
+                "fine-tune whose accuracy fell 25 points below fp32's)"
+            )
         if not 0 < self.kd_temperature_min <= self.kd_temperature_max:
             raise ConfigError("kd_temperature_min must be > 0 and <= kd_temperature_max")
         if not 0 <= self.kd_alpha_min <= self.kd_alpha_max <= 1:

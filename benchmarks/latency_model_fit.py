@@ -155,8 +155,10 @@ def main() -> int:
         "probes + half random -> other half": evaluate(probe_rows + rand_rows[:half],
                                                        rand_rows[half:]),
     }
+    # the per-layer detail was for choosing features; the results keep plan, ratio, features
+    kept_rows = [{k: v for k, v in r.items() if k != "layers"} for r in rows]
     data = {"command": "python benchmarks/latency_model_fit.py " + " ".join(sys.argv[1:]),
-            "machine": state_line(state), "wall_s": wall, "rows": rows, "fits": fits}
+            "machine": state_line(state), "wall_s": wall, "rows": kept_rows, "fits": fits}
     write_json(RESULTS / f"{args.stem}.json", data)
     table = md_table(["fit -> predicted", "train", "test", "median |err|", "p90 |err|",
                       "median signed err"],
