@@ -83,7 +83,7 @@ def main() -> int:
     sys.path.insert(0, str(Path(__file__).parent))
     from cifar10 import data as cdata
 
-    from autocompress import guided, space
+    from autocompress import planning, space
     from autocompress import session as sessions
     from autocompress import study as study_mod
     from autocompress.config import SearchConfig
@@ -106,14 +106,7 @@ def main() -> int:
         with sessions.torch_threads(2):
             session = sessions.open_session(config, url, storage, Path(tmp), log)
             runner, inventory, task = session.runner, session.inventory, session.task
-            probes: list[Any] = []
-            ratios = sorted({0.0, 0.25, 0.5})
-            for bits in sorted(set(config.bits), reverse=True):
-                acts = 8 if bits < 32 and 8 in config.activation_bits else config.activation_bits[0]
-                for r in ratios:
-                    probes.append(("probe", space.uniform_plan(inventory, config, bits=bits,
-                                                               ratio=r, activation_bits=acts)))
-            probes = probes[: guided.LATENCY_PROBES]
+            probes = [("probe", plan) for plan in planning.latency_probes(inventory, config)]
             uniform = [("uniform", space.uniform_plan(inventory, config, bits=b, ratio=r,
                                                       activation_bits=8 if b < 32 else 32))
                        for b in (8, 32) for r in (0.1, 0.2, 0.3, 0.4)]
