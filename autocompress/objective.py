@@ -45,7 +45,7 @@ from autocompress.study import TrialPruned
 
 log = logging.getLogger("autocompress")
 
-PRECHECK_REPEATS = 10  # x 2 rounds, interleaved with fp32, when the verdict is close
+PRECHECK_REPEATS = 10  # runs a side per round of the careful look (close verdicts, probes)
 PRECHECK_FIRST_LOOK = 5  # runs per side of the first look, which settles clear verdicts
 PRECHECK_CLEAR_MARGIN = 1.3  # "clear": every latency budget more than 30% away
 # What the latency model learns from: 4 interleaved rounds. A first look (5 runs a side) put

@@ -39,10 +39,6 @@ log = logging.getLogger("autocompress")
 
 
 BASELINES = ("fp32", "int8-ptq")
-
-
-
-
 LATENCY_MODEL_ATTR = "latency_model"
 
 
