@@ -30,7 +30,7 @@ LADDER = (("size", 8.0), ("speed", 1.5), ("size", 4.0), ("size", 16.0), ("speed"
           ("size", 12.0))
 LATENCY_PROBES = 10  # structures pre-checked to fit the latency model before planning
 # Aim under a latency target: the model errs by a few percent (benchmarks/latency_model_fit.py);
-# the search pre-checks each plan and solves again with a wider margin when one misses.
+# the search pre-checks each plan and re-aims by the miss (``planning``).
 LATENCY_MARGIN = 0.97
 # aim under a size target: per-channel scales and zero points are not in the size model
 # (ResNet-20 at int4: ~3% of the file)
@@ -85,12 +85,13 @@ class _Problem:
         }
         weight_bytes = sum(4.0 * sens.layers[n]["params"] for n in self.layers)
         self.overhead = max(fp32_bytes - weight_bytes, 0.0)
-        self.total_macs = float(sum(sens.layers[n]["macs"] for n in self.layers)) or 1.0
         # What the latency model counts: every convolution and linear layer in graph order
         # (name, MACs, output elements), and the groups whose output channels each loses.
         self.weight_layers = [(info.name, float(info.flops), output_elements(info))
                               for info in inventory.layers
                               if is_weight_layer(info.type) and info.flops]
+        self.total_macs = sum(m for _, m, _ in self.weight_layers)
+        self.total_outputs = sum(o for _, _, o in self.weight_layers)
         self.output_groups: dict[str, list[str]] = {}
         for group in inventory.groups:
             if group.name in sens.groups:
@@ -147,9 +148,7 @@ class _Problem:
                     out_share *= float(self.sens.groups[group]["ratios"][f"{ratio:g}"]["kept"]
                                        .get(name, 1.0))
             costs.append(LayerCost(macs * kept[name], outputs * out_share, bits))
-        total_macs = sum(m for _, m, _ in self.weight_layers)
-        total_outputs = sum(o for _, _, o in self.weight_layers)
-        features = cost_features(costs, total_macs, total_outputs)
+        features = cost_features(costs, self.total_macs, self.total_outputs)
         predicted = self.predict(features) if self.predict is not None else None
         if predicted is not None:
             return predicted

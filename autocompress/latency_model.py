@@ -15,8 +15,9 @@ requantizing an integer layer's activations costs per element, not per MAC); the
 neighbouring layers where the graph switches between float and integer (a Quantize or
 Dequantize node each); plus an intercept for what the inventory does not count (pooling,
 additions, the runtime's fixed cost per call). Chosen by measurement
-(benchmarks/latency_model_fit.py): fitted on the 8 probes, the MAC-only model erred by a
-median 9% on uniformly pruned int8/float ResNet-20 structures, this one by 4%.
+(benchmarks/latency_model_fit.py): fitted on the probes, the MAC-only model on first-look
+timings erred by a median 9-14% on uniformly pruned int8/float ResNet-20 structures, this one
+on careful timings by 3-7%.
 """
 
 from __future__ import annotations

@@ -57,22 +57,6 @@ def random_plan(rng: random.Random, inventory: Any, config: Any) -> Any:
                            finetune_steps=base.finetune_steps, learning_rate=base.learning_rate)
 
 
-def _layers(student: Any, plan: Any, inventory: Any, teacher: Any) -> list[dict[str, Any]]:
-    """Per weight layer: MACs and output elements in the teacher, shares kept, width."""
-    t_mods, s_mods = dict(teacher.named_modules()), dict(student.named_modules())
-    out = []
-    for layer in inventory.layers:
-        if not layer.type.startswith(("Conv", "Linear")):
-            continue
-        wt, ws = t_mods[layer.name].weight, s_mods[layer.name].weight
-        out.append({"name": layer.name, "macs": layer.flops, "params_t": wt.numel(),
-                    "params_s": ws.numel(), "out_t": wt.shape[0], "out_s": ws.shape[0],
-                    "in_t": wt.shape[1], "in_s": ws.shape[1],
-                    "positions": layer.flops / max(wt.numel(), 1),
-                    "bits": plan.bits.get(layer.name, 32), "acts": plan.activation_bits})
-    return out
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--random", type=int, default=48)
@@ -116,8 +100,7 @@ def main() -> int:
                 pre = runner.precheck(student, plan, None, Path(tmp) / "pre", careful=True)
                 feats = structure_features(student, plan, inventory, task.model)
                 rows.append({"kind": kind, "plan": plan.summary(), "ratio": pre.ratio,
-                             "features": feats, "layers": _layers(student, plan, inventory,
-                                                                  task.model)})
+                             "features": feats})
                 log(f"{kind:8s} {pre.ratio:.3f} {plan.summary()}")
     wall = time.perf_counter() - started
 
@@ -148,10 +131,8 @@ def main() -> int:
         "probes + half random -> other half": evaluate(probe_rows + rand_rows[:half],
                                                        rand_rows[half:]),
     }
-    # the per-layer detail was for choosing features; the results keep plan, ratio, features
-    kept_rows = [{k: v for k, v in r.items() if k != "layers"} for r in rows]
     data = {"command": "python benchmarks/latency_model_fit.py " + " ".join(sys.argv[1:]),
-            "machine": state_line(state), "wall_s": wall, "rows": kept_rows, "fits": fits}
+            "machine": state_line(state), "wall_s": wall, "rows": rows, "fits": fits}
     write_json(RESULTS / f"{args.stem}.json", data)
     table = md_table(["fit -> predicted", "train", "test", "median |err|", "p90 |err|",
                       "median signed err"],

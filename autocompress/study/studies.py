@@ -393,7 +393,7 @@ def _missing_parents(path: Path) -> list[Path]:
 
 def load_existing_study(storage_url: str, study_name: str) -> optuna.Study:
     storage = open_storage(storage_url, heartbeat=False, create=False)
-    names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
+    names = _study_names(storage)
     if study_name not in names:
         raise StudyError(
             f"study {study_name!r} not found in {masked_url(storage_url)}; existing studies: "
