@@ -140,15 +140,17 @@ def _breaks_budget(ratio: float, ctx: SearchContext) -> bool:
     return budget is not None and ratio > budget
 
 
-def _measure(runner: TrialRunner, plan: CompressionPlan, config: SearchConfig) -> float | None:
+def _measure(runner: TrialRunner, plan: CompressionPlan, config: SearchConfig,
+             what: str = "guided plan") -> float | None:
     """The structure's latency ratio to fp32 (a careful pre-check, which the latency model
-    also learns from), or None when it cannot be timed."""
+    also learns from), or None, with a warning naming ``what`` was skipped, when it cannot
+    be timed (a guided plan's trial then records why)."""
     try:
         student = build_student(runner.ctx.task, plan, config.round_to)
-        pre = runner.precheck(student, plan, None, runner.ctx.workdir / "guided", careful=True)
-    except Exception as exc:  # the trial itself will record why
-        log.warning("guided plan %s could not be pre-checked: %s", plan.summary(),
-                    one_line(exc, typed=True))
+        pre = runner.precheck(student, plan, None, runner.ctx.workdir / "pre-checks",
+                              careful=True)
+    except Exception as exc:
+        log.warning("%s %s skipped: %s", what, plan.summary(), one_line(exc, typed=True))
         return None
     return pre.ratio
 
@@ -162,13 +164,7 @@ def fit_latency_model(runner: TrialRunner, inventory: Any, config: SearchConfig)
     for plan in latency_probes(inventory, config):
         if model.ready and len(model.observations) >= guided.LATENCY_PROBES:
             return
-        try:
-            student = build_student(runner.ctx.task, plan, config.round_to)
-            runner.precheck(student, plan, None, runner.ctx.workdir / "latency-probes",
-                            careful=True)
-        except Exception as exc:  # a structure that cannot be timed: plan without it
-            log.warning("latency probe %s skipped: %s", plan.summary(),
-                        one_line(exc, typed=True))
+        _measure(runner, plan, config, "latency probe")
 
 
 def latency_probes(inventory: Any, config: SearchConfig) -> list[CompressionPlan]:
