@@ -408,3 +408,25 @@ def test_tpe_models_after_its_startup_trials() -> None:
     late = _proposals(study_mod.make_sampler("tpe", 0, startup_trials=10), 5)
     assert late == random
     assert early[:2] == random[:2] and early[2:] != random[2:]
+
+
+def test_postgres_url_names_the_installed_driver(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bare postgresql:// means psycopg2 under SQLAlchemy 2.0, which the postgres extra
+    does not install: the URL must name the driver that is there, whichever SQLAlchemy is."""
+    import importlib.util
+
+    from autocompress.study import driver_url
+
+    url = "postgresql://u:pw@db:5432/studies"
+    assert driver_url(url) == "postgresql+psycopg://u:pw@db:5432/studies"  # dev installs psycopg
+    assert driver_url("postgres://u@db/s") == "postgresql+psycopg://u@db/s"
+    assert driver_url("postgresql+psycopg2://u@db/s") == "postgresql+psycopg2://u@db/s"
+    assert driver_url("sqlite:///studies/demo.db") == "sqlite:///studies/demo.db"
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "psycopg" else real(name, *a))
+    if real("psycopg2") is None:
+        with pytest.raises(StudyError, match=r"pip install 'autocompress\[postgres\]'") as err:
+            driver_url(url)
+        assert "pw" not in str(err.value)  # the password is masked

@@ -27,7 +27,7 @@ from autocompress import trial_attrs
 from autocompress.dashboard import _analysis as an
 from autocompress.errors import StudyError, one_line
 from autocompress.pareto import nondominated, superseded
-from autocompress.study import default_artifacts_dir, masked_url
+from autocompress.study import default_artifacts_dir, driver_url, masked_url
 from autocompress.study.records import failure_reason, retried_as
 
 _T = TypeVar("_T")
@@ -88,7 +88,7 @@ def open_storage(storage_url: str) -> optuna.storages.BaseStorage:
         url = f"sqlite:///file:{quote(str(path.resolve()))}?mode=ro&uri=true"
     try:
         storage = optuna.storages.get_storage(
-            optuna.storages.RDBStorage(url, engine_kwargs=_engine_kwargs(url))
+            optuna.storages.RDBStorage(driver_url(url), engine_kwargs=_engine_kwargs(url))
         )
         optuna.get_all_study_summaries(storage, include_best_trial=False)
     except Exception as exc:  # any driver/schema error: the user needs the one line

@@ -6,6 +6,7 @@ import contextlib
 import copy
 import fcntl
 import functools
+import importlib.util
 import logging
 import os
 import re
@@ -110,6 +111,32 @@ def sqlite_path(url: str) -> Path | None:
     if not url.startswith("sqlite:///"):
         return None
     return Path(url[len("sqlite:///"):])
+
+
+# The PostgreSQL drivers SQLAlchemy can use, in the order we prefer them. A bare
+# ``postgresql://`` means psycopg2 in SQLAlchemy 2.0 and psycopg 3 in 2.1; the ``postgres``
+# extra installs psycopg 3, so the URL names the driver that is installed, whichever
+# SQLAlchemy is.
+_PG_DRIVERS: tuple[tuple[str, str], ...] = (("psycopg", "psycopg"), ("psycopg2", "psycopg2"))
+
+
+def driver_url(url: str) -> str:
+    """``url`` with an explicit, installed PostgreSQL driver (other URLs unchanged).
+
+    ``postgresql://`` / ``postgres://`` become ``postgresql+psycopg://`` (or ``+psycopg2``
+    when only that is installed); a URL naming its driver is left as written. Raises a
+    one-line StudyError when no driver is installed.
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme not in ("postgresql", "postgres"):
+        return url
+    for module, dialect in _PG_DRIVERS:
+        if importlib.util.find_spec(module) is not None:
+            return f"postgresql+{dialect}://{rest}"
+    raise StudyError(
+        "no PostgreSQL driver is installed for storage "
+        f"{masked_url(url)!r}; install it with: pip install 'autocompress[postgres]'"
+    )
 
 
 def masked_url(url: str) -> str:
@@ -326,7 +353,9 @@ def open_storage(url: str, *, heartbeat: bool = True, create: bool = True) -> RD
                         "grace_period": settings.grace_period_s,
                         "heartbeat_stale_trial_callback": _RetryStaleTrial(max_retry=1),
                     }
-                storage = _ResilientStorage(url, engine_kwargs=engine, **kwargs)
+                storage = _ResilientStorage(
+                    driver_url(url), engine_kwargs=engine, **kwargs
+                )
             storage.retry_s = settings.db_retry_s
             return storage
         except Exception as exc:
