@@ -222,7 +222,8 @@ def _show(args: argparse.Namespace) -> int:
     recs = handle.records()
     shown = recs if args.all else handle.pareto_front()
     if args.json:
-        print(json.dumps([report.record_json(r) for r in shown], indent=2))
+        fp32 = report.fp32_record(recs)  # the comparisons need it even when not shown
+        print(json.dumps([report.record_json(r, fp32) for r in shown], indent=2))
     else:
         what = "Trials" if args.all else "Pareto front"
         report.print_front(recs, shown, handle.budgets(), title=f"{what} of study {name!r}")

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from autocompress import distill, measure, quantize, runtime, space, trial_attrs
+from autocompress import distill, measure, metrics, quantize, runtime, space, trial_attrs
 from autocompress.config import Budget, SearchConfig
 from autocompress.errors import AutocompressError
 from autocompress.intake import Task
@@ -224,7 +224,7 @@ class TrialRunner:
             torch.save((qat if qat is not None else student).state_dict(), torch_state)
 
         with timer.phase("measure"):
-            values = self._measure(trial, artifact, student, pre)
+            values = self._measure(trial, artifact, student, plan, pre)
             trial.set_user_attr(trial_attrs.TORCH_KIND, "float" if qat is None else "qat")
             trial.set_user_attr(trial_attrs.TORCH_ARTIFACT_SHA256, measure.sha256_file(torch_state))
             trial.set_user_attr(trial_attrs.TORCH_ARTIFACT_ID, ctx.upload(trial, torch_state))
@@ -451,7 +451,12 @@ class TrialRunner:
         return Path(info.path)
 
     def _measure(
-        self, trial: Any, artifact: Path, student: nn.Module, pre: Precheck
+        self,
+        trial: Any,
+        artifact: Path,
+        student: nn.Module,
+        plan: CompressionPlan,
+        pre: Precheck,
     ) -> tuple[float, ...]:
         ctx = self.ctx
         cfg = ctx.config
@@ -496,6 +501,7 @@ class TrialRunner:
             trial_attrs.FP32_LATENCY: inter.reference.median_ms,
             trial_attrs.RUNTIME: json.dumps(self._runtime(pre.session_options)),
             trial_attrs.FLOPS: measure.count_flops(student, example),
+            trial_attrs.BOPS: metrics.bit_operations(metrics.layer_macs(student, example), plan),
             trial_attrs.PARAMS: measure.count_params(student),
             trial_attrs.WEIGHT_TYPES: json.dumps(quantize.onnx_weight_types(artifact)),
             trial_attrs.ARTIFACT_SHA256: measure.sha256_file(artifact),

@@ -26,6 +26,7 @@ class TrialRecord:
     # ratio to fp32 x the study's fp32 reference: what latency budgets are judged on
     latency_estimate_ms: float | None = None
     flops: float | None = None
+    bops: float | None = None
     params: float | None = None
     feasible: bool = False
     baseline: str | None = None

@@ -11,7 +11,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from autocompress import trial_attrs
+from autocompress import metrics, trial_attrs
 from autocompress.config import Budget, default_storage_url, format_bytes
 from autocompress.pareto import TrialRecord
 
@@ -92,7 +92,7 @@ class SearchProgress(_Bar):
         )
 
 
-def _fp32(records: Sequence[TrialRecord]) -> TrialRecord | None:
+def fp32_record(records: Sequence[TrialRecord]) -> TrialRecord | None:
     return next((r for r in records if r.baseline == "fp32" and r.measured), None)
 
 
@@ -106,27 +106,25 @@ def record_json(record: TrialRecord, fp32: TrialRecord | None = None) -> dict[st
         "accuracy": record.accuracy,
         "test_accuracy": record.test_accuracy,
         "size_bytes": record.size_bytes,
+        "zip_size_bytes": record.attrs.get(trial_attrs.ZIP_SIZE),
         "latency_ms": record.latency_ms,
         "latency_spread_ms": record.latency_spread_ms,
         "latency_vs_fp32": record.latency_vs_fp32,
         "latency_estimate_ms": record.latency_estimate_ms,
         "flops": record.flops,
+        "bops": record.bops,
         "params": record.params,
         "plan_summary": record.plan_summary,
         "rejected": record.rejected,
         "fail_reason": record.fail_reason,
     }
-    if fp32 and fp32.size_bytes and record.size_bytes:
-        data["times_smaller"] = fp32.size_bytes / record.size_bytes
-        if record.accuracy is not None and fp32.accuracy is not None:
-            data["accuracy_change_points"] = 100 * (record.accuracy - fp32.accuracy)
-    if record.latency_vs_fp32:
-        data["times_faster"] = 1.0 / record.latency_vs_fp32
+    if record.accuracy is not None:
+        data.update(metrics.record_versus_fp32(record, fp32))
     return data
 
 
 def result_json(result: Any) -> dict[str, Any]:
-    fp32 = _fp32(result.records)
+    fp32 = fp32_record(result.records)
     return {
         "study": result.study,
         "storage": result.storage_url,
@@ -147,21 +145,18 @@ def print_front(
     *,
     title: str,
 ) -> None:
-    fp32 = _fp32(records)
+    fp32 = fp32_record(records)
     table = Table(title=title, title_justify="left")
-    for header in ("trial", "accuracy", "Δ vs fp32", "size", "× smaller", "latency ms",
-                   "× faster", "MFLOPs", "plan"):
+    for header in ("trial", "accuracy", "Δ vs fp32", "acc drop", "size", "× smaller",
+                   "latency ms", "× faster", "MFLOPs", "FLOPs −", "BOPs −", "plan"):
         table.add_column(header, justify="left" if header == "plan" else "right")
     for r in shown:
         if r.accuracy is None or r.size_bytes is None:
-            table.add_row(str(r.number), "-", "-", "-", "-", "-", "-", "-",
+            table.add_row(str(r.number), *["-"] * 10,
                           escape(r.fail_reason or r.rejected
                                  or r.attrs.get(trial_attrs.EARLY_STOPPED) or r.state.lower()))
             continue
-        delta = "" if fp32 is None or fp32.accuracy is None else (
-            f"{100 * (r.accuracy - fp32.accuracy):+.2f} pt")
-        smaller = f"{fp32.size_bytes / r.size_bytes:.1f}" if fp32 and fp32.size_bytes else ""
-        faster = f"{1 / r.latency_vs_fp32:.2f}" if r.latency_vs_fp32 else ""
+        vs = metrics.record_versus_fp32(r, fp32)
         latency = "" if r.latency_ms is None else (
             f"{r.latency_ms:.3f} ±{(r.latency_spread_ms or 0) / 2:.3f}")
         label = r.plan_summary
@@ -179,14 +174,24 @@ def print_front(
             label = f"[rejected] {r.rejected}"
         if not r.feasible:
             label = f"[over budget] {label}"
-        table.add_row(str(r.number), f"{r.accuracy:.4f}", delta, format_bytes(r.size_bytes),
-                      smaller, latency, faster,
-                      "" if r.flops is None else f"{r.flops / 1e6:.2f}", escape(label))
+        table.add_row(str(r.number), f"{r.accuracy:.4f}",
+                      _shown(vs["accuracy_change_points"], "{:+.2f} pt"),
+                      _shown(vs["accuracy_drop_rate"], "{:.2%}"), format_bytes(r.size_bytes),
+                      _shown(vs["times_smaller"], "{:.1f}"), latency,
+                      _shown(vs["times_faster"], "{:.2f}"),
+                      _shown(None if r.flops is None else r.flops / 1e6, "{:.2f}"),
+                      _shown(vs["flop_reduction_rate"], "{:.0%}"),
+                      _shown(vs["bops_reduction_rate"], "{:.0%}"), escape(label))
     _table_console().print(table)
     counts = _counts(records)
     budget_text = ", ".join(b.text for b in budgets) or "none"
     _out.print(f"budgets: {budget_text} | trials: {counts} | latency: median ±IQR/2, "
-               "ONNX Runtime CPU, interleaved with fp32")
+               "ONNX Runtime CPU, interleaved with fp32 | acc drop, FLOPs −, BOPs −: "
+               "(fp32 - trial) / fp32")
+
+
+def _shown(value: float | None, spec: str) -> str:
+    return "" if value is None else spec.format(value)
 
 
 def _counts(records: Sequence[TrialRecord]) -> str:

@@ -12,6 +12,7 @@ import math
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from autocompress import metrics
 from autocompress.pareto import hypervolume_points
 
 # The order objectives are written in by the search (BRIEF: accuracy, size, then latency).
@@ -221,28 +222,28 @@ def timing_rows(timing: Any) -> list[dict[str, Any]]:
 
 
 def compare_to_fp32(trial: dict[str, Any], fp32: dict[str, Any] | None) -> dict[str, Any]:
-    """Times smaller, times faster and accuracy change (points) against the fp32 baseline.
+    """Times smaller, times faster, accuracy change (points) and the guide's rates
+    (accuracy drop, FLOP and BOP reduction; ``metrics.versus_fp32``) against the fp32
+    baseline.
 
     Speed prefers the interleaved ratio measured beside the fp32 file in the same run
-    (``latency_vs_fp32``; design rule 7: latency drifts, interleaving cancels it), then the
-    fp32 latency recorded on the trial, then the fp32 baseline trial's own latency.
+    (``latency_vs_fp32``: latency drifts, interleaving cancels it), then the fp32 latency
+    recorded on the trial, then the fp32 baseline trial's own latency.
     """
-    out: dict[str, Any] = {
-        "times_smaller": None,
-        "times_faster": None,
-        "latency_basis": None,
-        "accuracy_change_points": None,
-        "fp32_trial": fp32["number"] if fp32 else None,
-    }
-    size = trial.get("size_bytes")
-    acc = trial.get("accuracy")
-    lat = trial.get("latency_ms")
-    if fp32 and size and fp32.get("size_bytes"):
-        out["times_smaller"] = fp32["size_bytes"] / size
     ratio = number_or_none(trial.get("latency_vs_fp32"))
+    out: dict[str, Any] = metrics.versus_fp32(
+        accuracy=number_or_none(trial.get("accuracy")),
+        size_bytes=number_or_none(trial.get("size_bytes")),
+        flops=number_or_none(trial.get("flops")),
+        bops=number_or_none(trial.get("bops")),
+        latency_vs_fp32=ratio if ratio and ratio > 0 else None,
+        fp32=fp32,
+    )
+    out["latency_basis"] = None
+    out["fp32_trial"] = fp32["number"] if fp32 else None
+    lat = trial.get("latency_ms")
     fp32_lat = number_or_none(trial.get("fp32_latency_ms"))
-    if ratio and ratio > 0:
-        out["times_faster"] = 1.0 / ratio
+    if out["times_faster"] is not None:
         out["latency_basis"] = "interleaved with the fp32 file in the same run"
     elif fp32_lat and lat:
         out["times_faster"] = fp32_lat / lat
@@ -250,8 +251,6 @@ def compare_to_fp32(trial: dict[str, Any], fp32: dict[str, Any] | None) -> dict[
     elif fp32 and fp32.get("latency_ms") and lat:
         out["times_faster"] = fp32["latency_ms"] / lat
         out["latency_basis"] = f"fp32 baseline trial #{fp32['number']}"
-    if fp32 and acc is not None and fp32.get("accuracy") is not None:
-        out["accuracy_change_points"] = (acc - fp32["accuracy"]) * 100.0
     return out
 
 

@@ -42,6 +42,7 @@ _METRIC_ATTRS = (
     "latency_vs_fp32",
     "fp32_latency_ms",
     "flops",
+    "bops",
     "params",
 )
 
@@ -233,6 +234,12 @@ class StudyReader:
         front_2d.sort(key=lambda n: flat[n][1])
         for t in trials:
             t["on_front"] = t["number"] in front
+        fp32_row = next((t for t in trials if t["baseline"] == "fp32"
+                         and t["state"] == "COMPLETE" and t["accuracy"] is not None), None)
+        for t in trials:  # the guide's rates, as show and the report compute them
+            vs = an.compare_to_fp32(t, fp32_row)
+            for rate in ("accuracy_drop_rate", "flop_reduction_rate", "bops_reduction_rate"):
+                t[rate] = vs[rate]
 
         budgets = an.maybe_json(attrs.get("budgets")) or []
         candidates = [t for t in trials if an.is_compressed_candidate(t)]

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from autocompress import __version__, trial_attrs
+from autocompress import __version__, metrics, trial_attrs
 from autocompress.config import Budget, format_bytes
 from autocompress.export._results import REPORT_FORMAT_VERSION, Choice, _speed_text
 from autocompress.export.program import _Context
@@ -19,12 +19,6 @@ from autocompress.pareto import (
     pareto_front,
 )
 from autocompress.plan import CompressionPlan
-
-
-def _rate(original: float | None, compressed: float | None) -> float | None:
-    if original is None or compressed is None or not original:
-        return None
-    return (float(original) - float(compressed)) / float(original)
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -38,6 +32,7 @@ def _metrics(record: TrialRecord | None, fp32: TrialRecord | None) -> dict[str, 
         return {}
     a = record.attrs
     weight_types = record.json_attr("weight_types")
+    vs = metrics.record_versus_fp32(record, fp32)
     return {
         "trial": record.number,
         "baseline": record.baseline,
@@ -55,14 +50,18 @@ def _metrics(record: TrialRecord | None, fp32: TrialRecord | None) -> dict[str, 
         "runtime": _runtime_of(record),
         "accuracy_val": record.accuracy,
         "accuracy_test": record.test_accuracy,
-        "accuracy_drop_rate_val": _rate(fp32.accuracy, record.accuracy) if fp32 else None,
+        "accuracy_drop_rate_val": vs["accuracy_drop_rate"],
         "accuracy_drop_rate_test": (
-            _rate(fp32.test_accuracy, record.test_accuracy) if fp32 else None
+            metrics.accuracy_drop_rate(fp32.test_accuracy, record.test_accuracy) if fp32 else None
         ),
         "flops": record.flops,
-        "flop_reduction_rate": _rate(fp32.flops, record.flops) if fp32 else None,
+        "flop_reduction_rate": vs["flop_reduction_rate"],
+        "bops": record.bops,
+        "bops_reduction_rate": vs["bops_reduction_rate"],
         "params": record.params,
-        "param_reduction_rate": _rate(fp32.params, record.params) if fp32 else None,
+        "param_reduction_rate": (
+            metrics.reduction_rate(fp32.params, record.params) if fp32 else None
+        ),
         "weight_types": dict(Counter(weight_types.values())) if weight_types else None,
     }
 
@@ -154,6 +153,7 @@ def _report(
         "definitions": {
             "accuracy_drop_rate": "(original - compressed) / original, fp32 baseline trial",
             "flop_reduction_rate": "(original - compressed) / original, fvcore counts",
+            "bops": "sum over Conv/Linear layers of MACs x weight bits x activation bits",
             "latency": "median and IQR (spread) of ONNX Runtime runs, interleaved with fp32",
             "times_smaller": "fp32 file bytes / exported file bytes",
         },
@@ -242,6 +242,7 @@ def _markdown(report: dict[str, Any]) -> str:
         ("accuracy-drop rate (test)", "0", _fmt(cand.get("accuracy_drop_rate_test"), ".2%")),
         ("FLOPs", _fmt(fp32.get("flops"), ",d"), _fmt(cand.get("flops"), ",d")),
         ("FLOP-reduction rate", "0", _fmt(cand.get("flop_reduction_rate"), ".2%")),
+        ("bit-operation reduction", "0", _fmt(cand.get("bops_reduction_rate"), ".2%")),
         ("params", _fmt(fp32.get("params"), ",d"), _fmt(cand.get("params"), ",d")),
         ("weight types in file", _types(fp32.get("weight_types")),
          _types(cand.get("weight_types"))),

@@ -51,6 +51,7 @@ def to_record(trial: FrozenTrial, retries: dict[int, int] | None = None) -> Tria
         latency_vs_fp32=a.get(trial_attrs.LATENCY_VS_FP32),
         latency_estimate_ms=a.get(trial_attrs.LATENCY_ESTIMATE),
         flops=a.get(trial_attrs.FLOPS),
+        bops=a.get(trial_attrs.BOPS),
         params=a.get(trial_attrs.PARAMS),
         feasible=bool(a.get(trial_attrs.FEASIBLE, False)) and trial.state == TrialState.COMPLETE,
         baseline=a.get(trial_attrs.BASELINE),

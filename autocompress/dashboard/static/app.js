@@ -21,6 +21,7 @@
   }
   const ms = (v) => (isNum(v) ? (v >= 100 ? v.toFixed(0) : v >= 10 ? v.toFixed(1) : v.toFixed(3)) + " ms" : "—");
   const times = (v) => (isNum(v) ? v.toFixed(2) + "×" : "—");
+  const rate = (v) => (isNum(v) ? (v * 100).toFixed(1) + " %" : "—");
   const points = (v) => (isNum(v) ? (v >= 0 ? "+" : "−") + Math.abs(v).toFixed(2) + " pt" : "—");
   const count = (v) => (isNum(v) ? (v >= 1e9 ? (v / 1e9).toFixed(2) + " G" : v >= 1e6 ? (v / 1e6).toFixed(2) + " M" : v >= 1e3 ? (v / 1e3).toFixed(1) + " k" : String(v)) : "—");
   const secs = (v) => (isNum(v) ? (v >= 60 ? (v / 60).toFixed(1) + " min" : v.toFixed(1) + " s") : "—");
@@ -121,6 +122,9 @@
     { key: "size_bytes", label: "Size", num: true, fmt: (t) => bytes(t.size_bytes) },
     { key: "latency_ms", label: "Latency (median)", num: true, fmt: (t) => ms(t.latency_ms) + (isNum(t.latency_spread_ms) ? ` <span class="muted">± ${ms(t.latency_spread_ms)}</span>` : "") },
     { key: "speedup", label: "Speed vs fp32", num: true, fmt: (t) => times(t.speedup) },
+    { key: "accuracy_drop_rate", label: "Acc. drop rate", num: true, fmt: (t) => rate(t.accuracy_drop_rate) },
+    { key: "flop_reduction_rate", label: "FLOPs −", num: true, fmt: (t) => rate(t.flop_reduction_rate) },
+    { key: "bops_reduction_rate", label: "BOPs −", num: true, fmt: (t) => rate(t.bops_reduction_rate) },
     { key: "duration_s", label: "Took", num: true, fmt: (t) => secs(t.duration_s) },
     { key: "plan_summary", label: "Plan", cls: "plan", fmt: (t) => esc(t.plan_summary || "—") },
     { key: "reason", label: "Note", cls: "reason", fmt: (t) => `<span title="${esc(t.reason || "")}">${esc(t.reason || "")}</span>` },
@@ -389,7 +393,9 @@
       ["Size (file)", bytes(m.size_bytes), fp ? bytes(fp.size_bytes) : "—", c.times_smaller != null ? times(c.times_smaller) + " smaller" : "—"],
       ["Size (zipped)", bytes(m.zip_size_bytes), fp ? bytes(fp.zip_size_bytes) : "—", fp && isNum(m.zip_size_bytes) && isNum(fp.zip_size_bytes) ? times(fp.zip_size_bytes / m.zip_size_bytes) + " smaller" : "—"],
       ["Latency (median ± IQR)", ms(m.latency_ms) + (isNum(m.latency_spread_ms) ? " ± " + ms(m.latency_spread_ms) : ""), isNum(m.fp32_latency_ms) ? ms(m.fp32_latency_ms) : fp ? ms(fp.latency_ms) : "—", c.times_faster != null ? times(c.times_faster) + " faster" : "—"],
-      ["FLOPs", count(m.flops), fp ? count(fp.flops) : "—", fp && isNum(m.flops) && isNum(fp.flops) && m.flops > 0 ? times(fp.flops / m.flops) + " fewer" : "—"],
+      ["Accuracy-drop rate", rate(c.accuracy_drop_rate), "0", "(fp32 − trial) / fp32"],
+      ["FLOPs", count(m.flops), fp ? count(fp.flops) : "—", isNum(c.flop_reduction_rate) ? rate(c.flop_reduction_rate) + " fewer (FLOP-reduction rate)" : "—"],
+      ["Bit-operations (MACs × bits × bits)", count(m.bops), fp ? count(fp.bops) : "—", isNum(c.bops_reduction_rate) ? rate(c.bops_reduction_rate) + " fewer" : "—"],
       ["Parameters", count(m.params), fp ? count(fp.params) : "—", fp && isNum(m.params) && isNum(fp.params) && m.params > 0 ? times(fp.params / m.params) + " fewer" : "—"],
     ];
     el("metrics-table").innerHTML = "<thead><tr><th>Metric</th><th class='num'>This trial</th><th class='num'>fp32 baseline</th><th class='num'>Change</th></tr></thead><tbody>" +
