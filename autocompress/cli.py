@@ -91,6 +91,20 @@ def build_parser() -> argparse.ArgumentParser:
                    "integer weights in the file) or both (default 8,32)")
     s.add_argument("--prune-max", type=float, help="largest prune ratio (default 0.7)")
     s.add_argument("--prune-step", type=float, help="prune ratio grid step (default 0.05)")
+    s.add_argument("--sparsity-max", type=float, help="search unstructured L1 sparsity up "
+                   "to this fraction (default 0: off; pair with --size-metric zip)")
+    s.add_argument("--sparsity-step", type=float, help="sparsity grid step (default 0.1)")
+    s.add_argument("--sparsity-scope", help="layer (a ratio per layer, default) or global "
+                   "(one ratio ranked across all layers)")
+    s.add_argument("--size-metric", help="what the size objective and size budgets count: "
+                   "file (bytes on disk, default) or zip (zipped bytes: what sparsity saves)")
+    s.add_argument("--feature-weight-max", type=float, help="search feature distillation "
+                   "on/off with a weight up to this (default 0: off)")
+    s.add_argument("--feature-layers", type=_csv, help="layers whose outputs feature "
+                   "distillation matches (default: the model's stage outputs)")
+    s.add_argument("--ptq-methods", type=_csv, help="let the search realise a plan by "
+                   "post-training quantization (no fine-tune) calibrated with these: minmax, "
+                   "entropy, percentile (default: none, every plan is QAT + KD)")
     s.add_argument("--kd-temperature-min", type=float, help="lowest distillation "
                    "temperature searched (default 1)")
     s.add_argument("--kd-temperature-max", type=float, help="highest (default 10)")

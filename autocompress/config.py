@@ -22,6 +22,9 @@ from autocompress.errors import BudgetError, ConfigError
 
 SAMPLERS = ("tpe", "random", "nsga2", "gp")
 OBJECTIVES = ("accuracy", "size", "latency")
+SPARSITY_SCOPES = ("layer", "global")
+SIZE_METRICS = ("file", "zip")
+PTQ_METHODS = ("minmax", "entropy", "percentile")
 
 
 @dataclass(frozen=True)
@@ -128,6 +131,21 @@ class SearchConfig:
     activation_bits: tuple[int, ...] = (8, 32)
     prune_max: float = 0.7
     prune_step: float = 0.05
+    # unstructured L1 sparsity searched up to this fraction, per layer ("layer") or as one
+    # ratio ranked across all layers ("global"); 0: not searched. Zeros shrink a zipped file
+    # (or a sparse format), not the raw one: pair it with size_metric "zip"
+    sparsity_max: float = 0.0
+    sparsity_step: float = 0.1
+    sparsity_scope: str = "layer"
+    # what the size objective and size budgets count: the file's bytes or its zipped bytes
+    size_metric: str = "file"
+    # feature distillation searched on/off with a weight up to this (0: never); the layers
+    # whose outputs are matched (student and teacher share names; empty: stage outputs)
+    feature_weight_max: float = 0.0
+    feature_layers: tuple[str, ...] = ()
+    # post-training quantization as a realisation the search may choose (no fine-tune),
+    # calibrated with one of these methods; empty: every candidate is QAT + KD
+    ptq_methods: tuple[str, ...] = ()
     kd_temperature_min: float = 1.0
     kd_temperature_max: float = 10.0
     kd_alpha_min: float = 0.5
@@ -197,6 +215,22 @@ class SearchConfig:
             raise ConfigError(f"prune_max {self.prune_max} must be in [0, 1) (e.g. 0.7)")
         if not 0 < self.prune_step < 1:
             raise ConfigError(f"prune_step {self.prune_step} must be in (0, 1) (e.g. 0.05)")
+        if not 0.0 <= self.sparsity_max < 1.0:
+            raise ConfigError(f"sparsity_max {self.sparsity_max} must be in [0, 1) (e.g. 0.8; "
+                              "0 turns unstructured sparsity off)")
+        if not 0 < self.sparsity_step < 1:
+            raise ConfigError(f"sparsity_step {self.sparsity_step} must be in (0, 1) (e.g. 0.1)")
+        for key, value, allowed in (("sparsity_scope", self.sparsity_scope, SPARSITY_SCOPES),
+                                    ("size_metric", self.size_metric, SIZE_METRICS)):
+            if value not in allowed:
+                raise ConfigError(f"{key} {value!r} is unknown; use one of {list(allowed)}")
+        if not 0.0 <= self.feature_weight_max <= 100.0:
+            raise ConfigError(f"feature_weight_max {self.feature_weight_max} must be in "
+                              "[0, 100] (e.g. 1; 0 turns feature distillation off)")
+        bad = [m for m in self.ptq_methods if m not in PTQ_METHODS]
+        if bad or len(set(self.ptq_methods)) != len(self.ptq_methods):
+            raise ConfigError(f"ptq_methods {list(self.ptq_methods)} is invalid; use any of "
+                              f"{list(PTQ_METHODS)} once each, or none")
         if self.early_stop_drop is not None and not 0 < self.early_stop_drop <= 1:
             raise ConfigError(
                 f"early_stop_drop {self.early_stop_drop} must be in (0, 1] (e.g. 0.25: stop a "

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from autocompress import sparsity
 from autocompress._outputs import first_tensor
 from autocompress.errors import InputError, PlanError, TrainingError
 from autocompress.plan import CompressionPlan
@@ -456,6 +457,8 @@ def _run(
         x0, _ = next(_cycle_batches(data, batch_size, seed))
         distiller = FeatureDistiller(student, teacher, plan.feature_pairs, x0.to(dev)).to(dev)
 
+    # The plan's unstructured zeros, put back after every step (a step refills them).
+    masks = sparsity.ZeroMasks(student, sparsity.planned_layers(student, plan)).to(dev)
     try:
         params = [p for p in student.parameters() if p.requires_grad]
         if distiller is not None:
@@ -487,6 +490,7 @@ def _run(
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, _CLIP_NORM)
             opt.step()
+            masks.restore()
             sched.step()
             recent.append(value)
             del recent[:-_FINAL_LOSS_WINDOW]

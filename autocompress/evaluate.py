@@ -73,8 +73,9 @@ def evaluate_plan(
 
 def _check_in_space(plan: CompressionPlan, rebuilt: CompressionPlan) -> None:
     """The trial runs the plan the search space can express: refuse one it would change."""
-    fields = ("bits", "prune", "sparsity", "activation_bits", "kd_temperature", "kd_alpha",
-              "feature_pairs", "feature_weight")
+    fields = ("bits", "prune", "sparsity", "global_sparsity", "activation_bits",
+              "kd_temperature", "kd_alpha", "feature_pairs", "feature_weight", "realisation",
+              "calibration")
     def normal(p: CompressionPlan, name: str) -> object:
         value = getattr(p, name)
         if name == "bits":  # a layer left out stays at 32 bits
@@ -88,7 +89,8 @@ def _check_in_space(plan: CompressionPlan, rebuilt: CompressionPlan) -> None:
         raise PlanError(
             f"plan {plan.summary()!r} lies outside the config's search space ({', '.join(differ)}"
             " would change); widen the config (bits, activation_bits, prune_max/prune_step, "
-            "kd ranges) or change the plan"
+            "sparsity_max/step/scope, feature_weight_max/feature_layers, ptq_methods, kd "
+            "ranges) or change the plan"
         )
 
 

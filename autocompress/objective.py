@@ -207,7 +207,8 @@ class TrialRunner:
                 )
 
         qat: nn.Module | None = None
-        if baseline is None and plan.finetune_steps > 0:
+        # A PTQ plan has no fine-tune: ONNX Runtime calibrates the float student at export.
+        if baseline is None and plan.finetune_steps > 0 and not plan.is_ptq:
             with timer.phase("finetune"):
                 qat, stopped = self._finetune(trial, student, plan, early_stop=not retrain)
             if stopped:
@@ -216,7 +217,7 @@ class TrialRunner:
                 raise TrialPruned(stopped)
 
         with timer.phase("export"):
-            if baseline is None and qat is None:  # a plan with zero fine-tune steps
+            if baseline is None and qat is None and not plan.is_ptq:  # zero fine-tune steps
                 qat = self._untrained_qat(student, plan)
             artifact = self._export(student, qat, plan, baseline, out_dir)
             # The PyTorch side of the candidate (fine-tuned weights) for `export`/`rebuild`.
@@ -250,7 +251,7 @@ class TrialRunner:
         path = self._export(
             student, None, plan, baseline, out_dir, name="precheck.onnx", calibration=few
         )
-        size = measure.file_size(path)
+        size = self._objective_size(path)
         # A choice between two variants (2x apart when it matters): a short interleaved look.
         # Files without QDQ nodes run the same either way.
         options: dict[str, str] = {}
@@ -445,6 +446,10 @@ class TrialRunner:
         if baseline == "int8-ptq":
             quantize.ptq_static(ctx.fp32_onnx, path, calibration, weight_bits=8)
             return path
+        if plan.is_ptq:  # the float student, activations calibrated by ONNX Runtime
+            info = quantize.export_onnx(student, example, path, plan, calibration,
+                                        calibration_method=plan.calibration)
+            return Path(info.path)
         if qat is None:
             qat = self._untrained_qat(student, plan, calibration)
         info = quantize.export_onnx(qat, example, path, plan, calibration)
@@ -485,13 +490,16 @@ class TrialRunner:
             repeats=max(1, cfg.latency_repeats // 3),
         )
         size = measure.file_size(artifact)
+        zipped = measure.zipped_size(artifact)
+        objective_size = zipped if cfg.size_metric == "zip" else size
         estimate = ctx.budget_latency_ms(inter)
         example = ctx.task.data.example_input(1)
         attrs: dict[str, Any] = {
             trial_attrs.ACCURACY: accuracy,
             trial_attrs.TEST_ACCURACY: test_accuracy,
             trial_attrs.SIZE: size,
-            trial_attrs.ZIP_SIZE: measure.zipped_size(artifact),
+            trial_attrs.ZIP_SIZE: zipped,
+            trial_attrs.SIZE_METRIC: cfg.size_metric,
             trial_attrs.LATENCY: inter.candidate.median_ms,
             trial_attrs.LATENCY_SPREAD: inter.candidate.spread_ms,
             trial_attrs.LATENCY_P10: inter.candidate.p10_ms,
@@ -510,10 +518,10 @@ class TrialRunner:
             attrs[trial_attrs.FP32_REFERENCE] = ctx.reference.median_ms
         for key, value in attrs.items():
             trial.set_user_attr(key, value)
-        self._set_constraints(trial, estimate, size)
+        self._set_constraints(trial, estimate, objective_size)
         # Upload while the trial is RUNNING (Optuna writes metadata before the file).
         trial.set_user_attr(trial_attrs.ARTIFACT_ID, ctx.upload(trial, artifact))
-        return self._values(accuracy, size, estimate)
+        return self._values(accuracy, objective_size, estimate)
 
     # -- helpers --------------------------------------------------------------------------
 
@@ -528,6 +536,12 @@ class TrialRunner:
         # Observers from real data, in eval mode (BatchNorm left unfolded keeps its statistics).
         quantize.calibrate(qat, self.ctx.calibration if calibration is None else calibration)
         return qat
+
+    def _objective_size(self, path: Path) -> int:
+        """The bytes the size objective and size budgets count (config.size_metric)."""
+        if self.ctx.config.size_metric == "zip":
+            return measure.zipped_size(path)
+        return measure.file_size(path)
 
     def _bn_batches(self, trial: Any) -> Iterator[torch.Tensor]:
         """Training inputs for BatchNorm re-estimation after pruning; seeded per trial like
@@ -560,8 +574,13 @@ def clear_verdict(budgets: list[Budget], latency_ms: float, size_bytes: float) -
 
 
 def _precheck_key(plan: CompressionPlan, baseline: str | None) -> str:
-    """Pre-check cache key: baselines are exported by their own path, so they key apart."""
-    return f"{baseline or 'search'}:{structure_key(plan)}"
+    """Pre-check cache key: baselines are exported by their own path, so they key apart;
+    unstructured zeros do not change latency but do change the zipped size."""
+    key = f"{baseline or 'search'}:{structure_key(plan)}"
+    if plan.sparse:
+        body = json.dumps([plan.sparsity, plan.global_sparsity], sort_keys=True)
+        key += ":" + hashlib.sha256(body.encode()).hexdigest()[:8]
+    return key
 
 
 def early_stop_checkpoints(total: int) -> frozenset[int]:

@@ -44,6 +44,16 @@ class TrialRecord:
             self.latency_ms)
 
     @property
+    def objective_size(self) -> float | None:
+        """The bytes the size objective and size budgets count: the zipped file where the
+        study's size metric is zip, else the file (both are always recorded)."""
+        if self.attrs.get(trial_attrs.SIZE_METRIC) == "zip":
+            zipped = self.attrs.get(trial_attrs.ZIP_SIZE)
+            if zipped is not None:
+                return float(zipped)
+        return self.size_bytes
+
+    @property
     def measured(self) -> bool:
         """Completed with figures measured on its exported file (not only a pre-check)."""
         return self.state == "COMPLETE" and self.rejected is None and self.accuracy is not None
@@ -53,7 +63,7 @@ class TrialRecord:
         if name == "accuracy":
             return float(self.accuracy or 0.0)
         if name == "size":
-            return -float(self.size_bytes or 0.0)
+            return -float(self.objective_size or 0.0)
         if name == "latency":
             return -float(self.budget_latency_ms or 0.0)
         raise ValueError(f"unknown objective {name!r}")
@@ -144,7 +154,7 @@ def pareto_front(
     # objective() is oriented larger-is-better for every objective
     points = {n: [r.objective(o) for o in objectives] for n, r in pool.items()}
     front = [pool[n] for n in nondominated(points, [True] * len(objectives))]
-    return sorted(front, key=lambda r: (r.size_bytes or 0.0, -(r.accuracy or 0.0)))
+    return sorted(front, key=lambda r: (r.objective_size or 0.0, -(r.accuracy or 0.0)))
 
 
 def hypervolume_2d(
@@ -155,9 +165,9 @@ def hypervolume_2d(
     Units: accuracy fraction x bytes / reference_size, i.e. normalised to [0, 1]-ish so fronts
     of one benchmark can be compared against one fixed reference.
     """
-    points = [(float(r.accuracy) - reference_accuracy, float(r.size_bytes))
+    points = [(float(r.accuracy) - reference_accuracy, float(r.objective_size))
               for r in pareto_front(records)
-              if r.size_bytes is not None and r.accuracy is not None]
+              if r.objective_size is not None and r.accuracy is not None]
     return hypervolume_points(points, reference_size) / reference_size
 
 
@@ -177,9 +187,10 @@ def hypervolume_contributions(
 
 def meets(record: TrialRecord, budgets: Sequence[Budget]) -> bool:
     latency = record.budget_latency_ms
-    if latency is None or record.size_bytes is None:
+    size = record.objective_size
+    if latency is None or size is None:
         return False
-    return all(b.violation(latency, record.size_bytes) <= 0 for b in budgets)
+    return all(b.violation(latency, size) <= 0 for b in budgets)
 
 
 @dataclass(frozen=True)
@@ -208,7 +219,8 @@ def select_best(
         rule += f" and at most {max_accuracy_drop:.2%} accuracy drop vs fp32"
     if not pool:
         return None
-    ranked = sorted(pool, key=lambda r: (-(r.accuracy or 0.0), r.size_bytes or 0.0, r.number))
+    ranked = sorted(pool, key=lambda r: (-(r.accuracy or 0.0), r.objective_size or 0.0,
+                                         r.number))
     return Selection(chosen=ranked[0], rule=rule + "; ties to the smaller file",
                      runners_up=ranked[1:4])
 
@@ -221,12 +233,10 @@ def closest_to_budgets(
     for r in records:
         latency = r.budget_latency_ms
         pre_checked = r.rejected is not None and not r.attrs.get(trial_attrs.REJECTED_BY_MODEL)
-        if latency is None or r.size_bytes is None or not (r.state == "COMPLETE" or pre_checked):
+        size = r.objective_size
+        if latency is None or size is None or not (r.state == "COMPLETE" or pre_checked):
             continue
-        misses = [
-            (b.violation(latency, r.size_bytes), b.describe(latency, r.size_bytes))
-            for b in budgets
-        ]
+        misses = [(b.violation(latency, size), b.describe(latency, size)) for b in budgets]
         worst = max((m for m, _ in misses), default=0.0)
         why = "; ".join(f"{text} (+{m:.0%})" for m, text in misses if m > 0) or "meets budgets"
         scored.append((worst, r, why))

@@ -9,6 +9,12 @@ Conventions
 - ``prune[group]``: structured prune ratio of a prunable group, named after the group's
   leading layer (see ``Inventory.groups``). Missing means 0. Ratio in [0, 1).
 - ``sparsity[layer]``: unstructured L1 magnitude sparsity in [0, 1); missing means 0.
+- ``global_sparsity``: one unstructured L1 fraction ranked across every Conv/Linear weight
+  of the model at once (global magnitude pruning: layers with small weights lose more).
+  The zeros are kept through the fine-tune, so the exported file holds exactly them.
+- ``realisation``: ``"qat"`` (quantization-aware fine-tune with distillation) or ``"ptq"``
+  (no fine-tune: ONNX Runtime calibrates the activations of the float student with
+  ``calibration``, one of ``CALIBRATION_METHODS``).
 - ``activation_bits``: precision of activations entering quantized layers (8, or 16), or
   32 for weight-only quantization: integer weights in the file, float activations (ONNX
   Runtime folds the weights to float at load, so the layer runs at float speed with the
@@ -30,6 +36,8 @@ if TYPE_CHECKING:
 
 ALLOWED_WEIGHT_BITS: tuple[int, ...] = (32, 8, 4)
 ALLOWED_ACTIVATION_BITS: tuple[int, ...] = (8, 16, 32)
+REALISATIONS: tuple[str, ...] = ("qat", "ptq")
+CALIBRATION_METHODS: tuple[str, ...] = ("minmax", "entropy", "percentile")
 PLAN_FORMAT_VERSION = 1
 
 
@@ -40,6 +48,7 @@ class CompressionPlan:
     bits: dict[str, int] = field(default_factory=dict)
     prune: dict[str, float] = field(default_factory=dict)
     sparsity: dict[str, float] = field(default_factory=dict)
+    global_sparsity: float = 0.0
     activation_bits: int = 8
     kd_temperature: float = 4.0
     kd_alpha: float = 0.9
@@ -47,6 +56,8 @@ class CompressionPlan:
     feature_weight: float = 0.0
     finetune_steps: int = 200
     learning_rate: float = 1e-3
+    realisation: str = "qat"
+    calibration: str = "minmax"
 
     def __post_init__(self) -> None:
         # Normalise containers so equality and JSON round trips do not depend on input types.
@@ -77,6 +88,19 @@ class CompressionPlan:
                         f"layer {layer!r}: {kind} {r} is outside [0, 1); use a value "
                         "such as 0.3 (0 keeps every channel)"
                     )
+        if not (0.0 <= self.global_sparsity < 1.0) or math.isnan(self.global_sparsity):
+            raise PlanError(
+                f"global_sparsity {self.global_sparsity} is outside [0, 1); use e.g. 0.5"
+            )
+        if self.realisation not in REALISATIONS:
+            raise PlanError(
+                f"realisation {self.realisation!r} is unknown; use one of {list(REALISATIONS)}"
+            )
+        if self.calibration not in CALIBRATION_METHODS:
+            raise PlanError(
+                f"calibration {self.calibration!r} is unknown; use one of "
+                f"{list(CALIBRATION_METHODS)}"
+            )
         if self.activation_bits not in ALLOWED_ACTIVATION_BITS:
             raise PlanError(
                 f"activation_bits {self.activation_bits} is not supported; "
@@ -118,6 +142,15 @@ class CompressionPlan:
 
     # -- derived views ------------------------------------------------------------------
 
+    @property
+    def is_ptq(self) -> bool:
+        """Realised by post-training quantization: no fine-tune at all."""
+        return self.realisation == "ptq"
+
+    @property
+    def sparse(self) -> bool:
+        return self.global_sparsity > 0 or any(v > 0 for v in self.sparsity.values())
+
     def bits_for(self, layer: str) -> int:
         return self.bits.get(layer, 32)
 
@@ -135,6 +168,15 @@ class CompressionPlan:
         ratios = [r for r in self.prune.values() if r > 0]
         if ratios:
             parts.append(f"prune~{sum(ratios) / len(ratios):.2f}x{len(ratios)}")
+        if self.global_sparsity > 0:
+            parts.append(f"sparse{self.global_sparsity:.2f}")
+        sparse = [v for v in self.sparsity.values() if v > 0]
+        if sparse:
+            parts.append(f"sparse~{sum(sparse) / len(sparse):.2f}x{len(sparse)}")
+        if self.feature_weight > 0 and self.feature_pairs:
+            parts.append(f"featKD{self.feature_weight:.2g}")
+        if self.is_ptq:
+            parts.append(f"ptq-{self.calibration}")
         return " ".join(parts) or "fp32"
 
     # -- serialisation ------------------------------------------------------------------

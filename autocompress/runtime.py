@@ -421,16 +421,27 @@ def quantize_qdq(
     activation_overrides: Mapping[str, Mapping[str, Any]] | None = None,
     nodes_to_quantize: Sequence[str] | None = None,
     op_types: Sequence[str] | None = None,
+    calibration_method: str = "minmax",
 ) -> Path:
     """``quantize_static`` in QDQ format with per-channel weights and calibrated activations.
+
+    ``calibration_method``: how activation ranges are read from the calibration batches:
+    ``minmax`` (the observed range), ``entropy`` (the range minimising the KL divergence of
+    the quantized histogram, TensorRT's method) or ``percentile`` (99.999th percentile of
+    |x|: outliers clipped).
 
     ``weight_overrides``: initializer name -> one dict per output channel with plain values
     ``{"quant_type": "QInt4"|"QInt8", "axis": int, "scale": float, "zero_point": int}``.
     ``activation_overrides``: tensor name -> ``{"scale": float, "zero_point": int}`` (e.g.
     ranges learned during QAT). Quant types are passed as strings so callers need no ORT.
     """
-    from onnxruntime.quantization import QuantFormat, quantize_static
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, quantize_static
 
+    methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+               "percentile": CalibrationMethod.Percentile}
+    if calibration_method not in methods:
+        raise InputError(f"calibration method {calibration_method!r} is unknown; use one of "
+                         f"{sorted(methods)}")
     act_type = _quant_type(activation_type)
     overrides: dict[str, list[dict[str, Any]]] = {}
     for name, channels in (weight_overrides or {}).items():
@@ -447,6 +458,7 @@ def quantize_qdq(
         str(dst),
         reader,
         quant_format=QuantFormat.QDQ,
+        calibrate_method=methods[calibration_method],
         op_types_to_quantize=list(op_types) if op_types else None,
         per_channel=True,
         activation_type=act_type,

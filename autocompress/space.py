@@ -8,6 +8,11 @@ Parameter names are stable and readable so a study can be resumed and read by pe
     kd/alpha          float kd_alpha_min..max
     quant/activations categorical over config.activation_bits (only when there are two or
                       more: 8 = uint8 activations and integer kernels, 32 = weight-only)
+    sparsity/<layer>  float 0..sparsity_max in sparsity_step steps (scope "layer")
+    sparsity/global   one such float ranked across all layers (scope "global")
+    kd/features       categorical off/on, and kd/feature_weight (log float) when on
+                      (only when feature_weight_max > 0)
+    realise           categorical qat / ptq-<method> (only when ptq_methods are given)
 
 ``params_to_plan(plan_to_params(plan)) == plan`` for every plan the space can produce; the
 search relies on it to enqueue baselines and to rebuild any trial from its params alone.
@@ -34,6 +39,14 @@ class _Suggests(Protocol):
 
 
 ACTIVATIONS_PARAM = "quant/activations"
+GLOBAL_SPARSITY_PARAM = "sparsity/global"
+FEATURES_PARAM = "kd/features"
+FEATURE_WEIGHT_PARAM = "kd/feature_weight"
+REALISE_PARAM = "realise"
+# The lowest feature-distillation weight searched, as a share of feature_weight_max.
+_FEATURE_WEIGHT_LOW = 0.05
+# Stage outputs matched by feature distillation when the user names none: the last few.
+_STAGES = 3
 WEIGHT_ONLY = 32  # activation_bits of a weight-only plan: float activations
 
 
@@ -43,6 +56,47 @@ def bits_param(layer: str) -> str:
 
 def prune_param(group: str) -> str:
     return f"prune/{group}"
+
+
+def sparsity_param(layer: str) -> str:
+    return f"sparsity/{layer}"
+
+
+def _grid_high(high: float, step: float) -> float:
+    steps = int(round(high / step, 6) // 1)
+    return round(steps * step, 10)
+
+
+def feature_layers(inventory: Inventory, config: SearchConfig) -> list[str]:
+    """The layers feature distillation matches: the user's, or the model's stage outputs.
+
+    A stage is a run of top-level modules whose outputs keep one feature-map shape; its last
+    module's output is what the next stage reads (ResNet's layer1..layer3, the demo's
+    residual blocks). Modules inside one container are used when the top level has fewer
+    than two stages (torchvision's ``features`` Sequential). The last ``_STAGES`` count.
+    """
+    if config.feature_layers:
+        return list(config.feature_layers)
+    for depth in (0, 1):
+        stages: list[tuple[str, tuple[int, ...]]] = []
+        for layer in inventory.layers:
+            shape = tuple(layer.output_shape or ())
+            if layer.name.count(".") != depth or len(shape) < 3 or _spatial(shape) <= 1:
+                continue
+            if stages and stages[-1][1] == shape:
+                stages[-1] = (layer.name, shape)
+            else:
+                stages.append((layer.name, shape))
+        if len(stages) >= 2:
+            return [name for name, _ in stages[-_STAGES:]]
+    return []
+
+
+def _spatial(shape: tuple[int, ...]) -> int:
+    total = 1
+    for n in shape[2:]:
+        total *= int(n)
+    return total
 
 
 def _searchable_layers(inventory: Inventory) -> list[str]:
@@ -77,8 +131,7 @@ def activations_for(bits: int, config: SearchConfig) -> int:
 
 def prune_high(config: SearchConfig) -> float:
     """Largest ratio on the step grid that does not exceed prune_max."""
-    steps = int(round(config.prune_max / config.prune_step, 6) // 1)
-    return round(steps * config.prune_step, 10)
+    return _grid_high(config.prune_max, config.prune_step)
 
 
 def suggest_plan(trial: _Suggests, inventory: Inventory, config: SearchConfig) -> CompressionPlan:
@@ -100,7 +153,43 @@ def suggest_plan(trial: _Suggests, inventory: Inventory, config: SearchConfig) -
     if len(config.activation_bits) > 1:
         activations = int(trial.suggest_categorical(ACTIVATIONS_PARAM,
                                                     list(config.activation_bits)))
-    return _plan(config, bits, prune, temperature, alpha, activations)
+    extras: dict[str, Any] = {}
+    sparse_high = _grid_high(config.sparsity_max, config.sparsity_step)
+    if sparse_high > 0:
+        if config.sparsity_scope == "global":
+            extras["global_sparsity"] = round(trial.suggest_float(
+                GLOBAL_SPARSITY_PARAM, 0.0, sparse_high, step=config.sparsity_step), 6)
+        else:
+            extras["sparsity"] = {
+                layer: round(trial.suggest_float(sparsity_param(layer), 0.0, sparse_high,
+                                                 step=config.sparsity_step), 6)
+                for layer in _searchable_layers(inventory)
+            }
+    pairs = feature_layers(inventory, config) if config.feature_weight_max > 0 else []
+    if pairs and trial.suggest_categorical(FEATURES_PARAM, ["off", "on"]) == "on":
+        extras["feature_pairs"] = tuple((name, name) for name in pairs)
+        extras["feature_weight"] = trial.suggest_float(
+            FEATURE_WEIGHT_PARAM, _FEATURE_WEIGHT_LOW * config.feature_weight_max,
+            config.feature_weight_max, log=True)
+    if config.ptq_methods:
+        realise = str(trial.suggest_categorical(REALISE_PARAM, realisations(config)))
+        extras.update(_realisation(realise))
+    return _plan(config, bits, prune, temperature, alpha, activations, **extras)
+
+
+def realisations(config: SearchConfig) -> list[str]:
+    """The choices of the ``realise`` parameter: QAT + KD, or PTQ with each method."""
+    return ["qat", *(f"ptq-{m}" for m in config.ptq_methods)]
+
+
+def _realisation(choice: str) -> dict[str, Any]:
+    if choice == "qat":
+        return {}
+    return {"realisation": "ptq", "calibration": choice.removeprefix("ptq-")}
+
+
+def realisation_choice(plan: CompressionPlan) -> str:
+    return f"ptq-{plan.calibration}" if plan.is_ptq else "qat"
 
 
 def _plan(
@@ -110,6 +199,7 @@ def _plan(
     temperature: float,
     alpha: float,
     activation_bits: int,
+    **extras: Any,
 ) -> CompressionPlan:
     # A search resolves an unset learning rate (lrprobe) before it makes any plan; plans made
     # outside a search for their structure alone keep CompressionPlan's default.
@@ -122,6 +212,7 @@ def _plan(
         activation_bits=activation_bits,
         finetune_steps=config.finetune_steps,
         **rate,
+        **extras,
     )
 
 
@@ -137,6 +228,19 @@ def plan_to_params(plan: CompressionPlan, inventory: Inventory, config: SearchCo
     params["kd/alpha"] = plan.kd_alpha
     if len(config.activation_bits) > 1:
         params[ACTIVATIONS_PARAM] = plan.activation_bits
+    if _grid_high(config.sparsity_max, config.sparsity_step) > 0:
+        if config.sparsity_scope == "global":
+            params[GLOBAL_SPARSITY_PARAM] = plan.global_sparsity
+        else:
+            for layer in _searchable_layers(inventory):
+                params[sparsity_param(layer)] = plan.sparsity.get(layer, 0.0)
+    if config.feature_weight_max > 0 and feature_layers(inventory, config):
+        on = plan.feature_weight > 0 and bool(plan.feature_pairs)
+        params[FEATURES_PARAM] = "on" if on else "off"
+        if on:
+            params[FEATURE_WEIGHT_PARAM] = plan.feature_weight
+    if config.ptq_methods:
+        params[REALISE_PARAM] = realisation_choice(plan)
     return params
 
 
@@ -150,8 +254,20 @@ def params_to_plan(
         if prune_param(group) in params
     }
     activations = int(params.get(ACTIVATIONS_PARAM, config.activation_bits[0]))
+    extras: dict[str, Any] = {}
+    if GLOBAL_SPARSITY_PARAM in params:
+        extras["global_sparsity"] = round(float(params[GLOBAL_SPARSITY_PARAM]), 6)
+    sparse = {layer: round(float(params[sparsity_param(layer)]), 6)
+              for layer in _searchable_layers(inventory) if sparsity_param(layer) in params}
+    if sparse:
+        extras["sparsity"] = sparse
+    if params.get(FEATURES_PARAM) == "on":
+        extras["feature_pairs"] = tuple((n, n) for n in feature_layers(inventory, config))
+        extras["feature_weight"] = float(params[FEATURE_WEIGHT_PARAM])
+    if REALISE_PARAM in params:
+        extras.update(_realisation(str(params[REALISE_PARAM])))
     return _plan(config, bits, prune, float(params["kd/temperature"]),
-                 float(params["kd/alpha"]), activations)
+                 float(params["kd/alpha"]), activations, **extras)
 
 
 def uniform_plan(
@@ -188,6 +304,15 @@ def space_description(inventory: Inventory, config: SearchConfig) -> dict[str, A
         "kd_alpha": [config.kd_alpha_min, config.kd_alpha_max],
         "finetune_steps": config.finetune_steps,
         "activation_bits": list(config.activation_bits),
+        # Added with unstructured sparsity, feature KD and PTQ: present only when used, so a
+        # study made before them keeps its hash and can be resumed.
+        **({"sparsity": [config.sparsity_scope, _grid_high(config.sparsity_max,
+                                                           config.sparsity_step),
+                         config.sparsity_step]} if config.sparsity_max > 0 else {}),
+        **({"size_metric": config.size_metric} if config.size_metric != "file" else {}),
+        **({"feature_kd": [config.feature_weight_max, feature_layers(inventory, config)]}
+           if config.feature_weight_max > 0 else {}),
+        **({"ptq_methods": list(config.ptq_methods)} if config.ptq_methods else {}),
     }
 
 

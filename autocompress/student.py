@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from autocompress import prune, quantize
+from autocompress import prune, quantize, sparsity
 from autocompress.plan import CompressionPlan
 
 if TYPE_CHECKING:
@@ -44,6 +44,8 @@ def build_student(
         model = copy.deepcopy(task.model)
     if plan.sparsity:
         model = prune.apply_unstructured(model, plan.sparsity)
+    if plan.global_sparsity > 0:
+        model = sparsity.apply_global(model, plan.global_sparsity)
     model.eval()
     if bn_batches is not None and removes_weights(plan):
         prune.recalibrate_batchnorm(model, bn_batches, max_batches=BN_RECALIBRATION_BATCHES)
@@ -51,7 +53,7 @@ def build_student(
 
 
 def removes_weights(plan: CompressionPlan) -> bool:
-    return any(r > 0 for r in plan.prune.values()) or any(v > 0 for v in plan.sparsity.values())
+    return any(r > 0 for r in plan.prune.values()) or plan.sparse
 
 
 def torch_accuracy(model: nn.Module, batches: Any) -> float:

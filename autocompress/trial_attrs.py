@@ -22,6 +22,7 @@ ACCURACY = "accuracy"  # validation split
 TEST_ACCURACY = "test_accuracy"
 SIZE = "size_bytes"
 ZIP_SIZE = "zip_size_bytes"
+SIZE_METRIC = "size_metric"  # "file" | "zip": which of the two the size objective counts
 LATENCY = "latency_ms"  # median, absolute
 LATENCY_SPREAD = "latency_spread_ms"  # IQR
 LATENCY_P10 = "latency_p10_ms"

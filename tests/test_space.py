@@ -97,3 +97,54 @@ def test_public_names_never_shadow_submodules() -> None:
     from autocompress import prune
 
     assert hasattr(prune, "dependency_groups")
+
+
+_GUIDE = {"sparsity_max": 0.5, "feature_weight_max": 2.0,
+          "feature_layers": ("stem", "layer1.0.conv1"),
+          "ptq_methods": ("minmax", "entropy", "percentile")}
+
+
+@pytest.mark.parametrize("scope", ["layer", "global"])
+@pytest.mark.parametrize("seed", range(6))
+def test_guide_techniques_round_trip_through_params(scope: str, seed: int) -> None:
+    """Sparsity, feature KD and PTQ are search dimensions; every plan they make comes back
+    from its params unchanged (resume, enqueue and rebuild rely on it)."""
+    inv, config = _inventory(), SearchConfig(sparsity_scope=scope, **_GUIDE)
+    study = optuna.create_study(
+        directions=["maximize", "minimize"], sampler=optuna.samplers.RandomSampler(seed=seed)
+    )
+    trial = study.ask()
+    plan = suggest_plan(trial, inv, config)
+    params = plan_to_params(plan, inv, config)
+    assert params == pytest.approx(trial.params)
+    assert params_to_plan(params, inv, config) == plan
+    assert "realise" in trial.params and "kd/features" in trial.params
+    if scope == "global":
+        assert "sparsity/global" in trial.params and not plan.sparsity
+        assert 0 <= plan.global_sparsity <= 0.5
+    else:
+        assert {"sparsity/stem", "sparsity/layer1.0.conv1", "sparsity/fc"} <= set(trial.params)
+    if trial.params["kd/features"] == "on":
+        assert plan.feature_pairs == (("stem", "stem"), ("layer1.0.conv1", "layer1.0.conv1"))
+        assert 0.1 <= plan.feature_weight <= 2.0
+    else:
+        assert plan.feature_weight == 0 and "kd/feature_weight" not in trial.params
+    assert plan.is_ptq == trial.params["realise"].startswith("ptq-")
+
+
+def test_guide_techniques_change_the_space_hash_only_when_used() -> None:
+    inv = _inventory()
+    plain = space_description(inv, SearchConfig())
+    assert "sparsity" not in plain and "ptq_methods" not in plain  # old studies still resume
+    for change in ({"sparsity_max": 0.5}, {"size_metric": "zip"}, {"ptq_methods": ("minmax",)},
+                   {"feature_weight_max": 1.0, "feature_layers": ("stem",)}):
+        assert space_hash(space_description(inv, SearchConfig(**change))) != space_hash(plain)
+
+
+def test_stage_outputs_are_the_default_feature_layers(demo_task) -> None:
+    from autocompress.inventory import build_inventory
+    from autocompress.space import feature_layers
+
+    inv = build_inventory(demo_task.model, demo_task.data.example_input(1))
+    assert feature_layers(inv, SearchConfig()) == ["block1", "block2"]
+    assert feature_layers(inv, SearchConfig(feature_layers=("conv1",))) == ["conv1"]

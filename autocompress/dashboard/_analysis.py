@@ -22,6 +22,7 @@ _METRIC_ALIASES = {
     "acc": "accuracy",
     "size": "size_bytes",
     "size_bytes": "size_bytes",
+    "zip_size_bytes": "zip_size_bytes",
     "latency": "latency_ms",
     "latency_ms": "latency_ms",
 }

@@ -170,6 +170,7 @@ def _quantize_file(
     learned: dict[str, LearnedQuant],
     weight_bits: int = 8,
     op_types: tuple[str, ...] | None = _QUANT_OPS,
+    calibration_method: str = "minmax",
 ) -> dict[str, int]:
     """Pre-process and QDQ-quantize ``float_path``. ``layer_bits`` None means every layer at
     ``weight_bits``. Returns the bits actually requested per layer found in the graph."""
@@ -233,6 +234,7 @@ def _quantize_file(
             activation_overrides=act_overrides,
             nodes_to_quantize=nodes if layer_bits is not None else None,
             op_types=None if op_types is None else (*op_types, *_JOIN_OPS),
+            calibration_method=calibration_method,
         )
         _finish_quantized(out_path)
     return requested
@@ -372,13 +374,16 @@ def export_onnx(
     path: str | Path,
     plan: CompressionPlan,
     calibration: Iterable[Any],
+    *,
+    calibration_method: str = "minmax",
 ) -> ExportInfo:
     """Export ``model`` (float or prepare_qat) to QDQ ONNX with the plan's weight widths.
 
     Weights: per-channel symmetric INT8/INT4 with the fake-quant scales (max|w_c|/qmax of
     the final weights). Activations into quantized layers: the QAT observer ranges when the
     model was prepared and observed, otherwise calibrated by ORT on ``calibration`` (input
-    batches, or (x, y) batches). Layers at 32 bits stay float. Every planned width is checked
+    batches, or (x, y) batches) with ``calibration_method`` (minmax, entropy, percentile).
+    Layers at 32 bits stay float. Every planned width is checked
     in the written file; returns what the file holds.
     """
     out_path = Path(path)
@@ -413,6 +418,7 @@ def export_onnx(
                 layer_bits,
                 activation_bits=plan.activation_bits,
                 learned=learned,
+                calibration_method=calibration_method,
             )
     onnx.checker.check_model(str(out_path))
     found = onnx_weight_types(out_path)
@@ -443,6 +449,7 @@ def ptq_static(
     calibration: Iterable[Any],
     *,
     weight_bits: int = 8,
+    calibration_method: str = "minmax",
 ) -> Path:
     """Post-training static QDQ quantization of a float ONNX file, every layer alike.
 
@@ -462,6 +469,7 @@ def ptq_static(
         learned={},
         weight_bits=weight_bits,
         op_types=None,
+        calibration_method=calibration_method,
     )
     onnx.checker.check_model(str(out_path))
     return out_path

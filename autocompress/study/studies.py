@@ -223,7 +223,10 @@ def create_or_load_study(
     else:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ExperimentalWarning)
-            study.set_metric_names([METRIC_NAMES[o] for o in config.objectives])
+            study.set_metric_names([
+                "zip_size_bytes" if o == "size" and config.size_metric == "zip"
+                else METRIC_NAMES[o] for o in config.objectives
+            ])
         study.set_user_attr("identity", json.dumps(identity, sort_keys=True))
     fail_stale_trials(study)
     return study
@@ -276,6 +279,10 @@ _SPACE_SETTINGS = {
     "finetune_steps": "--finetune-steps",
     "layers": "the model's quantizable layers",
     "groups": "the prunable groups (--prune-max, the model)",
+    "sparsity": "--sparsity-scope/max/step",
+    "size_metric": "--size-metric",
+    "feature_kd": "--feature-weight-max/--feature-layers",
+    "ptq_methods": "--ptq-methods",
 }
 
 
@@ -285,15 +292,19 @@ def _space_changes(stored: dict[str, Any] | None, now: dict[str, Any] | None) ->
         return []
     out = []
     for key, setting in _SPACE_SETTINGS.items():
-        if key in stored and key in now and stored[key] != now[key]:
-            if key in ("layers", "groups"):
-                out.append(f"{setting} changed")
-            else:
-                out.append(f"{setting} was {_plain(stored[key])}, now {_plain(now[key])}")
+        before, after = stored.get(key), now.get(key)
+        if before == after:
+            continue
+        if key in ("layers", "groups"):
+            out.append(f"{setting} changed")
+        else:  # settings added later are absent while unused
+            out.append(f"{setting} was {_plain(before)}, now {_plain(after)}")
     return out
 
 
 def _plain(value: Any) -> str:
+    if value is None:
+        return "off"
     if isinstance(value, list):
         return ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value)
     return f"{value:g}" if isinstance(value, float) else str(value)
