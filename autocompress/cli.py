@@ -125,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", help="fine-tune device: auto, cpu or cuda")
     s.add_argument("--train-threads", type=int, help="torch threads for fine-tuning (default 1)")
     s.add_argument("--no-baselines", dest="baselines", action="store_const", const=False,
-                   help="do not record the fp32 and int8-PTQ baselines")
+                   help="do not record the fp32, int8 PTQ and int8 dynamic baselines")
     s.add_argument("--no-warm-starts", dest="warm_starts", action="store_const", const=False,
                    help="do not start the search from uniform int8/int4 QAT + KD trials")
     s.add_argument("--max-rejections", type=int, help="end the run after this many plans in "

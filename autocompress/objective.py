@@ -293,7 +293,7 @@ class TrialRunner:
         ctx.precheck_cache[key] = result
         # The model learns from careful looks only, and not from ORT's own quantizer's file
         # (another export path than ours).
-        if careful and baseline != "int8-ptq":
+        if careful and baseline in (None, "fp32"):
             features = structure_features(student, plan, ctx.inventory, ctx.task.model)
             ctx.latency_model.observe(key, features, inter.ratio)
         return result
@@ -445,6 +445,9 @@ class TrialRunner:
             return path
         if baseline == "int8-ptq":
             quantize.ptq_static(ctx.fp32_onnx, path, calibration, weight_bits=8)
+            return path
+        if baseline == "int8-dynamic":  # the guide's first recipe: int8 weights, activations
+            quantize.ptq_dynamic(ctx.fp32_onnx, path)  # quantized at run time
             return path
         if plan.is_ptq:  # the float student, activations calibrated by ONNX Runtime
             info = quantize.export_onnx(student, example, path, plan, calibration,

@@ -54,6 +54,14 @@ class TrialRecord:
         return self.size_bytes
 
     @property
+    def quantized_by_runtime(self) -> bool:
+        """ONNX Runtime quantized its file from a float model (the int8 PTQ and dynamic
+        baselines, a plan realised by PTQ): the PyTorch side is that float model, so the
+        two may disagree on a few samples."""
+        return (self.baseline in ("int8-ptq", "int8-dynamic")
+                or self.plan.get("realisation") == "ptq")
+
+    @property
     def measured(self) -> bool:
         """Completed with figures measured on its exported file (not only a pre-check)."""
         return self.state == "COMPLETE" and self.rejected is None and self.accuracy is not None

@@ -69,7 +69,10 @@ def enqueue_guided(
         _say(f"guided plan {g.name} ({g.target}): {g.plan.summary()}, predicted "
              f"{g.predicted_size_bytes / 1000:.1f} KB{lat}, damage {g.predicted_damage:.3g}",
              on_start)
-    named = [(g.name, space.plan_to_params(g.plan, inventory, config)) for g in plans]
+    chosen = [(g.name, g.plan) for g in plans]
+    if config.ptq_methods:  # each least-damage plan realised by PTQ first: seconds each
+        chosen = space.ptq_twins(chosen, config) + chosen
+    named = [(name, space.plan_to_params(plan, inventory, config)) for name, plan in chosen]
     study_mod.enqueue_once(study, named, trial_attrs.GUIDED)
 
 

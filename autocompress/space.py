@@ -20,6 +20,7 @@ search relies on it to enqueue baselines and to rebuild any trial from its param
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from typing import Any, Protocol
@@ -186,6 +187,20 @@ def _realisation(choice: str) -> dict[str, Any]:
     if choice == "qat":
         return {}
     return {"realisation": "ptq", "calibration": choice.removeprefix("ptq-")}
+
+
+def ptq_twins(
+    named: list[tuple[str, CompressionPlan]], config: SearchConfig, *, every_method: str = ""
+) -> list[tuple[str, CompressionPlan]]:
+    """PTQ versions of QAT plans (the first of config.ptq_methods; every method for the plan
+    named ``every_method``), each named ``<name>-ptq-<method>``: a plan realised by PTQ costs
+    a calibration and a measurement, so they open the search cheaply."""
+    out: list[tuple[str, CompressionPlan]] = []
+    for name, plan in named:
+        methods = config.ptq_methods if name == every_method else config.ptq_methods[:1]
+        out += [(f"{name}-ptq-{m}", dataclasses.replace(plan, realisation="ptq",
+                                                          calibration=m)) for m in methods]
+    return out
 
 
 def realisation_choice(plan: CompressionPlan) -> str:

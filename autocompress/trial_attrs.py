@@ -8,7 +8,7 @@ from __future__ import annotations
 # -- a trial: what it was ------------------------------------------------------------------
 PLAN = "plan"  # CompressionPlan.to_json()
 PLAN_SUMMARY = "plan_summary"
-BASELINE = "baseline"  # "fp32" | "int8-ptq" for the baseline trials
+BASELINE = "baseline"  # "fp32" | "int8-ptq" | "int8-dynamic" for the baseline trials
 WARM_START = "warm_start"  # e.g. "uniform-int8", "budget-int4"
 GUIDED = "guided"  # e.g. "guided-8x", "guided-1.5x-faster"
 PARENT = "parent_trial"  # a promotion or refine: the trial whose plan it retrains

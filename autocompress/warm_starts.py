@@ -82,6 +82,13 @@ def plan_warm_starts(
             notes.append(f"warm starts {', '.join(dropped)} left out: --trials "
                          f"{config.trials} leaves room for {room} (one per {WARM_START_SHARE})")
         named = named[:room]
+    if config.ptq_methods:
+        # PTQ twins first: seconds each, and the QAT runs after them are then measured
+        # against what plain calibration already gives.
+        plans = [(name, space.params_to_plan(params, inventory, config)) for name, params in named]
+        twins = space.ptq_twins(plans, config, every_method="uniform-int8")
+        named = [(name, space.plan_to_params(plan, inventory, config))
+                 for name, plan in twins] + named
     return WarmStarts(named, notes)
 
 

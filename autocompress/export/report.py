@@ -173,8 +173,9 @@ def _notes(record: TrialRecord, choice: Choice) -> list[str]:
         broken = ", ".join(f"{k} (+{v:.0%})" for k, v in constraints.items() if v > 0)
         notes.append(f"trial {record.number} is over the study's budgets"
                      + (f": {broken}" if broken else ""))
-    if record.baseline == "int8-ptq":
-        notes.append("int8-ptq quantizes the ONNX file only: model.pt2 is the float model "
+    if record.quantized_by_runtime:
+        what = record.baseline or f"PTQ ({record.plan.get('calibration')} calibration)"
+        notes.append(f"{what} quantizes the ONNX file only: model.pt2 is the float model "
                      "it was quantized from, so the two can disagree on a few samples")
     elif record.baseline == "fp32":
         notes.append("this is the uncompressed fp32 baseline")

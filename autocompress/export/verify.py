@@ -58,7 +58,7 @@ def _verify(
 
     # 2. the PyTorch program against the ONNX file, top-1 on validation samples.
     agreement, samples = _agreement(tmp / "model.pt2", onnx_path, data, threads)
-    if agreement < AGREEMENT_FLOOR and record.baseline != "int8-ptq":
+    if agreement < AGREEMENT_FLOOR and not record.quantized_by_runtime:
         raise VerificationError(
             f"model.pt2 agrees with model.onnx on only {agreement:.2%} of {samples} validation "
             f"samples (need {AGREEMENT_FLOOR:.0%}): the rebuilt PyTorch model is not the "
