@@ -181,7 +181,7 @@ def test_three_workers_share_one_study(tmp_path: Path, demo_task: object) -> Non
         assert sorted(_json(w)["new_trials"] for w in workers) == [4, 4, 7]
 
         study, trials = _load(url, "shared")
-        assert [t.number for t in trials] == list(range(14))
+        assert [t.number for t in trials] == list(range(15))
         baselines = {t.user_attrs["baseline"]: t for t in trials if "baseline" in t.user_attrs}
         assert set(baselines) == {"fp32", "int8-ptq", "int8-dynamic"}
         assert all(t.state == TrialState.COMPLETE for t in baselines.values())

@@ -231,7 +231,7 @@ def test_interrupted_search_leaves_a_consistent_database(tmp_path: Path) -> None
     assert states[3] == "FAIL" and "RUNNING" not in states
     reason = con.execute(
         "SELECT value_json FROM trial_user_attributes a JOIN trials t USING (trial_id) "
-        "WHERE t.number = 2 AND a.key = 'fail_reason'"
+        "WHERE t.number = 3 AND a.key = 'fail_reason'"
     ).fetchone()
     assert reason and "interrupted" in reason[0]
 
