@@ -119,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--learning-rate", type=float, help="fine-tune learning rate (default: "
                    "chosen once per study by a short probe)")
     s.add_argument("--batch-size", type=int, help="fine-tune batch size")
+    s.add_argument("--target", help="where candidates are timed and scored: onnxruntime-cpu "
+                   "(default), openvino-cpu (pip install 'autocompress[openvino]'), "
+                   "onnxruntime-cuda or tensorrt (NVIDIA GPU, onnxruntime-gpu)")
     s.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads for latency")
     s.add_argument("--latency-batch-size", type=int, help="batch size latency is measured at")
     s.add_argument("--latency-repeats", type=int, help="timed runs per latency measurement")

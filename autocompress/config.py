@@ -25,6 +25,8 @@ OBJECTIVES = ("accuracy", "size", "latency")
 SPARSITY_SCOPES = ("layer", "global")
 SIZE_METRICS = ("file", "zip")
 PTQ_METHODS = ("minmax", "entropy", "percentile")
+# Where candidates are timed and scored (runtime.py dispatches on it).
+TARGETS = ("onnxruntime-cpu", "openvino-cpu", "onnxruntime-cuda", "tensorrt")
 
 
 @dataclass(frozen=True)
@@ -158,7 +160,8 @@ class SearchConfig:
     early_stop_drop: float = 0.25
     device: str = "auto"
     train_threads: int = 1  # torch threads for fine-tuning; 1 is fastest for small models
-    # the runtime latency is measured on
+    # the runtime latency is measured on: the deploy target, its threads, batch and runs
+    target: str = "onnxruntime-cpu"
     threads: int = 1
     latency_batch_size: int = 1
     latency_repeats: int = 30
@@ -224,6 +227,8 @@ class SearchConfig:
                                     ("size_metric", self.size_metric, SIZE_METRICS)):
             if value not in allowed:
                 raise ConfigError(f"{key} {value!r} is unknown; use one of {list(allowed)}")
+        if self.target not in TARGETS:
+            raise ConfigError(f"target {self.target!r} is unknown; use one of {list(TARGETS)}")
         if not 0.0 <= self.feature_weight_max <= 100.0:
             raise ConfigError(f"feature_weight_max {self.feature_weight_max} must be in "
                               "[0, 100] (e.g. 1; 0 turns feature distillation off)")

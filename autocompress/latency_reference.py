@@ -85,13 +85,14 @@ def measure_reference(
     threads: int,
     rounds: int = REFERENCE_ROUNDS,
     repeats: int = REFERENCE_REPEATS,
+    target: str = runtime.DEFAULT_TARGET,
 ) -> ReferenceLatency:
     """Time the fp32 file in ``rounds`` fresh sessions of ``repeats`` runs each."""
     samples: list[float] = []
     medians: list[float] = []
     for _ in range(rounds):
         stats, runs = runtime.time_latency_samples(
-            fp32_onnx, input_shape, threads=threads, repeats=repeats, warmup=5
+            fp32_onnx, input_shape, threads=threads, repeats=repeats, warmup=5, target=target
         )
         samples += runs
         medians.append(round(stats.median_ms, 5))

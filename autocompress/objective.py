@@ -257,7 +257,8 @@ class TrialRunner:
         options: dict[str, str] = {}
         if runtime.has_qdq(path):
             options, _ = runtime.pick_session_options(
-                path, ctx.latency_shape, threads=ctx.config.threads, rounds=2, repeats=5
+                path, ctx.latency_shape, threads=ctx.config.threads, rounds=2, repeats=5,
+                target=ctx.config.target,
             )
 
         def look(rounds: int, repeats: int) -> runtime.InterleavedLatency:
@@ -270,6 +271,7 @@ class TrialRunner:
                 reference_options={},
                 rounds=rounds,
                 repeats=repeats,
+                target=ctx.config.target,
             )
 
         # Clear verdicts are cheap, close calls get the full measurement: a candidate far
@@ -476,11 +478,12 @@ class TrialRunner:
         options = pre.session_options
         scoring = max(threads, cfg.train_threads)
         accuracy = runtime.onnx_accuracy(
-            artifact, ctx.task.data.batches("val", 256), threads=scoring, session_options=options
+            artifact, ctx.task.data.batches("val", 256), threads=scoring, session_options=options,
+            target=cfg.target,
         )
         test_accuracy = runtime.onnx_accuracy(
             artifact, ctx.task.data.batches("test", 256), threads=scoring,
-            session_options=options,
+            session_options=options, target=cfg.target,
         )
         inter = runtime.time_interleaved(
             artifact,
@@ -491,9 +494,9 @@ class TrialRunner:
             reference_options={},
             rounds=3,
             repeats=max(1, cfg.latency_repeats // 3),
+            target=cfg.target,
         )
-        size = measure.file_size(artifact)
-        zipped = measure.zipped_size(artifact)
+        size, zipped = measure.file_size(artifact), measure.zipped_size(artifact)
         objective_size = zipped if cfg.size_metric == "zip" else size
         estimate = ctx.budget_latency_ms(inter)
         example = ctx.task.data.example_input(1)
@@ -542,9 +545,8 @@ class TrialRunner:
 
     def _objective_size(self, path: Path) -> int:
         """The bytes the size objective and size budgets count (config.size_metric)."""
-        if self.ctx.config.size_metric == "zip":
-            return measure.zipped_size(path)
-        return measure.file_size(path)
+        zipped = self.ctx.config.size_metric == "zip"
+        return measure.zipped_size(path) if zipped else measure.file_size(path)
 
     def _bn_batches(self, trial: Any) -> Iterator[torch.Tensor]:
         """Training inputs for BatchNorm re-estimation after pruning; seeded per trial like
@@ -561,7 +563,7 @@ class TrialRunner:
 
     def _runtime(self, options: dict[str, str]) -> dict[str, Any]:
         cfg = self.ctx.config
-        return runtime.runtime_info(cfg.threads, cfg.latency_batch_size, options)
+        return runtime.runtime_info(cfg.threads, cfg.latency_batch_size, options, cfg.target)
 
 
 def clear_verdict(budgets: list[Budget], latency_ms: float, size_bytes: float) -> bool:

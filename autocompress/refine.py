@@ -95,7 +95,7 @@ def refine_trial(
             config = sessions.use_learning_rate(session, on_note)
             train_images = len(session.task.data.split("train"))
             steps = steps_for(epochs, train_images, config.batch_size)
-            plan = CompressionPlan.from_dict(parent.plan)
+            plan = space.as_qat(CompressionPlan.from_dict(parent.plan))
             params = space.plan_to_params(plan, session.inventory, config)
             marker = f"{trial}:{epochs}:{uuid.uuid4().hex[:12]}"  # finds this refine's trial
             study_mod.enqueue(session.study, params, {

@@ -21,12 +21,22 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from autocompress.config import TARGETS as config_targets
 from autocompress.errors import InputError
 from autocompress.measure import LatencyStats
 
 log = logging.getLogger(__name__)
 
 PROVIDERS: tuple[str, ...] = ("CPUExecutionProvider",)
+# Where a study's files are timed and scored (``--target``): ONNX Runtime on the CPU, OpenVINO
+# on the CPU (the same ONNX files), or the GPU runtimes through ONNX Runtime's CUDA and
+# TensorRT execution providers (they need onnxruntime-gpu and an NVIDIA GPU).
+TARGETS: tuple[str, ...] = config_targets
+DEFAULT_TARGET = "onnxruntime-cpu"
+_GPU_PROVIDERS: dict[str, tuple[str, ...]] = {
+    "onnxruntime-cuda": ("CUDAExecutionProvider", "CPUExecutionProvider"),
+    "tensorrt": ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"),
+}
 DEFAULT_THREADS = 2
 # Folds weight DequantizeLinear into float weights at load. Helps int4 (weights would be
 # dequantized on every run otherwise), hurts int8 (loses the integer kernels): so it is a
@@ -57,21 +67,49 @@ class InterleavedLatency:
 # -- sessions -------------------------------------------------------------------------------
 
 
+def check_target(target: str) -> None:
+    """Raise a one-line InputError when ``target`` is unknown or cannot run here."""
+    if target not in TARGETS:
+        raise InputError(f"target {target!r} is unknown; use one of {list(TARGETS)}")
+    if target == "openvino-cpu":
+        from autocompress import openvino_runtime
+
+        if not openvino_runtime.available():
+            raise InputError("the openvino-cpu target needs OpenVINO: "
+                             f"{openvino_runtime.INSTALL_HINT}")
+    providers = _GPU_PROVIDERS.get(target)
+    if providers and providers[0] not in ort.get_available_providers():
+        raise InputError(
+            f"the {target} target needs an NVIDIA GPU and ONNX Runtime's {providers[0]} "
+            f"(this machine's ONNX Runtime offers {ort.get_available_providers()}); run it "
+            "where `pip install onnxruntime-gpu` sees a GPU, or use --target onnxruntime-cpu"
+        )
+
+
 def make_session(
     path: str | os.PathLike[str],
     *,
     threads: int = DEFAULT_THREADS,
     session_options: Mapping[str, str] | None = None,
-) -> ort.InferenceSession:
-    """A CPU session with explicit threads, sequential execution and full graph optimization.
+    target: str = DEFAULT_TARGET,
+) -> Any:
+    """A session for ``target`` with explicit threads (ONNX Runtime: sequential execution
+    and full graph optimization; OpenVINO: one stream, latency hint).
 
-    ``session_options`` are session config entries (e.g. ``{"session.disable_quant_qdq": "1"}``).
+    ``session_options`` are session config entries (e.g. ``{"session.disable_quant_qdq": "1"}``);
+    for OpenVINO, compile properties.
     """
     if threads < 1:
         raise InputError(f"threads={threads} must be >= 1; use e.g. --threads 2")
     model_path = Path(path)
     if not model_path.is_file():
         raise InputError(f"ONNX file {str(model_path)!r} does not exist; export the model first")
+    if target != DEFAULT_TARGET:
+        check_target(target)
+    if target == "openvino-cpu":
+        from autocompress.openvino_runtime import OpenVINOSession
+
+        return OpenVINOSession(model_path, threads=threads, options=session_options)
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     # One op at a time with a fixed thread pool: the steadiest numbers on a shared machine.
@@ -81,10 +119,11 @@ def make_session(
     options.log_severity_level = 3  # errors only; ORT warns about e.g. unused initializers
     for key, value in (session_options or {}).items():
         options.add_session_config_entry(str(key), str(value))
-    return ort.InferenceSession(str(model_path), options, providers=list(PROVIDERS))
+    providers = _GPU_PROVIDERS.get(target, PROVIDERS)
+    return ort.InferenceSession(str(model_path), options, providers=list(providers))
 
 
-def _input_name(session: ort.InferenceSession) -> str:
+def _input_name(session: Any) -> str:
     inputs = session.get_inputs()
     if len(inputs) != 1:
         names = [i.name for i in inputs]
@@ -119,9 +158,11 @@ def predictions(
     *,
     threads: int = DEFAULT_THREADS,
     session_options: Mapping[str, str] | None = None,
+    target: str = DEFAULT_TARGET,
 ) -> np.ndarray:
     """Top-1 class of every sample (argmax of the first output), batches in order."""
-    session = make_session(path, threads=threads, session_options=session_options)
+    session = make_session(path, threads=threads, session_options=session_options,
+                           target=target)
     name = _input_name(session)
     out: list[np.ndarray] = []
     for batch in batches:
@@ -139,9 +180,11 @@ def onnx_accuracy(
     *,
     threads: int = DEFAULT_THREADS,
     session_options: Mapping[str, str] | None = None,
+    target: str = DEFAULT_TARGET,
 ) -> float:
     """Top-1 accuracy of the ONNX file on ``(x, y)`` batches, in [0, 1]."""
-    session = make_session(path, threads=threads, session_options=session_options)
+    session = make_session(path, threads=threads, session_options=session_options,
+                           target=target)
     name = _input_name(session)
     correct = 0
     total = 0
@@ -160,14 +203,14 @@ def onnx_accuracy(
 # -- latency --------------------------------------------------------------------------------
 
 
-def _random_input(session: ort.InferenceSession, input_shape: Sequence[int]) -> dict[str, Any]:
+def _random_input(session: Any, input_shape: Sequence[int]) -> dict[str, Any]:
     # Fixed seed: latency does not depend on values, but reproducible inputs rule that out.
     rng = np.random.default_rng(0)
     x = rng.standard_normal(tuple(int(d) for d in input_shape)).astype(np.float32)
     return {_input_name(session): x}
 
 
-def _time_runs(session: ort.InferenceSession, feed: dict[str, Any], runs: int) -> list[float]:
+def _time_runs(session: Any, feed: dict[str, Any], runs: int) -> list[float]:
     samples = []
     for _ in range(runs):
         start = time.perf_counter()
@@ -191,11 +234,12 @@ def time_latency(
     session_options: Mapping[str, str] | None = None,
     repeats: int = 50,
     warmup: int = 10,
+    target: str = DEFAULT_TARGET,
 ) -> LatencyStats:
     """Per-run wall time of ``session.run`` on a random input of ``input_shape`` (with batch)."""
     stats, _ = time_latency_samples(
         path, input_shape, threads=threads, session_options=session_options, repeats=repeats,
-        warmup=warmup,
+        warmup=warmup, target=target,
     )
     return stats
 
@@ -208,10 +252,12 @@ def time_latency_samples(
     session_options: Mapping[str, str] | None = None,
     repeats: int = 50,
     warmup: int = 10,
+    target: str = DEFAULT_TARGET,
 ) -> tuple[LatencyStats, list[float]]:
     """``time_latency`` with the raw per-run samples (ms), for callers that pool rounds."""
     _check_counts(repeats, warmup)
-    session = make_session(path, threads=threads, session_options=session_options)
+    session = make_session(path, threads=threads, session_options=session_options,
+                           target=target)
     feed = _random_input(session, input_shape)
     _time_runs(session, feed, warmup)
     samples = _time_runs(session, feed, repeats)
@@ -229,6 +275,7 @@ def time_interleaved(
     rounds: int = 5,
     repeats: int = 20,
     warmup: int = 5,
+    target: str = DEFAULT_TARGET,
 ) -> InterleavedLatency:
     """Time two files alternately, ``repeats`` runs each per round, for ``rounds`` rounds.
 
@@ -240,8 +287,10 @@ def time_interleaved(
     _check_counts(repeats, warmup)
     if rounds < 1:
         raise InputError(f"rounds={rounds} must be >= 1 (try 5)")
-    cand = make_session(candidate, threads=threads, session_options=candidate_options)
-    ref = make_session(reference, threads=threads, session_options=reference_options)
+    cand = make_session(candidate, threads=threads, session_options=candidate_options,
+                        target=target)
+    ref = make_session(reference, threads=threads, session_options=reference_options,
+                       target=target)
     cand_feed = _random_input(cand, input_shape)
     ref_feed = _random_input(ref, input_shape)
     _time_runs(cand, cand_feed, warmup)
@@ -280,6 +329,7 @@ def pick_session_options(
     threads: int = DEFAULT_THREADS,
     rounds: int = 4,
     repeats: int = 15,
+    target: str = DEFAULT_TARGET,
 ) -> tuple[dict[str, str], LatencyStats]:
     """Try the default options and ``session.disable_quant_qdq=1``; keep the faster.
 
@@ -288,8 +338,9 @@ def pick_session_options(
     recorded with the artifact; the latency is only reproducible with them.
     """
     default: dict[str, str] = {}
-    if not has_qdq(path):
-        stats = time_latency(path, input_shape, threads=threads, repeats=rounds * repeats, warmup=5)
+    if target != DEFAULT_TARGET or not has_qdq(path):  # the option is ONNX Runtime CPU's
+        stats = time_latency(path, input_shape, threads=threads, repeats=rounds * repeats,
+                             warmup=5, target=target)
         return default, stats
     result = time_interleaved(
         path,
@@ -332,13 +383,23 @@ def _cpu_has_vnni() -> bool | None:
 
 
 def runtime_info(
-    threads: int, batch_size: int, session_options: Mapping[str, str] | None = None
+    threads: int,
+    batch_size: int,
+    session_options: Mapping[str, str] | None = None,
+    target: str = DEFAULT_TARGET,
 ) -> dict[str, Any]:
     """What a user needs to reproduce a latency figure (JSON-serialisable)."""
+    if target == "openvino-cpu":
+        from autocompress import openvino_runtime
+
+        engine = {"runtime": "openvino", "version": openvino_runtime.version(),
+                  "providers": ["CPU"]}
+    else:
+        engine = {"runtime": "onnxruntime", "version": ort.__version__,
+                  "providers": list(_GPU_PROVIDERS.get(target, PROVIDERS))}
     return {
-        "runtime": "onnxruntime",
-        "version": ort.__version__,
-        "providers": list(PROVIDERS),
+        "target": target,
+        **engine,
         "session_options": dict(session_options or {}),
         "threads": int(threads),
         "inter_op_threads": 1,

@@ -84,6 +84,7 @@ def open_session(
     """Load the task (unless given), open (or create) the study, export and score the fp32
     model, resolve the fp32 latency reference: everything a trial runner needs."""
     budgets = config.parsed_budgets()
+    runtime.check_target(config.target)  # a missing GPU or OpenVINO: one line, nothing made
     if task is None:
         task = intake.load_task(
             config.model,
@@ -105,6 +106,9 @@ def open_session(
         "space_hash": space.space_hash(description),
         "budgets": sorted(f"{b.kind}<={b.value:g}" for b in budgets),
         "onnx_format": quantize.ONNX_FORMAT,
+        # one target per study (the best candidate differs between runtimes); absent for the
+        # default, so studies made before targets existed still resume
+        **({"target": config.target} if config.target != runtime.DEFAULT_TARGET else {}),
     }
     # A folder (absolute) or s3://bucket/prefix, recorded in the study for export/dashboard.
     artifacts = study_mod.artifact_location(config.artifacts, url, config.study)
@@ -114,7 +118,7 @@ def open_session(
                                            space=description)
     fp32_onnx = quantize.export_float_onnx(task.model, example, workdir / "fp32.onnx")
     fp32_accuracy = runtime.onnx_accuracy(
-        fp32_onnx, task.data.batches("val", 256), threads=config.threads
+        fp32_onnx, task.data.batches("val", 256), threads=config.threads, target=config.target
     )
     study_mod.set_study_info(study, {
         "model_spec": task.model_spec,
@@ -250,7 +254,8 @@ def _resolve_reference(
         measured_now = key not in refs
         if measured_now:
             refs[key] = reference_mod.measure_reference(
-                fp32_onnx, (config.latency_batch_size, *input_shape), threads=config.threads
+                fp32_onnx, (config.latency_batch_size, *input_shape), threads=config.threads,
+                target=config.target,
             )
             study.set_user_attr(reference_mod.REFERENCE_ATTR, reference_mod.encode_references(refs))
     ref = refs[key]

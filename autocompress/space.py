@@ -111,7 +111,21 @@ def _searchable_groups(inventory: Inventory, config: SearchConfig) -> list[str]:
 
 
 def check_space(inventory: Inventory, config: SearchConfig) -> None:
-    """An empty space is a user error: there would be nothing to search."""
+    """An empty space is a user error: there would be nothing to search; so are feature
+    layers the model does not have."""
+    names = {layer.name for layer in inventory.layers}
+    unknown = [n for n in config.feature_layers if n not in names]
+    if unknown:
+        shown = ", ".join(feature_layers(inventory, config.replace(feature_layers=())))
+        raise ConfigError(
+            f"feature_layers {unknown} do not exist in this model; name modules from "
+            f"`autocompress profile` (the stage outputs here: {shown or 'none found'})"
+        )
+    if config.feature_weight_max > 0 and not feature_layers(inventory, config):
+        raise ConfigError(
+            "feature distillation is on (feature_weight_max > 0) but no stage outputs were "
+            "found in this model; name the layers to match with --feature-layers"
+        )
     layers = _searchable_layers(inventory)
     groups = _searchable_groups(inventory, config)
     if not groups and (not layers or set(config.bits) == {32}):
@@ -201,6 +215,14 @@ def ptq_twins(
         out += [(f"{name}-ptq-{m}", dataclasses.replace(plan, realisation="ptq",
                                                           calibration=m)) for m in methods]
     return out
+
+
+def as_qat(plan: CompressionPlan) -> CompressionPlan:
+    """The plan realised by QAT + KD: what a promotion or refine of a PTQ candidate trains
+    (a longer fine-tune of a plan with none would be the same file again)."""
+    if not plan.is_ptq:
+        return plan
+    return dataclasses.replace(plan, realisation="qat", calibration="minmax")
 
 
 def realisation_choice(plan: CompressionPlan) -> str:

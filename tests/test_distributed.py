@@ -177,13 +177,13 @@ def test_three_workers_share_one_study(tmp_path: Path, demo_task: object) -> Non
         workers = [_start(tmp_path, f"w{i}", url, "shared", 4) for i in (1, 2, 3)]
         for w in workers:
             assert w.wait() == 0, w.tail()
-        # --trials is per worker: 4 each; the one that queued the baselines ran three more.
-        assert sorted(_json(w)["new_trials"] for w in workers) == [4, 4, 7]
+        # --trials is per worker: 4 each; the one that queued the baselines ran two more.
+        assert sorted(_json(w)["new_trials"] for w in workers) == [4, 4, 6]
 
         study, trials = _load(url, "shared")
-        assert [t.number for t in trials] == list(range(15))
+        assert [t.number for t in trials] == list(range(14))
         baselines = {t.user_attrs["baseline"]: t for t in trials if "baseline" in t.user_attrs}
-        assert set(baselines) == {"fp32", "int8-ptq", "int8-dynamic"}
+        assert set(baselines) == {"fp32", "int8-ptq"}
         assert all(t.state == TrialState.COMPLETE for t in baselines.values())
         search = [t for t in trials if "baseline" not in t.user_attrs]
         assert len(search) == 12 and all(t.state in FINISHED for t in search)

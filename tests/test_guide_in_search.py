@@ -68,3 +68,24 @@ def test_search_with_the_guide_techniques_records_them(tmp_path: Path) -> None:
         assert t.user_attrs[trial_attrs.SIZE_METRIC] == "zip"
         timing = json.loads(t.user_attrs[trial_attrs.TIMING])
         assert ("finetune" in timing) == (plan["realisation"] == "qat")
+
+
+def test_dynamic_int8_baseline_only_for_linear_heavy_models(demo_task: Task) -> None:
+    """ConvInteger runs 6-7x slower than fp32 here: a convolutional model does not pay for
+    scoring a dynamic baseline; an MLP (the guide's case for dynamic quantization) gets it."""
+    import torch
+    from torch import nn
+
+    from autocompress.inventory import build_inventory
+    from autocompress.search import _enqueue_baselines, linear_share
+
+    conv = build_inventory(demo_task.model, demo_task.data.example_input(1))
+    mlp_model = nn.Sequential(nn.Flatten(), nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
+    mlp = build_inventory(mlp_model, torch.zeros(1, 1, 8, 8))
+    assert linear_share(conv) < 0.1 and linear_share(mlp) == 1.0
+    for inventory, expected in ((conv, {"fp32", "int8-ptq"}),
+                                (mlp, {"fp32", "int8-ptq", "int8-dynamic"})):
+        study = optuna.create_study(directions=["maximize", "minimize"])
+        assert _enqueue_baselines(study, inventory, SearchConfig()) == len(expected)
+        names = {t.user_attrs[trial_attrs.BASELINE] for t in study.get_trials()}
+        assert names == expected

@@ -38,17 +38,21 @@ def _verify(
     onnx_path = tmp / "model.onnx"
     rt = _runtime_of(record)
     threads = int(rt.get("threads") or ctx.config.get("threads") or 1)
+    target = _target_of(rt)
 
-    # 1. accuracy: the same computation objective.py recorded (file, split, batches, threads).
+    # 1. accuracy: the same computation objective.py recorded (file, split, batches, threads,
+    # runtime: the study's deploy target).
     accuracy = runtime.onnx_accuracy(
         onnx_path, data.batches("test", EVAL_BATCH_SIZE), threads=threads,
-        session_options=dict(rt.get("session_options") or {}),
+        session_options=dict(rt.get("session_options") or {}), target=target,
     )
     recorded = record.test_accuracy
     if recorded is None or abs(accuracy - float(recorded)) > ACCURACY_TOLERANCE:
         version_note = ""
-        if rt.get("version") and rt["version"] != _ort_version():
-            version_note = f" (onnxruntime {_ort_version()} now, {rt['version']} in the search)"
+        now = runtime.runtime_info(1, 1, target=target)
+        if rt.get("version") and rt["version"] != now.get("version"):
+            version_note = (f" ({now['runtime']} {now.get('version')} now, {rt['version']} in "
+                            "the search)")
         raise VerificationError(
             f"test accuracy of the written model.onnx is {accuracy:.6f} but the study recorded "
             f"{recorded} for trial {record.number}{version_note}: same file and data must give "
@@ -57,7 +61,7 @@ def _verify(
         )
 
     # 2. the PyTorch program against the ONNX file, top-1 on validation samples.
-    agreement, samples = _agreement(tmp / "model.pt2", onnx_path, data, threads)
+    agreement, samples = _agreement(tmp / "model.pt2", onnx_path, data, threads, target)
     if agreement < AGREEMENT_FLOOR and not record.quantized_by_runtime:
         raise VerificationError(
             f"model.pt2 agrees with model.onnx on only {agreement:.2%} of {samples} validation "
@@ -78,12 +82,13 @@ def _verify(
     }
 
 
-def _ort_version() -> str:
-    return str(runtime.runtime_info(1, 1).get("version", "?"))
+def _target_of(rt: dict[str, Any]) -> str:
+    """The target a trial was measured on (studies made before targets: ONNX Runtime CPU)."""
+    return str(rt.get("target") or runtime.DEFAULT_TARGET)
 
 
 def _agreement(
-    program_path: Path, onnx_path: Path, data: intake.DataSplits, threads: int
+    program_path: Path, onnx_path: Path, data: intake.DataSplits, threads: int, target: str
 ) -> tuple[float, int]:
     program = torch.export.load(str(program_path)).module()
     batches = []
@@ -94,7 +99,7 @@ def _agreement(
         taken += x.shape[0]
         if taken >= AGREEMENT_SAMPLES:
             break
-    onnx_pred = runtime.predictions(onnx_path, batches, threads=threads)
+    onnx_pred = runtime.predictions(onnx_path, batches, threads=threads, target=target)
     with torch.no_grad():
         torch_pred = torch.cat([program(x).argmax(dim=1) for x in batches]).numpy()
     return float((onnx_pred == torch_pred).mean()), int(taken)
@@ -125,7 +130,7 @@ def _verify_latency(
         inter = runtime.time_interleaved(
             onnx_path, fp32_path, (batch, *ctx.input_shape), threads=threads,
             candidate_options=options, reference_options=ref_options,
-            rounds=rounds, repeats=repeats,
+            rounds=rounds, repeats=repeats, target=_target_of(rt),
         )
         attempts.append(inter.ratio)
         if allowed[0] <= inter.ratio <= allowed[1]:

@@ -1,0 +1,79 @@
+"""Deploy targets (issue 17): the study's runtime times and scores every file; a target this
+machine cannot run is refused in one line before anything is made."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import onnxruntime as ort
+import pytest
+from pg import unavailable
+from search_fixture import run_short_search
+
+from autocompress import runtime, trial_attrs
+from autocompress.cli import main
+from autocompress.errors import InputError
+from autocompress.export import export_from_storage
+from autocompress.openvino_runtime import available as openvino_available
+
+
+@pytest.mark.parametrize("target,provider", [("onnxruntime-cuda", "CUDAExecutionProvider"),
+                                             ("tensorrt", "TensorrtExecutionProvider")])
+def test_a_gpu_target_without_a_gpu_is_one_line_exit_2(
+    target: str, provider: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    if provider in ort.get_available_providers():
+        pytest.skip(f"{provider} is available here: benchmarks/gpu.py exercises {target}")
+    with pytest.raises(InputError, match=f"the {target} target needs an NVIDIA GPU"):
+        runtime.check_target(target)
+    monkeypatch.chdir(tmp_path)
+    code = main(["search", "--target", target, "--trials", "1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("error:") and "GPU" in err[0]
+    assert not list(tmp_path.iterdir())  # no study database, no artifacts
+
+
+def test_unknown_target_is_refused() -> None:
+    with pytest.raises(InputError, match="target 'edgetpu' is unknown"):
+        runtime.check_target("edgetpu")
+
+
+def test_openvino_target_search_export_verify(tmp_path: Path) -> None:
+    """A demo search timed and scored by OpenVINO, exported and verified on OpenVINO."""
+    if not openvino_available():
+        unavailable("OpenVINO is not installed: pip install -e '.[dev]' (or '.[openvino]')")
+    short = run_short_search(tmp_path, study="ov", target="openvino-cpu", trials=2,
+                             guided=False, budgets=())
+    measured = [r for r in short.result.records if r.measured]
+    assert measured
+    for r in measured:
+        rt = r.json_attr(trial_attrs.RUNTIME)
+        assert rt["target"] == "openvino-cpu" and rt["runtime"] == "openvino"
+        assert 0.8 < (r.accuracy or 0) <= 1 and r.latency_vs_fp32
+    best = max((r for r in measured if r.baseline is None), key=lambda r: r.accuracy or 0)
+    result = export_from_storage(short.storage_url, "ov", out=tmp_path / "out",
+                                 trial=best.number, verify=True)
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert result.trial == best.number
+    assert report["verification"]["test_accuracy"] == pytest.approx(best.test_accuracy)
+
+
+def test_openvino_and_onnxruntime_agree_on_a_quantized_file(demo_task, tmp_path: Path) -> None:
+    if not openvino_available():
+        unavailable("OpenVINO is not installed: pip install -e '.[dev]' (or '.[openvino]')")
+    from autocompress import quantize
+
+    model = demo_task.model
+    example = demo_task.data.example_input(1)
+    float_path = quantize.export_float_onnx(model, example, tmp_path / "f.onnx")
+    calibration = [x for x, _ in demo_task.data.batches("train", 64)][:2]
+    int8 = quantize.ptq_static(float_path, tmp_path / "q.onnx", calibration)
+    batches = list(demo_task.data.batches("val", 64))
+    ov_acc = runtime.onnx_accuracy(int8, batches, threads=1, target="openvino-cpu")
+    ort_acc = runtime.onnx_accuracy(int8, batches, threads=1)
+    assert abs(ov_acc - ort_acc) < 0.02
+    inter = runtime.time_interleaved(int8, float_path, (1, *example.shape[1:]), threads=1,
+                                     rounds=2, repeats=5, target="openvino-cpu")
+    assert inter.ratio > 0
