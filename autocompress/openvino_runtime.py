@@ -79,3 +79,15 @@ class OpenVINOSession:
         x = np.ascontiguousarray(next(iter(feed.values())))
         self._request.infer({0: x})
         return [np.asarray(self._request.get_output_tensor(0).data).copy()]
+
+
+def save_ir(onnx_path: str | os.PathLike[str], xml_path: str | os.PathLike[str]) -> list[Path]:
+    """OpenVINO's own format (``.xml`` graph + ``.bin`` weights) of an ONNX file, weights kept
+    at the file's precision (no fp16 compression: what was measured is what ships)."""
+    if not available():
+        raise InputError(f"writing OpenVINO IR needs OpenVINO: {INSTALL_HINT}")
+    import openvino as ov
+
+    xml = Path(xml_path)
+    ov.save_model(ov.Core().read_model(str(Path(onnx_path))), str(xml), compress_to_fp16=False)
+    return [xml, xml.with_suffix(".bin")]

@@ -58,6 +58,9 @@ def test_openvino_target_search_export_verify(tmp_path: Path) -> None:
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert result.trial == best.number
     assert report["verification"]["test_accuracy"] == pytest.approx(best.test_accuracy)
+    # OpenVINO's own format beside the ONNX file, listed with its checksum
+    assert {"model.xml", "model.bin"} <= set(result.files)
+    assert (tmp_path / "out" / "model.xml").is_file()
 
 
 def test_openvino_and_onnxruntime_agree_on_a_quantized_file(demo_task, tmp_path: Path) -> None:
@@ -77,3 +80,17 @@ def test_openvino_and_onnxruntime_agree_on_a_quantized_file(demo_task, tmp_path:
     inter = runtime.time_interleaved(int8, float_path, (1, *example.shape[1:]), threads=1,
                                      rounds=2, repeats=5, target="openvino-cpu")
     assert inter.ratio > 0
+
+
+def test_gpu_benchmark_refuses_without_a_gpu_in_one_line() -> None:
+    import subprocess
+    import sys
+
+    if "TensorrtExecutionProvider" in ort.get_available_providers():
+        pytest.skip("a GPU with TensorRT is here: run benchmarks/gpu.py itself")
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu.py"
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=300)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
+    assert lines[0].startswith("error: the tensorrt target needs an NVIDIA GPU")

@@ -70,9 +70,10 @@ def export_from_storage(
     try:
         with tempfile.TemporaryDirectory(prefix="autocompress-export-") as scratch:
             report = _write(tmp, Path(scratch), store, ctx, choice, records, fp32, verify)
+        names = [*FILES, *_target_files(tmp, choice.record)]
         files = {
             name: {"bytes": (tmp / name).stat().st_size, "sha256": measure.sha256_file(tmp / name)}
-            for name in FILES
+            for name in names
         }
         _publish(tmp, out_path, force)
     except BaseException:
@@ -128,6 +129,20 @@ def _write(
     (tmp / "report.md").write_text(_markdown(report))
     _plot(tmp / "pareto.png", records, record, ctx, choice.budgets or _study_budgets(ctx))
     return report
+
+
+def _target_files(folder: Path, record: TrialRecord) -> list[str]:
+    """Files in the study's target's own format beside model.onnx: OpenVINO IR for the
+    openvino-cpu target (the ONNX file is what was measured; the IR is what OpenVINO
+    deployments load fastest)."""
+    runtime_info = record.json_attr("runtime")
+    target = runtime_info.get("target") if isinstance(runtime_info, dict) else None
+    if target != "openvino-cpu":
+        return []
+    from autocompress import openvino_runtime
+
+    written = openvino_runtime.save_ir(folder / "model.onnx", folder / "model.xml")
+    return [p.name for p in written]
 
 
 def _study_budgets(ctx: _Context) -> list[Budget]:

@@ -462,6 +462,8 @@
       ["fine-tune steps", p.finetune_steps], ["learning rate", p.learning_rate],
       ["feature pairs", p.feature_pairs && p.feature_pairs.length ? p.feature_pairs.map((x) => x.join("→")).join(", ") : null],
       ["feature weight", p.feature_weight || null],
+      ["realised by", p.realisation === "ptq" ? `post-training quantization (${p.calibration} calibration), no fine-tune` : p.realisation ? "QAT + distillation" : null],
+      ["global sparsity", p.global_sparsity ? `${(100 * p.global_sparsity).toFixed(0)} % of all weights (L1, kept through the fine-tune)` : null],
     ]) || "<tr><td colspan='2' class='muted'>no plan</td></tr>") + "</tbody>";
     const r = d.runtime || {};
     el("runtime-table").innerHTML = "<thead><tr><th colspan='2'>Runtime the latency was measured with</th></tr></thead><tbody>" + (kvRows(
