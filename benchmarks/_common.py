@@ -406,3 +406,24 @@ def start_benchmark(name: str, torch_threads: int | None,
     state = machine_state(ort_threads=1, torch_threads=threads)
     say(f"{name} benchmark: {state_line(state)}")
     return threads, loads, state
+
+
+def run_arms(
+    arms: Sequence[str],
+    seeds: Sequence[int],
+    minutes: float,
+    run_one: Callable[[str, int], dict[str, Any]],
+    say: Callable[[str], None],
+) -> tuple[list[dict[str, Any]], dict[str, dict[str, float]]]:
+    """Every arm at every seed, one after the other (arms alternate within a seed, so drift
+    hits each alike); returns the runs and each arm's hypervolume mean, min and max."""
+    runs = []
+    for seed in seeds:
+        for arm in arms:
+            say(f"== {arm} seed {seed}: {minutes:g} min")
+            runs.append(run_one(arm, seed))
+            say(f"   hypervolume {runs[-1]['hypervolume']:.4f}")
+    by_arm = {arm: [r["hypervolume"] for r in runs if r["arm"] == arm] for arm in arms}
+    summary = {arm: {"mean": statistics.mean(v), "min": min(v), "max": max(v)}
+               for arm, v in by_arm.items()}
+    return runs, summary

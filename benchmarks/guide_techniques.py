@@ -36,6 +36,7 @@ from _common import (
     md_table,
     progress_printer,
     resnet20_task,
+    run_arms,
     start_benchmark,
     state_line,
     write_json,
@@ -112,15 +113,9 @@ def main() -> int:
     stem = args.stem or ("guide_techniques_demo" if args.demo else "guide_techniques")
     torch_threads, loads, state = start_benchmark("guide-techniques", args.torch_threads, log)
     spec = resnet20_task(args.demo, log)
-    runs = []
-    for seed in args.seeds:
-        for arm in ARMS:
-            log(f"== {arm} seed {seed}: {args.minutes:g} min")
-            runs.append(run_arm(arm, seed, args.minutes, spec, torch_threads, loads))
-            log(f"   hypervolume {runs[-1]['hypervolume']:.4f}")
-    by_arm = {arm: [r["hypervolume"] for r in runs if r["arm"] == arm] for arm in ARMS}
-    summary = {arm: {"mean": statistics.mean(v), "min": min(v), "max": max(v)}
-               for arm, v in by_arm.items()}
+    runs, summary = run_arms(
+        list(ARMS), args.seeds, args.minutes,
+        lambda arm, seed: run_arm(arm, seed, args.minutes, spec, torch_threads, loads), log)
     ratio = summary["guide"]["mean"] / summary["plain"]["mean"]
     guide_runs = [r for r in runs if r["arm"] == "guide"]
     ptq_share = sum(r["ptq"] for r in guide_runs) / max(1, sum(r["measured"] for r in guide_runs))

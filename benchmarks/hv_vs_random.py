@@ -19,7 +19,6 @@ as the ratio of the means. Writes benchmarks/results/hv_vs_random.md and .json.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from typing import Any
@@ -32,6 +31,7 @@ from _common import (
     md_table,
     progress_printer,
     resnet20_task,
+    run_arms,
     start_benchmark,
     state_line,
     write_json,
@@ -95,15 +95,9 @@ def main() -> int:
     stem = args.stem or ("hv_vs_random_demo" if args.demo else "hv_vs_random")
     torch_threads, loads, state = start_benchmark("hv-vs-random", args.torch_threads, log)
     spec = resnet20_task(args.demo, log)
-    runs = []
-    for seed in args.seeds:
-        for arm in ARMS:
-            log(f"== {arm} seed {seed}: {args.minutes:g} min")
-            runs.append(run_arm(arm, seed, args.minutes, spec, torch_threads, loads))
-            log(f"   hypervolume {runs[-1]['hypervolume']:.4f}")
-    by_arm = {arm: [r["hypervolume"] for r in runs if r["arm"] == arm] for arm in ARMS}
-    summary = {arm: {"mean": statistics.mean(v), "min": min(v), "max": max(v)}
-               for arm, v in by_arm.items()}
+    runs, summary = run_arms(
+        list(ARMS), args.seeds, args.minutes,
+        lambda arm, seed: run_arm(arm, seed, args.minutes, spec, torch_threads, loads), log)
     ratio = summary["default"]["mean"] / summary["random"]["mean"]
     data = {
         "command": "python benchmarks/hv_vs_random.py " + " ".join(sys.argv[1:]),
