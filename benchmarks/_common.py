@@ -427,3 +427,15 @@ def run_arms(
     summary = {arm: {"mean": statistics.mean(v), "min": min(v), "max": max(v)}
                for arm, v in by_arm.items()}
     return runs, summary
+
+
+def study_place(folder: Path, name: str, *, fresh: bool = True) -> dict[str, str]:
+    """SearchConfig fields for a benchmark study kept in ``folder`` (study name, SQLite
+    storage, artifact folder); ``fresh`` deletes a previous run's database and lock first."""
+    folder.mkdir(parents=True, exist_ok=True)
+    db = folder / f"{name}.db"
+    if fresh:
+        for stale in (db, db.with_name(db.name + ".lock")):
+            stale.unlink(missing_ok=True)
+    return {"study": name, "storage": f"sqlite:///{db}",
+            "artifacts": str(folder / f"{name}-artifacts")}

@@ -36,6 +36,7 @@ from _common import (
     resnet20_task,
     start_benchmark,
     state_line,
+    study_place,
     write_json,
     write_text,
 )
@@ -151,18 +152,13 @@ def main() -> int:
     torch_threads, loads, state = start_benchmark("beat-recipes", args.torch_threads, log)
     model, weights, spec = resnet20_task(args.demo, log)
 
-    STUDIES.mkdir(parents=True, exist_ok=True)
     name = f"{stem}-s{args.seed}"
-    db = STUDIES / f"{name}.db"
-    url = f"sqlite:///{db}"
     saved = RESULTS / f"{stem}.json"
     previous = json.loads(saved.read_text()) if args.resume and saved.is_file() else {}
-    if not args.resume:
-        for stale in (db, db.with_name(db.name + ".lock")):
-            stale.unlink(missing_ok=True)
+    place = study_place(STUDIES, name, fresh=not args.resume)
+    url = place["storage"]
     config = SearchConfig(
-        model=model, weights=weights, data=spec, study=name, storage=url,
-        artifacts=str(STUDIES / f"{name}-artifacts"), trials=10_000,
+        model=model, weights=weights, data=spec, **place, trials=10_000,
         time_limit=args.minutes, seed=args.seed, train_threads=torch_threads, device="cpu",
     )
     if args.resume:

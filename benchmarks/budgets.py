@@ -37,6 +37,7 @@ from _common import (
     md_table,
     progress_printer,
     state_line,
+    study_place,
     write_json,
     write_text,
 )
@@ -71,14 +72,9 @@ def run_one(spec: str, sampler: str, seed: int, budget_ms: float, minutes: float
     from autocompress.config import SearchConfig
     from autocompress.search import run_search
 
-    STUDIES.mkdir(parents=True, exist_ok=True)
-    name = f"budget-{sampler}-s{seed}"
-    db = STUDIES / f"{name}.db"
-    for stale in (db, db.with_name(db.name + ".lock")):
-        stale.unlink(missing_ok=True)
+    place = study_place(STUDIES, f"budget-{sampler}-s{seed}")
     config = SearchConfig(
-        model=MODEL_SPEC, weights=str(TEACHER), data=spec, study=name,
-        storage=f"sqlite:///{db}", artifacts=str(STUDIES / f"{name}-artifacts"),
+        model=MODEL_SPEC, weights=str(TEACHER), data=spec, **place,
         budgets=(f"{budget_ms:.4f}ms",), trials=10_000, time_limit=minutes,
         sampler=sampler, seed=seed, train_threads=torch_threads, device="cpu",
     )

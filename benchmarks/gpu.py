@@ -19,7 +19,7 @@ import argparse
 import sys
 import time
 
-from _common import REPO, RESULTS, md_table, write_json, write_text
+from _common import REPO, RESULTS, md_table, study_place, write_json, write_text
 
 STUDIES = REPO / "benchmarks" / "cache" / "gpu"  # gitignored
 
@@ -45,14 +45,10 @@ def main() -> int:
     except AutocompressError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    STUDIES.mkdir(parents=True, exist_ok=True)
     name = f"gpu-{args.target}"
-    db = STUDIES / f"{name}.db"
-    for stale in (db, db.with_name(db.name + ".lock")):
-        stale.unlink(missing_ok=True)
     config = SearchConfig(
-        model=args.model, data=args.data, input_size=args.input_size, study=name,
-        storage=f"sqlite:///{db}", artifacts=str(STUDIES / f"{name}-artifacts"),
+        model=args.model, data=args.data, input_size=args.input_size,
+        **study_place(STUDIES, name),
         trials=10_000, time_limit=args.minutes, target=args.target, device="cuda",
     )
     started = time.perf_counter()

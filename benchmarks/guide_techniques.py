@@ -39,6 +39,7 @@ from _common import (
     run_arms,
     start_benchmark,
     state_line,
+    study_place,
     write_json,
     write_text,
 )
@@ -69,14 +70,9 @@ def run_arm(arm: str, seed: int, minutes: float, spec: Any, torch_threads: int,
     from autocompress.search import run_search
 
     model, weights, data = spec
-    STUDIES.mkdir(parents=True, exist_ok=True)
-    name = f"guide-{arm}-s{seed}" + ("-demo" if model is None else "")
-    db = STUDIES / f"{name}.db"
-    for stale in (db, db.with_name(db.name + ".lock")):
-        stale.unlink(missing_ok=True)
+    place = study_place(STUDIES, f"guide-{arm}-s{seed}" + ("-demo" if model is None else ""))
     config = SearchConfig(
-        model=model, weights=weights, data=data, study=name, storage=f"sqlite:///{db}",
-        artifacts=str(STUDIES / f"{name}-artifacts"), trials=10_000, time_limit=minutes,
+        model=model, weights=weights, data=data, **place, trials=10_000, time_limit=minutes,
         seed=seed, train_threads=torch_threads, device="cpu", **COMMON, **ARMS[arm],
     )
     started = time.perf_counter()
