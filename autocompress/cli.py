@@ -233,13 +233,14 @@ def _search(args: argparse.Namespace) -> int:
 def _show(args: argparse.Namespace) -> int:
     from autocompress import report
     from autocompress.api import load_study
+    from autocompress.pareto import fp32_record
 
     name = args.study or "demo"
     handle = load_study(name, storage=args.storage or default_storage_url(name))
     recs = handle.records()
     shown = recs if args.all else handle.pareto_front()
     if args.json:
-        fp32 = report.fp32_record(recs)  # the comparisons need it even when not shown
+        fp32 = fp32_record(recs)  # the comparisons need it even when not shown
         print(json.dumps([report.record_json(r, fp32) for r in shown], indent=2))
     else:
         what = "Trials" if args.all else "Pareto front"

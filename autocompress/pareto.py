@@ -81,6 +81,11 @@ class TrialRecord:
         return json.loads(value) if isinstance(value, str) else value
 
 
+def fp32_record(records: Iterable[TrialRecord]) -> TrialRecord | None:
+    """The study's measured fp32 baseline trial: what every "vs fp32" figure compares with."""
+    return next((r for r in records if r.baseline == "fp32" and r.measured), None)
+
+
 def dominates(a: TrialRecord, b: TrialRecord, objectives: Sequence[str]) -> bool:
     better_or_equal = all(a.objective(o) >= b.objective(o) for o in objectives)
     strictly = any(a.objective(o) > b.objective(o) for o in objectives)

@@ -13,7 +13,7 @@ from rich.table import Table
 
 from autocompress import metrics, trial_attrs
 from autocompress.config import Budget, default_storage_url, format_bytes
-from autocompress.pareto import TrialRecord
+from autocompress.pareto import TrialRecord, fp32_record
 
 _out = Console(soft_wrap=True)  # resolves sys.stdout at write time (pytest swaps it)
 _PIPE_WIDTH = 150  # tables piped to a file or `less` would otherwise wrap at 80 columns
@@ -90,10 +90,6 @@ class SearchProgress(_Bar):
         self._progress.update(
             self._task, total=progress.total, completed=progress.done, status=status
         )
-
-
-def fp32_record(records: Sequence[TrialRecord]) -> TrialRecord | None:
-    return next((r for r in records if r.baseline == "fp32" and r.measured), None)
 
 
 def record_json(record: TrialRecord, fp32: TrialRecord | None = None) -> dict[str, Any]:

@@ -29,7 +29,7 @@ from autocompress import study as study_mod
 from autocompress.config import Budget, SearchConfig
 from autocompress.errors import BudgetError
 from autocompress.objective import TrialRunner, build_student
-from autocompress.pareto import TrialRecord, closest_to_budgets, pareto_front
+from autocompress.pareto import TrialRecord, closest_to_budgets, fp32_record, pareto_front
 from autocompress.plan import CompressionPlan
 from autocompress.promotion import plan_promotions
 from autocompress.session import _say, open_session, torch_threads, use_learning_rate
@@ -165,7 +165,7 @@ def _run_search(
         artifacts_dir=artifacts,
         records=recs,
         front=pareto_front(recs, config.objectives),
-        fp32=next((r for r in recs if r.baseline == "fp32" and r.measured), None),
+        fp32=fp32_record(recs),
         new_trials=counter.done,
         budgets=budgets,
         rejected=counter.rejected,

@@ -13,6 +13,7 @@ from autocompress.export._results import Choice, ExportError
 from autocompress.pareto import (
     TrialRecord,
     closest_to_budgets,
+    fp32_record,
     select_best,
 )
 
@@ -31,10 +32,6 @@ def parse_accuracy_drop(text: str | float | None) -> float | None:
             f"max accuracy drop {text!r} is not a fraction in [0, 1); write e.g. 1% or 0.01"
         )
     return value
-
-
-def fp32_record(records: Sequence[TrialRecord]) -> TrialRecord | None:
-    return next((r for r in records if r.baseline == "fp32" and r.measured), None)
 
 
 def choose(
