@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import functools
 import inspect
 import re
 from collections.abc import Callable
@@ -12,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from autocompress._outputs import describe_output, prediction_of
 from autocompress.errors import ModelSpecError, one_line
 from autocompress.intake.specs import (
     _MODEL_FORMS,
@@ -43,8 +45,9 @@ def load_model(
         if value is not None and (not isinstance(value, int) or value < 1):
             raise ModelSpecError(f"{label} must be a positive integer, got {value!r}")
     model = _build_model(spec, num_classes, input_shape)
+    dropped = drop_training_heads(model)
     if weights is not None:
-        load_weights(model, weights)
+        load_weights(model, weights, ignore=dropped)
     model = model.cpu().eval()
     if input_shape is not None:
         shape: tuple[int, ...] | None = (1, *input_shape)
@@ -53,6 +56,7 @@ def load_model(
     else:
         shape = None
     if shape is not None:
+        _return_prediction_if_needed(model, torch.zeros(shape), spec)
         outputs = check_model_input(model, torch.zeros(shape), spec)
         if num_classes is not None and outputs != num_classes:
             raise ModelSpecError(
@@ -72,7 +76,7 @@ def _build_model(
         channels = input_shape[0] if input_shape else 1
         return build_demo_model(channels, num_classes or 10)
     if sep and prefix == "torchvision":
-        return _build_torchvision(name, num_classes)
+        return _build_torchvision(name, num_classes, input_shape)
     if sep and prefix == "timm":
         return _build_timm(name, num_classes)
     if sep and _is_factory_target(spec):
@@ -92,7 +96,9 @@ def _build_model(
     raise ModelSpecError(f"unknown model spec {spec!r}; use {_MODEL_FORMS}{hint}")
 
 
-def _build_torchvision(name: str, num_classes: int | None) -> nn.Module:
+def _build_torchvision(
+    name: str, num_classes: int | None, input_shape: tuple[int, int, int] | None
+) -> nn.Module:
     from torchvision import models
 
     names = models.list_models(module=models)  # classification models only
@@ -107,6 +113,10 @@ def _build_torchvision(name: str, num_classes: int | None) -> nn.Module:
     kwargs: dict[str, Any] = {"weights": None}
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
+    if name.startswith("vit_") and input_shape is not None and input_shape[1] == input_shape[2]:
+        # ViTs fix their position embeddings to one image size (224 by default); build them
+        # for the data's size, as fine-tuning at another resolution does.
+        kwargs["image_size"] = input_shape[1]
     try:
         return models.get_model(name, **kwargs)
     except Exception as exc:
@@ -204,13 +214,18 @@ def _is_tensor_dict(obj: dict[Any, Any]) -> bool:
     )
 
 
-def load_weights(model: nn.Module, weights: str | Path) -> None:
+def load_weights(
+    model: nn.Module, weights: str | Path, *, ignore: tuple[str, ...] = ()
+) -> None:
     """Load a weights file into ``model`` strictly; any mismatch is a ModelSpecError.
 
     Only ``num_batches_tracked`` buffers may be absent (older checkpoints lack them and
-    they do not change what the model computes).
+    they do not change what the model computes). Keys under the module names in ``ignore``
+    (training-only heads already removed) may be present or not.
     """
     state = read_state_dict(weights)
+    if ignore:
+        state = {k: v for k, v in state.items() if k.split(".", 1)[0] not in ignore}
     expected = model.state_dict()
     missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in state if k not in expected]
@@ -244,20 +259,74 @@ def _in_channels(model: nn.Module) -> int:
     return 3
 
 
-def check_model_input(model: nn.Module, example: torch.Tensor, spec: str) -> int:
-    """One eval-mode forward pass; returns the number of output classes."""
+# Auxiliary classifiers that torchvision's GoogLeNet and Inception v3 run in training mode
+# only: they are not deployed, and structured pruning traced in eval mode cannot see them
+# (pruning the block they read from would break them). torchvision drops them the same way
+# when it loads pretrained weights.
+_TRAINING_HEADS = ("aux1", "aux2", "AuxLogits")
+
+
+def drop_training_heads(model: nn.Module) -> tuple[str, ...]:
+    """Remove a model's training-only auxiliary classifiers; returns their names."""
+    if getattr(model, "aux_logits", False) is not True:
+        return ()
+    dropped = tuple(
+        name for name in _TRAINING_HEADS if isinstance(getattr(model, name, None), nn.Module)
+    )
+    for name in dropped:
+        setattr(model, name, None)
+    model.aux_logits = False
+    return dropped
+
+
+def _run(model: nn.Module, example: torch.Tensor, spec: str) -> Any:
     model.eval()
-    shape = tuple(example.shape)
     try:
         with torch.no_grad():
-            out = model(example)
+            return model(example)
     except Exception as exc:  # any failure means the shape is not accepted
         raise ModelSpecError(
-            f"model {spec!r} rejects input of shape {shape}: {one_line(exc, typed=True)}; pass "
-            "--input-size N to feed NxN images (or data with the channel count it expects)"
+            f"model {spec!r} rejects input of shape {tuple(example.shape)}: "
+            f"{one_line(exc, typed=True)}; pass --input-size N to feed NxN images (or data "
+            "with the channel count it expects)"
         ) from exc
+
+
+def _return_prediction_if_needed(model: nn.Module, example: torch.Tensor, spec: str) -> None:
+    """Make a model that returns a tuple, named tuple, dict or ``ModelOutput`` return its
+    prediction tensor (``prediction_of``), in place, so that distillation, ONNX export and
+    scoring see one logits tensor. Parameter and module names do not change: the model's
+    class is swapped for a subclass whose ``forward`` picks the prediction."""
+    out = _run(model, example, spec)
+    if isinstance(out, torch.Tensor):
+        return
+    if prediction_of(out) is None:
+        raise ModelSpecError(
+            f"model {spec!r} returned {describe_output(out)} with no tensor in it; it must "
+            "return logits of shape (batch, classes)"
+        )
+    base = type(model)
+
+    # wraps: the signature stays the model's own, which torch.export matches inputs against
+    @functools.wraps(base.forward)
+    def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        output = base.forward(self, *args, **kwargs)
+        picked = prediction_of(output)
+        return output if picked is None else picked
+
+    model.__class__ = type(
+        base.__name__,
+        (base,),
+        {"forward": forward, "__module__": base.__module__, "__qualname__": base.__qualname__},
+    )
+
+
+def check_model_input(model: nn.Module, example: torch.Tensor, spec: str) -> int:
+    """One eval-mode forward pass; returns the number of output classes."""
+    shape = tuple(example.shape)
+    out = _run(model, example, spec)
     if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != shape[0]:
-        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else describe_output(out)
         raise ModelSpecError(
             f"model {spec!r} returned {got} for input {shape}; it must return logits of "
             "shape (batch, classes): wrap it to return the logits tensor"
