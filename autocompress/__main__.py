@@ -1,0 +1,7 @@
+"""``python -m autocompress``: the same command line as the ``autocompress`` script."""
+
+import sys
+
+from autocompress.cli import main
+
+sys.exit(main())
