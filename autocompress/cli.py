@@ -42,6 +42,13 @@ def _int_csv(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"{text!r} is not a comma list of integers") from None
 
 
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(p) for p in _csv(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma list of numbers") from None
+
+
 def _add_model_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model and data (none: the built-in demo CNN on digits)")
     g.add_argument("--model", help="torchvision:NAME, timm:NAME, path/file.py:factory, "
@@ -51,6 +58,14 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
                    "package.module:factory")
     g.add_argument("--num-classes", type=int, help="classifier outputs (default: the data's)")
     g.add_argument("--input-size", type=int, help="square input side in pixels")
+
+
+def _add_task_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--task", help="file.py:factory or package.module:factory returning your "
+                   "model, data, metric and loss (instead of --model/--data)")
+    p.add_argument("--mean", type=_floats, help="per-channel input mean, e.g. "
+                   "0.485,0.456,0.406 (default: the train split's)")
+    p.add_argument("--std", type=_floats, help="per-channel input std, with --mean")
 
 
 def _add_storage_options(p: argparse.ArgumentParser) -> None:
@@ -75,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("search", help="run the compression search (the main job)")
     s.add_argument("--config", help="YAML study config (studies/demo.yaml); flags override it")
     _add_model_options(s)
+    _add_task_options(s)
     _add_storage_options(s)
     s.add_argument("--budget", action="append", dest="budgets", metavar="LIMIT",
                    help="latency (50ms, 0.05s, 500us) or size (8MB, 512KiB); repeatable")
@@ -223,7 +239,7 @@ def _search(args: argparse.Namespace) -> int:
         print(json.dumps(report.result_json(result), indent=2))
     else:
         report.print_front(result.records, result.front, result.budgets,
-                           title=f"Pareto front of study {result.study!r}")
+                           title=f"Pareto front of study {result.study!r}", metric=result.metric)
         report.print_next_steps(result.study, result.storage_url, result.artifacts_dir)
     if result.stop_reason:  # after the table, so the last line says why the run ended early
         print(result.stop_reason, file=sys.stderr)
@@ -234,6 +250,7 @@ def _show(args: argparse.Namespace) -> int:
     from autocompress import report
     from autocompress.api import load_study
     from autocompress.pareto import fp32_record
+    from autocompress.task_metric import label_of
 
     name = args.study or "demo"
     handle = load_study(name, storage=args.storage or default_storage_url(name))
@@ -244,7 +261,8 @@ def _show(args: argparse.Namespace) -> int:
         print(json.dumps([report.record_json(r, fp32) for r in shown], indent=2))
     else:
         what = "Trials" if args.all else "Pareto front"
-        report.print_front(recs, shown, handle.budgets(), title=f"{what} of study {name!r}")
+        report.print_front(recs, shown, handle.budgets(), title=f"{what} of study {name!r}",
+                           metric=label_of(handle.info.attrs.get("metric")))
     return 0
 
 

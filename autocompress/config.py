@@ -116,6 +116,11 @@ class SearchConfig:
     data: str | None = None
     num_classes: int | None = None
     input_size: int | None = None
+    # a user's task factory (file.py:factory) giving model, data, metric and loss at once
+    task: str | None = None
+    # input normalisation (per channel); None: the train split's own statistics
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
     # where the study lives
     study: str = "demo"
     storage: str | None = None
@@ -227,6 +232,15 @@ class SearchConfig:
                                     ("size_metric", self.size_metric, SIZE_METRICS)):
             if value not in allowed:
                 raise ConfigError(f"{key} {value!r} is unknown; use one of {list(allowed)}")
+        if (self.mean is None) != (self.std is None) or (
+                self.std is not None and (len(self.std) != len(self.mean or ())
+                                          or min(self.std, default=1.0) <= 0)):
+            raise ConfigError("mean and std go together, one value per input channel each, "
+                              "std > 0 (e.g. --mean 0.485,0.456,0.406 --std 0.229,0.224,0.225)")
+        if self.task is not None and any(v is not None for v in (self.model, self.data,
+                                                                 self.weights)):
+            raise ConfigError(f"task {self.task!r} brings its own model and data; drop model, "
+                              "weights and data")
         if self.target not in TARGETS:
             raise ConfigError(f"target {self.target!r} is unknown; use one of {list(TARGETS)}")
         if not 0.0 <= self.feature_weight_max <= 100.0:

@@ -377,6 +377,7 @@ def finetune(
     optimizer: str = "adamw",
     evaluate_at: Callable[[int], bool] | None = None,
     progress: Callable[[int, int], None] | None = None,
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> FinetuneResult:
     """Distil ``teacher`` into ``student`` in place for exactly ``plan.finetune_steps`` steps.
 
@@ -385,6 +386,7 @@ def finetune(
     ``evaluate_at(step)``, when given, further limits those steps to the ones where the
     metric can matter (evaluations cost forward passes over the validation data).
     ``progress(step, total)``, when given, is called after every step (progress bars).
+    ``loss(outputs, targets)`` replaces cross-entropy as the hard-target term (a task's own).
     Raises TrainingError when the loss becomes nan/inf. Both models end on the CPU in the
     train/eval mode they arrived in. The run is deterministic for a given ``seed`` (same
     data order, adapter init and dropout masks); the global RNG state is left untouched.
@@ -424,6 +426,7 @@ def finetune(
                 optimizer,
                 evaluate_at,
                 progress,
+                loss,
             )
         finally:
             student.to("cpu")
@@ -447,6 +450,7 @@ def _run(
     optimizer_name: str,
     evaluate_at: Callable[[int], bool] | None,
     progress: Callable[[int, int], None] | None,
+    hard_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None,
 ) -> FinetuneResult:
     steps = plan.finetune_steps
     batches = _cycle_batches(data, batch_size, seed)
@@ -478,7 +482,7 @@ def _run(
         for step in range(1, steps + 1):
             x, y = next(batches)
             x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
-            loss = _step_loss(student, teacher, distiller, plan, x, y)
+            loss = _step_loss(student, teacher, distiller, plan, x, y, hard_loss)
             value = float(loss.detach())
             if not math.isfinite(value):
                 lr_now = opt.param_groups[0]["lr"]
@@ -526,6 +530,7 @@ def _step_loss(
     plan: CompressionPlan,
     x: torch.Tensor,
     y: torch.Tensor,
+    hard_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     s_logits = student(x)
     with torch.no_grad():
@@ -535,7 +540,8 @@ def _step_loss(
     if alpha > 0:
         loss = loss + alpha * kd_loss(s_logits, t_logits, plan.kd_temperature)
     if alpha < 1:
-        loss = loss + (1.0 - alpha) * F.cross_entropy(s_logits, y)
+        hard = F.cross_entropy(s_logits, y) if hard_loss is None else hard_loss(s_logits, y)
+        loss = loss + (1.0 - alpha) * hard
     if distiller is not None:
         loss = loss + plan.feature_weight * distiller.loss()
     return loss

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -46,7 +47,9 @@ class LearningRateProbe:
         return {
             "chosen": self.chosen,
             "start_accuracy": self.start_accuracy,
-            "scores": {f"{lr:g}": acc for lr, acc in self.scores.items()},
+            # a diverged rate scores -inf (below any metric, negated ones included): null
+            "scores": {f"{lr:g}": acc if math.isfinite(acc) else None
+                       for lr, acc in self.scores.items()},
             "steps": self.steps,
             "bits": self.bits,
         }
@@ -81,7 +84,7 @@ def probe_learning_rate(
 
     def accuracy(model: torch.nn.Module) -> float:
         val = itertools.islice(task.data.batches("val", 256), PROBE_EVAL_BATCHES)
-        return torch_accuracy(model.to(device), val)
+        return torch_accuracy(model.to(device), val, task.metric)
 
     def calibrated(plan: CompressionPlan) -> torch.nn.Module:
         model = quantize.prepare_qat(student, plan)
@@ -97,7 +100,7 @@ def probe_learning_rate(
             distill.finetune(model, task.model, task.data, plan, batch_size=config.batch_size,
                              device=device, seed=config.seed)
         except TrainingError:
-            scores[lr] = 0.0  # the loss diverged: as bad as a rate can be
+            scores[lr] = -math.inf  # the loss diverged: as bad as a rate can be
             continue
         scores[lr] = accuracy(model)
     return LearningRateProbe(choose(scores), start, scores, steps, bits)

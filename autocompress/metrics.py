@@ -34,8 +34,11 @@ def reduction_rate(original: float | None, compressed: float | None) -> float | 
 
 def accuracy_drop_rate(fp32_accuracy: float | None, accuracy: float | None) -> float | None:
     """The guide's accuracy-drop rate: the share of the fp32 accuracy lost (negative when
-    the compressed model scores higher)."""
-    return reduction_rate(fp32_accuracy, accuracy)
+    the compressed model scores higher). Divided by |fp32|: a task metric recorded negated
+    (neg_mae, lower is better) gives the share by which the error grew."""
+    if fp32_accuracy is None or accuracy is None or not fp32_accuracy:
+        return None
+    return (float(fp32_accuracy) - float(accuracy)) / abs(float(fp32_accuracy))
 
 
 def layer_macs(model: nn.Module, example_input: torch.Tensor) -> dict[str, int]:

@@ -400,9 +400,8 @@ class TrialRunner:
             # A coarse look is enough to call a candidate hopeless: a fixed slice of the
             # validation split (on CIFAR-10 the full 5,000 images cost more than the
             # fine-tune itself). Recorded accuracy is always the exported file's, on all of it.
-            return torch_accuracy(
-                model, itertools.islice(ctx.task.data.batches("val", 256), EARLY_STOP_BATCHES)
-            )
+            return torch_accuracy(model, itertools.islice(
+                ctx.task.data.batches("val", 256), EARLY_STOP_BATCHES), ctx.task.metric)
 
         def hopeless(step: int, accuracy: float) -> bool:
             return is_hopeless(step, accuracy, total=plan.finetune_steps, floor=floor)
@@ -421,6 +420,7 @@ class TrialRunner:
             should_stop=hopeless if early_stop else None,
             seed=ctx.config.seed + trial.number,
             progress=ctx.on_step,
+            loss=ctx.task.loss,
         )
         trial.set_user_attr(trial_attrs.FINETUNE_STEPS_RUN, result.steps)
         qat.eval()
@@ -479,12 +479,10 @@ class TrialRunner:
         scoring = max(threads, cfg.train_threads)
         accuracy = runtime.onnx_accuracy(
             artifact, ctx.task.data.batches("val", 256), threads=scoring, session_options=options,
-            target=cfg.target,
-        )
+            target=cfg.target, metric=ctx.task.metric)
         test_accuracy = runtime.onnx_accuracy(
             artifact, ctx.task.data.batches("test", 256), threads=scoring,
-            session_options=options, target=cfg.target,
-        )
+            session_options=options, target=cfg.target, metric=ctx.task.metric)
         inter = runtime.time_interleaved(
             artifact,
             ctx.fp32_onnx,

@@ -14,6 +14,7 @@ from rich.table import Table
 from autocompress import metrics, trial_attrs
 from autocompress.config import Budget, default_storage_url, format_bytes
 from autocompress.pareto import TrialRecord, fp32_record
+from autocompress.task_metric import TOP1_NAME
 
 _out = Console(soft_wrap=True)  # resolves sys.stdout at write time (pytest swaps it)
 _PIPE_WIDTH = 150  # tables piped to a file or `less` would otherwise wrap at 80 columns
@@ -129,6 +130,7 @@ def result_json(result: Any) -> dict[str, Any]:
         "new_trials": result.new_trials,
         "rejected_this_run": result.rejected,
         "stop_reason": result.stop_reason,
+        "metric": result.metric,
         "trials": len(result.records),
         "front": [record_json(r, fp32) for r in result.front],
     }
@@ -140,11 +142,15 @@ def print_front(
     budgets: Sequence[Budget],
     *,
     title: str,
+    metric: str = TOP1_NAME,
 ) -> None:
+    """The front as a table; ``metric`` labels the accuracy objective (a task's own metric:
+    its change is shown as a plain difference, not in accuracy points)."""
     fp32 = fp32_record(records)
     table = Table(title=title, title_justify="left")
-    for header in ("trial", "accuracy", "Δ vs fp32", "acc drop", "size", "× smaller",
-                   "latency ms", "× faster", "MFLOPs", "FLOPs −", "BOPs −", "plan"):
+    points = metric == TOP1_NAME
+    for header in ("trial", metric, "Δ vs fp32", f"{'acc' if points else metric} drop", "size",
+                   "× smaller", "latency ms", "× faster", "MFLOPs", "FLOPs −", "BOPs −", "plan"):
         table.add_column(header, justify="left" if header == "plan" else "right")
     for r in shown:
         if r.accuracy is None or r.size_bytes is None:
@@ -171,7 +177,9 @@ def print_front(
         if not r.feasible:
             label = f"[over budget] {label}"
         table.add_row(str(r.number), f"{r.accuracy:.4f}",
-                      _shown(vs["accuracy_change_points"], "{:+.2f} pt"),
+                      _shown(vs["accuracy_change_points"], "{:+.2f} pt") if points else
+                      _shown(None if fp32 is None or fp32.accuracy is None
+                             else r.accuracy - fp32.accuracy, "{:+.4f}"),
                       _shown(vs["accuracy_drop_rate"], "{:.2%}"), format_bytes(r.size_bytes),
                       _shown(vs["times_smaller"], "{:.1f}"), latency,
                       _shown(vs["times_faster"], "{:.2f}"),

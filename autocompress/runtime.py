@@ -24,6 +24,7 @@ import onnxruntime as ort
 from autocompress.config import TARGETS as config_targets
 from autocompress.errors import InputError
 from autocompress.measure import LatencyStats
+from autocompress.task_metric import TOP1, Metric
 
 log = logging.getLogger(__name__)
 
@@ -181,23 +182,22 @@ def onnx_accuracy(
     threads: int = DEFAULT_THREADS,
     session_options: Mapping[str, str] | None = None,
     target: str = DEFAULT_TARGET,
+    metric: Metric | None = None,
 ) -> float:
-    """Top-1 accuracy of the ONNX file on ``(x, y)`` batches, in [0, 1]."""
+    """The task's figure for the ONNX file on ``(x, y)`` batches: top-1 accuracy in [0, 1]
+    unless ``metric`` says otherwise (then its higher-is-better score)."""
     session = make_session(path, threads=threads, session_options=session_options,
                            target=target)
     name = _input_name(session)
-    correct = 0
-    total = 0
-    for batch in batches:
-        x, y = _split_batch(batch)
-        if y is None:
-            raise InputError("onnx_accuracy needs (x, y) batches; got inputs without labels")
-        logits = session.run(None, {name: x})[0]
-        correct += int((np.asarray(logits).argmax(axis=1) == y.reshape(-1)).sum())
-        total += int(y.size)
-    if total == 0:
-        raise InputError("onnx_accuracy got no samples; check the split is not empty")
-    return correct / total
+
+    def scored() -> Iterable[tuple[np.ndarray, np.ndarray]]:
+        for batch in batches:
+            x, y = _split_batch(batch)
+            if y is None:
+                raise InputError("onnx_accuracy needs (x, y) batches; got inputs without labels")
+            yield np.asarray(session.run(None, {name: x})[0]), y
+
+    return (metric or TOP1).score_batches(scored())
 
 
 # -- latency --------------------------------------------------------------------------------

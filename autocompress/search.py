@@ -76,6 +76,7 @@ class SearchResult:
     budgets: list[Budget]
     rejected: int = 0  # plans this run rejected before fine-tuning (not counted in trials)
     stop_reason: str | None = None  # why the run ended before its trials, in one line
+    metric: str = "accuracy"  # the label of the accuracy objective (neg_mae for a task's MAE)
 
 
 def run_search(
@@ -157,6 +158,7 @@ def _run_search(
         if stop_reason:
             _say(stop_reason, on_start)
         study.set_user_attr(LATENCY_MODEL_ATTR, ctx.latency_model.summary(ctx.budget_ratio()))
+        metric = ctx.task.metric.label
 
     recs = study_mod.records(study)
     return SearchResult(
@@ -170,6 +172,7 @@ def _run_search(
         budgets=budgets,
         rejected=counter.rejected,
         stop_reason=stop_reason,
+        metric=metric,
     )
 
 

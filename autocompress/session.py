@@ -93,6 +93,9 @@ def open_session(
             num_classes=config.num_classes,
             input_size=config.input_size,
             seed=config.seed,
+            mean=config.mean,
+            std=config.std,
+            task=config.task,
         )
     example = task.data.example_input(1)
     inventory = build_inventory(task.model, example)
@@ -118,7 +121,8 @@ def open_session(
                                            space=description)
     fp32_onnx = quantize.export_float_onnx(task.model, example, workdir / "fp32.onnx")
     fp32_accuracy = runtime.onnx_accuracy(
-        fp32_onnx, task.data.batches("val", 256), threads=config.threads, target=config.target
+        fp32_onnx, task.data.batches("val", 256), threads=config.threads, target=config.target,
+        metric=task.metric,
     )
     study_mod.set_study_info(study, {
         "model_spec": task.model_spec,
@@ -132,6 +136,7 @@ def open_session(
         "input_shape": list(task.input_shape),
         "num_classes": task.num_classes,
         "fp32_accuracy": fp32_accuracy,
+        "metric": task.metric.to_dict(),
         "artifacts_dir": artifacts,
         "created_by": f"autocompress {__version__}",
     })
@@ -143,7 +148,7 @@ def open_session(
         )
     ]
     if on_start:
-        on_start(f"study {config.study!r} in {url}: teacher val accuracy "
+        on_start(f"study {config.study!r} in {url}: teacher val {task.metric.label} "
                  f"{fp32_accuracy:.4f}, {len(description['layers'])} quantizable layers, "
                  f"{len(description['groups'])} prunable groups")
     reference = _resolve_reference(study, fp32_onnx, task.input_shape, config, on_start)

@@ -15,6 +15,7 @@ from torch import nn
 
 from autocompress import prune, quantize, sparsity
 from autocompress.plan import CompressionPlan
+from autocompress.task_metric import TOP1, Metric
 
 if TYPE_CHECKING:
     from autocompress.intake import Task
@@ -56,17 +57,15 @@ def removes_weights(plan: CompressionPlan) -> bool:
     return any(r > 0 for r in plan.prune.values()) or plan.sparse
 
 
-def torch_accuracy(model: nn.Module, batches: Any) -> float:
-    """Top-1 of a PyTorch model over ``batches`` (x, y), in eval mode on the model's device;
-    the model's train/eval mode is restored."""
+def torch_accuracy(model: nn.Module, batches: Any, metric: Metric | None = None) -> float:
+    """The task's figure (top-1 unless ``metric`` says otherwise) of a PyTorch model over
+    ``batches`` (x, y), in eval mode on the model's device; train/eval mode is restored."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    correct = total = 0
-    with torch.no_grad():
-        for x, y in batches:
-            pred = model(x.to(device)).argmax(dim=1).cpu()
-            correct += int((pred == y).sum())
-            total += int(y.numel())
-    model.train(was_training)
-    return correct / max(total, 1)
+    try:
+        with torch.no_grad():
+            pairs = [(model(x.to(device)).cpu().numpy(), y.cpu().numpy()) for x, y in batches]
+    finally:
+        model.train(was_training)
+    return (metric or TOP1).score_batches(pairs)

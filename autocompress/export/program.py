@@ -136,7 +136,8 @@ class _Context:
         recorded = self.info.json_attr("data", {}) or {}
         spec = str(self.info.attrs.get("data_spec") or recorded.get("spec") or "digits")
         data = intake.load_data(
-            spec, input_size=self.config.get("input_size"), seed=int(self.config.get("seed", 0))
+            spec, input_size=self.config.get("input_size"), seed=int(self.config.get("seed", 0)),
+            mean=self.config.get("mean"), std=self.config.get("std"),
         )
         now = data.describe()
         for key in ("split_sha256", "sizes", "mean", "std", "input_shape"):

@@ -17,6 +17,7 @@ from autocompress.export._results import (
     VerificationError,
 )
 from autocompress.export.program import _Context
+from autocompress.intake.user_task import metric_of
 from autocompress.pareto import (
     TrialRecord,
 )
@@ -45,6 +46,7 @@ def _verify(
     accuracy = runtime.onnx_accuracy(
         onnx_path, data.batches("test", EVAL_BATCH_SIZE), threads=threads,
         session_options=dict(rt.get("session_options") or {}), target=target,
+        metric=metric_of(ctx.model_spec),
     )
     recorded = record.test_accuracy
     if recorded is None or abs(accuracy - float(recorded)) > ACCURACY_TOLERANCE:

@@ -19,6 +19,7 @@ from autocompress.intake.data_sources import (
     _load_digits,
     _load_imagefolder,
     _Source,
+    _sources_from_result,
 )
 from autocompress.intake.specs import (
     _DATA_FORMS,
@@ -29,6 +30,7 @@ from autocompress.intake.specs import (
     _is_factory_target,
     default_cache_dir,
 )
+from autocompress.intake.user_task import is_task_spec, load_user_task
 
 
 @dataclass(eq=False)  # tensors inside: == would be ambiguous
@@ -193,6 +195,11 @@ def load_data(
 
     val_src: _Source | None = None
     identity_norm = False
+    if is_task_spec(spec):
+        given = load_user_task(spec).data
+        if isinstance(given, str):  # the task names a data spec: load that one
+            return load_data(given, input_size=input_size, seed=seed, cache_dir=cache_dir,
+                             val_fraction=val_fraction, mean=mean, std=std)
     if spec == DIGITS_DATA_SPEC:
         full, classes, scale = _load_digits()
         parts = _stratified_split(full.y.numpy(), DIGITS_FRACTIONS, rng)
@@ -205,8 +212,10 @@ def load_data(
         elif sep and prefix == "cifar10":
             train_src, test_src, classes = _load_cifar10(rest)
             scale = 255.0
-        elif sep and _is_factory_target(spec):
-            train_src, val_src, test_src, classes = _load_data_factory(spec)
+        elif is_task_spec(spec) or (sep and _is_factory_target(spec)):
+            train_src, val_src, test_src, classes = (
+                _sources_from_result(load_user_task(spec).data, spec) if is_task_spec(spec)
+                else _load_data_factory(spec))
             scale = 255.0 if train_src.x.dtype == torch.uint8 else 1.0
             identity_norm = train_src.x.dtype != torch.uint8
         else:

@@ -238,6 +238,13 @@ def _load_data_factory(spec: str) -> tuple[_Source, _Source | None, _Source, lis
         raise DataSpecError(
             f"data factory {spec!r} raised {one_line(exc, typed=True)}; fix the factory"
         ) from exc
+    return _sources_from_result(result, spec)
+
+
+def _sources_from_result(
+    result: Any, spec: str
+) -> tuple[_Source, _Source | None, _Source, list[str]]:
+    """A data factory's (or a task's) datasets read into stored train / val / test."""
     if isinstance(result, dict):
         missing = [k for k in ("train", "test") if k not in result]
         if missing:

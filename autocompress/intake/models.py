@@ -22,6 +22,7 @@ from autocompress.intake.specs import (
     _is_factory_target,
     _resolve_factory,
 )
+from autocompress.intake.user_task import is_task_spec, load_user_task
 
 
 def load_model(
@@ -70,6 +71,10 @@ def _build_model(
     spec: str, num_classes: int | None, input_shape: tuple[int, int, int] | None
 ) -> nn.Module:
     prefix, sep, name = spec.partition(":")
+    if is_task_spec(spec):
+        model = load_user_task(spec).fresh_model()
+        return model if isinstance(model, nn.Module) else _build_model(
+            model, num_classes, input_shape)
     if spec == DEMO_MODEL_SPEC:
         from autocompress.demo import build_demo_model
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -13,6 +14,8 @@ from autocompress.errors import DataSpecError, ModelSpecError
 from autocompress.intake.data import DataSplits, load_data
 from autocompress.intake.models import _in_channels, check_model_input, load_model
 from autocompress.intake.specs import DEMO_MODEL_SPEC, DIGITS_DATA_SPEC, default_cache_dir
+from autocompress.intake.user_task import TASK_PREFIX, TaskSpecError, load_user_task
+from autocompress.task_metric import TOP1, Metric
 
 
 @dataclass(eq=False)  # tensors inside: == would be ambiguous
@@ -26,6 +29,8 @@ class Task:
     input_shape: tuple[int, int, int]
     num_classes: int
     weights: str | None = None
+    metric: Metric = TOP1  # what the search maximises and export verifies
+    loss: Callable[..., Any] | None = None  # the fine-tune's hard-target term (None: CE)
 
 
 def load_task(
@@ -39,13 +44,18 @@ def load_task(
     cache_dir: Path | None = None,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
+    task: str | None = None,
 ) -> Task:
     """Load model and data; with neither spec, the built-in demo CNN on digits.
 
     The demo teacher is trained on the train split of this seed's digits split at first
-    use and cached; later calls load it.
+    use and cached; later calls load it. ``task`` (``file.py:factory``): the user's own
+    model, data, metric and loss from one factory (see ``intake.user_task``).
     """
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    if task is not None:
+        return _load_user_task(task, model_spec, weights, data_spec, num_classes, input_size,
+                               seed, cache, mean, std)
     if data_spec is None:
         if model_spec is not None and model_spec.strip().lower() == "demo":
             raise DataSpecError(
@@ -98,6 +108,31 @@ def load_task(
         num_classes=classes,
         weights=str(weights) if weights is not None else None,
     )
+
+
+def _load_user_task(
+    spec: str, model_spec: str | None, weights: str | None, data_spec: str | None,
+    num_classes: int | None, input_size: int | None, seed: int, cache: Path,
+    mean: Sequence[float] | None, std: Sequence[float] | None,
+) -> Task:
+    given = [flag for flag, value in (("--model", model_spec), ("--weights", weights),
+                                      ("--data", data_spec), ("--num-classes", num_classes))
+             if value is not None]
+    if given:
+        raise TaskSpecError(f"--task {spec} brings its own model and data; drop "
+                            f"{', '.join(given)}")
+    user = load_user_task(spec)
+    stored = TASK_PREFIX + user.spec  # export and verify call the same factory again
+    data = load_data(stored, input_size=input_size, seed=seed, cache_dir=cache, mean=mean,
+                     std=std)
+    model = load_model(stored, None, input_shape=data.input_shape)
+    outputs = check_model_input(model, data.example_input(2), stored)
+    if user.metric.is_top1 and outputs < data.num_classes:
+        raise ModelSpecError(f"task {spec!r}: the model outputs {outputs} classes but the data "
+                             f"has {data.num_classes}; give the task a metric for other outputs")
+    return Task(model=model.eval(), data=data, model_spec=stored, data_spec=stored,
+                input_shape=data.input_shape, num_classes=outputs, metric=user.metric,
+                loss=user.loss)
 
 
 def load_for_profile(
