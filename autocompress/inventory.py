@@ -11,7 +11,6 @@ on. The inventory is plain data: ``to_dict()`` is JSON and goes into the study d
 from __future__ import annotations
 
 import copy
-import logging
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -221,22 +220,10 @@ def _flops(
     model: nn.Module, example_input: torch.Tensor
 ) -> tuple[dict[str, int], int, dict[str, int]]:
     """fvcore per-module FLOPs (inclusive), the total, and the ops it did not count."""
-    from fvcore.nn import FlopCountAnalysis
+    from autocompress import flop_count
 
-    # fvcore logs a warning per unsupported op; we return them as data instead.
-    logger = logging.getLogger("fvcore.nn.jit_analysis")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        analysis = FlopCountAnalysis(model, example_input)
-        analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
-        analysis.tracer_warnings("none")
-        by_module = {name: int(v) for name, v in analysis.by_module().items()}
-        total = int(analysis.total())
-        uncounted = {str(k): int(v) for k, v in analysis.unsupported_ops().items()}
-    finally:
-        logger.setLevel(level)
-    return by_module, total, uncounted
+    counts = flop_count.count(model, example_input)
+    return counts.by_module, counts.total, counts.uncounted
 
 
 def _shape_or_none(shape: Any) -> list[int] | None:

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import io
-import logging
 import math
 import os
-import warnings
 import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -94,33 +92,11 @@ def count_params(model: nn.Module) -> int:
 
 
 def count_flops(model: nn.Module, example_input: torch.Tensor) -> int:
-    """fvcore FLOP count of one forward pass on ``example_input`` (1 multiply-add = 1 flop).
+    """fvcore FLOP count of one forward pass on ``example_input`` (1 multiply-add = 1 flop),
+    attention included (``flop_count``)."""
+    from autocompress import flop_count
 
-    fvcore warns about every op it has no formula for (relu, add, fake-quant ...); those ops
-    are cheap next to conv/matmul, so the warnings are silenced rather than shown per trial.
-    """
-    import torch
-
-    was_training = model.training
-    model.eval()
-    fvcore_logger = logging.getLogger("fvcore")
-    previous_level = fvcore_logger.level
-    fvcore_logger.setLevel(logging.ERROR)
-    try:
-        # fvcore traces with torch.jit, which now emits deprecation/tracer warnings.
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")
-            from fvcore.nn import FlopCountAnalysis  # lazy: heavy, and warns on import
-
-            analysis = FlopCountAnalysis(model, (example_input,))
-            analysis.unsupported_ops_warnings(False)
-            analysis.uncalled_modules_warnings(False)
-            analysis.tracer_warnings("none")
-            total = int(analysis.total())
-    finally:
-        fvcore_logger.setLevel(previous_level)
-        model.train(was_training)
-    return total
+    return flop_count.count_total(model, example_input)
 
 
 def packing_limit_bytes(model: nn.Module, plan: CompressionPlan) -> int:

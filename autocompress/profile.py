@@ -6,16 +6,17 @@ Used by ``autocompress profile`` to show where a model's size and time go before
     print(format_table(report))      # or report.to_json() / report.to_csv()
 
 Numbers and their meaning
-- FLOPs are fvcore counts: one multiply-add counts as ONE flop (not two). Per-layer values
-  come from ``FlopCountAnalysis.by_module()``; the total is fvcore's ``total()``. Work done by
-  functional ops outside any leaf module is reported as ``unattributed_flops``.
+- FLOPs are fvcore counts (``flop_count``): one multiply-add counts as ONE flop (not two),
+  fused attention included. Work done by functional ops or non-leaf modules (the attention
+  inside ``nn.MultiheadAttention``) is the ``(unattributed)`` row. Ops fvcore has no formula
+  for that are not elementwise are named in the notes, with their call counts.
 - Latency: PyTorch eager on the CPU with the caller's thread count (never changed here).
   Each leaf module is timed with forward pre/post hooks (time.perf_counter); a layer called
-  several times per forward (a shared ReLU) sums its calls. The median over ``repeats``
-  forwards is kept per layer, and shares are normalised over the sum of leaf medians so they
-  add up to 100%. Hooks add overhead, so the un-hooked end-to-end forward median is
-  reported separately (``forward_ms``). This is a guide to where time goes, not the
-  deployment latency: that is measured on the exported ONNX file.
+  several times per forward (a shared ReLU) sums its calls. Shares are of the whole hooked
+  forward (median over ``repeats``), so time outside leaf layers is not spread over them: it
+  is the ``(unattributed)`` row. Hooks add overhead, so the un-hooked end-to-end forward
+  median is reported separately (``forward_ms``). This is a guide to where time goes, not
+  the deployment latency: ``profile_onnx`` profiles the exported file in ONNX Runtime.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ import io
 import json
 import statistics
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
@@ -40,6 +40,7 @@ __all__ = ["LayerProfile", "ProfileReport", "format_table", "profile_model"]
 
 _WARMUP = 2
 _ROOT_NAME = "(model)"  # row name when the model itself is a single leaf module
+UNATTRIBUTED = "(unattributed)"  # functional ops and non-leaf modules' own work
 FLOPS_NOTE = "FLOPs counted by fvcore: one multiply-add = 1 flop"
 
 
@@ -54,7 +55,7 @@ class LayerProfile:
     flops: int
     calls: int
     latency_ms: float
-    latency_share: float  # percent of the summed leaf latency
+    latency_share: float  # percent of the whole (hooked) forward
 
 
 @dataclass
@@ -69,6 +70,7 @@ class ProfileReport:
     threads: int
     input_shape: list[int]
     notes: list[str] = field(default_factory=list)
+    hooked_forward_ms: float = 0.0  # the whole hooked forward, median (shares are of this)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -129,20 +131,6 @@ def _leaf_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(name or _ROOT_NAME, mod) for name, mod in leaves]
 
 
-def _count_flops(model: nn.Module, example_input: torch.Tensor) -> tuple[int, dict[str, int]]:
-    with warnings.catch_warnings():
-        # fvcore traces with torch.jit, which now warns about its own deprecation and
-        # about data-dependent control flow; neither changes the counts.
-        warnings.simplefilter("ignore")
-        from fvcore.nn import FlopCountAnalysis  # lazy: fvcore pulls in iopath, yacs, ...
-
-        analysis = FlopCountAnalysis(model, (example_input,))
-        analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
-        total = int(analysis.total())
-        by_module = {name: int(v) for name, v in analysis.by_module().items()}
-    return total, by_module
-
-
 def _time_forward(model: nn.Module, x: torch.Tensor, repeats: int) -> list[float]:
     times = []
     for _ in range(repeats):
@@ -176,8 +164,11 @@ def profile_model(
 
 
 def _profile(model: nn.Module, x: torch.Tensor, repeats: int) -> ProfileReport:
+    from autocompress import flop_count
+
     leaves = _leaf_modules(model)
-    total_flops, by_module = _count_flops(model, x)
+    counts = flop_count.count(model, x)
+    total_flops, by_module = counts.total, counts.by_module
 
     # Un-hooked end-to-end forward first, so hook overhead cannot leak into it.
     _time_forward(model, x, _WARMUP)
@@ -206,6 +197,7 @@ def _profile(model: nn.Module, x: torch.Tensor, repeats: int) -> ProfileReport:
         return hook
 
     samples: dict[str, list[float]] = {name: [] for name, _ in leaves}
+    whole: list[float] = []
     try:
         for name, mod in leaves:
             handles.append(mod.register_forward_pre_hook(pre_hook(name)))
@@ -214,8 +206,11 @@ def _profile(model: nn.Module, x: torch.Tensor, repeats: int) -> ProfileReport:
             for name in per_forward:
                 per_forward[name] = 0.0
                 calls[name] = 0
+            start = time.perf_counter()
             model(x)
+            elapsed = (time.perf_counter() - start) * 1e3
             if i >= _WARMUP:
+                whole.append(elapsed)
                 for name, seconds in per_forward.items():
                     samples[name].append(seconds * 1e3)
     finally:
@@ -224,6 +219,9 @@ def _profile(model: nn.Module, x: torch.Tensor, repeats: int) -> ProfileReport:
 
     medians = {name: statistics.median(values) for name, values in samples.items()}
     leaf_ms = sum(medians.values())
+    # The median whole forward can fall below the sum of per-layer medians by noise: never
+    # let a share exceed the whole.
+    hooked_ms = max(statistics.median(whole), leaf_ms)
     rows = []
     for name, mod in leaves:
         key = "" if name == _ROOT_NAME else name
@@ -236,17 +234,37 @@ def _profile(model: nn.Module, x: torch.Tensor, repeats: int) -> ProfileReport:
                 flops=by_module.get(key, 0),
                 calls=calls[name],
                 latency_ms=medians[name],
-                latency_share=100.0 * medians[name] / leaf_ms if leaf_ms > 0 else 0.0,
+                latency_share=100.0 * medians[name] / hooked_ms if hooked_ms > 0 else 0.0,
             )
         )
     unique_params = {id(p): p.numel() for p in model.parameters()}
     attributed = sum(row.flops for row in rows)
+    rest_ms = hooked_ms - leaf_ms
+    if total_flops - attributed > 0 or rest_ms > 0:
+        rows.append(LayerProfile(
+            name=UNATTRIBUTED, type="functional ops, non-leaf modules", output_shape=[],
+            params=0, flops=total_flops - attributed, calls=1, latency_ms=rest_ms,
+            latency_share=100.0 * rest_ms / hooked_ms if hooked_ms > 0 else 0.0))
     notes = [
         FLOPS_NOTE,
         f"latency: PyTorch eager, median of {repeats} hooked forwards per layer; shares are "
-        "of the summed layer time",
+        f"of the whole hooked forward ({hooked_ms:.3f} ms), the rest is {UNATTRIBUTED}",
     ]
-    unused = [row.name for row in rows if row.calls == 0]
+    heavy = counts.heavy_uncounted
+    if heavy:
+        ops = ", ".join(f"{op} x{n}" for op, n in sorted(heavy.items()))
+        notes.append(f"FLOPs not counted (no formula in fvcore, not elementwise): {ops}; the "
+                     "total leaves their work out")
+    modules = dict(model.named_modules())
+    # nn.MultiheadAttention computes with its out_proj's weights inside one fused kernel
+    # (eval, no_grad) without calling it: used, and counted in the unattributed row.
+    fused = [row.name for row in rows if row.calls == 0 and isinstance(
+        modules.get(row.name.rpartition(".")[0]), nn.MultiheadAttention)]
+    unused = [row.name for row in rows if row.calls == 0 and row.name not in fused]
+    if fused:
+        notes.append(f"{len(fused)} layer(s) run inside their parent's fused attention "
+                     f"kernel, counted in {UNATTRIBUTED}: {', '.join(fused[:4])}"
+                     + (", ..." if len(fused) > 4 else ""))
     if unused:
         notes.append(f"{len(unused)} layer(s) never called in forward: {', '.join(unused[:8])}")
     return ProfileReport(
@@ -256,6 +274,7 @@ def _profile(model: nn.Module, x: torch.Tensor, repeats: int) -> ProfileReport:
         unattributed_flops=total_flops - attributed,
         forward_ms=forward_ms,
         leaf_ms=leaf_ms,
+        hooked_forward_ms=hooked_ms,
         repeats=repeats,
         threads=torch.get_num_threads(),
         input_shape=list(x.shape),
@@ -287,7 +306,7 @@ def format_table(report: ProfileReport) -> str:
         ("output", "", "left"),
         ("params", f"{report.total_params:,}", "right"),
         ("FLOPs", _si(report.total_flops), "right"),
-        ("ms", f"{report.leaf_ms:.3f}", "right"),
+        ("ms", f"{report.hooked_forward_ms or report.leaf_ms:.3f}", "right"),
         ("latency %", f"{total_share:.1f}", "right"),
     ]
     for header, footer, justify in columns:
@@ -320,15 +339,18 @@ def format_table(report: ProfileReport) -> str:
     lines = [
         console.file.getvalue().rstrip(),  # type: ignore[attr-defined]
         "",
-        f"FLOPs total {report.total_flops:,} (fvcore: one multiply-add = 1 flop)"
+        f"FLOPs total {report.total_flops:,} (fvcore: one multiply-add = 1 flop, attention "
+        "included)"
         + (
-            f"; {report.unattributed_flops:,} in functional ops outside leaf layers"
+            f"; {report.unattributed_flops:,} in functional ops and non-leaf modules"
             if report.unattributed_flops
             else ""
         ),
-        f"latency: median of {report.repeats} hooked forwards per layer, shares of the summed "
-        f"layer time {report.leaf_ms:.3f} ms; end-to-end forward without hooks "
+        f"latency: median of {report.repeats} hooked forwards per layer, shares of the whole "
+        f"hooked forward {report.hooked_forward_ms or report.leaf_ms:.3f} ms; end-to-end "
+        "forward without hooks "
         f"{report.forward_ms:.3f} ms (median), {report.threads} thread(s), input "
         f"{_shape_text(report.input_shape)}, PyTorch eager",
+        *report.notes[2:],  # the first two restate the units said above; the rest are warnings
     ]
     return "\n".join(lines) + "\n"

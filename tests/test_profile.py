@@ -13,7 +13,7 @@ import torchvision
 from torch import nn
 
 from autocompress.errors import InputError
-from autocompress.profile import ProfileReport, format_table, profile_model
+from autocompress.profile import UNATTRIBUTED, ProfileReport, format_table, profile_model
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +49,7 @@ def test_resnet18_totals_match_fvcore_and_torch(resnet18_report: ProfileReport) 
     # Every resnet18 FLOP is inside a leaf layer (fvcore ignores the residual adds).
     assert report.unattributed_flops == 0
     assert sum(row.flops for row in report.rows) == report.total_flops
+    assert report.rows[-1].name == UNATTRIBUTED and report.rows[-1].flops == 0
     assert report.total_params == 11_689_512
     assert sum(row.params for row in report.rows) == report.total_params
     assert report.threads == 1 and torch.get_num_threads() == 1
@@ -57,7 +58,7 @@ def test_resnet18_totals_match_fvcore_and_torch(resnet18_report: ProfileReport) 
 
 def test_resnet18_rows_cover_every_leaf_with_shapes(resnet18_report: ProfileReport) -> None:
     rows = {row.name: row for row in resnet18_report.rows}
-    assert [row.name for row in resnet18_report.rows] == RESNET18_LEAVES
+    assert [row.name for row in resnet18_report.rows] == [*RESNET18_LEAVES, UNATTRIBUTED]
     assert rows["conv1"].type == "Conv2d" and rows["conv1"].output_shape == [1, 64, 112, 112]
     assert rows["conv1"].flops == 64 * 112 * 112 * 3 * 7 * 7  # one multiply-add = one flop
     assert rows["layer4.1.conv2"].output_shape == [1, 512, 7, 7]
@@ -71,7 +72,10 @@ def test_resnet18_latency_shares_sum_to_100(resnet18_report: ProfileReport) -> N
     shares = [row.latency_share for row in report.rows]
     assert sum(shares) == pytest.approx(100.0, abs=0.5)
     assert all(s >= 0 for s in shares)
-    assert report.leaf_ms == pytest.approx(sum(r.latency_ms for r in report.rows))
+    leaves = [r for r in report.rows if r.name != UNATTRIBUTED]
+    assert report.leaf_ms == pytest.approx(sum(r.latency_ms for r in leaves))
+    # shares are of the whole hooked forward: the unattributed row holds the rest
+    assert report.hooked_forward_ms == pytest.approx(sum(r.latency_ms for r in report.rows))
     assert report.forward_ms > 0
     # Time lands where the work is: the 20 convs do ~99% of the FLOPs.
     conv_share = sum(r.latency_share for r in report.rows if r.type == "Conv2d")
@@ -83,12 +87,12 @@ def test_json_and_csv_round_trips_keep_every_layer(resnet18_report: ProfileRepor
     text = report.to_json()
     assert ProfileReport.from_json(text) == report
     data = json.loads(text)
-    assert [r["name"] for r in data["rows"]] == RESNET18_LEAVES
+    assert [r["name"] for r in data["rows"]] == [*RESNET18_LEAVES, UNATTRIBUTED]
     assert data["total_flops"] == report.total_flops
 
     csv_text = report.to_csv()
     records = list(csv.DictReader(io.StringIO(csv_text)))
-    assert [r["name"] for r in records] == RESNET18_LEAVES
+    assert [r["name"] for r in records] == [*RESNET18_LEAVES, UNATTRIBUTED]
     assert records[0]["output_shape"] == "1x64x112x112"
     assert ProfileReport.rows_from_csv(csv_text) == report.rows
 
@@ -122,20 +126,57 @@ def test_functional_flops_are_reported_as_unattributed() -> None:
     model = _Attention()
     x = torch.randn(2, 8, 16)
     report = profile_model(model, x, repeats=2)
-    assert [row.name for row in report.rows] == ["q", "k"]
+    assert [row.name for row in report.rows] == ["q", "k", UNATTRIBUTED]
     assert report.total_flops == _fvcore_total(model, x)
     matmul = 2 * 8 * 8 * 16
-    assert report.unattributed_flops == matmul
+    assert report.unattributed_flops == matmul == report.rows[-1].flops
     assert report.total_params == 2 * (16 * 16 + 16) + 1
-    assert "functional ops outside leaf layers" in format_table(report)
+    assert "in functional ops and non-leaf modules" in format_table(report)
+
+
+# tiny ViT: 17 tokens (16 patches + class token), width 32, 2 layers, batch 1
+_TOKENS, _WIDTH, _LAYERS = 17, 32, 2
+_PLAIN = 251_488  # fvcore without attention formulas, inference fast path (no_grad)
+_ATTENTION = _LAYERS * (
+    4 * _TOKENS * _WIDTH * _WIDTH  # q, k, v and output projections
+    + 2 * _TOKENS * _TOKENS * _WIDTH  # Q @ K^T and softmax(.) @ V
+)
+
+
+def test_attention_flops_are_counted_on_both_attention_paths() -> None:
+    """A ViT's fused attention counted zero before (issue 15: vit_b_16 showed 11.3 of 17.6
+    GFLOPs): nn.MultiheadAttention's no_grad fast path and the SDPA op of training mode now
+    give the same total."""
+    from autocompress import flop_count
+    from tests.tiny_models import tiny_vit
+
+    model = tiny_vit().eval()
+    x = torch.randn(1, 3, 32, 32)
+    report = profile_model(model, x, repeats=2)
+    assert report.total_flops == _PLAIN + _ATTENTION
+    assert flop_count.count(model, x).total == _PLAIN + _ATTENTION  # grad mode: SDPA path
+    assert not flop_count.count(model, x).heavy_uncounted
+    table = format_table(report)
+    assert "run inside their parent's fused attention kernel" in table
+    assert "never called" not in table
+
+
+def test_an_op_without_a_formula_is_named_not_hidden() -> None:
+    class Cumulative(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.cumsum(x, dim=1) @ x.transpose(0, 1)
+
+    report = profile_model(Cumulative(), torch.randn(4, 8), repeats=2)
+    assert any("aten::cumsum x1" in note for note in report.notes)
+    assert "FLOPs not counted" in format_table(report)
 
 
 def test_single_module_model_and_bad_arguments() -> None:
     report = profile_model(nn.Linear(4, 3), torch.randn(5, 4), repeats=2)
-    assert [(r.name, r.type, r.output_shape, r.params, r.flops) for r in report.rows] == [
+    assert [(r.name, r.type, r.output_shape, r.params, r.flops) for r in report.rows][:1] == [
         ("(model)", "Linear", [5, 3], 15, 60)
     ]
-    assert report.rows[0].latency_share == pytest.approx(100.0)
+    assert sum(r.latency_share for r in report.rows) == pytest.approx(100.0)
     with pytest.raises(InputError, match="repeats 0"):
         profile_model(nn.Linear(4, 3), torch.randn(5, 4), repeats=0)
     with pytest.raises(InputError, match="example_input must be a tensor"):
