@@ -19,7 +19,7 @@ from typing import Any, NoReturn
 
 from autocompress import __version__
 from autocompress.config import default_storage_url
-from autocompress.errors import AutocompressError, one_line
+from autocompress.errors import AutocompressError, InputError, one_line
 
 log = logging.getLogger("autocompress")
 
@@ -176,6 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--input-shape", type=_int_csv,
                     help="C,H,W of one input (default: from the data or the model spec)")
     pr.add_argument("--repeats", type=int, default=20, help="timed forward passes")
+    pr.add_argument("--onnx", help="profile this ONNX file in ONNX Runtime (an exported "
+                    "model.onnx: what deploys) instead of a PyTorch model")
+    pr.add_argument("--threads", type=int, default=1, help="ONNX Runtime threads (--onnx)")
     pr.add_argument("--format", choices=("table", "json", "csv"), default="table")
 
     d = sub.add_parser("dashboard", help="browse the Pareto front in a browser")
@@ -286,6 +289,8 @@ def _list(args: argparse.Namespace) -> int:
 def _profile(args: argparse.Namespace) -> int:
     from autocompress import intake, profile
 
+    if args.onnx:
+        return _profile_onnx(args)
     model, example = intake.load_for_profile(
         args.model, args.weights, args.data,
         num_classes=args.num_classes, input_size=args.input_size,
@@ -298,6 +303,19 @@ def _profile(args: argparse.Namespace) -> int:
         print(result.to_csv(), end="")
     else:
         print(profile.format_table(result))
+    return 0
+
+
+def _profile_onnx(args: argparse.Namespace) -> int:
+    from autocompress import onnx_profile
+
+    if args.model or args.weights or args.data:
+        raise InputError("--onnx profiles a file on its own; drop --model/--weights/--data")
+    shape = list(args.input_shape) if args.input_shape else None
+    result = onnx_profile.profile_onnx(args.onnx, shape, repeats=args.repeats,
+                                       threads=args.threads)
+    render = {"json": result.to_json, "csv": result.to_csv}.get(args.format)
+    print(render() if render else onnx_profile.format_table(result), end="")
     return 0
 
 

@@ -174,10 +174,10 @@ def _quantize_file(
 ) -> dict[str, int]:
     """Pre-process and QDQ-quantize ``float_path``. ``layer_bits`` None means every layer at
     ``weight_bits``. Returns the bits actually requested per layer found in the graph."""
-    from autocompress import runtime
+    from autocompress import ort_quantize
 
     with tempfile.TemporaryDirectory(prefix="autocompress-q-") as tmp:
-        pre_path = runtime.pre_process(float_path, Path(tmp) / "pre.onnx")
+        pre_path = ort_quantize.pre_process(float_path, Path(tmp) / "pre.onnx")
         proto = onnx.load(str(pre_path))
         _name_nodes(proto)
         onnx.save(proto, str(pre_path))
@@ -225,7 +225,7 @@ def _quantize_file(
         if not nodes:
             shutil.copyfile(float_path, out_path)
             return requested
-        runtime.quantize_qdq(
+        ort_quantize.quantize_qdq(
             pre_path,
             out_path,
             calibration,
@@ -477,13 +477,13 @@ def ptq_static(
 
 def ptq_dynamic(float_onnx: str | Path, out: str | Path) -> Path:
     """ORT dynamic quantization (int8 weights, activations quantized at run time)."""
-    from autocompress import runtime
+    from autocompress import ort_quantize
 
     out_path = Path(out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="autocompress-d-") as tmp:
-        pre_path = runtime.pre_process(float_onnx, Path(tmp) / "pre.onnx")
-        runtime.quantize_dynamic(pre_path, out_path, weight_type="QInt8")
+        pre_path = ort_quantize.pre_process(float_onnx, Path(tmp) / "pre.onnx")
+        ort_quantize.quantize_dynamic(pre_path, out_path, weight_type="QInt8")
     proto = onnx.load(str(out_path))
     compact_graph(proto)
     onnx.save(proto, str(out_path))
