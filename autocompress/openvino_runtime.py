@@ -26,6 +26,7 @@ INSTALL_HINT = "pip install 'autocompress[openvino]'"
 @dataclass(frozen=True)
 class _Input:
     name: str
+    type: str = "tensor(float)"  # ONNX Runtime's spelling, which runtime.py reads
 
 
 def available() -> bool:
@@ -70,7 +71,10 @@ class OpenVINOSession:
                   "PERFORMANCE_HINT": "LATENCY", **dict(options or {})}
         self._compiled = core.compile_model(model, "CPU", config)
         self._request = self._compiled.create_infer_request()
-        self._input = _Input(model.inputs[0].get_any_name() or "input")
+        element = str(model.inputs[0].get_element_type())
+        self._input = _Input(model.inputs[0].get_any_name() or "input",
+                             "tensor(int64)" if element.startswith("<Type: 'int") or
+                             "i64" in element else "tensor(float)")
 
     def get_inputs(self) -> list[_Input]:
         return [self._input]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -120,19 +121,23 @@ def quantize_qdq(
     if first is None:
         raise InputError("calibration gave no batches; pass at least one input batch")
     reader = _BatchReader(_graph_input_name(src), itertools.chain([first], batches))
-    quantize_static(
-        str(src),
-        str(dst),
-        reader,
-        quant_format=QuantFormat.QDQ,
-        calibrate_method=methods[calibration_method],
-        op_types_to_quantize=list(op_types) if op_types else None,
-        per_channel=True,
-        activation_type=act_type,
-        weight_type=_quant_type("QInt8"),
-        nodes_to_quantize=list(nodes_to_quantize) if nodes_to_quantize else None,
-        extra_options={"TensorQuantOverrides": overrides},
-    )
+    with warnings.catch_warnings():
+        # numpy's "invalid value in divide" for a constant tensor (a padding mask) whose range
+        # is zero: ORT handles it; the user's stderr should not show it (-v shows logs).
+        warnings.simplefilter("ignore", RuntimeWarning)
+        quantize_static(
+            str(src),
+            str(dst),
+            reader,
+            quant_format=QuantFormat.QDQ,
+            calibrate_method=methods[calibration_method],
+            op_types_to_quantize=list(op_types) if op_types else None,
+            per_channel=True,
+            activation_type=act_type,
+            weight_type=_quant_type("QInt8"),
+            nodes_to_quantize=list(nodes_to_quantize) if nodes_to_quantize else None,
+            extra_options={"TensorQuantOverrides": overrides},
+        )
     return Path(dst)
 
 
@@ -181,5 +186,7 @@ def quantize_dynamic(
     """ORT dynamic quantization: int8 weights, activations quantized on the fly at run time."""
     from onnxruntime.quantization import quantize_dynamic as _quantize_dynamic
 
-    _quantize_dynamic(str(src), str(dst), weight_type=_quant_type(weight_type))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # as in quantize_qdq
+        _quantize_dynamic(str(src), str(dst), weight_type=_quant_type(weight_type))
     return Path(dst)

@@ -316,6 +316,8 @@ def _collect_groups(
         chunks = _channel_groups(group, graph)
         if touches_output:
             reason = CLASSIFIER_REASON
+        elif _splits_attention_heads(model, members):
+            reason = HEADS_REASON
         elif channels < min_channels:
             reason = f"too small ({channels} channels < {min_channels})"
         elif channels % chunks:
@@ -333,6 +335,22 @@ def _collect_groups(
         )
     result.sort(key=lambda g: order[g.name])
     return result
+
+
+HEADS_REASON = ("query/key/value channels of multi-head attention: pruning them unevenly "
+                "breaks the head reshape (whole-head pruning is not supported yet)")
+
+
+def _splits_attention_heads(model: nn.Module, members: list[str]) -> bool:
+    """Whether a group's layers are the projections of a transformers-style attention module
+    (it reshapes them into heads: BertSelfAttention's num_attention_heads x head size)."""
+    modules = dict(model.named_modules())
+    for name in members:
+        parent = modules.get(name.rpartition(".")[0])
+        if parent is not None and hasattr(parent, "attention_head_size") and hasattr(
+                parent, "num_attention_heads"):
+            return True
+    return False
 
 
 def _channel_groups(group: Any, graph: tp.DependencyGraph) -> int:

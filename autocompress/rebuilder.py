@@ -64,7 +64,9 @@ def _example_for(
     import torch
 
     if input_shape is not None:
-        return torch.zeros((1, *input_shape))
+        from autocompress.intake.models import zeros_input
+
+        return zeros_input(model, (1, *input_shape))
     if input_size is not None:
         return torch.zeros((1, _first_in_channels(model), input_size, input_size))
     raise PlanError(

@@ -138,6 +138,10 @@ def _input_name(session: Any) -> str:
 def _as_numpy(x: Any) -> np.ndarray:
     if hasattr(x, "detach"):  # torch.Tensor without importing torch here
         x = x.detach().cpu().numpy()
+    x = np.asarray(x)
+    # token ids stay integers (int64, as exported); everything else is float32
+    if np.issubdtype(x.dtype, np.integer) and x.dtype != np.uint8:
+        return np.ascontiguousarray(x, dtype=np.int64)
     return np.ascontiguousarray(x, dtype=np.float32)
 
 
@@ -253,11 +257,19 @@ def profile_nodes(
 # -- latency --------------------------------------------------------------------------------
 
 
+# Random token ids for timing text models: 0 and 1, ids every vocabulary has (the cost of a
+# transformer does not depend on which ids it reads).
+TOKEN_ID_RANGE = 2
+
+
 def _random_input(session: Any, input_shape: Sequence[int]) -> dict[str, Any]:
     # Fixed seed: latency does not depend on values, but reproducible inputs rule that out.
     rng = np.random.default_rng(0)
-    x = rng.standard_normal(tuple(int(d) for d in input_shape)).astype(np.float32)
-    return {_input_name(session): x}
+    shape = tuple(int(d) for d in input_shape)
+    name = _input_name(session)
+    if "int" in str(session.get_inputs()[0].type):  # token ids: any ids from a small range
+        return {name: rng.integers(1, TOKEN_ID_RANGE, size=shape, dtype=np.int64)}
+    return {name: rng.standard_normal(shape).astype(np.float32)}
 
 
 def _time_runs(session: Any, feed: dict[str, Any], runs: int) -> list[float]:

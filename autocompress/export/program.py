@@ -18,6 +18,7 @@ from autocompress.errors import one_line
 from autocompress.export._results import ExportError, VerificationError
 from autocompress.export.files import _artifacts_dir, _fetch
 from autocompress.export.selection import _exportable
+from autocompress.intake.task import tokenizer_of
 from autocompress.inventory import Inventory
 from autocompress.pareto import (
     TrialRecord,
@@ -80,7 +81,8 @@ def _export_program(model: nn.Module, example: torch.Tensor, path: Path) -> floa
     """Write ``model.pt2`` (batch dimension dynamic); returns max |logit difference| between
     the program and the rebuilt model on ``example``."""
     program_module = deployable_module(model)
-    example = example[:2] if example.shape[0] >= 2 else example.repeat(2, 1, 1, 1)
+    example = (example[:2] if example.shape[0] >= 2
+               else example.repeat(2, *[1] * (example.ndim - 1)))
     try:
         program = torch.export.export(
             program_module, (example,), dynamic_shapes=({0: torch.export.Dim.AUTO},)
@@ -138,6 +140,7 @@ class _Context:
         data = intake.load_data(
             spec, input_size=self.config.get("input_size"), seed=int(self.config.get("seed", 0)),
             mean=self.config.get("mean"), std=self.config.get("std"),
+            tokenizer=tokenizer_of(self.model_spec),
         )
         now = data.describe()
         for key in ("split_sha256", "sizes", "mean", "std", "input_shape"):

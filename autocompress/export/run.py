@@ -11,8 +11,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from autocompress import measure
 from autocompress import study as study_mod
 from autocompress.config import Budget
@@ -22,6 +20,7 @@ from autocompress.export.program import _Context, _export_program, _rebuild
 from autocompress.export.report import _markdown, _plot, _report
 from autocompress.export.selection import choose_from_study, fp32_record
 from autocompress.export.verify import _verify
+from autocompress.intake.models import zeros_input
 from autocompress.inventory import build_inventory
 from autocompress.pareto import (
     TrialRecord,
@@ -111,9 +110,9 @@ def _write(
         fp32_path = scratch / "fp32.onnx"
         _fetch(store, fp32, "artifact_id", "artifact_sha256", fp32_path, "fp32 ONNX artifact")
     data = ctx.load_checked_data() if verify else None
-    example = data.example_input(2) if data is not None else torch.zeros((2, *ctx.input_shape))
-
     model, float_model = _rebuild(ctx, record, state_path)
+    example = (data.example_input(2) if data is not None
+               else zeros_input(model, (2, *ctx.input_shape)))
     program_diff = _export_program(model, example, tmp / "model.pt2")
     plan = CompressionPlan.from_dict(record.plan)
     (tmp / "plan.json").write_text(json.dumps(plan.to_dict(), indent=2, sort_keys=True) + "\n")

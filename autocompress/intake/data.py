@@ -77,14 +77,20 @@ class DataSplits:
         return len(self.classes)
 
     @property
-    def input_shape(self) -> tuple[int, int, int]:
-        """(C, H, W) of one preprocessed image."""
+    def is_tokens(self) -> bool:
+        """Token ids (N, L) int64 (``text:`` data), fed to the model as they are."""
+        return self.train.x.ndim == 2 and self.train.x.dtype == torch.int64
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """(C, H, W) of one preprocessed image; (L,) for token ids."""
+        if self.is_tokens:
+            return (int(self.train.x.shape[1]),)
         return (int(self.train.x.shape[1]), *self.image_size)
 
     @property
-    def stored_shape(self) -> tuple[int, int, int]:
-        c, h, w = self.train.x.shape[1:]
-        return (int(c), int(h), int(w))
+    def stored_shape(self) -> tuple[int, ...]:
+        return tuple(int(d) for d in self.train.x.shape[1:])
 
     def split(self, name: str) -> Split:
         if name not in SPLIT_NAMES:
@@ -92,7 +98,10 @@ class DataSplits:
         return getattr(self, name)
 
     def preprocess(self, x: torch.Tensor) -> torch.Tensor:
-        """Stored (N, C, h, w) -> float32 (N, C, H, W): scale to 0..1, resize, normalise."""
+        """Stored (N, C, h, w) -> float32 (N, C, H, W): scale to 0..1, resize, normalise.
+        Token ids pass unchanged."""
+        if self.is_tokens:
+            return x
         out = x.to(torch.float32)
         if tuple(out.shape[-2:]) != self.image_size:
             shrinking = out.shape[-1] > self.image_size[1] or out.shape[-2] > self.image_size[0]
@@ -136,7 +145,7 @@ class DataSplits:
         x = self.train.x[:batch]
         if x.shape[0] < batch:  # fewer train images than asked: repeat them
             reps = -(-batch // max(1, x.shape[0]))
-            x = x.repeat(reps, 1, 1, 1)[:batch]
+            x = x.repeat(reps, *[1] * (x.ndim - 1))[:batch]
         return self.preprocess(x)
 
     def split_sha256(self) -> str:
@@ -173,6 +182,7 @@ def load_data(
     val_fraction: float = DEFAULT_VAL_FRACTION,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
+    tokenizer: str | None = None,
 ) -> DataSplits:
     """Load a data spec and split it into seeded, stratified train / val / test.
 
@@ -192,6 +202,10 @@ def load_data(
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     rng = np.random.default_rng(seed)
     prefix, sep, rest = spec.partition(":")
+    if sep and prefix == "text":
+        from autocompress.intake.text import load_text_data
+
+        return load_text_data(rest, tokenizer=tokenizer, seed=seed)
 
     val_src: _Source | None = None
     identity_norm = False
@@ -199,7 +213,7 @@ def load_data(
         given = load_user_task(spec).data
         if isinstance(given, str):  # the task names a data spec: load that one
             return load_data(given, input_size=input_size, seed=seed, cache_dir=cache_dir,
-                             val_fraction=val_fraction, mean=mean, std=std)
+                             val_fraction=val_fraction, mean=mean, std=std, tokenizer=tokenizer)
     if spec == DIGITS_DATA_SPEC:
         full, classes, scale = _load_digits()
         parts = _stratified_split(full.y.numpy(), DIGITS_FRACTIONS, rng)

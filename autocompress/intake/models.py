@@ -57,8 +57,8 @@ def load_model(
     else:
         shape = None
     if shape is not None:
-        _return_prediction_if_needed(model, torch.zeros(shape), spec)
-        outputs = check_model_input(model, torch.zeros(shape), spec)
+        _return_prediction_if_needed(model, zeros_input(model, shape), spec)
+        outputs = check_model_input(model, zeros_input(model, shape), spec)
         if num_classes is not None and outputs != num_classes:
             raise ModelSpecError(
                 f"model {spec!r} outputs {outputs} classes but {num_classes} are needed; make "
@@ -82,6 +82,10 @@ def _build_model(
         return build_demo_model(channels, num_classes or 10)
     if sep and prefix == "torchvision":
         return _build_torchvision(name, num_classes, input_shape)
+    if sep and prefix == "hf":
+        from autocompress.intake.text import load_hf_model
+
+        return load_hf_model(name, num_classes)
     if sep and prefix == "timm":
         return _build_timm(name, num_classes)
     if sep and _is_factory_target(spec):
@@ -254,6 +258,23 @@ def load_weights(
             "and --num-classes match the checkpoint"
         )
     model.load_state_dict(state, strict=False)
+
+
+def takes_token_ids(model: nn.Module) -> bool:
+    """Whether the model's input is integer token ids: it says so (``input_dtype``), or the
+    first module with weights is an embedding table."""
+    declared = getattr(model, "input_dtype", None)
+    if isinstance(declared, torch.dtype):
+        return not declared.is_floating_point
+    first = next((m for m in model.modules() if isinstance(getattr(m, "weight", None),
+                                                            torch.Tensor)), None)
+    return isinstance(first, nn.Embedding)
+
+
+def zeros_input(model: nn.Module, shape: tuple[int, ...]) -> torch.Tensor:
+    """An all-zero input of ``shape`` (batch included) of the dtype the model takes; zeros are
+    valid token ids (padding) for text models."""
+    return torch.zeros(shape, dtype=torch.int64 if takes_token_ids(model) else torch.float32)
 
 
 def _in_channels(model: nn.Module) -> int:

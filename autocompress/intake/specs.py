@@ -43,11 +43,13 @@ _DOTTED = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
 
 
 _MODEL_FORMS = (
-    "torchvision:NAME, timm:NAME, path/to/file.py:factory, package.module:factory or demo"
+    "torchvision:NAME, timm:NAME, hf:MODEL_DIR, path/to/file.py:factory, "
+    "package.module:factory or demo"
 )
 
 
-_DATA_FORMS = "digits, imagefolder:ROOT, cifar10:ROOT or package.module:factory"
+_DATA_FORMS = ("digits, imagefolder:ROOT, cifar10:ROOT, text:FILE.csv (or .jsonl) or "
+               "package.module:factory")
 
 
 def default_cache_dir() -> Path:

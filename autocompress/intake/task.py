@@ -69,7 +69,8 @@ def load_task(
             )
         data_spec = DIGITS_DATA_SPEC
     data = load_data(
-        data_spec, input_size=input_size, seed=seed, cache_dir=cache, mean=mean, std=std
+        data_spec, input_size=input_size, seed=seed, cache_dir=cache, mean=mean, std=std,
+        tokenizer=tokenizer_of(model_spec),
     )
     if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 1):
         raise ModelSpecError(f"--num-classes must be a positive integer, got {num_classes!r}")
@@ -108,6 +109,13 @@ def load_task(
         num_classes=classes,
         weights=str(weights) if weights is not None else None,
     )
+
+
+def tokenizer_of(model_spec: str | None) -> str | None:
+    """The folder whose tokenizer ``text:`` data uses by default: an ``hf:`` model's."""
+    if model_spec is not None and model_spec.startswith("hf:"):
+        return model_spec[len("hf:"):]
+    return None
 
 
 def _load_user_task(

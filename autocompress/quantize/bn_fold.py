@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from autocompress.quantize.qat import _FakeQuantMixin, _set_module, _trace
-from autocompress.quantize.scheme import log
+from autocompress.quantize.scheme import warn_once
 
 _FOLDABLE: dict[type[nn.Module], tuple[type[nn.Module], ...]] = {
     nn.Conv1d: (nn.BatchNorm1d,),
@@ -35,7 +35,8 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     folded = copy.deepcopy(model)
     graph = _trace(folded)
     if graph is None:
-        log.warning("fold_batchnorm: BatchNorm left unfolded in %s", type(model).__name__)
+        if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+            warn_once(f"fold_batchnorm: BatchNorm left unfolded in {type(model).__name__}")
         return folded
     modules = dict(folded.named_modules())
     calls = Counter(node.target for node in graph.nodes if node.op == "call_module")

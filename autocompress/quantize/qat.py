@@ -18,8 +18,8 @@ from autocompress.quantize.scheme import (
     WEIGHT_ONLY,
     _affine_qparams,
     fake_quant_weight,
-    log,
     symmetric_scales,
+    warn_once,
     weight_only_qmax,
     weight_qmax,
 )
@@ -265,7 +265,8 @@ def _trace(model: nn.Module) -> torch.fx.Graph | None:
         return _LeafTracer().trace(model)
     except Exception as exc:  # fx raises many types (TraceError, TypeError, ...)
         first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        log.warning("torch.fx cannot trace %s (%s)", type(model).__name__, first_line)
+        warn_once(f"torch.fx cannot trace {type(model).__name__} ({first_line}): BatchNorm "
+                  "stays unfolded and the output layer's fake-quant is kept")
         return None
 
 

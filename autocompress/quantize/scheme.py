@@ -13,6 +13,14 @@ import torch
 from autocompress.errors import ConfigError, PlanError
 
 log = logging.getLogger(__name__)
+_WARNED: set[str] = set()
+
+
+def warn_once(message: str) -> None:
+    """A warning about the model, not the trial: said once per process, not every trial."""
+    if message not in _WARNED:
+        _WARNED.add(message)
+        log.warning("%s", message)
 
 
 QUANT_WEIGHT_BITS: tuple[int, ...] = (8, 4)
