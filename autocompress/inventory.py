@@ -22,11 +22,10 @@ from autocompress.errors import InputError
 from autocompress.prune_groups import PruneGroup
 
 INVENTORY_FORMAT_VERSION = 1
-QUANTIZABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Linear)
+QUANTIZABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Linear, nn.Embedding)
 # Types that carry weights but that our fake-quant/export path does not handle.
 _WEIGHTED_UNSUPPORTED = (
     nn.modules.conv._ConvNd,
-    nn.Embedding,
     nn.EmbeddingBag,
     nn.RNNBase,
     nn.MultiheadAttention,
@@ -176,7 +175,8 @@ def _layer_info(
         elif weights < min_weights:
             reason = f"too small to pay for its scales ({weights} weights < {min_weights})"
     elif isinstance(module, _WEIGHTED_UNSUPPORTED):
-        reason = f"unsupported layer type {kind} (only Conv1d/Conv2d/Linear are quantized)"
+        reason = (f"unsupported layer type {kind} (only Conv1d/Conv2d/Linear/Embedding are "
+                  "quantized)")
     elif any(True for _ in module.children()):
         reason = f"a container ({kind}), not a Conv/Linear layer; name one of its layers"
     else:

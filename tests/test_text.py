@@ -109,3 +109,36 @@ def test_bad_text_inputs_are_one_line(tiny_bert: tuple[Path, Path], tmp_path: Pa
         load_task("demo", None, _data(rows))
     with pytest.raises(DataSpecError, match="option 'maxlen=8' is unknown"):
         load_task(f"hf:{model_dir}", None, f"text:{rows}?maxlen=8")
+
+
+@pytest.mark.parametrize("activation_bits", [8, 32])
+def test_embedding_tables_are_quantized_weight_only(
+    tiny_bert: tuple[Path, Path], tmp_path: Path, activation_bits: int,
+) -> None:
+    """Half of a small BERT's bytes are its embedding tables: they are planned layers too,
+    stored as integer rows dequantized in front of the Gather (static QDQ or weight-only)."""
+    from autocompress import quantize, runtime
+    from autocompress.plan import CompressionPlan
+
+    model_dir, rows = tiny_bert
+    task = load_task(f"hf:{model_dir}", None, _data(rows))
+    x = task.data.example_input(4)
+    layers = build_inventory(task.model, x[:1]).quantizable_layers()
+    word = "model.bert.embeddings.word_embeddings"
+    assert word in layers
+    plan = CompressionPlan(bits={layer: 4 if "embeddings" in layer else 8 for layer in layers},
+                           activation_bits=activation_bits)
+    qat = quantize.prepare_qat(task.model, plan)
+    quantize.calibrate(qat, [x])
+    info = quantize.export_onnx(qat, x[:1], tmp_path / "q.onnx", plan, [x])
+    assert info.weight_types[word] == "INT4"
+    assert info.weight_types["model.bert.encoder.layer.0.attention.self.query"] == "INT8"
+    fp32 = quantize.export_float_onnx(task.model, x[:1], tmp_path / "f.onnx")
+    assert info.size_bytes < 0.5 * fp32.stat().st_size
+    # the file scores what the fake-quantized model scores
+    import torch
+
+    with torch.no_grad():
+        expected = qat.eval()(x).argmax(dim=1)
+    got = runtime.predictions(info.path, [x], threads=1)
+    assert (got == expected.numpy()).mean() >= 0.75

@@ -6,7 +6,7 @@ import copy
 import shutil
 import tempfile
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -63,6 +63,7 @@ _WEIGHT_INPUT: dict[str, int] = {
     "QLinearConv": 3,
     "QLinearMatMul": 3,
     "QGemm": 3,
+    "Gather": 0,  # an embedding table (a Gather on a shape tensor has no weight initializer)
 }
 
 
@@ -146,6 +147,18 @@ def _weight_sites(proto: onnx.ModelProto) -> list[_WeightSite]:
             _WeightSite(layer, weight, node.name, _weight_axis(node), node.input[0], node.output[0])
         )
     return sites
+
+
+def _gather_sites(proto: onnx.ModelProto) -> list[_WeightSite]:
+    """Embedding lookups: a Gather whose table is a ``<layer>.weight`` initializer (axis 0:
+    one scale per row)."""
+    initializers = {init.name for init in proto.graph.initializer}
+    return [
+        _WeightSite(layer, node.input[0], node.name, 0, node.input[1], node.output[0])
+        for node in proto.graph.node
+        if node.op_type == "Gather" and node.input[0] in initializers
+        and (layer := _layer_of(node.input[0])) is not None
+    ]
 
 
 def _name_nodes(proto: onnx.ModelProto) -> None:
@@ -241,7 +254,8 @@ def _quantize_file(
 
 
 def _weight_only_file(
-    float_path: Path, out_path: Path, layer_bits: dict[str, int], learned: dict[str, LearnedQuant]
+    float_path: Path, out_path: Path, layer_bits: dict[str, int], learned: dict[str, LearnedQuant],
+    *, sites: Callable[[onnx.ModelProto], list[_WeightSite]] = _weight_sites,
 ) -> dict[str, int]:
     """Integer weights behind DequantizeLinear, float activations: each planned layer's
     weight initializer W becomes ``W_quantized`` (INT8/INT4, per output channel, symmetric,
@@ -253,7 +267,7 @@ def _weight_only_file(
     dequantize: list[onnx.NodeProto] = []
     requested: dict[str, int] = {}
     done: set[str] = set()  # an initializer two nodes read is quantized once
-    for site in _weight_sites(proto):
+    for site in sites(proto):
         bits = layer_bits.get(site.layer, 32)
         if bits >= 32 or site.initializer in done:
             continue
@@ -403,23 +417,30 @@ def export_onnx(
             )
         layer_bits[layer] = bits
     float_model = fold_batchnorm(float_model.cpu().eval())
+    # Embedding tables are weight-only in every file: integer rows dequantized in front of
+    # the Gather, after the layers that compute are quantized the plan's way.
+    tables = {k: b for k, b in layer_bits.items() if isinstance(modules[k], nn.Embedding)}
+    computing = {k: b for k, b in layer_bits.items() if k not in tables}
     with tempfile.TemporaryDirectory(prefix="autocompress-x-") as tmp:
         float_path = export_float_onnx(float_model, example_input, Path(tmp) / "float.onnx")
-        if not layer_bits:
+        if not computing:
             shutil.copyfile(float_path, out_path)
             requested: dict[str, int] = {}
         elif plan.activation_bits >= WEIGHT_ONLY:
-            requested = _weight_only_file(float_path, out_path, layer_bits, learned)
+            requested = _weight_only_file(float_path, out_path, computing, learned)
         else:
             requested = _quantize_file(
                 float_path,
                 out_path,
                 calibration,
-                layer_bits,
+                computing,
                 activation_bits=plan.activation_bits,
                 learned=learned,
                 calibration_method=calibration_method,
             )
+        if tables:
+            requested |= _weight_only_file(out_path, out_path, tables, learned,
+                                           sites=_gather_sites)
     onnx.checker.check_model(str(out_path))
     found = onnx_weight_types(out_path)
     _check_realized({k: v for k, v in layer_bits.items() if k in requested}, found, out_path)

@@ -177,11 +177,21 @@ class QuantLinear(_FakeQuantMixin, nn.Linear):
         return self._quantize_output(F.linear(x, self.quantized_weight(), self.bias))
 
 
+class QuantEmbedding(_FakeQuantMixin, nn.Embedding):
+    """Weight-only: each row (one token's vector) has its own scale; the looked-up vectors
+    stay float (the file dequantizes the table in front of its Gather)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.embedding(x, self.quantized_weight(), self.padding_idx, self.max_norm,
+                           self.norm_type, self.scale_grad_by_freq, self.sparse)
+
+
 _QUANT_CLASS: dict[type[nn.Module], type[_FakeQuantMixin]] = {
     nn.Conv1d: QuantConv1d,
     nn.Conv2d: QuantConv2d,
     nn.Conv3d: QuantConv3d,
     nn.Linear: QuantLinear,
+    nn.Embedding: QuantEmbedding,
 }
 
 
@@ -215,10 +225,12 @@ def prepare_qat(model: nn.Module, plan: CompressionPlan) -> nn.Module:
         quant_cls = _QUANT_CLASS.get(type(module))
         if quant_cls is None:
             raise PlanError(
-                f"layer {layer!r} is a {type(module).__name__}; only Conv1d/2d/3d and Linear "
-                "layers can be quantized, set it to 32 bits"
+                f"layer {layer!r} is a {type(module).__name__}; only Conv1d/2d/3d, Linear and "
+                "Embedding layers can be quantized, set it to 32 bits"
             )
-        _set_module(prepared, layer, quant_cls._from_float(module, bits, plan.activation_bits))
+        # an embedding table is looked up, not multiplied: its weights only
+        activation_bits = WEIGHT_ONLY if quant_cls is QuantEmbedding else plan.activation_bits
+        _set_module(prepared, layer, quant_cls._from_float(module, bits, activation_bits))
     _mark_unquantized_outputs(prepared)
     return prepared
 
