@@ -5,12 +5,12 @@
 
 Each model runs as its own ``autocompress search`` process (default settings: learning-rate
 probe, baselines, warm starts, ``--trials 2``, 20 fine-tune steps; ``--no-guided`` unless
-``--guided``: see NO_GUIDED) on a real-image subset of CIFAR-10 (50 train and 20 test
-images per class, resized to 64x64; inception_v3 needs 75x75 at least and runs at 80x80),
-random weights (the figures are memory, time and whether the pipeline holds, not
-accuracy). ``/usr/bin/time -v`` gives the process's peak resident memory; the table also
-gives the exit code, the trials completed and failed, and any warning about layers that lost pruning (the dependency
-analysis guard). Target: none killed, none over 8 GB. Writes
+``--guided``: see NO_GUIDED) on a real-image subset of CIFAR-10 (50 train and 20 test images
+per class, resized to 64x64; inception_v3 needs 75x75 at least and runs at 80x80), random
+weights (the figures are memory, time and whether the pipeline holds, not accuracy).
+``/usr/bin/time -v`` gives the process's peak resident memory; the table also gives the exit
+code, the trials completed and failed, and any warning about layers that lost pruning (the
+dependency analysis guard). Target: none killed, none over 8 GB. Writes
 benchmarks/results/torchvision_models.md and .json.
 """
 
