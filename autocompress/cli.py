@@ -51,11 +51,11 @@ def _floats(text: str) -> tuple[float, ...]:
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model and data (none: the built-in demo CNN on digits)")
-    g.add_argument("--model", help="torchvision:NAME, timm:NAME, path/file.py:factory, "
-                   "package.module:factory, or demo")
+    g.add_argument("--model", help="torchvision:NAME, timm:NAME, hf:MODEL_DIR (transformers "
+                   "text classifier), path/file.py:factory, package.module:factory, or demo")
     g.add_argument("--weights", help="state_dict or checkpoint file (loaded weights_only)")
-    g.add_argument("--data", help="digits, imagefolder:ROOT, cifar10:ROOT or "
-                   "package.module:factory")
+    g.add_argument("--data", help="digits, imagefolder:ROOT, cifar10:ROOT, "
+                   "text:FILE.csv[?text=COL&label=COL&max_length=N] or package.module:factory")
     g.add_argument("--num-classes", type=int, help="classifier outputs (default: the data's)")
     g.add_argument("--input-size", type=int, help="square input side in pixels")
 
