@@ -145,6 +145,27 @@ CASES: list[tuple[str, list[str], bool]] = [
                            "imagefolder:{tmp}/folder"], False),
     ("data-empty-spec", [*SEARCH, "--model", "{tmp}/model.py:make", "--data", ""], False),
     ("num-classes-zero", [*SEARCH, "--num-classes", "0"], False),
+    # -- search: your own task, text models, normalisation ---------------------------------
+    ("task-with-model", [*SEARCH, "--task", "{tmp}/task.py:build", "--model", "demo"], False),
+    ("task-file-missing", [*SEARCH, "--task", "{tmp}/nope.py:build"], False),
+    ("task-returns-list", [*SEARCH, "--task", "{tmp}/task.py:a_list"], False),
+    ("task-metric-not-callable", [*SEARCH, "--task", "{tmp}/task.py:metric_number"], False),
+    ("task-unknown-key", [*SEARCH, "--task", "{tmp}/task.py:unknown_key"], False),
+    ("task-not-a-spec", [*SEARCH, "--task", "justaword"], False),
+    ("mean-without-std", [*SEARCH, "--mean", "0.5"], False),
+    ("std-zero", [*SEARCH, "--mean", "0.5", "--std", "0"], False),
+    ("mean-text", [*SEARCH, "--mean", "dark"], False),
+    ("hf-not-a-model-folder", [*SEARCH, "--model", "hf:{tmp}", "--data", "digits"], False),
+    ("text-file-missing", [*SEARCH, "--model", "{tmp}/model.py:make", "--data",
+                           "text:{tmp}/nope.csv?tokenizer={tmp}"], False),
+    ("text-without-tokenizer", [*SEARCH, "--model", "{tmp}/model.py:make", "--data",
+                                "text:{tmp}/reviews.csv"], False),
+    ("text-unknown-option", [*SEARCH, "--model", "{tmp}/model.py:make", "--data",
+                             "text:{tmp}/reviews.csv?maxlen=8"], False),
+    ("text-no-such-column", [*SEARCH, "--model", "{tmp}/model.py:make", "--data",
+                             "text:{tmp}/reviews.csv?text=body&tokenizer={tmp}"], False),
+    ("text-tokenizer-missing", [*SEARCH, "--model", "{tmp}/model.py:make", "--data",
+                                "text:{tmp}/reviews.csv?tokenizer={tmp}"], False),
     ("input-size-zero", [*SEARCH, "--input-size", "0"], False),
     # -- readers: show, list, sensitivity, profile ----------------------------------------
     ("show-storage-missing", ["show", "--storage", "sqlite:///{tmp}/nope.db"], False),
@@ -158,6 +179,10 @@ CASES: list[tuple[str, list[str], bool]] = [
     ("sensitivity-top-zero", ["sensitivity", "--top", "0"], False),
     ("profile-model-missing", ["profile", "--model", "{tmp}/nope.py:make"], False),
     ("profile-input-shape-text", ["profile", "--input-shape", "abc"], False),
+    ("profile-onnx-missing", ["profile", "--onnx", "{tmp}/nope.onnx"], False),
+    ("profile-onnx-garbage", ["profile", "--onnx", "{tmp}/file.txt"], False),
+    ("profile-onnx-with-model", ["profile", "--onnx", "{tmp}/file.txt", "--model", "demo"],
+     False),
     # -- export and refine -------------------------------------------------------------------
     ("export-no-out", ["export", "--best"], False),
     ("export-storage-missing", ["export", "--best", "--out", "{tmp}/o", "--storage",
@@ -185,8 +210,15 @@ CASES: list[tuple[str, list[str], bool]] = [
     ("positional-extra", [*SEARCH, "extra"], False),
 ]
 
+TASK_PY = ("def a_list():\n    return [1, 2]\n\n"
+           "def metric_number():\n    return {'model': 'demo', 'data': 'digits', "
+           "'metric': 0.5}\n\n"
+           "def unknown_key():\n    return {'model': 'demo', 'data': 'digits', 'metrics': 1}\n")
+
 FILES = {
     "model.py": MODEL_PY,
+    "task.py": TASK_PY,
+    "reviews.csv": "text,label\ngood film,fresh\nbad film,rotten\n",
     "file.txt": "not a folder\n",
     "garbage.db": "\x00\x01 this is not sqlite " * 20,
     "empty.db": "",
