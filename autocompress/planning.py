@@ -28,7 +28,12 @@ from autocompress.config import Budget, SearchConfig
 from autocompress.errors import one_line
 from autocompress.objective import SearchContext, TrialRunner
 from autocompress.plan import CompressionPlan
-from autocompress.sensitivity import SENSITIVITY_ATTR, Sensitivity, measure_sensitivity
+from autocompress.sensitivity import (
+    SENSITIVITY_ATTR,
+    Sensitivity,
+    measure_sensitivity,
+    pass_seconds,
+)
 from autocompress.session import _say
 from autocompress.student import build_student
 
@@ -209,13 +214,17 @@ def _resolve_sensitivity(
         if stored is not None:
             return Sensitivity.from_dict(json.loads(stored))
         table = measure_sensitivity(ctx.task, inventory, config, ctx.calibration,
-                                    images=config.sensitivity_images)
+                                    images=config.sensitivity_images,
+                                    seconds=pass_seconds(config))
         study.set_user_attr(SENSITIVITY_ATTR, json.dumps(table.to_dict()))
     fragile = table.fragile_layers(min(config.bits))
     _say(f"sensitivity pass: {len(table.layers)} layers and {len(table.groups)} groups "
          f"scored on {table.images} validation images in {table.seconds:.0f} s"
          + (f"; keep at higher precision: {', '.join(fragile)}" if fragile else "")
          + (f"; {len(table.failed)} choices could not be scored" if table.failed else "")
+         + (f"; {len(table.unscored)} smaller groups left unscored to stay within "
+            f"{pass_seconds(config):.0f} s (guided plans do not prune them)"
+            if table.unscored else "")
          + f" (autocompress sensitivity --study {config.study})", on_start)
     return table
 

@@ -39,6 +39,10 @@ SENSITIVITY_FORMAT = 1
 # Ratios each group is scored at (snapped to the search's prune grid, capped by prune_max).
 PRUNE_GRID = (0.2, 0.4, 0.6)
 SCORE_BATCH = 128
+# The pass's time: a tenth of a time-limited run, else at most five minutes (past that the
+# largest groups are scored and the rest left out; see measure_sensitivity).
+TIME_SHARE = 0.10
+TIME_CAP_S = 300.0
 CALIBRATION_BATCHES = 4  # of the search's calibration batches, for the activation observers
 
 
@@ -56,6 +60,9 @@ class Sensitivity:
     groups: dict[str, dict[str, Any]] = field(default_factory=dict)
     # choices that could not be scored ("layer@int4", "group@40%") -> why; left out of plans
     failed: dict[str, str] = field(default_factory=dict)
+    # prunable groups left unscored when the pass ran out of its time (smallest first);
+    # guided plans do not prune them (the search still may)
+    unscored: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -67,6 +74,7 @@ class Sensitivity:
             "layers": self.layers,
             "groups": self.groups,
             "failed": self.failed,
+            "unscored": self.unscored,
         }
 
     @classmethod
@@ -78,6 +86,7 @@ class Sensitivity:
             layers=dict(data.get("layers", {})),
             groups=dict(data.get("groups", {})),
             failed=dict(data.get("failed", {})),
+            unscored=list(data.get("unscored", [])),
         )
 
     def ranked_layers(self, bits: int) -> list[tuple[str, float]]:
@@ -95,6 +104,13 @@ class Sensitivity:
         median = sorted(kl for _, kl in ranked)[len(ranked) // 2]
         floor = max(median * factor, 1e-4)
         return [name for name, kl in ranked if kl > floor]
+
+
+def pass_seconds(config: SearchConfig) -> float:
+    """The time the sensitivity pass may take in a search with ``config``."""
+    if config.time_limit is not None:
+        return TIME_SHARE * 60.0 * config.time_limit
+    return TIME_CAP_S
 
 
 def prune_grid(config: SearchConfig) -> list[float]:
@@ -117,8 +133,15 @@ def measure_sensitivity(
     *,
     images: int = 512,
     on_item: Callable[[int, int], None] | None = None,
+    seconds: float | None = None,
 ) -> Sensitivity:
-    """Score every single choice of the search space against the teacher (no fine-tune)."""
+    """Score every single choice of the search space against the teacher (no fine-tune).
+
+    ``seconds`` bounds the pass: every layer is scored (a layer left out of the table would
+    stay float in every guided plan), then the prunable groups, largest first, while the
+    time left covers one more group at the pace so far; the rest are listed as ``unscored``
+    (each group costs a pruned copy of the model per ratio: on densenet121 the groups alone
+    ran past 20 minutes on 2 cores)."""
     started = time.perf_counter()
     xs, ys = _fixed_slice(task, images)
     teacher = task.model.eval()
@@ -128,11 +151,13 @@ def measure_sensitivity(
     base = build_student(task, CompressionPlan(), config.round_to)  # BN folded, nothing else
     layers = [layer for layer in inventory.layers if layer.quantizable]
     widths = sorted((b for b in set(config.bits) if b < 32), reverse=True)
-    groups = [g.name for g in inventory.groups if g.prunable] if space.prune_high(config) else []
+    weights = {name: _weight_numel(module) for name, module in task.model.named_modules()}
+    prunable = [g for g in inventory.groups if g.prunable] if space.prune_high(config) else []
+    # scored largest first (they matter most when time runs out), listed in graph order
+    groups = [g.name for g in sorted(prunable, key=lambda g: -_group_weights(g, weights))]
     ratios = prune_grid(config)
     total = len(layers) * len(widths) + len(groups) * len(ratios)
     done = itertools.count(1)
-    weights = {name: _weight_numel(module) for name, module in task.model.named_modules()}
 
     table = Sensitivity(images=sum(int(y.numel()) for y in ys), seconds=0.0,
                         teacher_accuracy=teacher_acc)
@@ -152,7 +177,13 @@ def measure_sensitivity(
                 entry["bits"][str(bits)] = {"kl": kl, "accuracy": acc, "activation_bits": acts}
             _tick(on_item, next(done), total)
         table.layers[layer.name] = entry
-    for group in groups:
+    groups_started = time.perf_counter()
+    for index, group in enumerate(groups):
+        if seconds is not None and index > 0:
+            pace = (time.perf_counter() - groups_started) / index
+            if time.perf_counter() - started + pace > seconds:
+                table.unscored = groups[index:]
+                break
         measured: dict[str, Any] = {}
         for ratio in ratios:
             plan = CompressionPlan(prune={group: ratio})
@@ -169,8 +200,13 @@ def measure_sensitivity(
             _tick(on_item, next(done), total)
         if measured:
             table.groups[group] = {"ratios": measured}
+    table.groups = {g.name: table.groups[g.name] for g in prunable if g.name in table.groups}
     table.seconds = time.perf_counter() - started
     return table
+
+
+def _group_weights(group: Any, weights: dict[str, int]) -> int:
+    return sum(weights.get(member, 0) for member in group.members)
 
 
 def _ratio_key(ratio: float) -> str:

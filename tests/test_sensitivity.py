@@ -103,3 +103,26 @@ def test_a_choice_that_cannot_be_scored_is_left_out_not_fatal(
     assert set(table.failed) == {"fc@int8", "fc@int4"}
     assert "no kernel" in table.failed["fc@int4"]
     assert table.layers["conv1"]["bits"]  # the others were scored
+
+
+def test_a_pass_out_of_time_scores_every_layer_and_the_largest_groups(
+    demo_task: Task,
+) -> None:
+    """A time bound (here: none left after the first group) keeps every layer (a layer
+    missing from the table would stay float in every guided plan) and the largest group,
+    and lists the other groups as unscored; a search's bound is a tenth of its time limit."""
+    from autocompress.sensitivity import TIME_CAP_S, pass_seconds
+
+    inventory = build_inventory(demo_task.model, demo_task.data.example_input(1))
+    prunable = [g for g in inventory.groups if g.prunable]
+    assert len(prunable) >= 2
+    sizes = {g.name: sum(int(demo_task.model.get_submodule(m).weight.numel())
+                         for m in g.members) for g in prunable}
+    table = measure_sensitivity(demo_task, inventory, SearchConfig(prune_max=0.5),
+                                _calibration(demo_task), images=64, seconds=0.0)
+    assert set(table.layers) == {layer.name for layer in inventory.layers if layer.quantizable}
+    assert list(table.groups) == [max(sizes, key=lambda n: sizes[n])]
+    assert sorted(table.unscored) == sorted(n for n in sizes if n not in table.groups)
+    assert Sensitivity.from_dict(table.to_dict()).unscored == table.unscored
+    assert pass_seconds(SearchConfig(time_limit=15)) == pytest.approx(90.0)
+    assert pass_seconds(SearchConfig()) == TIME_CAP_S
