@@ -90,7 +90,25 @@ def feature_layers(inventory: Inventory, config: SearchConfig) -> list[str]:
                 stages.append((layer.name, shape))
         if len(stages) >= 2:
             return [name for name, _ in stages[-_STAGES:]]
-    return []
+    return _repeated_blocks(inventory)
+
+
+def _repeated_blocks(inventory: Inventory) -> list[str]:
+    """A transformer's hidden states: the outputs of the longest list of sibling blocks
+    (``encoder.layer.0``, ``.1``, ... or ``encoder_layer_0``, ...) that all keep one shape;
+    its last ``_STAGES`` blocks."""
+    lists: dict[str, list[tuple[str, tuple[int, ...]]]] = {}
+    for layer in inventory.layers:
+        parent, _, leaf = layer.name.rpartition(".")
+        if not layer.output_shape or not leaf[-1:].isdigit():
+            continue  # list members end in their index
+        lists.setdefault(parent + "." + leaf.rstrip("0123456789"), []).append(
+            (layer.name, tuple(layer.output_shape)))
+    runs = [members for members in lists.values()
+            if len(members) >= 2 and len({shape for _, shape in members}) == 1]
+    if not runs:
+        return []
+    return [name for name, _ in max(runs, key=len)[-_STAGES:]]
 
 
 def _spatial(shape: tuple[int, ...]) -> int:

@@ -142,3 +142,32 @@ def test_embedding_tables_are_quantized_weight_only(
         expected = qat.eval()(x).argmax(dim=1)
     got = runtime.predictions(info.path, [x], threads=1)
     assert (got == expected.numpy()).mean() >= 0.75
+
+
+def test_hidden_states_are_the_feature_distillation_layers(tiny_bert: tuple[Path, Path]) -> None:
+    """Feature KD on a transformer matches its encoder blocks' hidden states (tuples out of
+    each block), a pruned student's narrower ones through the adapters."""
+    import copy
+
+    import torch
+
+    from autocompress import space
+    from autocompress.config import SearchConfig
+    from autocompress.distill import FeatureDistiller
+
+    model_dir, rows = tiny_bert
+    task = load_task(f"hf:{model_dir}", None, _data(rows))
+    x = task.data.example_input(4)
+    inventory = build_inventory(task.model, x[:1])
+    layers = space.feature_layers(inventory, SearchConfig())
+    assert layers == ["model.bert.encoder.layer.0", "model.bert.encoder.layer.1"]
+    student = copy.deepcopy(task.model).train()
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    with FeatureDistiller(student, task.model, [(n, n) for n in layers], x) as fd:
+        student(x)
+        with torch.no_grad():
+            task.model(x)
+        loss = fd.loss()
+    assert torch.isfinite(loss) and float(loss) > 0
