@@ -178,7 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--repeats", type=int, default=20, help="timed forward passes")
     pr.add_argument("--onnx", help="profile this ONNX file in ONNX Runtime (an exported "
                     "model.onnx: what deploys) instead of a PyTorch model")
-    pr.add_argument("--threads", type=int, default=1, help="ONNX Runtime threads (--onnx)")
+    pr.add_argument("--threads", type=int, default=1, help="runtime threads (--onnx)")
+    pr.add_argument("--target", default="onnxruntime-cpu", help="with --onnx: the runtime "
+                    "whose profiler times the file: onnxruntime-cpu or openvino-cpu")
     pr.add_argument("--format", choices=("table", "json", "csv"), default="table")
 
     d = sub.add_parser("dashboard", help="browse the Pareto front in a browser")
@@ -313,7 +315,7 @@ def _profile_onnx(args: argparse.Namespace) -> int:
         raise InputError("--onnx profiles a file on its own; drop --model/--weights/--data")
     shape = list(args.input_shape) if args.input_shape else None
     result = onnx_profile.profile_onnx(args.onnx, shape, repeats=args.repeats,
-                                       threads=args.threads)
+                                       threads=args.threads, target=args.target)
     render = {"json": result.to_json, "csv": result.to_csv}.get(args.format)
     print(render() if render else onnx_profile.format_table(result), end="")
     return 0

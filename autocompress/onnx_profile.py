@@ -18,6 +18,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 OVERHEAD = "(session overhead)"
+PROFILERS = {"onnxruntime-cpu": "ONNX Runtime profiler",
+             "openvino-cpu": "OpenVINO performance counters (compiled graph's nodes)"}
 
 
 @dataclass
@@ -37,6 +39,7 @@ class OnnxProfile:
     threads: int
     rows: list[NodeProfile]
     by_op: dict[str, float] = field(default_factory=dict)  # op type -> summed median ms
+    target: str = "onnxruntime-cpu"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -60,15 +63,18 @@ def profile_onnx(
     *,
     repeats: int = 20,
     threads: int = 1,
+    target: str = "onnxruntime-cpu",
 ) -> OnnxProfile:
-    """Profile ``path`` at batch 1 (``input_shape`` C,H,W; default: the file's own)."""
+    """Profile ``path`` at batch 1 (``input_shape`` C,H,W; default: the file's own) on
+    ``target``'s own profiler (ONNX Runtime's trace, OpenVINO's performance counters)."""
     from autocompress import runtime
     from autocompress.errors import InputError
 
     shape = list(input_shape) if input_shape is not None else runtime.input_shape_of(path)
     if shape is None:
         raise InputError(f"{path} has a symbolic input shape; pass --input-shape C,H,W")
-    runs, nodes = runtime.profile_nodes(path, [1, *shape], runs=repeats, threads=threads)
+    runs, nodes = runtime.profile_nodes(path, [1, *shape], runs=repeats, threads=threads,
+                                        target=target)
     run_ms = statistics.median(runs)
     rows = [NodeProfile(name, op, statistics.median(times), 0.0)
             for name, (op, times) in nodes.items()]
@@ -81,7 +87,7 @@ def profile_onnx(
     for row in rows[:-1]:
         by_op[row.op_type] = by_op.get(row.op_type, 0.0) + row.latency_ms
     return OnnxProfile(str(path), shape, run_ms, repeats, threads, rows,
-                       dict(sorted(by_op.items(), key=lambda kv: -kv[1])))
+                       dict(sorted(by_op.items(), key=lambda kv: -kv[1])), target)
 
 
 def format_table(report: OnnxProfile) -> str:
@@ -94,7 +100,7 @@ def format_table(report: OnnxProfile) -> str:
     lines.append(f"{'TOTAL':<{width}}  {'':<24} {report.run_ms:>9.4f} {total:>9.1f}")
     ops = ", ".join(f"{op} {ms:.3f} ms" for op, ms in list(report.by_op.items())[:6])
     lines += ["", f"by op type: {ops}",
-              f"ONNX Runtime profiler, {report.path}, input 1x"
+              f"{PROFILERS.get(report.target, report.target)}, {report.path}, input 1x"
               + "x".join(map(str, report.input_shape))
               + f", median of {report.runs} runs, {report.threads} thread(s); shares are of the "
               f"whole run, the rest is {OVERHEAD}"]

@@ -84,6 +84,12 @@ class OpenVINOSession:
         self._request.infer({0: x})
         return [np.asarray(self._request.get_output_tensor(0).data).copy()]
 
+    def node_times(self) -> list[tuple[str, str, float]]:
+        """(node, op type, ms) of the last run, executed nodes only (needs PERF_COUNT)."""
+        return [(info.node_name, info.node_type, info.real_time.total_seconds() * 1e3)
+                for info in self._request.get_profiling_info()
+                if str(info.status).endswith("EXECUTED") and "NOT" not in str(info.status)]
+
 
 def save_ir(onnx_path: str | os.PathLike[str], xml_path: str | os.PathLike[str]) -> list[Path]:
     """OpenVINO's own format (``.xml`` graph + ``.bin`` weights) of an ONNX file, weights kept

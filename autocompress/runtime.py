@@ -221,14 +221,21 @@ def profile_nodes(
     warmup: int = 2,
     threads: int = DEFAULT_THREADS,
     session_options: Mapping[str, str] | None = None,
+    target: str = DEFAULT_TARGET,
 ) -> tuple[list[float], dict[str, tuple[str, list[float]]]]:
-    """ONNX Runtime's own profiler on ``path`` at ``input_shape`` (batch included): the
+    """The runtime's own profiler on ``path`` at ``input_shape`` (batch included): the
     whole-run times (ms, one per run after ``warmup``) and, per node in graph order, its op
-    type and kernel time in each of those runs."""
+    type and kernel time in each of those runs. ONNX Runtime's trace, or OpenVINO's
+    performance counters for ``openvino-cpu`` (its nodes are the compiled graph's)."""
     import json
     import tempfile
 
     _check_counts(runs, warmup)
+    if target == "openvino-cpu":
+        return _openvino_node_times(path, input_shape, runs, warmup, threads)
+    if target != DEFAULT_TARGET:
+        raise InputError(f"profiling on {target} is not supported; use onnxruntime-cpu or "
+                         "openvino-cpu")
     with tempfile.TemporaryDirectory(prefix="autocompress-ort-profile-") as tmp:
         session = make_session(path, threads=threads, session_options=session_options,
                                profile_prefix=str(Path(tmp) / "ort"))
@@ -252,6 +259,28 @@ def profile_nodes(
                                          [0.0] * len(kept)))[1]
         times[index] += int(event["dur"]) / 1e3
     return [int(e["dur"]) / 1e3 for e in kept], nodes
+
+
+def _openvino_node_times(
+    path: str | os.PathLike[str], input_shape: Sequence[int], runs: int, warmup: int,
+    threads: int,
+) -> tuple[list[float], dict[str, tuple[str, list[float]]]]:
+    check_target("openvino-cpu")
+    session = make_session(path, threads=threads, target="openvino-cpu",
+                           session_options={"PERF_COUNT": "YES"})
+    feed = _random_input(session, input_shape)
+    whole: list[float] = []
+    nodes: dict[str, tuple[str, list[float]]] = {}
+    for index in range(warmup + runs):
+        start = time.perf_counter()
+        session.run(None, feed)
+        elapsed = (time.perf_counter() - start) * 1e3
+        if index < warmup:
+            continue
+        whole.append(elapsed)
+        for name, op, ms in session.node_times():
+            nodes.setdefault(name, (op, [0.0] * runs))[1][index - warmup] += ms
+    return whole, nodes
 
 
 # -- latency --------------------------------------------------------------------------------

@@ -45,3 +45,24 @@ def test_cli_json_and_bad_input(demo_files: tuple[Path, Path], tmp_path: Path,
     assert len(err) == 1 and "does not exist" in err[0]
     assert main(["profile", "--onnx", str(fp32), "--model", "torchvision:resnet18"]) == 2
     assert "drop --model" in capsys.readouterr().err
+
+
+def test_openvino_profiles_its_compiled_graph(demo_files: tuple[Path, Path]) -> None:
+    from pg import unavailable
+
+    from autocompress.openvino_runtime import available
+
+    if not available():
+        unavailable("OpenVINO is not installed: pip install -e '.[dev]' (or '.[openvino]')")
+    fp32, _ = demo_files
+    report = profile_onnx(fp32, repeats=3, target="openvino-cpu")
+    assert report.target == "openvino-cpu" and report.rows[-1].name == OVERHEAD
+    assert "Convolution" in report.by_op  # OpenVINO's own op names
+    assert sum(r.latency_share for r in report.rows) == pytest.approx(100.0, abs=0.5)
+
+
+def test_profiling_on_a_gpu_target_is_refused(demo_files: tuple[Path, Path]) -> None:
+    from autocompress.errors import InputError
+
+    with pytest.raises(InputError):
+        profile_onnx(demo_files[0], repeats=2, target="tensorrt")
