@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from autocompress import __version__
+from autocompress.cli_flags import add_config_flags, int_list
 from autocompress.config import default_storage_url
 from autocompress.errors import AutocompressError, InputError, one_line
 
@@ -31,49 +32,13 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
 
 
-def _csv(text: str) -> tuple[str, ...]:
-    return tuple(part.strip() for part in text.split(",") if part.strip())
-
-
-def _int_csv(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(p) for p in _csv(text))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma list of integers") from None
-
-
-def _floats(text: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(p) for p in _csv(text))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma list of numbers") from None
-
-
 def _add_model_options(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("model and data (none: the built-in demo CNN on digits)")
-    g.add_argument("--model", help="torchvision:NAME, timm:NAME, hf:MODEL_DIR (transformers "
-                   "text classifier), path/file.py:factory, package.module:factory, or demo")
-    g.add_argument("--weights", help="state_dict or checkpoint file (loaded weights_only)")
-    g.add_argument("--data", help="digits, imagefolder:ROOT, cifar10:ROOT, "
-                   "text:FILE.csv[?text=COL&label=COL&max_length=N] or package.module:factory")
-    g.add_argument("--num-classes", type=int, help="classifier outputs (default: the data's)")
-    g.add_argument("--input-size", type=int, help="square input side in pixels")
-
-
-def _add_task_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--task", help="file.py:factory or package.module:factory returning your "
-                   "model, data, metric and loss (instead of --model/--data)")
-    p.add_argument("--mean", type=_floats, help="per-channel input mean, e.g. "
-                   "0.485,0.456,0.406 (default: the train split's)")
-    p.add_argument("--std", type=_floats, help="per-channel input std, with --mean")
+    add_config_flags(p.add_argument_group("model and data (none: the built-in demo CNN on "
+                                          "digits)"), "model")
 
 
 def _add_storage_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--study", help="study name (default: demo)")
-    p.add_argument("--storage", help="database URL (default: sqlite:///studies/<study>.db; "
-                   "postgresql://user:pw@host/db for several workers)")
-    p.add_argument("--artifacts", help="artifact folder shared by all workers, or "
-                   "s3://bucket/prefix (needs boto3; default: beside the SQLite file)")
+    add_config_flags(p, "storage")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,76 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("search", help="run the compression search (the main job)")
     s.add_argument("--config", help="YAML study config (studies/demo.yaml); flags override it")
     _add_model_options(s)
-    _add_task_options(s)
+    add_config_flags(s, "task")
     _add_storage_options(s)
-    s.add_argument("--budget", action="append", dest="budgets", metavar="LIMIT",
-                   help="latency (50ms, 0.05s, 500us) or size (8MB, 512KiB); repeatable")
-    s.add_argument("--trials", type=int, help="search trials this run adds (default 20)")
-    s.add_argument("--objectives", type=_csv, help="accuracy,size (default) or "
-                   "accuracy,size,latency")
-    s.add_argument("--sampler", help="tpe (default), random, nsga2 or gp")
-    s.add_argument("--startup-trials", type=int, help="random trials before TPE/GP model "
-                   "the results (default trials // 3, 2..10)")
-    s.add_argument("--seed", type=int, help="seed for the sampler, splits and fine-tune")
-    s.add_argument("--bits", type=_int_csv, help="weight widths to search (default 32,8,4)")
-    s.add_argument("--activation-bits", type=_int_csv, help="activations of quantized "
-                   "layers: 8 (uint8, integer kernels), 32 (weight-only: float activations, "
-                   "integer weights in the file) or both (default 8,32)")
-    s.add_argument("--prune-max", type=float, help="largest prune ratio (default 0.7)")
-    s.add_argument("--prune-step", type=float, help="prune ratio grid step (default 0.05)")
-    s.add_argument("--sparsity-max", type=float, help="search unstructured L1 sparsity up "
-                   "to this fraction (default 0: off; pair with --size-metric zip)")
-    s.add_argument("--sparsity-step", type=float, help="sparsity grid step (default 0.1)")
-    s.add_argument("--sparsity-scope", help="layer (a ratio per layer, default) or global "
-                   "(one ratio ranked across all layers)")
-    s.add_argument("--size-metric", help="what the size objective and size budgets count: "
-                   "file (bytes on disk, default) or zip (zipped bytes: what sparsity saves)")
-    s.add_argument("--feature-weight-max", type=float, help="search feature distillation "
-                   "on/off with a weight up to this (default 0: off)")
-    s.add_argument("--feature-layers", type=_csv, help="layers whose outputs feature "
-                   "distillation matches (default: the model's stage outputs)")
-    s.add_argument("--ptq-methods", type=_csv, help="let the search realise a plan by "
-                   "post-training quantization (no fine-tune) calibrated with these: minmax, "
-                   "entropy, percentile (default: none, every plan is QAT + KD)")
-    s.add_argument("--kd-temperature-min", type=float, help="lowest distillation "
-                   "temperature searched (default 1)")
-    s.add_argument("--kd-temperature-max", type=float, help="highest (default 10)")
-    s.add_argument("--kd-alpha-min", type=float, help="lowest distillation weight searched "
-                   "(default 0.5; the rest is cross-entropy on the labels)")
-    s.add_argument("--kd-alpha-max", type=float, help="highest (default 1)")
-    s.add_argument("--round-to", type=int, help="pruned channel counts kept at multiples of "
-                   "this (default 8)")
-    s.add_argument("--finetune-steps", type=int, help="QAT+KD steps per candidate")
-    s.add_argument("--early-stop-drop", type=float, help="stop a fine-tune half-way when its "
-                   "accuracy is this far below the teacher's (default 0.25)")
-    s.add_argument("--learning-rate", type=float, help="fine-tune learning rate (default: "
-                   "chosen once per study by a short probe)")
-    s.add_argument("--batch-size", type=int, help="fine-tune batch size")
-    s.add_argument("--target", help="where candidates are timed and scored: onnxruntime-cpu "
-                   "(default), openvino-cpu (pip install 'autocompress[openvino]'), "
-                   "onnxruntime-cuda or tensorrt (NVIDIA GPU, onnxruntime-gpu)")
-    s.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads for latency")
-    s.add_argument("--latency-batch-size", type=int, help="batch size latency is measured at")
-    s.add_argument("--latency-repeats", type=int, help="timed runs per latency measurement")
-    s.add_argument("--device", help="fine-tune device: auto, cpu or cuda")
-    s.add_argument("--train-threads", type=int, help="torch threads for fine-tuning (default 1)")
-    s.add_argument("--no-baselines", dest="baselines", action="store_const", const=False,
-                   help="do not record the fp32, int8 PTQ and int8 dynamic baselines")
-    s.add_argument("--no-warm-starts", dest="warm_starts", action="store_const", const=False,
-                   help="do not start the search from uniform int8/int4 QAT + KD trials")
-    s.add_argument("--max-rejections", type=int, help="end the run after this many plans in "
-                   "a row are rejected at the pre-check (default 50; rejections never count "
-                   "in --trials)")
-    s.add_argument("--time-limit", type=float, metavar="MINUTES", help="end the run between "
-                   "trials after this many minutes (the study can be resumed)")
-    s.add_argument("--no-guided", dest="guided", action="store_const", const=False,
-                   help="skip the sensitivity pass and the least-damage plans solved from it")
-    s.add_argument("--sensitivity-images", type=int, help="validation images each choice is "
-                   "scored on in the sensitivity pass (default 512)")
-    s.add_argument("--promote-share", type=float, help="share of the run's fine-tune effort "
-                   "spent retraining the best plans longer (default 0.25; 0: none)")
-    s.add_argument("--promote-factor", type=int, help="a promoted plan gets this many times "
-                   "its fine-tune steps (default 4)")
+    add_config_flags(s, "search")
     s.add_argument("--json", action="store_true", help="print the result as JSON")
 
     sh = sub.add_parser("show", help="the Pareto table of a study, from the database")
@@ -173,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     pr = sub.add_parser("profile", help="per-layer params, FLOPs and latency share")
     _add_model_options(pr)
-    pr.add_argument("--input-shape", type=_int_csv,
+    pr.add_argument("--input-shape", type=int_list,
                     help="C,H,W of one input (default: from the data or the model spec)")
     pr.add_argument("--repeats", type=int, default=20, help="timed forward passes")
     pr.add_argument("--onnx", help="profile this ONNX file in ONNX Runtime (an exported "

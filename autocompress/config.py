@@ -106,82 +106,134 @@ def format_bytes(n: float) -> str:
     return f"{int(n)} B"
 
 
+def _opt(default: Any, help: str, group: str = "search", **cli: Any) -> Any:
+    """A SearchConfig field with its command-line help (``group``: which commands share it;
+    ``cli``: argparse extras such as ``flag`` or ``metavar``). The CLI flags, the YAML keys
+    and the README's option table all come from these fields."""
+    return dataclasses.field(default=default, metadata={"help": help, "group": group, **cli})
+
+
 @dataclass(frozen=True)
 class SearchConfig:
     """Everything a search needs. Field names are the YAML keys; CLI flags use dashes."""
 
     # what to compress
-    model: str | None = None
-    weights: str | None = None
-    data: str | None = None
-    num_classes: int | None = None
-    input_size: int | None = None
+    model: str | None = _opt(None, "torchvision:NAME, timm:NAME, hf:MODEL_DIR (transformers "
+                             "text classifier), path/file.py:factory, package.module:factory, "
+                             "or demo", "model")
+    weights: str | None = _opt(None, "state_dict or checkpoint file (loaded weights_only)",
+                               "model")
+    data: str | None = _opt(None, "digits, imagefolder:ROOT, cifar10:ROOT, text:FILE.csv"
+                            "[?text=COL&label=COL&max_length=N] or package.module:factory",
+                            "model")
+    num_classes: int | None = _opt(None, "classifier outputs (default: the data's)", "model")
+    input_size: int | None = _opt(None, "square input side in pixels", "model")
     # a user's task factory (file.py:factory) giving model, data, metric and loss at once
-    task: str | None = None
+    task: str | None = _opt(None, "file.py:factory or package.module:factory returning your "
+                            "model, data, metric and loss (instead of --model/--data)", "task")
     # input normalisation (per channel); None: the train split's own statistics
-    mean: tuple[float, ...] | None = None
-    std: tuple[float, ...] | None = None
+    mean: tuple[float, ...] | None = _opt(None, "per-channel input mean, e.g. "
+                                          "0.485,0.456,0.406 (default: the train split's)",
+                                          "task")
+    std: tuple[float, ...] | None = _opt(None, "per-channel input std, with --mean", "task")
     # where the study lives
-    study: str = "demo"
-    storage: str | None = None
-    artifacts: str | None = None
+    study: str = _opt("demo", "study name (default: demo)", "storage")
+    storage: str | None = _opt(None, "database URL (default: sqlite:///studies/<study>.db; "
+                               "postgresql://user:pw@host/db for several workers)", "storage")
+    artifacts: str | None = _opt(None, "artifact folder shared by all workers, or "
+                                 "s3://bucket/prefix (needs boto3; default: beside the SQLite "
+                                 "file)", "storage")
     # what to optimise and under which limits
-    budgets: tuple[str, ...] = ()
-    objectives: tuple[str, ...] = ("accuracy", "size")
-    trials: int = 20
-    sampler: str = "tpe"
-    startup_trials: int | None = None  # random trials before TPE/GP model; None: trials // 3
-    seed: int = 0
+    budgets: tuple[str, ...] = _opt((), "latency (50ms, 0.05s, 500us) or size (8MB, 512KiB); "
+                                    "repeatable", flag="--budget", metavar="LIMIT")
+    objectives: tuple[str, ...] = _opt(("accuracy", "size"), "accuracy,size (default) or "
+                                       "accuracy,size,latency")
+    trials: int = _opt(20, "search trials this run adds (default 20)")
+    sampler: str = _opt("tpe", "tpe (default), random, nsga2 or gp")
+    # random trials before the TPE/GP model; None: trials // 3
+    startup_trials: int | None = _opt(None, "random trials before TPE/GP model the results "
+                                      "(default trials // 3, 2..10)")
+    seed: int = _opt(0, "seed for the sampler, splits and fine-tune")
     # the space
-    bits: tuple[int, ...] = (32, 8, 4)
+    bits: tuple[int, ...] = _opt((32, 8, 4), "weight widths to search (default 32,8,4)")
     # activations of quantized layers: 8 (uint8, integer kernels) and/or 32 (weight-only)
-    activation_bits: tuple[int, ...] = (8, 32)
-    prune_max: float = 0.7
-    prune_step: float = 0.05
+    activation_bits: tuple[int, ...] = _opt((8, 32), "activations of quantized layers: 8 "
+                                            "(uint8, integer kernels), 32 (weight-only: float "
+                                            "activations, integer weights in the file) or both "
+                                            "(default 8,32)")
+    prune_max: float = _opt(0.7, "largest prune ratio (default 0.7)")
+    prune_step: float = _opt(0.05, "prune ratio grid step (default 0.05)")
     # unstructured L1 sparsity searched up to this fraction, per layer ("layer") or as one
     # ratio ranked across all layers ("global"); 0: not searched. Zeros shrink a zipped file
     # (or a sparse format), not the raw one: pair it with size_metric "zip"
-    sparsity_max: float = 0.0
-    sparsity_step: float = 0.1
-    sparsity_scope: str = "layer"
+    sparsity_max: float = _opt(0.0, "search unstructured L1 sparsity up to this fraction "
+                               "(default 0: off; pair with --size-metric zip)")
+    sparsity_step: float = _opt(0.1, "sparsity grid step (default 0.1)")
+    sparsity_scope: str = _opt("layer", "layer (a ratio per layer, default) or global (one "
+                               "ratio ranked across all layers)")
     # what the size objective and size budgets count: the file's bytes or its zipped bytes
-    size_metric: str = "file"
+    size_metric: str = _opt("file", "what the size objective and size budgets count: file "
+                            "(bytes on disk, default) or zip (zipped bytes: what sparsity "
+                            "saves)")
     # feature distillation searched on/off with a weight up to this (0: never); the layers
     # whose outputs are matched (student and teacher share names; empty: stage outputs)
-    feature_weight_max: float = 0.0
-    feature_layers: tuple[str, ...] = ()
+    feature_weight_max: float = _opt(0.0, "search feature distillation on/off with a weight "
+                                     "up to this (default 0: off)")
+    feature_layers: tuple[str, ...] = _opt((), "layers whose outputs feature distillation "
+                                           "matches (default: the model's stage outputs)")
     # post-training quantization as a realisation the search may choose (no fine-tune),
     # calibrated with one of these methods; empty: every candidate is QAT + KD
-    ptq_methods: tuple[str, ...] = ()
-    kd_temperature_min: float = 1.0
-    kd_temperature_max: float = 10.0
-    kd_alpha_min: float = 0.5
-    kd_alpha_max: float = 1.0
-    round_to: int = 8
+    ptq_methods: tuple[str, ...] = _opt((), "let the search realise a plan by post-training "
+                                        "quantization (no fine-tune) calibrated with these: "
+                                        "minmax, entropy, percentile (default: none, every "
+                                        "plan is QAT + KD)")
+    kd_temperature_min: float = _opt(1.0, "lowest distillation temperature searched "
+                                     "(default 1)")
+    kd_temperature_max: float = _opt(10.0, "highest (default 10)")
+    kd_alpha_min: float = _opt(0.5, "lowest distillation weight searched (default 0.5; the "
+                               "rest is cross-entropy on the labels)")
+    kd_alpha_max: float = _opt(1.0, "highest (default 1)")
+    round_to: int = _opt(8, "pruned channel counts kept at multiples of this (default 8)")
     # the fine-tune each candidate gets
-    finetune_steps: int = 150
-    learning_rate: float | None = None  # None: chosen per study by a short probe (lrprobe)
-    batch_size: int = 64
-    early_stop_drop: float = 0.25
-    device: str = "auto"
-    train_threads: int = 1  # torch threads for fine-tuning; 1 is fastest for small models
+    finetune_steps: int = _opt(150, "QAT+KD steps per candidate")
+    # None: chosen per study by a short probe (lrprobe)
+    learning_rate: float | None = _opt(None, "fine-tune learning rate (default: chosen once "
+                                       "per study by a short probe)")
+    batch_size: int = _opt(64, "fine-tune batch size")
+    early_stop_drop: float = _opt(0.25, "stop a fine-tune half-way when its accuracy is this "
+                                  "far below the teacher's (default 0.25)")
+    device: str = _opt("auto", "fine-tune device: auto, cpu or cuda")
+    # torch threads for fine-tuning; 1 is fastest for small models
+    train_threads: int = _opt(1, "torch threads for fine-tuning (default 1)")
     # the runtime latency is measured on: the deploy target, its threads, batch and runs
-    target: str = "onnxruntime-cpu"
-    threads: int = 1
-    latency_batch_size: int = 1
-    latency_repeats: int = 30
-    baselines: bool = True
-    warm_starts: bool = True  # uniform int8 / int4 QAT + KD as the first search trials
+    target: str = _opt("onnxruntime-cpu", "where candidates are timed and scored: "
+                       "onnxruntime-cpu (default), openvino-cpu (pip install "
+                       "'autocompress[openvino]'), onnxruntime-cuda or tensorrt (NVIDIA GPU, "
+                       "onnxruntime-gpu)")
+    threads: int = _opt(1, "ONNX Runtime intra-op threads for latency")
+    latency_batch_size: int = _opt(1, "batch size latency is measured at")
+    latency_repeats: int = _opt(30, "timed runs per latency measurement")
+    baselines: bool = _opt(True, "do not record the fp32, int8 PTQ and int8 dynamic baselines")
+    # uniform int8 / int4 QAT + KD as the first search trials
+    warm_starts: bool = _opt(True, "do not start the search from uniform int8/int4 QAT + KD "
+                             "trials")
     # when to give up: rejected plans in a row, and minutes of wall time (None: no limit)
-    max_rejections: int = 50
-    time_limit: float | None = None
+    max_rejections: int = _opt(50, "end the run after this many plans in a row are rejected "
+                               "at the pre-check (default 50; rejections never count in "
+                               "--trials)")
+    time_limit: float | None = _opt(None, "end the run between trials after this many minutes "
+                                    "(the study can be resumed)", metavar="MINUTES")
     # search intelligence: a sensitivity pass and least-damage plans solved from it, queued
     # after the warm starts; the best plans retrained longer (promote_factor x the steps)
     # with promote_share of the run's fine-tune effort (0: no promotions)
-    guided: bool = True
-    sensitivity_images: int = 512
-    promote_share: float = 0.25
-    promote_factor: int = 4
+    guided: bool = _opt(True, "skip the sensitivity pass and the least-damage plans solved "
+                        "from it")
+    sensitivity_images: int = _opt(512, "validation images each choice is scored on in the "
+                                   "sensitivity pass (default 512)")
+    promote_share: float = _opt(0.25, "share of the run's fine-tune effort spent retraining "
+                                "the best plans longer (default 0.25; 0: none)")
+    promote_factor: int = _opt(4, "a promoted plan gets this many times its fine-tune steps "
+                               "(default 4)")
 
     def __post_init__(self) -> None:
         self.check()

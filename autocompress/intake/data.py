@@ -203,9 +203,7 @@ def load_data(
     rng = np.random.default_rng(seed)
     prefix, sep, rest = spec.partition(":")
     if sep and prefix == "text":
-        from autocompress.intake.text import load_text_data
-
-        return load_text_data(rest, tokenizer=tokenizer, seed=seed)
+        return _load_text(spec, rest, tokenizer, rng, seed)
 
     val_src: _Source | None = None
     identity_norm = False
@@ -278,6 +276,24 @@ def load_data(
         value_scale=scale,
         split_method=method,
     )
+
+
+TEXT_FRACTIONS = (0.8, 0.1, 0.1)  # train / val / test of a text file
+
+
+def _load_text(spec: str, rest: str, tokenizer: str | None, rng: np.random.Generator,
+               seed: int) -> DataSplits:
+    """Token ids of a ``text:`` file (``intake.text``), split stratified 80/10/10."""
+    from autocompress.intake.text import load_text_tokens
+
+    x, y, classes, max_length = load_text_tokens(rest, tokenizer=tokenizer)
+    full = _Source(x, y)
+    train, val, test = (_take(full, p) for p in _stratified_split(y.numpy(), TEXT_FRACTIONS,
+                                                                   rng))
+    return DataSplits(spec=spec, seed=seed, classes=classes, train=train, val=val, test=test,
+                      image_size=(0, 0), mean=(), std=(), value_scale=1.0,
+                      split_method=f"stratified 80/10/10 of {len(y)} texts, {max_length} "
+                      "tokens")
 
 
 def _take(src: _Source, positions: np.ndarray) -> Split:

@@ -27,7 +27,7 @@ from torch import nn
 from autocompress.errors import DataSpecError, ModelSpecError, one_line
 
 HF_PREFIX = "hf:"
-TEXT_FRACTIONS = (0.8, 0.1, 0.1)
+
 DEFAULT_MAX_LENGTH = 64
 INSTALL_HINT = 'pip install -e ".[text]" (or pip install transformers)'
 
@@ -124,10 +124,11 @@ def _read_rows(path: Path, text_col: str, label_col: str) -> tuple[list[str], li
     return [str(r[text_col]) for r in rows], [str(r[label_col]) for r in rows]
 
 
-def load_text_data(rest: str, *, tokenizer: str | None, seed: int) -> Any:
-    """``text:`` data as token-id DataSplits (see the module doc)."""
-    from autocompress.intake.data import DataSplits, Split, _stratified_split
-
+def load_text_tokens(
+    rest: str, *, tokenizer: str | None,
+) -> tuple[torch.Tensor, torch.Tensor, list[str], int]:
+    """``text:`` data as (token ids (N, L) int64, labels (N,) int64, classes, L); the
+    splits are made by ``intake.data`` like every other source's."""
     path, options = parse_text_spec(rest)
     folder = options.get("tokenizer") or tokenizer
     if not folder:
@@ -149,11 +150,4 @@ def load_text_data(rest: str, *, tokenizer: str | None, seed: int) -> Any:
     x = torch.from_numpy(np.asarray(encoded["input_ids"], dtype=np.int64))
     index = {c: i for i, c in enumerate(classes)}
     y = torch.tensor([index[v] for v in labels], dtype=torch.int64)
-    rng = np.random.default_rng(seed)
-    parts = _stratified_split(y.numpy(), TEXT_FRACTIONS, rng)
-    splits = [Split(x=x[torch.as_tensor(p)], y=y[torch.as_tensor(p)],
-                    indices=torch.as_tensor(p)) for p in parts]
-    spec = f"text:{rest}"
-    return DataSplits(spec=spec, seed=seed, classes=classes, train=splits[0], val=splits[1],
-                      test=splits[2], image_size=(0, 0), mean=(), std=(), value_scale=1.0,
-                      split_method=f"stratified 80/10/10 of {len(y)} texts, {max_length} tokens")
+    return x, y, classes, max_length
