@@ -81,6 +81,43 @@ class TrialRecord:
         return json.loads(value) if isinstance(value, str) else value
 
 
+def feasibility(state: str, attrs: dict[str, Any],
+                constraints: Sequence[float] | dict[str, float] | None = None) -> bool | None:
+    """Feasibility of one trial; None when it has no final values (not COMPLETE).
+
+    Order of evidence: the search's own ``feasible`` attribute, then its ``constraints``
+    attribute (feasible when every value <= 0), then Optuna's constraint values (studies
+    not written by autocompress). A trial with no constraint at all is feasible, as in Optuna.
+    """
+    if state != "COMPLETE":
+        return None
+    flag = attrs.get(trial_attrs.FEASIBLE)
+    if isinstance(flag, bool):
+        return flag
+    recorded = attrs.get("constraints")
+    if isinstance(recorded, str) and recorded[:1] == "{":
+        try:
+            recorded = json.loads(recorded)
+        except json.JSONDecodeError:
+            recorded = None
+    if isinstance(recorded, dict) and recorded:
+        values = [_finite(v) for v in recorded.values()]
+        return all(v is not None and v <= 0 for v in values)
+    given = list(constraints.values()) if isinstance(constraints, dict) else list(
+        constraints or ())
+    return all(float(v) <= 0 for v in given)
+
+
+def _finite(value: Any) -> float | None:
+    if isinstance(value, bool) or value is None:
+        return None
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        return None
+    return out if out == out and abs(out) != float("inf") else None
+
+
 def fp32_record(records: Iterable[TrialRecord]) -> TrialRecord | None:
     """The study's measured fp32 baseline trial: what every "vs fp32" figure compares with."""
     return next((r for r in records if r.baseline == "fp32" and r.measured), None)

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from autocompress import metrics
-from autocompress.pareto import hypervolume_points
+from autocompress.pareto import feasibility, hypervolume_points
 
 # The order objectives are written in by the search (BRIEF: accuracy, size, then latency).
 DEFAULT_METRICS: tuple[str, ...] = ("accuracy", "size_bytes", "latency_ms")
@@ -75,27 +75,7 @@ def metric_key(name: str | None, index: int) -> str:
     return DEFAULT_METRICS[index] if index < len(DEFAULT_METRICS) else f"objective_{index}"
 
 
-def is_feasible(
-    state: str, user_attrs: dict[str, Any], system_constraints: dict[str, float]
-) -> bool | None:
-    """Feasibility of one trial; None when the trial has no final values (not COMPLETE).
-
-    Order of evidence: the search's own ``feasible`` attribute, then its ``constraints``
-    attribute (feasible when every value <= 0), then Optuna's constraint system attrs.
-    A trial with no constraint at all counts as feasible, as in Optuna.
-    """
-    if state != "COMPLETE":
-        return None
-    flag = user_attrs.get("feasible")
-    if isinstance(flag, bool):
-        return flag
-    constraints = maybe_json(user_attrs.get("constraints"))
-    if isinstance(constraints, dict) and constraints:
-        values = [number_or_none(v) for v in constraints.values()]
-        return all(v is not None and v <= 0 for v in values)
-    if system_constraints:
-        return all(float(v) <= 0 for v in system_constraints.values())
-    return True
+is_feasible = feasibility  # one definition, in pareto (the search reads it too)
 
 
 def is_compressed_candidate(trial: dict[str, Any]) -> bool:

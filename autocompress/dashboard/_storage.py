@@ -26,9 +26,9 @@ from optuna.trial import FrozenTrial
 from autocompress import trial_attrs
 from autocompress.dashboard import _analysis as an
 from autocompress.errors import StudyError, one_line
-from autocompress.pareto import nondominated, superseded
+from autocompress.pareto import feasibility, nondominated, superseded
 from autocompress.study import default_artifacts_dir, driver_url, masked_url
-from autocompress.study.records import failure_reason, retried_as
+from autocompress.study.records import retried_as, to_record, trial_constraints
 
 _T = TypeVar("_T")
 _SAFE_ARTIFACT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,200}$")
@@ -287,30 +287,31 @@ class StudyReader:
         }
 
     def _row(self, t: FrozenTrial, keys: list[str], retries: dict[int, int]) -> dict[str, Any]:
-        """One trial as a table row: metrics from attrs (measured on the artifact)."""
-        a = t.user_attrs
-        state = t.state.name
-        row: dict[str, Any] = {"number": t.number, "state": state}
+        """One trial as a table row: the search's own record of it (``to_record``: metrics
+        measured on the artifact, feasibility, failure reason), shaped for the page."""
+        rec = to_record(t, retries)
+        a = rec.attrs
+        state = rec.state
+        row: dict[str, Any] = {"number": rec.number, "state": state}
         for name in _METRIC_ATTRS:
-            row[name] = an.number_or_none(a.get(name))
+            row[name] = an.number_or_none(getattr(rec, name, a.get(name)))
         if t.values is not None:
             for i, key in enumerate(keys):
                 # Rejected trials carry a floor accuracy as objective value, never a measurement.
-                if row.get(key) is None and not (key == "accuracy" and a.get(trial_attrs.REJECTED)):
+                if row.get(key) is None and not (key == "accuracy" and rec.rejected):
                     row[key] = an.number_or_none(t.values[i]) if i < len(t.values) else None
         row["values"] = list(t.values) if t.values is not None else None
-        row["feasible"] = an.is_feasible(state, a, t.constraints)
-        row["baseline"] = a.get(trial_attrs.BASELINE)
+        row["feasible"] = feasibility(state, a, trial_constraints(t))
+        row["baseline"] = rec.baseline
         row["warm_start"] = a.get(trial_attrs.WARM_START)
         row["guided"] = a.get(trial_attrs.GUIDED)
         parent = a.get(trial_attrs.PARENT)
         row["parent_trial"] = int(parent) if parent is not None else None
         row["plan_summary"] = a.get(trial_attrs.PLAN_SUMMARY)
-        row["rejected"] = a.get(trial_attrs.REJECTED)
-        row["fail_reason"] = failure_reason(t, retries)
+        row["rejected"] = rec.rejected
+        row["fail_reason"] = rec.fail_reason
         row["early_stopped"] = a.get(trial_attrs.EARLY_STOPPED)
-        row["reason"] = (a.get(trial_attrs.REJECTED) or row["fail_reason"]
-                         or a.get(trial_attrs.EARLY_STOPPED))
+        row["reason"] = rec.rejected or rec.fail_reason or a.get(trial_attrs.EARLY_STOPPED)
         row["has_artifact"] = bool(a.get(trial_attrs.ARTIFACT_ID))
         row["datetime_start"] = _iso(t.datetime_start)
         row["datetime_complete"] = _iso(t.datetime_complete)

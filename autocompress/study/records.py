@@ -10,7 +10,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from autocompress import trial_attrs
-from autocompress.pareto import TrialRecord
+from autocompress.pareto import TrialRecord, feasibility
 
 # Optuna fails a trial whose worker stopped beating from another process, after the fact:
 # nothing can be written on a finished trial then, so readers derive its reason from the
@@ -53,7 +53,7 @@ def to_record(trial: FrozenTrial, retries: dict[int, int] | None = None) -> Tria
         flops=a.get(trial_attrs.FLOPS),
         bops=a.get(trial_attrs.BOPS),
         params=a.get(trial_attrs.PARAMS),
-        feasible=bool(a.get(trial_attrs.FEASIBLE, False)) and trial.state == TrialState.COMPLETE,
+        feasible=bool(feasibility(trial.state.name, a, trial_constraints(trial))),
         baseline=a.get(trial_attrs.BASELINE),
         plan=json.loads(plan) if isinstance(plan, str) else (plan or {}),
         plan_summary=a.get(trial_attrs.PLAN_SUMMARY, ""),
@@ -61,6 +61,10 @@ def to_record(trial: FrozenTrial, retries: dict[int, int] | None = None) -> Tria
         fail_reason=failure_reason(trial, retries or {}),
         attrs=dict(a),
     )
+
+
+def trial_constraints(trial: FrozenTrial) -> list[float]:
+    return list(getattr(trial, "constraints", None) or ())
 
 
 def records(study: optuna.Study) -> list[TrialRecord]:
