@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -101,21 +102,22 @@ def feasibility(state: str, attrs: dict[str, Any],
         except json.JSONDecodeError:
             recorded = None
     if isinstance(recorded, dict) and recorded:
-        values = [_finite(v) for v in recorded.values()]
+        values = [finite_number(v) for v in recorded.values()]
         return all(v is not None and v <= 0 for v in values)
     given = list(constraints.values()) if isinstance(constraints, dict) else list(
         constraints or ())
     return all(float(v) <= 0 for v in given)
 
 
-def _finite(value: Any) -> float | None:
+def finite_number(value: Any) -> float | None:
+    """A finite float, or None for missing / non-numeric / NaN / inf values."""
     if isinstance(value, bool) or value is None:
         return None
     try:
         out = float(value)
     except (TypeError, ValueError):
         return None
-    return out if out == out and abs(out) != float("inf") else None
+    return out if math.isfinite(out) else None
 
 
 def fp32_record(records: Iterable[TrialRecord]) -> TrialRecord | None:

@@ -8,12 +8,11 @@ plan layout, baseline comparison) is testable with literals.
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 from autocompress import metrics
-from autocompress.pareto import feasibility, hypervolume_points
+from autocompress.pareto import feasibility, finite_number, hypervolume_points
 
 # The order objectives are written in by the search (BRIEF: accuracy, size, then latency).
 DEFAULT_METRICS: tuple[str, ...] = ("accuracy", "size_bytes", "latency_ms")
@@ -57,15 +56,7 @@ def maybe_json(value: Any) -> Any:
     return value
 
 
-def number_or_none(value: Any) -> float | None:
-    """A finite float, or None for missing / non-numeric / NaN / inf values."""
-    if isinstance(value, bool) or value is None:
-        return None
-    try:
-        out = float(value)
-    except (TypeError, ValueError):
-        return None
-    return out if math.isfinite(out) else None
+number_or_none = finite_number  # one definition, in pareto
 
 
 def metric_key(name: str | None, index: int) -> str:
