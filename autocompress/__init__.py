@@ -40,6 +40,7 @@ _EXPORTS = {
     "load_task": "autocompress.intake",
     "load_model": "autocompress.intake",
     "load_data": "autocompress.intake",
+    "Metric": "autocompress.task_metric",
     # transforms, usable on their own
     "build_inventory": "autocompress.inventory",
     "prune_model": "autocompress.prune",
@@ -55,6 +56,7 @@ _EXPORTS = {
     "finetune": "autocompress.distill",
     "kd_loss": "autocompress.distill",
     "profile_model": "autocompress.profile",
+    "profile_onnx": "autocompress.onnx_profile",
     # errors
     "AutocompressError": "autocompress.errors",
     "InputError": "autocompress.errors",
