@@ -72,19 +72,20 @@ class Metric:
 
     def score_batches(self, pairs: Iterable[tuple[np.ndarray, np.ndarray]]) -> float:
         """Score (outputs, targets) pairs of a split, batch by batch in order."""
+        if self.fn is None:  # top-1 is counted batch by batch: no copy of every output
+            correct = total = 0
+            for out, y in pairs:
+                correct += int((np.asarray(out).argmax(axis=1) == np.asarray(y).reshape(-1)).sum())
+                total += int(np.asarray(y).size)
+            if total == 0:
+                raise InputError("no samples to score; check the split is not empty")
+            return correct / total
         outs, ys = [], []
         for out, y in pairs:
             outs.append(np.asarray(out))
             ys.append(np.asarray(y))
         if not outs:
             raise InputError("no samples to score; check the split is not empty")
-        if self.fn is None:  # top-1 needs no stacked copy of every output
-            correct = sum(int((o.argmax(axis=1) == y.reshape(-1)).sum())
-                          for o, y in zip(outs, ys, strict=True))
-            total = sum(int(y.size) for y in ys)
-            if total == 0:
-                raise InputError("no samples to score; check the split is not empty")
-            return correct / total
         return self.score(np.concatenate(outs), np.concatenate(ys))
 
     def to_dict(self) -> dict[str, Any]:
