@@ -261,6 +261,11 @@ def test_unknown_model_spec_form_suggests_torchvision() -> None:
     with raises_one_line(ModelSpecError, "unknown model spec 'resnet18'", "torchvision:resnet18"):
         load_model("resnet18", None)
     with raises_one_line(ModelSpecError, "unknown model spec", "torchvision:NAME"):
+        load_model("onnx://some/model", None)
+
+
+def test_hub_address_says_models_are_not_downloaded() -> None:
+    with raises_one_line(ModelSpecError, "hf://some/model", "save_pretrained", "hf:DIR"):
         load_model("hf://some/model", None)
 
 

@@ -59,6 +59,11 @@ def _transformers() -> Any:
 
 def load_hf_model(folder: str, num_classes: int | None) -> nn.Module:
     """The folder's sequence classifier, wrapped to take token ids only."""
+    if folder.startswith("//"):
+        # hf://org/name looks like a Hub address; nothing is downloaded, so say what works
+        raise ModelSpecError(f"hf:{folder} is a Hub address, and autocompress does not download "
+                             "models; save the model with model.save_pretrained(DIR) and pass "
+                             "hf:DIR")
     path = Path(folder).expanduser()
     if not (path / "config.json").is_file():
         raise ModelSpecError(f"hf:{folder} is not a transformers model folder (no config.json "
