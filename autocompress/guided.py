@@ -221,7 +221,8 @@ class Rung:
 def rungs(*, fp32_bytes: float, budgets: Sequence[Budget],
           reference_ms: float | None) -> list[Rung]:
     """The study's budgets (when any) and each rung of LADDER, each also within the
-    budgets, in the order their plans are queued."""
+    budgets, in the order their plans are queued; a speed rung no faster than the latency
+    budget is left out (it would be solved as the budget rung again)."""
     size_budget = min((b.value for b in budgets if b.kind == "size"), default=None)
     budget_ratio = None
     latency_limits = [b.value for b in budgets if b.kind == "latency"]
@@ -239,6 +240,9 @@ def rungs(*, fp32_bytes: float, budgets: Sequence[Budget],
                             budget_ratio))
         else:
             ratio = 1 / factor
+            if budget_ratio is not None and ratio >= budget_ratio:
+                # capped at the budget it is the budget rung again: one plan, not two
+                continue
             out.append(Rung(f"guided-{factor:g}x-faster", f"{factor:g}x faster than fp32{within}",
                             size_budget,
                             ratio if budget_ratio is None else min(ratio, budget_ratio)))

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from autocompress import distill, measure, metrics, quantize, runtime, space, trial_attrs
+from autocompress import measure, metrics, quantize, runtime, space, trial_attrs, tuning
 from autocompress.config import Budget, SearchConfig
 from autocompress.errors import AutocompressError
 from autocompress.intake import Task
@@ -202,15 +202,16 @@ class TrialRunner:
 
         if baseline is None and removes_weights(plan):
             with timer.phase("build"):  # within budget: now worth re-estimating BN statistics
-                student = build_student(
-                    ctx.task, plan, ctx.config.round_to, bn_batches=self._bn_batches(trial)
-                )
+                student = build_student(  # unfolded when a recovery phase trains through BN
+                    ctx.task, plan, ctx.config.round_to, bn_batches=self._bn_batches(trial),
+                    fold=not tuning.recovers(plan))
 
         qat: nn.Module | None = None
         # A PTQ plan has no fine-tune: ONNX Runtime calibrates the float student at export.
         if baseline is None and plan.finetune_steps > 0 and not plan.is_ptq:
             with timer.phase("finetune"):
-                qat, stopped = self._finetune(trial, student, plan, early_stop=not retrain)
+                student, qat, stopped = self._finetune(trial, student, plan,
+                                                       early_stop=not retrain)
             if stopped:
                 self._set_constraints(trial, pre.estimate_ms, pre.size_bytes)
                 trial.set_user_attr(trial_attrs.EARLY_STOPPED, stopped)
@@ -389,12 +390,11 @@ class TrialRunner:
 
     def _finetune(
         self, trial: Any, student: nn.Module, plan: CompressionPlan, *, early_stop: bool = True
-    ) -> tuple[nn.Module, str | None]:
-        """QAT + KD from the teacher; returns the model and the early-stop reason, if any
-        (``early_stop=False``: a retrain of a plan that earned it runs to the end)."""
+    ) -> tuple[nn.Module, nn.Module, str | None]:
+        """Recovery (plans that prune) and QAT + KD from the teacher (``tuning``); returns the
+        folded student, the QAT model and the early-stop reason, if any (``early_stop=False``:
+        a retrain of a plan that earned it runs to the end)."""
         ctx = self.ctx
-        qat = self._untrained_qat(student, plan)
-        floor = ctx.fp32_accuracy - ctx.config.early_stop_drop
 
         def evaluate(model: nn.Module) -> float:
             # A coarse look is enough to call a candidate hopeless: a fixed slice of the
@@ -403,30 +403,17 @@ class TrialRunner:
             return torch_accuracy(model, itertools.islice(
                 ctx.task.data.batches("val", 256), EARLY_STOP_BATCHES), ctx.task.metric)
 
-        def hopeless(step: int, accuracy: float) -> bool:
-            return is_hopeless(step, accuracy, total=plan.finetune_steps, floor=floor)
-
-        result = distill.finetune(
-            qat,
-            ctx.task.model,
-            ctx.task.data,
-            plan,
-            batch_size=ctx.config.batch_size,
-            device=ctx.device,
-            evaluate=evaluate if early_stop else None,
-            eval_every=1,
-            # Only where the rule can act: an evaluation costs 1,024 validation images.
-            evaluate_at=early_stop_checkpoints(plan.finetune_steps).__contains__,
-            should_stop=hopeless if early_stop else None,
+        result = tuning.finetune_trial(student, ctx.task.model, ctx.task.data, plan,
+                                       tuning.TrialTuning(
+            batch_size=ctx.config.batch_size, device=str(ctx.device),
             seed=ctx.config.seed + trial.number,
-            progress=ctx.on_step,
-            loss=ctx.task.loss,
-        )
+            floor=ctx.fp32_accuracy - ctx.config.early_stop_drop, evaluate=evaluate,
+            make_qat=lambda folded: self._untrained_qat(folded, plan), early_stop=early_stop,
+            progress=ctx.on_step, loss=ctx.task.loss))
         trial.set_user_attr(trial_attrs.FINETUNE_STEPS_RUN, result.steps)
-        qat.eval()
-        if result.stopped_early:
-            return qat, f"early-stopped at step {result.steps}: {result.reason}"
-        return qat, None
+        if result.recovery_steps:
+            trial.set_user_attr(trial_attrs.RECOVERY_STEPS, result.recovery_steps)
+        return result.student, result.qat, result.stopped
 
     def _export(
         self,
@@ -584,15 +571,3 @@ def _precheck_key(plan: CompressionPlan, baseline: str | None) -> str:
         body = json.dumps([plan.sparsity, plan.global_sparsity], sort_keys=True)
         key += ":" + hashlib.sha256(body.encode()).hexdigest()[:8]
     return key
-
-
-def early_stop_checkpoints(total: int) -> frozenset[int]:
-    """The steps where the early-stop rule looks: half-way and three-quarters of the way,
-    never the last step (see ``is_hopeless``)."""
-    return frozenset(s for s in (max(1, total // 2), max(1, (3 * total) // 4)) if s < total)
-
-
-def is_hopeless(step: int, accuracy: float, *, total: int, floor: float) -> bool:
-    """Our early-stop rule: from half-way, a candidate below ``floor`` is abandoned; never at
-    the last step, because a finished fine-tune is measured however it scored."""
-    return max(1, total // 2) <= step < total and accuracy < floor

@@ -29,6 +29,7 @@ def build_student(
     round_to: int,
     *,
     bn_batches: Iterable[torch.Tensor] | None = None,
+    fold: bool = True,
 ) -> nn.Module:
     """The pruned, BN-folded float structure of a plan (teacher untouched).
 
@@ -36,7 +37,8 @@ def build_student(
     BatchNorm statistics re-estimated before they are folded away (``prune.
     recalibrate_batchnorm``): the fine-tune then starts from a working model instead of
     spending its steps undoing stale statistics. Without data (structure-only rebuilds,
-    latency checks) the teacher's statistics are folded as they are.
+    latency checks) the teacher's statistics are folded as they are. ``fold=False`` keeps
+    BatchNorm as modules (``recovery`` trains through them, then folds).
     """
     example = task.data.example_input(1)
     if any(r > 0 for r in plan.prune.values()):
@@ -50,7 +52,7 @@ def build_student(
     model.eval()
     if bn_batches is not None and removes_weights(plan):
         prune.recalibrate_batchnorm(model, bn_batches, max_batches=BN_RECALIBRATION_BATCHES)
-    return quantize.fold_batchnorm(model)
+    return quantize.fold_batchnorm(model) if fold else model
 
 
 def removes_weights(plan: CompressionPlan) -> bool:

@@ -38,6 +38,7 @@ WEIGHT_TYPES = "weight_types"
 RUNTIME = "runtime"  # ONNX Runtime version, session options, threads, batch size, CPU
 TIMING = "timing"  # seconds per phase
 FINETUNE_STEPS_RUN = "finetune_steps_run"
+RECOVERY_STEPS = "recovery_steps"  # of those, trained with BatchNorm live (tuning.py)
 
 # -- a trial: budgets, rejection, failure -----------------------------------------------------
 CONSTRAINTS = "constraints"

@@ -210,3 +210,15 @@ def test_latency_aimed_plans_are_checked_and_re_aimed(
     assert len(measured) >= 2  # the first aim missed (over, or far under): aimed again
     if truth < 1:
         assert budget_plan.predicted_damage <= first[0].predicted_damage
+
+
+def test_speed_rungs_at_or_above_the_latency_budget_are_not_solved_twice() -> None:
+    from autocompress.config import parse_budget
+    from autocompress.guided import rungs
+
+    budget = parse_budget("0.6ms")  # 0.6x of a 1 ms reference: 1.5x faster is slower than it
+    names = [r.name for r in rungs(fp32_bytes=1e6, budgets=[budget], reference_ms=1.0)]
+    assert names[0] == "guided-budget"
+    assert "guided-1.5x-faster" not in names and "guided-2x-faster" in names
+    plain = [r.name for r in rungs(fp32_bytes=1e6, budgets=[], reference_ms=1.0)]
+    assert "guided-1.5x-faster" in plain

@@ -14,9 +14,9 @@ from autocompress import quantize, runtime
 from autocompress.cli import main
 from autocompress.intake import load_data
 from autocompress.measure import sha256_file
-from autocompress.objective import early_stop_checkpoints, is_hopeless
 from autocompress.report import record_json
 from autocompress.study import default_artifacts_dir
+from autocompress.tuning import early_stop_checkpoints, is_hopeless
 from tests.search_fixture import run_short_search
 
 REQUIRED = {
