@@ -24,7 +24,7 @@ SAMPLERS = ("tpe", "random", "nsga2", "gp")
 OBJECTIVES = ("accuracy", "size", "latency")
 SPARSITY_SCOPES = ("layer", "global")
 SIZE_METRICS = ("file", "zip")
-PTQ_METHODS = ("minmax", "entropy", "percentile")
+PTQ_METHODS = ("minmax", "entropy", "percentile", "dynamic")
 # Where candidates are timed and scored (runtime.py dispatches on it).
 TARGETS = ("onnxruntime-cpu", "openvino-cpu", "onnxruntime-cuda", "tensorrt")
 
@@ -185,8 +185,10 @@ class SearchConfig:
     # calibrated with one of these methods; empty: every candidate is QAT + KD
     ptq_methods: tuple[str, ...] = _opt((), "let the search realise a plan by post-training "
                                         "quantization (no fine-tune) calibrated with these: "
-                                        "minmax, entropy, percentile (default: none, every "
-                                        "plan is QAT + KD)")
+                                        "minmax, entropy, percentile, or dynamic (int8 "
+                                        "MatMul/Conv quantized at run time, the guide's "
+                                        "recipe for Transformers; default: none, every plan "
+                                        "is QAT + KD)")
     kd_temperature_min: float = _opt(1.0, "lowest distillation temperature searched "
                                      "(default 1)")
     kd_temperature_max: float = _opt(10.0, "highest (default 10)")

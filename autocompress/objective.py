@@ -296,7 +296,7 @@ class TrialRunner:
         ctx.precheck_cache[key] = result
         # The model learns from careful looks only, and not from ORT's own quantizer's file
         # (another export path than ours).
-        if careful and baseline in (None, "fp32"):
+        if careful and baseline in (None, "fp32") and not _runtime_quantized(plan):
             features = structure_features(student, plan, ctx.inventory, ctx.task.model)
             ctx.latency_model.observe(key, features, inter.ratio)
         return result
@@ -308,7 +308,8 @@ class TrialRunner:
         model is fitted, a latency budget exists and the structure was never measured."""
         ctx = self.ctx
         key = _precheck_key(plan, baseline)
-        if baseline is not None or key in ctx.precheck_cache or ctx.budget_ratio() is None:
+        if (baseline is not None or key in ctx.precheck_cache or ctx.budget_ratio() is None
+                or _runtime_quantized(plan)):
             return None
         features = structure_features(student, plan, ctx.inventory, ctx.task.model)
         predicted = ctx.latency_model.predict(features)
@@ -571,3 +572,9 @@ def _precheck_key(plan: CompressionPlan, baseline: str | None) -> str:
         body = json.dumps([plan.sparsity, plan.global_sparsity], sort_keys=True)
         key += ":" + hashlib.sha256(body.encode()).hexdigest()[:8]
     return key
+
+
+def _runtime_quantized(plan: CompressionPlan) -> bool:
+    """Dynamic quantization (activations quantized at run time): other kernels than the
+    QDQ structures the latency model describes, so it neither predicts nor learns them."""
+    return plan.is_ptq and plan.calibration == quantize.DYNAMIC

@@ -181,12 +181,16 @@ def _convert_override(entry: Mapping[str, Any], default_type: str) -> dict[str, 
 
 
 def quantize_dynamic(
-    src: str | os.PathLike[str], dst: str | os.PathLike[str], *, weight_type: str = "QInt8"
+    src: str | os.PathLike[str], dst: str | os.PathLike[str], *, weight_type: str = "QInt8",
+    nodes_to_quantize: Sequence[str] | None = None,
 ) -> Path:
-    """ORT dynamic quantization: int8 weights, activations quantized on the fly at run time."""
+    """ORT dynamic quantization: int8 weights, activations quantized on the fly at run time
+    (every node ORT can, or only ``nodes_to_quantize``)."""
     from onnxruntime.quantization import quantize_dynamic as _quantize_dynamic
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # as in quantize_qdq
-        _quantize_dynamic(str(src), str(dst), weight_type=_quant_type(weight_type))
+        _quantize_dynamic(str(src), str(dst), weight_type=_quant_type(weight_type),
+                          nodes_to_quantize=list(nodes_to_quantize) if nodes_to_quantize
+                          else None)
     return Path(dst)

@@ -37,7 +37,8 @@ if TYPE_CHECKING:
 ALLOWED_WEIGHT_BITS: tuple[int, ...] = (32, 8, 4)
 ALLOWED_ACTIVATION_BITS: tuple[int, ...] = (8, 16, 32)
 REALISATIONS: tuple[str, ...] = ("qat", "ptq")
-CALIBRATION_METHODS: tuple[str, ...] = ("minmax", "entropy", "percentile")
+# dynamic: ONNX Runtime quantizes activations at run time (no calibration; int8 MatMul/Conv)
+CALIBRATION_METHODS: tuple[str, ...] = ("minmax", "entropy", "percentile", "dynamic")
 PLAN_FORMAT_VERSION = 1
 
 

@@ -382,3 +382,29 @@ def test_int8_range_setting(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(q.INT8_RANGE_ENV, "sometimes")
     with pytest.raises(ValueError, match="sometimes"):
         q.weight_qmax(8)
+
+
+def test_dynamic_realisation_per_layer(tmp_path: Path) -> None:
+    """``ptq-dynamic``: planned 8-bit MatMul layers run MatMulInteger (activations quantized
+    at run time), an int4 layer and a Gemm (no dynamic kernel) are weight-only, the rest
+    stays float, and the file computes what the float model does."""
+    from tests.tiny_models import tiny_vit
+
+    torch.manual_seed(0)
+    model = tiny_vit().eval()
+    mlp = "encoder.layers.encoder_layer_0.mlp"
+    bits = {f"{mlp}.0": 8, f"{mlp}.3": 4, "heads.head": 8}
+    plan = CompressionPlan(bits=bits, activation_bits=8, realisation="ptq",
+                           calibration=q.DYNAMIC)
+    x = torch.randn(8, 3, 32, 32)
+    info = q.export_onnx(model, x[:1], tmp_path / "dyn.onnx", plan, [x],
+                         calibration_method=plan.calibration)
+    ops = {node.op_type for node in onnx.load(str(info.path)).graph.node}
+    assert "MatMulInteger" in ops and "DynamicQuantizeLinear" in ops
+    assert {k: info.weight_types[k] for k in bits} == {f"{mlp}.0": "INT8", f"{mlp}.3": "INT4",
+                                                       "heads.head": "INT8"}
+    assert info.weight_types["encoder.layers.encoder_layer_1.mlp.0"] == "FLOAT"
+    session = runtime.make_session(info.path)
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    want = model(x).detach().numpy()
+    assert np.abs(got - want).max() < 0.1 * np.abs(want).max() + 1e-3

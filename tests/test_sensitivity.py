@@ -126,3 +126,24 @@ def test_a_pass_out_of_time_scores_every_layer_and_the_largest_groups(
     assert Sensitivity.from_dict(table.to_dict()).unscored == table.unscored
     assert pass_seconds(SearchConfig(time_limit=15)) == pytest.approx(90.0)
     assert pass_seconds(SearchConfig()) == TIME_CAP_S
+
+
+def test_layers_that_would_overrun_the_pass_are_scored_on_fewer_images(
+    demo_task: Task,
+) -> None:
+    """Every layer is scored; when the first choice shows the layers would take more than
+    their share of the bound, every choice is scored on a shorter (shared) slice; with time
+    to spare the slice is the one asked for."""
+    from autocompress.sensitivity import MIN_IMAGES
+
+    inventory = build_inventory(demo_task.model, demo_task.data.example_input(1))
+    quantizable = {layer.name for layer in inventory.layers if layer.quantizable}
+    config = SearchConfig(prune_max=0.0)
+    tight = measure_sensitivity(demo_task, inventory, config, _calibration(demo_task),
+                                images=256, seconds=1e-3)
+    assert tight.images == MIN_IMAGES
+    assert set(tight.layers) == quantizable
+    assert all(entry["bits"] for entry in tight.layers.values())
+    roomy = measure_sensitivity(demo_task, inventory, config, _calibration(demo_task),
+                                images=256, seconds=3600.0)
+    assert roomy.images == 256

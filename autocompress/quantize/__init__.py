@@ -37,6 +37,7 @@ from autocompress.quantize.bn_fold import (
     fold_batchnorm,
 )
 from autocompress.quantize.onnx_export import (
+    DYNAMIC,
     ExportInfo,
     export_onnx,
     onnx_weight_types,
@@ -78,6 +79,7 @@ from autocompress.quantize.scheme import (
 
 __all__ = [
     "ACTIVATION_QMAX",
+    "DYNAMIC",
     "EXPORT_OPSET",
     "INT4_QMAX",
     "INT8_FULL_QMAX",

@@ -68,6 +68,10 @@ _WEIGHT_INPUT: dict[str, int] = {
 
 
 _QUANT_OPS: tuple[str, ...] = ("Conv", "Gemm", "MatMul")
+# The PTQ method that needs no calibration (``plan.CALIBRATION_METHODS``): ONNX Runtime's
+# dynamic quantization, which has integer kernels for these ops (not Gemm).
+DYNAMIC = "dynamic"
+_DYNAMIC_OPS = ("MatMul", "Conv")
 
 
 # Weightless ops ORT's QDQ quantizer handles. Between quantized layers they are quantized too,
@@ -298,6 +302,34 @@ def _weight_only_file(
     return requested
 
 
+def _dynamic_file(
+    float_path: Path, out_path: Path, layer_bits: dict[str, int], learned: dict[str, LearnedQuant]
+) -> dict[str, int]:
+    """The guide's recipe for Transformers, per layer: planned 8-bit MatMul/Conv layers
+    quantized dynamically by ONNX Runtime (int8 weights, activations quantized at run time:
+    MatMulInteger/ConvInteger, no calibration); every other planned layer (int4, or an op
+    with no dynamic kernel such as Gemm) weight-only at its width. Returns the bits per layer."""
+    from autocompress import ort_quantize
+
+    with tempfile.TemporaryDirectory(prefix="autocompress-d-") as tmp:
+        pre_path = ort_quantize.pre_process(float_path, Path(tmp) / "pre.onnx")
+        proto = onnx.load(str(pre_path))
+        _name_nodes(proto)
+        onnx.save(proto, str(pre_path))
+        op_of = {node.name: node.op_type for node in proto.graph.node}
+        dynamic = {site.layer: site.node for site in _weight_sites(proto)
+                   if layer_bits.get(site.layer) == 8 and op_of[site.node] in _DYNAMIC_OPS}
+        middle = Path(tmp) / "dynamic.onnx"
+        if dynamic:
+            ort_quantize.quantize_dynamic(pre_path, middle,
+                                          nodes_to_quantize=list(dynamic.values()))
+        else:
+            shutil.copyfile(pre_path, middle)
+        rest = {k: b for k, b in layer_bits.items() if k not in dynamic}
+        requested = _weight_only_file(middle, out_path, rest, learned)
+    return {**dict.fromkeys(dynamic, 8), **requested}
+
+
 def _integer_neighbours(proto: onnx.ModelProto, quantized: set[str]) -> list[str]:
     """Weightless nodes (``_JOIN_OPS``) whose every non-constant input comes from a quantized
     node (directly or through other such nodes), in graph order: quantizing them keeps
@@ -396,7 +428,8 @@ def export_onnx(
     Weights: per-channel symmetric INT8/INT4 with the fake-quant scales (max|w_c|/qmax of
     the final weights). Activations into quantized layers: the QAT observer ranges when the
     model was prepared and observed, otherwise calibrated by ORT on ``calibration`` (input
-    batches, or (x, y) batches) with ``calibration_method`` (minmax, entropy, percentile).
+    batches, or (x, y) batches) with ``calibration_method`` (minmax, entropy, percentile;
+    ``dynamic``: no calibration, see ``_dynamic_file``).
     Layers at 32 bits stay float. Every planned width is checked
     in the written file; returns what the file holds.
     """
@@ -426,6 +459,8 @@ def export_onnx(
         if not computing:
             shutil.copyfile(float_path, out_path)
             requested: dict[str, int] = {}
+        elif calibration_method == DYNAMIC:
+            requested = _dynamic_file(float_path, out_path, computing, learned)
         elif plan.activation_bits >= WEIGHT_ONLY:
             requested = _weight_only_file(float_path, out_path, computing, learned)
         else:
