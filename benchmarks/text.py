@@ -12,7 +12,9 @@
 - Teacher: fine-tuned on the train split only (AdamW, ``--teacher-steps`` x batch 32, linear
   decay), saved as a model folder with its tokenizer and cached with its recipe.
 - Search: ``autocompress search --model hf:TEACHER --data text:...`` with default settings
-  except ``--time-limit``, a short fine-tune (``--finetune-steps``, batch 16) and no budget;
+  except ``--time-limit``, a short fine-tune (``--finetune-steps``, batch 16), no budget,
+  and ``--ptq-methods dynamic`` (each plan may also be realised by per-layer dynamic int8,
+  the guide's recipe for Transformers, in seconds instead of a fine-tune);
   its baselines are the fp32 file and the guide's uniform dynamic int8 recipe, measured in
   the same run. Latency: ONNX Runtime CPU, batch 1, 64 tokens, interleaved with fp32.
 - Figures: the most accurate candidate (chosen on validation) at least 3x smaller than the
@@ -150,7 +152,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--teacher-steps", type=int, default=300)
     parser.add_argument("--finetune-steps", type=int, default=40)
     parser.add_argument("--torch-threads", type=int)
+    parser.add_argument("--ptq-methods", default="dynamic",
+                        help="PTQ realisations the search may choose, comma-separated "
+                             "(default dynamic: per-layer ORT dynamic int8; '' for QAT only)")
     args = parser.parse_args(argv)
+    methods = tuple(m for m in args.ptq_methods.split(",") if m)
 
     def say(text: str) -> None:
         print(text, file=sys.stderr, flush=True)
@@ -166,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     config = SearchConfig(model=f"hf:{folder}", data=f"text:{corpus}?max_length={MAX_LENGTH}",
                           trials=500, time_limit=args.minutes,
                           finetune_steps=args.finetune_steps, batch_size=16,
-                          train_threads=threads, **study_place(CACHE, "minilm"))
+                          ptq_methods=methods, train_threads=threads,
+                          **study_place(CACHE, "minilm"))
     started = time.perf_counter()
     result = run_search(config, on_start=say)
     wall = time.perf_counter() - started
@@ -199,7 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     text = "\n".join([
         "# MiniLM sentiment (Rotten Tomatoes critics' snippets)", "",
         f"`python benchmarks/text.py --minutes {args.minutes:g} --teacher-steps "
-        f"{args.teacher_steps} --finetune-steps {args.finetune_steps}`; teacher val "
+        f"{args.teacher_steps} --finetune-steps {args.finetune_steps} --ptq-methods "
+        f"'{args.ptq_methods}'`; teacher val "
         f"{info['val_accuracy']:.4f} / test {info['test_accuracy']:.4f} "
         f"({args.teacher_steps} steps x 32, {info['seconds'] / 60:.1f} min when trained); "
         f"search {wall / 60:.1f} min, {len(searched)} searched trials.", "",
