@@ -54,7 +54,8 @@ def plan_promotions(
     reference_size: float,
 ) -> list[Promotion]:
     """Which front members to retrain within ``effort`` short fine-tunes, most hypervolume
-    first. Baselines (nothing fine-tuned), plans already retrained (or being retrained) and
+    first (under budgets, the most accurate member before them). Baselines (nothing
+    fine-tuned), plans already retrained (or being retrained) and
     plans at the last rung are left out."""
     if config.promote_share <= 0 or config.finetune_steps == 0 or effort <= 0:
         return []
@@ -66,6 +67,12 @@ def plan_promotions(
         (r for r in front if r.baseline is None and r.number not in has_child),
         key=lambda r: (-gains.get(r.number, 0.0), r.number),
     )
+    if config.budgets and ranked:
+        # Under budgets the most accurate plan within them is what `export --best` delivers,
+        # the candidate the user came for: it is retrained first, then by hypervolume.
+        top = max(ranked, key=lambda r: (r.accuracy or 0.0, -r.number))
+        ranked.remove(top)
+        ranked.insert(0, top)
     out: list[Promotion] = []
     left = effort
     for record in ranked:

@@ -18,6 +18,7 @@ def test_one_plan_end_to_end(demo_task: Task) -> None:
     assert record.plan["prune"]["block2.conv1"] == 0.25
     assert record.plan["finetune_steps"] == 20
     assert record.attrs["finetune_steps_run"] == 20  # no early stop, no rounding
+    assert record.attrs["recovery_steps"] == 15  # it prunes: 3/4 of the steps with BN live
     assert 0.5 < (record.accuracy or 0) <= 1.0 and record.size_bytes and record.latency_vs_fp32
     assert set(record.json_attr("weight_types")) >= {"conv1", "block1.conv1"}
 

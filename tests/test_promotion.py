@@ -52,3 +52,15 @@ def test_second_rung_and_no_double_promotion() -> None:
     assert [(p.parent, p.steps, p.rung) for p in got] == [(2, 1600, 2)]
     recs.append(_rec(3, 0.86, 100, steps=1600, parent=2))
     assert plan_promotions(recs, CONFIG, effort=100, reference_size=1100) == []  # last rung
+
+
+def test_under_a_budget_the_most_accurate_plan_is_retrained_first() -> None:
+    """The small plan adds the most hypervolume, but under a budget the plan `export --best`
+    delivers is the most accurate one within it: that one goes first."""
+    recs = [_rec(0, 0.90, 1000, baseline="fp32"), _rec(1, 0.80, 100), _rec(2, 0.815, 300),
+            _rec(3, 0.70, 90)]
+    plain = plan_promotions(recs, CONFIG, effort=4, reference_size=1100)
+    budgeted = plan_promotions(recs, CONFIG.replace(budgets=("1ms",)), effort=4,
+                               reference_size=1100)
+    assert [p.parent for p in plain] != [2]
+    assert [p.parent for p in budgeted] == [2]
