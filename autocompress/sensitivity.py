@@ -224,12 +224,15 @@ def _affordable_images(task: Task, base: nn.Module, layer: str, bits: int,
     xs, _ = _fixed_slice(task, probe)
     plan = CompressionPlan(bits={layer: bits}, activation_bits=space.activations_for(bits, config))
     t0 = time.perf_counter()
-    model = quantize.prepare_qat(base, plan)
-    quantize.calibrate(model, calibration, max_batches=CALIBRATION_BATCHES)
-    t1 = time.perf_counter()
-    with torch.no_grad():
-        for x in xs:
-            model(x)
+    try:
+        model = quantize.prepare_qat(base, plan)
+        quantize.calibrate(model, calibration, max_batches=CALIBRATION_BATCHES)
+        t1 = time.perf_counter()
+        with torch.no_grad():
+            for x in xs:
+                model(x)
+    except Exception:  # the pass records why this choice fails; time it on the full slice
+        return images
     per_image = (time.perf_counter() - t1) / max(probe, 1)
     room = per_choice_s - (t1 - t0)
     if per_image <= 0 or room >= per_image * images:

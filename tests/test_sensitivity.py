@@ -147,3 +147,20 @@ def test_layers_that_would_overrun_the_pass_are_scored_on_fewer_images(
     roomy = measure_sensitivity(demo_task, inventory, config, _calibration(demo_task),
                                 images=256, seconds=3600.0)
     assert roomy.images == 256
+
+
+def test_a_first_choice_that_cannot_be_scored_does_not_end_a_bounded_pass(
+    demo_task: Task, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Timing the first choice must not raise where scoring it would be recorded as failed."""
+    from autocompress import sensitivity
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("no kernel for this width")
+
+    monkeypatch.setattr(sensitivity.quantize, "prepare_qat", broken)
+    inventory = build_inventory(demo_task.model, demo_task.data.example_input(1))
+    table = measure_sensitivity(demo_task, inventory, SearchConfig(prune_max=0.0),
+                                _calibration(demo_task), images=64, seconds=1e-3)
+    quantizable = [layer.name for layer in inventory.layers if layer.quantizable]
+    assert set(table.failed) == {f"{n}@int{b}" for n in quantizable for b in (8, 4)}
