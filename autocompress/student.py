@@ -38,7 +38,7 @@ def build_student(
     recalibrate_batchnorm``): the fine-tune then starts from a working model instead of
     spending its steps undoing stale statistics. Without data (structure-only rebuilds,
     latency checks) the teacher's statistics are folded as they are. ``fold=False`` keeps
-    BatchNorm as modules (``recovery`` trains through them, then folds).
+    BatchNorm as modules (``tuning``'s recovery phase trains through them, then folds).
     """
     example = task.data.example_input(1)
     if any(r > 0 for r in plan.prune.values()):

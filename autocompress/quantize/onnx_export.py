@@ -177,6 +177,18 @@ def _name_nodes(proto: onnx.ModelProto) -> None:
             used.add(candidate)
 
 
+def _pre_processed(float_path: Path, tmp: Path) -> tuple[Path, onnx.ModelProto]:
+    """ORT's quant_pre_process of ``float_path`` into ``tmp``, every node named (node names
+    are how ORT's quantizers are told which nodes to quantize): the file and its graph."""
+    from autocompress import ort_quantize
+
+    pre_path = ort_quantize.pre_process(float_path, tmp / "pre.onnx")
+    proto = onnx.load(str(pre_path))
+    _name_nodes(proto)
+    onnx.save(proto, str(pre_path))
+    return pre_path, proto
+
+
 def _quantize_file(
     float_path: Path,
     out_path: Path,
@@ -194,10 +206,7 @@ def _quantize_file(
     from autocompress import ort_quantize
 
     with tempfile.TemporaryDirectory(prefix="autocompress-q-") as tmp:
-        pre_path = ort_quantize.pre_process(float_path, Path(tmp) / "pre.onnx")
-        proto = onnx.load(str(pre_path))
-        _name_nodes(proto)
-        onnx.save(proto, str(pre_path))
+        pre_path, proto = _pre_processed(float_path, Path(tmp))
         initializers = {init.name: init for init in proto.graph.initializer}
         overrides: dict[str, list[dict[str, Any]]] = {}
         act_overrides: dict[str, dict[str, Any]] = {}
@@ -312,10 +321,7 @@ def _dynamic_file(
     from autocompress import ort_quantize
 
     with tempfile.TemporaryDirectory(prefix="autocompress-d-") as tmp:
-        pre_path = ort_quantize.pre_process(float_path, Path(tmp) / "pre.onnx")
-        proto = onnx.load(str(pre_path))
-        _name_nodes(proto)
-        onnx.save(proto, str(pre_path))
+        pre_path, proto = _pre_processed(float_path, Path(tmp))
         op_of = {node.name: node.op_type for node in proto.graph.node}
         dynamic = {site.layer: site.node for site in _weight_sites(proto)
                    if layer_bits.get(site.layer) == 8 and op_of[site.node] in _DYNAMIC_OPS}
