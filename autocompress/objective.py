@@ -45,13 +45,17 @@ from autocompress.study import TrialPruned
 
 log = logging.getLogger("autocompress")
 
-PRECHECK_REPEATS = 10  # runs a side per round of the careful look (close verdicts, probes)
+PRECHECK_REPEATS = 7  # runs a side per round of the careful look (close verdicts, probes)
 PRECHECK_FIRST_LOOK = 5  # runs per side of the first look, which settles clear verdicts
 PRECHECK_CLEAR_MARGIN = 1.3  # "clear": every latency budget more than 30% away
 # What the latency model learns from: 4 interleaved rounds. A first look (5 runs a side) put
 # ResNet-20's own fp32 structure at 1.36x of the fp32 file and int8 pruned 50% slower than
 # 25%; the model fitted on such looks erred by 13-16% (benchmarks/latency_model_fit.py).
-PRECHECK_CAREFUL_ROUNDS = 4
+# Six rounds, each a fresh session pair (``runtime.time_interleaved``): the verdict is a median
+# over six placements, as is the final measurement's (MEASURE_ROUNDS), so a candidate
+# cannot pass one and fail the other by one unlucky session.
+PRECHECK_CAREFUL_ROUNDS = 6
+MEASURE_ROUNDS = 5  # the trial's final measurement: latency_repeats split over this many
 PRECHECK_CALIBRATION_IMAGES = 4
 EARLY_STOP_BATCHES = 4  # x 256 validation images per early-stop evaluation
 CALIBRATION_BATCHES = 8
@@ -478,8 +482,8 @@ class TrialRunner:
             threads=threads,
             candidate_options=pre.session_options,
             reference_options={},
-            rounds=3,
-            repeats=max(1, cfg.latency_repeats // 3),
+            rounds=MEASURE_ROUNDS,
+            repeats=max(1, cfg.latency_repeats // MEASURE_ROUNDS),
             target=cfg.target,
         )
         size, zipped = measure.file_size(artifact), measure.zipped_size(artifact)

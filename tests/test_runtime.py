@@ -96,8 +96,41 @@ def test_time_interleaved_file_against_itself(files: dict[str, Path]) -> None:
     )
     assert result.candidate.repeats == result.reference.repeats == 60
     assert 0.5 <= result.ratio <= 2.0
-    assert result.ratio == pytest.approx(result.candidate.median_ms / result.reference.median_ms)
     assert set(result.to_dict()) == {"candidate", "reference", "ratio", "rounds"}
+
+
+def test_time_interleaved_fresh_sessions_and_median_of_rounds(
+    files: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cheap-to-load file gets a fresh session pair every round, and the ratio is the
+    median of the rounds' ratios: one round on an unlucky reference session (here 3x
+    faster) does not move the verdict, where pooling every sample would."""
+    reference = str(files["int8"])
+    is_reference: dict[int, bool] = {}
+    real_make = runtime.make_session
+
+    def tracking_make(path: Path, **kwargs: object) -> object:
+        session = real_make(path, **kwargs)
+        is_reference[id(session)] = str(path) == reference
+        return session
+
+    timed_reference_rounds = {"n": 0}
+
+    def fake_runs(session: object, feed: object, runs: int) -> list[float]:
+        if runs == 3:  # warm-up
+            return [1.0] * runs
+        if not is_reference[id(session)]:
+            return [1.0] * runs
+        timed_reference_rounds["n"] += 1
+        return [0.6 if timed_reference_rounds["n"] == 2 else 2.0] * runs
+
+    monkeypatch.setattr(runtime, "make_session", tracking_make)
+    monkeypatch.setattr(runtime, "_time_runs", fake_runs)
+    result = runtime.time_interleaved(files["fp32"], files["int8"], (4, 1, 8, 8), threads=1,
+                                      rounds=5, repeats=10, warmup=3)
+    assert len(is_reference) >= 10 and sum(is_reference.values()) == 5  # a pair a round
+    assert result.ratio == pytest.approx(0.5)  # median of [0.5, 1.67, 0.5, 0.5, 0.5]
+    assert result.reference.repeats == result.candidate.repeats == 50
 
 
 def test_pick_session_options(files: dict[str, Path]) -> None:

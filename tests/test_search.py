@@ -343,7 +343,7 @@ def test_latency_verdict_does_not_flip_when_the_machine_drifts(
 
     def fake_interleaved(candidate, reference, shape, *, rounds=5, **_kw):
         ratio = file_size(candidate) / file_size(reference)
-        slow = 2.5 if rounds == 3 else 1.0  # rounds=3: the final measurement
+        slow = 2.5 if rounds == objective.MEASURE_ROUNDS else 1.0  # the final measurement
         stats = [LatencyStats(v, 0.0, v, v, 10) for v in (ratio * slow, slow)]
         return runtime.InterleavedLatency(stats[0], stats[1], ratio, rounds)
 
