@@ -11,6 +11,13 @@ where the reference is the fp32 file's latency measured carefully once per study
 (many runs in several rounds, recorded with its spread). The ratio cancels the drift, the
 reference turns it back into the user's unit; the pre-check and the final measurement use
 this same estimator. The absolute medians stay recorded beside it.
+
+Latency is a property of the structure, not of the weight values: a promoted retrain has its
+parent's structure, and plans the sampler proposes twice share theirs. Each final
+measurement of a structure already measured in this run is pooled with the earlier ones
+(``pooled_ratio``, the median), so a retrain cannot flip its parent's budget verdict by one
+noisy look (ResNet-20 at 0.6x fp32: the same structure measured 0.575x, then 0.587x, with the
+budget at 0.585x). The file's own ratio stays recorded beside the pooled one.
 """
 
 from __future__ import annotations
@@ -127,6 +134,13 @@ def resume_note(ref: ReferenceLatency, others: list[ReferenceLatency], measured_
     return (f"{ref.describe()}, re-measured: this study's earlier reference "
             f"({first.median_ms:.3g} ms) came from another machine or setting "
             f"(host {first.machine.get('host')}, {first.machine.get('threads')} threads)")
+
+
+def pooled_ratio(ratio: float, earlier: list[float]) -> float:
+    """The median of this measurement's ratio and the earlier ones of the same structure."""
+    values = sorted([ratio, *earlier])
+    mid = len(values) // 2
+    return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
 
 
 def estimate_ms(ratio: float, reference: ReferenceLatency) -> float:

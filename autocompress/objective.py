@@ -34,7 +34,7 @@ from autocompress.errors import AutocompressError
 from autocompress.intake import Task
 from autocompress.inventory import Inventory
 from autocompress.latency_model import LatencyModel, structure_features
-from autocompress.latency_reference import ReferenceLatency, estimate_ms
+from autocompress.latency_reference import ReferenceLatency, estimate_ms, pooled_ratio
 from autocompress.plan import CompressionPlan
 from autocompress.student import (
     build_student,
@@ -90,6 +90,8 @@ class SearchContext:
     calibration: list[torch.Tensor]
     upload: Callable[[Any, Path], str]
     precheck_cache: dict[str, Precheck] = field(default_factory=dict)
+    # final-measurement ratios per structure this run (latency_reference.pooled_ratio)
+    structure_ratios: dict[str, list[float]] = field(default_factory=dict)
     # The study's fp32 latency on this machine. Without one (a context built by hand), a
     # budget is judged on each measurement's absolute median instead.
     reference: ReferenceLatency | None = None
@@ -101,12 +103,14 @@ class SearchContext:
     def latency_shape(self) -> tuple[int, ...]:
         return (self.config.latency_batch_size, *self.task.input_shape)
 
-    def budget_latency_ms(self, inter: runtime.InterleavedLatency) -> float:
-        """The latency a budget is judged on: interleaved ratio x the study's fp32 reference
-        (the same estimator at the pre-check and at the final measurement)."""
+    def budget_latency_ms(self, inter: runtime.InterleavedLatency,
+                          ratio: float | None = None) -> float:
+        """The latency a budget is judged on: interleaved ratio (or ``ratio``, pooled over
+        the structure's measurements) x the study's fp32 reference (the same estimator at
+        the pre-check and at the final measurement)."""
         if self.reference is None:
             return inter.candidate.median_ms
-        return estimate_ms(inter.ratio, self.reference)
+        return estimate_ms(inter.ratio if ratio is None else ratio, self.reference)
 
     def budget_ratio(self) -> float | None:
         """The tightest latency budget as a ratio to fp32, or None without one."""
@@ -230,7 +234,8 @@ class TrialRunner:
             torch.save((qat if qat is not None else student).state_dict(), torch_state)
 
         with timer.phase("measure"):
-            values = self._measure(trial, artifact, student, plan, pre)
+            values = self._measure(trial, artifact, student, plan, pre,
+                                   _precheck_key(plan, baseline))
             trial.set_user_attr(trial_attrs.TORCH_KIND, "float" if qat is None else "qat")
             trial.set_user_attr(trial_attrs.TORCH_ARTIFACT_SHA256, measure.sha256_file(torch_state))
             trial.set_user_attr(trial_attrs.TORCH_ARTIFACT_ID, ctx.upload(trial, torch_state))
@@ -459,6 +464,7 @@ class TrialRunner:
         student: nn.Module,
         plan: CompressionPlan,
         pre: Precheck,
+        structure: str,
     ) -> tuple[float, ...]:
         ctx = self.ctx
         cfg = ctx.config
@@ -488,7 +494,10 @@ class TrialRunner:
         )
         size, zipped = measure.file_size(artifact), measure.zipped_size(artifact)
         objective_size = zipped if cfg.size_metric == "zip" else size
-        estimate = ctx.budget_latency_ms(inter)
+        earlier = ctx.structure_ratios.setdefault(structure, [])
+        estimate = ctx.budget_latency_ms(inter, pooled_ratio(inter.ratio, earlier))
+        trial.set_user_attr(trial_attrs.LATENCY_POOLED, len(earlier) + 1)
+        earlier.append(inter.ratio)
         example = ctx.task.data.example_input(1)
         attrs: dict[str, Any] = {
             trial_attrs.ACCURACY: accuracy,

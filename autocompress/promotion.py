@@ -8,10 +8,11 @@ measurements and the user attribute ``parent_trial``. The front, ``show``, the d
 and ``export --best`` then count each plan once, at its most-trained trial
 (``pareto.most_trained``).
 
-The effort is a share of the run's (``promote_share``): in units of one short fine-tune,
-``share x trials`` without a time limit; with ``--time-limit``, the search part stops at
-``1 - share`` of it and promotions use what is left, costed by the run's own mean time per
-short trial.
+The effort is a share of the run's (``SearchConfig.promotion_share``: 0.25, 0.5 under
+budgets), in units of one short fine-tune: ``share x trials`` without a time limit; with
+``--time-limit``, the search part stops at ``1 - share`` of it and promotions use what is
+left, costed by the run's own mean time per short trial, planned again after each batch
+while the time lasts (a retrained plan may earn the next rung).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from autocompress.pareto import (
 )
 
 MAX_RUNGS = 2  # x factor, then x factor^2; longer repairs are `autocompress refine`'s job
+BUDGET_FIRST = 2  # under budgets, this many of the most accurate plans are retrained first
 
 
 @dataclass(frozen=True)
@@ -57,7 +59,7 @@ def plan_promotions(
     first (under budgets, the most accurate member before them). Baselines (nothing
     fine-tuned), plans already retrained (or being retrained) and
     plans at the last rung are left out."""
-    if config.promote_share <= 0 or config.finetune_steps == 0 or effort <= 0:
+    if config.promotion_share() <= 0 or config.finetune_steps == 0 or effort <= 0:
         return []
     factor = config.promote_factor
     has_child = {parent_of(r) for r in records if parent_of(r) is not None}
@@ -69,10 +71,11 @@ def plan_promotions(
     )
     if config.budgets and ranked:
         # Under budgets the most accurate plan within them is what `export --best` delivers,
-        # the candidate the user came for: it is retrained first, then by hypervolume.
-        top = max(ranked, key=lambda r: (r.accuracy or 0.0, -r.number))
-        ranked.remove(top)
-        ranked.insert(0, top)
+        # the candidate the user came for: the BUDGET_FIRST most accurate are retrained
+        # first (the order after a short fine-tune is a noisy guess of the order after a long
+        # one), then the rest by hypervolume.
+        top = sorted(ranked, key=lambda r: (-(r.accuracy or 0.0), r.number))[:BUDGET_FIRST]
+        ranked = top + [r for r in ranked if r not in top]
     out: list[Promotion] = []
     left = effort
     for record in ranked:
@@ -89,4 +92,4 @@ def plan_promotions(
     return out
 
 
-__all__ = ["MAX_RUNGS", "Promotion", "fidelity", "plan_promotions"]
+__all__ = ["BUDGET_FIRST", "MAX_RUNGS", "Promotion", "fidelity", "plan_promotions"]

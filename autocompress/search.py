@@ -47,6 +47,7 @@ BASELINES = (("fp32", 32), ("int8-ptq", 8), ("int8-dynamic", 8))
 # on ResNet-20 (scoring its 15,000 CIFAR-10 images took 110 s of a 10-minute search).
 DYNAMIC_LINEAR_SHARE = 0.5
 LATENCY_MODEL_ATTR = "latency_model"
+PROMOTION_PASSES = 3  # under a time limit: plan and run promotions again while time is left
 
 
 # A latency budget is called impossible only when it is clearly below the fastest structure
@@ -148,7 +149,11 @@ def _run_search(
         study.optimize(runner, n_trials=counter.hard_cap(), callbacks=[callback],
                        catch=(Exception,))
         counter.searching = False
-        _promote(study, runner, config, counter, callback, on_start)
+        for _ in range(PROMOTION_PASSES):  # under a time limit, while their share lasts:
+            # a plan retrained once may earn the next rung, the next front member its first
+            if not _promote(study, runner, config, counter, callback, on_start) or (
+                    config.time_limit is None):
+                break
         if counter.time_left_for_more():
             # promotions did not use all of their share: back to searching until the limit
             counter.searching = counter.last_stretch = True
@@ -222,7 +227,7 @@ class _TrialCounter:
         """Past the search part of the time limit (the rest is the promotions' share, and
         after them, the last stretch of searching)."""
         limit = self.config.time_limit
-        share = 0.0 if self.last_stretch else self.config.promote_share
+        share = 0.0 if self.last_stretch else self.config.promotion_share()
         return limit is not None and self.elapsed() >= limit * 60 * (1.0 - share)
 
     def time_left_for_more(self) -> bool:
@@ -240,7 +245,7 @@ class _TrialCounter:
         trials, or, under a time limit, what is left of it over the mean short trial."""
         cfg = self.config
         if cfg.time_limit is None:
-            return cfg.promote_share * self.counted
+            return cfg.promotion_share() * self.counted
         if not mean_trial_s:
             return 0.0
         return max(cfg.time_limit * 60 - self.elapsed(), 0.0) / mean_trial_s
@@ -305,8 +310,9 @@ def _promote(
     counter: _TrialCounter,
     callback: Callable[[Any, Any], None],
     on_start: Callable[[str], None] | None,
-) -> None:
-    """Retrain the front's most valuable plans longer (see ``promotion``), as linked trials."""
+) -> bool:
+    """Retrain the front's most valuable plans longer (see ``promotion``), as linked trials;
+    False when none was chosen."""
     reference_size = 1.1 * measure.file_size(runner.ctx.fp32_onnx)
     with study_mod.study_lock(study):  # two workers never promote the same plan
         recs = study_mod.records(study)
@@ -324,10 +330,11 @@ def _promote(
                                               trial_attrs.FINETUNE_STEPS: p.steps,
                                               trial_attrs.PROMOTION_RUNG: p.rung}, first=True)
     if not chosen:
-        return
+        return False
     _say(f"promoting {len(chosen)} plan(s) to longer fine-tunes: "
          + ", ".join(f"#{p.parent} -> {p.steps} steps" for p in chosen), on_start)
     study.optimize(runner, n_trials=len(chosen), callbacks=[callback], catch=(Exception,))
+    return True
 
 
 def _check_floors(

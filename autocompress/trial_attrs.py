@@ -29,6 +29,9 @@ LATENCY_P10 = "latency_p10_ms"
 LATENCY_P90 = "latency_p90_ms"
 LATENCY_VS_FP32 = "latency_vs_fp32"  # interleaved ratio
 LATENCY_ESTIMATE = "latency_estimate_ms"  # ratio x the study's fp32 reference: budgets
+# how many final measurements of this structure (this one included) the estimate's ratio is
+# the median of (latency_reference.pooled_ratio)
+LATENCY_POOLED = "latency_pooled_measurements"
 FP32_LATENCY = "fp32_latency_ms"
 FP32_REFERENCE = "fp32_reference_ms"
 FLOPS = "flops"  # fvcore, of the float structure (precision does not change them)

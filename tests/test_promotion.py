@@ -64,3 +64,17 @@ def test_under_a_budget_the_most_accurate_plan_is_retrained_first() -> None:
                                reference_size=1100)
     assert [p.parent for p in plain] != [2]
     assert [p.parent for p in budgeted] == [2]
+
+
+def test_under_a_budget_the_two_most_accurate_go_before_hypervolume() -> None:
+    recs = [_rec(0, 0.90, 1000, baseline="fp32"), _rec(1, 0.80, 100), _rec(2, 0.815, 300),
+            _rec(3, 0.812, 250), _rec(4, 0.70, 90)]
+    budgeted = plan_promotions(recs, CONFIG.replace(budgets=("1ms",)), effort=8,
+                               reference_size=1100)
+    assert [p.parent for p in budgeted] == [2, 3]
+
+
+def test_the_default_share_is_larger_under_budgets() -> None:
+    assert SearchConfig().promotion_share() == 0.25
+    assert SearchConfig(budgets=("1ms",)).promotion_share() == 0.5
+    assert SearchConfig(budgets=("1ms",), promote_share=0.1).promotion_share() == 0.1

@@ -363,6 +363,40 @@ def test_latency_verdict_does_not_flip_when_the_machine_drifts(
         assert r.latency_estimate_ms == pytest.approx(pre, rel=0.05)
 
 
+def test_a_structure_measured_again_is_judged_on_the_pooled_ratio(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every search trial has the same structure (uniform int8, no pruning). Its final
+    measurements come out 0.3, 0.3, then 0.9 of fp32 (one noisy look) against a 0.5 budget:
+    judged alone the third would flip to over budget; pooled with the structure's earlier
+    measurements (median 0.3) it stays within, and its own ratio stays recorded."""
+    from autocompress import latency_reference, objective
+    from autocompress.measure import LatencyStats
+
+    finals = iter([0.3, 0.3, 0.9, *[0.3] * 5])  # the measured trials, in order
+
+    def fake_interleaved(candidate, reference, shape, *, rounds=5, **_kw):
+        ratio = next(finals) if rounds == objective.MEASURE_ROUNDS else 0.3
+        stats = [LatencyStats(v, 0.0, v, v, 10) for v in (ratio, 1.0)]
+        return runtime.InterleavedLatency(stats[0], stats[1], ratio, rounds)
+
+    monkeypatch.setattr(objective.runtime, "time_interleaved", fake_interleaved)
+    monkeypatch.setattr(latency_reference, "measure_reference", lambda *a, **k: (
+        latency_reference.ReferenceLatency(1.0, 0.0, [1.0], 1, {}, "now")))
+    study = run_short_search(tmp_path, study="pooled", budgets=("0.5ms",), trials=6,
+                             bits=(8,), activation_bits=(8,), prune_max=0.0, guided=False,
+                             warm_starts=False, baselines=False, promote_share=0.0,
+                             finetune_steps=3,
+                             learning_rate=1e-3, seed=1)
+    search = [r for r in _search_records(study.result) if r.measured]
+    assert len(search) >= 3  # the pruner may stop a trial early: it is not measured
+    noisy = search[2]
+    assert noisy.latency_vs_fp32 == pytest.approx(0.9)
+    assert noisy.attrs["latency_pooled_measurements"] == 3
+    assert noisy.latency_estimate_ms == pytest.approx(0.3)
+    assert all(r.feasible for r in search)
+
+
 def test_warm_starts_respect_a_size_budget(tmp_path: Path) -> None:
     # 60 KB: below the unpruned int8 file (the int8 PTQ baseline breaks it), so uniform-int8
     # is skipped, and pruned warm starts that fit the budget open the search instead.
