@@ -94,7 +94,7 @@ def test_storage_retries_stale_trials_once_without_deprecated_api(
         warnings.simplefilter("always")
         storage = study_mod.open_storage(f"sqlite:///{tmp_path / 'x.db'}")
     assert not [w for w in caught if issubclass(w.category, (FutureWarning, DeprecationWarning))]
-    assert storage.heartbeat_interval == 1 and storage.grace_period == 2
+    assert storage.backend.heartbeat_interval == 1 and storage.backend.grace_period == 2
     callback = storage.get_heartbeat_stale_trial_callback()
     assert isinstance(callback, RetryHeartbeatStaleTrialCallback)
     assert callback._max_retry == 1
@@ -164,9 +164,24 @@ def test_connection_errors_are_recognised() -> None:
     assert not study_mod.is_connection_error(ValueError("connection"))
 
 
-def test_every_retried_call_exists_in_optuna() -> None:
-    missing = [n for n in study_storage._RETRIED_CALLS if not hasattr(RDBStorage, n)]
-    assert not missing, f"Optuna renamed storage calls: {missing}; update _RETRIED_CALLS"
+def test_the_resilient_storage_wraps_every_storage_call(tmp_path: Path) -> None:
+    """Composition, not patching: every call of Optuna's storage interface is the wrapper's
+    own (an Optuna that adds an abstract call makes the wrapper uninstantiable here), and
+    Optuna's RDBStorage is left as Optuna wrote it."""
+    from optuna.storages import BaseStorage
+    from optuna.storages._heartbeat import BaseHeartbeat
+
+    storage = study_mod.open_storage(f"sqlite:///{tmp_path / 'x.db'}")
+    assert isinstance(storage, BaseStorage) and isinstance(storage, BaseHeartbeat)
+    assert not isinstance(storage, RDBStorage)
+    public = {n for base in (BaseStorage, BaseHeartbeat) for n in dir(base)
+              if callable(getattr(base, n)) and (not n.startswith("_") or n in
+                                                 BaseHeartbeat.__abstractmethods__)}
+    inherited = [n for n in public if getattr(type(storage), n) is getattr(BaseStorage, n, None)
+                 or getattr(type(storage), n) is getattr(BaseHeartbeat, n, None)]
+    assert not inherited, f"storage calls not wrapped: {inherited}"
+    assert all(getattr(RDBStorage, n).__module__.startswith("optuna")
+               for n in study_storage._RETRIED_CALLS if hasattr(RDBStorage, n))
 
 
 def test_blip_is_retried_and_outage_ends_in_one_line(

@@ -5,13 +5,11 @@ from __future__ import annotations
 import contextlib
 import copy
 import fcntl
-import functools
 import importlib.util
 import logging
 import os
 import re
 import sqlite3
-import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -23,7 +21,12 @@ from urllib.parse import quote
 import optuna
 import sqlalchemy
 from optuna.exceptions import ExperimentalWarning, UpdateFinishedTrialError
-from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.storages import BaseStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
+
+# Optuna's caching layer: every Study wraps an RDBStorage in it. Ours wraps it in turn, so it
+# is built here (the one place that names a private Optuna module; Optuna 5.0).
+from optuna.storages._cached_storage import _CachedStorage
+from optuna.storages._heartbeat import BaseHeartbeat
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy import exc as sa_exc
 
@@ -175,27 +178,34 @@ def is_connection_error(exc: BaseException) -> bool:
     return False
 
 
-# Storage calls that reach the database. The private ones are what Optuna's caching layer
-# (``_CachedStorage``, used by every Study on an RDBStorage) calls on its backend.
+# Every storage call a Study makes, delegated with retries (BaseStorage's and BaseHeartbeat's
+# public interface; ``_get_stale_trial_ids`` is the heartbeat interface's own name).
 _RETRIED_CALLS = (
     "create_new_study", "delete_study", "set_study_user_attr", "set_study_system_attr",
     "get_study_id_from_name", "get_study_name_from_id", "get_study_directions",
     "get_study_user_attrs", "get_study_system_attrs", "get_all_studies",
-    "create_new_trial", "_create_new_trial", "set_trial_param", "_set_trial_param",
-    "get_trial_param", "get_trial_params", "set_trial_intermediate_value",
-    "set_trial_user_attr", "set_trial_system_attr", "get_trial_user_attrs",
-    "get_trial_system_attrs", "get_trial_id_from_study_id_trial_number",
-    "get_trial_number_from_id", "get_trial", "get_all_trials", "_get_trials", "get_n_trials",
-    "get_best_trial", "_get_best_trial_id", "_get_stale_trial_ids",
+    "create_new_trial", "set_trial_param", "get_trial_param", "get_trial_params",
+    "set_trial_intermediate_value", "set_trial_user_attr", "set_trial_system_attr",
+    "get_trial_user_attrs", "get_trial_system_attrs", "get_trial_id_from_study_id_trial_number",
+    "get_trial_number_from_id", "get_trial", "get_all_trials", "get_n_trials",
+    "get_best_trial", "_get_stale_trial_ids",
 )
 
 
-# Storage calls nest (get_all_trials -> _get_trials): only the outermost one retries.
-_NESTING = threading.local()
+def _retrying(name: str) -> Callable[..., Any]:
+    def call(self: _ResilientStorage, *args: Any, **kwargs: Any) -> Any:
+        return self._retry(lambda: getattr(self.cached, name)(*args, **kwargs))
+
+    call.__name__ = name
+    call.__doc__ = f"``{name}`` of the cached RDB storage, retried through an outage."
+    return call
 
 
-class _ResilientStorage(RDBStorage):
-    """``RDBStorage`` that rides out a database outage.
+class _ResilientStorage(BaseStorage, BaseHeartbeat):
+    """An RDB storage that rides out a database outage, by composition: it holds Optuna's
+    ``RDBStorage`` (``backend``) behind Optuna's own caching layer (``cached``, what every
+    Study builds around an ``RDBStorage``) and delegates each call to it with retries; no
+    Optuna method is patched or overridden.
 
     Every call retries connection errors with exponential back-off (0.25 s doubling to 8 s) for
     up to ``retry_s`` seconds in all. Past that the storage is *lost*: the call raises
@@ -205,20 +215,28 @@ class _ResilientStorage(RDBStorage):
     Heartbeats never retry (the next beat is the retry) and never give up.
     """
 
-    retry_s: float = DB_RETRY_S
-    lost: StudyError | None = None
+    def __init__(self, backend: RDBStorage, retry_s: float = DB_RETRY_S) -> None:
+        self.backend = backend
+        self.cached = _CachedStorage(backend)
+        self.retry_s = retry_s
+        self.lost: StudyError | None = None
 
-    def _call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        if getattr(_NESTING, "depth", 0):
-            return fn(self, *args, **kwargs)
+    @property
+    def url(self) -> str:
+        return str(self.backend.url)
+
+    @property
+    def engine(self) -> Any:
+        return self.backend.engine
+
+    def _retry(self, call: Callable[[], Any]) -> Any:
         if self.lost is not None:
             raise StudyError(str(self.lost))
         started: float | None = None
         delay = 0.25
         while True:
-            _NESTING.depth = 1
             try:
-                result = fn(self, *args, **kwargs)
+                result = call()
             except Exception as exc:
                 if not is_connection_error(exc):
                     raise
@@ -235,7 +253,7 @@ class _ResilientStorage(RDBStorage):
                         "rerun the same command to resume"
                     )
                     raise StudyError(str(self.lost)) from None
-                self.scoped_session.remove()  # drop this thread's broken session
+                self.backend.scoped_session.remove()  # drop this thread's broken session
                 time.sleep(min(delay, self.retry_s - waited))
                 delay = min(2 * delay, _MAX_BACKOFF_S)
             else:
@@ -243,50 +261,57 @@ class _ResilientStorage(RDBStorage):
                     log.warning("reconnected to the study database after %.1f s",
                                 time.monotonic() - started)
                 return result
-            finally:
-                _NESTING.depth = 0
+
+    # The retried delegates, one per call a Study makes (the class body's namespace is where
+    # the abstract methods must be defined).
+    for _name in _RETRIED_CALLS:
+        locals()[_name] = _retrying(_name)
+    del _name
 
     def set_trial_state_values(
         self, trial_id: int, state: TrialState, values: Sequence[float] | None = None
     ) -> bool:
         attempts = 0
 
-        def write(storage: RDBStorage) -> bool:
+        def write() -> bool:
             nonlocal attempts
             attempts += 1
             try:
-                return RDBStorage.set_trial_state_values(storage, trial_id, state, values)
+                return self.cached.set_trial_state_values(trial_id, state, values)
             except UpdateFinishedTrialError:
-                # The attempt cut off by the outage may have committed before the drop.
-                if attempts > 1 and RDBStorage.get_trial(storage, trial_id).state == state:
+                # The attempt cut off by the outage may have committed before the drop: the
+                # trial's state, read again, says whether this write is already done.
+                if attempts > 1 and self.backend.get_trial(trial_id).state == state:
                     return True
                 raise
 
-        return bool(self._call(write))
+        return bool(self._retry(write))
+
+    def check_trial_is_updatable(self, trial_id: int, trial_state: TrialState) -> None:
+        self.cached.check_trial_is_updatable(trial_id, trial_state)
+
+    def remove_session(self) -> None:
+        self.backend.remove_session()
 
     def record_heartbeat(self, trial_id: int) -> None:
         if self.lost is not None:
             return
         try:
-            RDBStorage.record_heartbeat(self, trial_id)
+            self.cached.record_heartbeat(trial_id)
         except Exception as exc:
             if not is_connection_error(exc):
                 raise
-            self.scoped_session.remove()
+            self.backend.scoped_session.remove()
             log.debug("heartbeat of trial id %d missed: %s", trial_id, _cause_line(exc))
 
+    def get_heartbeat_interval(self) -> int | None:
+        return self.cached.get_heartbeat_interval()
 
-def _retrying(name: str) -> Callable[..., Any]:
-    @functools.wraps(getattr(RDBStorage, name))
-    def call(self: _ResilientStorage, *args: Any, **kwargs: Any) -> Any:
-        return self._call(getattr(RDBStorage, name), *args, **kwargs)
+    def get_heartbeat_stale_trial_callback(self) -> Callable[..., None] | None:
+        return self.cached.get_heartbeat_stale_trial_callback()
 
-    return call
-
-
-for _name in _RETRIED_CALLS:
-    if hasattr(RDBStorage, _name):  # tolerate an Optuna that renamed a private helper
-        setattr(_ResilientStorage, _name, _retrying(_name))
+    def get_failed_trial_callback(self) -> Callable[..., None] | None:  # Optuna's older name
+        return self.cached.get_heartbeat_stale_trial_callback()
 
 
 class _RetryStaleTrial(RetryHeartbeatStaleTrialCallback):
@@ -314,7 +339,7 @@ class _RetryStaleTrial(RetryHeartbeatStaleTrialCallback):
         super().__call__(study, clean)
 
 
-def open_storage(url: str, *, heartbeat: bool = True, create: bool = True) -> RDBStorage:
+def open_storage(url: str, *, heartbeat: bool = True, create: bool = True) -> BaseStorage:
     """An RDB storage that retries lost connections; with ``heartbeat`` (searches), a killed
     worker's trial is failed after the grace period and run once more by another worker.
 
@@ -353,11 +378,8 @@ def open_storage(url: str, *, heartbeat: bool = True, create: bool = True) -> RD
                         "grace_period": settings.grace_period_s,
                         "heartbeat_stale_trial_callback": _RetryStaleTrial(max_retry=1),
                     }
-                storage = _ResilientStorage(
-                    driver_url(url), engine_kwargs=engine, **kwargs
-                )
-            storage.retry_s = settings.db_retry_s
-            return storage
+                backend = RDBStorage(driver_url(url), engine_kwargs=engine, **kwargs)
+            return _ResilientStorage(backend, settings.db_retry_s)
         except Exception as exc:
             last = exc
             if not _is_transient(exc) or time.monotonic() + delay > deadline:

@@ -17,7 +17,7 @@ from typing import Any
 import optuna
 import sqlalchemy
 from optuna.exceptions import ExperimentalWarning
-from optuna.storages import RDBStorage
+from optuna.storages import BaseStorage
 from optuna.trial import TrialState
 from sqlalchemy import exc as sa_exc
 
@@ -166,7 +166,7 @@ def _worker_seed(seed: int, seed_offset: int) -> int:
 
 
 def create_or_load_study(
-    storage: RDBStorage,
+    storage: BaseStorage,
     config: SearchConfig,
     identity: dict[str, Any],
     *,
@@ -379,12 +379,12 @@ def _names_or_none(url: str) -> list[str] | None:
         return None
 
 
-def _study_names(storage: RDBStorage) -> list[str]:
+def _study_names(storage: BaseStorage) -> list[str]:
     return [s.study_name for s in optuna.get_all_study_summaries(storage,
                                                                  include_best_trial=False)]
 
 
-def _discard(storage: RDBStorage, study_name: str, existed: bool) -> None:
+def _discard(storage: BaseStorage, study_name: str, existed: bool) -> None:
     if existed or study_name not in _study_names(storage):
         return
     study = optuna.load_study(study_name=study_name, storage=storage)
