@@ -188,7 +188,7 @@ def print_front(
                       _shown(vs["bops_reduction_rate"], "{:.0%}"), escape(label))
     _table_console().print(table)
     counts = _counts(records)
-    budget_text = ", ".join(b.text for b in budgets) or "none"
+    budget_text = ", ".join(b.shown() for b in budgets) or "none"
     _out.print(f"budgets: {budget_text} | trials: {counts} | latency: median ±IQR/2, "
                "ONNX Runtime CPU, interleaved with fp32 | acc drop, FLOPs −, BOPs −: "
                "(fp32 - trial) / fp32")

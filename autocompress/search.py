@@ -379,7 +379,7 @@ def _check_floors(
                 f" = x{best_latency / ref.median_ms:.2f} of the fp32 reference "
                 f"{ref.median_ms:.3g} ms; the budget needs x{budget.value / ref.median_ms:.2f}")
             raise BudgetError(
-                f"latency budget {budget.text} is below the fastest candidate in the space "
+                f"latency budget {budget.shown()} is below the fastest candidate in the space "
                 f"({best_latency:.3g} ms, {where_latency}{ratios}); raise the budget "
                 "(nothing was recorded)"
             )

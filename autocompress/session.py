@@ -107,7 +107,8 @@ def open_session(
         "data_spec": task.data_spec,
         "objectives": list(config.objectives),
         "space_hash": space.space_hash(description),
-        "budgets": sorted(f"{b.kind}<={b.value:g}" for b in budgets),
+        "budgets": sorted(f"{b.kind}<={b.value:g}{'x' if b.relative else ''}"
+                          for b in budgets),
         "onnx_format": quantize.ONNX_FORMAT,
         # one target per study (the best candidate differs between runtimes); absent for the
         # default, so studies made before targets existed still resume
@@ -127,7 +128,6 @@ def open_session(
     study_mod.set_study_info(study, {
         "model_spec": task.model_spec,
         "data_spec": task.data_spec,
-        "budgets": json.dumps([b.to_dict() for b in budgets]),
         "objectives": list(config.objectives),
         "inventory": json.dumps(inventory.to_dict()),
         "data": json.dumps(task.data.describe()),
@@ -152,6 +152,9 @@ def open_session(
                  f"{fp32_accuracy:.4f}, {len(description['layers'])} quantizable layers, "
                  f"{len(description['groups'])} prunable groups")
     reference = _resolve_reference(study, fp32_onnx, task.input_shape, config, on_start)
+    # "0.6x" budgets in milliseconds of this machine (re-resolved on a resume elsewhere)
+    budgets = [b.resolve(reference.median_ms) for b in budgets]
+    study_mod.set_study_info(study, {"budgets": json.dumps([b.to_dict() for b in budgets])})
     ctx = SearchContext(
         reference=reference,
         task=task,

@@ -29,13 +29,26 @@ def test_parse_budget(text: str, kind: str, value: float) -> None:
     assert budget.value == pytest.approx(value)
 
 
-@pytest.mark.parametrize("text", ["fast", "0ms", "-3ms", "12parsecs", "ms"])
+@pytest.mark.parametrize("text", ["fast", "0ms", "-3ms", "12parsecs", "ms", "1.2x", "0x"])
 def test_bad_budget_is_one_line_error(text: str) -> None:
     with pytest.raises(BudgetError) as info:
         parse_budget(text)
     assert "\n" not in str(info.value)
     assert text in str(info.value)
-    assert any(hint in str(info.value) for hint in ("50ms", "ms, s", "positive"))
+    assert any(hint in str(info.value) for hint in ("50ms", "ms, s", "positive", "0.6x"))
+
+
+def test_a_share_of_fp32_latency_is_resolved_against_the_reference() -> None:
+    budget = parse_budget("0.6x")
+    assert budget.kind == "latency" and budget.relative and budget.value == 0.6
+    with pytest.raises(ValueError, match="resolve"):
+        budget.violation(1.0, 0.0)
+    ms = budget.resolve(1.25)
+    assert not ms.relative and ms.value == pytest.approx(0.75) and ms.text == "0.6x"
+    assert ms.violation(0.75 * 1.1, 0.0) == pytest.approx(0.1)
+    assert "0.6x of fp32 = 0.75 ms" in ms.describe(0.8, 0.0)
+    assert type(ms).from_dict(budget.to_dict()) == budget  # the relative flag round-trips
+    assert parse_budget("8MB").resolve(1.25) == parse_budget("8MB")
 
 
 def test_violation_is_relative() -> None:

@@ -397,6 +397,31 @@ def test_a_structure_measured_again_is_judged_on_the_pooled_ratio(
     assert all(r.feasible for r in search)
 
 
+def test_a_relative_budget_is_judged_in_ms_of_this_machine(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--budget 0.5x: half the study's fp32 reference (2 ms here), stored and applied in
+    milliseconds, and `export --best --budget 0.3x` resolves against the same reference."""
+    from autocompress import latency_reference
+    from autocompress import study as study_mod
+    from autocompress.export import selection
+
+    monkeypatch.setattr(latency_reference, "measure_reference", lambda *a, **k: (
+        latency_reference.ReferenceLatency(2.0, 0.0, [2.0], 1, {}, "now")))
+    study = run_short_search(tmp_path, study="relative", budgets=("0.5x",), trials=2,
+                             finetune_steps=3, guided=False, warm_starts=False,
+                             learning_rate=1e-3)
+    (budget,) = study.result.budgets
+    assert budget.text == "0.5x" and budget.value == pytest.approx(1.0) and not budget.relative
+    for r in _search_records(study.result):
+        if r.measured:
+            assert r.feasible == (r.latency_estimate_ms <= 1.0 + 1e-9)
+    loaded = study_mod.load_existing_study(study.storage_url, study.study)
+    info = study_mod.study_info(loaded, study.storage_url)
+    assert json.loads(info.attrs["budgets"])[0]["value"] == pytest.approx(1.0)
+    assert selection._first_reference_ms(info.attrs) == pytest.approx(2.0)
+
+
 def test_warm_starts_respect_a_size_budget(tmp_path: Path) -> None:
     # 60 KB: below the unpruned int8 file (the int8 PTQ baseline breaks it), so uniform-int8
     # is skipped, and pruned warm starts that fit the budget open the search instead.

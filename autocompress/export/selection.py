@@ -44,6 +44,7 @@ def choose(
     max_accuracy_drop: str | float | None = None,
     reference_accuracy: float | None = None,
     study_name: str = "",
+    latency_reference_ms: float | None = None,
 ) -> Choice:
     """The trial to export: ``trial`` as asked, or with ``best`` the highest validation
     accuracy within the study's budgets tightened by ``budgets`` and the accuracy-drop limit
@@ -58,7 +59,16 @@ def choose(
             )
         return Choice(record=_exportable(records, trial, study_name),
                       rule=f"trial {trial} as asked (--trial)")
-    limits = list(study_budgets) + [parse_budget(b) for b in budgets]
+    extra = [parse_budget(b) for b in budgets]
+    if any(b.relative for b in extra):  # "0.6x": of the study's fp32 reference latency
+        if latency_reference_ms is None:
+            raise ExportError(
+                f"--budget {', '.join(b.text for b in extra if b.relative)} is a share of the "
+                f"fp32 latency, and study {study_name!r} recorded no fp32 latency reference; "
+                "write a time such as 5ms"
+            )
+        extra = [b.resolve(latency_reference_ms) for b in extra]
+    limits = list(study_budgets) + extra
     drop = parse_accuracy_drop(max_accuracy_drop)
     if drop is not None and reference_accuracy is None:
         raise ExportError(
@@ -156,4 +166,14 @@ def choose_from_study(
         max_accuracy_drop=max_accuracy_drop,
         reference_accuracy=reference,
         study_name=info.name,
+        latency_reference_ms=_first_reference_ms(info.attrs),
     )
+
+
+def _first_reference_ms(study_attrs: dict[str, Any]) -> float | None:
+    """The fp32 latency reference of the machine that started the study (a resume elsewhere
+    adds its own; "0.6x" is resolved against the first)."""
+    from autocompress.latency_reference import stored_references
+
+    refs = stored_references(study_attrs)
+    return next(iter(refs.values())).median_ms if refs else None
