@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import socket
+import statistics
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -138,9 +139,7 @@ def resume_note(ref: ReferenceLatency, others: list[ReferenceLatency], measured_
 
 def pooled_ratio(ratio: float, earlier: list[float]) -> float:
     """The median of this measurement's ratio and the earlier ones of the same structure."""
-    values = sorted([ratio, *earlier])
-    mid = len(values) // 2
-    return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
+    return float(statistics.median([ratio, *earlier]))
 
 
 def estimate_ms(ratio: float, reference: ReferenceLatency) -> float:
