@@ -9,6 +9,7 @@ the user will get (design rule 1), with explicit threads and session options (ru
 from __future__ import annotations
 
 import logging
+import math
 import os
 import platform
 import time
@@ -45,6 +46,11 @@ DISABLE_QDQ_OPTION: dict[str, str] = {"session.disable_quant_qdq": "1"}
 # time_interleaved opens a fresh session pair every round when a pair loads faster than this
 # (small models, where placement noise matters most); larger models reuse their first pair.
 FRESH_SESSION_LOAD_S = 0.25
+# Each side of a time_interleaved round runs for at least this long: a 0.1 ms model timed
+# over 6 runs (0.6 ms) let one scheduler blip decide a round, and a study recorded 2.8x for a
+# file that re-measured at 1.2x. Fast models get more runs; slow ones keep ``repeats``.
+MIN_ROUND_TIMING_S = 0.02
+MAX_RUNS_PER_ROUND = 2000
 
 
 
@@ -358,6 +364,15 @@ def time_latency_samples(
     return LatencyStats.from_samples(samples), samples
 
 
+def runs_per_round(repeats: int, fastest_ms: float) -> int:
+    """``repeats``, or more when that many runs of a ``fastest_ms`` model last under
+    MIN_ROUND_TIMING_S (the faster side sets the count, so both sides reach the floor)."""
+    if fastest_ms <= 0:
+        return MAX_RUNS_PER_ROUND
+    needed = math.ceil(MIN_ROUND_TIMING_S * 1000.0 / fastest_ms)
+    return max(repeats, min(needed, MAX_RUNS_PER_ROUND))
+
+
 def time_interleaved(
     candidate: str | os.PathLike[str],
     reference: str | os.PathLike[str],
@@ -389,7 +404,7 @@ def time_interleaved(
     if rounds < 1:
         raise InputError(f"rounds={rounds} must be >= 1 (try 5)")
 
-    def open_pair() -> tuple[Any, dict[str, Any], Any, dict[str, Any], float]:
+    def open_pair() -> tuple[Any, dict[str, Any], Any, dict[str, Any], float, float]:
         start = time.perf_counter()
         cand = make_session(candidate, threads=threads, session_options=candidate_options,
                             target=target)
@@ -398,18 +413,19 @@ def time_interleaved(
         loaded = time.perf_counter() - start
         cand_feed = _random_input(cand, input_shape)
         ref_feed = _random_input(ref, input_shape)
-        _time_runs(cand, cand_feed, warmup)
-        _time_runs(ref, ref_feed, warmup)
-        return cand, cand_feed, ref, ref_feed, loaded
+        warm = _time_runs(cand, cand_feed, max(warmup, 1)) + _time_runs(ref, ref_feed,
+                                                                       max(warmup, 1))
+        return cand, cand_feed, ref, ref_feed, loaded, min(warm)
 
-    cand, cand_feed, ref, ref_feed, loaded = open_pair()
+    cand, cand_feed, ref, ref_feed, loaded, fastest_ms = open_pair()
     fresh = loaded < FRESH_SESSION_LOAD_S
+    repeats = runs_per_round(repeats, fastest_ms)
     cand_samples: list[float] = []
     ref_samples: list[float] = []
     round_ratios: list[float] = []
     for r in range(rounds):
         if r and fresh:
-            cand, cand_feed, ref, ref_feed, _ = open_pair()
+            cand, cand_feed, ref, ref_feed, _, _ = open_pair()
         if r % 2 == 0:
             mine = _time_runs(cand, cand_feed, repeats)
             theirs = _time_runs(ref, ref_feed, repeats)

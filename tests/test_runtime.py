@@ -94,9 +94,22 @@ def test_time_interleaved_file_against_itself(files: dict[str, Path]) -> None:
     result = runtime.time_interleaved(
         files["fp32"], files["fp32"], (4, 1, 8, 8), threads=1, rounds=4, repeats=15, warmup=3
     )
-    assert result.candidate.repeats == result.reference.repeats == 60
+    # a model this small runs ~0.05 ms: 15 runs would be under a millisecond of timing, so
+    # every round runs up to the floor (and both sides the same number of runs)
+    assert result.candidate.repeats == result.reference.repeats
+    assert result.candidate.repeats % 4 == 0 and result.candidate.repeats > 60
+    per_round_ms = result.candidate.repeats / 4 * result.candidate.median_ms
+    assert per_round_ms >= runtime.MIN_ROUND_TIMING_S * 1000 / 3
     assert 0.5 <= result.ratio <= 2.0
     assert set(result.to_dict()) == {"candidate", "reference", "ratio", "rounds"}
+
+
+def test_runs_per_round_reach_the_timing_floor() -> None:
+    floor_ms = runtime.MIN_ROUND_TIMING_S * 1000
+    assert runtime.runs_per_round(6, 0.1) == round(floor_ms / 0.1)  # tiny model: more runs
+    assert runtime.runs_per_round(6, floor_ms) == 6  # slow model: repeats as asked
+    assert runtime.runs_per_round(6, 1e-6) == runtime.MAX_RUNS_PER_ROUND
+    assert runtime.runs_per_round(6, 0.0) == runtime.MAX_RUNS_PER_ROUND
 
 
 def test_time_interleaved_fresh_sessions_and_median_of_rounds(
@@ -119,8 +132,8 @@ def test_time_interleaved_fresh_sessions_and_median_of_rounds(
     timed_reference_rounds = {"n": 0}
 
     def fake_runs(session: object, feed: object, runs: int) -> list[float]:
-        if runs == 3:  # warm-up
-            return [1.0] * runs
+        if runs == 3:  # warm-up: slow enough that 10 runs pass the per-round timing floor
+            return [5.0] * runs
         if not is_reference[id(session)]:
             return [1.0] * runs
         timed_reference_rounds["n"] += 1
@@ -141,7 +154,7 @@ def test_pick_session_options(files: dict[str, Path]) -> None:
         files["int8"], INPUT_SHAPE, threads=1, rounds=2, repeats=10
     )
     assert options in ({}, runtime.DISABLE_QDQ_OPTION)
-    assert stats.median_ms > 0 and stats.repeats == 20
+    assert stats.median_ms > 0 and stats.repeats >= 20 and stats.repeats % 2 == 0
     # The chosen options must give a working session with the same predictions.
     x = np.random.default_rng(0).standard_normal((8, 1, 8, 8)).astype(np.float32)
     a = runtime.make_session(files["int8"], session_options=options).run(None, {"input": x})
