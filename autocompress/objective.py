@@ -136,7 +136,12 @@ class _Timer:
 
 
 def structure_key(plan: CompressionPlan) -> str:
-    body = json.dumps({"bits": plan.bits, "prune": plan.prune}, sort_keys=True)
+    """What latency depends on: widths, pruning, activation precision (uint8 activations run
+    integer kernels, weight-only ones float) and how the file is made (ORT's quantizer and
+    dynamic quantization write other graphs than the QDQ export)."""
+    made = plan.calibration if plan.is_ptq else "qdq"
+    body = json.dumps({"bits": plan.bits, "prune": plan.prune,
+                       "acts": plan.activation_bits, "made": made}, sort_keys=True)
     return hashlib.sha256(body.encode()).hexdigest()[:16]
 
 

@@ -6,7 +6,7 @@ import torch
 
 from autocompress.config import parse_budget
 from autocompress.intake import Task
-from autocompress.objective import build_student, clear_verdict, torch_accuracy
+from autocompress.objective import build_student, clear_verdict, structure_key, torch_accuracy
 from autocompress.plan import CompressionPlan
 from autocompress.prune import dependency_groups
 
@@ -49,3 +49,17 @@ def test_precheck_verdict_is_clear_only_far_from_every_latency_budget() -> None:
     # A broken size budget settles it whatever the latency; a met one does not.
     assert clear_verdict([fifty, one_mb], 55.0, 2_000_000)
     assert not clear_verdict([fifty, one_mb], 55.0, 500_000)
+
+
+def test_structure_key_tells_apart_what_changes_latency() -> None:
+    """The pre-check cache and the pooled latency verdicts are keyed by structure: uint8
+    activations (integer kernels) and weight-only (float kernels) of the same widths, or a
+    dynamic-quantization file, run at other speeds and must not share a measurement."""
+    bits = {"a": 8, "b": 8}
+    prune = {"g": 0.4}
+    qdq = CompressionPlan(bits=bits, prune=prune, activation_bits=8)
+    weight_only = CompressionPlan(bits=bits, prune=prune, activation_bits=32)
+    assert structure_key(qdq) != structure_key(weight_only)
+    assert structure_key(qdq) == structure_key(CompressionPlan(bits=dict(bits), prune=dict(prune),
+                                                               activation_bits=8,
+                                                               kd_temperature=2.0))
