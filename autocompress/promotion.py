@@ -12,7 +12,8 @@ The effort is a share of the run's (``SearchConfig.promotion_share``: 0.25, 0.5 
 budgets), in units of one short fine-tune: ``share x trials`` without a time limit; with
 ``--time-limit``, the search part stops at ``1 - share`` of it and promotions use what is
 left, costed by the run's own mean time per short trial, planned again after each batch
-while the time lasts (a retrained plan may earn the next rung).
+while the time lasts (a retrained plan may earn the next rung); what is too little for one
+more promotion lengthens the chosen ones (``stretch``).
 """
 
 from __future__ import annotations
@@ -54,11 +55,17 @@ def plan_promotions(
     *,
     effort: float,
     reference_size: float,
+    stretch: bool = False,
 ) -> list[Promotion]:
     """Which front members to retrain within ``effort`` short fine-tunes, most hypervolume
     first (under budgets, the most accurate member before them). Baselines (nothing
     fine-tuned), plans already retrained (or being retrained) and
-    plans at the last rung are left out."""
+    plans at the last rung are left out.
+
+    ``stretch`` (under a time limit): the effort is time that is lost when not spent, so
+    what the rungs leave over (less than one more promotion) lengthens the chosen retrains,
+    shared equally, up to the last rung's steps each. Short trials run in that leftover
+    instead would never be retrained, and the deliverable is a retrained plan."""
     if config.promotion_share() <= 0 or config.finetune_steps == 0 or effort <= 0:
         return []
     factor = config.promote_factor
@@ -89,7 +96,29 @@ def plan_promotions(
         steps = round(level * factor * config.finetune_steps)
         out.append(Promotion(parent=record.number, steps=steps, rung=rung, cost=cost))
         left -= cost
+    if stretch:
+        out = _stretched(out, left, config)
     return out
+
+
+def _stretched(chosen: list[Promotion], left: float, config: SearchConfig) -> list[Promotion]:
+    """``chosen`` with ``left`` short fine-tunes shared among them, none past the last rung
+    (what one cannot take goes to the others)."""
+    cap = float(config.promote_factor**MAX_RUNGS)
+    costs = [p.cost for p in chosen]
+    while left > 1e-9:
+        open_ = [i for i, c in enumerate(costs) if c < cap - 1e-9]
+        if not open_:
+            break
+        share = left / len(open_)
+        for i in open_:
+            add = min(share, cap - costs[i])
+            costs[i] += add
+            left -= add
+    return [
+        Promotion(parent=p.parent, steps=round(c * config.finetune_steps), rung=p.rung, cost=c)
+        for p, c in zip(chosen, costs, strict=True)
+    ]
 
 
 __all__ = ["BUDGET_FIRST", "MAX_RUNGS", "Promotion", "fidelity", "plan_promotions"]

@@ -320,7 +320,8 @@ def _promote(
                    if r.measured and r.baseline is None and r.attrs.get(trial_attrs.TIMING)
                    and r.attrs.get(trial_attrs.PARENT) is None]
         effort = counter.promotion_effort(sum(seconds) / len(seconds) if seconds else None)
-        chosen = plan_promotions(recs, config, effort=effort, reference_size=reference_size)
+        chosen = plan_promotions(recs, config, effort=effort, reference_size=reference_size,
+                                 stretch=config.time_limit is not None)
         by_number = {r.number: r for r in recs}
         for p in chosen:
             parent = by_number[p.parent]

@@ -78,3 +78,20 @@ def test_the_default_share_is_larger_under_budgets() -> None:
     assert SearchConfig().promotion_share() == 0.25
     assert SearchConfig(budgets=("1ms",)).promotion_share() == 0.5
     assert SearchConfig(budgets=("1ms",), promote_share=0.1).promotion_share() == 0.1
+
+
+def test_under_a_time_limit_the_leftover_lengthens_the_chosen_retrains() -> None:
+    """11 short fine-tunes of time: two rung-1 promotions (4 each) leave 3, too little for a
+    third; stretched, the two share them (550 steps each) instead of the time going to short
+    trials that are never retrained."""
+    recs = [_rec(0, 0.90, 1000, baseline="fp32"), _rec(1, 0.80, 100), _rec(2, 0.815, 300),
+            _rec(3, 0.812, 250), _rec(4, 0.70, 90)]
+    config = CONFIG.replace(budgets=("1ms",))
+    plain = plan_promotions(recs, config, effort=11, reference_size=1100)
+    stretched = plan_promotions(recs, config, effort=11, reference_size=1100, stretch=True)
+    assert [(p.parent, p.steps) for p in plain] == [(2, 400), (3, 400)]
+    assert [(p.parent, p.steps) for p in stretched] == [(2, 550), (3, 550)]
+    assert sum(p.cost for p in stretched) == 11
+    # never past the last rung (factor^2 = 16 short fine-tunes): the rest stays unspent
+    capped = plan_promotions(recs[:2], config, effort=40, reference_size=1100, stretch=True)
+    assert [(p.parent, p.steps, p.rung) for p in capped] == [(1, 1600, 1)]
