@@ -14,10 +14,14 @@ this same estimator. The absolute medians stay recorded beside it.
 
 Latency is a property of the structure, not of the weight values: a promoted retrain has its
 parent's structure, and plans the sampler proposes twice share theirs. Each final
-measurement of a structure already measured in this run is pooled with the earlier ones
-(``pooled_ratio``, the median), so a retrain cannot flip its parent's budget verdict by one
-noisy look (ResNet-20 at 0.6x fp32: the same structure measured 0.575x, then 0.587x, with the
-budget at 0.585x). The file's own ratio stays recorded beside the pooled one.
+measurement of a structure already measured in this run (a careful pre-check counts: its
+file has the same graph, untrained) is pooled with the earlier ones (``pooled_ratio``, the
+median), so a retrain cannot flip its parent's budget verdict by one noisy look (ResNet-20
+at 0.6x fp32: the same structure measured 0.575x, then 0.587x, with the budget at 0.585x).
+The noise is not only per session: on a shared 2-core machine the same int8 file timed
+0.50x of fp32 for seconds (fp32 at 1.0 ms), then 0.67x (fp32 at 1.33 ms) as the machine
+slowed, so one look taken wholly in one state, pre-check or final, can miss by 30%. The
+file's own ratio stays recorded beside the pooled one.
 """
 
 from __future__ import annotations

@@ -90,7 +90,7 @@ class SearchContext:
     calibration: list[torch.Tensor]
     upload: Callable[[Any, Path], str]
     precheck_cache: dict[str, Precheck] = field(default_factory=dict)
-    # final-measurement ratios per structure this run (latency_reference.pooled_ratio)
+    # careful pre-check and final ratios per structure this run (pooled_ratio)
     structure_ratios: dict[str, list[float]] = field(default_factory=dict)
     # The study's fp32 latency on this machine. Without one (a context built by hand), a
     # budget is judged on each measurement's absolute median instead.
@@ -308,6 +308,8 @@ class TrialRunner:
             careful=careful,
         )
         ctx.precheck_cache[key] = result
+        if careful:  # a careful look is one of the structure's measurements (pooled_ratio)
+            ctx.structure_ratios.setdefault(key, []).append(inter.ratio)
         # The model learns from careful looks only, and not from ORT's own quantizer's file
         # (another export path than ours).
         if careful and baseline in (None, "fp32") and not _runtime_quantized(plan):
