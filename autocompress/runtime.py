@@ -46,13 +46,11 @@ DISABLE_QDQ_OPTION: dict[str, str] = {"session.disable_quant_qdq": "1"}
 # time_interleaved opens a fresh session pair every round when a pair loads faster than this
 # (small models, where placement noise matters most); larger models reuse their first pair.
 FRESH_SESSION_LOAD_S = 0.25
-# Each side of a time_interleaved round runs for at least this long (ResNet-20's 1 ms keeps
-# its ~10 runs): a 0.1 ms model timed
+# Each side of a time_interleaved round runs for at least this long: a 0.1 ms model timed
 # over 6 runs (0.6 ms) let one scheduler blip decide a round, and a study recorded 2.8x for a
-# file that re-measured at 1.2x. Fast models get more runs; slow ones keep ``repeats``.
+# file that re-measured at 1.2x. Fast models get more runs; ResNet-20 (1 ms) keeps its ~10.
 MIN_ROUND_TIMING_S = 0.01
 MAX_RUNS_PER_ROUND = 2000
-
 
 
 @dataclass(frozen=True)
