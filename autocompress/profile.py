@@ -240,11 +240,12 @@ def _profile(model: nn.Module, x: torch.Tensor, repeats: int) -> ProfileReport:
     unique_params = {id(p): p.numel() for p in model.parameters()}
     attributed = sum(row.flops for row in rows)
     rest_ms = hooked_ms - leaf_ms
-    if total_flops - attributed > 0 or rest_ms > 0:
-        rows.append(LayerProfile(
-            name=UNATTRIBUTED, type="functional ops, non-leaf modules", output_shape=[],
-            params=0, flops=total_flops - attributed, calls=1, latency_ms=rest_ms,
-            latency_share=100.0 * rest_ms / hooked_ms if hooked_ms > 0 else 0.0))
+    # Always present, so every report has the same rows: whether the per-layer medians sum
+    # past the median whole forward (rest 0) is timing noise (a loaded machine flipped it).
+    rows.append(LayerProfile(
+        name=UNATTRIBUTED, type="functional ops, non-leaf modules", output_shape=[],
+        params=0, flops=total_flops - attributed, calls=1, latency_ms=rest_ms,
+        latency_share=100.0 * rest_ms / hooked_ms if hooked_ms > 0 else 0.0))
     notes = [
         FLOPS_NOTE,
         f"latency: PyTorch eager, median of {repeats} hooked forwards per layer; shares are "
