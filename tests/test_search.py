@@ -6,6 +6,7 @@ import json
 import sqlite3
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -363,6 +364,22 @@ def test_latency_verdict_does_not_flip_when_the_machine_drifts(
         assert r.latency_estimate_ms == pytest.approx(pre, rel=0.05)
 
 
+def _fake_latency(monkeypatch: pytest.MonkeyPatch, ratio_for: Callable[[int], float]) -> None:
+    """Interleaved timings that return ``ratio_for(rounds)`` x fp32, and a 1 ms fp32
+    reference, so budget verdicts are decided by the ratios a test chooses."""
+    from autocompress import latency_reference, objective
+    from autocompress.measure import LatencyStats
+
+    def fake_interleaved(candidate, reference, shape, *, rounds=5, **_kw):
+        ratio = ratio_for(rounds)
+        stats = [LatencyStats(v, 0.0, v, v, 10) for v in (ratio, 1.0)]
+        return runtime.InterleavedLatency(stats[0], stats[1], ratio, rounds)
+
+    monkeypatch.setattr(objective.runtime, "time_interleaved", fake_interleaved)
+    monkeypatch.setattr(latency_reference, "measure_reference", lambda *a, **k: (
+        latency_reference.ReferenceLatency(1.0, 0.0, [1.0], 1, {}, "now")))
+
+
 def test_a_structure_measured_again_is_judged_on_the_pooled_ratio(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -370,19 +387,11 @@ def test_a_structure_measured_again_is_judged_on_the_pooled_ratio(
     measurements come out 0.3, 0.3, then 0.9 of fp32 (one noisy look) against a 0.5 budget:
     judged alone the third would flip to over budget; pooled with the structure's earlier
     measurements (median 0.3) it stays within, and its own ratio stays recorded."""
-    from autocompress import latency_reference, objective
-    from autocompress.measure import LatencyStats
+    from autocompress import objective
 
     finals = iter([0.3, 0.3, 0.9, *[0.3] * 5])  # the measured trials, in order
-
-    def fake_interleaved(candidate, reference, shape, *, rounds=5, **_kw):
-        ratio = next(finals) if rounds == objective.MEASURE_ROUNDS else 0.3
-        stats = [LatencyStats(v, 0.0, v, v, 10) for v in (ratio, 1.0)]
-        return runtime.InterleavedLatency(stats[0], stats[1], ratio, rounds)
-
-    monkeypatch.setattr(objective.runtime, "time_interleaved", fake_interleaved)
-    monkeypatch.setattr(latency_reference, "measure_reference", lambda *a, **k: (
-        latency_reference.ReferenceLatency(1.0, 0.0, [1.0], 1, {}, "now")))
+    _fake_latency(monkeypatch, lambda rounds: (
+        next(finals) if rounds == objective.MEASURE_ROUNDS else 0.3))
     study = run_short_search(tmp_path, study="pooled", budgets=("0.5ms",), trials=6,
                              bits=(8,), activation_bits=(8,), prune_max=0.0, guided=False,
                              warm_starts=False, baselines=False, promote_share=0.0,
@@ -404,18 +413,11 @@ def test_a_careful_pre_check_is_one_of_the_structures_measurements(
     0.56, against a 0.5 budget (the same int8 file timed 0.50x and 0.67x on this machine
     seconds apart). The verdict is the median of both looks (0.49: within), not the last
     look alone, and both looks are counted."""
-    from autocompress import latency_reference, objective
-    from autocompress.measure import LatencyStats
+    from autocompress import objective
 
-    def fake_interleaved(candidate, reference, shape, *, rounds=5, **_kw):
-        ratio = {objective.MEASURE_ROUNDS: 0.56, objective.PRECHECK_CAREFUL_ROUNDS: 0.42,
-                 1: 0.45}.get(rounds, 0.45)  # first look 0.45: too close to call
-        stats = [LatencyStats(v, 0.0, v, v, 10) for v in (ratio, 1.0)]
-        return runtime.InterleavedLatency(stats[0], stats[1], ratio, rounds)
-
-    monkeypatch.setattr(objective.runtime, "time_interleaved", fake_interleaved)
-    monkeypatch.setattr(latency_reference, "measure_reference", lambda *a, **k: (
-        latency_reference.ReferenceLatency(1.0, 0.0, [1.0], 1, {}, "now")))
+    ratios = {objective.MEASURE_ROUNDS: 0.56, objective.PRECHECK_CAREFUL_ROUNDS: 0.42}
+    # the first look (1 round) at 0.45 is too close to the budget to call: a careful look
+    _fake_latency(monkeypatch, lambda rounds: ratios.get(rounds, 0.45))
     study = run_short_search(tmp_path, study="pre-pooled", budgets=("0.5ms",), trials=3,
                              bits=(8,), activation_bits=(8,), prune_max=0.0, guided=False,
                              warm_starts=False, baselines=False, promote_share=0.0,
