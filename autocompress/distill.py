@@ -29,7 +29,8 @@ from autocompress._outputs import first_tensor
 from autocompress.errors import InputError, PlanError, TrainingError
 from autocompress.plan import CompressionPlan
 
-__all__ = ["FeatureDistiller", "FinetuneResult", "finetune", "kd_loss", "resolve_device"]
+__all__ = ["FeatureDistiller", "FinetuneResult", "default_hard_loss", "finetune", "kd_loss",
+           "match_loss", "resolve_device"]
 
 # Gradient-norm clip. Fake-quant rounding flips and freshly pruned layers give occasional
 # gradient spikes; a clip keeps one bad batch from undoing the repair. Gradient norms of a
@@ -60,7 +61,8 @@ def kd_loss(
 
     The T^2 factor keeps the soft-target gradient magnitude independent of T (gradients of
     the softened KL scale as 1/T^2), so kd_alpha means the same thing at every temperature.
-    Logits are (N, C); teacher logits are treated as constants.
+    Logits are (N, C), or (N, C, ...) (per-pixel logits: classes on dimension 1, averaged
+    over samples and positions); teacher logits are treated as constants.
     """
     if not temperature > 0:
         raise InputError(f"temperature {temperature} must be > 0 (try 4)")
@@ -71,10 +73,30 @@ def kd_loss(
             "same classes"
         )
     t = float(temperature)
-    log_p_student = F.log_softmax(student_logits / t, dim=-1)
-    log_p_teacher = F.log_softmax(teacher_logits.detach() / t, dim=-1)
-    kl = F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True)
-    return kl * (t * t)
+    log_p_student = F.log_softmax(student_logits / t, dim=1)
+    log_p_teacher = F.log_softmax(teacher_logits.detach() / t, dim=1)
+    kl = F.kl_div(log_p_student, log_p_teacher, reduction="sum", log_target=True)
+    positions = max(1, student_logits.numel() // max(1, student_logits.shape[1]))
+    return kl / positions * (t * t)
+
+
+def match_loss(student_out: torch.Tensor, teacher_out: torch.Tensor) -> torch.Tensor:
+    """Distillation of values (regression outputs): mean squared error to the teacher's."""
+    if student_out.shape != teacher_out.shape:
+        raise InputError(f"student outputs {tuple(student_out.shape)} and teacher outputs "
+                         f"{tuple(teacher_out.shape)} differ in shape")
+    return F.mse_loss(student_out, teacher_out.detach())
+
+
+def default_hard_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The hard-target term a task without its own loss gets: cross-entropy on integer
+    targets (class labels, per-pixel masks), mean squared error on float ones (values; a
+    (N,) target meets a (N, 1) output)."""
+    if not targets.is_floating_point():
+        return F.cross_entropy(outputs, targets)
+    if targets.shape != outputs.shape and targets.numel() == outputs.numel():
+        targets = targets.reshape(outputs.shape)
+    return F.mse_loss(outputs, targets)
 
 
 def _names_hint(names: Sequence[str]) -> str:
@@ -538,9 +560,13 @@ def _step_loss(
     alpha = plan.kd_alpha
     loss = s_logits.new_zeros(())
     if alpha > 0:
-        loss = loss + alpha * kd_loss(s_logits, t_logits, plan.kd_temperature)
+        # Float targets mean the outputs are values: softened softmaxes would compare
+        # nothing meaningful, so the student matches the teacher's outputs instead.
+        soft = (match_loss(s_logits, t_logits) if y.is_floating_point()
+                else kd_loss(s_logits, t_logits, plan.kd_temperature))
+        loss = loss + alpha * soft
     if alpha < 1:
-        hard = F.cross_entropy(s_logits, y) if hard_loss is None else hard_loss(s_logits, y)
+        hard = (default_hard_loss if hard_loss is None else hard_loss)(s_logits, y)
         loss = loss + (1.0 - alpha) * hard
     if distiller is not None:
         loss = loss + plan.feature_weight * distiller.loss()

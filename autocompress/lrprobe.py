@@ -98,7 +98,7 @@ def probe_learning_rate(
         model = calibrated(plan)
         try:
             distill.finetune(model, task.model, task.data, plan, batch_size=config.batch_size,
-                             device=device, seed=config.seed)
+                             device=device, seed=config.seed, loss=task.loss)
         except TrainingError:
             scores[lr] = -math.inf  # the loss diverged: as bad as a rate can be
             continue

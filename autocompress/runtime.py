@@ -176,18 +176,29 @@ def predictions(
     session_options: Mapping[str, str] | None = None,
     target: str = DEFAULT_TARGET,
 ) -> np.ndarray:
-    """Top-1 class of every sample (argmax of the first output), batches in order."""
+    """Top-1 class of every sample (argmax of the first output over dimension 1; per
+    position for per-pixel logits), batches in order."""
+    out = raw_outputs(path, batches, threads=threads, session_options=session_options,
+                      target=target)
+    if out.shape[0] == 0:
+        return np.zeros((0,), dtype=np.int64)
+    return out.argmax(axis=1).astype(np.int64)
+
+
+def raw_outputs(
+    path: str | os.PathLike[str],
+    batches: Iterable[Any],
+    *,
+    threads: int = DEFAULT_THREADS,
+    session_options: Mapping[str, str] | None = None,
+    target: str = DEFAULT_TARGET,
+) -> np.ndarray:
+    """The first output of the file for every sample, batches in order (N, ...)."""
     session = make_session(path, threads=threads, session_options=session_options,
                            target=target)
     name = _input_name(session)
-    out: list[np.ndarray] = []
-    for batch in batches:
-        x, _ = _split_batch(batch)
-        logits = session.run(None, {name: x})[0]
-        out.append(np.asarray(logits).argmax(axis=1))
-    if not out:
-        return np.zeros((0,), dtype=np.int64)
-    return np.concatenate(out).astype(np.int64)
+    out = [np.asarray(session.run(None, {name: _split_batch(batch)[0]})[0]) for batch in batches]
+    return np.concatenate(out) if out else np.zeros((0,), dtype=np.float32)
 
 
 def onnx_accuracy(

@@ -33,6 +33,7 @@ from autocompress.intake import Task
 from autocompress.inventory import Inventory
 from autocompress.plan import CompressionPlan
 from autocompress.student import build_student
+from autocompress.task_metric import Metric
 
 SENSITIVITY_ATTR = "sensitivity"
 SENSITIVITY_FORMAT = 1
@@ -159,7 +160,7 @@ def measure_sensitivity(
     teacher = task.model.eval()
     with torch.no_grad():
         teacher_logits = [teacher(x) for x in xs]
-    teacher_acc = _accuracy(teacher_logits, ys)
+    teacher_acc = _figure(teacher_logits, ys, task.metric)
     weights = {name: _weight_numel(module) for name, module in task.model.named_modules()}
     prunable = [g for g in inventory.groups if g.prunable] if space.prune_high(config) else []
     # scored largest first (they matter most when time runs out), listed in graph order
@@ -179,7 +180,7 @@ def measure_sensitivity(
             try:
                 model = quantize.prepare_qat(base, plan)
                 quantize.calibrate(model, calibration, max_batches=CALIBRATION_BATCHES)
-                kl, acc = _score(model, xs, ys, teacher_logits)
+                kl, acc = _score(model, xs, ys, teacher_logits, task.metric)
             except Exception as exc:  # one choice that cannot be scored must not end the pass
                 table.failed[f"{layer.name}@int{bits}"] = one_line(exc, typed=True)
             else:
@@ -200,7 +201,7 @@ def measure_sensitivity(
                                                   seed=config.seed))
             try:
                 model = build_student(task, plan, config.round_to, bn_batches=bn)
-                kl, acc = _score(model, xs, ys, teacher_logits)
+                kl, acc = _score(model, xs, ys, teacher_logits, task.metric)
             except Exception as exc:
                 table.failed[f"{group}@{ratio:.0%}"] = one_line(exc, typed=True)
             else:
@@ -272,26 +273,43 @@ def _score(
     xs: list[torch.Tensor],
     ys: list[torch.Tensor],
     teacher_logits: list[torch.Tensor],
+    metric: Metric,
 ) -> tuple[float, float]:
-    """Mean KL(teacher || model) per image, and top-1 accuracy."""
+    """The damage against the teacher and the task's figure (top-1 accuracy by default).
+
+    Damage is the mean KL(teacher || model) per sample over logits (classes on dimension 1,
+    per-pixel logits averaged over positions); for float targets (values, not logits) it is
+    the mean squared error to the teacher's outputs over their variance, scale-free too."""
     model.eval()
-    kl_sum = 0.0
-    logits = []
+    values = bool(ys) and ys[0].is_floating_point()
+    total = 0.0
+    outputs = []
     with torch.no_grad():
         for x, t in zip(xs, teacher_logits, strict=True):
             out = model(x)
-            logits.append(out)
-            kl = F.kl_div(F.log_softmax(out, dim=1), F.log_softmax(t, dim=1),
-                          reduction="sum", log_target=True)
-            kl_sum += float(kl)
-    n = sum(int(y.numel()) for y in ys)
-    kl_mean = kl_sum / max(n, 1)
-    return (kl_mean if math.isfinite(kl_mean) else 1e3), _accuracy(logits, ys)
+            outputs.append(out)
+            if values:
+                total += float(F.mse_loss(out, t, reduction="sum"))
+            else:
+                kl = F.kl_div(F.log_softmax(out, dim=1), F.log_softmax(t, dim=1),
+                              reduction="sum", log_target=True)
+                total += float(kl) / max(1, out[0].numel() // max(1, out.shape[1]))
+    n = sum(int(x.shape[0]) for x in xs)
+    damage = total / max(n, 1)
+    if values:
+        teacher = torch.cat(teacher_logits)
+        damage /= max(float(teacher.var(unbiased=False)) * teacher[0].numel(), 1e-12)
+    return (damage if math.isfinite(damage) else 1e3), _figure(outputs, ys, metric)
 
 
-def _accuracy(logits: list[torch.Tensor], ys: list[torch.Tensor]) -> float:
-    correct = sum(int((out.argmax(dim=1) == y).sum()) for out, y in zip(logits, ys, strict=True))
-    return correct / max(sum(int(y.numel()) for y in ys), 1)
+def _figure(outputs: list[torch.Tensor], ys: list[torch.Tensor], metric: Metric) -> float:
+    """The task's figure on the slice (recorded as ``accuracy`` for people to read)."""
+    if metric.is_top1:
+        correct = sum(int((out.argmax(dim=1) == y).sum())
+                      for out, y in zip(outputs, ys, strict=True))
+        return correct / max(sum(int(y.numel()) for y in ys), 1)
+    return metric.score_batches((out.numpy(), y.numpy()) for out, y in zip(outputs, ys,
+                                                                         strict=True))
 
 
 def _weight_numel(module: nn.Module) -> int:

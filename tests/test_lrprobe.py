@@ -38,6 +38,29 @@ def test_probe_refuses_a_rate_that_wrecks_the_student(demo_task: Task) -> None:
     assert probe.to_dict()["scores"] == {"5": probe.scores[5.0], "0.001": probe.scores[1e-3]}
 
 
+def test_probe_fine_tunes_with_the_tasks_own_loss(demo_task: Task) -> None:
+    """The probe's rates are judged on the fine-tune the trials will run: a task's own
+    hard-target loss, not cross-entropy (it used cross-entropy whatever the task said)."""
+    import dataclasses
+
+    import torch.nn.functional as F
+
+    calls: list[int] = []
+
+    def counted(outputs: object, targets: object) -> object:
+        calls.append(1)
+        return F.cross_entropy(outputs, targets)  # type: ignore[arg-type]
+
+    task = dataclasses.replace(demo_task, loss=counted)
+    config = SearchConfig(finetune_steps=30)
+    inventory = build_inventory(task.model, task.data.example_input(1))
+    calibration = [x for x, _ in itertools.islice(task.data.batches("train", 32), 2)]
+    # kd_alpha < 1 in the probe's plan: the hard-target term is part of every step
+    probe = lrprobe.probe_learning_rate(task, inventory, config, calibration,
+                                        candidates=(1e-3,))
+    assert probe.steps == 20 and len(calls) == 20
+
+
 def test_search_probes_once_per_study_and_plans_carry_the_rate(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -82,7 +82,11 @@ def test_task_search_is_scored_and_verified_with_its_metric(tmp_path: Path) -> N
     # the figure is the metric itself, on the exported file, over the test split
     task = load_task(None, None, None, task=spec)
     logits, ys = [], []
-    session = runtime.make_session(tmp_path / "out" / "model.onnx", threads=1)
+    # with the session options the trial was measured with (the faster of QDQ kernels and
+    # float fake-quant, picked by timing: their numerics differ)
+    options = dict((best.json_attr("runtime") or {}).get("session_options") or {})
+    session = runtime.make_session(tmp_path / "out" / "model.onnx", threads=1,
+                                   session_options=options)
     name = session.get_inputs()[0].name
     for x, y in task.data.batches("test", 256):
         logits.append(session.run(None, {name: x.numpy()})[0])

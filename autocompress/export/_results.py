@@ -29,6 +29,9 @@ LATENCY_RATIO_FACTOR = 2.0
 
 # torch.export program vs ONNX file, top-1 on the first samples of the validation split.
 AGREEMENT_FLOOR = 0.99
+# For values (float targets) a sample agrees when every output is within this share of the
+# standard deviation of the program's outputs.
+VALUE_AGREEMENT = 0.1
 
 
 AGREEMENT_SAMPLES = 1000

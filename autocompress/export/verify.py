@@ -14,6 +14,7 @@ from autocompress.export._results import (
     AGREEMENT_SAMPLES,
     EVAL_BATCH_SIZE,
     LATENCY_RATIO_FACTOR,
+    VALUE_AGREEMENT,
     VerificationError,
 )
 from autocompress.export.program import _Context
@@ -101,10 +102,21 @@ def _agreement(
         taken += x.shape[0]
         if taken >= AGREEMENT_SAMPLES:
             break
-    onnx_pred = runtime.predictions(onnx_path, batches, threads=threads, target=target)
+    onnx_out = runtime.raw_outputs(onnx_path, batches, threads=threads, target=target)
     with torch.no_grad():
-        torch_pred = torch.cat([program(x).argmax(dim=1) for x in batches]).numpy()
-    return float((onnx_pred == torch_pred).mean()), int(taken)
+        torch_out = torch.cat([program(x) for x in batches]).numpy()
+    return _agreement_of(onnx_out, torch_out, values=data.targets_are_values), int(taken)
+
+
+def _agreement_of(onnx_out: Any, torch_out: Any, *, values: bool) -> float:
+    """Share of predictions on which the file and the PyTorch program agree: the same top-1
+    class (per position, for per-pixel logits), or for values (float targets) a sample's
+    every output within VALUE_AGREEMENT x the standard deviation of the program's outputs."""
+    if values:
+        scale = max(float(torch_out.std()), 1e-6)
+        diff = abs(onnx_out - torch_out).reshape(len(torch_out), -1).max(axis=1)
+        return float((diff <= VALUE_AGREEMENT * scale).mean())
+    return float((onnx_out.argmax(axis=1) == torch_out.argmax(axis=1)).mean())
 
 
 def _verify_latency(

@@ -21,6 +21,7 @@ from autocompress.intake.data_sources import (
     _Source,
     _sources_from_result,
 )
+from autocompress.intake.sample_targets import ANY, CLASSES, are_class_labels, are_values
 from autocompress.intake.specs import (
     _DATA_FORMS,
     DEFAULT_VAL_FRACTION,
@@ -35,7 +36,8 @@ from autocompress.intake.user_task import is_task_spec, load_user_task
 
 @dataclass(eq=False)  # tensors inside: == would be ambiguous
 class Split:
-    """One split in stored form: ``x`` (N, C, H, W) uint8 or float32, ``y`` (N,) int64.
+    """One split in stored form: ``x`` (N, C, H, W) uint8 or float32, ``y`` (N,) int64 class
+    labels, or a task's other targets (N, ...) int64 / float32 (``intake.sample_targets``).
 
     ``indices`` are the positions of these samples in their source (the whole digits set,
     or the train / val / test folder), in the seeded order the split is stored in.
@@ -75,6 +77,16 @@ class DataSplits:
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    @property
+    def has_classes(self) -> bool:
+        """Targets are class labels (top-1 can score them; splits are stratified)."""
+        return are_class_labels(self.train.y)
+
+    @property
+    def targets_are_values(self) -> bool:
+        """Float targets (regression): the model's outputs are values, not logits."""
+        return are_values(self.train.y)
 
     @property
     def is_tokens(self) -> bool:
@@ -121,7 +133,7 @@ class DataSplits:
     def batches(
         self, split_name: str, batch_size: int, shuffle: bool = False, seed: int = 0
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Yield preprocessed (x float32 NCHW, y int64) batches; the last one may be short."""
+        """Yield preprocessed (x float32 NCHW, y as stored) batches; the last one may be short."""
         split = self.split(split_name)
         if batch_size < 1:
             raise DataSpecError(f"batch size must be a positive integer, got {batch_size}")
@@ -226,18 +238,18 @@ def load_data(
             scale = 255.0
         elif is_task_spec(spec) or (sep and _is_factory_target(spec)):
             train_src, val_src, test_src, classes = (
-                _sources_from_result(load_user_task(spec).data, spec) if is_task_spec(spec)
-                else _load_data_factory(spec))
+                _task_sources(spec) if is_task_spec(spec) else _load_data_factory(spec))
             scale = 255.0 if train_src.x.dtype == torch.uint8 else 1.0
             identity_norm = train_src.x.dtype != torch.uint8
         else:
             raise DataSpecError(f"unknown data spec {spec!r}; use {_DATA_FORMS}")
         if val_src is None:
-            train_part, val_part = _stratified_split(
-                train_src.y.numpy(), (1.0 - val_fraction, val_fraction), rng
+            train_part, val_part = _split_positions(
+                train_src.y, (1.0 - val_fraction, val_fraction), rng
             )
             train, val = _take(train_src, train_part), _take(train_src, val_part)
-            method = f"stratified {1 - val_fraction:.0%}/{val_fraction:.0%} train/val of train part"
+            kind = "stratified" if are_class_labels(train_src.y) else "random"
+            method = f"{kind} {1 - val_fraction:.0%}/{val_fraction:.0%} train/val of train part"
         else:
             train = _take(train_src, rng.permutation(len(train_src.y)))
             val = _take(val_src, rng.permutation(len(val_src.y)))
@@ -294,6 +306,30 @@ def _load_text(spec: str, rest: str, tokenizer: str | None, rng: np.random.Gener
                       image_size=(0, 0), mean=(), std=(), value_scale=1.0,
                       split_method=f"stratified 80/10/10 of {len(y)} texts, {max_length} "
                       "tokens")
+
+
+def _task_sources(spec: str) -> tuple[_Source, _Source | None, _Source, list[str]]:
+    """A task's datasets; any numeric target when the task brings its own metric."""
+    task = load_user_task(spec)
+    return _sources_from_result(task.data, spec, CLASSES if task.metric.is_top1 else ANY)
+
+
+def _split_positions(
+    y: torch.Tensor, fractions: Sequence[float], rng: np.random.Generator
+) -> list[np.ndarray]:
+    """Stratified by class for class labels; a seeded random split of other targets (each
+    part after the first gets at least one sample when there are enough)."""
+    if are_class_labels(y):
+        return _stratified_split(y.numpy(), fractions, rng)
+    n = int(y.shape[0])
+    order = rng.permutation(n).astype(np.int64)
+    counts = [round(f * n) for f in fractions[1:]]
+    if n >= len(fractions):
+        counts = [max(1, c) for c in counts]
+    while sum(counts) >= n and any(counts):  # keep >= 1 sample for the first part
+        counts[counts.index(max(counts))] -= 1
+    bounds = np.cumsum([n - sum(counts), *counts])
+    return list(np.split(order, bounds[:-1]))
 
 
 def _take(src: _Source, positions: np.ndarray) -> Split:

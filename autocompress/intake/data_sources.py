@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from autocompress.errors import DataSpecError, one_line
+from autocompress.intake.sample_targets import CLASSES, are_class_labels, read_target, stack_targets
 from autocompress.intake.specs import _IMAGE_CACHE_VERSION, IMAGE_EXTENSIONS, _resolve_factory
 
 
@@ -242,9 +243,10 @@ def _load_data_factory(spec: str) -> tuple[_Source, _Source | None, _Source, lis
 
 
 def _sources_from_result(
-    result: Any, spec: str
+    result: Any, spec: str, targets: str = CLASSES
 ) -> tuple[_Source, _Source | None, _Source, list[str]]:
-    """A data factory's (or a task's) datasets read into stored train / val / test."""
+    """A data factory's (or a task's) datasets read into stored train / val / test, with the
+    class names (none when the targets are not class labels)."""
     if isinstance(result, dict):
         missing = [k for k in ("train", "test") if k not in result]
         if missing:
@@ -260,7 +262,7 @@ def _sources_from_result(
             f"data factory {spec!r} returned {type(result).__name__}; return "
             "(train_dataset, test_dataset) or a dict with 'train' and 'test'"
         )
-    sources = {name: _materialize(ds, spec, name) for name, ds in parts.items()}
+    sources = {name: _materialize(ds, spec, name, targets) for name, ds in parts.items()}
     shapes = {tuple(s.x.shape[1:]) for s in sources.values()}
     if len(shapes) > 1:
         raise DataSpecError(
@@ -272,21 +274,30 @@ def _sources_from_result(
             f"data factory {spec!r} yields uint8 images in one dataset and floats in another; "
             "use one dtype"
         )
+    kinds = {(tuple(s.y.shape[1:]), s.y.dtype) for s in sources.values()}
+    if len(kinds) > 1:
+        raise DataSpecError(
+            f"data factory {spec!r} yields targets of different shapes or types across "
+            f"train/test ({sorted(str(k) for k in kinds)}); yield one kind of target"
+        )
+    if not are_class_labels(sources["train"].y):
+        return sources["train"], sources.get("val"), sources["test"], []
     num_labels = int(max(int(s.y.max()) for s in sources.values())) + 1
     names = getattr(parts["train"], "classes", None)
     if isinstance(names, (list, tuple)) and len(names) >= num_labels:
         classes = [str(c) for c in names]
     else:
         classes = [str(i) for i in range(num_labels)]
-    if len(classes) < 2:
+    if len(classes) < 2 and targets == CLASSES:
         raise DataSpecError(
             f"data factory {spec!r} yields only one class; classification needs at least 2"
         )
     return sources["train"], sources.get("val"), sources["test"], classes
 
 
-def _materialize(dataset: Any, spec: str, name: str) -> _Source:
-    """Read a whole (image tensor, int label) dataset into stacked tensors."""
+def _materialize(dataset: Any, spec: str, name: str, targets: str = CLASSES) -> _Source:
+    """Read a whole (image tensor, target) dataset into stacked tensors (``targets``: what a
+    target may be, see ``intake.sample_targets``)."""
     try:
         if hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__"):
             items = [dataset[i] for i in range(len(dataset))]
@@ -298,12 +309,13 @@ def _materialize(dataset: Any, spec: str, name: str) -> _Source:
         ) from exc
     if not items:
         raise DataSpecError(f"the {name} dataset of {spec!r} is empty; it must yield samples")
+    what = "int label" if targets == CLASSES else "target"
     images, labels = [], []
     for i, item in enumerate(items):
         if not isinstance(item, (tuple, list)) or len(item) < 2:
             raise DataSpecError(
                 f"{name} sample {i} of {spec!r} is {type(item).__name__}; datasets must yield "
-                "(image tensor (C, H, W), int label)"
+                f"(image tensor (C, H, W), {what})"
             )
         image, label = item[0], item[1]
         if isinstance(image, np.ndarray):
@@ -319,18 +331,8 @@ def _materialize(dataset: Any, spec: str, name: str) -> _Source:
                 f"{name} sample {i} of {spec!r} has image {got}; yield a (C, H, W) tensor "
                 "(apply ToTensor)"
             )
-        if isinstance(label, torch.Tensor) and label.numel() == 1:
-            label = label.item()
-        elif isinstance(label, np.ndarray) and label.size == 1:
-            label = label.reshape(()).item()
-        if isinstance(label, float) and label.is_integer():
-            label = int(label)
-        if not isinstance(label, (int, np.integer)) or isinstance(label, bool) or label < 0:
-            raise DataSpecError(
-                f"{name} sample {i} of {spec!r} has label {label!r}; labels must be ints >= 0"
-            )
         images.append(image if image.ndim == 3 else image.unsqueeze(0))
-        labels.append(int(label))
+        labels.append(read_target(label, mode=targets, where=f"{name} sample {i} of {spec!r}"))
     shapes = {tuple(im.shape) for im in images}
     if len(shapes) > 1:
         raise DataSpecError(
@@ -339,4 +341,4 @@ def _materialize(dataset: Any, spec: str, name: str) -> _Source:
         )
     x = torch.stack(images)
     x = x if x.dtype == torch.uint8 else x.to(torch.float32)
-    return _Source(x.contiguous(), torch.tensor(labels, dtype=torch.int64))
+    return _Source(x.contiguous(), stack_targets(labels, f"the {name} dataset of {spec!r}"))

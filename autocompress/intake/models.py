@@ -32,12 +32,14 @@ def load_model(
     num_classes: int | None = None,
     input_size: int | None = None,
     input_shape: tuple[int, int, int] | None = None,
+    classes: bool = True,
 ) -> nn.Module:
     """Build the model a spec names, load ``weights`` strictly, check it accepts the input.
 
     ``input_shape`` (C, H, W) or else ``input_size`` (channels read off the first conv) is
-    checked with one forward pass; with neither, no forward check runs. The model comes
-    back on CPU in eval mode.
+    checked with one forward pass; with neither, no forward check runs. ``classes``: the
+    output must be (batch, classes) logits (else any tensor with the batch first, for tasks
+    whose targets are not class labels). The model comes back on CPU in eval mode.
     """
     if not isinstance(spec, str) or not spec.strip():
         raise ModelSpecError(f"empty model spec {spec!r}; use {_MODEL_FORMS}")
@@ -45,6 +47,8 @@ def load_model(
     for label, value in (("--num-classes", num_classes), ("--input-size", input_size)):
         if value is not None and (not isinstance(value, int) or value < 1):
             raise ModelSpecError(f"{label} must be a positive integer, got {value!r}")
+    if is_task_spec(spec) and not load_user_task(spec).metric.is_top1:
+        classes = False  # a task with its own metric may predict anything (intake.sample_targets)
     model = _build_model(spec, num_classes, input_shape)
     dropped = drop_training_heads(model)
     if weights is not None:
@@ -58,7 +62,7 @@ def load_model(
         shape = None
     if shape is not None:
         _return_prediction_if_needed(model, zeros_input(model, shape), spec)
-        outputs = check_model_input(model, zeros_input(model, shape), spec)
+        outputs = check_model_input(model, zeros_input(model, shape), spec, classes=classes)
         if num_classes is not None and outputs != num_classes:
             raise ModelSpecError(
                 f"model {spec!r} outputs {outputs} classes but {num_classes} are needed; make "
@@ -347,10 +351,16 @@ def _return_prediction_if_needed(model: nn.Module, example: torch.Tensor, spec: 
     )
 
 
-def check_model_input(model: nn.Module, example: torch.Tensor, spec: str) -> int:
-    """One eval-mode forward pass; returns the number of output classes."""
+def check_model_input(model: nn.Module, example: torch.Tensor, spec: str, *,
+                      classes: bool = True) -> int:
+    """One eval-mode forward pass; returns the number of output classes (``classes``: logits
+    (batch, classes) are required), else the size of the output's dimension 1 (any tensor
+    with the batch first: values, per-pixel logits; 1 for (batch,) outputs)."""
     shape = tuple(example.shape)
     out = _run(model, example, spec)
+    if not classes and isinstance(out, torch.Tensor) and out.ndim >= 1 \
+            and out.shape[0] == shape[0]:
+        return int(out.shape[1]) if out.ndim >= 2 else 1
     if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != shape[0]:
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else describe_output(out)
         raise ModelSpecError(

@@ -133,8 +133,11 @@ def _load_user_task(
     stored = TASK_PREFIX + user.spec  # export and verify call the same factory again
     data = load_data(stored, input_size=input_size, seed=seed, cache_dir=cache, mean=mean,
                      std=std)
-    model = load_model(stored, None, input_shape=data.input_shape)
-    outputs = check_model_input(model, data.example_input(2), stored)
+    # Targets other than class labels (values, masks) are scored by the task's metric on
+    # whatever the model returns with the batch first.
+    model = load_model(stored, None, input_shape=data.input_shape, classes=data.has_classes)
+    outputs = check_model_input(model, data.example_input(2), stored,
+                                classes=data.has_classes)
     if user.metric.is_top1 and outputs < data.num_classes:
         raise ModelSpecError(f"task {spec!r}: the model outputs {outputs} classes but the data "
                              f"has {data.num_classes}; give the task a metric for other outputs")

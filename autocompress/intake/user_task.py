@@ -5,7 +5,8 @@ attributes):
 
 - ``model``: the trained ``nn.Module`` (weights loaded), or a model spec string;
 - ``data``: a data spec string (``imagefolder:ROOT``...), or ``{"train": ds, "test": ds}``
-  (optionally ``"val"``) of datasets yielding ``(image tensor, int label)``;
+  (optionally ``"val"``) of datasets yielding ``(image tensor, target)``: an int label, or
+  with the task's own metric any numeric target (``intake.sample_targets``);
 - ``metric`` (optional): ``fn(outputs, targets) -> float`` over a whole split, numpy arrays;
   ``metric_name`` (default: the function's name) and ``higher_is_better`` (default True);
 - ``loss`` (optional): ``fn(outputs, targets) -> scalar tensor``, the fine-tune's hard-target
