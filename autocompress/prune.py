@@ -4,7 +4,9 @@ Structured pruning removes output channels for real: the pruned model has smalle
 weights, so it is smaller and faster in any runtime, not just sparser. Channels coupled by
 residual adds, concatenations, depthwise convs or attention heads must go together; torch-
 pruning's DependencyGraph (DepGraph) finds those couplings, and each coupled set is one
-*group*, named after its first Conv/Linear layer in ``model.named_modules()`` order.
+*group*, named after its first Conv/Linear layer in ``model.named_modules()`` order. The
+group of a transformers-style attention's query/key/value projections is pruned in whole
+heads (``prune_heads``).
 
 Which channels go: L1 magnitude of each channel's output weights, summed over the group's
 Conv/Linear members (each member normalised by its mean so a wide layer does not outvote a
@@ -34,6 +36,7 @@ from autocompress.errors import InputError, PlanError, one_line
 from autocompress.guard import analysis_limits, limited
 from autocompress.plan import CompressionPlan
 from autocompress.prune_groups import PruneGroup
+from autocompress.prune_heads import Heads, attention_heads, head_removal, set_head_count
 
 log = logging.getLogger("autocompress")
 
@@ -71,6 +74,7 @@ class _Group:
     channel_groups: int  # channels are removed uniformly from this many equal chunks
     excluded_reason: str | None
     importance: torch.Tensor | None  # [channels], higher = keep
+    heads: Heads | None = None  # pruned in whole heads (``prune_heads``)
 
 
 # -- public API -------------------------------------------------------------------------
@@ -294,6 +298,7 @@ def _collect_groups(
 ) -> list[_Group]:
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
     names = {m: n for n, m in model.named_modules()}
+    modules = dict(model.named_modules())
     result: list[_Group] = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -314,9 +319,13 @@ def _collect_groups(
         members = sorted(set(members), key=lambda n: order[n])
         reason: str | None = None
         chunks = _channel_groups(group, graph)
+        heads = attention_heads(modules, members)
         if touches_output:
             reason = CLASSIFIER_REASON
-        elif _splits_attention_heads(model, members):
+        elif heads is not None and (heads.count < 2 or channels != heads.count * heads.size):
+            reason = HEADS_REASON
+        elif heads is not None and any(
+                modules[m].__class__ is not nn.Linear for m in members):
             reason = HEADS_REASON
         elif channels < min_channels:
             reason = f"too small ({channels} channels < {min_channels})"
@@ -331,26 +340,15 @@ def _collect_groups(
                 channel_groups=chunks,
                 excluded_reason=reason,
                 importance=_importance(group, graph, channels) if reason is None else None,
+                heads=heads,
             )
         )
     result.sort(key=lambda g: order[g.name])
     return result
 
 
-HEADS_REASON = ("query/key/value channels of multi-head attention: pruning them unevenly "
-                "breaks the head reshape (whole-head pruning is not supported yet)")
-
-
-def _splits_attention_heads(model: nn.Module, members: list[str]) -> bool:
-    """Whether a group's layers are the projections of a transformers-style attention module
-    (it reshapes them into heads: BertSelfAttention's num_attention_heads x head size)."""
-    modules = dict(model.named_modules())
-    for name in members:
-        parent = modules.get(name.rpartition(".")[0])
-        if parent is not None and hasattr(parent, "attention_head_size") and hasattr(
-                parent, "num_attention_heads"):
-            return True
-    return False
+HEADS_REASON = ("query/key/value channels of multi-head attention whose heads cannot be "
+                "pruned whole here (a single head, or channels that are not heads x head size)")
 
 
 def _channel_groups(group: Any, graph: tp.DependencyGraph) -> int:
@@ -417,6 +415,8 @@ def _removal(group: _Group, ratio: float, round_to: int) -> list[int]:
     keep = kept_channels(
         group.channels, ratio, round_to=round_to, channel_groups=group.channel_groups
     )
+    if group.heads is not None and group.importance is not None:
+        return head_removal(group.importance, group.heads, ratio)
     if keep >= group.channels or group.importance is None:
         return []
     chunks = group.channel_groups
@@ -505,6 +505,9 @@ def _apply(
             if not graph.check_pruning_group(group):
                 return name, "torch-pruning refused: a coupled layer would lose every channel"
             group.prune()
+            heads = by_name[name].heads
+            if heads is not None:  # the attention module reshapes by its head count
+                set_head_count(modules, heads, len(idxs))
         except Exception as exc:
             return name, f"torch-pruning failed ({one_line(exc, typed=True)})"
         if check_each:

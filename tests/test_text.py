@@ -80,9 +80,10 @@ def test_text_task_is_token_ids_with_stratified_splits(tiny_bert: tuple[Path, Pa
     assert task.model(x).shape == (8, 2)
     inventory = build_inventory(task.model, x[:1])
     query = "model.bert.encoder.layer.0.attention.self.query"
-    assert "multi-head attention" in (inventory.excluded_reason(query) or "")
+    # query, key and value are one group, pruned in whole heads (test_prune_heads)
+    assert query in inventory.prunable_groups() and inventory.excluded_reason(query) is None
     assert "model.bert.encoder.layer.0.intermediate.dense" in inventory.prunable_groups()
-    assert query in inventory.quantizable_layers()  # quantized, just not pruned
+    assert query in inventory.quantizable_layers()
 
 
 def test_tiny_bert_search_export_verify(tiny_bert: tuple[Path, Path], tmp_path: Path) -> None:
