@@ -74,6 +74,18 @@ def test_under_a_budget_the_two_most_accurate_go_before_hypervolume() -> None:
     assert [p.parent for p in budgeted] == [2, 3]
 
 
+def test_under_a_budget_the_runner_up_need_not_be_on_the_size_front() -> None:
+    """The benchmark's case: the second most accurate plan within the budget (3) is larger
+    than the most accurate (2), so off the size front; it still goes second, before the
+    front's small, far less accurate plan (4), and never an infeasible one (5)."""
+    recs = [_rec(0, 0.90, 1000, baseline="fp32"), _rec(2, 0.8226, 87), _rec(3, 0.8210, 255),
+            _rec(4, 0.7792, 56), _rec(5, 0.87, 200, feasible=False)]
+    assert [r.number for r in pareto_front(recs) if r.baseline is None] == [4, 2]
+    budgeted = plan_promotions(recs, CONFIG.replace(budgets=("1ms",)), effort=8,
+                               reference_size=1100)
+    assert [p.parent for p in budgeted] == [2, 3]
+
+
 def test_the_default_share_is_larger_under_budgets() -> None:
     assert SearchConfig().promotion_share() == 0.25
     assert SearchConfig(budgets=("1ms",)).promotion_share() == 0.5
