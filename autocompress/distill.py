@@ -72,6 +72,9 @@ def kd_loss(
             f"{tuple(teacher_logits.shape)} differ in shape; both models must predict the "
             "same classes"
         )
+    if student_logits.ndim < 2:
+        raise InputError(f"logits {tuple(student_logits.shape)} have no class dimension; a "
+                         "task whose outputs are values should yield float targets")
     t = float(temperature)
     log_p_student = F.log_softmax(student_logits / t, dim=1)
     log_p_teacher = F.log_softmax(teacher_logits.detach() / t, dim=1)

@@ -322,10 +322,8 @@ def _collect_groups(
         heads = attention_heads(modules, members)
         if touches_output:
             reason = CLASSIFIER_REASON
-        elif heads is not None and (heads.count < 2 or channels != heads.count * heads.size):
-            reason = HEADS_REASON
-        elif heads is not None and any(
-                modules[m].__class__ is not nn.Linear for m in members):
+        elif heads is not None and (heads.count < 2 or channels != heads.count * heads.size
+                                    or any(type(modules[m]) is not nn.Linear for m in members)):
             reason = HEADS_REASON
         elif channels < min_channels:
             reason = f"too small ({channels} channels < {min_channels})"
@@ -412,11 +410,11 @@ def _check_names(ratios: dict[str, float], groups: list[_Group]) -> None:
 
 def _removal(group: _Group, ratio: float, round_to: int) -> list[int]:
     """Root-channel indices to remove: the lowest-importance positions, evenly per chunk."""
+    if group.heads is not None and group.importance is not None:
+        return head_removal(group.importance, group.heads, ratio)
     keep = kept_channels(
         group.channels, ratio, round_to=round_to, channel_groups=group.channel_groups
     )
-    if group.heads is not None and group.importance is not None:
-        return head_removal(group.importance, group.heads, ratio)
     if keep >= group.channels or group.importance is None:
         return []
     chunks = group.channel_groups

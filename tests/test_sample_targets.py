@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from search_fixture import run_short_search
 
 from autocompress import distill, runtime
-from autocompress.errors import DataSpecError
+from autocompress.errors import DataSpecError, InputError
 from autocompress.export import export_from_storage
 from autocompress.intake import load_task
 from autocompress.intake.data import _split_positions
@@ -109,6 +109,8 @@ def test_default_losses_follow_the_targets() -> None:
     labels = torch.tensor([0, 2, 1, 1])
     assert torch.allclose(distill.default_hard_loss(logits, labels),
                           F.cross_entropy(logits, labels))
+    with pytest.raises(InputError, match=r"no class dimension.*float targets"):
+        distill.kd_loss(torch.zeros(3), torch.zeros(3), 2.0)  # (N,) values, integer targets
 
 
 def test_per_pixel_distillation_is_the_per_position_mean() -> None:
