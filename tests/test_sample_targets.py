@@ -78,7 +78,8 @@ def test_class_labels_stay_as_before_and_any_target_is_kept_as_given() -> None:
     mask = read_target(np.zeros((4, 4), dtype=np.uint8), mode=ANY, where=where)
     assert isinstance(mask, torch.Tensor) and mask.dtype == torch.int64
     assert read_target([0.5, 1.5], mode=ANY, where=where).shape == (2,)  # type: ignore[union-attr]
-    for bad in (True, "cat", torch.tensor([True]), object()):
+    for bad in (True, "cat", torch.tensor([True]), object(), np.array(["a", "b"]),
+                np.array([None])):
         with pytest.raises(DataSpecError, match="targets must be numbers"):
             read_target(bad, mode=ANY, where=where)
 

@@ -36,6 +36,9 @@ def read_target(label: Any, *, mode: str, where: str) -> int | torch.Tensor:
     if isinstance(label, (float, np.floating)):
         return torch.tensor(float(label), dtype=torch.float32)
     if isinstance(label, np.ndarray):
+        if not (np.issubdtype(label.dtype, np.number) or label.dtype == np.bool_):
+            raise DataSpecError(f"{where} has target {_short(label)} of {label.dtype}; "
+                                "targets must be numbers or numeric tensors")
         label = torch.from_numpy(np.ascontiguousarray(label))
     if isinstance(label, (list, tuple)):
         try:
