@@ -411,7 +411,9 @@ def _check_names(ratios: dict[str, float], groups: list[_Group]) -> None:
 def _removal(group: _Group, ratio: float, round_to: int) -> list[int]:
     """Root-channel indices to remove: the lowest-importance positions, evenly per chunk."""
     if group.heads is not None and group.importance is not None:
-        return head_removal(group.importance, group.heads, ratio)
+        # whole heads: the count of heads kept, by the same rule as channels (>= 1)
+        keep_heads = kept_channels(group.heads.count, ratio, round_to=1)
+        return head_removal(group.importance, group.heads, keep_heads)
     keep = kept_channels(
         group.channels, ratio, round_to=round_to, channel_groups=group.channel_groups
     )

@@ -43,21 +43,8 @@ def attention_heads(modules: dict[str, nn.Module], members: list[str]) -> Heads 
     return None
 
 
-def is_attention_projection(modules: dict[str, nn.Module], members: list[str]) -> bool:
-    return attention_heads(modules, members) is not None
-
-
-def kept_heads(count: int, ratio: float) -> int:
-    """Heads that survive ``ratio`` (nearest to count x (1 - ratio), ties keep more, >= 1)."""
-    if ratio <= 0:
-        return count
-    target = count * (1.0 - ratio)
-    return min(range(1, count + 1), key=lambda k: (abs(k - target), -k))
-
-
-def head_removal(importance: torch.Tensor, heads: Heads, ratio: float) -> list[int]:
-    """Channel indices of the least important heads, ``kept_heads`` of them staying."""
-    keep = kept_heads(heads.count, ratio)
+def head_removal(importance: torch.Tensor, heads: Heads, keep: int) -> list[int]:
+    """Channel indices of the least important heads, ``keep`` of them staying."""
     if keep >= heads.count:
         return []
     per_head = importance.view(heads.count, heads.size).sum(1)
@@ -75,5 +62,4 @@ def set_head_count(modules: dict[str, nn.Module], heads: Heads, removed_channels
         module.all_head_size = count * heads.size
 
 
-__all__ = ["Heads", "attention_heads", "head_removal", "is_attention_projection",
-           "kept_heads", "set_head_count"]
+__all__ = ["Heads", "attention_heads", "head_removal", "set_head_count"]

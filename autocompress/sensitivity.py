@@ -304,10 +304,6 @@ def _score(
 
 def _figure(outputs: list[torch.Tensor], ys: list[torch.Tensor], metric: Metric) -> float:
     """The task's figure on the slice (recorded as ``accuracy`` for people to read)."""
-    if metric.is_top1:
-        correct = sum(int((out.argmax(dim=1) == y).sum())
-                      for out, y in zip(outputs, ys, strict=True))
-        return correct / max(sum(int(y.numel()) for y in ys), 1)
     return metric.score_batches((out.numpy(), y.numpy()) for out, y in zip(outputs, ys,
                                                                          strict=True))
 

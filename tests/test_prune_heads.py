@@ -12,7 +12,7 @@ from autocompress.config import SearchConfig
 from autocompress.evaluate import evaluate_plan
 from autocompress.inventory import build_inventory
 from autocompress.plan import CompressionPlan
-from autocompress.prune_heads import Heads, head_removal, kept_heads
+from autocompress.prune_heads import Heads, head_removal
 
 transformers = pytest.importorskip("transformers")
 
@@ -35,10 +35,12 @@ def _tiny_bert(heads: int = 4) -> torch.nn.Module:
 
 
 def test_heads_kept_and_removed_are_whole_heads() -> None:
-    assert [kept_heads(12, r) for r in (0.0, 0.25, 0.5, 0.99)] == [12, 9, 6, 1]
+    # the head count kept follows the channel rule without rounding: never 0
+    assert [prune.kept_channels(12, r, round_to=1) for r in (0.0, 0.25, 0.5, 0.99)] == [
+        12, 9, 6, 1]
     heads = Heads("a", count=4, size=2)
     importance = torch.tensor([1.0, 1.0, 0.1, 0.1, 5.0, 5.0, 0.2, 0.3])
-    assert head_removal(importance, heads, 0.5) == [2, 3, 6, 7]  # heads 1 and 3, whole
+    assert head_removal(importance, heads, 2) == [2, 3, 6, 7]  # heads 1 and 3, whole
 
 
 def test_attention_projections_are_one_group_pruned_in_heads() -> None:

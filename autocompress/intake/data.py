@@ -323,13 +323,21 @@ def _split_positions(
         return _stratified_split(y.numpy(), fractions, rng)
     n = int(y.shape[0])
     order = rng.permutation(n).astype(np.int64)
+    counts = _later_part_counts(n, fractions)
+    bounds = np.cumsum([n - sum(counts), *counts])
+    return list(np.split(order, bounds[:-1]))
+
+
+def _later_part_counts(n: int, fractions: Sequence[float]) -> list[int]:
+    """Samples of ``n`` for each part after the first: about its fraction, at least one
+    when there are enough for every part, and never all of them (the first part, train,
+    keeps at least one)."""
     counts = [round(f * n) for f in fractions[1:]]
     if n >= len(fractions):
         counts = [max(1, c) for c in counts]
-    while sum(counts) >= n and any(counts):  # keep >= 1 sample for the first part
+    while sum(counts) >= n and any(counts):
         counts[counts.index(max(counts))] -= 1
-    bounds = np.cumsum([n - sum(counts), *counts])
-    return list(np.split(order, bounds[:-1]))
+    return counts
 
 
 def _take(src: _Source, positions: np.ndarray) -> Split:
@@ -351,11 +359,7 @@ def _stratified_split(
         members = np.flatnonzero(y == label)
         rng.shuffle(members)
         n = len(members)
-        counts = [round(f * n) for f in fractions[1:]]
-        if n >= len(fractions):
-            counts = [max(1, c) for c in counts]
-        while sum(counts) >= n and any(counts):  # keep >= 1 sample for the first part
-            counts[counts.index(max(counts))] -= 1
+        counts = _later_part_counts(n, fractions)
         start = n - sum(counts)
         parts[0].append(members[:start])
         for i, count in enumerate(counts, start=1):
