@@ -66,24 +66,34 @@ def test_under_a_budget_the_most_accurate_plan_is_retrained_first() -> None:
     assert [p.parent for p in budgeted] == [2]
 
 
-def test_under_a_budget_the_two_most_accurate_go_before_hypervolume() -> None:
+def test_under_a_budget_the_most_accurate_takes_the_effort_up_to_the_last_rung() -> None:
+    """One long retrain of the plan `export --best` delivers, not two at half the steps: the
+    runner-up (3) gets only what the first leaves over, after the last rung (16 x)."""
     recs = [_rec(0, 0.90, 1000, baseline="fp32"), _rec(1, 0.80, 100), _rec(2, 0.815, 300),
             _rec(3, 0.812, 250), _rec(4, 0.70, 90)]
     budgeted = plan_promotions(recs, CONFIG.replace(budgets=("1ms",)), effort=8,
                                reference_size=1100)
-    assert [p.parent for p in budgeted] == [2, 3]
+    assert [(p.parent, p.steps, p.rung) for p in budgeted] == [(2, 800, 2)]
+    more = plan_promotions(recs, CONFIG.replace(budgets=("1ms",)), effort=21,
+                           reference_size=1100)
+    assert [(p.parent, p.steps) for p in more][:1] == [(2, 1600)]
+    assert sum(p.cost for p in more) <= 21
+    assert all(p.parent != 2 for p in more[1:])
+    assert plan_promotions(recs, CONFIG.replace(budgets=("1ms",)), effort=3,
+                           reference_size=1100) == []  # less than one rung: none
 
 
-def test_under_a_budget_the_runner_up_need_not_be_on_the_size_front() -> None:
-    """The benchmark's case: the second most accurate plan within the budget (3) is larger
-    than the most accurate (2), so off the size front; it still goes second, before the
-    front's small, far less accurate plan (4), and never an infeasible one (5)."""
-    recs = [_rec(0, 0.90, 1000, baseline="fp32"), _rec(2, 0.8226, 87), _rec(3, 0.8210, 255),
+def test_under_a_budget_the_first_need_not_be_on_the_size_front() -> None:
+    """The most accurate plan within the budget (2) is dominated by the int8 baseline, so off
+    the front; it still goes first, before the front's small, far less accurate plan (4),
+    and never an infeasible one (5)."""
+    recs = [_rec(0, 0.90, 1000, baseline="fp32", feasible=False),
+            _rec(1, 0.905, 300, baseline="int8"), _rec(2, 0.8226, 350),
             _rec(4, 0.7792, 56), _rec(5, 0.87, 200, feasible=False)]
-    assert [r.number for r in pareto_front(recs) if r.baseline is None] == [4, 2]
+    assert [r.number for r in pareto_front(recs) if r.baseline is None] == [4]
     budgeted = plan_promotions(recs, CONFIG.replace(budgets=("1ms",)), effort=8,
                                reference_size=1100)
-    assert [p.parent for p in budgeted] == [2, 3]
+    assert [p.parent for p in budgeted] == [2]
 
 
 def test_the_default_share_is_larger_under_budgets() -> None:
@@ -97,13 +107,20 @@ def test_under_a_time_limit_the_leftover_lengthens_the_chosen_retrains() -> None
     third; stretched, the two share them (550 steps each) instead of the time going to short
     trials that are never retrained."""
     recs = [_rec(0, 0.90, 1000, baseline="fp32"), _rec(1, 0.80, 100), _rec(2, 0.815, 300),
-            _rec(3, 0.812, 250), _rec(4, 0.70, 90)]
-    config = CONFIG.replace(budgets=("1ms",))
-    plain = plan_promotions(recs, config, effort=11, reference_size=1100)
-    stretched = plan_promotions(recs, config, effort=11, reference_size=1100, stretch=True)
-    assert [(p.parent, p.steps) for p in plain] == [(2, 400), (3, 400)]
-    assert [(p.parent, p.steps) for p in stretched] == [(2, 550), (3, 550)]
+            _rec(3, 0.70, 90)]
+    plain = plan_promotions(recs, CONFIG, effort=11, reference_size=1100)
+    stretched = plan_promotions(recs, CONFIG, effort=11, reference_size=1100, stretch=True)
+    assert [p.steps for p in plain] == [400, 400]
+    assert [p.steps for p in stretched] == [550, 550]
     assert sum(p.cost for p in stretched) == 11
     # never past the last rung (factor^2 = 16 short fine-tunes): the rest stays unspent
-    capped = plan_promotions(recs[:2], config, effort=40, reference_size=1100, stretch=True)
+    capped = plan_promotions(recs[:2], CONFIG, effort=40, reference_size=1100, stretch=True)
     assert [(p.parent, p.steps, p.rung) for p in capped] == [(1, 1600, 1)]
+
+
+def test_a_retrain_past_the_first_rung_is_capped_at_the_last() -> None:
+    """A plan retrained to 9.4 x (a concentrated budget-first retrain) is promoted again only
+    to the last rung (16 x), never 4 x its own steps."""
+    recs = [_rec(1, 0.80, 100), _rec(2, 0.85, 100, steps=940, parent=1)]
+    got = plan_promotions(recs, CONFIG, effort=100, reference_size=1100)
+    assert [(p.parent, p.steps) for p in got] == [(2, 1600)]
