@@ -657,7 +657,7 @@ def test_data_factory_dict_with_val_and_uint8_images(user_code: Path) -> None:
     ("factory", "fragments"),
     [
         ("wrong_type", ("returned list", "(train_dataset, test_dataset)")),
-        ("pil_images", ("has image Image", "(C, H, W) tensor")),
+        ("pil_images", ("input is Image", "apply ToTensor")),
         ("string_labels", ("label 'cat'", "ints >= 0")),
         ("one_class", ("only one class",)),
         ("raises", ("raised OSError", "dataset server unreachable")),

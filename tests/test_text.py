@@ -72,7 +72,7 @@ def _data(rows: Path) -> str:
 def test_text_task_is_token_ids_with_stratified_splits(tiny_bert: tuple[Path, Path]) -> None:
     model_dir, rows = tiny_bert
     task = load_task(f"hf:{model_dir}", None, _data(rows))
-    assert task.input_shape == (16,) and task.data.is_tokens
+    assert task.input_shape == (16,) and task.data.is_flat
     assert task.data.classes == ["fresh", "rotten"]
     assert [len(task.data.split(s)) for s in ("train", "val", "test")] == [240, 30, 30]
     x, _ = next(task.data.batches("val", 8))

@@ -123,6 +123,7 @@ def _report(
     after: Inventory,
     verification: dict[str, Any] | None,
     program_diff: float,
+    inputs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     fp32_row = _metrics(fp32, fp32)
     if not fp32_row:
@@ -141,6 +142,7 @@ def _report(
         "model_spec": ctx.model_spec,
         "data_spec": ctx.info.attrs.get("data_spec"),
         "trial": record.number,
+        "inputs": inputs,
         "selection": {
             "rule": choice.rule,
             "budgets": [b.to_dict() for b in choice.budgets],
@@ -213,6 +215,9 @@ def _markdown(report: dict[str, Any]) -> str:
         f"**Chosen by:** {sel['rule']}.",
         "",
     ]
+    inputs = report.get("inputs") or {}
+    if inputs.get("packed"):
+        lines += [f"**Input:** {inputs['packed']}.", ""]
     lines += [f"**Note:** {note}." for note in report.get("notes", [])]
     if report.get("notes"):
         lines.append("")

@@ -89,14 +89,16 @@ class DataSplits:
         return are_values(self.train.y)
 
     @property
-    def is_tokens(self) -> bool:
-        """Token ids (N, L) int64 (``text:`` data), fed to the model as they are."""
-        return self.train.x.ndim == 2 and self.train.x.dtype == torch.int64
+    def is_flat(self) -> bool:
+        """Flat inputs (N, L), fed to the model as they are: token ids (``text:`` data, a
+        task's int64 ids), feature vectors, or a task's packed input tensors
+        (``intake.sample_inputs``)."""
+        return self.train.x.ndim == 2
 
     @property
     def input_shape(self) -> tuple[int, ...]:
-        """(C, H, W) of one preprocessed image; (L,) for token ids."""
-        if self.is_tokens:
+        """(C, H, W) of one preprocessed image; (L,) for flat inputs."""
+        if self.is_flat:
             return (int(self.train.x.shape[1]),)
         return (int(self.train.x.shape[1]), *self.image_size)
 
@@ -111,8 +113,8 @@ class DataSplits:
 
     def preprocess(self, x: torch.Tensor) -> torch.Tensor:
         """Stored (N, C, h, w) -> float32 (N, C, H, W): scale to 0..1, resize, normalise.
-        Token ids pass unchanged."""
-        if self.is_tokens:
+        Flat inputs pass unchanged."""
+        if self.is_flat:
             return x
         out = x.to(torch.float32)
         if tuple(out.shape[-2:]) != self.image_size:
@@ -263,6 +265,9 @@ def load_data(
                 f"the {name} split of {spec!r} is empty; add images (a class needs at least 2 "
                 "so that one can go to validation)"
             )
+    if train.x.ndim == 2:
+        return _flat_splits(spec, seed, classes, (train, val, test), method,
+                            input_size=input_size, mean=mean, std=std)
     size = (input_size, input_size) if input_size else tuple(int(s) for s in train.x.shape[-2:])
     channels = int(train.x.shape[1])
     if mean is None or std is None:
@@ -290,6 +295,22 @@ def load_data(
     )
 
 
+def _flat_splits(spec: str, seed: int, classes: Sequence[str], parts: tuple[Split, Split, Split],
+                 method: str, *, input_size: int | None, mean: Sequence[float] | None,
+                 std: Sequence[float] | None) -> DataSplits:
+    """Splits of flat inputs (token ids, feature vectors, packed tensors): fed as they are,
+    so image options cannot apply to them."""
+    if input_size is not None or mean is not None or std is not None:
+        raise DataSpecError(
+            f"--input-size, --mean and --std apply to images; {spec!r} yields flat inputs "
+            f"{tuple(parts[0].x.shape[1:])} {parts[0].x.dtype}, fed to the model as they are "
+            "(scale them in the dataset); drop those options")
+    train, val, test = parts
+    return DataSplits(spec=spec, seed=seed, classes=list(classes), train=train, val=val,
+                      test=test, image_size=(0, 0), mean=(), std=(), value_scale=1.0,
+                      split_method=method)
+
+
 TEXT_FRACTIONS = (0.8, 0.1, 0.1)  # train / val / test of a text file
 
 
@@ -311,7 +332,8 @@ def _load_text(spec: str, rest: str, tokenizer: str | None, rng: np.random.Gener
 def _task_sources(spec: str) -> tuple[_Source, _Source | None, _Source, list[str]]:
     """A task's datasets; any numeric target when the task brings its own metric."""
     task = load_user_task(spec)
-    return _sources_from_result(task.data, spec, CLASSES if task.metric.is_top1 else ANY)
+    return _sources_from_result(task.data, spec, CLASSES if task.metric.is_top1 else ANY,
+                                task.layout)
 
 
 def _split_positions(

@@ -7,7 +7,7 @@ import io
 import json
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,8 +15,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader
 
 from autocompress.errors import DataSpecError, one_line
+from autocompress.intake.sample_inputs import InputLayout, pack, single_input, stack_inputs
 from autocompress.intake.sample_targets import CLASSES, are_class_labels, read_target, stack_targets
 from autocompress.intake.specs import _IMAGE_CACHE_VERSION, IMAGE_EXTENSIONS, _resolve_factory
 
@@ -243,7 +245,7 @@ def _load_data_factory(spec: str) -> tuple[_Source, _Source | None, _Source, lis
 
 
 def _sources_from_result(
-    result: Any, spec: str, targets: str = CLASSES
+    result: Any, spec: str, targets: str = CLASSES, layout: InputLayout | None = None
 ) -> tuple[_Source, _Source | None, _Source, list[str]]:
     """A data factory's (or a task's) datasets read into stored train / val / test, with the
     class names (none when the targets are not class labels)."""
@@ -262,17 +264,18 @@ def _sources_from_result(
             f"data factory {spec!r} returned {type(result).__name__}; return "
             "(train_dataset, test_dataset) or a dict with 'train' and 'test'"
         )
-    sources = {name: _materialize(ds, spec, name, targets) for name, ds in parts.items()}
+    sources = {name: _materialize(ds, spec, name, targets, layout)
+               for name, ds in parts.items()}
     shapes = {tuple(s.x.shape[1:]) for s in sources.values()}
     if len(shapes) > 1:
         raise DataSpecError(
-            f"data factory {spec!r} yields images of different shapes {sorted(shapes)} across "
-            "train/test; resize to one shape in the datasets"
+            f"data factory {spec!r} yields inputs of different shapes {sorted(shapes)} across "
+            "train/test; yield one shape in every dataset (resize images, pad token ids)"
         )
     if len({s.x.dtype for s in sources.values()}) > 1:
         raise DataSpecError(
-            f"data factory {spec!r} yields uint8 images in one dataset and floats in another; "
-            "use one dtype"
+            f"data factory {spec!r} yields inputs of different dtypes across datasets "
+            f"({sorted(str(s.x.dtype) for s in sources.values())}); use one dtype"
         )
     kinds = {(tuple(s.y.shape[1:]), s.y.dtype) for s in sources.values()}
     if len(kinds) > 1:
@@ -295,9 +298,18 @@ def _sources_from_result(
     return sources["train"], sources.get("val"), sources["test"], classes
 
 
-def _materialize(dataset: Any, spec: str, name: str, targets: str = CLASSES) -> _Source:
-    """Read a whole (image tensor, target) dataset into stacked tensors (``targets``: what a
-    target may be, see ``intake.sample_targets``)."""
+def samples_of(data: Any) -> Any:
+    """A DataLoader's dataset (its samples, read one by one; batching is ours), else
+    ``data`` itself."""
+    return data.dataset if isinstance(data, DataLoader) else data
+
+
+def _materialize(dataset: Any, spec: str, name: str, targets: str = CLASSES,
+                 layout: InputLayout | None = None) -> _Source:
+    """Read a whole (inputs, target) dataset into stacked tensors (``targets``: what a
+    target may be, see ``intake.sample_targets``; ``layout``: how a task's several input
+    tensors are packed into one, see ``intake.sample_inputs``)."""
+    dataset = samples_of(dataset)
     try:
         if hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__"):
             items = [dataset[i] for i in range(len(dataset))]
@@ -310,35 +322,24 @@ def _materialize(dataset: Any, spec: str, name: str, targets: str = CLASSES) -> 
     if not items:
         raise DataSpecError(f"the {name} dataset of {spec!r} is empty; it must yield samples")
     what = "int label" if targets == CLASSES else "target"
-    images, labels = [], []
+    inputs, labels = [], []
     for i, item in enumerate(items):
+        where = f"{name} sample {i} of {spec!r}"
         if not isinstance(item, (tuple, list)) or len(item) < 2:
             raise DataSpecError(
-                f"{name} sample {i} of {spec!r} is {type(item).__name__}; datasets must yield "
-                f"(image tensor (C, H, W), {what})"
+                f"{where} is {type(item).__name__}; datasets must yield (inputs, {what}), "
+                "inputs an image tensor (C, H, W), a vector, or a tuple or dict of tensors"
             )
-        image, label = item[0], item[1]
-        if isinstance(image, np.ndarray):
-            image = torch.from_numpy(image)
-        if not isinstance(image, torch.Tensor) or image.ndim not in (2, 3):
-            shape = getattr(image, "shape", None)
-            got = (
-                f"{type(image).__name__} {tuple(shape)}"
-                if shape is not None
-                else type(image).__name__
-            )
+        sample, label = item[0], item[1]
+        if layout is not None:
+            inputs.append(pack(sample, layout, where))
+        elif isinstance(sample, (Mapping, tuple, list)):
             raise DataSpecError(
-                f"{name} sample {i} of {spec!r} has image {got}; yield a (C, H, W) tensor "
-                "(apply ToTensor)"
+                f"{where} yields a {type(sample).__name__} of inputs; tuple and dict inputs "
+                "need a task (--task file.py:factory) whose model takes them"
             )
-        images.append(image if image.ndim == 3 else image.unsqueeze(0))
-        labels.append(read_target(label, mode=targets, where=f"{name} sample {i} of {spec!r}"))
-    shapes = {tuple(im.shape) for im in images}
-    if len(shapes) > 1:
-        raise DataSpecError(
-            f"{name} images of {spec!r} differ in shape ({len(shapes)} shapes, e.g. "
-            f"{sorted(shapes)[:2]}); resize to one shape in the dataset"
-        )
-    x = torch.stack(images)
-    x = x if x.dtype == torch.uint8 else x.to(torch.float32)
-    return _Source(x.contiguous(), stack_targets(labels, f"the {name} dataset of {spec!r}"))
+        else:
+            inputs.append(single_input(sample, where))
+        labels.append(read_target(label, mode=targets, where=where))
+    x = stack_inputs(inputs, f"the {name} dataset of {spec!r}")
+    return _Source(x, stack_targets(labels, f"the {name} dataset of {spec!r}"))

@@ -5,7 +5,9 @@ attributes):
 
 - ``model``: the trained ``nn.Module`` (weights loaded), or a model spec string;
 - ``data``: a data spec string (``imagefolder:ROOT``...), or ``{"train": ds, "test": ds}``
-  (optionally ``"val"``) of datasets yielding ``(image tensor, target)``: an int label, or
+  (optionally ``"val"``) of datasets yielding ``(inputs, target)``: inputs an image tensor,
+  a feature vector, token ids, or a tuple or dict of tensors the model takes positionally or
+  by name (packed into one input, ``intake.sample_inputs``); the target an int label, or
   with the task's own metric any numeric target (``intake.sample_targets``);
 - ``metric`` (optional): ``fn(outputs, targets) -> float`` over a whole split, numpy arrays;
   ``metric_name`` (default: the function's name) and ``higher_is_better`` (default True);
@@ -26,6 +28,8 @@ from typing import Any
 from torch import nn
 
 from autocompress.errors import InputError, one_line
+from autocompress.intake.data_sources import samples_of
+from autocompress.intake.sample_inputs import InputLayout, PackedInputs, layout_of
 from autocompress.intake.specs import _is_factory_target, _resolve_factory
 from autocompress.task_metric import TOP1, Metric
 
@@ -44,10 +48,15 @@ class UserTask:
     data: dict[str, Any] | str
     metric: Metric
     loss: Callable[..., Any] | None
+    layout: InputLayout | None = None  # several input tensors per sample, packed into one
 
     def fresh_model(self) -> nn.Module | str:
-        """The model (a copy: callers prune and fine-tune what they get) or its spec."""
-        return copy.deepcopy(self.model) if isinstance(self.model, nn.Module) else self.model
+        """The model (a copy: callers prune and fine-tune what they get) or its spec; behind
+        one packed input when samples have several input tensors."""
+        if not isinstance(self.model, nn.Module):
+            return self.model
+        model = copy.deepcopy(self.model)
+        return model if self.layout is None else PackedInputs(model, self.layout).eval()
 
 
 _LOADED: dict[str, UserTask] = {}  # one factory call per process: datasets can be costly
@@ -72,8 +81,13 @@ def load_user_task(spec: str) -> UserTask:
         raise TaskSpecError(f"task factory {spec!r} raised {one_line(exc, typed=True)}; "
                             "fix the factory") from exc
     fields = _fields(result, spec)
-    task = UserTask(spec, _model(fields, spec), _data(fields, spec), _metric(fields, spec),
-                    _callable(fields.get("loss"), "loss", spec))
+    model, data = _model(fields, spec), _data(fields, spec)
+    layout = _layout(data, spec)
+    if layout is not None and not isinstance(model, nn.Module):
+        raise TaskSpecError(f"task factory {spec!r} yields {layout.kind} inputs but names the "
+                            f"model {model!r}; return the nn.Module that takes them")
+    task = UserTask(spec, model, data, _metric(fields, spec),
+                    _callable(fields.get("loss"), "loss", spec), layout)
     _LOADED[spec] = task
     return task
 
@@ -116,6 +130,21 @@ def _data(fields: dict[str, Any], spec: str) -> dict[str, Any] | str:
                             "a data spec string or {'train': dataset, 'test': dataset} "
                             "(optionally 'val')")
     return data
+
+
+def _layout(data: dict[str, Any] | str, spec: str) -> InputLayout | None:
+    """How the first train sample's inputs are packed (None: one tensor, or a data spec)."""
+    if isinstance(data, str):
+        return None
+    train = samples_of(data["train"])
+    try:
+        first = train[0] if hasattr(train, "__getitem__") else next(iter(train))
+    except Exception as exc:  # user code: report, do not crash
+        raise TaskSpecError(f"reading the first train sample of task {spec!r} failed: "
+                            f"{one_line(exc, typed=True)}") from exc
+    if not isinstance(first, (tuple, list)) or len(first) < 2:
+        return None  # materializing the data says what is wrong, naming the sample
+    return layout_of(first[0], f"train sample 0 of {spec!r}")
 
 
 def _metric(fields: dict[str, Any], spec: str) -> Metric:
