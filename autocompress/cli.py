@@ -78,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "model.onnx: what deploys) instead of a PyTorch model")
     pr.add_argument("--threads", type=int, default=1, help="runtime threads (--onnx)")
     pr.add_argument("--target", default="onnxruntime-cpu", help="with --onnx: the runtime "
-                    "whose profiler times the file: onnxruntime-cpu or openvino-cpu")
+                    "whose profiler times the file: onnxruntime-cpu, openvino-cpu, "
+                    "onnxruntime-cuda or tensorrt (GPU)")
     pr.add_argument("--format", choices=("table", "json", "csv"), default="table")
 
     d = sub.add_parser("dashboard", help="browse the Pareto front in a browser")

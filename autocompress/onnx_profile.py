@@ -19,7 +19,9 @@ from typing import Any
 
 OVERHEAD = "(session overhead)"
 PROFILERS = {"onnxruntime-cpu": "ONNX Runtime profiler",
-             "openvino-cpu": "OpenVINO performance counters (compiled graph's nodes)"}
+             "openvino-cpu": "OpenVINO performance counters (compiled graph's nodes)",
+             "onnxruntime-cuda": "ONNX Runtime profiler (CUDA execution provider)",
+             "tensorrt": "ONNX Runtime profiler (TensorRT's engine as one fused node)"}
 
 
 @dataclass

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from autocompress import tensorrt_engine
 from autocompress.config import TARGETS as config_targets
 from autocompress.errors import InputError
 from autocompress.measure import LatencyStats
@@ -131,6 +132,9 @@ def make_session(
     if profile_prefix is not None:
         options.enable_profiling = True
         options.profile_file_prefix = profile_prefix
+    if target == "tensorrt":  # the builder flags every session of the target shares
+        return ort.InferenceSession(str(model_path), options,
+                                    providers=tensorrt_engine.providers(has_qdq(model_path)))
     providers = _GPU_PROVIDERS.get(target, PROVIDERS)
     return ort.InferenceSession(str(model_path), options, providers=list(providers))
 
@@ -244,20 +248,18 @@ def profile_nodes(
 ) -> tuple[list[float], dict[str, tuple[str, list[float]]]]:
     """The runtime's own profiler on ``path`` at ``input_shape`` (batch included): the
     whole-run times (ms, one per run after ``warmup``) and, per node in graph order, its op
-    type and kernel time in each of those runs. ONNX Runtime's trace, or OpenVINO's
-    performance counters for ``openvino-cpu`` (its nodes are the compiled graph's)."""
+    type and kernel time in each of those runs. ONNX Runtime's trace (on the GPU targets
+    too: TensorRT's engine is one fused node there), or OpenVINO's performance counters for
+    ``openvino-cpu`` (its nodes are the compiled graph's)."""
     import json
     import tempfile
 
     _check_counts(runs, warmup)
     if target == "openvino-cpu":
         return _openvino_node_times(path, input_shape, runs, warmup, threads)
-    if target != DEFAULT_TARGET:
-        raise InputError(f"profiling on {target} is not supported; use onnxruntime-cpu or "
-                         "openvino-cpu")
     with tempfile.TemporaryDirectory(prefix="autocompress-ort-profile-") as tmp:
         session = make_session(path, threads=threads, session_options=session_options,
-                               profile_prefix=str(Path(tmp) / "ort"))
+                               target=target, profile_prefix=str(Path(tmp) / "ort"))
         feed = _random_input(session, input_shape)
         for _ in range(warmup + runs):
             session.run(None, feed)
@@ -538,6 +540,8 @@ def runtime_info(
     else:
         engine = {"runtime": "onnxruntime", "version": ort.__version__,
                   "providers": list(_GPU_PROVIDERS.get(target, PROVIDERS))}
+        if target == "tensorrt":
+            engine["builder_flags"] = {"fp16": True, "int8": "files with QDQ nodes"}
     return {
         "target": target,
         **engine,

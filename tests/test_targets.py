@@ -94,3 +94,34 @@ def test_gpu_benchmark_refuses_without_a_gpu_in_one_line() -> None:
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
     assert lines[0].startswith("error: the tensorrt target needs an NVIDIA GPU")
+
+
+def test_tensorrt_builder_flags_follow_the_file() -> None:
+    """fp16 allowed for every file; int8 only for QDQ files (explicit quantization); the
+    engine cache is on only when an engine is to be written."""
+    from autocompress import tensorrt_engine
+
+    plain = tensorrt_engine.provider_options(qdq=False)
+    assert plain == {"trt_fp16_enable": "True", "trt_int8_enable": "False"}
+    cached = tensorrt_engine.provider_options(qdq=True, engine_dir=Path("/x/tensorrt"))
+    assert cached["trt_int8_enable"] == "True" and cached["trt_engine_cache_enable"] == "True"
+    assert cached["trt_engine_cache_path"] == "/x/tensorrt"
+    first, *rest = tensorrt_engine.providers(qdq=True)
+    assert first[0] == "TensorrtExecutionProvider" and rest == [
+        "CUDAExecutionProvider", "CPUExecutionProvider"]
+    info = runtime.runtime_info(1, 1, target="tensorrt")
+    assert info["builder_flags"]["fp16"] is True
+
+
+def test_tensorrt_engine_is_saved_beside_the_file(demo_task, tmp_path: Path) -> None:
+    if "TensorrtExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("no TensorrtExecutionProvider here (needs an NVIDIA GPU and "
+                    "onnxruntime-gpu); benchmarks/gpu.py exercises it on a GPU machine")
+    from autocompress import quantize, tensorrt_engine
+
+    example = demo_task.data.example_input(1)
+    path = quantize.export_float_onnx(demo_task.model, example, tmp_path / "model.onnx")
+    names = tensorrt_engine.save_engine(path, tmp_path, tuple(example.shape[1:]), qdq=False)
+    assert any(n.endswith(".engine") for n in names) and names[-1] == "tensorrt/build.json"
+    build = json.loads((tmp_path / "tensorrt" / "build.json").read_text())
+    assert build["flags"] == {"fp16": True, "int8": False}

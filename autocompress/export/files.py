@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,8 @@ def _publish(tmp: Path, out: Path, force: bool) -> None:
         os.rename(tmp, out)
         return
     for item in tmp.iterdir():
+        if item.is_dir() and (out / item.name).is_dir():  # a target's folder (tensorrt/):
+            shutil.rmtree(out / item.name)  # replaced whole, never merged with an old one
         os.replace(item, out / item.name)
     tmp.rmdir()
 

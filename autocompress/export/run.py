@@ -21,6 +21,7 @@ from autocompress.export.report import _markdown, _plot, _report
 from autocompress.export.selection import choose_from_study, fp32_record
 from autocompress.export.verify import _verify
 from autocompress.intake.models import zeros_input
+from autocompress.intake.sample_inputs import inputs_record
 from autocompress.inventory import build_inventory
 from autocompress.pareto import (
     TrialRecord,
@@ -69,7 +70,7 @@ def export_from_storage(
     try:
         with tempfile.TemporaryDirectory(prefix="autocompress-export-") as scratch:
             report = _write(tmp, Path(scratch), store, ctx, choice, records, fp32, verify)
-        names = [*FILES, *_target_files(tmp, choice.record)]
+        names = [*FILES, *_target_files(tmp, choice.record, ctx.input_shape)]
         files = {
             name: {"bytes": (tmp / name).stat().st_size, "sha256": measure.sha256_file(tmp / name)}
             for name in names
@@ -123,19 +124,27 @@ def _write(
         verification = _verify(tmp, ctx, record, fp32, fp32_path, data)
         verification["program_max_abs_diff"] = program_diff
 
-    report = _report(ctx, choice, record, fp32, plan, after, verification, program_diff)
+    report = _report(ctx, choice, record, fp32, plan, after, verification, program_diff,
+                     inputs_record(float_model, ctx.input_shape, example.dtype))
     (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (tmp / "report.md").write_text(_markdown(report))
     _plot(tmp / "pareto.png", records, record, ctx, choice.budgets or _study_budgets(ctx))
     return report
 
 
-def _target_files(folder: Path, record: TrialRecord) -> list[str]:
-    """Files in the study's target's own format beside model.onnx: OpenVINO IR for the
-    openvino-cpu target (the ONNX file is what was measured; the IR is what OpenVINO
-    deployments load fastest)."""
+def _target_files(folder: Path, record: TrialRecord, input_shape: tuple[int, ...]) -> list[str]:
+    """Files in the study's target's own format beside model.onnx (which is what was
+    measured): OpenVINO IR for the openvino-cpu target, what OpenVINO deployments load
+    fastest; for the tensorrt target the engine TensorRT built from model.onnx for this
+    GPU, with its builder flags (``tensorrt/build.json``)."""
     runtime_info = record.json_attr("runtime")
     target = runtime_info.get("target") if isinstance(runtime_info, dict) else None
+    if target == "tensorrt":
+        from autocompress import runtime, tensorrt_engine
+
+        onnx_path = folder / "model.onnx"
+        return tensorrt_engine.save_engine(onnx_path, folder, input_shape,
+                                           qdq=runtime.has_qdq(onnx_path))
     if target != "openvino-cpu":
         return []
     from autocompress import openvino_runtime
