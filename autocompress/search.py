@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -240,15 +240,22 @@ class _TrialCounter:
         mean = self.elapsed() / max(self.finished, 1)
         return limit * 60 - self.elapsed() > mean
 
-    def promotion_effort(self, mean_trial_s: float | None) -> float:
+    def promotion_effort(self, timings: Sequence[dict[str, float]]) -> float:
         """Short fine-tunes' worth of promotions this run may add: its share of the counted
-        trials, or, under a time limit, what is left of it over the mean short trial."""
+        trials, or, under a time limit, the time left over what a short trial's fine-tune
+        takes, after one trial's fixed part (build, export, measurement: a retrain costs it
+        once, however long it trains; dividing by the whole short trial left a quarter of
+        the promotions' time to short trials that are never retrained)."""
         cfg = self.config
         if cfg.time_limit is None:
             return cfg.promotion_share() * self.counted
-        if not mean_trial_s:
+        tuned = [t for t in timings if t.get("finetune")]
+        if not tuned:
             return 0.0
-        return max(cfg.time_limit * 60 - self.elapsed(), 0.0) / mean_trial_s
+        finetune = sum(t["finetune"] for t in tuned) / len(tuned)
+        fixed = sum(sum(t.values()) - t["finetune"] for t in tuned) / len(tuned)
+        left = cfg.time_limit * 60 - self.elapsed() - fixed
+        return max(left, 0.0) / finetune
 
     def should_stop(self) -> bool:
         cfg = self.config
@@ -316,10 +323,10 @@ def _promote(
     reference_size = 1.1 * measure.file_size(runner.ctx.fp32_onnx)
     with study_mod.study_lock(study):  # two workers never promote the same plan
         recs = study_mod.records(study)
-        seconds = [sum(r.json_attr(trial_attrs.TIMING).values()) for r in recs
+        timings = [r.json_attr(trial_attrs.TIMING) for r in recs
                    if r.measured and r.baseline is None and r.attrs.get(trial_attrs.TIMING)
                    and r.attrs.get(trial_attrs.PARENT) is None]
-        effort = counter.promotion_effort(sum(seconds) / len(seconds) if seconds else None)
+        effort = counter.promotion_effort(timings)
         chosen = plan_promotions(recs, config, effort=effort, reference_size=reference_size,
                                  stretch=config.time_limit is not None)
         by_number = {r.number: r for r in recs}

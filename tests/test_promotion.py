@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from autocompress.config import SearchConfig
 from autocompress.pareto import TrialRecord, most_trained, pareto_front, select_best
 from autocompress.promotion import plan_promotions
@@ -124,3 +126,19 @@ def test_a_retrain_past_the_first_rung_is_capped_at_the_last() -> None:
     recs = [_rec(1, 0.80, 100), _rec(2, 0.85, 100, steps=940, parent=1)]
     got = plan_promotions(recs, CONFIG, effort=100, reference_size=1100)
     assert [(p.parent, p.steps) for p in got] == [(2, 1600)]
+
+
+def test_under_a_time_limit_the_effort_counts_a_retrains_fixed_part_once() -> None:
+    """Time left over the short fine-tune's own seconds, after one trial's build, export and
+    measurement: 290 s of a 600 s limit over 40 s fine-tunes is 7.25 short fine-tunes (not
+    300 s over the 50 s of a whole short trial, 6)."""
+    import time
+
+    from autocompress.search import _TrialCounter
+
+    config = SearchConfig(time_limit=10.0, budgets=("1ms",))
+    counter = _TrialCounter(config, baselines=2, started=time.perf_counter() - 300.0)
+    timing = {"build": 1.0, "precheck": 0.5, "finetune": 40.0, "export": 0.5, "measure": 8.0}
+    effort = counter.promotion_effort([timing, timing, {"build": 1.0, "measure": 9.0}])
+    assert effort == pytest.approx(7.25, abs=0.01)
+    assert counter.promotion_effort([{"build": 1.0, "measure": 9.0}]) == 0.0  # no fine-tune
