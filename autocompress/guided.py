@@ -1,8 +1,7 @@
 """Guided proposals: least-damage plans at a ladder of targets, solved from the sensitivity
 table (ModelOpt's AutoQuantize and HAQ in spirit: score every choice once, then solve).
 
-Damage is modelled as the sum of the single-choice KL scores (``sensitivity``; a group's
-ratios between its scored ones, on a 0.1 grid, interpolated linearly from them); a plan's
+Damage is modelled as the sum of the single-choice KL scores (``sensitivity``); a plan's
 file size as the fp32 file minus what each layer's weights save at its width and kept
 share (group shares multiply: a group shrinks its layers' outputs and its consumers'
 inputs); its latency ratio by the study's latency model on the MACs left at each width, or,
@@ -17,7 +16,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from autocompress import space
 from autocompress.config import Budget, SearchConfig
@@ -81,13 +79,10 @@ class _Problem:
             for name in self.layers
         }
         self.groups = list(sens.groups)
-        # Each group's scored ratios (0.2/0.4/0.6) and, between them, the search's grid at
-        # PLAN_STEP: scored ratios alone left a plan aimed at 0.6x fp32 latency at 0.52x
-        # (every group 0.4; 0.2 was too slow), accuracy given away for speed nobody asked.
-        # Between scored ratios damage and kept shares are interpolated (``_entry``).
-        self.scored = {name: _scored(sens.groups[name]["ratios"]) for name in self.groups}
-        self.group_options = {name: _fine_options(self.scored[name], config.prune_step)
-                              for name in self.groups}
+        self.group_options = {
+            name: [0.0, *sorted(float(r) for r in sens.groups[name]["ratios"])]
+            for name in self.groups
+        }
         weight_bytes = sum(4.0 * sens.layers[n]["params"] for n in self.layers)
         self.overhead = max(fp32_bytes - weight_bytes, 0.0)
         # What the latency model counts: every convolution and linear layer in graph order
@@ -116,7 +111,7 @@ class _Problem:
         for group in self.groups:
             ratio = choice[("group", group)]
             if ratio > 0:
-                kept = self._entry(group, ratio)[1]
+                kept = self.sens.groups[group]["ratios"][f"{ratio:g}"]["kept"]
                 for layer, share in kept.items():
                     if layer in shares:
                         shares[layer] *= float(share)
@@ -128,25 +123,8 @@ class _Problem:
             if kind == "layer" and value < 32:
                 total += float(self.sens.layers[name]["bits"][str(int(value))]["kl"])
             elif kind == "group" and value > 0:
-                total += self._entry(name, value)[0]
+                total += float(self.sens.groups[name]["ratios"][f"{value:g}"]["kl"])
         return total
-
-    def _entry(self, group: str, ratio: float) -> tuple[float, dict[str, float]]:
-        """(damage, kept share per layer) of ``group`` pruned at ``ratio``: as scored, or
-        linearly between the neighbouring scored ratios (0: no damage, everything kept)."""
-        points = self.scored[group]
-        lo = (0.0, 0.0, {})
-        for point in points:
-            if abs(point[0] - ratio) < 1e-9:
-                return point[1], point[2]
-            if point[0] > ratio:
-                t = (ratio - lo[0]) / (point[0] - lo[0])
-                layers = set(lo[2]) | set(point[2])
-                kept = {n: (1 - t) * lo[2].get(n, 1.0) + t * point[2].get(n, 1.0)
-                        for n in layers}
-                return (1 - t) * lo[1] + t * point[1], kept
-            lo = point
-        raise ValueError(f"ratio {ratio} of group {group!r} is past its scored ratios")
 
     def size(self, choice: dict[tuple[str, str], float],
              kept: dict[str, float] | None = None) -> float:
@@ -167,7 +145,8 @@ class _Problem:
             for group in self.output_groups.get(name, []):
                 ratio = choice[("group", group)]
                 if ratio > 0:
-                    out_share *= self._entry(group, ratio)[1].get(name, 1.0)
+                    out_share *= float(self.sens.groups[group]["ratios"][f"{ratio:g}"]["kept"]
+                                       .get(name, 1.0))
             costs.append(LayerCost(macs * kept[name], outputs * out_share, bits))
         features = cost_features(costs, self.total_macs, self.total_outputs)
         predicted = self.predict(features) if self.predict is not None else None
@@ -185,29 +164,6 @@ class _Problem:
         if targets.latency_ratio is not None:
             total += max(0.0, self.latency_ratio(choice, kept) / targets.latency_ratio - 1.0)
         return total
-
-
-PLAN_STEP = 0.1  # the finest ratio step between scored ratios (coarser than the search's
-# 0.05 grid: each option is evaluated at every greedy step, and 0.1 already lands near a target)
-
-
-def _scored(ratios: dict[str, Any]) -> list[tuple[float, float, dict[str, float]]]:
-    """A group's scored ratios as (ratio, damage, kept shares), ascending."""
-    return sorted((float(r), float(v["kl"]), {k: float(x) for k, x in v["kept"].items()})
-                  for r, v in ratios.items())
-
-
-def _fine_options(points: list[tuple[float, float, dict[str, float]]],
-                  step: float) -> list[float]:
-    """0, the scored ratios and the grid between them at max(step, PLAN_STEP), on the
-    search's step grid (a plan must be one the search could propose)."""
-    if not points:
-        return [0.0]
-    top = points[-1][0]
-    stride = max(step, PLAN_STEP)
-    fine = {round(round(k * stride / step) * step, 6)
-            for k in range(1, int(top / stride + 1e-9) + 1)}
-    return [0.0, *sorted({r for r in fine if 0 < r <= top} | {p[0] for p in points})]
 
 
 def solve(problem: _Problem, targets: _Targets) -> dict[tuple[str, str], float] | None:

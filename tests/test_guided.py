@@ -64,29 +64,8 @@ def test_pruning_is_used_when_quantization_cannot_reach_the_target() -> None:
     problem = _Problem(sens, SearchConfig(), FP32, 32, None, _inventory(["a", "b", "c"]))
     target = 1000 + 3 * PARAMS * 0.5 * 0.8  # below all-int4: needs group a's 40%
     choice = solve(problem, _Targets(target, None))
-    # 30% (interpolated between 0 and the scored 40%) is enough: the least damage that fits
-    assert choice is not None and choice[("group", "a")] == 0.3
+    assert choice is not None and choice[("group", "a")] == 0.4
     assert problem.size(choice) <= target
-
-
-def test_ratios_between_the_scored_ones_are_interpolated() -> None:
-    """Scored at 0.2 and 0.6 only, a group can still be planned at 0.1..0.6 in 0.1 steps:
-    damage and kept shares linear between the neighbouring scored ratios (0: none, all)."""
-    sens = _table({"a": 0.01, "b": 0.01, "c": 0.01})
-    sens.groups["a"] = {"ratios": {
-        "0.2": {"kl": 0.2, "accuracy": 0.8, "kept": {"a": 0.8}},
-        "0.6": {"kl": 1.0, "accuracy": 0.3, "kept": {"a": 0.4}}}}
-    problem = _Problem(sens, SearchConfig(), FP32, 32, None, _inventory(["a", "b", "c"]))
-    assert problem.options("group", "a") == [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6]
-    assert problem.damage({("group", "a"): 0.2}) == pytest.approx(0.2)
-    assert problem.damage({("group", "a"): 0.1}) == pytest.approx(0.1)
-    assert problem.damage({("group", "a"): 0.4}) == pytest.approx(0.6)
-    kept = problem.kept({("group", "a"): 0.5, **{("layer", n): 32 for n in "abc"}})
-    assert kept["a"] == pytest.approx(0.5) and kept["b"] == 1.0
-    # with the search's 0.05 grid coarser than 0.1 (0.15), options stay on its grid
-    coarse = _Problem(sens, SearchConfig(prune_step=0.15), FP32, 32, None,
-                      _inventory(["a", "b", "c"]))
-    assert coarse.options("group", "a") == [0.0, 0.15, 0.2, 0.3, 0.45, 0.6]
 
 
 def test_latency_target_uses_the_predictor() -> None:
@@ -95,7 +74,7 @@ def test_latency_target_uses_the_predictor() -> None:
     problem = _Problem(sens, SearchConfig(), FP32, 32, lambda f: f[1] + f[2] + f[3],
                        _inventory(["a", "b", "c"]))
     choice = solve(problem, _Targets(None, 0.9))
-    assert choice is not None and choice[("group", "a")] > 0
+    assert choice is not None and choice[("group", "a")] == 0.4
     assert problem.latency_ratio(choice) <= 0.9
 
 

@@ -131,7 +131,8 @@ def test_a_retrain_past_the_first_rung_is_capped_at_the_last() -> None:
 def test_under_a_time_limit_the_effort_counts_a_retrains_fixed_part_once() -> None:
     """Time left over the short fine-tune's own seconds, after one trial's build, export and
     measurement: 290 s of a 600 s limit over 40 s fine-tunes is 7.25 short fine-tunes (not
-    300 s over the 50 s of a whole short trial, 6)."""
+    300 s over the 50 s of a whole short trial, 6). The search costs the first retrain at its
+    own plan's speed this way (``search._promote``)."""
     import time
 
     from autocompress.search import _TrialCounter
@@ -139,6 +140,11 @@ def test_under_a_time_limit_the_effort_counts_a_retrains_fixed_part_once() -> No
     config = SearchConfig(time_limit=10.0, budgets=("1ms",))
     counter = _TrialCounter(config, baselines=2, started=time.perf_counter() - 300.0)
     timing = {"build": 1.0, "precheck": 0.5, "finetune": 40.0, "export": 0.5, "measure": 8.0}
-    effort = counter.promotion_effort([timing, timing, {"build": 1.0, "measure": 9.0}])
+    steps = config.finetune_steps
+    effort = counter.promotion_effort([(timing, steps), (timing, steps),
+                                       ({"build": 1.0, "measure": 9.0}, None)])
     assert effort == pytest.approx(7.25, abs=0.01)
-    assert counter.promotion_effort([{"build": 1.0, "measure": 9.0}]) == 0.0  # no fine-tune
+    # a retrained plan's timing counts per short fine-tune: 160 s over 4x the steps
+    long = {**timing, "finetune": 160.0}
+    assert counter.promotion_effort([(long, 4 * steps)]) == pytest.approx(7.25, abs=0.01)
+    assert counter.promotion_effort([({"build": 1.0, "measure": 9.0}, None)]) == 0.0
