@@ -59,6 +59,19 @@ def test_dict_inputs_pack_and_unpack_to_their_own_shapes_and_dtypes() -> None:
     assert "input_ids [2, 3] int64" in layout.describe()
 
 
+def test_a_tokenizers_one_text_output_is_read_per_token() -> None:
+    """``tokenizer(text, return_tensors="pt")`` gives (1, L) tensors in a dict-like object:
+    each field is read as (L,), so a batch reaches the model as (N, L)."""
+    from collections import UserDict
+
+    sample = UserDict({"input_ids": torch.ones(1, 5, dtype=torch.int64),
+                       "attention_mask": torch.ones(1, 5, dtype=torch.int64)})
+    layout = layout_of(sample, W)
+    assert layout is not None and [f.shape for f in layout.fields] == [(5,), (5,)]
+    back = unpack(torch.stack([pack(sample, layout, W)] * 3), layout)
+    assert back["input_ids"].shape == (3, 5)
+
+
 def test_tuple_inputs_reach_the_model_positionally() -> None:
     class Two(nn.Module):
         def forward(self, image: torch.Tensor, extra: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,8 @@ may be:
   or token ids (L,) (integers; (1, L) as a tokenizer returns for one text is read as (L,));
 - a tuple or list of tensors, passed to the model positionally: ``model(a, b)``;
 - a dict of tensors, passed by name: ``model(input_ids=..., attention_mask=...)``, as
-  Hugging Face models take them.
+  Hugging Face models take them (a tokenizer's output for one text, ``(1, L)`` integer
+  tensors, is read as ``(L,)`` per field, as a single input is).
 
 Several tensors are flattened and concatenated per sample into one vector (``pack``):
 int64 when every field holds integers (token ids, masks, bools), float32 when every field
@@ -92,13 +93,13 @@ def layout_of(inputs: Any, where: str) -> InputLayout | None:
         if bad:
             raise DataSpecError(f"{where} has input keys {bad!r}; dict inputs need string "
                                 "keys (the model's argument names)")
-        named = [(k, _tensor(v, where, f"input {k!r}")) for k, v in inputs.items()]
+        named = [(k, _field(v, where, f"input {k!r}")) for k, v in inputs.items()]
         kind = DICT
     elif isinstance(inputs, (tuple, list)):
         if not inputs:
             raise DataSpecError(f"{where} has an empty tuple of inputs; yield at least one "
                                 "tensor")
-        named = [(str(i), _tensor(v, where, f"input {i}")) for i, v in enumerate(inputs)]
+        named = [(str(i), _field(v, where, f"input {i}")) for i, v in enumerate(inputs)]
         kind = TUPLE
     else:
         return None
@@ -133,7 +134,7 @@ def pack(inputs: Any, layout: InputLayout, where: str) -> torch.Tensor:
         values = list(inputs)
     parts = []
     for field, value in zip(layout.fields, values, strict=True):
-        t = _tensor(value, where, f"input {field.name!r}")
+        t = _field(value, where, f"input {field.name!r}")
         if tuple(t.shape) != field.shape or t.is_floating_point() != _is_float_name(
                 field.dtype):
             raise DataSpecError(
@@ -141,6 +142,15 @@ def pack(inputs: Any, layout: InputLayout, where: str) -> torch.Tensor:
                 f"sample's is {field.shape} {field.dtype}: yield one shape and kind per input")
         parts.append(t.reshape(-1).to(layout.packed_dtype))
     return torch.cat(parts)
+
+
+def _field(value: Any, where: str, what: str) -> torch.Tensor:
+    """One field of several inputs; integer (1, L), as a tokenizer returns for one text
+    (``tokenizer(text, return_tensors="pt")``), is read as (L,) so that a batch is (N, L)."""
+    t = _tensor(value, where, what)
+    if not t.is_floating_point() and t.ndim == 2 and t.shape[0] == 1:
+        return t[0]
+    return t
 
 
 def _tensor(value: Any, where: str, what: str) -> torch.Tensor:
