@@ -541,7 +541,7 @@ def runtime_info(
         engine = {"runtime": "onnxruntime", "version": ort.__version__,
                   "providers": list(_GPU_PROVIDERS.get(target, PROVIDERS))}
         if target == "tensorrt":
-            engine["builder_flags"] = {"fp16": True, "int8": "files with QDQ nodes"}
+            engine["builder_flags"] = dict(tensorrt_engine.FLAGS_RULE)
     return {
         "target": target,
         **engine,

@@ -32,9 +32,13 @@ PROVIDER = "TensorrtExecutionProvider"
 ENGINE_FOLDER = "tensorrt"
 
 
+# The rule, in words, for the runtime info every trial records
+FLAGS_RULE: dict[str, bool | str] = {"fp16": True, "int8": "files with QDQ nodes"}
+
+
 def builder_flags(qdq: bool) -> dict[str, bool]:
     """fp16 always allowed; int8 for files with QDQ nodes (explicit quantization)."""
-    return {"fp16": True, "int8": bool(qdq)}
+    return {"fp16": bool(FLAGS_RULE["fp16"]), "int8": bool(qdq)}
 
 
 def provider_options(qdq: bool, engine_dir: Path | None = None) -> dict[str, str]:
@@ -83,5 +87,5 @@ def save_engine(onnx_path: Path, folder: Path, input_shape: tuple[int, ...],
     return [f"{ENGINE_FOLDER}/{name}" for name in [*written, "build.json"]]
 
 
-__all__ = ["ENGINE_FOLDER", "PROVIDER", "builder_flags", "provider_options", "providers",
-           "save_engine"]
+__all__ = ["ENGINE_FOLDER", "FLAGS_RULE", "PROVIDER", "builder_flags", "provider_options",
+           "providers", "save_engine"]

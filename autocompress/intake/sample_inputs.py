@@ -70,7 +70,7 @@ class InputLayout:
         """One line for reports: what the packed input holds, in order."""
         call = "model(**fields)" if self.kind == DICT else "model(*fields)"
         parts = ", ".join(f"{f.name} {list(f.shape)} {f.dtype}" for f in self.fields)
-        return (f"one {str(self.packed_dtype).replace('torch.', '')} input of "
+        return (f"one {_dtype_name(self.packed_dtype)} input of "
                 f"{self.packed_size} values per sample: {parts}, each flattened and "
                 f"concatenated in this order ({call})")
 
@@ -103,8 +103,8 @@ def layout_of(inputs: Any, where: str) -> InputLayout | None:
         kind = TUPLE
     else:
         return None
-    fields = tuple(InputField(name, tuple(int(d) for d in t.shape),
-                              str(t.dtype).replace("torch.", "")) for name, t in named)
+    fields = tuple(InputField(name, tuple(int(d) for d in t.shape), _dtype_name(t.dtype))
+                   for name, t in named)
     floats = [f.name for f in fields if _is_float_name(f.dtype)]
     if floats and len(floats) < len(fields):
         ints = [f.name for f in fields if f.name not in floats]
@@ -145,12 +145,23 @@ def pack(inputs: Any, layout: InputLayout, where: str) -> torch.Tensor:
 
 
 def _field(value: Any, where: str, what: str) -> torch.Tensor:
-    """One field of several inputs; integer (1, L), as a tokenizer returns for one text
-    (``tokenizer(text, return_tensors="pt")``), is read as (L,) so that a batch is (N, L)."""
-    t = _tensor(value, where, what)
-    if not t.is_floating_point() and t.ndim == 2 and t.shape[0] == 1:
-        return t[0]
-    return t
+    """One field of several inputs, read by the same (1, L) rule as a single input."""
+    return _one_text(_tensor(value, where, what))
+
+
+def _is_ids(t: torch.Tensor) -> bool:
+    """Integer (or boolean) values that are not an image's uint8 pixels: ids, masks."""
+    return not t.is_floating_point() and t.dtype != torch.uint8
+
+
+def _one_text(t: torch.Tensor) -> torch.Tensor:
+    """Ids of shape (1, L), as a tokenizer returns for one text
+    (``tokenizer(text, return_tensors="pt")``), as (L,), so that a batch is (N, L)."""
+    return t[0] if _is_ids(t) and t.ndim == 2 and t.shape[0] == 1 else t
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
 
 
 def _tensor(value: Any, where: str, what: str) -> torch.Tensor:
@@ -189,7 +200,7 @@ def inputs_record(model: nn.Module, input_shape: Sequence[int],
     """What the exported file takes, for the export report: its one input's shape and
     ``dtype``, and for packed inputs the layout a deployment must pack them in."""
     record: dict[str, Any] = {"shape": ["N", *(int(d) for d in input_shape)],
-                              "dtype": str(dtype).replace("torch.", "")}
+                              "dtype": _dtype_name(dtype)}
     if isinstance(model, PackedInputs):
         record["packed"] = model.layout.describe()
         record["layout"] = model.layout.to_dict()
@@ -211,12 +222,8 @@ def single_input(value: Any, where: str) -> torch.Tensor:
     """One sample's single input tensor as stored: images (C, H, W) ((H, W) gets a channel;
     uint8 kept, anything else float32, as before), feature vectors (F,) float32, token ids
     (L,) int64 (integer (1, L) read as (L,))."""
-    t = _tensor(value, where, "input")
-    if t.dtype == torch.bool:
-        t = t.to(torch.int64)
-    integer = not t.is_floating_point() and t.dtype != torch.uint8
-    if integer and t.ndim == 2 and t.shape[0] == 1:
-        t = t[0]  # one text's ids as a tokenizer returns them
+    t = _one_text(_tensor(value, where, "input"))
+    integer = _is_ids(t)
     if t.ndim == 1:  # token ids stay integers; a feature vector is float
         return t.to(torch.int64 if integer else torch.float32)
     if t.ndim == 2:  # a one-channel image
