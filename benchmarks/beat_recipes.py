@@ -24,6 +24,7 @@ import json
 import math
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from _common import (
@@ -141,6 +142,11 @@ def main() -> int:
     parser.add_argument("--stem", default=None)
     parser.add_argument("--resume", action="store_true", help="reuse the last run's study and "
                         "recipe rows; refine only the picks that have no refine yet")
+    parser.add_argument("--recipes-from", type=Path, default=None,
+                        help="take the fine-tuned and PTQ recipe rows (not int8 PTQ, which is "
+                        "this search's baseline) from an earlier run's JSON instead of "
+                        "measuring them again (~40 min): they do not depend on the search; "
+                        "the report names the file and the package it was measured at")
     args = parser.parse_args()
     from autocompress.config import SearchConfig
     from autocompress.pareto import most_trained
@@ -220,8 +226,12 @@ def main() -> int:
     refine_s = sum(sum(json.loads(r.attrs.get("timing") or "{}").values())
                    for r in {r.number: r for r in refined.values()}.values())
 
+    recipes_from = None
     if previous.get("recipes"):  # --resume: the recipes do not depend on the search
         rows, recipe_s = previous["recipes"], float(previous["recipe_s"])
+        recipes_from = previous.get("recipes_from")
+    elif args.recipes_from is not None:
+        rows, recipe_s, recipes_from = _earlier_recipes(args.recipes_from, recs, fp32)
     else:
         rows, recipe_s = run_recipes(model, weights, spec, args.seed, config, learning_rate,
                                      epochs * epoch_steps, recs, fp32, log)
@@ -256,6 +266,7 @@ def main() -> int:
                   for k, v in picks.items()},
         "refined": {k: _row(v, fp32, f"refined-{k}") for k, v in refined.items()},
         "recipes": rows,
+        "recipes_from": recipes_from,
         "front": front,
     }
     write_json(RESULTS / f"{stem}.json", data)
@@ -265,6 +276,19 @@ def main() -> int:
     write_text(RESULTS / f"{stem}.md", text)
     print(text)
     return 0
+
+
+def _earlier_recipes(path: Path, recs: list[Any], fp32: Any
+                     ) -> tuple[list[dict[str, Any]], float, dict[str, Any]]:
+    """The recipe rows of an earlier run (its int8 PTQ row replaced by this search's
+    baseline trial), their time, and where they came from."""
+    earlier = json.loads(path.read_text())
+    rows = [r for r in earlier["recipes"] if r["label"] != "int8-ptq"]
+    int8_ptq = next((r for r in recs if r.baseline == "int8-ptq"), None)
+    if int8_ptq is not None:
+        rows.insert(0, _row(int8_ptq, fp32, "int8-ptq"))
+    source = earlier.get("recipes_from") or {"file": path.name, "machine": earlier["machine"]}
+    return rows, float(earlier["recipe_s"]), source
 
 
 def _dominated(recipe: dict[str, Any], front: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -335,6 +359,9 @@ def markdown(data: dict[str, Any]) -> str:
         f"{data['epochs']} epoch(s) each ({data['step_s']:.3f} s per step), learning rate "
         f"{data['learning_rate']}.",
         "",
+        *([f"Hand recipes other than int8 PTQ taken from `{data['recipes_from']['file']}` "
+           f"(`--recipes-from`; measured there: {data['recipes_from']['machine']}).", ""]
+          if data.get("recipes_from") else []),
         "## Targets",
         "",
         md_table(["target", "measured", "status"], data["targets"]),

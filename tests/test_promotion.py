@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from autocompress.config import SearchConfig
@@ -46,6 +48,21 @@ def test_promotions_follow_hypervolume_and_the_effort() -> None:
     assert plan_promotions(recs, CONFIG, effort=3, reference_size=1100) == []
     assert plan_promotions(recs, CONFIG.replace(promote_share=0.0), effort=8,
                            reference_size=1100) == []
+
+
+def test_the_most_accurate_plan_at_a_ladder_target_goes_before_hypervolume() -> None:
+    """The 50x plan adds the most hypervolume; the most accurate plan at least 8x smaller
+    (the guided ladder's first target) is promoted first all the same; then the most
+    accurate plan at 1.5x faster, then at 16x smaller (the 4x target's best is the 8x plan:
+    counted once)."""
+    recs = [_rec(0, 0.90, 1000, baseline="fp32"), _rec(1, 0.89, 120), _rec(2, 0.885, 200),
+            _rec(3, 0.60, 20)]
+    assert [p.parent for p in plan_promotions(recs, CONFIG, effort=4,
+                                               reference_size=1100)] == [1]
+    fast = [dataclasses.replace(r, latency_vs_fp32=ratio) for r, ratio in
+            zip([*recs, _rec(4, 0.88, 600)], [1.0, 0.9, 0.9, 0.5, 0.6], strict=True)]
+    got = plan_promotions(fast, CONFIG, effort=12, reference_size=1100)
+    assert [p.parent for p in got] == [1, 4, 3]
 
 
 def test_second_rung_and_no_double_promotion() -> None:
