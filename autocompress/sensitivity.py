@@ -70,6 +70,7 @@ class Sensitivity:
     # prunable groups left unscored when the pass ran out of its time (smallest first);
     # guided plans do not prune them (the search still may)
     unscored: list[str] = field(default_factory=list)
+    calibration_batches: int = CALIBRATION_BATCHES  # batches each quantized choice saw
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -82,6 +83,7 @@ class Sensitivity:
             "groups": self.groups,
             "failed": self.failed,
             "unscored": self.unscored,
+            "calibration_batches": self.calibration_batches,
         }
 
     @classmethod
@@ -94,6 +96,7 @@ class Sensitivity:
             groups=dict(data.get("groups", {})),
             failed=dict(data.get("failed", {})),
             unscored=list(data.get("unscored", [])),
+            calibration_batches=int(data.get("calibration_batches", CALIBRATION_BATCHES)),
         )
 
     def ranked_layers(self, bits: int) -> list[tuple[str, float]]:
@@ -153,9 +156,11 @@ def measure_sensitivity(
     base = build_student(task, CompressionPlan(), config.round_to)  # BN folded, nothing else
     layers = [layer for layer in inventory.layers if layer.quantizable]
     widths = sorted((b for b in set(config.bits) if b < 32), reverse=True)
+    calibration_batches = CALIBRATION_BATCHES
     if seconds is not None and layers and widths:
-        images = _affordable_images(task, base, layers[0].name, widths[0], config, calibration,
-                                    images, LAYER_SHARE * seconds / (len(layers) * len(widths)))
+        images, calibration_batches = _affordable_images(
+            task, base, layers[0].name, widths[0], config, calibration, images,
+            LAYER_SHARE * seconds / (len(layers) * len(widths)))
     xs, ys = _fixed_slice(task, images)
     teacher = task.model.eval()
     with torch.no_grad():
@@ -170,7 +175,7 @@ def measure_sensitivity(
     done = itertools.count(1)
 
     table = Sensitivity(images=sum(int(y.numel()) for y in ys), seconds=0.0,
-                        teacher_accuracy=teacher_acc)
+                        teacher_accuracy=teacher_acc, calibration_batches=calibration_batches)
     for layer in layers:
         entry: dict[str, Any] = {"params": weights.get(layer.name, 0), "macs": layer.flops,
                                  "bits": {}}
@@ -179,7 +184,7 @@ def measure_sensitivity(
             plan = CompressionPlan(bits={layer.name: bits}, activation_bits=acts)
             try:
                 model = quantize.prepare_qat(base, plan)
-                quantize.calibrate(model, calibration, max_batches=CALIBRATION_BATCHES)
+                quantize.calibrate(model, calibration, max_batches=calibration_batches)
                 kl, acc = _score(model, xs, ys, teacher_logits, task.metric)
             except Exception as exc:  # one choice that cannot be scored must not end the pass
                 table.failed[f"{layer.name}@int{bits}"] = one_line(exc, typed=True)
@@ -217,28 +222,37 @@ def measure_sensitivity(
 
 def _affordable_images(task: Task, base: nn.Module, layer: str, bits: int,
                        config: SearchConfig, calibration: list[torch.Tensor], images: int,
-                       per_choice_s: float) -> int:
-    """How many images one choice may be scored on to take about ``per_choice_s``: one
-    choice timed on a short slice, its per-image cost scaled (the copy and calibration it
-    also pays are fixed); between MIN_IMAGES and ``images``."""
+                       per_choice_s: float) -> tuple[int, int]:
+    """How many images one choice may be scored on, and on how many calibration batches its
+    observers are set, to take about ``per_choice_s``: one choice timed on a short slice,
+    its per-image cost scaled; between MIN_IMAGES and ``images``. The copy and calibration
+    are fixed per choice: when they alone overrun, the observers see one batch instead of
+    CALIBRATION_BATCHES (on MiniLM they were most of a choice's time, and the pass ran 258 s
+    against its 72 s)."""
     probe = min(images, MIN_IMAGES)
     xs, _ = _fixed_slice(task, probe)
     plan = CompressionPlan(bits={layer: bits}, activation_bits=space.activations_for(bits, config))
     t0 = time.perf_counter()
     try:
         model = quantize.prepare_qat(base, plan)
+        copied = time.perf_counter()
         quantize.calibrate(model, calibration, max_batches=CALIBRATION_BATCHES)
         t1 = time.perf_counter()
         with torch.no_grad():
             for x in xs:
                 model(x)
     except Exception:  # the pass records why this choice fails; time it on the full slice
-        return images
+        return images, CALIBRATION_BATCHES
     per_image = (time.perf_counter() - t1) / max(probe, 1)
-    room = per_choice_s - (t1 - t0)
+    batches = CALIBRATION_BATCHES
+    fixed = t1 - t0
+    if fixed > per_choice_s and len(calibration) > 1:
+        batches = 1
+        fixed = (copied - t0) + (t1 - copied) / min(len(calibration), CALIBRATION_BATCHES)
+    room = per_choice_s - fixed
     if per_image <= 0 or room >= per_image * images:
-        return images
-    return max(min(MIN_IMAGES, images), min(images, int(room / per_image)))
+        return images, batches
+    return max(min(MIN_IMAGES, images), min(images, int(room / per_image))), batches
 
 
 def _group_weights(group: Any, weights: dict[str, int]) -> int:

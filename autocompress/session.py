@@ -218,7 +218,8 @@ def _resolve_learning_rate(
         if stored is None:
             try:
                 probe = lrprobe.probe_learning_rate(
-                    task, inventory, config, calibration, device=resolve_device(config.device)
+                    task, inventory, config, calibration, device=resolve_device(config.device),
+                    seconds=lrprobe.probe_seconds(config.time_limit),
                 )
             except AutocompressError:
                 raise

@@ -134,7 +134,7 @@ def test_layers_that_would_overrun_the_pass_are_scored_on_fewer_images(
     """Every layer is scored; when the first choice shows the layers would take more than
     their share of the bound, every choice is scored on a shorter (shared) slice; with time
     to spare the slice is the one asked for."""
-    from autocompress.sensitivity import MIN_IMAGES
+    from autocompress.sensitivity import CALIBRATION_BATCHES, MIN_IMAGES
 
     inventory = build_inventory(demo_task.model, demo_task.data.example_input(1))
     quantizable = {layer.name for layer in inventory.layers if layer.quantizable}
@@ -144,9 +144,13 @@ def test_layers_that_would_overrun_the_pass_are_scored_on_fewer_images(
     assert tight.images == MIN_IMAGES
     assert set(tight.layers) == quantizable
     assert all(entry["bits"] for entry in tight.layers.values())
+    # the copy and calibration alone overran: the observers saw one batch, not four
+    assert tight.calibration_batches == 1
+    assert Sensitivity.from_dict(tight.to_dict()).calibration_batches == 1
     roomy = measure_sensitivity(demo_task, inventory, config, _calibration(demo_task),
                                 images=256, seconds=3600.0)
     assert roomy.images == 256
+    assert roomy.calibration_batches == CALIBRATION_BATCHES
 
 
 def test_a_first_choice_that_cannot_be_scored_does_not_end_a_bounded_pass(
