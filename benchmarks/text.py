@@ -186,7 +186,8 @@ def main(argv: list[str] | None = None) -> int:
                          lambda r: r.latency_vs_fp32 is not None and r.latency_vs_fp32 <= 1 / 1.5)
     front = [r for r in sorted(result.front, key=lambda r: r.number)
              if r.baseline is None and r.test_accuracy is not None]
-    chosen = [r for r in (smaller, faster) if r is not None and r not in front]
+    chosen = list({r.number: r for r in (smaller, faster)
+                   if r is not None and r not in front}.values())  # one row per trial
     rows = [_row(r, fp32) for r in [fp32, *([dynamic] if dynamic else []), *front, *chosen]]
 
     def verdict(name: str, pick: Any) -> str:
