@@ -33,7 +33,7 @@ def _walked(table: dict[float, float], start: float, *, budget: int = 99
         return table[lr]
 
     ladder = tuple(sorted({*lrprobe.CANDIDATES, *lrprobe.BELOW}, reverse=True))
-    scores = lrprobe.walk(score, ladder, ladder.index(3e-4), start,
+    scores = lrprobe.walk(score, ladder, ladder.index(1e-4), start,
                           lambda: len(seen) >= budget)
     return seen, lrprobe.choose(scores)
 
@@ -43,22 +43,22 @@ def test_the_probe_goes_below_the_grid_while_the_student_still_loses() -> None:
     past 1e-4 while it pays and never tries the rates that wreck it."""
     minilm = {3e-3: 0.59, 1e-3: 0.59, 3e-4: 0.711, 1e-4: 0.792, 3e-5: 0.806, 1e-5: 0.807}
     seen, chosen = _walked(minilm, start=0.810)
-    assert seen == [3e-4, 1e-4, 3e-5] and chosen == 3e-5
+    assert seen == [1e-4, 3e-5] and chosen == 3e-5
 
 
 def test_the_probe_goes_up_while_a_faster_rate_does_no_harm() -> None:
-    cnn = {3e-3: 0.99, 1e-3: 0.99, 3e-4: 0.98, 1e-4: 0.95, 3e-5: 0.9, 1e-5: 0.9}
+    cnn = {3e-3: 0.99, 1e-3: 0.99, 3e-4: 0.98, 1e-4: 0.97, 3e-5: 0.9, 1e-5: 0.9}
     seen, chosen = _walked(cnn, start=0.97)
-    assert seen == [3e-4, 1e-3, 3e-3] and chosen == 3e-3
+    assert seen == [1e-4, 3e-4, 1e-3, 3e-3] and chosen == 3e-3
     collapse = {3e-3: 0.1, 1e-3: 0.70, 3e-4: 0.745, 1e-4: 0.752, 3e-5: 0.7, 1e-5: 0.7}
     seen, chosen = _walked(collapse, start=0.74)  # ResNet-20-like: 1e-3 already hurts
-    assert seen == [3e-4, 1e-3] and chosen == 3e-4
+    assert seen == [1e-4, 3e-4, 1e-3] and chosen == 3e-4
 
 
 def test_the_probe_stops_when_its_time_is_up() -> None:
     minilm = {3e-3: 0.59, 1e-3: 0.59, 3e-4: 0.711, 1e-4: 0.792, 3e-5: 0.806, 1e-5: 0.807}
     seen, chosen = _walked(minilm, start=0.810, budget=2)
-    assert seen == [3e-4, 1e-4] and chosen == 1e-4
+    assert seen == [1e-4, 3e-5] and chosen == 3e-5
     assert lrprobe.probe_seconds(None) is None
     assert lrprobe.probe_seconds(12) == pytest.approx(72.0)
 
