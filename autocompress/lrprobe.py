@@ -150,13 +150,15 @@ def probe_learning_rate(
         return model
 
     start_model = calibrated(base)
+    one_batch: float | None = None
     if seconds is not None:  # one batch timed: as many as a fair share of the time allows
         t0 = time.perf_counter()
-        accuracy(start_model, 1)
+        one_batch = accuracy(start_model, 1)
         per_batch = time.perf_counter() - t0
         eval_batches = max(1, min(PROBE_EVAL_BATCHES,
                                   int(EVAL_SHARE * seconds / 5 / max(per_batch, 1e-9))))
-    start = accuracy(start_model, eval_batches)
+    start = (one_batch if one_batch is not None and eval_batches == 1
+             else accuracy(start_model, eval_batches))
     paces: list[float] = []
 
     def score(lr: float) -> float:

@@ -94,9 +94,7 @@ def plan_promotions(
         # accurate plans after 150 steps kept their order after 650-700 steps each (or tied
         # within 0.1 point), while doubling one retrain's steps gains ~0.4-0.5 point
         # (600 -> 1200 steps: -1.32 -> -0.91 points of test accuracy).
-        within = [r for r in most_trained(records)
-                  if r.measured and r.feasible and r.baseline is None
-                  and r.number not in has_child and fidelity(r, config) < factor**MAX_RUNGS]
+        within = _retrainable(records, config, has_child)
         top = sorted(within, key=lambda r: (-(r.accuracy or 0.0), r.number))[:BUDGET_FIRST]
         ranked = top + [r for r in ranked if r not in top]
     else:
@@ -122,6 +120,15 @@ def plan_promotions(
     return out
 
 
+def _retrainable(records: Sequence[TrialRecord], config: SearchConfig,
+                 has_child: set[int | None]) -> list[TrialRecord]:
+    """Plans that may be retrained: measured and feasible at their most-trained trial, not
+    a baseline, not retrained already, below the last rung."""
+    return [r for r in most_trained(records)
+            if r.measured and r.feasible and r.baseline is None and r.number not in has_child
+            and fidelity(r, config) < config.promote_factor**MAX_RUNGS]
+
+
 def _ladder_picks(records: Sequence[TrialRecord], config: SearchConfig,
                   has_child: set[int | None]) -> list[TrialRecord]:
     """Per target of the guided ladder, in its order, the most accurate (validation) plan
@@ -133,10 +140,7 @@ def _ladder_picks(records: Sequence[TrialRecord], config: SearchConfig,
     fp32 = fp32_record(records)
     if fp32 is None or not fp32.size_bytes:
         return []
-    pool = [r for r in most_trained(records)
-            if r.measured and r.feasible and r.baseline is None and r.accuracy is not None
-            and r.number not in has_child
-            and fidelity(r, config) < config.promote_factor**MAX_RUNGS]
+    pool = [r for r in _retrainable(records, config, has_child) if r.accuracy is not None]
     out: list[TrialRecord] = []
     for kind, factor in LADDER:
         if kind == "size":

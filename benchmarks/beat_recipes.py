@@ -116,10 +116,7 @@ def run_recipes(model: Any, weights: Any, spec: Any, seed: int, config: Any,
         "prune30-kd": (space.uniform_plan(inventory, recipe_cfg, bits=32, ratio=0.3), steps),
         "prune50-kd": (space.uniform_plan(inventory, recipe_cfg, bits=32, ratio=0.5), steps),
     }
-    rows = []
-    int8_ptq = next((r for r in recs if r.baseline == "int8-ptq"), None)
-    if int8_ptq is not None:
-        rows.append(_row(int8_ptq, fp32, "int8-ptq"))
+    rows = _int8_ptq_rows(recs, fp32)
     started = time.perf_counter()
     for label, (plan, n) in recipes.items():
         plan = CompressionPlan.from_dict({**plan.to_dict(), "finetune_steps": n,
@@ -278,15 +275,19 @@ def main() -> int:
     return 0
 
 
+def _int8_ptq_rows(recs: list[Any], fp32: Any) -> list[dict[str, Any]]:
+    """The int8 PTQ recipe's row: this search's baseline trial (none without baselines)."""
+    int8_ptq = next((r for r in recs if r.baseline == "int8-ptq"), None)
+    return [] if int8_ptq is None else [_row(int8_ptq, fp32, "int8-ptq")]
+
+
 def _earlier_recipes(path: Path, recs: list[Any], fp32: Any
                      ) -> tuple[list[dict[str, Any]], float, dict[str, Any]]:
     """The recipe rows of an earlier run (its int8 PTQ row replaced by this search's
     baseline trial), their time, and where they came from."""
     earlier = json.loads(path.read_text())
-    rows = [r for r in earlier["recipes"] if r["label"] != "int8-ptq"]
-    int8_ptq = next((r for r in recs if r.baseline == "int8-ptq"), None)
-    if int8_ptq is not None:
-        rows.insert(0, _row(int8_ptq, fp32, "int8-ptq"))
+    rows = _int8_ptq_rows(recs, fp32) + [r for r in earlier["recipes"]
+                                         if r["label"] != "int8-ptq"]
     source = earlier.get("recipes_from") or {"file": path.name, "machine": earlier["machine"]}
     return rows, float(earlier["recipe_s"]), source
 
