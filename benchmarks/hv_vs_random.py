@@ -81,6 +81,9 @@ def run_arm(arm: str, seed: int, minutes: float, spec: Any, torch_threads: int,
         "hypervolume_searched": hypervolume_2d(
             [r for r in result.records if r.baseline is None], reference, CHANCE),
         "reference_size": reference,
+        "best_accuracy": max((float(r.accuracy) for r in result.records
+                              if r.measured and r.feasible and r.accuracy is not None),
+                             default=CHANCE),
     }
 
 
@@ -102,12 +105,18 @@ def main() -> int:
     searched = {arm: sum(r["hypervolume_searched"] for r in runs if r["arm"] == arm)
                 / max(1, sum(1 for r in runs if r["arm"] == arm)) for arm in ARMS}
     searched_ratio = searched["default"] / searched["random"] if searched["random"] else None
+    # The most any front can cover under this reference point: a zero-byte model as accurate
+    # as the best trial of either arm spans the whole width, (best - chance) x 1. Divided by
+    # random's mean, the largest ratio the default arm could show with the accuracies seen.
+    ceiling = max(r["best_accuracy"] for r in runs) - CHANCE
+    ceiling_ratio = ceiling / summary["random"]["mean"]
     data = {
         "command": "python benchmarks/hv_vs_random.py " + " ".join(sys.argv[1:]),
         "machine": state_line(state),
         "machine_end": state_line(machine_state(ort_threads=1, torch_threads=torch_threads)),
         "load": loads.summary(), "minutes": args.minutes, "runs": runs, "summary": summary,
         "ratio": ratio, "searched_means": searched, "searched_ratio": searched_ratio,
+        "ceiling": ceiling, "ceiling_ratio": ceiling_ratio,
     }
     write_json(RESULTS / f"{stem}.json", data)
     rows = [[r["arm"], r["seed"], r["trials"], r["fine_tuned"], len(r["front"]),
@@ -128,6 +137,11 @@ def main() -> int:
         + ("random found no feasible trial" if searched_ratio is None else
            f"default / random = {searched_ratio:.3f} (means {searched['default']:.4f} / "
            f"{searched['random']:.4f}); the target is judged on the whole front above."), "",
+        f"Ceiling: a zero-byte model as accurate as the best trial of either arm "
+        f"({ceiling + CHANCE:.4f}) would cover {ceiling:.4f}, i.e. at most "
+        f"{ceiling_ratio:.3f}x random's mean with the accuracies seen"
+        + (" (the target lies above it: no front of these accuracies reaches it)."
+           if ceiling_ratio < TARGET else "."), "",
     ])
     write_text(RESULTS / f"{stem}.md", text)
     print(text)
