@@ -47,7 +47,7 @@ PROBE_STEPS = 20  # collapse at a too-high rate shows within 5 steps on ResNet-2
 PROBE_EVAL_BATCHES = 4  # x 256 validation images
 TOLERANCE = 0.01  # accuracy (absolute) a faster rate may give up against the best one
 PROBE_SHARE = 0.10  # of a time-limited search
-EVAL_SHARE = 0.25  # of the probe's time for its evaluations (start + ~4 rates)
+EVAL_SHARE = 0.25  # of the probe's time for its evaluations (the start and each rate)
 MIN_RATES = 2  # scored before the probe's time bound may end it: one rate is no choice
 
 
@@ -79,8 +79,11 @@ class LearningRateProbe:
 
 
 def choose(scores: dict[float, float], tolerance: float = TOLERANCE) -> float:
-    """The largest rate whose accuracy is within ``tolerance`` of the best one."""
+    """The largest rate whose accuracy is within ``tolerance`` of the best one; the smallest
+    rate scored when every one diverged (no evidence for a faster one)."""
     best = max(scores.values())
+    if best == -math.inf:
+        return min(scores)
     return max(lr for lr, acc in scores.items() if acc >= best - tolerance)
 
 
@@ -131,7 +134,8 @@ def probe_learning_rate(
     seconds: float | None = None,
 ) -> LearningRateProbe:
     """Fine-tune the probe student at the rates ``walk`` visits and choose (see module
-    doc); ``seconds`` bounds the probe."""
+    doc): from the smallest of ``candidates``, up through them, or down through the rates of
+    ``below`` that are smaller still; ``seconds`` bounds the probe."""
     started = time.perf_counter()
     widths = [b for b in config.bits if b < 32]
     bits = min((b for b in widths if b > 4), default=min(widths, default=32))
@@ -149,14 +153,17 @@ def probe_learning_rate(
         quantize.calibrate(model, calibration)
         return model
 
-    start_model = calibrated(base)
+    grid = sorted(candidates, reverse=True)
+    ladder = tuple(sorted({*grid, *(lr for lr in below if lr < grid[-1])}, reverse=True))
+    start_model = calibrated(base).to(device)  # moved before the timing: not a batch's cost
     one_batch: float | None = None
     if seconds is not None:  # one batch timed: as many as a fair share of the time allows
         t0 = time.perf_counter()
         one_batch = accuracy(start_model, 1)
         per_batch = time.perf_counter() - t0
-        eval_batches = max(1, min(PROBE_EVAL_BATCHES,
-                                  int(EVAL_SHARE * seconds / 5 / max(per_batch, 1e-9))))
+        evaluations = 1 + len(ladder)  # the start and at most every rate
+        eval_batches = max(1, min(PROBE_EVAL_BATCHES, int(
+            EVAL_SHARE * seconds / evaluations / max(per_batch, 1e-9))))
     start = (one_batch if one_batch is not None and eval_batches == 1
              else accuracy(start_model, eval_batches))
     paces: list[float] = []
@@ -180,8 +187,6 @@ def probe_learning_rate(
             return False
         return time.perf_counter() - started + max(paces) > seconds
 
-    grid = sorted(candidates, reverse=True)
-    ladder = tuple(sorted({*grid, *below}, reverse=True))
     first = ladder.index(grid[-1])  # the grid's smallest rate
     scores = walk(score, ladder, first, start, out_of_time)
     ordered = dict(sorted(scores.items(), reverse=True))

@@ -30,6 +30,7 @@ from autocompress.errors import one_line
 from autocompress.objective import SearchContext, TrialRunner
 from autocompress.plan import CompressionPlan
 from autocompress.sensitivity import (
+    CALIBRATION_BATCHES,
     SENSITIVITY_ATTR,
     Sensitivity,
     measure_sensitivity,
@@ -227,7 +228,9 @@ def _resolve_sensitivity(
     _say(f"sensitivity pass: {len(table.layers)} layers and {len(table.groups)} groups "
          f"scored on {table.images} validation images in {table.seconds:.0f} s"
          + (f" (observers calibrated on {table.calibration_batches} batch(es) to fit "
-            f"{pass_seconds(config):.0f} s)" if table.calibration_batches == 1 else "")
+            f"{pass_seconds(config):.0f} s)"
+            if table.calibration_batches < min(CALIBRATION_BATCHES, len(ctx.calibration))
+            else "")
          + (f"; keep at higher precision: {', '.join(fragile)}" if fragile else "")
          + (f"; {len(table.failed)} choices could not be scored" if table.failed else "")
          + (f"; {len(table.unscored)} smaller groups left unscored to stay within "

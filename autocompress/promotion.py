@@ -64,11 +64,12 @@ def plan_promotions(
     reference_size: float,
     stretch: bool = False,
 ) -> list[Promotion]:
-    """Which front members to retrain within ``effort`` short fine-tunes, most hypervolume
-    first, after the most accurate plan at each target of the guided ladder
-    (``_ladder_picks``); under budgets instead, the most accurate plan within them first, on
-    the front or not, with up to the last rung's steps. Baselines (nothing fine-tuned),
-    plans already retrained (or being retrained) and plans at the last rung are left out.
+    """Which plans to retrain within ``effort`` short fine-tunes: the most accurate plan at
+    each target of the guided ladder (``_ladder_picks``, on the front or not), then the
+    front's members, most hypervolume first; under budgets instead, the most accurate plan
+    within them first, on the front or not, with up to the last rung's steps. Baselines
+    (nothing fine-tuned), plans already retrained (or being retrained) and plans at the last
+    rung are left out.
 
     ``stretch`` (under a time limit): the effort is time that is lost when not spent, so
     what the rungs leave over (less than one more promotion) lengthens the chosen retrains,
@@ -132,11 +133,12 @@ def _retrainable(records: Sequence[TrialRecord], config: SearchConfig,
 def _ladder_picks(records: Sequence[TrialRecord], config: SearchConfig,
                   has_child: set[int | None]) -> list[TrialRecord]:
     """Per target of the guided ladder, in its order, the most accurate (validation) plan
-    meeting it, each plan once: at "k x smaller" it is on the size front, at "k x faster"
-    on the latency front. These are the candidates a user reads off the front at the usual
-    targets. Ranked by hypervolume alone, the 40-minute ResNet-20 search of
-    ``benchmarks/beat_recipes.py`` (at bae52b2) spent its promotions on the two smallest
-    plans, which still lost 8.8 and 2.8 points after them."""
+    meeting it among those that may be retrained, each plan once: the candidates a user
+    reads off the front at the usual targets (a plan at the last rung is not retrained
+    again, so the next most accurate one, off the front, stands in for it). Ranked by
+    hypervolume alone, the 40-minute ResNet-20 search of ``benchmarks/beat_recipes.py`` (at
+    bae52b2) spent its promotions on the two smallest plans, which still lost 8.8 and 2.8
+    points after them."""
     fp32 = fp32_record(records)
     if fp32 is None or not fp32.size_bytes:
         return []

@@ -161,6 +161,8 @@ def measure_sensitivity(
         images, calibration_batches = _affordable_images(
             task, base, layers[0].name, widths[0], config, calibration, images,
             LAYER_SHARE * seconds / (len(layers) * len(widths)))
+    # what each choice's observers really see: the search may hold fewer batches than asked
+    calibration_batches = min(calibration_batches, len(calibration))
     xs, ys = _fixed_slice(task, images)
     teacher = task.model.eval()
     with torch.no_grad():
@@ -226,9 +228,9 @@ def _affordable_images(task: Task, base: nn.Module, layer: str, bits: int,
     """How many images one choice may be scored on, and on how many calibration batches its
     observers are set, to take about ``per_choice_s``: one choice timed on a short slice,
     its per-image cost scaled; between MIN_IMAGES and ``images``. The copy and calibration
-    are fixed per choice: when they alone overrun, the observers see one batch instead of
-    CALIBRATION_BATCHES (on MiniLM they were most of a choice's time, and the pass ran 258 s
-    against its 72 s)."""
+    are fixed per choice: when they and the MIN_IMAGES every choice is scored on overrun,
+    the observers see one batch instead of CALIBRATION_BATCHES (on MiniLM they were most of
+    a choice's time, and the pass ran 258 s against its 72 s)."""
     probe = min(images, MIN_IMAGES)
     xs, _ = _fixed_slice(task, probe)
     plan = CompressionPlan(bits={layer: bits}, activation_bits=space.activations_for(bits, config))
@@ -246,7 +248,7 @@ def _affordable_images(task: Task, base: nn.Module, layer: str, bits: int,
     per_image = (time.perf_counter() - t1) / max(probe, 1)
     batches = CALIBRATION_BATCHES
     fixed = t1 - t0
-    if fixed > per_choice_s and len(calibration) > 1:
+    if fixed + per_image * probe > per_choice_s and len(calibration) > 1:
         batches = 1
         fixed = (copied - t0) + (t1 - copied) / min(len(calibration), CALIBRATION_BATCHES)
     room = per_choice_s - fixed

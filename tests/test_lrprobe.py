@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 import sqlite3
 import subprocess
 import sys
@@ -56,11 +57,54 @@ def test_the_probe_goes_up_while_a_faster_rate_does_no_harm() -> None:
 
 
 def test_the_probe_stops_when_its_time_is_up() -> None:
-    minilm = {3e-3: 0.59, 1e-3: 0.59, 3e-4: 0.711, 1e-4: 0.792, 3e-5: 0.806, 1e-5: 0.807}
-    seen, chosen = _walked(minilm, start=0.810, budget=2)
-    assert seen == [1e-4, 3e-5] and chosen == 3e-5
+    cnn = {3e-3: 0.99, 1e-3: 0.99, 3e-4: 0.98, 1e-4: 0.97, 3e-5: 0.9, 1e-5: 0.9}
+    seen, chosen = _walked(cnn, start=0.97, budget=2)  # unbounded it walks four rates
+    assert seen == [1e-4, 3e-4] and chosen == 3e-4
     assert lrprobe.probe_seconds(None) is None
     assert lrprobe.probe_seconds(12) == pytest.approx(72.0)
+
+
+def test_every_rate_diverged_leaves_the_smallest() -> None:
+    """No evidence for a faster rate: the choice is the safest one scored, not the largest."""
+    assert lrprobe.choose({3e-3: -math.inf, 1e-3: -math.inf, 1e-4: -math.inf}) == 1e-4
+
+
+def test_a_bounded_probe_scores_two_rates_from_the_smallest_on_one_batch(
+    demo_task: Task, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With almost no time the probe still scores two rates (one is no choice), starts at
+    the grid's smallest, never walks up into a ``below`` rate above the grid, and measures
+    the start on the one batch it timed (each evaluation counted in batches)."""
+    finetuned: list[float] = []
+    evaluated: list[int] = []
+    real_accuracy = lrprobe.torch_accuracy
+
+    def no_finetune(model: object, teacher: object, data: object, plan: object,
+                    **kwargs: object) -> None:
+        finetuned.append(plan.learning_rate)  # type: ignore[attr-defined]
+
+    def counting(model: object, batches: object, metric: object) -> float:
+        held = list(batches)  # type: ignore[call-overload]
+        evaluated.append(len(held))
+        return real_accuracy(model, held, metric)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(lrprobe.distill, "finetune", no_finetune)
+    monkeypatch.setattr(lrprobe, "torch_accuracy", counting)
+    config = SearchConfig(finetune_steps=30)
+    inventory = build_inventory(demo_task.model, demo_task.data.example_input(1))
+    calibration = [x for x, _ in itertools.islice(demo_task.data.batches("train", 32), 2)]
+    probe = lrprobe.probe_learning_rate(
+        demo_task, inventory, config, calibration, candidates=(1e-3, 3e-4, 1e-4),
+        below=(3e-3, 3e-5), seconds=1e-6)
+    # nothing trained, so the smallest rate does no harm: the walk goes up, then time is up
+    assert finetuned == [1e-4, 3e-4]
+    assert evaluated == [1, 1, 1]  # the timed start (reused) and each rate, one batch each
+    assert set(probe.scores) == {1e-4, 3e-4} and probe.chosen == 3e-4
+    finetuned.clear()
+    lrprobe.probe_learning_rate(  # unbounded: up through the grid, never to 3e-3 of `below`
+        demo_task, inventory, config, calibration, candidates=(1e-3, 3e-4, 1e-4),
+        below=(3e-3, 3e-5))
+    assert finetuned == [1e-4, 3e-4, 1e-3]
 
 
 def test_probe_refuses_a_rate_that_wrecks_the_student(demo_task: Task) -> None:
@@ -68,7 +112,7 @@ def test_probe_refuses_a_rate_that_wrecks_the_student(demo_task: Task) -> None:
     inventory = build_inventory(demo_task.model, demo_task.data.example_input(1))
     calibration = [x for x, _ in itertools.islice(demo_task.data.batches("train", 32), 2)]
     probe = lrprobe.probe_learning_rate(
-        demo_task, inventory, config, calibration, candidates=(5.0, 1e-3)
+        demo_task, inventory, config, calibration, candidates=(5.0, 1e-3), below=()
     )
     assert probe.bits == 8 and probe.steps == 20
     assert probe.start_accuracy > 0.9
@@ -97,7 +141,7 @@ def test_probe_fine_tunes_with_the_tasks_own_loss(demo_task: Task) -> None:
     calibration = [x for x, _ in itertools.islice(task.data.batches("train", 32), 2)]
     # kd_alpha < 1 in the probe's plan: the hard-target term is part of every step
     probe = lrprobe.probe_learning_rate(task, inventory, config, calibration,
-                                        candidates=(1e-3,))
+                                        candidates=(1e-3,), below=())
     assert probe.steps == 20 and len(calls) == 20
 
 

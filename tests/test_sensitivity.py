@@ -129,7 +129,7 @@ def test_a_pass_out_of_time_scores_every_layer_and_the_largest_groups(
 
 
 def test_layers_that_would_overrun_the_pass_are_scored_on_fewer_images(
-    demo_task: Task,
+    demo_task: Task, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Every layer is scored; when the first choice shows the layers would take more than
     their share of the bound, every choice is scored on a shorter (shared) slice; with time
@@ -139,8 +139,20 @@ def test_layers_that_would_overrun_the_pass_are_scored_on_fewer_images(
     inventory = build_inventory(demo_task.model, demo_task.data.example_input(1))
     quantizable = {layer.name for layer in inventory.layers if layer.quantizable}
     config = SearchConfig(prune_max=0.0)
+    from autocompress import quantize
+
+    real_calibrate = quantize.calibrate
+    asked: list[int] = []
+
+    def recorded(model: object, batches: object, *, max_batches: int = 8) -> object:
+        asked.append(max_batches)
+        return real_calibrate(model, batches, max_batches=max_batches)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(quantize, "calibrate", recorded)
     tight = measure_sensitivity(demo_task, inventory, config, _calibration(demo_task),
                                 images=256, seconds=1e-3)
+    # after the one timed choice, every choice's observers were set on one batch
+    assert asked[0] == CALIBRATION_BATCHES and set(asked[1:]) == {1}
     assert tight.images == MIN_IMAGES
     assert set(tight.layers) == quantizable
     assert all(entry["bits"] for entry in tight.layers.values())
