@@ -13,7 +13,7 @@ from search_fixture import run_short_search
 from torch import nn
 
 from autocompress import runtime
-from autocompress.errors import DataSpecError
+from autocompress.errors import DataSpecError, ModelSpecError
 from autocompress.export import export_from_storage
 from autocompress.intake import load_task
 from autocompress.intake.sample_inputs import (
@@ -245,3 +245,81 @@ def make():
 ''')
     with pytest.raises(DataSpecError, match="need a task"):
         load_task("zoo:resnet20", None, f"{tmp_path / 'pairs.py'}:make")
+
+
+SEQUENCE_TASK = '''
+import torch
+from sklearn.datasets import load_digits
+from torch import nn
+
+
+class Rows(nn.Module):
+    """Reads a digit's 8 rows as 8 steps of 8 features: (N, 8, 8), no channel."""
+
+    def __init__(self):
+        super().__init__()
+        self.lstm = nn.LSTM(8, 32, batch_first=True)
+        self.hidden = nn.Linear(32, 32)
+        self.out = nn.Linear(32, 10)
+
+    def forward(self, x):
+        steps, _ = self.lstm(x)
+        return self.out(torch.relu(self.hidden(steps[:, -1])))
+
+
+def build():
+    digits = load_digits()
+    x = torch.tensor(digits.data, dtype=torch.float32).view(-1, 8, 8) / 16.0
+    y = torch.tensor(digits.target)
+    torch.manual_seed(0)
+    net = Rows()
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    for _ in range(300):
+        idx = torch.randint(0, 1400, (128,))
+        loss = nn.functional.cross_entropy(net(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    parts = [(x[i], int(y[i])) for i in range(len(y))]
+    return {"model": net.eval(), "data": {"train": parts[:1400], "test": parts[1400:]}}
+'''
+
+
+def test_two_dimensional_samples_reach_a_sequence_model_as_sequences(tmp_path: Path) -> None:
+    """A (8, 8) float sample is a one-channel image to a CNN, but an LSTM rejects (N, 1, 8, 8):
+    the task's model decides, and the sequences are fed as they are through search, export
+    and verify (the image reading stopped such tasks with a hint about --input-size)."""
+    spec = _task(tmp_path, SEQUENCE_TASK, "rows.py")
+    task = load_task(None, None, None, task=spec)
+    assert task.input_shape == (8, 8) and task.data.is_flat
+    assert "fed as sequences" in task.data.split_method
+    xb, _ = next(task.data.batches("test", 8))
+    assert torch.equal(xb, task.data.test.x[:8])  # no image scaling or normalisation
+    short = run_short_search(tmp_path, study="rows", task=spec, trials=1, guided=False,
+                             budgets=(), finetune_steps=20)
+    fp32 = short.result.fp32
+    assert fp32 is not None and (fp32.accuracy or 0) > 0.8
+    searched = [r for r in short.result.records if r.baseline is None]
+    assert searched and all(r.state == "COMPLETE" for r in searched), [
+        r.fail_reason for r in searched]
+    export_from_storage(short.storage_url, "rows", out=tmp_path / "out",
+                        trial=searched[0].number, verify=True)
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["verification"]["agreement"] >= 0.99
+    assert report["inputs"]["shape"] == ["N", 8, 8]
+
+
+def test_a_model_that_takes_neither_reading_names_both(tmp_path: Path) -> None:
+    source = '''
+import torch
+from torch import nn
+
+
+def build():
+    parts = [(torch.rand(8, 8), i % 2) for i in range(40)]
+    return {"model": nn.Linear(5, 2), "data": {"train": parts, "test": parts}}
+'''
+    spec = _task(tmp_path, source, "neither.py")
+    with pytest.raises(ModelSpecError, match=r"rejects input of shape \(1, 1, 8, 8\).*fed as "
+                       r"sequences \(8, 8\) it fails too: RuntimeError"):
+        load_task(None, None, None, task=spec)

@@ -142,6 +142,10 @@ class _Context:
             mean=self.config.get("mean"), std=self.config.get("std"),
             tokenizer=tokenizer_of(self.model_spec),
         )
+        sequences = intake.as_sequences(data)
+        if sequences is not None and recorded.get("input_shape") == list(
+                sequences.input_shape):  # the search's model took the samples as sequences
+            data = sequences
         now = data.describe()
         for key in ("split_sha256", "sizes", "mean", "std", "input_shape"):
             if key in recorded and recorded[key] != now[key]:

@@ -24,6 +24,7 @@ from __future__ import annotations
 from autocompress.intake.data import (
     DataSplits,
     Split,
+    as_sequences,
     load_data,
 )
 from autocompress.intake.models import (
@@ -53,6 +54,7 @@ __all__ = [
     "DataSplits",
     "Split",
     "Task",
+    "as_sequences",
     "check_model_input",
     "default_cache_dir",
     "load_data",

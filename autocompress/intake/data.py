@@ -90,16 +90,16 @@ class DataSplits:
 
     @property
     def is_flat(self) -> bool:
-        """Flat inputs (N, L), fed to the model as they are: token ids (``text:`` data, a
-        task's int64 ids), feature vectors, or a task's packed input tensors
-        (``intake.sample_inputs``)."""
-        return self.train.x.ndim == 2
+        """Inputs fed to the model as they are (no image size): flat (N, L) token ids
+        (``text:`` data, a task's int64 ids), feature vectors, a task's packed input tensors
+        (``intake.sample_inputs``), or (N, L, F) sequences (``as_sequences``)."""
+        return self.image_size == (0, 0)
 
     @property
     def input_shape(self) -> tuple[int, ...]:
-        """(C, H, W) of one preprocessed image; (L,) for flat inputs."""
+        """(C, H, W) of one preprocessed image; (L,) or (L, F) for inputs fed as they are."""
         if self.is_flat:
-            return (int(self.train.x.shape[1]),)
+            return tuple(int(d) for d in self.train.x.shape[1:])
         return (int(self.train.x.shape[1]), *self.image_size)
 
     @property
@@ -309,6 +309,23 @@ def _flat_splits(spec: str, seed: int, classes: Sequence[str], parts: tuple[Spli
     return DataSplits(spec=spec, seed=seed, classes=list(classes), train=train, val=val,
                       test=test, image_size=(0, 0), mean=(), std=(), value_scale=1.0,
                       split_method=method)
+
+
+def as_sequences(data: DataSplits) -> DataSplits | None:
+    """The same splits with each one-channel sample (H, W) fed as it is, as a sequence of H
+    steps of W features (what an LSTM, a transformer encoder or a Conv1d over channels
+    takes), float32, unscaled like every input fed as it is; None unless the samples are
+    one-channel images at their own size with the default normalisation (a 2-D sample is
+    read as a one-channel image first: the task's model says which it is)."""
+    if data.is_flat or data.train.x.ndim != 4 or int(data.train.x.shape[1]) != 1 \
+            or tuple(data.train.x.shape[-2:]) != data.image_size:
+        return None
+    train, val, test = (Split(s.x[:, 0].to(torch.float32), s.y, s.indices)
+                        for s in (data.train, data.val, data.test))
+    return DataSplits(spec=data.spec, seed=data.seed, classes=list(data.classes), train=train,
+                      val=val, test=test, image_size=(0, 0), mean=(), std=(),
+                      value_scale=1.0, split_method=data.split_method
+                      + f"; samples {tuple(train.x.shape[1:])} fed as sequences")
 
 
 TEXT_FRACTIONS = (0.8, 0.1, 0.1)  # train / val / test of a text file

@@ -10,8 +10,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from autocompress.errors import DataSpecError, ModelSpecError
-from autocompress.intake.data import DataSplits, load_data
+from autocompress.errors import DataSpecError, ModelSpecError, one_line
+from autocompress.intake.data import DataSplits, as_sequences, load_data
 from autocompress.intake.models import _in_channels, check_model_input, load_model
 from autocompress.intake.specs import DEMO_MODEL_SPEC, DIGITS_DATA_SPEC, default_cache_dir
 from autocompress.intake.user_task import TASK_PREFIX, TaskSpecError, load_user_task
@@ -135,7 +135,24 @@ def _load_user_task(
                      std=std)
     # Targets other than class labels (values, masks) are scored by the task's metric on
     # whatever the model returns with the batch first.
-    model = load_model(stored, None, input_shape=data.input_shape, classes=data.has_classes)
+    try:
+        model = load_model(stored, None, input_shape=data.input_shape,
+                           classes=data.has_classes)
+    except ModelSpecError as as_images:
+        # A 2-D float sample is a one-channel image or a sequence (steps, features): the
+        # model decides. Export and verify load the task again and decide alike.
+        sequences = None if (input_size, mean, std) != (None, None, None) else (
+            as_sequences(data))
+        if sequences is None:
+            raise
+        try:
+            model = load_model(stored, None, input_shape=sequences.input_shape,
+                               classes=data.has_classes)
+        except ModelSpecError as as_steps:
+            why = as_steps.__cause__ if as_steps.__cause__ is not None else as_steps
+            raise ModelSpecError(f"{as_images}; fed as sequences {sequences.input_shape} it "
+                                 f"fails too: {one_line(why, typed=True)}") from None
+        data = sequences
     outputs = check_model_input(model, data.example_input(2), stored,
                                 classes=data.has_classes)
     if user.metric.is_top1 and outputs < data.num_classes:
