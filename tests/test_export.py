@@ -520,3 +520,21 @@ def test_missing_study_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str
                             str(tmp_path / "out")], capsys)
     assert code == 2
     assert "does not exist" in one_error_line(err)
+
+
+def test_agreement_excuses_near_ties_but_not_flips() -> None:
+    """A top-1 flip at a near-tie of the program's logits is rounding (a 4-bit
+    TransformerEncoder flipped 2 of 139 samples at margins of 0.018 and 0.0008 with logits
+    spread over ~12, and its right rebuild failed verification); a flip by a clear margin
+    still counts against the file, per sample and per pixel."""
+    import numpy as np
+
+    from autocompress.export.verify import _agreement_of
+
+    program = np.array([[4.0, 3.99, -8.0], [4.0, 1.0, -8.0], [0.0, 5.0, -7.0]])
+    file = np.array([[3.9, 4.0, -8.0], [1.0, 4.0, -8.0], [0.0, 5.0, -7.0]])
+    # row 0: near-tie flip (0.01 of a 12 spread), row 1: a 3-logit flip, row 2: the same
+    assert _agreement_of(file, program, values=False) == pytest.approx(2 / 3)
+    pixels_program = program.T.reshape(1, 3, 3, 1)  # (N, C, H, W): classes on axis 1
+    pixels_file = file.T.reshape(1, 3, 3, 1)
+    assert _agreement_of(pixels_file, pixels_program, values=False) == pytest.approx(2 / 3)
