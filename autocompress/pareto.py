@@ -258,17 +258,19 @@ def select_best(
     *,
     max_accuracy_drop: float | None = None,
     reference_accuracy: float | None = None,
+    metric: str = "accuracy",
 ) -> Selection | None:
     """Highest validation accuracy among measured trials within every budget (and the drop
-    limit, as a fraction of the fp32 accuracy); ties go to the smaller file."""
+    limit, as a fraction of the fp32 accuracy); ties go to the smaller file. ``metric``:
+    the study's label for its accuracy objective (a task's own metric), named in the rule."""
     pool = [r for r in most_trained(records) if r.measured and r.feasible and meets(r, budgets)]
-    rule = "highest validation accuracy within " + (
+    rule = f"highest validation {metric} within " + (
         ", ".join(b.text for b in budgets) if budgets else "no budget"
     )
     if max_accuracy_drop is not None and reference_accuracy is not None:
         floor = reference_accuracy * (1.0 - max_accuracy_drop)
         pool = [r for r in pool if (r.accuracy or 0.0) >= floor - 1e-12]
-        rule += f" and at most {max_accuracy_drop:.2%} accuracy drop vs fp32"
+        rule += f" and at most {max_accuracy_drop:.2%} {metric} drop vs fp32"
     if not pool:
         return None
     ranked = sorted(pool, key=lambda r: (-(r.accuracy or 0.0), r.objective_size or 0.0,

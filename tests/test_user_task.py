@@ -94,6 +94,13 @@ def test_task_search_is_scored_and_verified_with_its_metric(tmp_path: Path) -> N
     mae = np.abs(np.concatenate(logits).argmax(axis=1) - np.concatenate(ys)).mean()
     assert best.test_accuracy == pytest.approx(-mae)
     assert result.trial == best.number
+    # the summary names the task's metric, not accuracy (it said "test accuracy -0.53")
+    assert f"verified: test neg_mae {-mae:.4f}" in result.summary()
+    assert "test neg_mae" in result.summary().splitlines()[3]
+    assert "accuracy" not in result.summary()
+    chosen = export_from_storage(short.storage_url, "mae", out=tmp_path / "best", best=True,
+                                 verify=False)
+    assert chosen.rule.startswith("highest validation neg_mae within no budget")
 
 
 def test_task_show_labels_the_metric(tmp_path: Path, capsys: pytest.CaptureFixture[str],

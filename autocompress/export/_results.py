@@ -80,6 +80,7 @@ class ExportResult:
     rule: str
     files: dict[str, dict[str, Any]]
     report: dict[str, Any]
+    metric: str = "accuracy"  # the study's label for its accuracy objective
 
     @property
     def verification(self) -> dict[str, Any] | None:
@@ -109,14 +110,14 @@ class ExportResult:
             "files: " + ", ".join(
                 f"{name} ({format_bytes(info['bytes'])})" for name, info in self.files.items()
             ),
-            "vs fp32: " + _versus_line(cand, fp32),
+            "vs fp32: " + _versus_line(cand, fp32, self.metric),
         ]
         ver = self.verification
         if ver is None:
             lines.append("verification: skipped (--no-verify)")
         else:
             lines.append(
-                f"verified: test accuracy {ver['test_accuracy']:.4f} = recorded; latency "
+                f"verified: test {self.metric} {ver['test_accuracy']:.4f} = recorded; latency "
                 + _latency_check_text(ver["latency"])
                 + f"; model.pt2 agrees with model.onnx on {ver['agreement']:.2%} of "
                 f"{ver['agreement_samples']} val samples"
@@ -124,19 +125,19 @@ class ExportResult:
         return "\n".join(lines)
 
 
-def _versus_line(cand: dict[str, Any], fp32: dict[str, Any]) -> str:
+def _versus_line(cand: dict[str, Any], fp32: dict[str, Any], metric: str = "accuracy") -> str:
     parts = []
     if cand.get("times_smaller"):
         parts.append(f"{cand['times_smaller']:.2f}x smaller")
     if cand.get("latency_vs_fp32"):
         parts.append(_speed_text(cand["latency_vs_fp32"]))
     if cand.get("accuracy_test") is not None:
-        text = f"test accuracy {cand['accuracy_test']:.4f}"
+        text = f"test {metric} {cand['accuracy_test']:.4f}"
         if fp32.get("accuracy_test") is not None:
             text += f" (fp32 {fp32['accuracy_test']:.4f})"
         parts.append(text)
     if cand.get("accuracy_drop_rate_val") is not None:
-        parts.append(f"val accuracy-drop rate {cand['accuracy_drop_rate_val']:.2%}")
+        parts.append(f"val {metric}-drop rate {cand['accuracy_drop_rate_val']:.2%}")
     if cand.get("flop_reduction_rate") is not None:
         parts.append(f"FLOP reduction {cand['flop_reduction_rate']:.1%}")
     return ", ".join(parts) or "no fp32 baseline in the study"

@@ -27,6 +27,7 @@ from autocompress.pareto import (
     TrialRecord,
 )
 from autocompress.plan import CompressionPlan
+from autocompress.task_metric import label_of
 
 
 def export_from_storage(
@@ -87,6 +88,7 @@ def export_from_storage(
         rule=choice.rule,
         files=files,
         report=report,
+        metric=label_of(info.attrs.get("metric")),
     )
 
 

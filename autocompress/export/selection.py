@@ -16,6 +16,7 @@ from autocompress.pareto import (
     fp32_record,
     select_best,
 )
+from autocompress.task_metric import label_of
 
 
 def parse_accuracy_drop(text: str | float | None) -> float | None:
@@ -45,6 +46,7 @@ def choose(
     reference_accuracy: float | None = None,
     study_name: str = "",
     latency_reference_ms: float | None = None,
+    metric: str = "accuracy",
 ) -> Choice:
     """The trial to export: ``trial`` as asked, or with ``best`` the highest validation
     accuracy within the study's budgets tightened by ``budgets`` and the accuracy-drop limit
@@ -76,7 +78,8 @@ def choose(
             "against; drop --max-accuracy-drop or run a search with baselines"
         )
     selection = select_best(
-        records, limits, max_accuracy_drop=drop, reference_accuracy=reference_accuracy
+        records, limits, max_accuracy_drop=drop, reference_accuracy=reference_accuracy,
+        metric=metric,
     )
     if selection is None:
         raise ExportError(_nothing_feasible(records, limits, drop, reference_accuracy,
@@ -167,6 +170,7 @@ def choose_from_study(
         reference_accuracy=reference,
         study_name=info.name,
         latency_reference_ms=_first_reference_ms(info.attrs),
+        metric=label_of(info.attrs.get("metric")),
     )
 
 
