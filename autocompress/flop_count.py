@@ -7,7 +7,11 @@ fused attention ops that PyTorch models run, so without the handles below a ViT'
 - ``aten::scaled_dot_product_attention`` (F.scaled_dot_product_attention, training mode):
   Q @ K^T and softmax(.) @ V, ``B*H*L*S*(E + Ev)`` multiply-adds;
 - ``aten::_native_multi_head_attention`` (nn.MultiheadAttention's inference fast path under
-  no_grad): the same plus the q/k/v input projections and the output projection.
+  no_grad): the same plus the q/k/v input projections and the output projection;
+- ``aten::lstm``, ``aten::gru``, ``aten::rnn_tanh``, ``aten::rnn_relu`` (nn.LSTM, nn.GRU,
+  nn.RNN, any layers and directions): every weight matrix once per time step and sequence,
+  the gates' element-wise work left out like other activations (a model of LSTMs counted
+  zero FLOPs, and its FLOP reduction was meaningless).
 
 Ops still without a formula are returned by name and call count (``uncounted``), so callers
 can say what the total leaves out instead of presenting it as complete.
@@ -80,9 +84,30 @@ def _native_mha_flops(inputs: list[Any], outputs: list[Any]) -> int:
     return projections + attention
 
 
+def _recurrent_flops(inputs: list[Any], outputs: list[Any]) -> int:
+    """Multiply-adds of a recurrent op: (sequences x steps) x the sum of its weight matrices'
+    sizes (the input and hidden weights of every layer and direction, projections too)."""
+    x = _shape(inputs[0])
+    # (input, hx, params[], ...), or packed (data, batch_sizes, hx, params[], ...); hx is a
+    # list for an LSTM (of 3-D tensors when packed), a tensor otherwise: the weights are the
+    # first list among the third and fourth inputs that holds matrices
+    for value in inputs[2:4]:
+        node = value.node()
+        if node.kind() == "prim::ListConstruct":
+            shapes = [_shape(v) for v in node.inputs()]
+            if any(len(s) == 2 for s in shapes):
+                per_step = sum(math.prod(s) for s in shapes if len(s) == 2)
+                return math.prod(x[:-1]) * per_step if len(x) >= 2 else 0
+    return 0
+
+
 HANDLES = {
     "aten::scaled_dot_product_attention": _sdpa_flops,
     "aten::_native_multi_head_attention": _native_mha_flops,
+    "aten::lstm": _recurrent_flops,
+    "aten::gru": _recurrent_flops,
+    "aten::rnn_tanh": _recurrent_flops,
+    "aten::rnn_relu": _recurrent_flops,
 }
 
 

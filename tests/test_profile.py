@@ -196,3 +196,22 @@ def test_the_unattributed_row_is_there_when_the_layers_take_all_the_time(
     report = profile_model(model, torch.randn(1, 4), repeats=2)
     assert [row.name for row in report.rows] == ["0", "1", UNATTRIBUTED]
     assert report.rows[-1].flops == 0 and report.rows[-1].latency_ms == 0
+
+
+def test_recurrent_layers_are_counted() -> None:
+    """nn.LSTM / nn.GRU / nn.RNN ran as one fused op fvcore has no formula for: a model of
+    them counted zero FLOPs. Each weight matrix counts once per step and sequence."""
+    from autocompress import flop_count
+
+    lstm = nn.LSTM(8, 16, num_layers=2, batch_first=True, bidirectional=True).eval()
+    x = torch.randn(3, 5, 8)
+    per_step = 2 * (64 * 8 + 64 * 16) + 2 * (64 * 32 + 64 * 16)  # 2 directions x 2 layers
+    with torch.no_grad():
+        counted = flop_count.count(lstm, x)
+    assert counted.total == 3 * 5 * per_step and not counted.heavy_uncounted
+    gru = nn.GRU(8, 16).eval()  # unbatched (steps, features)
+    with torch.no_grad():
+        assert flop_count.count(gru, torch.randn(5, 8)).total == 5 * (48 * 8 + 48 * 16)
+    rnn = nn.RNN(4, 6, nonlinearity="relu").eval()
+    with torch.no_grad():
+        assert flop_count.count(rnn, torch.randn(7, 2, 4)).total == 7 * 2 * (6 * 4 + 6 * 6)
