@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from autocompress.errors import InputError
+from autocompress.errors import InputError, one_line
 from autocompress.runtime import _split_batch
 
 log = logging.getLogger(__name__)
@@ -67,14 +67,19 @@ def pre_process(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> Pat
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     dst_path = Path(dst)
-    attempts: tuple[dict[str, bool], ...] = ({}, {"skip_symbolic_shape": True})
-    for kwargs in attempts:
+    attempts = (("with symbolic shape inference", {}),
+                ("without it", {"skip_symbolic_shape": True}))
+    failures: list[str] = []
+    for how, kwargs in attempts:
         try:
             quant_pre_process(str(src), str(dst_path), **kwargs)
+            if failures:  # a recovered first attempt is not the user's concern
+                log.info("quant_pre_process: %s; it worked %s", "; ".join(failures), how)
             return dst_path
-        except Exception as exc:  # ORT raises bare Exceptions from shape inference
-            log.warning("quant_pre_process %s failed (%s); retrying", kwargs or "", exc)
-    log.warning("quant_pre_process failed; quantizing %s without pre-processing", src)
+        except Exception as exc:  # ORT raises bare Exceptions, often with no message
+            failures.append(f"{how}: {one_line(exc, typed=True)}")
+    log.warning("ONNX Runtime's quant_pre_process failed (%s); quantizing %s without "
+                "pre-processing", "; ".join(failures), Path(src).name)
     dst_path.write_bytes(Path(src).read_bytes())
     return dst_path
 
