@@ -270,9 +270,18 @@ class _TrialCounter:
         if self.counted >= cfg.trials:
             return None
         if self._out_of_time():
-            return (f"time limit of {cfg.time_limit:g} min reached after {self.counted} of "
+            note = (f"time limit of {cfg.time_limit:g} min reached after {self.counted} of "
                     f"{cfg.trials} fine-tuned trials ({self.rejected} plans rejected at the "
                     "pre-check); run the same command again to continue the study")
+            if budgets and not any(r.measured and r.feasible for r in records):
+                # the run ends with nothing to export: say how far the nearest plan is
+                closest = closest_to_budgets(records, budgets, k=1)
+                note += "; no trial meets the budgets yet" + (
+                    f" (closest: trial {closest[0][0].number} ({closest[0][0].plan_summary}), "
+                    f"{closest[0][1]})" if closest else "") + (
+                    "; or raise the budget, allow more pruning (--prune-max) or fewer bits "
+                    "(--bits)")
+            return note
         if self.in_a_row >= cfg.max_rejections:
             head = (f"stopped after {self.in_a_row} plans in a row were rejected at the "
                     f"pre-check ({self.counted} of {cfg.trials} fine-tuned)")

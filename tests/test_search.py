@@ -468,3 +468,29 @@ def test_warm_starts_respect_a_size_budget(tmp_path: Path) -> None:
         assert r.rejected is None and "prune" in r.plan_summary
         if r.measured:
             assert r.size_bytes <= 60_000
+
+
+def test_a_time_limit_that_ends_with_nothing_within_budget_names_the_closest_plan() -> None:
+    """A 2-minute search of a small transformer under 0.8x of its fp32 latency ended with no
+    feasible trial and only "time limit reached": the note now says none meets the budgets,
+    which plan came closest and by how much, and what to change."""
+    import time
+
+    from autocompress.config import SearchConfig, parse_budget
+    from autocompress.pareto import TrialRecord
+    from autocompress.search import _TrialCounter
+
+    budgets = [parse_budget("0.2ms")]
+    counter = _TrialCounter(SearchConfig(time_limit=0.01, budgets=("0.2ms",)), 2,
+                            time.perf_counter() - 60)
+    counter.searching = True
+    over = [TrialRecord(number=n, state="COMPLETE", accuracy=0.9, size_bytes=1e4,
+                        latency_ms=lat, plan_summary=f"plan {n}")
+            for n, lat in ((3, 0.30), (4, 0.24))]
+    note = counter.end_note(budgets, over)
+    assert note is not None and note.startswith("time limit of 0.01 min reached")
+    assert "no trial meets the budgets yet (closest: trial 4 (plan 4), latency" in note
+    assert "--prune-max" in note
+    within = [*over, TrialRecord(number=5, state="COMPLETE", accuracy=0.8, size_bytes=1e4,
+                                 latency_ms=0.15, feasible=True)]
+    assert "no trial meets" not in (counter.end_note(budgets, within) or "")
