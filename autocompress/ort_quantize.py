@@ -73,8 +73,8 @@ def pre_process(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> Pat
     for how, kwargs in attempts:
         try:
             quant_pre_process(str(src), str(dst_path), **kwargs)
-            if failures:  # a recovered first attempt is not the user's concern
-                log.info("quant_pre_process: %s; it worked %s", "; ".join(failures), how)
+            if failures:  # a recovered first attempt is not the user's concern: debug only
+                log.debug("quant_pre_process: %s; it worked %s", "; ".join(failures), how)
             return dst_path
         except Exception as exc:  # ORT raises bare Exceptions, often with no message
             failures.append(f"{how}: {one_line(exc, typed=True)}")
