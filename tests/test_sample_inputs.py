@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -166,19 +167,27 @@ def _task(folder: Path, source: str, name: str) -> str:
     return f"{folder / name}:build"
 
 
+def _searched(tmp_path: Path, spec: str, study: str, *, trials: int, steps: int,
+              teacher_above: float) -> tuple[Any, list[Any]]:
+    """A short search of the task; its fp32 teacher above ``teacher_above``, every searched
+    trial complete. Returns the search and those trials."""
+    short = run_short_search(tmp_path, study=study, task=spec, trials=trials, guided=False,
+                             budgets=(), finetune_steps=steps)
+    fp32 = short.result.fp32
+    assert fp32 is not None and (fp32.accuracy or 0) > teacher_above
+    searched = [r for r in short.result.records if r.baseline is None]
+    assert searched and all(r.state == "COMPLETE" for r in searched), [
+        r.fail_reason for r in searched]
+    return short, searched
+
+
 def test_a_dict_input_task_is_searched_exported_and_verified(tmp_path: Path) -> None:
     spec = _task(tmp_path, DICT_TASK, "dict_task.py")
     task = load_task(None, None, None, task=spec)
     assert isinstance(task.model, PackedInputs) and task.input_shape == (128,)
     assert task.data.is_flat and task.data.train.x.dtype == torch.int64
-    short = run_short_search(tmp_path, study="dict", task=spec, trials=2, guided=False,
-                             budgets=(), finetune_steps=30)
-    fp32 = short.result.fp32
     # the packed teacher scores far above chance (0.1): ids and masks arrive where they belong
-    assert fp32 is not None and (fp32.accuracy or 0) > 0.7
-    searched = [r for r in short.result.records if r.baseline is None]
-    assert searched and all(r.state == "COMPLETE" for r in searched), [
-        r.fail_reason for r in searched]
+    short, searched = _searched(tmp_path, spec, "dict", trials=2, steps=30, teacher_above=0.7)
     best = max(searched, key=lambda r: r.accuracy or 0)
     export_from_storage(short.storage_url, "dict", out=tmp_path / "out", trial=best.number,
                         verify=True)
@@ -295,13 +304,7 @@ def test_two_dimensional_samples_reach_a_sequence_model_as_sequences(tmp_path: P
     assert "fed as sequences" in task.data.split_method
     xb, _ = next(task.data.batches("test", 8))
     assert torch.equal(xb, task.data.test.x[:8])  # no image scaling or normalisation
-    short = run_short_search(tmp_path, study="rows", task=spec, trials=1, guided=False,
-                             budgets=(), finetune_steps=20)
-    fp32 = short.result.fp32
-    assert fp32 is not None and (fp32.accuracy or 0) > 0.8
-    searched = [r for r in short.result.records if r.baseline is None]
-    assert searched and all(r.state == "COMPLETE" for r in searched), [
-        r.fail_reason for r in searched]
+    short, searched = _searched(tmp_path, spec, "rows", trials=1, steps=20, teacher_above=0.8)
     export_from_storage(short.storage_url, "rows", out=tmp_path / "out",
                         trial=searched[0].number, verify=True)
     report = json.loads((tmp_path / "out" / "report.json").read_text())
