@@ -268,7 +268,9 @@ def select_best(
         ", ".join(b.text for b in budgets) if budgets else "no budget"
     )
     if max_accuracy_drop is not None and reference_accuracy is not None:
-        floor = reference_accuracy * (1.0 - max_accuracy_drop)
+        # abs(): a task's lower-is-better metric is recorded negated, so its reference is
+        # negative and a drop lowers it by the same share of its size
+        floor = reference_accuracy - abs(reference_accuracy) * max_accuracy_drop
         pool = [r for r in pool if (r.accuracy or 0.0) >= floor - 1e-12]
         rule += f" and at most {max_accuracy_drop:.2%} {metric} drop vs fp32"
     if not pool:

@@ -526,15 +526,25 @@ def test_agreement_excuses_near_ties_but_not_flips() -> None:
     """A top-1 flip at a near-tie of the program's logits is rounding (a 4-bit
     TransformerEncoder flipped 2 of 139 samples at margins of 0.018 and 0.0008 with logits
     spread over ~12, and its right rebuild failed verification); a flip by a clear margin
-    still counts against the file, per sample and per pixel."""
+    still counts against the file, per sample and per pixel, and a file that differs from
+    the program on a typical sample gets no excuses at all."""
     import numpy as np
 
     from autocompress.export.verify import _agreement_of
 
     program = np.array([[4.0, 3.99, -8.0], [4.0, 1.0, -8.0], [0.0, 5.0, -7.0]])
     file = np.array([[3.9, 4.0, -8.0], [1.0, 4.0, -8.0], [0.0, 5.0, -7.0]])
-    # row 0: near-tie flip (0.01 of a 12 spread), row 1: a 3-logit flip, row 2: the same
-    assert _agreement_of(file, program, values=False) == pytest.approx(2 / 3)
+    # row 0: near-tie flip (0.01 apart; the median sample differs by 0.1 of a 12 spread),
+    # row 1: a 3-logit flip, row 2: the same
+    assert _agreement_of(file, program, values=False) == pytest.approx((2 / 3, 1 / 3))
     pixels_program = program.T.reshape(1, 3, 3, 1)  # (N, C, H, W): classes on axis 1
     pixels_file = file.T.reshape(1, 3, 3, 1)
-    assert _agreement_of(pixels_file, pixels_program, values=False) == pytest.approx(2 / 3)
+    assert _agreement_of(pixels_file, pixels_program, values=False) == pytest.approx(
+        (2 / 3, 1 / 3))
+    binary = np.array([[2.0, 1.99], [-3.0, 3.0], [1.0, -1.0]])  # two classes, a near-tie
+    binary_file = np.array([[1.97, 1.99], [-3.0, 3.01], [1.0, -1.01]])
+    assert _agreement_of(binary_file, binary, values=False) == pytest.approx((1.0, 1 / 3))
+    # a program stuck on flat logits, or a file far from the program: exact matches only
+    assert _agreement_of(file, np.zeros((3, 3)), values=False) == pytest.approx((0.0, 0.0))
+    wrong = program + np.array([[0.0, 3.0, 0.0], [0.0, 3.0, 0.0], [0.0, 0.0, 3.0]])
+    assert _agreement_of(wrong, program, values=False) == pytest.approx((2 / 3, 0.0))

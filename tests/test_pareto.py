@@ -59,3 +59,15 @@ def test_closest_to_budgets_says_what_each_misses_by() -> None:
     closest = closest_to_budgets(records, [parse_budget("2ms")], k=2)
     assert [r.number for r, _ in closest] == [1, 0]
     assert "+10%" in closest[0][1]
+
+
+def test_an_accuracy_drop_limit_on_a_negated_metric_allows_that_share_of_its_size() -> None:
+    """neg_mae (lower-is-better, recorded negated): fp32 at -0.5 and a 1% limit admit down to
+    -0.505. The floor was -0.5 x 0.99 = -0.495, above fp32, so nothing within 1% qualified."""
+    records = [rec(1, -0.503, 100), rec(2, -0.52, 50)]
+    chosen = select_best(records, [], max_accuracy_drop=0.01, reference_accuracy=-0.5,
+                         metric="neg_mae")
+    assert chosen is not None and chosen.chosen.number == 1
+    assert "at most 1.00% neg_mae drop vs fp32" in chosen.rule
+    assert select_best([rec(2, -0.52, 50)], [], max_accuracy_drop=0.01,
+                       reference_accuracy=-0.5) is None

@@ -83,7 +83,7 @@ def choose(
     )
     if selection is None:
         raise ExportError(_nothing_feasible(records, limits, drop, reference_accuracy,
-                                            study_name))
+                                            study_name, metric))
     return Choice(
         record=selection.chosen,
         rule=selection.rule,
@@ -124,18 +124,19 @@ def _nothing_feasible(
     drop: float | None,
     reference: float | None,
     study_name: str,
+    metric: str = "accuracy",
 ) -> str:
     limits = [b.text for b in budgets]
     if drop is not None:
-        limits.append(f"at most {drop:.2%} accuracy drop")
+        limits.append(f"at most {drop:.2%} {metric} drop")
     closest = []
     for record, misses in closest_to_budgets(records, budgets, k=3):
         why = [] if misses == "meets budgets" else [misses]
         if drop is not None and reference:
             if record.accuracy is None:
-                why.append("accuracy not measured (rejected at pre-check)")
-            elif record.accuracy < reference * (1 - drop):
-                why.append(f"accuracy drop {(reference - record.accuracy) / reference:.2%}")
+                why.append(f"{metric} not measured (rejected at pre-check)")
+            elif record.accuracy < reference - abs(reference) * drop:
+                why.append(f"{metric} drop {(reference - record.accuracy) / abs(reference):.2%}")
         closest.append(f"trial {record.number}: {', '.join(why) or 'not measured'}")
     shown = "; ".join(closest) or "no measured trial"
     return (

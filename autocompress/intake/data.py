@@ -36,7 +36,8 @@ from autocompress.intake.user_task import is_task_spec, load_user_task
 
 @dataclass(eq=False)  # tensors inside: == would be ambiguous
 class Split:
-    """One split in stored form: ``x`` (N, C, H, W) uint8 or float32, ``y`` (N,) int64 class
+    """One split in stored form: ``x`` (N, C, H, W) uint8 or float32 images, or inputs fed as
+    they are ((N, L) or (N, L, F), ``DataSplits.is_flat``), ``y`` (N,) int64 class
     labels, or a task's other targets (N, ...) int64 / float32 (``intake.sample_targets``).
 
     ``indices`` are the positions of these samples in their source (the whole digits set,
@@ -135,7 +136,8 @@ class DataSplits:
     def batches(
         self, split_name: str, batch_size: int, shuffle: bool = False, seed: int = 0
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Yield preprocessed (x float32 NCHW, y as stored) batches; the last one may be short."""
+        """Yield preprocessed (x: float32 NCHW images, or inputs as stored; y as stored)
+        batches; the last one may be short."""
         split = self.split(split_name)
         if batch_size < 1:
             raise DataSpecError(f"batch size must be a positive integer, got {batch_size}")

@@ -31,7 +31,7 @@ def load_model(
     *,
     num_classes: int | None = None,
     input_size: int | None = None,
-    input_shape: tuple[int, int, int] | None = None,
+    input_shape: tuple[int, ...] | None = None,
     classes: bool = True,
 ) -> nn.Module:
     """Build the model a spec names, load ``weights`` strictly, check it accepts the input.
@@ -72,7 +72,7 @@ def load_model(
 
 
 def _build_model(
-    spec: str, num_classes: int | None, input_shape: tuple[int, int, int] | None
+    spec: str, num_classes: int | None, input_shape: tuple[int, ...] | None
 ) -> nn.Module:
     prefix, sep, name = spec.partition(":")
     if is_task_spec(spec):
@@ -110,7 +110,7 @@ def _build_model(
 
 
 def _build_torchvision(
-    name: str, num_classes: int | None, input_shape: tuple[int, int, int] | None
+    name: str, num_classes: int | None, input_shape: tuple[int, ...] | None
 ) -> nn.Module:
     from torchvision import models
 
@@ -126,7 +126,8 @@ def _build_torchvision(
     kwargs: dict[str, Any] = {"weights": None}
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
-    if name.startswith("vit_") and input_shape is not None and input_shape[1] == input_shape[2]:
+    if name.startswith("vit_") and input_shape is not None and len(input_shape) == 3 \
+            and input_shape[1] == input_shape[2]:
         # ViTs fix their position embeddings to one image size (224 by default); build them
         # for the data's size, as fine-tuning at another resolution does.
         kwargs["image_size"] = input_shape[1]

@@ -26,7 +26,7 @@ class Task:
     data: DataSplits
     model_spec: str
     data_spec: str
-    input_shape: tuple[int, int, int]
+    input_shape: tuple[int, ...]  # (C, H, W) images; (L,) or (L, F) inputs fed as they are
     num_classes: int
     weights: str | None = None
     metric: Metric = TOP1  # what the search maximises and export verifies
@@ -141,8 +141,9 @@ def _load_user_task(
     except ModelSpecError as as_images:
         # A 2-D float sample is a one-channel image or a sequence (steps, features): the
         # model decides. Export and verify load the task again and decide alike.
-        sequences = None if (input_size, mean, std) != (None, None, None) else (
-            as_sequences(data))
+        # Only for a model the task built: a spec (torchvision:, zoo:) is built for images.
+        sequences = None if (input_size, mean, std) != (None, None, None) or not isinstance(
+            user.model, nn.Module) else as_sequences(data)
         if sequences is None:
             raise
         try:
