@@ -123,6 +123,8 @@ class ExportResult:
                 + _latency_check_text(ver["latency"])
                 + f"; model.pt2 agrees with model.onnx on {ver['agreement']:.2%} of "
                 f"{ver['agreement_samples']} val samples"
+                + (f" ({ver['agreement_near_ties']:.2%} near-ties that rounding tips)"
+                   if ver.get("agreement_near_ties") else "")
             )
         return "\n".join(lines)
 
