@@ -252,6 +252,13 @@ class Selection:
     runners_up: list[TrialRecord]
 
 
+def drop_floor(reference: float, drop: float) -> float:
+    """The lowest figure within ``drop`` (a fraction) of ``reference``. abs(): a task's
+    lower-is-better metric is recorded negated, so its reference is negative and a drop
+    lowers it by the same share of its size."""
+    return reference - abs(reference) * drop
+
+
 def select_best(
     records: Iterable[TrialRecord],
     budgets: Sequence[Budget],
@@ -268,9 +275,7 @@ def select_best(
         ", ".join(b.text for b in budgets) if budgets else "no budget"
     )
     if max_accuracy_drop is not None and reference_accuracy is not None:
-        # abs(): a task's lower-is-better metric is recorded negated, so its reference is
-        # negative and a drop lowers it by the same share of its size
-        floor = reference_accuracy - abs(reference_accuracy) * max_accuracy_drop
+        floor = drop_floor(reference_accuracy, max_accuracy_drop)
         pool = [r for r in pool if (r.accuracy or 0.0) >= floor - 1e-12]
         rule += f" and at most {max_accuracy_drop:.2%} {metric} drop vs fp32"
     if not pool:

@@ -275,25 +275,29 @@ class _TrialCounter:
                     "pre-check); run the same command again to continue the study")
             if budgets and not any(r.measured and r.feasible for r in records):
                 # the run ends with nothing to export: say how far the nearest plan is
-                closest = closest_to_budgets(records, budgets, k=1)
-                note += "; no trial meets the budgets yet" + (
-                    f" (closest: trial {closest[0][0].number} ({closest[0][0].plan_summary}), "
-                    f"{closest[0][1]})" if closest else "") + (
-                    "; or raise the budget, allow more pruning (--prune-max) or fewer bits "
-                    "(--bits)")
+                closest = _closest(records, budgets)
+                note += ("; no trial meets the budgets yet"
+                         + (f" ({closest})" if closest else "") + "; or " + _BUDGET_ADVICE)
             return note
         if self.in_a_row >= cfg.max_rejections:
             head = (f"stopped after {self.in_a_row} plans in a row were rejected at the "
                     f"pre-check ({self.counted} of {cfg.trials} fine-tuned)")
-            closest = closest_to_budgets(
-                [r for r in records if r.rejected is not None], budgets, k=1
-            )
-            if closest:
-                record, why = closest[0]
-                head += f"; closest: trial {record.number} ({record.plan_summary}), {why}"
-            return (head + "; raise the budget, allow more pruning (--prune-max) or fewer "
-                    "bits (--bits), or --max-rejections to keep trying")
+            closest = _closest([r for r in records if r.rejected is not None], budgets)
+            head += f"; {closest}" if closest else ""
+            return head + "; " + _BUDGET_ADVICE + ", or --max-rejections to keep trying"
         return None
+
+
+_BUDGET_ADVICE = "raise the budget, allow more pruning (--prune-max) or fewer bits (--bits)"
+
+
+def _closest(records: list[TrialRecord], budgets: list[Budget]) -> str:
+    """"closest: trial N (plan), what it misses by", or "" when no trial was measured."""
+    closest = closest_to_budgets(records, budgets, k=1)
+    if not closest:
+        return ""
+    record, why = closest[0]
+    return f"closest: trial {record.number} ({record.plan_summary}), {why}"
 
 
 def linear_share(inventory: Any) -> float:

@@ -10,9 +10,11 @@ from autocompress import study as study_mod
 from autocompress import trial_attrs
 from autocompress.config import Budget, parse_budget
 from autocompress.export._results import Choice, ExportError
+from autocompress.metrics import accuracy_drop_rate
 from autocompress.pareto import (
     TrialRecord,
     closest_to_budgets,
+    drop_floor,
     fp32_record,
     select_best,
 )
@@ -135,8 +137,9 @@ def _nothing_feasible(
         if drop is not None and reference:
             if record.accuracy is None:
                 why.append(f"{metric} not measured (rejected at pre-check)")
-            elif record.accuracy < reference - abs(reference) * drop:
-                why.append(f"{metric} drop {(reference - record.accuracy) / abs(reference):.2%}")
+            elif record.accuracy < drop_floor(reference, drop):
+                why.append(f"{metric} drop "
+                           f"{accuracy_drop_rate(reference, record.accuracy) or 0.0:.2%}")
         closest.append(f"trial {record.number}: {', '.join(why) or 'not measured'}")
     shown = "; ".join(closest) or "no measured trial"
     return (
