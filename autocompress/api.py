@@ -18,10 +18,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from autocompress import study as study_mod
-from autocompress.config import Budget, default_storage_url
+from autocompress.config.options import Budget, default_storage_url
 from autocompress.errors import StudyError
-from autocompress.pareto import TrialRecord, pareto_front
-from autocompress.rebuilder import rebuild
+from autocompress.results.pareto import pareto_front
+from autocompress.study.records import TrialRecord
+from autocompress.trial.rebuild import rebuild
 
 if TYPE_CHECKING:
     from torch import nn

@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from autocompress import __version__
-from autocompress.cli_flags import add_config_flags, int_list
-from autocompress.config import default_storage_url
+from autocompress.config.flags import add_config_flags, int_list
+from autocompress.config.options import default_storage_url
 from autocompress.errors import AutocompressError, InputError, one_line
 
 log = logging.getLogger("autocompress")
@@ -126,9 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _search(args: argparse.Namespace) -> int:
-    from autocompress import report
-    from autocompress.config import build_config, config_keys
-    from autocompress.search import run_search
+    from autocompress.config.options import build_config, config_keys
+    from autocompress.results import tables as report
+    from autocompress.search.loop import run_search
 
     # Every SearchConfig field that has a flag of the same name (the YAML keys are the
     # fields too), so a new field cannot be forgotten here.
@@ -151,10 +151,10 @@ def _search(args: argparse.Namespace) -> int:
 
 
 def _show(args: argparse.Namespace) -> int:
-    from autocompress import report
     from autocompress.api import load_study
-    from autocompress.pareto import fp32_record
-    from autocompress.task_metric import label_of
+    from autocompress.intake.metric import label_of
+    from autocompress.results import tables as report
+    from autocompress.results.pareto import fp32_record
 
     name = args.study or "demo"
     handle = load_study(name, storage=args.storage or default_storage_url(name))
@@ -173,7 +173,7 @@ def _show(args: argparse.Namespace) -> int:
 def _list(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from autocompress import report
+    from autocompress.results import tables as report
     from autocompress.study import study_summaries
 
     urls = [args.storage] if args.storage else [
@@ -188,7 +188,8 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _profile(args: argparse.Namespace) -> int:
-    from autocompress import intake, profile
+    from autocompress import intake
+    from autocompress.runtime import torch_profile as profile
 
     if args.onnx:
         return _profile_onnx(args)
@@ -208,7 +209,7 @@ def _profile(args: argparse.Namespace) -> int:
 
 
 def _profile_onnx(args: argparse.Namespace) -> int:
-    from autocompress import onnx_profile
+    from autocompress.runtime import onnx_profile
 
     if args.model or args.weights or args.data:
         raise InputError("--onnx profiles a file on its own; drop --model/--weights/--data")
@@ -231,7 +232,9 @@ def _dashboard(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from autocompress import export, refine, report
+    from autocompress import export
+    from autocompress.results import tables as report
+    from autocompress.search import refine
 
     name = args.study or "demo"
     url = args.storage or default_storage_url(name)
@@ -254,7 +257,8 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _refine(args: argparse.Namespace) -> int:
-    from autocompress import refine, report
+    from autocompress.results import tables as report
+    from autocompress.search import refine
 
     name = args.study or "demo"
     url = args.storage or default_storage_url(name)
@@ -286,8 +290,8 @@ def _refine(args: argparse.Namespace) -> int:
 
 
 def _sensitivity(args: argparse.Namespace) -> int:
-    from autocompress import report
-    from autocompress.sensitivity import SENSITIVITY_ATTR, Sensitivity
+    from autocompress.results import tables as report
+    from autocompress.search.sensitivity import SENSITIVITY_ATTR, Sensitivity
     from autocompress.study import load_existing_study
 
     name = args.study or "demo"

@@ -22,7 +22,7 @@ RESULTS = REPO / "benchmarks" / "results"
 if str(REPO) not in sys.path:  # run as `python benchmarks/x.py` without installing
     sys.path.insert(0, str(REPO))
 
-from autocompress import runtime  # noqa: E402 - after the sys.path fix above
+from autocompress.runtime import ort as runtime  # noqa: E402 - after the sys.path fix above
 
 # -- machine state --------------------------------------------------------------------------
 
@@ -241,7 +241,7 @@ def met(flag: bool | None) -> str:
 
 
 class FinetuneProbe:
-    """Wraps ``autocompress.distill.finetune`` to time its evaluate callbacks apart from the
+    """Wraps ``autocompress.train.distill.finetune`` to time its evaluate callbacks apart from the
     forward/backward steps. Keyed by the seed the objective passes (config.seed + trial)."""
 
     def __init__(self) -> None:
@@ -249,7 +249,7 @@ class FinetuneProbe:
         self._original: Callable[..., Any] | None = None
 
     def install(self) -> None:
-        from autocompress import distill
+        from autocompress.train import distill
 
         self._original = distill.finetune
         original = self._original
@@ -282,7 +282,7 @@ class FinetuneProbe:
         distill.finetune = timed
 
     def uninstall(self) -> None:
-        from autocompress import distill
+        from autocompress.train import distill
 
         if self._original is not None:
             distill.finetune = self._original

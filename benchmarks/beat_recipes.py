@@ -101,10 +101,11 @@ def run_recipes(model: Any, weights: Any, spec: Any, seed: int, config: Any,
                 say: Any) -> tuple[list[dict[str, Any]], float]:
     """The hand recipes through ``evaluate_plan`` (measured as trials are); the fine-tuned
     ones get ``steps`` steps, the same as a refine. int8 PTQ is the search's baseline trial."""
-    from autocompress import intake, space
-    from autocompress.evaluate import evaluate_plan
-    from autocompress.inventory import build_inventory
-    from autocompress.plan import CompressionPlan
+    from autocompress import intake
+    from autocompress.model import space
+    from autocompress.model.plan import CompressionPlan
+    from autocompress.search.evaluate import evaluate_plan
+    from autocompress.transform.survey import build_inventory
 
     task = intake.load_task(model, weights, spec, seed=seed)
     inventory = build_inventory(task.model, task.data.example_input(1))
@@ -145,10 +146,10 @@ def main() -> int:
                         "measuring them again (~40 min): they do not depend on the search; "
                         "the report names the file and the package it was measured at")
     args = parser.parse_args()
-    from autocompress.config import SearchConfig
-    from autocompress.pareto import most_trained
-    from autocompress.refine import refine_trial, steps_for
-    from autocompress.search import run_search
+    from autocompress.config.options import SearchConfig
+    from autocompress.results.pareto import most_trained
+    from autocompress.search.loop import run_search
+    from autocompress.search.refine import refine_trial, steps_for
     from autocompress.study import load_existing_study, records
 
     stem = args.stem or ("beat_recipes_demo" if args.demo else "beat_recipes")

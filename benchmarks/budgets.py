@@ -56,8 +56,8 @@ def log(msg: str) -> None:
 
 def run_one(spec: str, sampler: str, seed: int, ratio: float, minutes: float,
             torch_threads: int, loads: LoadSampler) -> dict[str, Any]:
-    from autocompress.config import SearchConfig
-    from autocompress.search import run_search
+    from autocompress.config.options import SearchConfig
+    from autocompress.search.loop import run_search
 
     place = study_place(STUDIES, f"budget-{sampler}-s{seed}")
     config = SearchConfig(
@@ -74,7 +74,7 @@ def run_one(spec: str, sampler: str, seed: int, ratio: float, minutes: float,
 
 def summarise(result: Any, budget_ms: float, wall_s: float, sampler: str,
               seed: int) -> dict[str, Any]:
-    from autocompress.search import LATENCY_MODEL_ATTR
+    from autocompress.search.loop import LATENCY_MODEL_ATTR
     from autocompress.study import load_existing_study
 
     recs = result.records

@@ -109,7 +109,7 @@ def get_teacher(data: Any, mode: str, cache: Path, retrain: bool,
 
 def base_config(settings: dict[str, Any], teacher_file: str, spec: str,
                 train_threads: int) -> Any:
-    from autocompress.config import SearchConfig
+    from autocompress.config.options import SearchConfig
 
     return SearchConfig(
         model=MODEL_SPEC, weights=teacher_file, data=spec, study="cifar10",
@@ -161,8 +161,8 @@ def run_recipes(task: Any, config: Any, workdir: Path, probe: FinetuneProbe
 
 def run_one_search(config: Any, loads: LoadSampler, probe: FinetuneProbe,
                    fp32_size: float) -> dict[str, Any]:
-    from autocompress import pareto
-    from autocompress.search import run_search
+    from autocompress.results import pareto
+    from autocompress.search.loop import run_search
 
     db = STUDIES / f"{config.study}.db"
     for old in (db, db.with_name(db.stem + "-artifacts"), db.with_name(db.name + ".lock")):
@@ -215,9 +215,11 @@ def latency_scenario(settings: dict[str, Any], loads: LoadSampler, probe: Finetu
     """torchvision resnet18 at 224x224 under a budget of 60% of its fp32 ORT latency."""
     from cifar10 import data as cdata
 
-    from autocompress import intake, quantize, runtime
-    from autocompress.config import SearchConfig
-    from autocompress.search import run_search
+    from autocompress import intake
+    from autocompress.config.options import SearchConfig
+    from autocompress.runtime import ort as runtime
+    from autocompress.search.loop import run_search
+    from autocompress.transform import quantize
 
     spec = f"{Path(cdata.__file__).resolve()}:latency_subset"
     task = intake.load_task("torchvision:resnet18", None, spec, num_classes=10, input_size=224)

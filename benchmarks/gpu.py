@@ -34,11 +34,11 @@ def main() -> int:
     parser.add_argument("--minutes", type=float, default=5.0)
     args = parser.parse_args()
 
-    from autocompress import runtime
-    from autocompress.config import SearchConfig
+    from autocompress.config.options import SearchConfig
     from autocompress.errors import AutocompressError
     from autocompress.export import export_from_storage
-    from autocompress.search import run_search
+    from autocompress.runtime import ort as runtime
+    from autocompress.search.loop import run_search
 
     try:
         runtime.check_target(args.target)

@@ -65,9 +65,9 @@ def _seconds(record: Any) -> float:
 
 def run_arm(arm: str, seed: int, minutes: float, spec: Any, torch_threads: int,
             loads: LoadSampler) -> dict[str, Any]:
-    from autocompress.config import SearchConfig
-    from autocompress.pareto import hypervolume_2d, pareto_front
-    from autocompress.search import run_search
+    from autocompress.config.options import SearchConfig
+    from autocompress.results.pareto import hypervolume_2d, pareto_front
+    from autocompress.search.loop import run_search
 
     model, weights, data = spec
     place = study_place(STUDIES, f"guide-{arm}-s{seed}" + ("-demo" if model is None else ""))

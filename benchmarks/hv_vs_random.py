@@ -62,9 +62,9 @@ def log(msg: str) -> None:
 
 def run_arm(arm: str, seed: int, minutes: float, spec: Any, torch_threads: int,
             loads: LoadSampler) -> dict[str, Any]:
-    from autocompress.config import SearchConfig
-    from autocompress.pareto import hypervolume_2d, pareto_front
-    from autocompress.search import run_search
+    from autocompress.config.options import SearchConfig
+    from autocompress.results.pareto import hypervolume_2d, pareto_front
+    from autocompress.search.loop import run_search
 
     model, weights, data = spec
     place = study_place(STUDIES, f"hv-{arm}-s{seed}" + ("-demo" if model is None else ""))
@@ -98,7 +98,7 @@ def log_size_hypervolume(run: dict[str, Any]) -> float:
     """The run's front on a log-size axis (each halving of the file counts alike; units:
     accuracy above chance x halvings below the reference size). Context only: the target
     was set on the linear axis of ``hypervolume_2d``."""
-    from autocompress.pareto import hypervolume_points
+    from autocompress.results.pareto import hypervolume_points
 
     points = [(acc - CHANCE, math.log2(size)) for _, acc, size, _ in run["front"]]
     return hypervolume_points(points, math.log2(run["reference_size"]))

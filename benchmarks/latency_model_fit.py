@@ -36,8 +36,8 @@ def log(msg: str) -> None:
 
 
 def random_plan(rng: random.Random, inventory: Any, config: Any) -> Any:
-    from autocompress import space
-    from autocompress.plan import CompressionPlan
+    from autocompress.model import space
+    from autocompress.model.plan import CompressionPlan
 
     acts = rng.choice(list(config.activation_bits))
     base = space.uniform_plan(inventory, config, bits=32, activation_bits=acts)
@@ -67,12 +67,13 @@ def main() -> int:
     sys.path.insert(0, str(Path(__file__).parent))
     from cifar10 import data as cdata
 
-    from autocompress import planning, space
-    from autocompress import session as sessions
     from autocompress import study as study_mod
-    from autocompress.config import SearchConfig
-    from autocompress.latency_model import LatencyModel, structure_features
-    from autocompress.student import build_student
+    from autocompress.config.options import SearchConfig
+    from autocompress.model import space
+    from autocompress.runtime.latency_model import LatencyModel, structure_features
+    from autocompress.search import planning
+    from autocompress.search import session as sessions
+    from autocompress.transform.student import build_student
 
     state = machine_state(ort_threads=1, torch_threads=2)
     log(f"latency model benchmark: {state_line(state)}")

@@ -65,8 +65,8 @@ FLOOR_SIZE_MARGIN = 1.1  # size budget = 1.1 x int8 floor file size
 
 def run_demo(folder: Path, budget: str, loads: LoadSampler, probe: FinetuneProbe
              ) -> dict[str, Any]:
-    from autocompress.config import SearchConfig
-    from autocompress.search import run_search
+    from autocompress.config.options import SearchConfig
+    from autocompress.search.loop import run_search
 
     url = f"sqlite:///{folder / 'demo.db'}"
     config = SearchConfig(study="demo", storage=url, budgets=(budget,))
@@ -131,10 +131,14 @@ def run_demo(folder: Path, budget: str, loads: LoadSampler, probe: FinetuneProbe
 def int8_floor(cache: Path, threads: int) -> dict[str, Any]:
     """Latency and size of the most-pruned uniform int8 structure, measured as the pre-check
     measures (export at planned widths, session options picked, interleaved with fp32)."""
-    from autocompress import intake, measure, quantize, runtime, space
-    from autocompress.config import SearchConfig
-    from autocompress.inventory import build_inventory
-    from autocompress.objective import PRECHECK_REPEATS, build_student
+    from autocompress import intake
+    from autocompress.config.options import SearchConfig
+    from autocompress.model import space
+    from autocompress.runtime import measure
+    from autocompress.runtime import ort as runtime
+    from autocompress.transform import quantize
+    from autocompress.transform.survey import build_inventory
+    from autocompress.trial.runner import PRECHECK_REPEATS, build_student
 
     config = SearchConfig()
     task = intake.load_task(None, None, None, seed=config.seed, cache_dir=cache)
@@ -168,8 +172,8 @@ def int8_floor(cache: Path, threads: int) -> dict[str, Any]:
 
 def run_rejections(folder: Path, cache: Path, loads: LoadSampler, probe: FinetuneProbe,
                    trials: int) -> dict[str, Any]:
-    from autocompress.config import SearchConfig
-    from autocompress.search import run_search
+    from autocompress.config.options import SearchConfig
+    from autocompress.search.loop import run_search
 
     floor = int8_floor(cache, threads=1)
     latency_budget = f"{floor['latency_ms'] * FLOOR_LATENCY_MARGIN:.4f}ms"

@@ -41,10 +41,11 @@ TARGETS = ("onnxruntime-cpu", "openvino-cpu")
 def _files(spec: str, weights: str | None, size: int, folder: Path) -> dict[str, Path]:
     import torch
 
-    from autocompress import intake, quantize
-    from autocompress.inventory import build_inventory
-    from autocompress.plan import CompressionPlan
-    from autocompress.prune import prune
+    from autocompress import intake
+    from autocompress.model.plan import CompressionPlan
+    from autocompress.transform import quantize
+    from autocompress.transform.prune import prune
+    from autocompress.transform.survey import build_inventory
 
     model = intake.load_model(spec, weights, num_classes=10 if weights else None,
                               input_size=size).eval()
@@ -69,7 +70,7 @@ def _files(spec: str, weights: str | None, size: int, folder: Path) -> dict[str,
 
 def _time(files: dict[str, Path], size: int, target: str, rounds: int,
           repeats: int) -> dict[str, dict[str, float]]:
-    from autocompress import runtime
+    from autocompress.runtime import ort as runtime
 
     out: dict[str, dict[str, float]] = {}
     shape = (1, 3, size, size)
@@ -93,7 +94,7 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=20)
     args = parser.parse_args()
 
-    from autocompress import runtime
+    from autocompress.runtime import ort as runtime
 
     for target in TARGETS:
         runtime.check_target(target)

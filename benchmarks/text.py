@@ -88,7 +88,7 @@ def teacher(corpus: Path, steps: int, say: Any) -> tuple[Path, dict[str, Any]]:
 
     from autocompress.intake import load_data
     from autocompress.intake.text import TokenClassifier
-    from autocompress.student import torch_accuracy
+    from autocompress.transform.student import torch_accuracy
 
     folder = CACHE / "teacher"
     sidecar = folder / "teacher.json"
@@ -166,8 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     folder, info = teacher(corpus, args.teacher_steps, say)
     say(f"teacher: val {info['val_accuracy']:.4f}, test {info['test_accuracy']:.4f}")
 
-    from autocompress.config import SearchConfig
-    from autocompress.search import run_search
+    from autocompress.config.options import SearchConfig
+    from autocompress.search.loop import run_search
 
     config = SearchConfig(model=f"hf:{folder}", data=f"text:{corpus}?max_length={MAX_LENGTH}",
                           trials=500, time_limit=args.minutes,

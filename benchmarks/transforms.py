@@ -57,7 +57,7 @@ PACKING_TOLERANCE = 0.10  # file size should be within 10% of the packing limit
 
 
 def _plan(inventory: Any, bits: int, ratio: float) -> Any:
-    from autocompress.plan import CompressionPlan
+    from autocompress.model.plan import CompressionPlan
 
     layers = [layer.name for layer in inventory.layers if layer.quantizable]
     groups = [g.name for g in inventory.groups if g.prunable]
@@ -106,8 +106,10 @@ def run_model(
     import torch
     import torchvision
 
-    from autocompress import measure, prune, quantize, runtime
-    from autocompress.inventory import build_inventory
+    from autocompress.runtime import measure
+    from autocompress.runtime import ort as runtime
+    from autocompress.transform import prune, quantize
+    from autocompress.transform.survey import build_inventory
 
     gen = torch.Generator().manual_seed(0)
     model = getattr(torchvision.models, name)(weights=None).eval()

@@ -28,7 +28,7 @@ import optuna
 from optuna.artifacts import FileSystemArtifactStore, upload_artifact
 from optuna.trial import TrialState
 
-from autocompress.plan import CompressionPlan
+from autocompress.model.plan import CompressionPlan
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 

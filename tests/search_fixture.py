@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from autocompress.config import SearchConfig
-from autocompress.search import SearchResult, run_search
+from autocompress.config.options import SearchConfig
+from autocompress.search.loop import SearchResult, run_search
 
 # Few, short trials: enough for a front with baselines, rejections need a tight budget.
 SHORT = {

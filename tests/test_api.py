@@ -10,11 +10,13 @@ import torch
 from search_fixture import ShortStudy
 from test_export import fp32_trial, qat_trial
 
-from autocompress import api, intake, quantize, runtime
+from autocompress import api, intake
 from autocompress.errors import PlanError, StudyError
-from autocompress.pareto import dominates, pareto_front
-from autocompress.plan import CompressionPlan
+from autocompress.model.plan import CompressionPlan
+from autocompress.results.pareto import dominates, pareto_front
+from autocompress.runtime import ort as runtime
 from autocompress.study import download, load_existing_study, records
+from autocompress.transform import quantize
 
 
 @pytest.fixture(scope="module")

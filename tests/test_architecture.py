@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 
 from autocompress.cli import build_parser
-from autocompress.config import config_keys
+from autocompress.config.options import config_keys
 
 PACKAGE = Path(__file__).resolve().parents[1] / "autocompress"
 README = PACKAGE.parent / "README.md"
@@ -20,26 +20,16 @@ def _module_name(path: Path) -> str:
 
 
 def _imports(path: Path, name: str, modules: set[str]) -> set[str]:
-    """Modules of the package ``path`` imports, at module level or inside functions, except
-    under ``if TYPE_CHECKING:``; ``from package import submodule`` counts as the submodule
-    (the lazy public API in autocompress/__init__.py is not an import of anything)."""
+    """Modules of the package ``path`` imports: at module level, inside functions and under
+    ``if TYPE_CHECKING:`` alike (a type-only import is still a dependency a reader follows);
+    ``from package import submodule`` counts as the submodule (the lazy public API in
+    autocompress/__init__.py is not an import of anything)."""
     found: set[str] = set()
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-
-    class Visitor(ast.NodeVisitor):
-        def visit_If(self, node: ast.If) -> None:
-            test = node.test
-            if getattr(test, "id", None) == "TYPE_CHECKING" or getattr(
-                    test, "attr", None) == "TYPE_CHECKING":
-                for child in node.orelse:
-                    self.visit(child)
-                return
-            self.generic_visit(node)
-
-        def visit_Import(self, node: ast.Import) -> None:
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
-
-        def visit_ImportFrom(self, node: ast.ImportFrom) -> None:
+        elif isinstance(node, ast.ImportFrom):
             if node.level:
                 base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
                 source = f"{base}.{node.module}" if node.module else base
@@ -48,8 +38,6 @@ def _imports(path: Path, name: str, modules: set[str]) -> set[str]:
             for alias in node.names:
                 child = f"{source}.{alias.name}"
                 found.add(child if child in modules else source)
-
-    Visitor().visit(ast.parse(path.read_text()))
     return {m for m in found if m in modules and m not in (name, "autocompress")}
 
 
@@ -57,6 +45,36 @@ def _graph() -> dict[str, set[str]]:
     paths = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
     names = set(paths)
     return {name: _imports(path, name, names) for name, path in paths.items()}
+
+
+# The package tree, bottom layer first: a package imports only from lower layers (and
+# within itself). Same number = side by side, neither imports the other.
+LAYERS = {
+    "errors": 0, "zoo": 0,
+    "config": 1,
+    "intake": 2, "study": 2,
+    "model": 3,
+    "results": 4, "runtime": 4,
+    "transform": 5, "dashboard": 5,
+    "train": 6,
+    "trial": 7,
+    "export": 8,
+    "search": 9,
+    "api": 10, "cli": 11, "__main__": 12,
+}
+
+
+def _top(module: str) -> str:
+    return module.split(".")[1]
+
+
+def _upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    return sorted(
+        f"{a} -> {b}"
+        for a, targets in graph.items() if a != "autocompress"
+        for b in targets
+        if _top(a) != _top(b) and LAYERS[_top(a)] <= LAYERS[_top(b)]
+    )
 
 
 def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -94,10 +112,36 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return out
 
 
-def test_no_import_cycles() -> None:
+def test_no_import_cycles_not_even_type_only() -> None:
     graph = _graph()
-    assert graph.get("autocompress.search")  # the walk works
+    assert graph.get("autocompress.search.loop")  # the walk works
     assert _cycles(graph) == []
+
+
+def test_every_package_has_a_layer_and_imports_only_downward() -> None:
+    graph = _graph()
+    assert sorted({_top(m) for m in graph if m != "autocompress"} - set(LAYERS)) == []
+    assert _upward_imports(graph) == []
+
+
+def test_the_layer_check_sees_an_upward_import() -> None:
+    graph = {"autocompress.model.plan": {"autocompress.trial.runner"},
+             "autocompress.trial.runner": {"autocompress.model.plan"}}
+    assert _upward_imports(graph) == ["autocompress.model.plan -> autocompress.trial.runner"]
+
+
+def test_a_type_only_import_counts(tmp_path: Path) -> None:
+    module = tmp_path / "m.py"
+    module.write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n"
+                      "    from autocompress.trial.runner import TrialRunner\n")
+    found = _imports(module, "autocompress.model.m", {"autocompress.trial.runner"})
+    assert found == {"autocompress.trial.runner"}
+
+
+def test_each_package_says_its_job_and_what_it_may_import() -> None:
+    for init in sorted(PACKAGE.glob("*/__init__.py")):
+        doc = ast.get_docstring(ast.parse(init.read_text())) or ""
+        assert "May import" in doc, init
 
 
 def test_cycle_finder_finds_a_cycle() -> None:
@@ -120,14 +164,77 @@ def test_every_config_field_has_a_search_flag_and_a_readme_row() -> None:
     assert sorted(k for k, flag in spelled.items() if flag not in documented) == []
 
 
-def test_modules_stay_small_and_say_their_job() -> None:
-    too_long = []
-    no_docstring = []
+MAX_MODULE_LINES = 400
+MAX_FUNCTION_LINES = 60
+# Longer on purpose, each with its reason. Everything else stays under the limits.
+LONG_MODULES: dict[str, str] = {
+    "cli.py": "TODO split",
+    "config/options.py": "TODO split",
+    "dashboard/_storage.py": "TODO split",
+    "intake/data.py": "TODO split",
+    "runtime/ort.py": "TODO split",
+    "search/loop.py": "TODO split",
+    "study/storage.py": "TODO split",
+    "study/studies.py": "TODO split",
+    "train/distill.py": "TODO split",
+    "transform/prune.py": "TODO split",
+    "transform/quantize/onnx_export.py": "TODO split",
+    "trial/runner.py": "TODO split",
+}
+LONG_FUNCTIONS: dict[str, str] = {
+    "cli.py:build_parser": "TODO",
+    "config/options.py:check": "TODO",
+    "dashboard/_storage.py:_study": "TODO",
+    "export/report.py:_markdown": "TODO",
+    "intake/data.py:load_data": "TODO",
+    "intake/task.py:load_task": "TODO",
+    "runtime/ort.py:time_interleaved": "TODO",
+    "runtime/torch_profile.py:_profile": "TODO",
+    "runtime/torch_profile.py:format_table": "TODO",
+    "search/loop.py:_run_search": "TODO",
+    "search/lrprobe.py:probe_learning_rate": "TODO",
+    "search/promotion.py:plan_promotions": "TODO",
+    "search/refine.py:refine_trial": "TODO",
+    "search/sensitivity.py:measure_sensitivity": "TODO",
+    "search/session.py:open_session": "TODO",
+    "study/studies.py:create_or_load_study": "TODO",
+    "train/distill.py:finetune": "TODO",
+    "train/distill.py:_run": "TODO",
+    "transform/quantize/onnx_export.py:_quantize_file": "TODO",
+    "transform/quantize/onnx_export.py:export_onnx": "TODO",
+    "trial/runner.py:_run": "TODO",
+    "trial/runner.py:precheck": "TODO",
+    "trial/runner.py:_measure": "TODO",
+}
+
+
+def _sizes() -> tuple[dict[str, int], dict[str, int]]:
+    modules: dict[str, int] = {}
+    functions: dict[str, int] = {}
     for path in sorted(PACKAGE.rglob("*.py")):
+        name = path.relative_to(PACKAGE).as_posix()
         text = path.read_text()
-        if len(text.splitlines()) > 600:
-            too_long.append(f"{path.relative_to(PACKAGE)} ({len(text.splitlines())} lines)")
-        if not ast.get_docstring(ast.parse(text)):
-            no_docstring.append(str(path.relative_to(PACKAGE)))
-    assert too_long == []
+        modules[name] = len(text.splitlines())
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                assert node.end_lineno is not None
+                key = f"{name}:{node.name}"
+                functions[key] = max(functions.get(key, 0), node.end_lineno - node.lineno + 1)
+    return modules, functions
+
+
+def test_modules_and_functions_stay_small() -> None:
+    modules, functions = _sizes()
+    assert [f"{m} ({n} lines)" for m, n in modules.items()
+            if n > MAX_MODULE_LINES and m not in LONG_MODULES] == []
+    assert [f"{f} ({n} lines)" for f, n in functions.items()
+            if n > MAX_FUNCTION_LINES and f not in LONG_FUNCTIONS] == []
+    # An allowance outlives its reason: drop it once the module or function is short.
+    assert [m for m in LONG_MODULES if modules.get(m, 0) <= MAX_MODULE_LINES] == []
+    assert [f for f in LONG_FUNCTIONS if functions.get(f, 0) <= MAX_FUNCTION_LINES] == []
+
+
+def test_every_module_says_its_job() -> None:
+    no_docstring = [str(path.relative_to(PACKAGE)) for path in sorted(PACKAGE.rglob("*.py"))
+                    if not ast.get_docstring(ast.parse(path.read_text()))]
     assert no_docstring == []

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from autocompress.config import SearchConfig, build_config, load_config_file, parse_budget
+from autocompress.config.options import SearchConfig, build_config, load_config_file, parse_budget
 from autocompress.errors import BudgetError, ConfigError
 
 REPO = Path(__file__).resolve().parents[1]

@@ -17,9 +17,10 @@ import torch
 from torch import nn
 from torchvision import models
 
-from autocompress import prune, quantize, runtime
-from autocompress.inventory import build_inventory
-from autocompress.plan import CompressionPlan
+from autocompress.model.plan import CompressionPlan
+from autocompress.runtime import ort as runtime
+from autocompress.transform import prune, quantize
+from autocompress.transform.survey import build_inventory
 from tests.tiny_models import tiny_vit
 
 NUM_CLASSES = 10

@@ -34,8 +34,8 @@ from autocompress.dashboard import create_app, make_server, serve
 from autocompress.dashboard._analysis import is_feasible
 from autocompress.dashboard._app import plotly_js_path
 from autocompress.errors import StudyError
-from autocompress.pareto import hypervolume_points as hypervolume_2d
-from autocompress.pareto import nondominated as pareto_front
+from autocompress.results.pareto import hypervolume_points as hypervolume_2d
+from autocompress.results.pareto import nondominated as pareto_front
 
 
 @pytest.fixture(scope="module")
@@ -500,9 +500,9 @@ print(json.dumps({{"torch": "torch" in sys.modules, "ours": ours}}))
     # Of the package, only the torch-free modules the dashboard shares with the search:
     # the Optuna adapter (storage, records), fronts and hypervolume, the attribute names,
     # the comparison metrics (torch only inside the functions the dashboard never calls).
-    allowed = {"autocompress", "autocompress.errors", "autocompress.config",
-               "autocompress.pareto", "autocompress.trial_attrs", "autocompress.study",
-               "autocompress.metrics"}
+    allowed = {"autocompress", "autocompress.errors", "autocompress.config.options",
+               "autocompress.results.pareto", "autocompress.study.attrs", "autocompress.study",
+               "autocompress.results.metrics"}
     others = [
         m for m in result["ours"] if m not in allowed
         and not m.startswith(("autocompress.dashboard", "autocompress.study."))

@@ -7,9 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from autocompress import demo
-from autocompress.demo import DemoNet, build_demo_model, demo_weights_path, load_demo_model
-from autocompress.intake import Task, load_data, load_task
+from autocompress.intake import Task, demo, load_data, load_task
+from autocompress.intake.demo import DemoNet, build_demo_model, demo_weights_path, load_demo_model
 
 
 def _accuracy(model: torch.nn.Module, task: Task, split: str) -> float:

@@ -16,10 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from autocompress.distill import FeatureDistiller, FinetuneResult, finetune, kd_loss
 from autocompress.errors import InputError, PlanError, TrainingError
 from autocompress.intake import DataSplits, load_data
-from autocompress.plan import CompressionPlan
+from autocompress.model.plan import CompressionPlan
+from autocompress.train.distill import FeatureDistiller, FinetuneResult, finetune, kd_loss
 
 
 class SmallCNN(nn.Module):

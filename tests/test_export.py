@@ -26,12 +26,13 @@ from optuna.artifacts import FileSystemArtifactStore
 from optuna.trial import TrialState, create_trial
 from search_fixture import ShortStudy
 
-from autocompress import cli, export, intake, runtime
-from autocompress.config import Budget
+from autocompress import cli, export, intake
+from autocompress.config.options import Budget
 from autocompress.export import ExportError, VerificationError
-from autocompress.pareto import TrialRecord
-from autocompress.plan import CompressionPlan
+from autocompress.model.plan import CompressionPlan
+from autocompress.runtime import ort as runtime
 from autocompress.study import load_existing_study, records
+from autocompress.study.records import TrialRecord
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from torch import nn
 
-from autocompress.guard import ResourceLimitError, limited
+from autocompress.model.guard import ResourceLimitError, limited
 
 
 def test_memory_over_the_limit_is_stopped_and_the_limit_lifted() -> None:
@@ -34,7 +34,7 @@ def test_an_exploding_analysis_means_no_pruning_not_a_dead_process(
 ) -> None:
     import torch
 
-    from autocompress import prune
+    from autocompress.transform import prune
 
     def explode(model: Any, example: Any) -> Any:
         hoard = []

@@ -10,9 +10,11 @@ import optuna
 import pytest
 from search_fixture import run_short_search
 
-from autocompress import CompressionPlan, SearchConfig, distill, evaluate_plan, trial_attrs
+from autocompress import CompressionPlan, SearchConfig, evaluate_plan
 from autocompress.intake import Task
-from autocompress.student import build_student
+from autocompress.study import attrs as trial_attrs
+from autocompress.train import distill
+from autocompress.transform.student import build_student
 
 
 @pytest.mark.parametrize("method", ["entropy", "percentile"])
@@ -76,8 +78,8 @@ def test_dynamic_int8_baseline_only_for_linear_heavy_models(demo_task: Task) -> 
     import torch
     from torch import nn
 
-    from autocompress.inventory import build_inventory
-    from autocompress.search import _enqueue_baselines, linear_share
+    from autocompress.search.loop import _enqueue_baselines, linear_share
+    from autocompress.transform.survey import build_inventory
 
     conv = build_inventory(demo_task.model, demo_task.data.example_input(1))
     mlp_model = nn.Sequential(nn.Flatten(), nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))

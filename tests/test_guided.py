@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from autocompress.config import Budget, SearchConfig
-from autocompress.guided import _Problem, _Targets, propose, solve
-from autocompress.inventory import Inventory, LayerInfo, PruneGroup
-from autocompress.sensitivity import Sensitivity
+from autocompress.config.options import Budget, SearchConfig
+from autocompress.model.inventory import Inventory, LayerInfo, PruneGroup
+from autocompress.search.guided import _Problem, _Targets, propose, solve
+from autocompress.search.sensitivity import Sensitivity
 
 PARAMS = 10_000
 
@@ -104,9 +104,9 @@ def test_latency_probes_skip_a_structure_that_cannot_be_timed(demo_task: object,
                                                               tmp_path: Path) -> None:
     from types import SimpleNamespace
 
-    from autocompress.inventory import build_inventory
-    from autocompress.latency_model import LatencyModel
-    from autocompress.planning import fit_latency_model
+    from autocompress.runtime.latency_model import LatencyModel
+    from autocompress.search.planning import fit_latency_model
+    from autocompress.transform.survey import build_inventory
 
     task = demo_task
     inventory = build_inventory(task.model, task.data.example_input(1))  # type: ignore[attr-defined]
@@ -135,12 +135,12 @@ def test_planner_features_match_the_built_structure(demo_task: object) -> None:
     learns from built students. Both must describe a plan the same way."""
     import copy
 
-    from autocompress import space
-    from autocompress.guided import _to_plan
-    from autocompress.inventory import build_inventory
-    from autocompress.latency_model import structure_features
-    from autocompress.objective import build_student
-    from autocompress.sensitivity import measure_sensitivity
+    from autocompress.model import space
+    from autocompress.runtime.latency_model import structure_features
+    from autocompress.search.guided import _to_plan
+    from autocompress.search.sensitivity import measure_sensitivity
+    from autocompress.transform.survey import build_inventory
+    from autocompress.trial.runner import build_student
 
     task = demo_task
     teacher = copy.deepcopy(task.model)  # type: ignore[attr-defined]
@@ -174,9 +174,9 @@ def test_latency_aimed_plans_are_checked_and_re_aimed(
     import copy
     from types import SimpleNamespace
 
-    from autocompress import guided, planning
-    from autocompress.inventory import build_inventory
-    from autocompress.sensitivity import measure_sensitivity
+    from autocompress.search import guided, planning
+    from autocompress.search.sensitivity import measure_sensitivity
+    from autocompress.transform.survey import build_inventory
 
     task = demo_task
     teacher = copy.deepcopy(task.model)  # type: ignore[attr-defined]
@@ -213,8 +213,8 @@ def test_latency_aimed_plans_are_checked_and_re_aimed(
 
 
 def test_speed_rungs_at_or_above_the_latency_budget_are_not_solved_twice() -> None:
-    from autocompress.config import parse_budget
-    from autocompress.guided import rungs
+    from autocompress.config.options import parse_budget
+    from autocompress.search.guided import rungs
 
     budget = parse_budget("0.6ms")  # 0.6x of a 1 ms reference: 1.5x faster is slower than it
     names = [r.name for r in rungs(fp32_bytes=1e6, budgets=[budget], reference_ms=1.0)]

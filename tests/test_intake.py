@@ -206,7 +206,7 @@ def test_package_module_factory_and_dotted_factory_name(user_code: Path) -> None
 
 
 def test_demo_model_spec_is_the_demo_architecture() -> None:
-    from autocompress.demo import DemoNet
+    from autocompress.intake.demo import DemoNet
 
     model = load_model("demo", None, input_shape=(1, 8, 8))
     assert isinstance(model, DemoNet)

@@ -10,12 +10,13 @@ import torchvision
 from fvcore.nn import FlopCountAnalysis
 from torch import nn
 
-from autocompress import flop_count
-from autocompress.demo import build_demo_model
 from autocompress.errors import InputError, PlanError
-from autocompress.inventory import Inventory, build_inventory
-from autocompress.plan import CompressionPlan
-from autocompress.prune import CLASSIFIER_REASON
+from autocompress.intake.demo import build_demo_model
+from autocompress.model import flops as flop_count
+from autocompress.model.inventory import Inventory
+from autocompress.model.plan import CompressionPlan
+from autocompress.transform.prune import CLASSIFIER_REASON
+from autocompress.transform.survey import build_inventory
 from tests.tiny_models import tiny_vit
 
 

@@ -8,17 +8,17 @@ from typing import Any
 
 import pytest
 
-from autocompress import space
-from autocompress.config import SearchConfig
-from autocompress.inventory import build_inventory
-from autocompress.latency_model import (
+from autocompress.config.options import SearchConfig
+from autocompress.model import space
+from autocompress.runtime.latency_model import (
     AUDIT_EVERY,
     LatencyModel,
     LayerCost,
     cost_features,
     structure_features,
 )
-from autocompress.objective import build_student
+from autocompress.transform.survey import build_inventory
+from autocompress.trial.runner import build_student
 
 
 def test_features_count_the_macs_left_at_each_width(demo_task: Any) -> None:

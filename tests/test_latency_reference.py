@@ -9,11 +9,11 @@ from typing import Any
 
 import pytest
 
-from autocompress import latency_reference as ref_mod
-from autocompress import quantize
-from autocompress import session as search_mod
-from autocompress.config import SearchConfig
-from autocompress.latency_reference import ReferenceLatency
+from autocompress.config.options import SearchConfig
+from autocompress.runtime import latency_reference as ref_mod
+from autocompress.runtime.latency_reference import ReferenceLatency
+from autocompress.search import session as search_mod
+from autocompress.transform import quantize
 
 
 class _FakeStudy:

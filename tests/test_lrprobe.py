@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from autocompress import lrprobe, session
-from autocompress.config import SearchConfig
+from autocompress.config.options import SearchConfig
 from autocompress.intake import Task
-from autocompress.inventory import build_inventory
+from autocompress.search import lrprobe, session
+from autocompress.transform.survey import build_inventory
 from tests.search_fixture import run_short_search
 
 
@@ -179,7 +179,7 @@ def test_ctrl_c_during_the_probe_exits_130_without_a_traceback(tmp_path: Path) -
         "import os, signal, sys\n"
         "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
         "from autocompress.cli import main\n"
-        "import autocompress.distill as d\n"
+        "import autocompress.train.distill as d\n"
         "def boom(*a, **k):\n"
         "    os.kill(os.getpid(), signal.SIGINT)\n"
         "d.finetune = boom\n"
@@ -204,9 +204,9 @@ def test_a_probe_that_crashes_is_one_line_naming_the_way_out(
 
     import optuna
 
-    from autocompress import session
-    from autocompress.config import SearchConfig
+    from autocompress.config.options import SearchConfig
     from autocompress.errors import TrainingError
+    from autocompress.search import session
 
     def crash(*args: object, **kwargs: object) -> None:
         raise AttributeError("'GoogLeNetOutputs' object has no attribute 'log_softmax'")

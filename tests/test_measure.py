@@ -11,7 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from autocompress.measure import (
+from autocompress.model.plan import CompressionPlan
+from autocompress.runtime.measure import (
     LatencyStats,
     count_flops,
     count_params,
@@ -19,7 +20,6 @@ from autocompress.measure import (
     packing_limit_bytes,
     zipped_size,
 )
-from autocompress.plan import CompressionPlan
 
 
 class Small(nn.Module):

@@ -11,9 +11,10 @@ from search_fixture import ShortStudy
 from test_export import qat_trial
 from torch import nn
 
-from autocompress import api, cli, metrics
+from autocompress import api, cli
 from autocompress.dashboard import create_app
-from autocompress.plan import CompressionPlan
+from autocompress.model.plan import CompressionPlan
+from autocompress.results import metrics
 
 
 def test_rates_follow_the_guide() -> None:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from autocompress.config import parse_budget
+from autocompress.config.options import parse_budget
 from autocompress.intake import Task
-from autocompress.objective import build_student, clear_verdict, structure_key, torch_accuracy
-from autocompress.plan import CompressionPlan
-from autocompress.prune import dependency_groups
+from autocompress.model.plan import CompressionPlan
+from autocompress.transform.prune import dependency_groups
+from autocompress.trial.runner import build_student, clear_verdict, structure_key, torch_accuracy
 
 
 def _half_pruned(task: Task) -> CompressionPlan:

@@ -13,11 +13,11 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from autocompress import quantize as q
 from autocompress.intake import Task
-from autocompress.onnx_compact import compact_graph
-from autocompress.plan import CompressionPlan
-from autocompress.quantize import onnx_export, onnx_float
+from autocompress.model.plan import CompressionPlan
+from autocompress.transform import quantize as q
+from autocompress.transform.onnx_compact import compact_graph
+from autocompress.transform.quantize import onnx_export, onnx_float
 
 
 def _export(task: Task, bits: int, path: Path) -> Path:

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from autocompress import quantize
 from autocompress.cli import main
-from autocompress.onnx_profile import OVERHEAD, profile_onnx
+from autocompress.runtime.onnx_profile import OVERHEAD, profile_onnx
+from autocompress.transform import quantize
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +50,7 @@ def test_cli_json_and_bad_input(demo_files: tuple[Path, Path], tmp_path: Path,
 def test_openvino_profiles_its_compiled_graph(demo_files: tuple[Path, Path]) -> None:
     from pg import unavailable
 
-    from autocompress.openvino_runtime import available
+    from autocompress.runtime.openvino import available
 
     if not available():
         unavailable("OpenVINO is not installed: pip install -e '.[dev]' (or '.[openvino]')")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from autocompress import ort_quantize
+from autocompress.transform.quantize import ort_tools as ort_quantize
 
 
 def test_pre_process_failures_are_one_warning_naming_each_attempt(

@@ -14,10 +14,10 @@ import pytest
 import torch
 from search_fixture import run_short_search
 
-from autocompress._outputs import prediction_of
 from autocompress.errors import ModelSpecError
 from autocompress.export import export_from_storage
 from autocompress.intake import load_data, load_model
+from autocompress.intake.outputs import prediction_of
 
 NAMED_TUPLE_MODEL = '''
 from typing import NamedTuple

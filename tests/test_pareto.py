@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from autocompress.config import parse_budget
-from autocompress.pareto import (
-    TrialRecord,
+from autocompress.config.options import parse_budget
+from autocompress.results.pareto import (
     closest_to_budgets,
     hypervolume_2d,
     pareto_front,
     select_best,
 )
+from autocompress.study.records import TrialRecord
 
 
 def rec(n: int, acc: float, size: float, lat: float = 1.0, **kw) -> TrialRecord:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from autocompress.errors import PlanError
-from autocompress.inventory import Inventory, LayerInfo, PruneGroup
-from autocompress.plan import CompressionPlan
+from autocompress.model.inventory import Inventory, LayerInfo, PruneGroup
+from autocompress.model.plan import CompressionPlan
 
 
 def _inventory() -> Inventory:

@@ -13,7 +13,12 @@ import torchvision
 from torch import nn
 
 from autocompress.errors import InputError
-from autocompress.profile import UNATTRIBUTED, ProfileReport, format_table, profile_model
+from autocompress.runtime.torch_profile import (
+    UNATTRIBUTED,
+    ProfileReport,
+    format_table,
+    profile_model,
+)
 
 
 @pytest.fixture(scope="module")
@@ -147,7 +152,7 @@ def test_attention_flops_are_counted_on_both_attention_paths() -> None:
     """A ViT's fused attention counted zero before (issue 15: vit_b_16 showed 11.3 of 17.6
     GFLOPs): nn.MultiheadAttention's no_grad fast path and the SDPA op of training mode now
     give the same total."""
-    from autocompress import flop_count
+    from autocompress.model import flops as flop_count
     from tests.tiny_models import tiny_vit
 
     model = tiny_vit().eval()
@@ -189,7 +194,7 @@ def test_the_unattributed_row_is_there_when_the_layers_take_all_the_time(
     """A model whose FLOPs are all in leaf layers, timed so that the per-layer medians sum
     to the whole forward (on a loaded machine they can): the rest is 0, and the report keeps
     its (unattributed) row all the same (CI saw the row vanish by timing noise)."""
-    from autocompress import profile as profile_mod
+    from autocompress.runtime import torch_profile as profile_mod
 
     monkeypatch.setattr(profile_mod.statistics, "median", lambda values: 0.0)
     model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
@@ -201,7 +206,7 @@ def test_the_unattributed_row_is_there_when_the_layers_take_all_the_time(
 def test_recurrent_layers_are_counted() -> None:
     """nn.LSTM / nn.GRU / nn.RNN ran as one fused op fvcore has no formula for: a model of
     them counted zero FLOPs. Each weight matrix counts once per step and sequence."""
-    from autocompress import flop_count
+    from autocompress.model import flops as flop_count
 
     lstm = nn.LSTM(8, 16, num_layers=2, batch_first=True, bidirectional=True).eval()
     x = torch.randn(3, 5, 8)

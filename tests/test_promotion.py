@@ -6,9 +6,10 @@ import dataclasses
 
 import pytest
 
-from autocompress.config import SearchConfig
-from autocompress.pareto import TrialRecord, most_trained, pareto_front, select_best
-from autocompress.promotion import plan_promotions
+from autocompress.config.options import SearchConfig
+from autocompress.results.pareto import most_trained, pareto_front, select_best
+from autocompress.search.promotion import plan_promotions
+from autocompress.study.records import TrialRecord
 
 CONFIG = SearchConfig(finetune_steps=100, promote_factor=4, promote_share=0.25)
 
@@ -152,7 +153,7 @@ def test_under_a_time_limit_the_effort_counts_a_retrains_fixed_part_once() -> No
     own plan's speed this way (``search._promote``)."""
     import time
 
-    from autocompress.search import _TrialCounter
+    from autocompress.search.loop import _TrialCounter
 
     config = SearchConfig(time_limit=10.0, budgets=("1ms",))
     counter = _TrialCounter(config, baselines=2, started=time.perf_counter() - 300.0)

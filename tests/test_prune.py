@@ -10,11 +10,11 @@ import torchvision
 from fvcore.nn import FlopCountAnalysis
 from torch import nn
 
-from autocompress.demo import build_demo_model
 from autocompress.errors import InputError, PlanError
-from autocompress.inventory import PruneGroup
-from autocompress.plan import CompressionPlan
-from autocompress.prune import (
+from autocompress.intake.demo import build_demo_model
+from autocompress.model.inventory import PruneGroup
+from autocompress.model.plan import CompressionPlan
+from autocompress.transform.prune import (
     CLASSIFIER_REASON,
     apply_unstructured,
     dependency_groups,

@@ -7,12 +7,13 @@ import warnings
 import pytest
 import torch
 
-from autocompress import prune, trial_attrs
-from autocompress.config import SearchConfig
-from autocompress.evaluate import evaluate_plan
-from autocompress.inventory import build_inventory
-from autocompress.plan import CompressionPlan
-from autocompress.prune_heads import Heads, head_removal
+from autocompress.config.options import SearchConfig
+from autocompress.model.plan import CompressionPlan
+from autocompress.search.evaluate import evaluate_plan
+from autocompress.study import attrs as trial_attrs
+from autocompress.transform import prune
+from autocompress.transform.prune_heads import Heads, head_removal
+from autocompress.transform.survey import build_inventory
 
 transformers = pytest.importorskip("transformers")
 

@@ -15,11 +15,11 @@ from onnx import numpy_helper
 from sklearn.datasets import load_digits
 from torch import nn
 
-from autocompress import quantize as q
-from autocompress import runtime
 from autocompress.errors import PlanError
-from autocompress.plan import CompressionPlan
-from autocompress.quantize import onnx_float
+from autocompress.model.plan import CompressionPlan
+from autocompress.runtime import ort as runtime
+from autocompress.transform import quantize as q
+from autocompress.transform.quantize import onnx_float
 
 
 class TinyCNN(nn.Module):
@@ -137,7 +137,7 @@ def test_fold_batchnorm_keeps_outputs_and_names(trained: nn.Module, digits: dict
 
 def test_fold_batchnorm_falls_back_when_untraceable(caplog: pytest.LogCaptureFixture) -> None:
     model = Untraceable().eval()
-    with caplog.at_level(logging.WARNING, logger="autocompress.quantize"):
+    with caplog.at_level(logging.WARNING, logger="autocompress.transform.quantize"):
         folded = q.fold_batchnorm(model)
     assert isinstance(folded.bn, nn.BatchNorm2d)
     assert folded is not model

@@ -11,8 +11,8 @@ import pytest
 
 from autocompress import cli
 from autocompress.export import export_from_storage
-from autocompress.refine import RefineError, refine_trial
-from autocompress.sensitivity import SENSITIVITY_ATTR
+from autocompress.search.refine import RefineError, refine_trial
+from autocompress.search.sensitivity import SENSITIVITY_ATTR
 from autocompress.study import load_existing_study, records
 from tests.search_fixture import ShortStudy, run_short_search
 
@@ -47,7 +47,7 @@ def test_guided_plan_meets_its_size_target(guided_study: ShortStudy) -> None:
 
 
 def test_latency_model_is_fitted_before_the_guided_plans(guided_study: ShortStudy) -> None:
-    from autocompress.guided import LATENCY_PROBES
+    from autocompress.search.guided import LATENCY_PROBES
 
     summary = load_existing_study(guided_study.storage_url, "g").user_attrs["latency_model"]
     assert summary["observations"] >= min(LATENCY_PROBES, 6)

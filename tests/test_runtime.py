@@ -12,9 +12,10 @@ import torch.nn.functional as F
 from sklearn.datasets import load_digits
 from torch import nn
 
-from autocompress import quantize, runtime
 from autocompress.errors import InputError
-from autocompress.measure import LatencyStats
+from autocompress.runtime import ort as runtime
+from autocompress.runtime.measure import LatencyStats
+from autocompress.transform import quantize
 
 INPUT_SHAPE = (1, 1, 8, 8)
 

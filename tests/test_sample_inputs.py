@@ -13,7 +13,6 @@ import torch
 from search_fixture import run_short_search
 from torch import nn
 
-from autocompress import runtime
 from autocompress.errors import DataSpecError, ModelSpecError
 from autocompress.export import export_from_storage
 from autocompress.intake import load_task
@@ -27,6 +26,7 @@ from autocompress.intake.sample_inputs import (
     unpack,
 )
 from autocompress.intake.user_task import TaskSpecError
+from autocompress.runtime import ort as runtime
 
 W = "train sample 0 of 't'"
 

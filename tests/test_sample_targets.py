@@ -14,14 +14,15 @@ import torch
 import torch.nn.functional as F
 from search_fixture import run_short_search
 
-from autocompress import distill, runtime
 from autocompress.errors import DataSpecError, InputError
 from autocompress.export import export_from_storage
 from autocompress.intake import load_task
 from autocompress.intake.data import _split_positions
+from autocompress.intake.metric import TOP1, Metric
 from autocompress.intake.sample_targets import ANY, CLASSES, read_target, stack_targets
-from autocompress.sensitivity import _score
-from autocompress.task_metric import TOP1, Metric
+from autocompress.runtime import ort as runtime
+from autocompress.search.sensitivity import _score
+from autocompress.train import distill
 
 # The demo CNN's logits turned into a value: the expected digit under its softmax (a real
 # regression model without training one); targets are the digit as a float.

@@ -11,13 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from autocompress import quantize, runtime
 from autocompress.cli import main
 from autocompress.intake import load_data
-from autocompress.measure import sha256_file
-from autocompress.report import record_json
+from autocompress.results.tables import record_json
+from autocompress.runtime import ort as runtime
+from autocompress.runtime.measure import sha256_file
 from autocompress.study import default_artifacts_dir
-from autocompress.tuning import early_stop_checkpoints, is_hopeless
+from autocompress.train.tuning import early_stop_checkpoints, is_hopeless
+from autocompress.transform import quantize
 from tests.search_fixture import run_short_search
 
 REQUIRED = {
@@ -213,7 +214,7 @@ def test_interrupted_search_leaves_a_consistent_database(tmp_path: Path) -> None
         # A background CI job starts with SIGINT ignored, and children inherit that.
         "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
         "from autocompress.cli import main\n"
-        "import autocompress.distill as d\n"
+        "import autocompress.train.distill as d\n"
         "orig = d.finetune\n"
         "def boom(*a, **k):\n"
         "    os.kill(os.getpid(), signal.SIGINT)\n"
@@ -339,8 +340,9 @@ def test_latency_verdict_does_not_flip_when_the_machine_drifts(
     final measurement taken while the machine runs 2.5x slower on both sides. Judged on the
     absolute median, every candidate that passed the pre-check would now break the budget;
     judged on the ratio x the study's reference, none does."""
-    from autocompress import latency_reference, objective
-    from autocompress.measure import LatencyStats, file_size
+    from autocompress.runtime import latency_reference
+    from autocompress.runtime.measure import LatencyStats, file_size
+    from autocompress.trial import runner as objective
 
     def fake_interleaved(candidate, reference, shape, *, rounds=5, **_kw):
         ratio = file_size(candidate) / file_size(reference)
@@ -367,8 +369,9 @@ def test_latency_verdict_does_not_flip_when_the_machine_drifts(
 def _fake_latency(monkeypatch: pytest.MonkeyPatch, ratio_for: Callable[[int], float]) -> None:
     """Interleaved timings that return ``ratio_for(rounds)`` x fp32, and a 1 ms fp32
     reference, so budget verdicts are decided by the ratios a test chooses."""
-    from autocompress import latency_reference, objective
-    from autocompress.measure import LatencyStats
+    from autocompress.runtime import latency_reference
+    from autocompress.runtime.measure import LatencyStats
+    from autocompress.trial import runner as objective
 
     def fake_interleaved(candidate, reference, shape, *, rounds=5, **_kw):
         ratio = ratio_for(rounds)
@@ -387,7 +390,7 @@ def test_a_structure_measured_again_is_judged_on_the_pooled_ratio(
     measurements come out 0.3, 0.3, then 0.9 of fp32 (one noisy look) against a 0.5 budget:
     judged alone the third would flip to over budget; pooled with the structure's earlier
     measurements (median 0.3) it stays within, and its own ratio stays recorded."""
-    from autocompress import objective
+    from autocompress.trial import runner as objective
 
     finals = iter([0.3, 0.3, 0.9, *[0.3] * 5])  # the measured trials, in order
     _fake_latency(monkeypatch, lambda rounds: (
@@ -413,7 +416,7 @@ def test_a_careful_pre_check_is_one_of_the_structures_measurements(
     0.56, against a 0.5 budget (the same int8 file timed 0.50x and 0.67x on this machine
     seconds apart). The verdict is the median of both looks (0.49: within), not the last
     look alone, and both looks are counted."""
-    from autocompress import objective
+    from autocompress.trial import runner as objective
 
     ratios = {objective.MEASURE_ROUNDS: 0.56, objective.PRECHECK_CAREFUL_ROUNDS: 0.42}
     # the first look (1 round) at 0.45 is too close to the budget to call: a careful look
@@ -434,9 +437,9 @@ def test_a_relative_budget_is_judged_in_ms_of_this_machine(
 ) -> None:
     """--budget 0.5x: half the study's fp32 reference (2 ms here), stored and applied in
     milliseconds, and `export --best --budget 0.3x` resolves against the same reference."""
-    from autocompress import latency_reference
     from autocompress import study as study_mod
     from autocompress.export import selection
+    from autocompress.runtime import latency_reference
 
     monkeypatch.setattr(latency_reference, "measure_reference", lambda *a, **k: (
         latency_reference.ReferenceLatency(2.0, 0.0, [2.0], 1, {}, "now")))
@@ -476,9 +479,9 @@ def test_a_time_limit_that_ends_with_nothing_within_budget_names_the_closest_pla
     which plan came closest and by how much, and what to change."""
     import time
 
-    from autocompress.config import SearchConfig, parse_budget
-    from autocompress.pareto import TrialRecord
-    from autocompress.search import _TrialCounter
+    from autocompress.config.options import SearchConfig, parse_budget
+    from autocompress.search.loop import _TrialCounter
+    from autocompress.study.records import TrialRecord
 
     budgets = [parse_budget("0.2ms")]
     counter = _TrialCounter(SearchConfig(time_limit=0.01, budgets=("0.2ms",)), 2,

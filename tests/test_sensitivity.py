@@ -8,10 +8,10 @@ import dataclasses
 import pytest
 import torch
 
-from autocompress.config import SearchConfig
+from autocompress.config.options import SearchConfig
 from autocompress.intake import Task
-from autocompress.inventory import build_inventory
-from autocompress.sensitivity import Sensitivity, measure_sensitivity, prune_grid
+from autocompress.search.sensitivity import Sensitivity, measure_sensitivity, prune_grid
+from autocompress.transform.survey import build_inventory
 
 FRAGILE = "block1.conv2"
 OUTLIER = 1000.0
@@ -86,7 +86,7 @@ def test_prune_grid_follows_the_space() -> None:
 def test_a_choice_that_cannot_be_scored_is_left_out_not_fatal(
     demo_task: Task, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from autocompress import sensitivity
+    from autocompress.search import sensitivity
 
     real = sensitivity.quantize.prepare_qat
 
@@ -111,7 +111,7 @@ def test_a_pass_out_of_time_scores_every_layer_and_the_largest_groups(
     """A time bound (here: none left after the first group) keeps every layer (a layer
     missing from the table would stay float in every guided plan) and the largest group,
     and lists the other groups as unscored; a search's bound is a tenth of its time limit."""
-    from autocompress.sensitivity import TIME_CAP_S, pass_seconds
+    from autocompress.search.sensitivity import TIME_CAP_S, pass_seconds
 
     inventory = build_inventory(demo_task.model, demo_task.data.example_input(1))
     prunable = [g for g in inventory.groups if g.prunable]
@@ -134,12 +134,12 @@ def test_layers_that_would_overrun_the_pass_are_scored_on_fewer_images(
     """Every layer is scored; when the first choice shows the layers would take more than
     their share of the bound, every choice is scored on a shorter (shared) slice; with time
     to spare the slice is the one asked for."""
-    from autocompress.sensitivity import CALIBRATION_BATCHES, MIN_IMAGES
+    from autocompress.search.sensitivity import CALIBRATION_BATCHES, MIN_IMAGES
 
     inventory = build_inventory(demo_task.model, demo_task.data.example_input(1))
     quantizable = {layer.name for layer in inventory.layers if layer.quantizable}
     config = SearchConfig(prune_max=0.0)
-    from autocompress import quantize
+    from autocompress.transform import quantize
 
     real_calibrate = quantize.calibrate
     asked: list[int] = []
@@ -169,7 +169,7 @@ def test_a_first_choice_that_cannot_be_scored_does_not_end_a_bounded_pass(
     demo_task: Task, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Timing the first choice must not raise where scoring it would be recorded as failed."""
-    from autocompress import sensitivity
+    from autocompress.search import sensitivity
 
     def broken(*args: object, **kwargs: object) -> None:
         raise RuntimeError("no kernel for this width")

@@ -5,10 +5,10 @@ from __future__ import annotations
 import optuna
 import pytest
 
-from autocompress.config import SearchConfig
+from autocompress.config.options import SearchConfig
 from autocompress.errors import ConfigError
-from autocompress.inventory import Inventory, LayerInfo, PruneGroup
-from autocompress.space import (
+from autocompress.model.inventory import Inventory, LayerInfo, PruneGroup
+from autocompress.model.space import (
     check_space,
     params_to_plan,
     plan_to_params,
@@ -93,8 +93,8 @@ def test_public_names_never_shadow_submodules() -> None:
 
     submodules = {m.name for m in pkgutil.iter_modules(autocompress.__path__)}
     assert not submodules & set(autocompress.__all__)
-    assert autocompress.prune_model is importlib.import_module("autocompress.prune").prune
-    from autocompress import prune
+    assert autocompress.prune_model is importlib.import_module("autocompress.transform.prune").prune
+    from autocompress.transform import prune
 
     assert hasattr(prune, "dependency_groups")
 
@@ -142,8 +142,8 @@ def test_guide_techniques_change_the_space_hash_only_when_used() -> None:
 
 
 def test_stage_outputs_are_the_default_feature_layers(demo_task) -> None:
-    from autocompress.inventory import build_inventory
-    from autocompress.space import feature_layers
+    from autocompress.model.space import feature_layers
+    from autocompress.transform.survey import build_inventory
 
     inv = build_inventory(demo_task.model, demo_task.data.example_input(1))
     assert feature_layers(inv, SearchConfig()) == ["block1", "block2"]

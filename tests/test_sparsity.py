@@ -10,11 +10,13 @@ import onnx
 import torch
 from onnx import numpy_helper
 
-from autocompress import distill, measure, quantize, sparsity
-from autocompress.inventory import build_inventory
-from autocompress.plan import CompressionPlan
-from autocompress.prune import apply_unstructured
-from autocompress.student import build_student
+from autocompress.model.plan import CompressionPlan
+from autocompress.runtime import measure
+from autocompress.train import distill
+from autocompress.transform import quantize, sparsity
+from autocompress.transform.prune import apply_unstructured
+from autocompress.transform.student import build_student
+from autocompress.transform.survey import build_inventory
 
 
 def test_sparsity_saves_zip_bytes_not_raw_bytes(demo_task, tmp_path: Path) -> None:

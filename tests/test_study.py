@@ -20,7 +20,7 @@ from optuna.trial import TrialState
 from sqlalchemy import exc as sa_exc
 
 from autocompress import study as study_mod
-from autocompress.config import SearchConfig
+from autocompress.config.options import SearchConfig
 from autocompress.errors import StudyError
 from autocompress.study import storage as study_storage
 from tests.pg import fresh_database
@@ -354,7 +354,7 @@ def test_s3_artifacts_round_trip(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
         artifact_id = study_mod.upload(trial, store, source)
         keys = [o["Key"] for o in boto3.client("s3").list_objects_v2(
             Bucket="ml-artifacts")["Contents"]]
-        assert keys == [f"autocompress/demo/{artifact_id}"]
+        assert keys == [f"autocompress/intake/demo/{artifact_id}"]
         study_mod.download(store, artifact_id, tmp_path / "back.onnx")
         assert (tmp_path / "back.onnx").read_bytes() == source.read_bytes()
         with pytest.raises(StudyError, match="cannot use artifact bucket 'missing'"):
@@ -367,7 +367,7 @@ _RACE = """
 import sys, time
 from pathlib import Path
 from autocompress import study as s
-from autocompress.config import SearchConfig
+from autocompress.config.options import SearchConfig
 url, folder, me = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
 (folder / f"ready-{me}").touch()
 while not (folder / "go").exists():

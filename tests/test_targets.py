@@ -11,11 +11,12 @@ import pytest
 from pg import unavailable
 from search_fixture import run_short_search
 
-from autocompress import runtime, trial_attrs
 from autocompress.cli import main
 from autocompress.errors import InputError
 from autocompress.export import export_from_storage
-from autocompress.openvino_runtime import available as openvino_available
+from autocompress.runtime import ort as runtime
+from autocompress.runtime.openvino import available as openvino_available
+from autocompress.study import attrs as trial_attrs
 
 
 @pytest.mark.parametrize("target,provider", [("onnxruntime-cuda", "CUDAExecutionProvider"),
@@ -66,7 +67,7 @@ def test_openvino_target_search_export_verify(tmp_path: Path) -> None:
 def test_openvino_and_onnxruntime_agree_on_a_quantized_file(demo_task, tmp_path: Path) -> None:
     if not openvino_available():
         unavailable("OpenVINO is not installed: pip install -e '.[dev]' (or '.[openvino]')")
-    from autocompress import quantize
+    from autocompress.transform import quantize
 
     model = demo_task.model
     example = demo_task.data.example_input(1)
@@ -99,7 +100,7 @@ def test_gpu_benchmark_refuses_without_a_gpu_in_one_line() -> None:
 def test_tensorrt_builder_flags_follow_the_file() -> None:
     """fp16 allowed for every file; int8 only for QDQ files (explicit quantization); the
     engine cache is on only when an engine is to be written."""
-    from autocompress import tensorrt_engine
+    from autocompress.runtime import tensorrt as tensorrt_engine
 
     plain = tensorrt_engine.provider_options(qdq=False)
     assert plain == {"trt_fp16_enable": "True", "trt_int8_enable": "False"}
@@ -117,7 +118,8 @@ def test_tensorrt_engine_is_saved_beside_the_file(demo_task, tmp_path: Path) -> 
     if "TensorrtExecutionProvider" not in ort.get_available_providers():
         pytest.skip("no TensorrtExecutionProvider here (needs an NVIDIA GPU and "
                     "onnxruntime-gpu); benchmarks/gpu.py exercises it on a GPU machine")
-    from autocompress import quantize, tensorrt_engine
+    from autocompress.runtime import tensorrt as tensorrt_engine
+    from autocompress.transform import quantize
 
     example = demo_task.data.example_input(1)
     path = quantize.export_float_onnx(demo_task.model, example, tmp_path / "model.onnx")

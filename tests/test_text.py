@@ -13,11 +13,11 @@ import pytest
 from pg import unavailable
 from search_fixture import run_short_search
 
-from autocompress import trial_attrs
 from autocompress.errors import DataSpecError, ModelSpecError
 from autocompress.export import export_from_storage
 from autocompress.intake import load_model, load_task
-from autocompress.inventory import build_inventory
+from autocompress.study import attrs as trial_attrs
+from autocompress.transform.survey import build_inventory
 
 try:
     import transformers
@@ -128,8 +128,9 @@ def test_embedding_tables_are_quantized_weight_only(
 ) -> None:
     """Half of a small BERT's bytes are its embedding tables: they are planned layers too,
     stored as integer rows dequantized in front of the Gather (static QDQ or weight-only)."""
-    from autocompress import quantize, runtime
-    from autocompress.plan import CompressionPlan
+    from autocompress.model.plan import CompressionPlan
+    from autocompress.runtime import ort as runtime
+    from autocompress.transform import quantize
 
     model_dir, rows = tiny_bert
     task = load_task(f"hf:{model_dir}", None, _data(rows))
@@ -162,9 +163,9 @@ def test_hidden_states_are_the_feature_distillation_layers(tiny_bert: tuple[Path
 
     import torch
 
-    from autocompress import space
-    from autocompress.config import SearchConfig
-    from autocompress.distill import FeatureDistiller
+    from autocompress.config.options import SearchConfig
+    from autocompress.model import space
+    from autocompress.train.distill import FeatureDistiller
 
     model_dir, rows = tiny_bert
     task = load_task(f"hf:{model_dir}", None, _data(rows))

@@ -8,11 +8,12 @@ import itertools
 import pytest
 from torch import nn
 
-from autocompress import quantize, tuning
 from autocompress.intake import Task
-from autocompress.plan import CompressionPlan
-from autocompress.prune import dependency_groups
-from autocompress.student import build_student, torch_accuracy
+from autocompress.model.plan import CompressionPlan
+from autocompress.train import tuning
+from autocompress.transform import quantize
+from autocompress.transform.prune import dependency_groups
+from autocompress.transform.student import build_student, torch_accuracy
 
 STEPS = 40
 

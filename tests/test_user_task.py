@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 from search_fixture import run_short_search
 
-from autocompress import runtime
 from autocompress.cli import main
 from autocompress.export import export_from_storage
 from autocompress.intake import load_task
+from autocompress.intake.metric import Metric, MetricError
 from autocompress.intake.user_task import TaskSpecError, load_user_task
-from autocompress.task_metric import Metric, MetricError
+from autocompress.runtime import ort as runtime
 
 MAE_TASK = '''
 import numpy as np

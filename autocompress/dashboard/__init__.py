@@ -5,6 +5,8 @@ it starts in a second on any machine that can reach the database.
 
     from autocompress.dashboard import serve
     serve("sqlite:///studies/demo.db")            # http://127.0.0.1:8080/
+
+Layer 5. May import: ``errors``, ``config``, ``study``, ``results`` (nothing that loads torch).
 """
 
 from __future__ import annotations

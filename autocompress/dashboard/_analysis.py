@@ -11,8 +11,9 @@ import json
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from autocompress import metrics
-from autocompress.pareto import feasibility, finite_number, hypervolume_points
+from autocompress.results import metrics
+from autocompress.results.pareto import hypervolume_points
+from autocompress.study.records import feasibility, finite_number
 
 # The order objectives are written in by the search (BRIEF: accuracy, size, then latency).
 DEFAULT_METRICS: tuple[str, ...] = ("accuracy", "size_bytes", "latency_ms")

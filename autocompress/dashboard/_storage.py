@@ -23,12 +23,12 @@ from optuna.artifacts import FileSystemArtifactStore
 from optuna.artifacts.exceptions import ArtifactNotFound
 from optuna.trial import FrozenTrial
 
-from autocompress import trial_attrs
 from autocompress.dashboard import _analysis as an
 from autocompress.errors import StudyError, one_line
-from autocompress.pareto import feasibility, nondominated, superseded
+from autocompress.results.pareto import nondominated, superseded
+from autocompress.study import attrs as trial_attrs
 from autocompress.study import default_artifacts_dir, driver_url, masked_url
-from autocompress.study.records import retried_as, to_record, trial_constraints
+from autocompress.study.records import feasibility, retried_as, to_record, trial_constraints
 
 _T = TypeVar("_T")
 _SAFE_ARTIFACT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,200}$")

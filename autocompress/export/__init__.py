@@ -18,6 +18,8 @@ latencies drift by tens of percent on shared machines (design rule 7), ratios mu
 The package by job: ``selection`` (which trial), ``files`` (folder, publishing, artifact
 fetch), ``program`` (the PyTorch side as a torch.export program), ``verify`` (the written
 file re-measured), ``report`` (JSON, Markdown, plot) and ``run`` (the orchestration).
+
+Layer 8. May import: layers 1-7.
 """
 
 from __future__ import annotations

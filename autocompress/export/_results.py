@@ -7,11 +7,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from autocompress.config import Budget, format_bytes
+from autocompress.config.options import Budget, format_bytes
 from autocompress.errors import AutocompressError
-from autocompress.pareto import (
-    TrialRecord,
-)
+from autocompress.study.records import TrialRecord
 
 log = logging.getLogger("autocompress")
 

@@ -7,12 +7,10 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from autocompress import measure
 from autocompress import study as study_mod
 from autocompress.export._results import ExportError
-from autocompress.pareto import (
-    TrialRecord,
-)
+from autocompress.runtime import measure
+from autocompress.study.records import TrialRecord
 
 
 def check_out(out: Path, force: bool) -> None:

@@ -12,18 +12,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from autocompress import intake, quantize, rebuilder
+from autocompress import intake
 from autocompress import study as study_mod
 from autocompress.errors import one_line
 from autocompress.export._results import ExportError, VerificationError
 from autocompress.export.files import _artifacts_dir, _fetch
 from autocompress.export.selection import _exportable
 from autocompress.intake.task import tokenizer_of
-from autocompress.inventory import Inventory
-from autocompress.pareto import (
-    TrialRecord,
-)
-from autocompress.plan import CompressionPlan
+from autocompress.model.inventory import Inventory
+from autocompress.model.plan import CompressionPlan
+from autocompress.study.records import TrialRecord
+from autocompress.transform import quantize
+from autocompress.trial import rebuild as rebuilder
 
 
 def _affine_fake_quant(scale: float, zero_point: int, qmax: int) -> Any:

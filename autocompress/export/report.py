@@ -8,17 +8,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from autocompress import __version__, metrics, trial_attrs
-from autocompress.config import Budget, format_bytes
+from autocompress import __version__
+from autocompress.config.options import Budget, format_bytes
 from autocompress.export._results import REPORT_FORMAT_VERSION, Choice, _speed_text
 from autocompress.export.program import _Context
 from autocompress.export.verify import _runtime_of
-from autocompress.inventory import Inventory
-from autocompress.pareto import (
-    TrialRecord,
-    pareto_front,
-)
-from autocompress.plan import CompressionPlan
+from autocompress.model.inventory import Inventory
+from autocompress.model.plan import CompressionPlan
+from autocompress.results import metrics
+from autocompress.results.pareto import pareto_front
+from autocompress.study import attrs as trial_attrs
+from autocompress.study.records import TrialRecord
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:

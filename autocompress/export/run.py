@@ -11,23 +11,21 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from autocompress import measure
 from autocompress import study as study_mod
-from autocompress.config import Budget
+from autocompress.config.options import Budget
 from autocompress.export._results import FILES, Choice, ExportResult
 from autocompress.export.files import _artifacts_dir, _fetch, _publish, _umask, check_out
 from autocompress.export.program import _Context, _export_program, _rebuild
 from autocompress.export.report import _markdown, _plot, _report
 from autocompress.export.selection import choose_from_study, fp32_record
 from autocompress.export.verify import _verify
+from autocompress.intake.metric import label_of
 from autocompress.intake.models import zeros_input
 from autocompress.intake.sample_inputs import inputs_record
-from autocompress.inventory import build_inventory
-from autocompress.pareto import (
-    TrialRecord,
-)
-from autocompress.plan import CompressionPlan
-from autocompress.task_metric import label_of
+from autocompress.model.plan import CompressionPlan
+from autocompress.runtime import measure
+from autocompress.study.records import TrialRecord
+from autocompress.transform.survey import build_inventory
 
 
 def export_from_storage(
@@ -142,14 +140,15 @@ def _target_files(folder: Path, record: TrialRecord, input_shape: tuple[int, ...
     runtime_info = record.json_attr("runtime")
     target = runtime_info.get("target") if isinstance(runtime_info, dict) else None
     if target == "tensorrt":
-        from autocompress import runtime, tensorrt_engine
+        from autocompress.runtime import ort as runtime
+        from autocompress.runtime import tensorrt as tensorrt_engine
 
         onnx_path = folder / "model.onnx"
         return tensorrt_engine.save_engine(onnx_path, folder, input_shape,
                                            qdq=runtime.has_qdq(onnx_path))
     if target != "openvino-cpu":
         return []
-    from autocompress import openvino_runtime
+    from autocompress.runtime import openvino as openvino_runtime
 
     written = openvino_runtime.save_ir(folder / "model.onnx", folder / "model.xml")
     return [p.name for p in written]

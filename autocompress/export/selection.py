@@ -7,18 +7,13 @@ from collections.abc import Sequence
 from typing import Any
 
 from autocompress import study as study_mod
-from autocompress import trial_attrs
-from autocompress.config import Budget, parse_budget
+from autocompress.config.options import Budget, parse_budget
 from autocompress.export._results import Choice, ExportError
-from autocompress.metrics import accuracy_drop_rate
-from autocompress.pareto import (
-    TrialRecord,
-    closest_to_budgets,
-    drop_floor,
-    fp32_record,
-    select_best,
-)
-from autocompress.task_metric import label_of
+from autocompress.intake.metric import label_of
+from autocompress.results.metrics import accuracy_drop_rate
+from autocompress.results.pareto import closest_to_budgets, drop_floor, fp32_record, select_best
+from autocompress.study import attrs as trial_attrs
+from autocompress.study.records import TrialRecord
 
 
 def parse_accuracy_drop(text: str | float | None) -> float | None:
@@ -181,7 +176,7 @@ def choose_from_study(
 def _first_reference_ms(study_attrs: dict[str, Any]) -> float | None:
     """The fp32 latency reference of the machine that started the study (a resume elsewhere
     adds its own; "0.6x" is resolved against the first)."""
-    from autocompress.latency_reference import stored_references
+    from autocompress.runtime.latency_reference import stored_references
 
     refs = stored_references(study_attrs)
     return next(iter(refs.values())).median_ms if refs else None

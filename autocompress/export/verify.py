@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from autocompress import intake, runtime, trial_attrs
+from autocompress import intake
 from autocompress.export._results import (
     ACCURACY_TOLERANCE,
     AGREEMENT_FLOOR,
@@ -22,9 +22,9 @@ from autocompress.export._results import (
 )
 from autocompress.export.program import _Context
 from autocompress.intake.user_task import metric_of
-from autocompress.pareto import (
-    TrialRecord,
-)
+from autocompress.runtime import ort as runtime
+from autocompress.study import attrs as trial_attrs
+from autocompress.study.records import TrialRecord
 
 
 def _runtime_of(record: TrialRecord | None) -> dict[str, Any]:

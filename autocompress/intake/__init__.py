@@ -17,6 +17,8 @@ names the bad value and says how to fix it.
 The package by job: ``specs`` (spec forms, factories, cache folder), ``data`` (splits and
 preprocessing), ``data_sources`` (digits, image folders, CIFAR-10, factories), ``models``
 (model specs and weights) and ``task`` (the two together).
+
+Layer 2. May import: ``errors``, ``config``.
 """
 
 from __future__ import annotations

@@ -13,8 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from autocompress._outputs import describe_output, prediction_of
 from autocompress.errors import ModelSpecError, one_line
+from autocompress.intake.outputs import describe_output, prediction_of
 from autocompress.intake.specs import (
     _MODEL_FORMS,
     CHECKPOINT_KEYS,
@@ -80,7 +80,7 @@ def _build_model(
         return model if isinstance(model, nn.Module) else _build_model(
             model, num_classes, input_shape)
     if spec == DEMO_MODEL_SPEC:
-        from autocompress.demo import build_demo_model
+        from autocompress.intake.demo import build_demo_model
 
         channels = input_shape[0] if input_shape else 1
         return build_demo_model(channels, num_classes or 10)

@@ -12,10 +12,10 @@ from torch import nn
 
 from autocompress.errors import DataSpecError, ModelSpecError, one_line
 from autocompress.intake.data import DataSplits, as_sequences, load_data
+from autocompress.intake.metric import TOP1, Metric
 from autocompress.intake.models import _in_channels, check_model_input, load_model
 from autocompress.intake.specs import DEMO_MODEL_SPEC, DIGITS_DATA_SPEC, default_cache_dir
 from autocompress.intake.user_task import TASK_PREFIX, TaskSpecError, load_user_task
-from autocompress.task_metric import TOP1, Metric
 
 
 @dataclass(eq=False)  # tensors inside: == would be ambiguous
@@ -91,7 +91,7 @@ def load_task(
                 f"--num-classes {classes} does not fit the built-in demo, trained on "
                 f"{data.num_classes} digit classes; drop --num-classes"
             )
-        from autocompress.demo import load_demo_model
+        from autocompress.intake.demo import load_demo_model
 
         model_spec = DEMO_MODEL_SPEC
         model: nn.Module = load_demo_model(data, cache_dir=cache, seed=seed)

@@ -29,9 +29,9 @@ from torch import nn
 
 from autocompress.errors import InputError, one_line
 from autocompress.intake.data_sources import samples_of
+from autocompress.intake.metric import TOP1, Metric
 from autocompress.intake.sample_inputs import InputLayout, PackedInputs, layout_of
 from autocompress.intake.specs import _is_factory_target, _resolve_factory
-from autocompress.task_metric import TOP1, Metric
 
 TASK_PREFIX = "task:"
 KEYS = ("model", "data", "metric", "metric_name", "higher_is_better", "loss")

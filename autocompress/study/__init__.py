@@ -1,7 +1,7 @@
 """The Optuna adapter: storage URLs, study creation and resume, samplers, artifacts, records.
 
 Everything that knows Optuna's API lives here (the search space's ``suggest_*`` calls are in
-``space.py`` behind a protocol), so an Optuna upgrade touches this file.
+``model/space.py`` behind a protocol), so an Optuna upgrade touches this package.
 
 Scale-out. Several ``autocompress search`` processes ("workers"), on one machine or many, share
 one study when they share a PostgreSQL ``--storage``:
@@ -28,6 +28,8 @@ one study when they share a PostgreSQL ``--storage``:
 The package by job: ``storage`` (URLs, settings, the resilient connection, the SQLite lock),
 ``artifacts`` (folder or S3 stores), ``studies`` (create/resume, samplers, queue, locks)
 and ``records`` (plain-data trial and study records).
+
+Layer 2. May import: ``errors``, ``config``.
 """
 
 from __future__ import annotations

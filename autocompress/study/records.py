@@ -3,14 +3,124 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from autocompress import trial_attrs
-from autocompress.pareto import TrialRecord, feasibility
+from autocompress.study import attrs as trial_attrs
+
+
+@dataclass(frozen=True)
+class TrialRecord:
+    """One finished trial as plain data (built from the study database by ``study.py``)."""
+
+    number: int
+    state: str  # COMPLETE | FAIL | PRUNED | RUNNING | WAITING
+    accuracy: float | None = None
+    test_accuracy: float | None = None
+    size_bytes: float | None = None
+    latency_ms: float | None = None
+    latency_spread_ms: float | None = None
+    latency_vs_fp32: float | None = None
+    # ratio to fp32 x the study's fp32 reference: what latency budgets are judged on
+    latency_estimate_ms: float | None = None
+    flops: float | None = None
+    bops: float | None = None
+    params: float | None = None
+    feasible: bool = False
+    baseline: str | None = None
+    plan: dict[str, Any] = field(default_factory=dict)
+    plan_summary: str = ""
+    rejected: str | None = None
+    fail_reason: str | None = None
+    attrs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def budget_latency_ms(self) -> float | None:
+        """The latency budgets are judged on: the ratio-based estimate where the study made
+        one (see ``latency_reference``), else the absolute median (older studies)."""
+        return self.latency_estimate_ms if self.latency_estimate_ms is not None else (
+            self.latency_ms)
+
+    @property
+    def objective_size(self) -> float | None:
+        """The bytes the size objective and size budgets count: the zipped file where the
+        study's size metric is zip, else the file (both are always recorded)."""
+        if self.attrs.get(trial_attrs.SIZE_METRIC) == "zip":
+            zipped = self.attrs.get(trial_attrs.ZIP_SIZE)
+            if zipped is not None:
+                return float(zipped)
+        return self.size_bytes
+
+    @property
+    def quantized_by_runtime(self) -> bool:
+        """ONNX Runtime quantized its file from a float model (the int8 PTQ and dynamic
+        baselines, a plan realised by PTQ): the PyTorch side is that float model, so the
+        two may disagree on a few samples."""
+        return (self.baseline in ("int8-ptq", "int8-dynamic")
+                or self.plan.get("realisation") == "ptq")
+
+    @property
+    def measured(self) -> bool:
+        """Completed with figures measured on its exported file (not only a pre-check)."""
+        return self.state == "COMPLETE" and self.rejected is None and self.accuracy is not None
+
+    def objective(self, name: str) -> float:
+        """Value oriented so that larger is better, for dominance tests."""
+        if name == "accuracy":
+            return float(self.accuracy or 0.0)
+        if name == "size":
+            return -float(self.objective_size or 0.0)
+        if name == "latency":
+            return -float(self.budget_latency_ms or 0.0)
+        raise ValueError(f"unknown objective {name!r}")
+
+    def json_attr(self, name: str) -> Any:
+        value = self.attrs.get(name)
+        return json.loads(value) if isinstance(value, str) else value
+
+
+def feasibility(state: str, attrs: dict[str, Any],
+                constraints: Sequence[float] | dict[str, float] | None = None) -> bool | None:
+    """Feasibility of one trial; None when it has no final values (not COMPLETE).
+
+    Order of evidence: the search's own ``feasible`` attribute, then its ``constraints``
+    attribute (feasible when every value <= 0), then Optuna's constraint values (studies
+    not written by autocompress). A trial with no constraint at all is feasible, as in Optuna.
+    """
+    if state != "COMPLETE":
+        return None
+    flag = attrs.get(trial_attrs.FEASIBLE)
+    if isinstance(flag, bool):
+        return flag
+    recorded = attrs.get("constraints")
+    if isinstance(recorded, str) and recorded[:1] == "{":
+        try:
+            recorded = json.loads(recorded)
+        except json.JSONDecodeError:
+            recorded = None
+    if isinstance(recorded, dict) and recorded:
+        values = [finite_number(v) for v in recorded.values()]
+        return all(v is not None and v <= 0 for v in values)
+    given = list(constraints.values()) if isinstance(constraints, dict) else list(
+        constraints or ())
+    return all(float(v) <= 0 for v in given)
+
+
+def finite_number(value: Any) -> float | None:
+    """A finite float, or None for missing / non-numeric / NaN / inf values."""
+    if isinstance(value, bool) or value is None:
+        return None
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        return None
+    return out if math.isfinite(out) else None
+
 
 # Optuna fails a trial whose worker stopped beating from another process, after the fact:
 # nothing can be written on a finished trial then, so readers derive its reason from the

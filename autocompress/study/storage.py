@@ -30,8 +30,8 @@ from optuna.storages._heartbeat import BaseHeartbeat
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy import exc as sa_exc
 
-from autocompress import trial_attrs
 from autocompress.errors import StudyError, one_line
+from autocompress.study import attrs as trial_attrs
 
 log = logging.getLogger("autocompress")
 

@@ -21,9 +21,9 @@ from optuna.storages import BaseStorage
 from optuna.trial import TrialState
 from sqlalchemy import exc as sa_exc
 
-from autocompress import trial_attrs
-from autocompress.config import SearchConfig
+from autocompress.config.options import SearchConfig
 from autocompress.errors import StudyError, one_line
+from autocompress.study import attrs as trial_attrs
 from autocompress.study.records import STALE_REASON
 from autocompress.study.storage import (
     _cause_line,

@@ -17,12 +17,14 @@ from typing import Any
 
 from optuna.trial import FixedTrial
 
-from autocompress import quantize, runtime, space
-from autocompress.config import SearchConfig
+from autocompress.config.options import SearchConfig
 from autocompress.intake import Task
-from autocompress.inventory import build_inventory
-from autocompress.objective import SearchContext, TrialRunner
-from autocompress.plan import CompressionPlan
+from autocompress.model import space
+from autocompress.model.plan import CompressionPlan
+from autocompress.runtime import ort as runtime
+from autocompress.transform import quantize
+from autocompress.transform.survey import build_inventory
+from autocompress.trial.runner import SearchContext, TrialRunner
 
 
 def make_context(task: Task, config: SearchConfig, workdir: Path) -> SearchContext:

@@ -1,0 +1,229 @@
+"""What a model is made of, by layer name: the menu the search chooses compression from.
+
+An inventory lists every module of the model (``model.named_modules()`` order, root
+excluded) with its parameters, FLOPs (fvcore, 1 multiply-add = 1 flop, inclusive of children)
+and output shape, says which Conv/Linear layers may be quantized, and lists the coupled
+channel groups structured pruning may shrink (found by ``transform.prune.dependency_groups``;
+``transform.survey.build_inventory`` puts the two together). Everything
+excluded carries a one-line reason, so a plan naming it fails with a message a user can act
+on. The inventory is plain data: ``to_dict()`` is JSON and goes into the study database.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from autocompress.errors import InputError
+from autocompress.intake.outputs import first_tensor
+from autocompress.model import flops as flop_count
+from autocompress.model.groups import PruneGroup
+
+INVENTORY_FORMAT_VERSION = 1
+QUANTIZABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Linear, nn.Embedding)
+# Types that carry weights but that our fake-quant/export path does not handle.
+_WEIGHTED_UNSUPPORTED = (
+    nn.modules.conv._ConvNd,
+    nn.EmbeddingBag,
+    nn.RNNBase,
+    nn.MultiheadAttention,
+)
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """One module. ``flops``/``params`` include its children; ``output_shape`` of its first call."""
+
+    name: str
+    type: str
+    params: int
+    flops: int
+    output_shape: list[int] | None
+    quantizable: bool
+    excluded_reason: str | None
+
+
+@dataclass(frozen=True)
+class Inventory:
+    layers: list[LayerInfo]
+    groups: list[PruneGroup]
+    total_flops: int = 0
+    total_params: int = 0
+    # aten ops fvcore saw but does not count (element-wise adds, activations...): op -> calls
+    uncounted_ops: dict[str, int] = field(default_factory=dict)
+
+    def layer(self, name: str) -> LayerInfo:
+        for info in self.layers:
+            if info.name == name:
+                return info
+        raise InputError(f"no layer named {name!r} in this model; see `autocompress profile`")
+
+    def group(self, name: str) -> PruneGroup:
+        for group in self.groups:
+            if group.name == name:
+                return group
+        raise InputError(f"no prune group named {name!r}; allowed: {self.prunable_groups()}")
+
+    def quantizable_layers(self) -> list[str]:
+        """Names of the layers a plan may give a bit width, in model order."""
+        return [info.name for info in self.layers if info.quantizable]
+
+    def prunable_groups(self) -> list[str]:
+        """Names of the groups a plan may give a prune ratio, in model order."""
+        return [group.name for group in self.groups if group.prunable]
+
+    def excluded_reason(self, name: str) -> str | None:
+        """Why ``name`` cannot be compressed, or None (usable, or unknown).
+
+        The layer's own reason comes first; for a usable layer, its prune group's reason
+        (e.g. the classifier), or a pointer to the group its channels are coupled to.
+        """
+        info = next((i for i in self.layers if i.name == name), None)
+        if info is not None and info.excluded_reason:
+            return info.excluded_reason
+        group = next((g for g in self.groups if g.name == name), None)
+        if group is not None:
+            return group.excluded_reason
+        owner = next((g for g in self.groups if name in g.members), None)
+        if owner is not None:
+            return f"its output channels are coupled to group {owner.name!r}; use that name"
+        return None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format_version": INVENTORY_FORMAT_VERSION,
+            "layers": [asdict(i) for i in self.layers],
+            "groups": [asdict(g) for g in self.groups],
+            "total_flops": self.total_flops,
+            "total_params": self.total_params,
+            "uncounted_ops": dict(self.uncounted_ops),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Inventory:
+        try:
+            layers = [
+                LayerInfo(**{**d, "output_shape": _shape_or_none(d["output_shape"])})
+                for d in data["layers"]
+            ]
+            groups = [PruneGroup(**{**g, "members": list(g["members"])}) for g in data["groups"]]
+        except (KeyError, TypeError) as exc:
+            raise InputError(
+                f"inventory data is malformed ({exc}); rebuild it with build_inventory()"
+            ) from None
+        return cls(
+            layers=layers,
+            groups=groups,
+            total_flops=int(data.get("total_flops", 0)),
+            total_params=int(data.get("total_params", 0)),
+            uncounted_ops={str(k): int(v) for k, v in data.get("uncounted_ops", {}).items()},
+        )
+
+
+def inventory_with_groups(
+    model: nn.Module,
+    example_input: torch.Tensor,
+    groups: list[PruneGroup],
+    *,
+    min_weights: int = 64,
+) -> Inventory:
+    """Inventory of ``model`` traced with ``example_input`` (the caller's model is untouched),
+    with the channel groups the pruning adapter found (``transform.survey.build_inventory``
+    passes them, so this layer never depends on torch-pruning).
+
+    ``min_weights``: Conv/Linear layers with fewer weights stay float (per-channel scales
+    would cost more than int8 saves).
+    """
+    work = copy.deepcopy(model).eval()
+    shapes, called = _output_shapes(work, example_input)
+    flops, total_flops, uncounted = _flops(work, example_input)
+    layers = [
+        _layer_info(name, module, flops.get(name, 0), shapes.get(name), name in called, min_weights)
+        for name, module in work.named_modules()
+        if name
+    ]
+    return Inventory(
+        layers=layers,
+        groups=groups,
+        total_flops=total_flops,
+        total_params=sum(p.numel() for p in work.parameters()),
+        uncounted_ops=uncounted,
+    )
+
+
+def _layer_info(
+    name: str,
+    module: nn.Module,
+    flops: int,
+    shape: list[int] | None,
+    called: bool,
+    min_weights: int,
+) -> LayerInfo:
+    kind = type(module).__name__
+    params = sum(p.numel() for p in module.parameters())
+    reason: str | None = None
+    if isinstance(module, QUANTIZABLE_TYPES):
+        weights = module.weight.numel()
+        if not called:
+            reason = (
+                f"{kind} is never called as a module (its parent uses the weight directly, "
+                "e.g. MultiheadAttention.out_proj)"
+            )
+        elif weights < min_weights:
+            reason = f"too small to pay for its scales ({weights} weights < {min_weights})"
+    elif isinstance(module, _WEIGHTED_UNSUPPORTED):
+        reason = (f"unsupported layer type {kind} (only Conv1d/Conv2d/Linear/Embedding are "
+                  "quantized)")
+    elif any(True for _ in module.children()):
+        reason = f"a container ({kind}), not a Conv/Linear layer; name one of its layers"
+    else:
+        reason = f"{kind} is not a Conv/Linear layer"
+    return LayerInfo(
+        name=name,
+        type=kind,
+        params=params,
+        flops=int(flops),
+        output_shape=shape,
+        quantizable=reason is None,
+        excluded_reason=reason,
+    )
+
+
+@torch.no_grad()
+def _output_shapes(
+    model: nn.Module, example_input: torch.Tensor
+) -> tuple[dict[str, list[int] | None], set[str]]:
+    """Output shape of each module's first call, and the set of modules called at all."""
+    shapes: dict[str, list[int] | None] = {}
+
+    def hook_for(name: str) -> Any:
+        def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
+            if name not in shapes:
+                tensor = first_tensor(output)
+                shapes[name] = None if tensor is None else list(tensor.shape)
+
+        return hook
+
+    handles = [m.register_forward_hook(hook_for(n)) for n, m in model.named_modules() if n]
+    try:
+        model(example_input)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return shapes, set(shapes)
+
+
+def _flops(
+    model: nn.Module, example_input: torch.Tensor
+) -> tuple[dict[str, int], int, dict[str, int]]:
+    """fvcore per-module FLOPs (inclusive), the total, and the ops it did not count."""
+    counts = flop_count.count(model, example_input)
+    return counts.by_module, counts.total, counts.uncounted
+
+
+def _shape_or_none(shape: Any) -> list[int] | None:
+    return None if shape is None else [int(s) for s in shape]

@@ -1,0 +1,174 @@
+"""The final repair: one chosen plan fine-tuned for whole epochs, recorded as a new trial.
+
+``autocompress refine --study S --trial N --epochs E`` (and ``export --refine-epochs E``)
+retrains trial N's plan from the teacher for E epochs of the training split (QAT + KD at
+the study's learning rate, cosine decay over the whole run, no early stop), through the
+same trial runner as the search: a new trial with ``parent_trial = N``, its own exported
+file and every figure measured on it. The front then shows the refined trial in place of
+its parent (``pareto.most_trained``). HAQ, AMC and NetAdapt do the same: search with short
+fine-tunes, then fine-tune the chosen network for long.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+import uuid
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from autocompress import study as study_mod
+from autocompress.config.options import config_from_stored
+from autocompress.errors import InputError, StudyError
+from autocompress.model import space
+from autocompress.model.plan import CompressionPlan
+from autocompress.study import attrs as trial_attrs
+from autocompress.study.records import TrialRecord
+
+if TYPE_CHECKING:
+    from autocompress.export import ExportResult
+
+MAX_EPOCHS = 1000
+
+
+class RefineError(InputError):
+    """A trial that cannot be refined, or a refine that did not finish."""
+
+
+def refinable(records: Sequence[TrialRecord], number: int, study_name: str) -> TrialRecord:
+    """The record of trial ``number`` when it can be refined; RefineError saying why not."""
+    record = next((r for r in records if r.number == number), None)
+    if record is None:
+        raise RefineError(f"study {study_name!r} has no trial {number}; see `autocompress show "
+                          f"--study {study_name} --all`")
+    if record.baseline == "fp32":
+        raise RefineError(f"trial {number} is the fp32 baseline: there is nothing to repair; "
+                          "pick a compressed trial from `autocompress show`")
+    if not record.measured:
+        why = record.rejected or record.fail_reason or f"state {record.state}"
+        raise RefineError(f"trial {number} has no measured result to refine ({why}); pick a "
+                          "completed trial from `autocompress show`")
+    return record
+
+
+def steps_for(epochs: int, train_images: int, batch_size: int) -> int:
+    """Fine-tune steps in ``epochs`` passes over the training split."""
+    return epochs * max(1, math.ceil(train_images / batch_size))
+
+
+def refine_trial(
+    storage_url: str,
+    study_name: str,
+    trial: int,
+    epochs: int,
+    *,
+    artifacts_dir: str | None = None,
+    on_step: Callable[[int, int], None] | None = None,
+    on_note: Callable[[str], None] | None = None,
+) -> TrialRecord:
+    """Retrain trial ``trial``'s plan for ``epochs`` epochs as a new trial; returns its record.
+
+    The study's search settings are reused (model, data, learning rate, batch size, latency
+    conditions); the new trial is measured like any other, and its file uploaded.
+    """
+    if not 1 <= epochs <= MAX_EPOCHS:
+        raise RefineError(f"--epochs {epochs} must be between 1 and {MAX_EPOCHS} (e.g. 5)")
+    from autocompress.search import session as sessions  # torch: refining only
+
+    storage = study_mod.open_storage(storage_url, create=False)
+    with study_mod.single_sqlite_worker(storage_url):
+        study = study_mod.load_existing_study(storage_url, study_name)
+        info = study_mod.study_info(study, storage_url)
+        parent = refinable(study_mod.records(study), trial, study_name)
+        stored = info.json_attr("config")
+        if not isinstance(stored, dict):
+            raise StudyError(f"study {study_name!r} records no search config (made by an older "
+                             "version?); run `autocompress search` on it once, then refine")
+        config = config_from_stored(
+            stored, study=study_name, storage=storage_url, time_limit=None,
+            artifacts=artifacts_dir or info.attrs.get("artifacts_dir"),
+        )
+        with tempfile.TemporaryDirectory(prefix="autocompress-refine-") as tmp, \
+                sessions.torch_threads(config.train_threads):
+            session = sessions.open_session(config, storage_url, storage, Path(tmp), on_note)
+            config = sessions.use_learning_rate(session, on_note)
+            train_images = len(session.task.data.split("train"))
+            steps = steps_for(epochs, train_images, config.batch_size)
+            plan = space.as_qat(CompressionPlan.from_dict(parent.plan))
+            params = space.plan_to_params(plan, session.inventory, config)
+            marker = f"{trial}:{epochs}:{uuid.uuid4().hex[:12]}"  # finds this refine's trial
+            study_mod.enqueue(session.study, params, {
+                trial_attrs.PARENT: trial, trial_attrs.FINETUNE_STEPS: steps,
+                trial_attrs.REFINE_EPOCHS: epochs, trial_attrs.REFINE_REQUEST: marker,
+            }, first=True)
+            if on_note:
+                on_note(f"refining trial {trial} ({parent.plan_summary}): {epochs} epoch(s) = "
+                        f"{steps} steps of {config.batch_size} images, learning rate "
+                        f"{config.learning_rate:g}, cosine")
+            session.runner.ctx.on_step = on_step
+            session.study.optimize(session.runner, n_trials=1, catch=(Exception,))
+        records = study_mod.records(session.study)
+    mine = [r for r in records if r.attrs.get(trial_attrs.REFINE_REQUEST) == marker]
+    if not mine:
+        raise RefineError(f"the refine of trial {trial} was queued but another worker took it "
+                          "up; see `autocompress show --all`")
+    record = mine[-1]
+    if not record.measured:
+        why = record.fail_reason or record.rejected or record.state
+        raise RefineError(f"the refine of trial {trial} (trial {record.number}) did not "
+                          f"finish: {why}")
+    return record
+
+
+def refine_and_export(
+    storage_url: str,
+    study_name: str,
+    *,
+    out: str | Path,
+    epochs: int,
+    trial: int | None = None,
+    best: bool = False,
+    budgets: Sequence[str] = (),
+    max_accuracy_drop: str | float | None = None,
+    force: bool = False,
+    verify: bool = True,
+    artifacts_dir: str | None = None,
+    on_step: Callable[[int, int], None] | None = None,
+    on_note: Callable[[str], None] | None = None,
+) -> ExportResult:
+    """``export --refine-epochs``: choose as export does, refine that trial, export the
+    refined trial verified. The output folder is checked before the long fine-tune."""
+    from autocompress import export
+
+    export.check_out(Path(out).expanduser().absolute(), force)
+    study = study_mod.load_existing_study(storage_url, study_name)
+    info = study_mod.study_info(study, storage_url)
+    chosen = export.choose_from_study(study, info, trial=trial, best=best, budgets=budgets,
+                                      max_accuracy_drop=max_accuracy_drop)
+    refined = refine_trial(storage_url, study_name, chosen.record.number, epochs,
+                           artifacts_dir=artifacts_dir, on_step=on_step, on_note=on_note)
+    return export.export_from_storage(
+        storage_url, study_name, out=out, trial=refined.number, force=force, verify=verify,
+        artifacts_dir=artifacts_dir,
+        rule=f"{chosen.rule}; refined {epochs} epoch(s) as trial {refined.number}",
+    )
+
+
+def refine_json(record: TrialRecord) -> dict[str, object]:
+    return {
+        "trial": record.number,
+        "parent_trial": record.attrs.get(trial_attrs.PARENT),
+        "epochs": record.attrs.get(trial_attrs.REFINE_EPOCHS),
+        "finetune_steps": record.plan.get("finetune_steps"),
+        "accuracy": record.accuracy,
+        "test_accuracy": record.test_accuracy,
+        "size_bytes": record.size_bytes,
+        "latency_vs_fp32": record.latency_vs_fp32,
+        "feasible": record.feasible,
+        "plan": json.loads(json.dumps(record.plan)),
+    }
+
+
+__all__ = ["RefineError", "refinable", "refine_and_export", "refine_trial", "steps_for"]
