@@ -22,13 +22,13 @@ RESULTS = REPO / "benchmarks" / "results"
 if str(REPO) not in sys.path:  # run as `python benchmarks/x.py` without installing
     sys.path.insert(0, str(REPO))
 
-from autocompress.runtime import ort as runtime  # noqa: E402 - after the sys.path fix above
+from autocompress.runtime import cpu  # noqa: E402 - after the sys.path fix above
 
 # -- machine state --------------------------------------------------------------------------
 
 
 def cpu_model() -> str:
-    return runtime.cpu_model()  # the same name the search records with every latency
+    return cpu.cpu_model()  # the same name the search records with every latency
 
 
 def cpu_flags() -> list[str]:

@@ -217,7 +217,7 @@ def latency_scenario(settings: dict[str, Any], loads: LoadSampler, probe: Finetu
 
     from autocompress import intake
     from autocompress.config.options import SearchConfig
-    from autocompress.runtime import ort as runtime
+    from autocompress.runtime import timing
     from autocompress.search.loop import run_search
     from autocompress.transform import quantize
 
@@ -227,7 +227,7 @@ def latency_scenario(settings: dict[str, Any], loads: LoadSampler, probe: Finetu
     STUDIES.mkdir(parents=True, exist_ok=True)
     fp32 = quantize.export_float_onnx(task.model, task.data.example_input(1),
                                       STUDIES / "resnet18-fp32.onnx")
-    stats = runtime.time_latency(fp32, (1, 3, 224, 224), threads=1, repeats=30, warmup=5)
+    stats = timing.time_latency(fp32, (1, 3, 224, 224), threads=1, repeats=30, warmup=5)
     budget_ms = 0.6 * stats.median_ms
     budget_text = f"{budget_ms:.2f}ms"
     log(f"  resnet18 fp32 {stats.median_ms:.1f} ms (IQR {stats.spread_ms:.1f}); budget "

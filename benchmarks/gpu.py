@@ -37,11 +37,11 @@ def main() -> int:
     from autocompress.config.options import SearchConfig
     from autocompress.errors import AutocompressError
     from autocompress.export import export_from_storage
-    from autocompress.runtime import ort as runtime
+    from autocompress.runtime import sessions
     from autocompress.search.loop import run_search
 
     try:
-        runtime.check_target(args.target)
+        sessions.check_target(args.target)
     except AutocompressError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

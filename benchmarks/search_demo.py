@@ -134,8 +134,7 @@ def int8_floor(cache: Path, threads: int) -> dict[str, Any]:
     from autocompress import intake
     from autocompress.config.options import SearchConfig
     from autocompress.model import space
-    from autocompress.runtime import measure
-    from autocompress.runtime import ort as runtime
+    from autocompress.runtime import measure, timing
     from autocompress.transform import quantize
     from autocompress.transform.survey import build_inventory
     from autocompress.trial.runner import PRECHECK_REPEATS, build_student
@@ -155,8 +154,8 @@ def int8_floor(cache: Path, threads: int) -> dict[str, Any]:
         fp32 = quantize.export_float_onnx(task.model, example, Path(tmp) / "fp32.onnx")
         path = quantize.export_onnx(qat, example, Path(tmp) / "floor.onnx", plan,
                                     calibration).path
-        options, _ = runtime.pick_session_options(path, shape, threads=threads)
-        inter = runtime.time_interleaved(
+        options, _ = timing.pick_session_options(path, shape, threads=threads)
+        inter = timing.time_interleaved(
             path, fp32, shape, threads=threads, candidate_options=options,
             reference_options={}, rounds=2, repeats=PRECHECK_REPEATS,
         )

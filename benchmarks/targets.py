@@ -70,16 +70,16 @@ def _files(spec: str, weights: str | None, size: int, folder: Path) -> dict[str,
 
 def _time(files: dict[str, Path], size: int, target: str, rounds: int,
           repeats: int) -> dict[str, dict[str, float]]:
-    from autocompress.runtime import ort as runtime
+    from autocompress.runtime import sessions, timing
 
     out: dict[str, dict[str, float]] = {}
     shape = (1, 3, size, size)
     for name, path in files.items():
         options: dict[str, str] = {}
-        if target == "onnxruntime-cpu" and runtime.has_qdq(path):
-            options, _ = runtime.pick_session_options(path, shape, threads=1, rounds=2,
+        if target == "onnxruntime-cpu" and sessions.has_qdq(path):
+            options, _ = timing.pick_session_options(path, shape, threads=1, rounds=2,
                                                       repeats=5)
-        inter = runtime.time_interleaved(path, files["fp32"], shape, threads=1,
+        inter = timing.time_interleaved(path, files["fp32"], shape, threads=1,
                                          candidate_options=options, rounds=rounds,
                                          repeats=repeats, target=target)
         out[name] = {"ratio": inter.ratio, "ms": inter.candidate.median_ms,
@@ -94,10 +94,10 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=20)
     args = parser.parse_args()
 
-    from autocompress.runtime import ort as runtime
+    from autocompress.runtime import sessions
 
     for target in TARGETS:
-        runtime.check_target(target)
+        sessions.check_target(target)
     state = machine_state(ort_threads=1, torch_threads=1)
     print(f"targets benchmark: {state_line(state)}", flush=True)
     results: dict[str, Any] = {}

@@ -4,7 +4,7 @@ For resnet18 and mobilenet_v3_small (224x224, batch 1, ONNX Runtime) and the uni
 fp32 / int8 / int4-weights / 30% pruned / 30% pruned + int8, every figure is measured on the
 exported ONNX file, built with the package's own functions (prune.prune,
 quantize.fold_batchnorm / prepare_qat / calibrate / export_onnx / export_float_onnx,
-runtime.pick_session_options / time_interleaved, measure.*):
+timing.pick_session_options / time_interleaved, measure.*):
 
 - file size vs the packing limit sum(params x bits / 8) of the exported (BN-folded) model;
 - fvcore FLOPs of the exported structure;
@@ -106,8 +106,7 @@ def run_model(
     import torch
     import torchvision
 
-    from autocompress.runtime import measure
-    from autocompress.runtime import ort as runtime
+    from autocompress.runtime import measure, timing
     from autocompress.transform import prune, quantize
     from autocompress.transform.survey import build_inventory
 
@@ -143,8 +142,8 @@ def run_model(
         build_s = time.perf_counter() - t0
         size = measure.file_size(path)
         limit = measure.packing_limit_bytes(student, plan)
-        options, _ = runtime.pick_session_options(path, shape, threads=threads)
-        inter = runtime.time_interleaved(
+        options, _ = timing.pick_session_options(path, shape, threads=threads)
+        inter = timing.time_interleaved(
             path,
             fp32_path,
             shape,
@@ -235,7 +234,7 @@ def write_markdown(rows: list[dict[str, Any]], state: dict[str, Any], args: Any,
         "pruned) model: planned bits for Conv/Linear weights, 32 for biases. Latency: "
         f"{args.rounds} rounds x {args.repeats} runs, candidate and fp32 alternated in the same "
         "window; `x fp32` = candidate median / fp32 median. Session options chosen per file by "
-        "`runtime.pick_session_options` (default vs `session.disable_quant_qdq=1`).",
+        "`timing.pick_session_options` (default vs `session.disable_quant_qdq=1`).",
         "",
         md_table(HEADERS, _table_rows(rows)),
         "",

@@ -14,7 +14,7 @@ from autocompress import api, intake
 from autocompress.errors import PlanError, StudyError
 from autocompress.model.plan import CompressionPlan
 from autocompress.results.pareto import dominates, pareto_front
-from autocompress.runtime import ort as runtime
+from autocompress.runtime import scoring
 from autocompress.study import download, load_existing_study, records
 from autocompress.transform import quantize
 
@@ -33,7 +33,7 @@ def _agreement(model: torch.nn.Module, onnx_path: Path,
                batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
     with torch.no_grad():
         torch_pred = torch.cat([model(x).argmax(dim=1) for x, _ in batches]).numpy()
-    onnx_pred = runtime.predictions(onnx_path, [x for x, _ in batches], threads=1)
+    onnx_pred = scoring.predictions(onnx_path, [x for x, _ in batches], threads=1)
     return float((torch_pred == onnx_pred).mean())
 
 

@@ -18,7 +18,7 @@ from torch import nn
 from torchvision import models
 
 from autocompress.model.plan import CompressionPlan
-from autocompress.runtime import ort as runtime
+from autocompress.runtime import scoring, sessions
 from autocompress.transform import prune, quantize
 from autocompress.transform.survey import build_inventory
 from tests.tiny_models import tiny_vit
@@ -76,7 +76,7 @@ def test_prune_quantize_export_run(family: str, tmp_path: Path) -> None:
 
     found = set(info.weight_types.values())
     assert {"INT8", "INT4"} <= found, f"{family}: weight types in file {found}"
-    outputs = runtime.predictions(info.path, [example], threads=1)
+    outputs = scoring.predictions(info.path, [example], threads=1)
     assert np.asarray(outputs).shape == (1,)
     logits = _onnx_logits(info.path, example)
     assert logits.shape == (1, NUM_CLASSES)
@@ -84,6 +84,6 @@ def test_prune_quantize_export_run(family: str, tmp_path: Path) -> None:
 
 
 def _onnx_logits(path: Path, x: torch.Tensor) -> np.ndarray:
-    session = runtime.make_session(path, threads=1)
+    session = sessions.make_session(path, threads=1)
     name = session.get_inputs()[0].name
     return session.run(None, {name: x.numpy()})[0]

@@ -30,7 +30,7 @@ from autocompress import cli, export, intake
 from autocompress.config.options import Budget
 from autocompress.export import ExportError, VerificationError
 from autocompress.model.plan import CompressionPlan
-from autocompress.runtime import ort as runtime
+from autocompress.runtime import scoring
 from autocompress.study import load_existing_study, records
 from autocompress.study.records import TrialRecord
 
@@ -225,7 +225,7 @@ def test_pt2_loads_without_autocompress_and_agrees_with_onnx(
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     torch_pred = torch.load(tmp_path / "pred.pt").numpy()
-    onnx_pred = runtime.predictions(exported.out / "model.onnx", [x], threads=1)
+    onnx_pred = scoring.predictions(exported.out / "model.onnx", [x], threads=1)
     assert len(torch_pred) == len(data.val)
     assert (torch_pred == onnx_pred).mean() >= 0.99
 

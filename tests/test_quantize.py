@@ -17,7 +17,7 @@ from torch import nn
 
 from autocompress.errors import PlanError
 from autocompress.model.plan import CompressionPlan
-from autocompress.runtime import ort as runtime
+from autocompress.runtime import scoring, sessions
 from autocompress.transform import quantize as q
 from autocompress.transform.quantize import onnx_float
 
@@ -201,7 +201,7 @@ def test_export_float_onnx_names_opset_and_dynamic_batch(
     assert onnx_float._opset(proto) >= 21
     with torch.no_grad():
         expected = folded(digits["x_test"][:37]).argmax(1).numpy()
-    got = runtime.predictions(path, [digits["x_test"][:37]])  # batch 37 != export batch 1
+    got = scoring.predictions(path, [digits["x_test"][:37]])  # batch 37 != export batch 1
     np.testing.assert_array_equal(got, expected)
     assert q.onnx_weight_types(path) == dict.fromkeys(["conv1", "conv2", "conv3", "fc"], "FLOAT")
 
@@ -235,9 +235,9 @@ def test_export_mixed_plan_matches_fake_quant_model(
     x_test = digits["x_test"]
     with torch.no_grad():
         reference = prepared(x_test).argmax(1).numpy()
-    onnx_pred = runtime.predictions(info.path, _batches(x_test))
+    onnx_pred = scoring.predictions(info.path, _batches(x_test))
     assert (onnx_pred == reference).mean() >= 0.99
-    acc = runtime.onnx_accuracy(info.path, _labelled(x_test, digits["y_test"]))
+    acc = scoring.onnx_accuracy(info.path, _labelled(x_test, digits["y_test"]))
     assert acc > 0.8
 
 
@@ -263,8 +263,8 @@ def test_weight_only_export_packs_integer_weights_and_keeps_activations_float(
     x_test = digits["x_test"]
     with torch.no_grad():
         reference = prepared(x_test).argmax(1).numpy()
-    for options in ({}, runtime.DISABLE_QDQ_OPTION):
-        onnx_pred = runtime.predictions(info.path, _batches(x_test), session_options=options)
+    for options in ({}, sessions.DISABLE_QDQ_OPTION):
+        onnx_pred = scoring.predictions(info.path, _batches(x_test), session_options=options)
         assert (onnx_pred == reference).mean() >= 0.995
 
 
@@ -278,8 +278,8 @@ def test_export_float_model_calibrates_with_ort(
     float_path = q.export_float_onnx(trained, digits["x_test"][:1], tmp_path / "fp32.onnx")
     assert info.size_bytes < 0.5 * float_path.stat().st_size
     batches = list(_labelled(digits["x_test"], digits["y_test"]))
-    fp32_acc = runtime.onnx_accuracy(float_path, batches)
-    assert runtime.onnx_accuracy(info.path, batches) >= fp32_acc - 0.03
+    fp32_acc = scoring.onnx_accuracy(float_path, batches)
+    assert scoring.onnx_accuracy(info.path, batches) >= fp32_acc - 0.03
 
 
 def test_export_with_nothing_quantized_is_the_float_file(
@@ -322,7 +322,7 @@ def test_matmul_weights_keep_layer_names(tmp_path: Path) -> None:
     assert scales["proj"].shape == (12,) and scales["out"].shape == (10,)
     with torch.no_grad():
         expected = prepared(x).numpy()
-    session = runtime.make_session(info.path)
+    session = sessions.make_session(info.path)
     got = session.run(None, {"input": x.numpy()})[0]
     np.testing.assert_allclose(got, expected, atol=0.05)
 
@@ -340,9 +340,9 @@ def test_ptq_static_int8_and_int4(trained: nn.Module, digits: dict, tmp_path: Pa
     assert int8.stat().st_size < 0.5 * fp32_size
     assert int4.stat().st_size < int8.stat().st_size
     batches = list(_labelled(digits["x_test"], digits["y_test"]))
-    fp32_acc = runtime.onnx_accuracy(float_path, batches)
-    assert runtime.onnx_accuracy(int8, batches) >= fp32_acc - 0.03
-    assert runtime.onnx_accuracy(int4, batches) > 0.5  # runs and still classifies
+    fp32_acc = scoring.onnx_accuracy(float_path, batches)
+    assert scoring.onnx_accuracy(int8, batches) >= fp32_acc - 0.03
+    assert scoring.onnx_accuracy(int4, batches) > 0.5  # runs and still classifies
     with pytest.raises(ValueError, match="weight_bits"):
         q.ptq_static(float_path, tmp_path / "bad.onnx", calibration, weight_bits=2)
 
@@ -370,7 +370,7 @@ def test_ptq_dynamic_on_linear_heavy_mlp(digits: dict, tmp_path: Path) -> None:
     assert dyn.stat().st_size < 0.4 * float_path.stat().st_size
     assert set(q.onnx_weight_types(dyn).values()) == {"INT8"}
     batches = list(_labelled(digits["x_test"], digits["y_test"]))
-    assert runtime.onnx_accuracy(dyn, batches) >= runtime.onnx_accuracy(float_path, batches) - 0.03
+    assert scoring.onnx_accuracy(dyn, batches) >= scoring.onnx_accuracy(float_path, batches) - 0.03
 
 
 def test_int8_range_setting(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -404,7 +404,7 @@ def test_dynamic_realisation_per_layer(tmp_path: Path) -> None:
     assert {k: info.weight_types[k] for k in bits} == {f"{mlp}.0": "INT8", f"{mlp}.3": "INT4",
                                                        "heads.head": "INT8"}
     assert info.weight_types["encoder.layers.encoder_layer_1.mlp.0"] == "FLOAT"
-    session = runtime.make_session(info.path)
+    session = sessions.make_session(info.path)
     got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
     want = model(x).detach().numpy()
     assert np.abs(got - want).max() < 0.1 * np.abs(want).max() + 1e-3

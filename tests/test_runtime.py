@@ -1,4 +1,4 @@
-"""runtime.py: sessions, accuracy, latency statistics and session-option choice on real files."""
+"""runtime: sessions, accuracy, latency statistics and session-option choice on real files."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from sklearn.datasets import load_digits
 from torch import nn
 
 from autocompress.errors import InputError
-from autocompress.runtime import ort as runtime
+from autocompress.runtime import scoring, sessions, timing
 from autocompress.runtime.measure import LatencyStats
 from autocompress.transform import quantize
 
@@ -61,38 +61,38 @@ def _batches(x: torch.Tensor, y: torch.Tensor, size: int = 100) -> Iterator[tupl
 
 def test_predictions_and_accuracy_agree(files: dict[str, Path], digits: tuple) -> None:
     x, y = digits
-    pred = runtime.predictions(files["fp32"], (b for b, _ in _batches(x, y)))
+    pred = scoring.predictions(files["fp32"], (b for b, _ in _batches(x, y)))
     assert pred.shape == (400,) and pred.dtype == np.int64
     expected = float((pred == y.numpy()).mean())
-    assert runtime.onnx_accuracy(files["fp32"], _batches(x, y)) == pytest.approx(expected)
+    assert scoring.onnx_accuracy(files["fp32"], _batches(x, y)) == pytest.approx(expected)
     # numpy labels and arrays are accepted too
     numpy_batches = [(bx.numpy(), by.numpy()) for bx, by in _batches(x, y)]
-    assert runtime.onnx_accuracy(files["fp32"], numpy_batches) == pytest.approx(expected)
+    assert scoring.onnx_accuracy(files["fp32"], numpy_batches) == pytest.approx(expected)
 
 
 def test_accuracy_errors_name_the_problem(files: dict[str, Path], digits: tuple) -> None:
     with pytest.raises(InputError, match="no samples"):
-        runtime.onnx_accuracy(files["fp32"], [])
+        scoring.onnx_accuracy(files["fp32"], [])
     with pytest.raises(InputError, match=r"\(x, y\)"):
-        runtime.onnx_accuracy(files["fp32"], [digits[0][:4]])
+        scoring.onnx_accuracy(files["fp32"], [digits[0][:4]])
     with pytest.raises(InputError, match="does not exist"):
-        runtime.make_session(Path("/nonexistent/model.onnx"))
+        sessions.make_session(Path("/nonexistent/model.onnx"))
     with pytest.raises(InputError, match="threads"):
-        runtime.make_session(files["fp32"], threads=0)
+        sessions.make_session(files["fp32"], threads=0)
 
 
 def test_time_latency_stats(files: dict[str, Path]) -> None:
-    stats = runtime.time_latency(files["int8"], INPUT_SHAPE, threads=1, repeats=20, warmup=3)
+    stats = timing.time_latency(files["int8"], INPUT_SHAPE, threads=1, repeats=20, warmup=3)
     assert isinstance(stats, LatencyStats)
     assert stats.repeats == 20
     assert 0 < stats.p10_ms <= stats.median_ms <= stats.p90_ms
     assert stats.spread_ms >= 0
     with pytest.raises(InputError, match="repeats"):
-        runtime.time_latency(files["int8"], INPUT_SHAPE, repeats=0)
+        timing.time_latency(files["int8"], INPUT_SHAPE, repeats=0)
 
 
 def test_time_interleaved_file_against_itself(files: dict[str, Path]) -> None:
-    result = runtime.time_interleaved(
+    result = timing.time_interleaved(
         files["fp32"], files["fp32"], (4, 1, 8, 8), threads=1, rounds=4, repeats=15, warmup=3
     )
     # a model this small runs ~0.05 ms: 15 runs would be under a millisecond of timing, so
@@ -100,17 +100,17 @@ def test_time_interleaved_file_against_itself(files: dict[str, Path]) -> None:
     assert result.candidate.repeats == result.reference.repeats
     assert result.candidate.repeats % 4 == 0 and result.candidate.repeats > 60
     per_round_ms = result.candidate.repeats / 4 * result.candidate.median_ms
-    assert per_round_ms >= runtime.MIN_ROUND_TIMING_S * 1000 / 3
+    assert per_round_ms >= timing.MIN_ROUND_TIMING_S * 1000 / 3
     assert 0.5 <= result.ratio <= 2.0
     assert set(result.to_dict()) == {"candidate", "reference", "ratio", "rounds"}
 
 
 def test_runs_per_round_reach_the_timing_floor() -> None:
-    floor_ms = runtime.MIN_ROUND_TIMING_S * 1000
-    assert runtime.runs_per_round(6, 0.1) == round(floor_ms / 0.1)  # tiny model: more runs
-    assert runtime.runs_per_round(6, floor_ms) == 6  # slow model: repeats as asked
-    assert runtime.runs_per_round(6, 1e-6) == runtime.MAX_RUNS_PER_ROUND
-    assert runtime.runs_per_round(6, 0.0) == runtime.MAX_RUNS_PER_ROUND
+    floor_ms = timing.MIN_ROUND_TIMING_S * 1000
+    assert timing.runs_per_round(6, 0.1) == round(floor_ms / 0.1)  # tiny model: more runs
+    assert timing.runs_per_round(6, floor_ms) == 6  # slow model: repeats as asked
+    assert timing.runs_per_round(6, 1e-6) == timing.MAX_RUNS_PER_ROUND
+    assert timing.runs_per_round(6, 0.0) == timing.MAX_RUNS_PER_ROUND
 
 
 def test_time_interleaved_fresh_sessions_and_median_of_rounds(
@@ -122,7 +122,7 @@ def test_time_interleaved_fresh_sessions_and_median_of_rounds(
     reference = str(files["int8"])
     is_reference: dict[int, bool] = {}
     opened: list[object] = []  # kept alive, so no id is reused
-    real_make = runtime.make_session
+    real_make = sessions.make_session
 
     def tracking_make(path: Path, **kwargs: object) -> object:
         session = real_make(path, **kwargs)
@@ -140,10 +140,10 @@ def test_time_interleaved_fresh_sessions_and_median_of_rounds(
         timed_reference_rounds["n"] += 1
         return [0.6 if timed_reference_rounds["n"] == 2 else 2.0] * runs
 
-    monkeypatch.setattr(runtime, "make_session", tracking_make)
-    monkeypatch.setattr(runtime, "_time_runs", fake_runs)
-    monkeypatch.setattr(runtime, "FRESH_SESSION_LOAD_S", 60.0)  # a loaded machine: still fresh
-    result = runtime.time_interleaved(files["fp32"], files["int8"], (4, 1, 8, 8), threads=1,
+    monkeypatch.setattr(timing, "make_session", tracking_make)
+    monkeypatch.setattr(timing, "_time_runs", fake_runs)
+    monkeypatch.setattr(timing, "FRESH_SESSION_LOAD_S", 60.0)  # a loaded machine: still fresh
+    result = timing.time_interleaved(files["fp32"], files["int8"], (4, 1, 8, 8), threads=1,
                                       rounds=5, repeats=10, warmup=3)
     assert len(opened) == 10 and sum(is_reference.values()) == 5  # a pair a round
     assert result.ratio == pytest.approx(0.5)  # median of [0.5, 1.67, 0.5, 0.5, 0.5]
@@ -151,23 +151,23 @@ def test_time_interleaved_fresh_sessions_and_median_of_rounds(
 
 
 def test_pick_session_options(files: dict[str, Path]) -> None:
-    options, stats = runtime.pick_session_options(
+    options, stats = timing.pick_session_options(
         files["int8"], INPUT_SHAPE, threads=1, rounds=2, repeats=10
     )
-    assert options in ({}, runtime.DISABLE_QDQ_OPTION)
+    assert options in ({}, sessions.DISABLE_QDQ_OPTION)
     assert stats.median_ms > 0 and stats.repeats >= 20 and stats.repeats % 2 == 0
     # The chosen options must give a working session with the same predictions.
     x = np.random.default_rng(0).standard_normal((8, 1, 8, 8)).astype(np.float32)
-    a = runtime.make_session(files["int8"], session_options=options).run(None, {"input": x})
+    a = sessions.make_session(files["int8"], session_options=options).run(None, {"input": x})
     assert a[0].shape == (8, 10)
     # A float file has no QDQ nodes: nothing to choose, defaults are returned.
-    assert runtime.has_qdq(files["int8"]) and not runtime.has_qdq(files["fp32"])
-    options, _ = runtime.pick_session_options(files["fp32"], INPUT_SHAPE, threads=1, repeats=5)
+    assert sessions.has_qdq(files["int8"]) and not sessions.has_qdq(files["fp32"])
+    options, _ = timing.pick_session_options(files["fp32"], INPUT_SHAPE, threads=1, repeats=5)
     assert options == {}
 
 
 def test_runtime_info_keys() -> None:
-    info = runtime.runtime_info(2, 1, {"session.disable_quant_qdq": "1"})
+    info = sessions.runtime_info(2, 1, {"session.disable_quant_qdq": "1"})
     for key in (
         "runtime",
         "version",

@@ -26,7 +26,7 @@ from autocompress.intake.sample_inputs import (
     unpack,
 )
 from autocompress.intake.user_task import TaskSpecError
-from autocompress.runtime import ort as runtime
+from autocompress.runtime import scoring
 
 W = "train sample 0 of 't'"
 
@@ -199,7 +199,7 @@ def test_a_dict_input_task_is_searched_exported_and_verified(tmp_path: Path) -> 
     assert "attention_mask [64] bool" in (tmp_path / "out" / "report.md").read_text()
     # the exported file takes the packed ids and masks and scores what the search recorded
     options = dict((best.json_attr("runtime") or {}).get("session_options") or {})
-    predicted = runtime.predictions(tmp_path / "out" / "model.onnx",
+    predicted = scoring.predictions(tmp_path / "out" / "model.onnx",
                                     task.data.batches("test", 256), threads=1,
                                     session_options=options)
     accuracy = float((predicted == task.data.test.y.numpy()).mean())

@@ -20,7 +20,7 @@ from autocompress.intake import load_task
 from autocompress.intake.data import _split_positions
 from autocompress.intake.metric import TOP1, Metric
 from autocompress.intake.sample_targets import ANY, CLASSES, read_target, stack_targets
-from autocompress.runtime import ort as runtime
+from autocompress.runtime import scoring
 from autocompress.search.sensitivity import _score
 from autocompress.train import distill
 
@@ -170,7 +170,7 @@ def test_a_regression_task_is_searched_exported_and_verified(tmp_path: Path) -> 
     verification = report["verification"]
     assert verification["agreement"] >= 0.99
     # the recorded figure is the MAE of the exported file's values on the test split
-    outputs = runtime.raw_outputs(tmp_path / "out" / "model.onnx",
+    outputs = scoring.raw_outputs(tmp_path / "out" / "model.onnx",
                                   (x for x, _ in task.data.batches("test", 256)), threads=1)
     mae = np.abs(outputs.reshape(-1) - task.data.test.y.numpy()).mean()
     assert verification["test_accuracy"] == pytest.approx(-mae, abs=1e-6)

@@ -14,7 +14,7 @@ import pytest
 from autocompress.cli import main
 from autocompress.intake import load_data
 from autocompress.results.tables import record_json
-from autocompress.runtime import ort as runtime
+from autocompress.runtime import scoring, timing
 from autocompress.runtime.measure import sha256_file
 from autocompress.study import default_artifacts_dir
 from autocompress.train.tuning import early_stop_checkpoints, is_hopeless
@@ -59,7 +59,7 @@ def test_artifact_sha_and_accuracy_match_the_file(short_study) -> None:
         path = store / r.attrs["artifact_id"]
         assert sha256_file(path) == r.attrs["artifact_sha256"]
         options = json.loads(r.attrs["runtime"])["session_options"]  # as recorded
-        accuracy = runtime.onnx_accuracy(path, data.batches("val", 256), threads=1,
+        accuracy = scoring.onnx_accuracy(path, data.batches("val", 256), threads=1,
                                          session_options=options)
         assert accuracy == pytest.approx(r.accuracy, abs=1e-12)
 
@@ -348,9 +348,9 @@ def test_latency_verdict_does_not_flip_when_the_machine_drifts(
         ratio = file_size(candidate) / file_size(reference)
         slow = 2.5 if rounds == objective.MEASURE_ROUNDS else 1.0  # the final measurement
         stats = [LatencyStats(v, 0.0, v, v, 10) for v in (ratio * slow, slow)]
-        return runtime.InterleavedLatency(stats[0], stats[1], ratio, rounds)
+        return timing.InterleavedLatency(stats[0], stats[1], ratio, rounds)
 
-    monkeypatch.setattr(objective.runtime, "time_interleaved", fake_interleaved)
+    monkeypatch.setattr(timing, "time_interleaved", fake_interleaved)
     monkeypatch.setattr(latency_reference, "measure_reference", lambda *a, **k: (
         latency_reference.ReferenceLatency(1.0, 0.0, [1.0], 1, {}, "now")))
     # 0.4 ms = 0.4 x fp32: int8 files (about 0.27x fp32's bytes) pass, float ones do not.
@@ -371,14 +371,13 @@ def _fake_latency(monkeypatch: pytest.MonkeyPatch, ratio_for: Callable[[int], fl
     reference, so budget verdicts are decided by the ratios a test chooses."""
     from autocompress.runtime import latency_reference
     from autocompress.runtime.measure import LatencyStats
-    from autocompress.trial import runner as objective
 
     def fake_interleaved(candidate, reference, shape, *, rounds=5, **_kw):
         ratio = ratio_for(rounds)
         stats = [LatencyStats(v, 0.0, v, v, 10) for v in (ratio, 1.0)]
-        return runtime.InterleavedLatency(stats[0], stats[1], ratio, rounds)
+        return timing.InterleavedLatency(stats[0], stats[1], ratio, rounds)
 
-    monkeypatch.setattr(objective.runtime, "time_interleaved", fake_interleaved)
+    monkeypatch.setattr(timing, "time_interleaved", fake_interleaved)
     monkeypatch.setattr(latency_reference, "measure_reference", lambda *a, **k: (
         latency_reference.ReferenceLatency(1.0, 0.0, [1.0], 1, {}, "now")))
 

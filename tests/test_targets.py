@@ -14,7 +14,7 @@ from search_fixture import run_short_search
 from autocompress.cli import main
 from autocompress.errors import InputError
 from autocompress.export import export_from_storage
-from autocompress.runtime import ort as runtime
+from autocompress.runtime import scoring, sessions, timing
 from autocompress.runtime.openvino import available as openvino_available
 from autocompress.study import attrs as trial_attrs
 
@@ -28,7 +28,7 @@ def test_a_gpu_target_without_a_gpu_is_one_line_exit_2(
     if provider in ort.get_available_providers():
         pytest.skip(f"{provider} is available here: benchmarks/gpu.py exercises {target}")
     with pytest.raises(InputError, match=f"the {target} target needs an NVIDIA GPU"):
-        runtime.check_target(target)
+        sessions.check_target(target)
     monkeypatch.chdir(tmp_path)
     code = main(["search", "--target", target, "--trials", "1"])
     err = capsys.readouterr().err.strip().splitlines()
@@ -38,7 +38,7 @@ def test_a_gpu_target_without_a_gpu_is_one_line_exit_2(
 
 def test_unknown_target_is_refused() -> None:
     with pytest.raises(InputError, match="target 'edgetpu' is unknown"):
-        runtime.check_target("edgetpu")
+        sessions.check_target("edgetpu")
 
 
 def test_openvino_target_search_export_verify(tmp_path: Path) -> None:
@@ -75,10 +75,10 @@ def test_openvino_and_onnxruntime_agree_on_a_quantized_file(demo_task, tmp_path:
     calibration = [x for x, _ in demo_task.data.batches("train", 64)][:2]
     int8 = quantize.ptq_static(float_path, tmp_path / "q.onnx", calibration)
     batches = list(demo_task.data.batches("val", 64))
-    ov_acc = runtime.onnx_accuracy(int8, batches, threads=1, target="openvino-cpu")
-    ort_acc = runtime.onnx_accuracy(int8, batches, threads=1)
+    ov_acc = scoring.onnx_accuracy(int8, batches, threads=1, target="openvino-cpu")
+    ort_acc = scoring.onnx_accuracy(int8, batches, threads=1)
     assert abs(ov_acc - ort_acc) < 0.02
-    inter = runtime.time_interleaved(int8, float_path, (1, *example.shape[1:]), threads=1,
+    inter = timing.time_interleaved(int8, float_path, (1, *example.shape[1:]), threads=1,
                                      rounds=2, repeats=5, target="openvino-cpu")
     assert inter.ratio > 0
 
@@ -110,7 +110,7 @@ def test_tensorrt_builder_flags_follow_the_file() -> None:
     first, *rest = tensorrt_engine.providers(qdq=True)
     assert first[0] == "TensorrtExecutionProvider" and rest == [
         "CUDAExecutionProvider", "CPUExecutionProvider"]
-    info = runtime.runtime_info(1, 1, target="tensorrt")
+    info = sessions.runtime_info(1, 1, target="tensorrt")
     assert info["builder_flags"]["fp16"] is True
 
 

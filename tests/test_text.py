@@ -129,7 +129,7 @@ def test_embedding_tables_are_quantized_weight_only(
     """Half of a small BERT's bytes are its embedding tables: they are planned layers too,
     stored as integer rows dequantized in front of the Gather (static QDQ or weight-only)."""
     from autocompress.model.plan import CompressionPlan
-    from autocompress.runtime import ort as runtime
+    from autocompress.runtime import scoring
     from autocompress.transform import quantize
 
     model_dir, rows = tiny_bert
@@ -152,7 +152,7 @@ def test_embedding_tables_are_quantized_weight_only(
 
     with torch.no_grad():
         expected = qat.eval()(x).argmax(dim=1)
-    got = runtime.predictions(info.path, [x], threads=1)
+    got = scoring.predictions(info.path, [x], threads=1)
     assert (got == expected.numpy()).mean() >= 0.75
 
 

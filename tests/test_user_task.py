@@ -17,7 +17,7 @@ from autocompress.export import export_from_storage
 from autocompress.intake import load_task
 from autocompress.intake.metric import Metric, MetricError
 from autocompress.intake.user_task import TaskSpecError, load_user_task
-from autocompress.runtime import ort as runtime
+from autocompress.runtime import sessions
 
 MAE_TASK = '''
 import numpy as np
@@ -85,7 +85,7 @@ def test_task_search_is_scored_and_verified_with_its_metric(tmp_path: Path) -> N
     # with the session options the trial was measured with (the faster of QDQ kernels and
     # float fake-quant, picked by timing: their numerics differ)
     options = dict((best.json_attr("runtime") or {}).get("session_options") or {})
-    session = runtime.make_session(tmp_path / "out" / "model.onnx", threads=1,
+    session = sessions.make_session(tmp_path / "out" / "model.onnx", threads=1,
                                    session_options=options)
     name = session.get_inputs()[0].name
     for x, y in task.data.batches("test", 256):

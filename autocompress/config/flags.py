@@ -3,7 +3,7 @@
 Each field carries its help text and the commands that share it (``group``); the flag is the
 field name with dashes, a ``--no-`` flag for a setting that is on by default, and the type
 follows the field's (comma lists for tuples). So a new setting gets its flag, its YAML key
-and (a test checks) its README row from one place.
+and (a test checks) its row in docs/cli.md from one place (``config.reference``).
 """
 
 from __future__ import annotations

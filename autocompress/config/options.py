@@ -8,138 +8,42 @@ back to a default.
 from __future__ import annotations
 
 import dataclasses
-import math
-import re
-import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
+from autocompress.config.budgets import Budget, format_bytes, parse_budget
+from autocompress.config.checks import (
+    MAX_STUDY_NAME,
+    OBJECTIVES,
+    PTQ_METHODS,
+    SAMPLERS,
+    SIZE_METRICS,
+    SPARSITY_SCOPES,
+    TARGETS,
+    check_config,
+)
+from autocompress.config.files import coerce, read_config_file
+from autocompress.errors import ConfigError
 
-from autocompress.errors import BudgetError, ConfigError
-
-SAMPLERS = ("tpe", "random", "nsga2", "gp")
-OBJECTIVES = ("accuracy", "size", "latency")
-SPARSITY_SCOPES = ("layer", "global")
-SIZE_METRICS = ("file", "zip")
-PTQ_METHODS = ("minmax", "entropy", "percentile", "dynamic")
-# Where candidates are timed and scored (runtime.py dispatches on it).
-TARGETS = ("onnxruntime-cpu", "openvino-cpu", "onnxruntime-cuda", "tensorrt")
 # default share of a run's fine-tune effort spent on promotions (SearchConfig.promotion_share)
 PROMOTE_SHARE = 0.25
 PROMOTE_SHARE_UNDER_BUDGETS = 0.5
-
-
-@dataclass(frozen=True)
-class Budget:
-    """A hard limit a candidate must meet: latency in ms or size in bytes."""
-
-    kind: str  # "latency" | "size"
-    value: float  # milliseconds for latency, bytes for size; the ratio while ``relative``
-    text: str  # as the user wrote it, e.g. "50ms" or "0.6x"
-    # "0.6x": a share of the fp32 model's latency on the machine that runs the study, turned
-    # into milliseconds by ``resolve`` once the study's fp32 reference is measured
-    relative: bool = False
-
-    def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"kind": self.kind, "value": self.value, "text": self.text}
-        if self.relative:
-            out["relative"] = True
-        return out
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Budget:
-        return cls(kind=str(data["kind"]), value=float(data["value"]), text=str(data["text"]),
-                   relative=bool(data.get("relative", False)))
-
-    def resolve(self, reference_ms: float) -> Budget:
-        """In milliseconds: a relative budget times the fp32 reference (others unchanged)."""
-        if not self.relative:
-            return self
-        return Budget("latency", self.value * reference_ms, self.text)
-
-    def violation(self, latency_ms: float, size_bytes: float) -> float:
-        """Optuna constraint value: > 0 means broken (relative excess, so units don't matter)."""
-        if self.relative:
-            raise ValueError(f"budget {self.text} is relative: resolve() it first")
-        measured = latency_ms if self.kind == "latency" else size_bytes
-        return (measured - self.value) / self.value
-
-    def describe(self, latency_ms: float, size_bytes: float) -> str:
-        if self.kind == "latency":
-            return f"latency {latency_ms:.3g} ms vs budget {self.shown()}"
-        return f"size {format_bytes(size_bytes)} vs budget {self.text}"
-
-    def shown(self) -> str:
-        """The budget as written, with its milliseconds when it was a share of fp32."""
-        if self.kind == "latency" and self.text.lower().endswith("x") and not self.relative:
-            return f"{self.text} of fp32 = {self.value:.3g} ms"
-        return self.text
-
-
-_LATENCY_UNITS = {"us": 1e-3, "µs": 1e-3, "ms": 1.0, "s": 1000.0}
-_SIZE_UNITS = {
-    "b": 1,
-    "kb": 1000,
-    "mb": 1000**2,
-    "gb": 1000**3,
-    "kib": 1024,
-    "mib": 1024**2,
-    "gib": 1024**3,
-}
-_BUDGET_RE = re.compile(r"^\s*([-+]?[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*([a-zA-Zµ]+)\s*$")
-
-
-def parse_budget(text: str) -> Budget:
-    """``50ms``, ``0.05s``, ``500us``, ``0.6x`` (latency; x: of the fp32 model's on this
-    machine) or ``8MB``, ``512KiB`` (size)."""
-    match = _BUDGET_RE.match(str(text))
-    if not match:
-        raise BudgetError(
-            f"budget {text!r} is not a latency or size; "
-            "write e.g. 50ms, 0.05s, 500us, 0.6x (of fp32 latency), 8MB or 512KiB"
-        )
-    number, unit = float(match.group(1)), match.group(2)
-    if not math.isfinite(number):
-        raise BudgetError(f"budget {text!r} is not a finite number; write e.g. 50ms or 8MB")
-    if number <= 0:
-        raise BudgetError(f"budget {text!r} must be positive; write e.g. 50ms or 8MB")
-    if unit in _LATENCY_UNITS:
-        return Budget("latency", number * _LATENCY_UNITS[unit], str(text).strip())
-    if unit.lower() == "x":
-        if number >= 1:
-            raise BudgetError(f"budget {text!r} is not below the fp32 latency (1x); write a "
-                              "share of it such as 0.6x (or a time such as 50ms)")
-        return Budget("latency", number, str(text).strip(), relative=True)
-    if unit.lower() in _SIZE_UNITS:
-        return Budget("size", number * _SIZE_UNITS[unit.lower()], str(text).strip())
-    raise BudgetError(
-        f"budget {text!r} has unknown unit {unit!r}; use us, ms, s or x (a share of the "
-        "fp32 latency) for latency or B, KB, MB, KiB, MiB for size"
-    )
-
-
-MAX_STUDY_NAME = 120
+# Where a study lives when no --storage is given: one SQLite file per study in this folder.
+DEFAULT_STUDIES_DIR = "studies"
+DEFAULT_STORAGE = f"sqlite:///{DEFAULT_STUDIES_DIR}/{{study}}.db"
 
 
 def default_storage_url(study: str) -> str:
     """Where a study lives when no --storage is given: one SQLite file per study."""
-    return f"sqlite:///studies/{study}.db"
-
-
-def format_bytes(n: float) -> str:
-    for unit, scale in (("MB", 1000**2), ("KB", 1000)):
-        if n >= scale:
-            return f"{n / scale:.3g} {unit}"
-    return f"{int(n)} B"
+    return DEFAULT_STORAGE.format(study=study)
 
 
 def _opt(default: Any, help: str, group: str = "search", **cli: Any) -> Any:
     """A SearchConfig field with its command-line help (``group``: which commands share it;
     ``cli``: argparse extras such as ``flag`` or ``metavar``). The CLI flags, the YAML keys
-    and the README's option table all come from these fields."""
+    and the options reference in docs/cli.md all come from these fields."""
     return dataclasses.field(default=default, metadata={"help": help, "group": group, **cli})
 
 
@@ -168,7 +72,8 @@ class SearchConfig:
     std: tuple[float, ...] | None = _opt(None, "per-channel input std, with --mean", "task")
     # where the study lives
     study: str = _opt("demo", "study name (default: demo)", "storage")
-    storage: str | None = _opt(None, "database URL (default: sqlite:///studies/<study>.db; "
+    storage: str | None = _opt(None, "database URL (default: "
+                               f"{DEFAULT_STORAGE.format(study='<study>')}; "
                                "postgresql://user:pw@host/db for several workers)", "storage")
     artifacts: str | None = _opt(None, "artifact folder shared by all workers, or "
                                  "s3://bucket/prefix (needs boto3; default: beside the SQLite "
@@ -272,119 +177,9 @@ class SearchConfig:
     def __post_init__(self) -> None:
         self.check()
 
-    # -- checks ---------------------------------------------------------------------
-
     def check(self) -> None:
-        for budget in self.budgets:
-            parse_budget(budget)
-        if self.trials < 1:
-            raise ConfigError(f"trials {self.trials} must be at least 1 (--trials 20)")
-        if self.sampler not in SAMPLERS:
-            raise ConfigError(f"sampler {self.sampler!r} is unknown; use one of {list(SAMPLERS)}")
-        if self.startup_trials is not None and self.startup_trials < 1:
-            raise ConfigError(
-                f"startup_trials {self.startup_trials} must be >= 1 (or left out for trials // 3)"
-            )
-        if not self.objectives or any(o not in OBJECTIVES for o in self.objectives):
-            raise ConfigError(
-                f"objectives {','.join(self.objectives)!r} invalid; use a comma list of "
-                f"{list(OBJECTIVES)} starting with accuracy, e.g. accuracy,size,latency"
-            )
-        if self.objectives[0] != "accuracy" or len(set(self.objectives)) != len(self.objectives):
-            raise ConfigError(
-                "objectives must start with accuracy and not repeat, e.g. accuracy,size"
-            )
-        for b in self.bits:
-            if b not in (32, 8, 4):
-                raise ConfigError(f"bits value {b} is unsupported; use values from 32, 8, 4")
-        if not self.bits:
-            raise ConfigError("bits is empty: the search space has nothing to choose from")
-        if not self.activation_bits or any(a not in (8, 32) for a in self.activation_bits) or (
-                len(set(self.activation_bits)) != len(self.activation_bits)):
-            raise ConfigError(
-                f"activation_bits {list(self.activation_bits)} is invalid; use 8 (uint8 "
-                "activations), 32 (weight-only) or both: 8,32"
-            )
-        if not 0.0 <= self.prune_max < 1.0:
-            raise ConfigError(f"prune_max {self.prune_max} must be in [0, 1) (e.g. 0.7)")
-        if not 0 < self.prune_step < 1:
-            raise ConfigError(f"prune_step {self.prune_step} must be in (0, 1) (e.g. 0.05)")
-        if not 0.0 <= self.sparsity_max < 1.0:
-            raise ConfigError(f"sparsity_max {self.sparsity_max} must be in [0, 1) (e.g. 0.8; "
-                              "0 turns unstructured sparsity off)")
-        if not 0 < self.sparsity_step < 1:
-            raise ConfigError(f"sparsity_step {self.sparsity_step} must be in (0, 1) (e.g. 0.1)")
-        for key, value, allowed in (("sparsity_scope", self.sparsity_scope, SPARSITY_SCOPES),
-                                    ("size_metric", self.size_metric, SIZE_METRICS)):
-            if value not in allowed:
-                raise ConfigError(f"{key} {value!r} is unknown; use one of {list(allowed)}")
-        if (self.mean is None) != (self.std is None) or (
-                self.std is not None and (len(self.std) != len(self.mean or ())
-                                          or min(self.std, default=1.0) <= 0)):
-            raise ConfigError("mean and std go together, one value per input channel each, "
-                              "std > 0 (e.g. --mean 0.485,0.456,0.406 --std 0.229,0.224,0.225)")
-        if self.task is not None and any(v is not None for v in (self.model, self.data,
-                                                                 self.weights)):
-            raise ConfigError(f"task {self.task!r} brings its own model and data; drop model, "
-                              "weights and data")
-        if self.target not in TARGETS:
-            raise ConfigError(f"target {self.target!r} is unknown; use one of {list(TARGETS)}")
-        if not 0.0 <= self.feature_weight_max <= 100.0:
-            raise ConfigError(f"feature_weight_max {self.feature_weight_max} must be in "
-                              "[0, 100] (e.g. 1; 0 turns feature distillation off)")
-        bad = [m for m in self.ptq_methods if m not in PTQ_METHODS]
-        if bad or len(set(self.ptq_methods)) != len(self.ptq_methods):
-            raise ConfigError(f"ptq_methods {list(self.ptq_methods)} is invalid; use any of "
-                              f"{list(PTQ_METHODS)} once each, or none")
-        if self.early_stop_drop is not None and not 0 < self.early_stop_drop <= 1:
-            raise ConfigError(
-                f"early_stop_drop {self.early_stop_drop} must be in (0, 1] (e.g. 0.25: stop a "
-                "fine-tune whose accuracy fell 25 points below fp32's)"
-            )
-        if not 0 < self.kd_temperature_min <= self.kd_temperature_max:
-            raise ConfigError("kd_temperature_min must be > 0 and <= kd_temperature_max")
-        if not 0 <= self.kd_alpha_min <= self.kd_alpha_max <= 1:
-            raise ConfigError("kd_alpha_min <= kd_alpha_max must both lie in [0, 1]")
-        for name in ("finetune_steps", "batch_size", "threads", "latency_batch_size",
-                     "latency_repeats", "round_to", "train_threads"):
-            minimum = 0 if name == "finetune_steps" else 1
-            if getattr(self, name) < minimum:
-                raise ConfigError(f"{name} {getattr(self, name)} must be >= {minimum}")
-        if self.max_rejections < 1:
-            raise ConfigError(
-                f"max_rejections {self.max_rejections} must be >= 1 (e.g. 50 plans rejected "
-                "in a row before the search gives up)"
-            )
-        if self.time_limit is not None and not (0 < self.time_limit < math.inf):
-            raise ConfigError(
-                f"time_limit {self.time_limit} must be a positive number of minutes (e.g. 15)"
-            )
-        if self.promote_share is not None and not 0.0 <= self.promote_share < 1.0:
-            raise ConfigError(f"promote_share {self.promote_share} must be in [0, 1) (e.g. "
-                              "0.25 of the run's fine-tune effort; 0 turns promotions off)")
-        if self.promote_factor < 2:
-            raise ConfigError(f"promote_factor {self.promote_factor} must be >= 2 (e.g. 4: "
-                              "a promoted plan gets 4x the fine-tune steps)")
-        if self.sensitivity_images < 16:
-            raise ConfigError(f"sensitivity_images {self.sensitivity_images} must be >= 16 "
-                              "(e.g. 512 validation images score each choice)")
-        if self.learning_rate is not None and self.learning_rate <= 0:
-            raise ConfigError(
-                f"learning_rate {self.learning_rate} must be > 0 (e.g. 2e-3), or left out to "
-                "let the search choose it"
-            )
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ConfigError(f"device {self.device!r} is unknown; use auto, cpu or cuda")
-        if not re.fullmatch(r"[A-Za-z0-9_.-]+", self.study):
-            raise ConfigError(
-                f"study name {self.study!r} may hold only letters, digits, '_', '-' and '.'"
-            )
-        if len(self.study) > MAX_STUDY_NAME:
-            # the default storage is studies/<name>.db: file systems stop at 255 bytes
-            raise ConfigError(
-                f"study name is {len(self.study)} characters long; use at most "
-                f"{MAX_STUDY_NAME} (e.g. {self.study[:20]!r})"
-            )
+        """Raise a ConfigError naming the first setting out of range (``checks``)."""
+        check_config(self)
 
     # -- derived --------------------------------------------------------------------
 
@@ -425,65 +220,9 @@ def _field_types() -> dict[str, Any]:
     return {f.name: hints[f.name] for f in dataclasses.fields(SearchConfig)}
 
 
-def _coerce(key: str, value: Any, hint: Any) -> Any:
-    """Check a YAML value against the field's type; lists become tuples."""
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if origin in (types.UnionType, typing.Union):
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(key, value, inner[0])
-    if origin is tuple:
-        if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        if not isinstance(value, list):
-            raise ConfigError(f"config key {key!r} must be a list, got {type(value).__name__}")
-        return tuple(_coerce(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value))
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"config key {key!r} must be true or false, got {value!r}")
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"config key {key!r} must be an integer, got {value!r}")
-        return value
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"config key {key!r} must be a number, got {value!r}")
-        return float(value)
-    if hint is str:
-        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            raise ConfigError(f"config key {key!r} must be a string, got {value!r}")
-        return str(value)
-    return value
-
-
 def load_config_file(path: str | Path) -> dict[str, Any]:
     """Read a YAML study config into checked keyword arguments for SearchConfig."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist; see studies/demo.yaml")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        first = str(exc).splitlines()[0]
-        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {first}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"config file {str(path)!r} must be a mapping of keys to values")
-    hints = _field_types()
-    checked: dict[str, Any] = {}
-    for key, value in raw.items():
-        name = str(key).replace("-", "_")
-        if name == "budget":  # singular spelling, as on the command line
-            name = "budgets"
-            value = value if isinstance(value, list) else [value]
-        if name not in hints:
-            raise ConfigError(
-                f"unknown config key {key!r} in {path}; known keys: {', '.join(sorted(hints))}"
-            )
-        checked[name] = _coerce(name, value, hints[name])
-    return checked
+    return read_config_file(path, _field_types())
 
 
 def build_config(config_file: str | Path | None, overrides: dict[str, Any]) -> SearchConfig:
@@ -500,7 +239,7 @@ def config_from_stored(values: dict[str, Any], **overrides: Any) -> SearchConfig
     """The SearchConfig a study recorded (its ``config`` attribute), with ``overrides``.
     Keys this version does not know (a study written by another one) are left out."""
     hints = _field_types()
-    checked = {k: _coerce(k, v, hints[k]) for k, v in values.items() if k in hints}
+    checked = {k: coerce(k, v, hints[k]) for k, v in values.items() if k in hints}
     checked.update(overrides)
     try:
         return SearchConfig(**checked)
@@ -513,8 +252,15 @@ def config_keys() -> list[str]:
 
 
 __all__ = [
+    "DEFAULT_STORAGE",
+    "DEFAULT_STUDIES_DIR",
+    "MAX_STUDY_NAME",
     "OBJECTIVES",
+    "PTQ_METHODS",
     "SAMPLERS",
+    "SIZE_METRICS",
+    "SPARSITY_SCOPES",
+    "TARGETS",
     "Budget",
     "SearchConfig",
     "build_config",

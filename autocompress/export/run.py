@@ -140,12 +140,12 @@ def _target_files(folder: Path, record: TrialRecord, input_shape: tuple[int, ...
     runtime_info = record.json_attr("runtime")
     target = runtime_info.get("target") if isinstance(runtime_info, dict) else None
     if target == "tensorrt":
-        from autocompress.runtime import ort as runtime
         from autocompress.runtime import tensorrt as tensorrt_engine
+        from autocompress.runtime.sessions import has_qdq
 
         onnx_path = folder / "model.onnx"
         return tensorrt_engine.save_engine(onnx_path, folder, input_shape,
-                                           qdq=runtime.has_qdq(onnx_path))
+                                           qdq=has_qdq(onnx_path))
     if target != "openvino-cpu":
         return []
     from autocompress.runtime import openvino as openvino_runtime

@@ -22,7 +22,7 @@ from autocompress.export._results import (
 )
 from autocompress.export.program import _Context
 from autocompress.intake.user_task import metric_of
-from autocompress.runtime import ort as runtime
+from autocompress.runtime import scoring, sessions, timing
 from autocompress.study import attrs as trial_attrs
 from autocompress.study.records import TrialRecord
 
@@ -47,7 +47,7 @@ def _verify(
 
     # 1. accuracy: the same computation objective.py recorded (file, split, batches, threads,
     # runtime: the study's deploy target).
-    accuracy = runtime.onnx_accuracy(
+    accuracy = scoring.onnx_accuracy(
         onnx_path, data.batches("test", EVAL_BATCH_SIZE), threads=threads,
         session_options=dict(rt.get("session_options") or {}), target=target,
         metric=metric_of(ctx.model_spec),
@@ -55,7 +55,7 @@ def _verify(
     recorded = record.test_accuracy
     if recorded is None or abs(accuracy - float(recorded)) > ACCURACY_TOLERANCE:
         version_note = ""
-        now = runtime.runtime_info(1, 1, target=target)
+        now = sessions.runtime_info(1, 1, target=target)
         if rt.get("version") and rt["version"] != now.get("version"):
             version_note = (f" ({now['runtime']} {now.get('version')} now, {rt['version']} in "
                             "the search)")
@@ -92,7 +92,7 @@ def _verify(
 
 def _target_of(rt: dict[str, Any]) -> str:
     """The target a trial was measured on (studies made before targets: ONNX Runtime CPU)."""
-    return str(rt.get("target") or runtime.DEFAULT_TARGET)
+    return str(rt.get("target") or sessions.DEFAULT_TARGET)
 
 
 def _agreement(
@@ -107,7 +107,7 @@ def _agreement(
         taken += x.shape[0]
         if taken >= AGREEMENT_SAMPLES:
             break
-    onnx_out = runtime.raw_outputs(onnx_path, batches, threads=threads, target=target)
+    onnx_out = scoring.raw_outputs(onnx_path, batches, threads=threads, target=target)
     with torch.no_grad():
         torch_out = torch.cat([program(x) for x in batches]).numpy()
     agreement, near_ties = _agreement_of(onnx_out, torch_out, values=data.targets_are_values)
@@ -162,7 +162,7 @@ def _verify_latency(
     attempts = []
     # design rule 7: re-measure (longer) before calling a noisy figure a failure.
     for rounds in (3, 6):
-        inter = runtime.time_interleaved(
+        inter = timing.time_interleaved(
             onnx_path, fp32_path, (batch, *ctx.input_shape), threads=threads,
             candidate_options=options, reference_options=ref_options,
             rounds=rounds, repeats=repeats, target=_target_of(rt),

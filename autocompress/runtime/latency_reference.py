@@ -35,8 +35,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from autocompress.runtime import ort as runtime
+from autocompress.runtime import timing
+from autocompress.runtime.cpu import cpu_model
 from autocompress.runtime.measure import LatencyStats
+from autocompress.runtime.sessions import DEFAULT_TARGET
 
 REFERENCE_ATTR = "fp32_reference"  # study attribute: {machine key: ReferenceLatency dict}
 REFERENCE_ROUNDS = 8  # separate sessions, so one unlucky window cannot set the reference
@@ -79,7 +81,7 @@ def machine(threads: int, batch_size: int) -> dict[str, Any]:
     """What a latency reference is only valid for: this host, its CPU, threads and batch."""
     return {
         "host": socket.gethostname(),
-        "cpu": runtime.cpu_model(),
+        "cpu": cpu_model(),
         "threads": int(threads),
         "batch_size": int(batch_size),
     }
@@ -97,13 +99,13 @@ def measure_reference(
     threads: int,
     rounds: int = REFERENCE_ROUNDS,
     repeats: int = REFERENCE_REPEATS,
-    target: str = runtime.DEFAULT_TARGET,
+    target: str = DEFAULT_TARGET,
 ) -> ReferenceLatency:
     """Time the fp32 file in ``rounds`` fresh sessions of ``repeats`` runs each."""
     samples: list[float] = []
     medians: list[float] = []
     for _ in range(rounds):
-        stats, runs = runtime.time_latency_samples(
+        stats, runs = timing.time_latency_samples(
             fp32_onnx, input_shape, threads=threads, repeats=repeats, warmup=5, target=target
         )
         samples += runs

@@ -1,7 +1,7 @@
 """Size, parameter, FLOP and latency-statistics helpers: pure functions, no ONNX Runtime.
 
 Units (team contract): bytes, milliseconds, fvcore FLOP counts (1 multiply-add = 1 flop).
-Latency *timing* lives in runtime.py (the only onnxruntime importer); this module only turns
+Latency *timing* lives in runtime/timing.py (on ONNX Runtime sessions); this module only turns
 samples into statistics so any timer can report the same way.
 """
 

@@ -70,13 +70,14 @@ def profile_onnx(
     """Profile ``path`` at batch 1 (``input_shape`` C,H,W; default: the file's own) on
     ``target``'s own profiler (ONNX Runtime's trace, OpenVINO's performance counters)."""
     from autocompress.errors import InputError
-    from autocompress.runtime import ort as runtime
+    from autocompress.runtime.node_times import profile_nodes
+    from autocompress.runtime.sessions import input_shape_of
 
-    shape = list(input_shape) if input_shape is not None else runtime.input_shape_of(path)
+    shape = list(input_shape) if input_shape is not None else input_shape_of(path)
     if shape is None:
         raise InputError(f"{path} has a symbolic input shape; pass --input-shape C,H,W")
-    runs, nodes = runtime.profile_nodes(path, [1, *shape], runs=repeats, threads=threads,
-                                        target=target)
+    runs, nodes = profile_nodes(path, [1, *shape], runs=repeats, threads=threads,
+                                target=target)
     run_ms = statistics.median(runs)
     rows = [NodeProfile(name, op, statistics.median(times), 0.0)
             for name, (op, times) in nodes.items()]

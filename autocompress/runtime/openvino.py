@@ -4,7 +4,7 @@ OpenVINO reads the same ONNX files ONNX Runtime runs (QDQ int8 included: its CPU
 turns QuantizeLinear/DequantizeLinear pairs into its own int8 kernels), so a search for the
 ``openvino-cpu`` target exports exactly what it would for ONNX Runtime and only the runtime
 that times and scores the file changes. ``OpenVINOSession`` offers the two calls
-``runtime.py`` makes on an ONNX Runtime session (``get_inputs`` and ``run``), so timing,
+``runtime`` makes on an ONNX Runtime session (``get_inputs`` and ``run``), so timing,
 interleaving and scoring are one code path for every target.
 """
 
@@ -26,7 +26,7 @@ INSTALL_HINT = "pip install 'autocompress[openvino]'"
 @dataclass(frozen=True)
 class _Input:
     name: str
-    type: str = "tensor(float)"  # ONNX Runtime's spelling, which runtime.py reads
+    type: str = "tensor(float)"  # ONNX Runtime's spelling, which timing.py reads
 
 
 def available() -> bool:

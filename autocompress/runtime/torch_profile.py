@@ -168,12 +168,59 @@ def _profile(model: nn.Module, x: torch.Tensor, repeats: int) -> ProfileReport:
 
     leaves = _leaf_modules(model)
     counts = flop_count.count(model, x)
-    total_flops, by_module = counts.total, counts.by_module
+    total_flops = counts.total
 
     # Un-hooked end-to-end forward first, so hook overhead cannot leak into it.
     _time_forward(model, x, _WARMUP)
     forward_ms = statistics.median(_time_forward(model, x, repeats))
 
+    runs = _hooked_runs(model, x, leaves, repeats)
+    medians = {name: statistics.median(values) for name, values in runs.samples.items()}
+    leaf_ms = sum(medians.values())
+    # The median whole forward can fall below the sum of per-layer medians by noise: never
+    # let a share exceed the whole.
+    hooked_ms = max(statistics.median(runs.whole), leaf_ms)
+    rows = _layer_rows(leaves, runs, medians, counts.by_module, hooked_ms)
+    unique_params = {id(p): p.numel() for p in model.parameters()}
+    attributed = sum(row.flops for row in rows)
+    rest_ms = hooked_ms - leaf_ms
+    # Always present, so every report has the same rows: whether the per-layer medians sum
+    # past the median whole forward (rest 0) is timing noise (a loaded machine flipped it).
+    rows.append(LayerProfile(
+        name=UNATTRIBUTED, type="functional ops, non-leaf modules", output_shape=[],
+        params=0, flops=total_flops - attributed, calls=1, latency_ms=rest_ms,
+        latency_share=100.0 * rest_ms / hooked_ms if hooked_ms > 0 else 0.0))
+    return ProfileReport(
+        rows=rows,
+        total_params=sum(unique_params.values()),
+        total_flops=total_flops,
+        unattributed_flops=total_flops - attributed,
+        forward_ms=forward_ms,
+        leaf_ms=leaf_ms,
+        hooked_forward_ms=hooked_ms,
+        repeats=repeats,
+        threads=torch.get_num_threads(),
+        input_shape=list(x.shape),
+        notes=_notes(model, rows, repeats, hooked_ms, counts.heavy_uncounted),
+    )
+
+
+@dataclass
+class _HookedRuns:
+    """What the hooked forwards measured: per leaf layer its time in each forward (ms), the
+    whole hooked forwards (ms), its calls in the last forward and its first output's shape."""
+
+    samples: dict[str, list[float]]
+    whole: list[float]
+    calls: dict[str, int]
+    shapes: dict[str, list[int]]
+
+
+def _hooked_runs(
+    model: nn.Module, x: torch.Tensor, leaves: list[tuple[str, nn.Module]], repeats: int
+) -> _HookedRuns:
+    """Time every leaf layer with forward pre/post hooks over ``_WARMUP + repeats`` forwards
+    (the warm-up ones are not kept); the hooks are removed afterwards."""
     per_forward: dict[str, float] = {name: 0.0 for name, _ in leaves}
     calls: dict[str, int] = {name: 0 for name, _ in leaves}
     shapes: dict[str, list[int]] = {}
@@ -216,12 +263,16 @@ def _profile(model: nn.Module, x: torch.Tensor, repeats: int) -> ProfileReport:
     finally:
         for handle in handles:
             handle.remove()
+    return _HookedRuns(samples=samples, whole=whole, calls=calls, shapes=shapes)
 
-    medians = {name: statistics.median(values) for name, values in samples.items()}
-    leaf_ms = sum(medians.values())
-    # The median whole forward can fall below the sum of per-layer medians by noise: never
-    # let a share exceed the whole.
-    hooked_ms = max(statistics.median(whole), leaf_ms)
+
+def _layer_rows(
+    leaves: list[tuple[str, nn.Module]],
+    runs: _HookedRuns,
+    medians: dict[str, float],
+    flops_by_module: dict[str, int],
+    hooked_ms: float,
+) -> list[LayerProfile]:
     rows = []
     for name, mod in leaves:
         key = "" if name == _ROOT_NAME else name
@@ -229,29 +280,27 @@ def _profile(model: nn.Module, x: torch.Tensor, repeats: int) -> ProfileReport:
             LayerProfile(
                 name=name,
                 type=type(mod).__name__,
-                output_shape=shapes.get(name, []),
+                output_shape=runs.shapes.get(name, []),
                 params=sum(p.numel() for p in mod.parameters(recurse=False)),
-                flops=by_module.get(key, 0),
-                calls=calls[name],
+                flops=flops_by_module.get(key, 0),
+                calls=runs.calls[name],
                 latency_ms=medians[name],
                 latency_share=100.0 * medians[name] / hooked_ms if hooked_ms > 0 else 0.0,
             )
         )
-    unique_params = {id(p): p.numel() for p in model.parameters()}
-    attributed = sum(row.flops for row in rows)
-    rest_ms = hooked_ms - leaf_ms
-    # Always present, so every report has the same rows: whether the per-layer medians sum
-    # past the median whole forward (rest 0) is timing noise (a loaded machine flipped it).
-    rows.append(LayerProfile(
-        name=UNATTRIBUTED, type="functional ops, non-leaf modules", output_shape=[],
-        params=0, flops=total_flops - attributed, calls=1, latency_ms=rest_ms,
-        latency_share=100.0 * rest_ms / hooked_ms if hooked_ms > 0 else 0.0))
+    return rows
+
+
+def _notes(
+    model: nn.Module, rows: list[LayerProfile], repeats: int, hooked_ms: float,
+    heavy: dict[str, int],
+) -> list[str]:
+    """The units (first two) and the warnings: uncounted FLOPs, fused or unused layers."""
     notes = [
         FLOPS_NOTE,
         f"latency: PyTorch eager, median of {repeats} hooked forwards per layer; shares are "
         f"of the whole hooked forward ({hooked_ms:.3f} ms), the rest is {UNATTRIBUTED}",
     ]
-    heavy = counts.heavy_uncounted
     if heavy:
         ops = ", ".join(f"{op} x{n}" for op, n in sorted(heavy.items()))
         notes.append(f"FLOPs not counted (no formula in fvcore, not elementwise): {ops}; the "
@@ -268,19 +317,7 @@ def _profile(model: nn.Module, x: torch.Tensor, repeats: int) -> ProfileReport:
                      + (", ..." if len(fused) > 4 else ""))
     if unused:
         notes.append(f"{len(unused)} layer(s) never called in forward: {', '.join(unused[:8])}")
-    return ProfileReport(
-        rows=rows,
-        total_params=sum(unique_params.values()),
-        total_flops=total_flops,
-        unattributed_flops=total_flops - attributed,
-        forward_ms=forward_ms,
-        leaf_ms=leaf_ms,
-        hooked_forward_ms=hooked_ms,
-        repeats=repeats,
-        threads=torch.get_num_threads(),
-        input_shape=list(x.shape),
-        notes=notes,
-    )
+    return notes
 
 
 # -- text table --------------------------------------------------------------------------
@@ -296,6 +333,28 @@ def _si(value: float) -> str:
 
 def format_table(report: ProfileReport) -> str:
     """Plain-text table (rich, no colour codes) with totals and a footer explaining units."""
+    lines = [
+        _render_table(report),
+        "",
+        f"FLOPs total {report.total_flops:,} (fvcore: one multiply-add = 1 flop, attention "
+        "included)"
+        + (
+            f"; {report.unattributed_flops:,} in functional ops and non-leaf modules"
+            if report.unattributed_flops
+            else ""
+        ),
+        f"latency: median of {report.repeats} hooked forwards per layer, shares of the whole "
+        f"hooked forward {report.hooked_forward_ms or report.leaf_ms:.3f} ms; end-to-end "
+        "forward without hooks "
+        f"{report.forward_ms:.3f} ms (median), {report.threads} thread(s), input "
+        f"{_shape_text(report.input_shape)}, PyTorch eager",
+        *report.notes[2:],  # the first two restate the units said above; the rest are warnings
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _render_table(report: ProfileReport) -> str:
+    """The rows and the TOTAL footer as rich renders them, without colour or trailing blanks."""
     from rich.console import Console  # lazy: only the CLI's table output needs rich
     from rich.table import Table
 
@@ -337,21 +396,5 @@ def format_table(report: ProfileReport) -> str:
         highlight=False,
     )
     console.print(table)
-    lines = [
-        console.file.getvalue().rstrip(),  # type: ignore[attr-defined]
-        "",
-        f"FLOPs total {report.total_flops:,} (fvcore: one multiply-add = 1 flop, attention "
-        "included)"
-        + (
-            f"; {report.unattributed_flops:,} in functional ops and non-leaf modules"
-            if report.unattributed_flops
-            else ""
-        ),
-        f"latency: median of {report.repeats} hooked forwards per layer, shares of the whole "
-        f"hooked forward {report.hooked_forward_ms or report.leaf_ms:.3f} ms; end-to-end "
-        "forward without hooks "
-        f"{report.forward_ms:.3f} ms (median), {report.threads} thread(s), input "
-        f"{_shape_text(report.input_shape)}, PyTorch eager",
-        *report.notes[2:],  # the first two restate the units said above; the rest are warnings
-    ]
-    return "\n".join(lines) + "\n"
+    text: str = console.file.getvalue()  # type: ignore[attr-defined]
+    return text.rstrip()

@@ -24,7 +24,7 @@ from autocompress.config.options import Budget, SearchConfig
 from autocompress.errors import AutocompressError, TrainingError, one_line
 from autocompress.model import space
 from autocompress.runtime import latency_reference as reference_mod
-from autocompress.runtime import ort as runtime
+from autocompress.runtime import scoring, sessions
 from autocompress.runtime.latency_reference import ReferenceLatency
 from autocompress.search import lrprobe
 from autocompress.train import distill
@@ -81,7 +81,7 @@ def open_session(
     """Load the task (unless given), open (or create) the study, export and score the fp32
     model, resolve the fp32 latency reference: everything a trial runner needs."""
     budgets = config.parsed_budgets()
-    runtime.check_target(config.target)  # a missing GPU or OpenVINO: one line, nothing made
+    sessions.check_target(config.target)  # a missing GPU or OpenVINO: one line, nothing made
     if task is None:
         task = intake.load_task(
             config.model,
@@ -109,7 +109,7 @@ def open_session(
         "onnx_format": quantize.ONNX_FORMAT,
         # one target per study (the best candidate differs between runtimes); absent for the
         # default, so studies made before targets existed still resume
-        **({"target": config.target} if config.target != runtime.DEFAULT_TARGET else {}),
+        **({"target": config.target} if config.target != sessions.DEFAULT_TARGET else {}),
     }
     # A folder (absolute) or s3://bucket/prefix, recorded in the study for export/dashboard.
     artifacts = study_mod.artifact_location(config.artifacts, url, config.study)
@@ -118,7 +118,7 @@ def open_session(
     study = study_mod.create_or_load_study(storage, config, identity, seed_offset=seed_offset,
                                            space=description)
     fp32_onnx = quantize.export_float_onnx(task.model, example, workdir / "fp32.onnx")
-    fp32_accuracy = runtime.onnx_accuracy(
+    fp32_accuracy = scoring.onnx_accuracy(
         fp32_onnx, task.data.batches("val", 256), threads=config.threads, target=config.target,
         metric=task.metric,
     )

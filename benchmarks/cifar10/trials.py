@@ -21,7 +21,7 @@ from autocompress.config.options import SearchConfig
 from autocompress.intake import Task
 from autocompress.model import space
 from autocompress.model.plan import CompressionPlan
-from autocompress.runtime import ort as runtime
+from autocompress.runtime import scoring
 from autocompress.transform import quantize
 from autocompress.transform.survey import build_inventory
 from autocompress.trial.runner import SearchContext, TrialRunner
@@ -32,7 +32,7 @@ def make_context(task: Task, config: SearchConfig, workdir: Path) -> SearchConte
     example = task.data.example_input(1)
     inventory = build_inventory(task.model, example)
     fp32_onnx = quantize.export_float_onnx(task.model, example, workdir / "fp32.onnx")
-    fp32_accuracy = runtime.onnx_accuracy(
+    fp32_accuracy = scoring.onnx_accuracy(
         fp32_onnx, task.data.batches("val", 256), threads=config.threads
     )
     calibration = []

@@ -23,7 +23,7 @@ Quantization scheme (the same in training and in the exported file):
 Export path: strip fake-quant -> fold BN -> float ONNX (TorchScript exporter, opset 20,
 upgraded to 21 for native INT4 Q/DQ) -> ``quant_pre_process`` -> ``quantize_static`` (QDQ)
 -> float logits and short tensor names (onnx_compact.py). All onnxruntime calls go through
-runtime.py.
+``runtime`` (sessions) and ``ort_tools`` (ONNX Runtime's quantization tools).
 
 The package by job: ``scheme`` (widths, ranges, scales), ``qat`` (fake-quant modules,
 calibration), ``bn_fold`` (BatchNorm folding), ``onnx_float`` (the float export) and

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from autocompress.errors import InputError, one_line
-from autocompress.runtime.ort import _split_batch
+from autocompress.runtime.scoring import split_batch
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ class _BatchReader:
         if batch is None:
             return None
         self.count += 1
-        x, _ = _split_batch(batch)
+        x, _ = split_batch(batch)
         return {self._name: x}
 
     def __iter__(self) -> _BatchReader:

@@ -1,0 +1,123 @@
+"""What every trial of one search shares (``SearchContext``), and the pre-check's result and
+cache keys.
+
+The context is built once per run by ``search/session.py:open_session`` (or by hand, as
+``benchmarks/cifar10/trials.py`` does) and handed to the ``TrialRunner``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from autocompress.config.options import Budget
+from autocompress.config.settings import MeasurementSettings, SpaceSettings, TrainingSettings
+from autocompress.intake import Task
+from autocompress.model.inventory import Inventory
+from autocompress.model.plan import CompressionPlan
+from autocompress.runtime import measure, sessions, timing
+from autocompress.runtime.latency_model import LatencyModel
+from autocompress.runtime.latency_reference import ReferenceLatency, estimate_ms
+from autocompress.transform import quantize
+
+# The calibration set a search holds (``SearchContext.calibration``): this many batches of
+# this many training images.
+CALIBRATION_BATCHES = 8
+CALIBRATION_BATCH_SIZE = 32
+
+
+@dataclass
+class Precheck:
+    """Latency and size of one structure at its bit widths, before fine-tuning."""
+
+    latency: measure.LatencyStats
+    reference: measure.LatencyStats
+    ratio: float
+    size_bytes: int
+    session_options: dict[str, str]
+    estimate_ms: float  # the latency budgets are judged on (see latency_reference)
+    careful: bool = False  # timed with the full interleaved look (not just the first one)
+
+
+@dataclass
+class SearchContext:
+    """What every trial of one search shares. Built once by ``search/session.py``."""
+
+    task: Task
+    inventory: Inventory
+    space: SpaceSettings
+    training: TrainingSettings
+    measurement: MeasurementSettings
+    budgets: list[Budget]
+    workdir: Path
+    fp32_onnx: Path
+    fp32_accuracy: float
+    device: str
+    calibration: list[torch.Tensor]
+    upload: Callable[[Any, Path], str]
+    precheck_cache: dict[str, Precheck] = field(default_factory=dict)
+    # careful pre-check and final ratios per structure this run (pooled_ratio)
+    structure_ratios: dict[str, list[float]] = field(default_factory=dict)
+    # The study's fp32 latency on this machine. Without one (a context built by hand), a
+    # budget is judged on each measurement's absolute median instead.
+    reference: ReferenceLatency | None = None
+    latency_model: LatencyModel = field(default_factory=LatencyModel)
+    # Called with (step, total) after every fine-tune step (refine's progress bar).
+    on_step: Callable[[int, int], None] | None = None
+
+    @property
+    def latency_shape(self) -> tuple[int, ...]:
+        return (self.measurement.latency_batch_size, *self.task.input_shape)
+
+    def budget_latency_ms(self, inter: timing.InterleavedLatency,
+                          ratio: float | None = None) -> float:
+        """The latency a budget is judged on: interleaved ratio (or ``ratio``, pooled over
+        the structure's measurements) x the study's fp32 reference (the same estimator at
+        the pre-check and at the final measurement)."""
+        if self.reference is None:
+            return inter.candidate.median_ms
+        return estimate_ms(inter.ratio if ratio is None else ratio, self.reference)
+
+    def budget_ratio(self) -> float | None:
+        """The tightest latency budget as a ratio to fp32, or None without one."""
+        if self.reference is None:
+            return None
+        limits = [b.value for b in self.budgets if b.kind == "latency"]
+        return min(limits) / self.reference.median_ms if limits else None
+
+    def runtime_info(self, options: dict[str, str]) -> dict[str, Any]:
+        """The ``runtime`` a trial's latency was measured on, with its session options."""
+        m = self.measurement
+        return sessions.runtime_info(m.threads, m.latency_batch_size, options, m.target)
+
+
+def structure_key(plan: CompressionPlan) -> str:
+    """What latency depends on: widths, pruning, activation precision (uint8 activations run
+    integer kernels, weight-only ones float) and how the file is made (ORT's quantizer and
+    dynamic quantization write other graphs than the QDQ export)."""
+    made = plan.calibration if plan.is_ptq else "qdq"
+    body = json.dumps({"bits": plan.bits, "prune": plan.prune,
+                       "acts": plan.activation_bits, "made": made}, sort_keys=True)
+    return hashlib.sha256(body.encode()).hexdigest()[:16]
+
+
+def precheck_key(plan: CompressionPlan, baseline: str | None) -> str:
+    """Pre-check cache key: baselines are exported by their own path, so they key apart;
+    unstructured zeros do not change latency but do change the zipped size."""
+    key = f"{baseline or 'search'}:{structure_key(plan)}"
+    if plan.sparse:
+        body = json.dumps([plan.sparsity, plan.global_sparsity], sort_keys=True)
+        key += ":" + hashlib.sha256(body.encode()).hexdigest()[:8]
+    return key
+
+
+def runtime_quantized(plan: CompressionPlan) -> bool:
+    """Dynamic quantization (activations quantized at run time): other kernels than the
+    QDQ structures the latency model describes, so it neither predicts nor learns them."""
+    return plan.is_ptq and plan.calibration == quantize.DYNAMIC

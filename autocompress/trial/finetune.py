@@ -1,0 +1,53 @@
+"""A trial's fine-tune: recovery (plans that prune), then QAT + KD from the teacher, with
+early stopping.
+
+Early stopping (ours: multi-objective Optuna cannot prune): half-way and three-quarters of the
+way through the fine-tune, a candidate whose fake-quant validation accuracy is more than
+``early_stop_drop`` (absolute) below the fp32 teacher's is abandoned as hopeless and recorded
+as a PRUNED trial with the reason.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+from torch import nn
+
+from autocompress.model.plan import CompressionPlan
+from autocompress.study import attrs as trial_attrs
+from autocompress.train import tuning
+from autocompress.transform.student import torch_accuracy
+from autocompress.trial.build import untrained_qat
+from autocompress.trial.context import SearchContext
+
+EARLY_STOP_BATCHES = 4  # x 256 validation images per early-stop evaluation
+
+
+def finetune(
+    ctx: SearchContext, trial: Any, student: nn.Module, plan: CompressionPlan, *,
+    early_stop: bool = True,
+) -> tuple[nn.Module, nn.Module, str | None]:
+    """Recovery (plans that prune) and QAT + KD from the teacher (``tuning``); returns the
+    folded student, the QAT model and the early-stop reason, if any (``early_stop=False``:
+    a retrain of a plan that earned it runs to the end)."""
+    training = ctx.training
+
+    def evaluate(model: nn.Module) -> float:
+        # A coarse look is enough to call a candidate hopeless: a fixed slice of the
+        # validation split (on CIFAR-10 the full 5,000 images cost more than the
+        # fine-tune itself). Recorded accuracy is always the exported file's, on all of it.
+        return torch_accuracy(model, itertools.islice(
+            ctx.task.data.batches("val", 256), EARLY_STOP_BATCHES), ctx.task.metric)
+
+    result = tuning.finetune_trial(student, ctx.task.model, ctx.task.data, plan,
+                                   tuning.TrialTuning(
+        batch_size=training.batch_size, device=str(ctx.device),
+        seed=training.seed + trial.number,
+        floor=ctx.fp32_accuracy - training.early_stop_drop, evaluate=evaluate,
+        make_qat=lambda folded: untrained_qat(ctx, folded, plan), early_stop=early_stop,
+        progress=ctx.on_step, loss=ctx.task.loss))
+    trial.set_user_attr(trial_attrs.FINETUNE_STEPS_RUN, result.steps)
+    if result.recovery_steps:
+        trial.set_user_attr(trial_attrs.RECOVERY_STEPS, result.recovery_steps)
+    return result.student, result.qat, result.stopped
