@@ -44,8 +44,8 @@ _EXPORTS = {
     # transforms, usable on their own
     "build_inventory": "autocompress.transform.survey",
     "prune_model": "autocompress.transform.prune",
-    "apply_unstructured": "autocompress.transform.prune",
-    "recalibrate_batchnorm": "autocompress.transform.prune",
+    "apply_unstructured": "autocompress.transform.sparsity",
+    "recalibrate_batchnorm": "autocompress.transform.batchnorm",
     "fold_batchnorm": "autocompress.transform.quantize",
     "prepare_qat": "autocompress.transform.quantize",
     "export_onnx": "autocompress.transform.quantize",
@@ -54,7 +54,7 @@ _EXPORTS = {
     "ptq_dynamic": "autocompress.transform.quantize",
     "compact_graph": "autocompress.transform.onnx_compact",
     "finetune": "autocompress.train.distill",
-    "kd_loss": "autocompress.train.distill",
+    "kd_loss": "autocompress.train.losses",
     "profile_model": "autocompress.runtime.torch_profile",
     "profile_onnx": "autocompress.runtime.onnx_profile",
     # errors

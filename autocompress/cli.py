@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import re
 import signal
 import sys
 import warnings
@@ -18,9 +17,9 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from autocompress import __version__
-from autocompress.config.flags import add_config_flags, int_list
-from autocompress.config.options import default_storage_url
-from autocompress.errors import AutocompressError, InputError, one_line
+from autocompress.config.flags import add_config_flags, attach_negative_values, int_list
+from autocompress.config.options import DEFAULT_STUDIES_DIR, config_keys, default_storage_url
+from autocompress.errors import AutocompressError, InputError, StudyError, one_line
 
 log = logging.getLogger("autocompress")
 
@@ -37,10 +36,6 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
                                           "digits)"), "model")
 
 
-def _add_storage_options(p: argparse.ArgumentParser) -> None:
-    add_config_flags(p, "storage")
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="autocompress",
@@ -51,24 +46,34 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"autocompress {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for add in (_add_search, _add_readers, _add_profile, _add_dashboard, _add_export,
+                _add_refine_and_sensitivity):
+        add(sub)
+    return parser
 
+
+def _add_search(sub: Any) -> None:
     s = sub.add_parser("search", help="run the compression search (the main job)")
     s.add_argument("--config", help="YAML study config (studies/demo.yaml); flags override it")
     _add_model_options(s)
     add_config_flags(s, "task")
-    _add_storage_options(s)
+    add_config_flags(s, "storage")
     add_config_flags(s, "search")
     s.add_argument("--json", action="store_true", help="print the result as JSON")
 
+
+def _add_readers(sub: Any) -> None:
     sh = sub.add_parser("show", help="the Pareto table of a study, from the database")
-    _add_storage_options(sh)
+    add_config_flags(sh, "storage")
     sh.add_argument("--all", action="store_true", help="every trial, not just the front")
     sh.add_argument("--json", action="store_true")
 
     ls = sub.add_parser("list", help="studies in the storage, with trial counts")
-    ls.add_argument("--storage", help="database URL (default: every studies/*.db)")
+    ls.add_argument("--storage", help=f"database URL (default: every {DEFAULT_STUDIES_DIR}/*.db)")
     ls.add_argument("--json", action="store_true")
 
+
+def _add_profile(sub: Any) -> None:
     pr = sub.add_parser("profile", help="per-layer params, FLOPs and latency share")
     _add_model_options(pr)
     pr.add_argument("--input-shape", type=int_list,
@@ -82,15 +87,19 @@ def build_parser() -> argparse.ArgumentParser:
                     "onnxruntime-cuda or tensorrt (GPU)")
     pr.add_argument("--format", choices=("table", "json", "csv"), default="table")
 
+
+def _add_dashboard(sub: Any) -> None:
     d = sub.add_parser("dashboard", help="browse the Pareto front in a browser")
-    _add_storage_options(d)
+    add_config_flags(d, "storage")
     d.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     d.add_argument("--port", type=int, default=8080)
     d.add_argument("--token", help="required for a non-loopback --host "
                    "(or AUTOCOMPRESS_DASHBOARD_TOKEN)")
 
+
+def _add_export(sub: Any) -> None:
     e = sub.add_parser("export", help="write the chosen candidate, verified, with a report")
-    _add_storage_options(e)
+    add_config_flags(e, "storage")
     pick = e.add_mutually_exclusive_group(required=True)
     pick.add_argument("--best", action="store_true", help="best feasible within budgets")
     pick.add_argument("--trial", type=int, help="a trial number")
@@ -105,9 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "plan for E epochs (a new trial, see `refine`), then export that")
     e.add_argument("--json", action="store_true")
 
+
+def _add_refine_and_sensitivity(sub: Any) -> None:
     rf = sub.add_parser("refine", help="fine-tune one trial's plan for whole epochs (a new "
                         "trial, measured on its own file)")
-    _add_storage_options(rf)
+    add_config_flags(rf, "storage")
     rf.add_argument("--trial", type=int, required=True, help="the trial whose plan to refine")
     rf.add_argument("--epochs", type=int, required=True, help="epochs over the training split")
     rf.add_argument("--out", help="also export the refined trial, verified, to this folder")
@@ -116,17 +127,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     se = sub.add_parser("sensitivity", help="per-layer sensitivity table of a study "
                         "(which layers must stay at high precision)")
-    _add_storage_options(se)
+    add_config_flags(se, "storage")
     se.add_argument("--top", type=int, help="only the N most sensitive layers and groups")
     se.add_argument("--json", action="store_true")
-    return parser
+
+
+def _study_and_storage(args: argparse.Namespace) -> tuple[str, str]:
+    """The study a reading command names, and its storage URL (default: its SQLite file)."""
+    name = args.study or "demo"
+    return name, args.storage or default_storage_url(name)
 
 
 # -- commands ----------------------------------------------------------------------------
 
 
 def _search(args: argparse.Namespace) -> int:
-    from autocompress.config.options import build_config, config_keys
+    from autocompress.config.files import build_config
     from autocompress.results import tables as report
     from autocompress.search.loop import run_search
 
@@ -156,8 +172,8 @@ def _show(args: argparse.Namespace) -> int:
     from autocompress.results import tables as report
     from autocompress.results.pareto import fp32_record
 
-    name = args.study or "demo"
-    handle = load_study(name, storage=args.storage or default_storage_url(name))
+    name, url = _study_and_storage(args)
+    handle = load_study(name, storage=url)
     recs = handle.records()
     shown = recs if args.all else handle.pareto_front()
     if args.json:
@@ -171,14 +187,11 @@ def _show(args: argparse.Namespace) -> int:
 
 
 def _list(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from autocompress.results import tables as report
     from autocompress.study import study_summaries
 
-    urls = [args.storage] if args.storage else [
-        f"sqlite:///{p}" for p in sorted(Path("studies").glob("*.db"))
-    ]
+    found = sorted(Path(DEFAULT_STUDIES_DIR).glob("*.db"))  # each study's default file
+    urls = [args.storage] if args.storage else [default_storage_url(p.stem) for p in found]
     rows = [dict(row, storage=url) for url in urls for row in study_summaries(url)]
     if args.json:
         print(json.dumps(rows, indent=2))
@@ -224,8 +237,7 @@ def _profile_onnx(args: argparse.Namespace) -> int:
 def _dashboard(args: argparse.Namespace) -> int:
     from autocompress.dashboard import serve
 
-    name = args.study or "demo"
-    url = args.storage or default_storage_url(name)
+    _, url = _study_and_storage(args)
     serve(url, host=args.host, port=args.port, token=args.token,
           artifacts_dir=args.artifacts)
     return 0
@@ -236,8 +248,7 @@ def _export(args: argparse.Namespace) -> int:
     from autocompress.results import tables as report
     from autocompress.search import refine
 
-    name = args.study or "demo"
-    url = args.storage or default_storage_url(name)
+    name, url = _study_and_storage(args)
     common: dict[str, Any] = {
         "out": args.out, "trial": args.trial, "best": args.best,
         "budgets": tuple(args.budgets or ()), "max_accuracy_drop": args.max_accuracy_drop,
@@ -260,11 +271,8 @@ def _refine(args: argparse.Namespace) -> int:
     from autocompress.results import tables as report
     from autocompress.search import refine
 
-    name = args.study or "demo"
-    url = args.storage or default_storage_url(name)
+    name, url = _study_and_storage(args)
     if args.out:  # check the folder before a fine-tune of many minutes
-        from pathlib import Path
-
         from autocompress.export import check_out
         check_out(Path(args.out).expanduser().absolute(), args.force)
     with report.StepProgress("refine", enabled=not args.json) as bar:
@@ -294,12 +302,10 @@ def _sensitivity(args: argparse.Namespace) -> int:
     from autocompress.search.sensitivity import SENSITIVITY_ATTR, Sensitivity
     from autocompress.study import load_existing_study
 
-    name = args.study or "demo"
-    url = args.storage or default_storage_url(name)
+    name, url = _study_and_storage(args)
     study = load_existing_study(url, name)
     stored = study.user_attrs.get(SENSITIVITY_ATTR)
     if stored is None:
-        from autocompress.errors import StudyError
         raise StudyError(
             f"study {name!r} has no sensitivity table yet; run `autocompress search --study "
             f"{name}` (its sensitivity pass runs unless --no-guided)")
@@ -330,7 +336,7 @@ def _sigterm_as_interrupt(signum: int, frame: Any) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
-        args = parser.parse_args(_negative_values_attached(
+        args = parser.parse_args(attach_negative_values(
             list(sys.argv[1:] if argv is None else argv)))
     except SystemExit as exc:  # --help, --version, or a one-line usage error (code 2)
         return int(exc.code or 0)
@@ -356,25 +362,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {one_line(exc, typed=True)} (unexpected: run again with -v for the "
               "traceback, and please report it)", file=sys.stderr)
         return 2
-
-
-def _negative_values_attached(argv: list[str]) -> list[str]:
-    """``--budget -5ms`` as ``--budget=-5ms``: argparse reads a value that starts with '-'
-    as an option ("expected one argument"); attached, the value reaches the check that says
-    what is wrong with it (a budget must be positive)."""
-    out: list[str] = []
-    i = 0
-    while i < len(argv):
-        token = argv[i]
-        following = argv[i + 1] if i + 1 < len(argv) else ""
-        if (token.startswith("--") and "=" not in token and token != "--"
-                and re.match(r"-\.?\d", following)):
-            out.append(f"{token}={following}")
-            i += 2
-            continue
-        out.append(token)
-        i += 1
-    return out
 
 
 # Libraries that log through the root logger from inside their own code: ONNX Runtime's

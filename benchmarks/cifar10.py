@@ -140,7 +140,7 @@ def run_recipes(task: Any, config: Any, workdir: Path, probe: FinetuneProbe
     for number, (name, c, plan, baseline) in enumerate(plans):
         probe.calls.clear()
         attrs = trials.run_fixed(c, plan, number=number, baseline=baseline)
-        attrs["finetune_probe"] = probe.calls.get(c.config.seed + number)
+        attrs["finetune_probe"] = probe.calls.get(c.training.seed + number)
         attrs["recipe"] = {
             "fp32": "fp32 ONNX export (the search's fp32 baseline)",
             "int8-ptq": "uniform int8 PTQ: ORT static quantization (QDQ, per-channel, "

@@ -136,8 +136,9 @@ def int8_floor(cache: Path, threads: int) -> dict[str, Any]:
     from autocompress.model import space
     from autocompress.runtime import measure, timing
     from autocompress.transform import quantize
+    from autocompress.transform.student import build_student
     from autocompress.transform.survey import build_inventory
-    from autocompress.trial.runner import PRECHECK_REPEATS, build_student
+    from autocompress.trial.precheck import PRECHECK_REPEATS
 
     config = SearchConfig()
     task = intake.load_task(None, None, None, seed=config.seed, cache_dir=cache)

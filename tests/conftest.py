@@ -1,9 +1,15 @@
 """Shared fixtures.
 
-``autocompress_cache`` points ``AUTOCOMPRESS_CACHE`` at a fresh session folder (autouse), so
-no test reads or writes the user's ~/.cache/autocompress. ``demo_task`` is the built-in demo
-(trained DemoNet on seeded digits splits), loaded once per session: treat its model as
-read-only (``copy.deepcopy`` it before changing anything).
+``autocompress_cache`` points ``AUTOCOMPRESS_CACHE`` at a fresh folder of this test run
+(autouse), so no test reads or writes the user's ~/.cache/autocompress. ``demo_task`` is the
+built-in demo (trained DemoNet on seeded digits splits), loaded once per session: treat its
+model as read-only (``copy.deepcopy`` it before changing anything). ``short_study`` is one
+short real search, shared read-only.
+
+The suite runs on pytest-xdist workers (``addopts`` in pyproject.toml). The expensive shared
+things are made once per run, not once per worker (tests/run_once.py): the demo teacher is
+trained by the first worker that needs it into the cache folder all workers share, and the
+short search runs once; each worker then reads its own copy of that study.
 """
 
 from __future__ import annotations
@@ -14,14 +20,18 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from tests.run_once import once, shared_root
+
 if TYPE_CHECKING:  # torch is imported only by tests that ask for the demo
     from autocompress.intake import Task
+    from tests.search_fixture import ShortStudy
 
 
 @pytest.fixture(scope="session", autouse=True)
 def _one_torch_thread() -> Iterator[None]:
     """Tiny test models run fastest on one thread, and a 2-core CI box shared by ONNX Runtime
-    sessions and test subprocesses slows down badly under thread oversubscription."""
+    sessions, test subprocesses and two xdist workers slows down badly under thread
+    oversubscription."""
     import torch
 
     before = torch.get_num_threads()
@@ -32,23 +42,37 @@ def _one_torch_thread() -> Iterator[None]:
 
 @pytest.fixture(scope="session", autouse=True)
 def autocompress_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    path = tmp_path_factory.mktemp("autocompress-cache")
+    """One cache folder for the whole run, shared by its xdist workers (the demo teacher and
+    data sets are written there atomically, so concurrent writers never tear a file)."""
+    path = shared_root(tmp_path_factory) / "autocompress-cache"
+    path.mkdir(parents=True, exist_ok=True)
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("AUTOCOMPRESS_CACHE", str(path))
         yield path
 
 
-@pytest.fixture(scope="session")
-def demo_task(autocompress_cache: Path) -> Task:
+def _train_demo(folder: Path) -> bool:
     from autocompress.intake import load_task
 
+    load_task(None, None, None)  # trains into AUTOCOMPRESS_CACHE
+    return True
+
+
+@pytest.fixture(scope="session")
+def demo_task(autocompress_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Task:
+    from autocompress.intake import load_task
+
+    once(tmp_path_factory, "demo-teacher", _train_demo)  # one worker trains, others wait
     return load_task(None, None, None)
 
 
 @pytest.fixture(scope="session")
-def short_study(autocompress_cache: Path, tmp_path_factory: pytest.TempPathFactory):
+def short_study(demo_task: Task, tmp_path_factory: pytest.TempPathFactory) -> ShortStudy:
     """One short real search on the digits demo (baselines + a few trials), shared read-only
-    by the tests that inspect a study: search records, export, dashboard."""
-    from tests.search_fixture import run_short_search
+    by the tests that inspect a study: search records, export, dashboard. Searched once per
+    run; every worker gets its own copy (some tests run refused searches on it, which take
+    the SQLite file's one-worker lock for a moment)."""
+    from tests.search_fixture import copy_short_study, run_short_search
 
-    return run_short_search(tmp_path_factory.mktemp("short-study"))
+    built = once(tmp_path_factory, "short-study", run_short_search)
+    return copy_short_study(built, tmp_path_factory.mktemp("short-study"))

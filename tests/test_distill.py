@@ -19,7 +19,9 @@ from torch import nn
 from autocompress.errors import InputError, PlanError, TrainingError
 from autocompress.intake import DataSplits, load_data
 from autocompress.model.plan import CompressionPlan
-from autocompress.train.distill import FeatureDistiller, FinetuneResult, finetune, kd_loss
+from autocompress.train.distill import FinetuneResult, finetune
+from autocompress.train.features import FeatureDistiller
+from autocompress.train.losses import kd_loss
 
 
 class SmallCNN(nn.Module):

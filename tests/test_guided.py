@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from autocompress.config.options import Budget, SearchConfig
+from autocompress.config.settings import SearchSettings
 from autocompress.model.inventory import Inventory, LayerInfo, PruneGroup
 from autocompress.search.guided import _Problem, _Targets, propose, solve
 from autocompress.search.sensitivity import Sensitivity
@@ -111,9 +112,11 @@ def test_latency_probes_skip_a_structure_that_cannot_be_timed(demo_task: object,
     task = demo_task
     inventory = build_inventory(task.model, task.data.example_input(1))  # type: ignore[attr-defined]
     timed: list[str] = []
+    settings = SearchSettings.from_config(SearchConfig(prune_max=0.5))
 
     class Runner:
-        ctx = SimpleNamespace(latency_model=LatencyModel(), task=task, workdir=tmp_path)
+        ctx = SimpleNamespace(latency_model=LatencyModel(), task=task, workdir=tmp_path,
+                              training=settings.training)
 
         def precheck(self, student: object, plan: object, baseline: object, out: object,
                      *, careful: bool = False) -> SimpleNamespace:
@@ -125,7 +128,7 @@ def test_latency_probes_skip_a_structure_that_cannot_be_timed(demo_task: object,
             timed.append(plan.summary())  # type: ignore[attr-defined]
             return SimpleNamespace(ratio=1.0)
 
-    fit_latency_model(Runner(), inventory, SearchConfig(prune_max=0.5))  # type: ignore[arg-type]
+    fit_latency_model(Runner(), inventory, settings.space)  # type: ignore[arg-type]
     # 32 and 8 bits x 0/25/50% pruning, and float/int8 alternating; the int4 ones were skipped
     assert len(timed) == 7 and "8b:" in timed[-1] and "fp:" in timed[-1]
 
@@ -139,8 +142,8 @@ def test_planner_features_match_the_built_structure(demo_task: object) -> None:
     from autocompress.runtime.latency_model import structure_features
     from autocompress.search.guided import _to_plan
     from autocompress.search.sensitivity import measure_sensitivity
+    from autocompress.transform.student import build_student
     from autocompress.transform.survey import build_inventory
-    from autocompress.trial.runner import build_student
 
     task = demo_task
     teacher = copy.deepcopy(task.model)  # type: ignore[attr-defined]
@@ -202,9 +205,11 @@ def test_latency_aimed_plans_are_checked_and_re_aimed(
 
     monkeypatch.setattr(planning.guided, "solve_rung", spy)
     monkeypatch.setattr(planning, "_measure",
-                        lambda runner, plan, cfg: predicted[plan.to_json()] * truth)
+                        lambda runner, plan: predicted[plan.to_json()] * truth)
+    space = SearchSettings.from_config(config).space
     plans, measured = planning._checked_plans(SimpleNamespace(ctx=ctx), sens, inventory,  # type: ignore[arg-type]
-                                              config, config.parsed_budgets())
+                                              space, config.parsed_budgets(),
+                                              max(1, config.trials // planning.GUIDED_SHARE))
     budget_plan = next(p for p in plans if p.name == "guided-budget")
     assert measured[budget_plan.plan.to_json()] <= 0.6
     assert len(measured) >= 2  # the first aim missed (over, or far under): aimed again

@@ -15,7 +15,7 @@ from autocompress.intake.demo import build_demo_model
 from autocompress.model import flops as flop_count
 from autocompress.model.inventory import Inventory
 from autocompress.model.plan import CompressionPlan
-from autocompress.transform.prune import CLASSIFIER_REASON
+from autocompress.transform.prune_graph import CLASSIFIER_REASON
 from autocompress.transform.survey import build_inventory
 from tests.tiny_models import tiny_vit
 

@@ -17,8 +17,8 @@ from autocompress.runtime.latency_model import (
     cost_features,
     structure_features,
 )
+from autocompress.transform.student import build_student
 from autocompress.transform.survey import build_inventory
-from autocompress.trial.runner import build_student
 
 
 def test_features_count_the_macs_left_at_each_width(demo_task: Any) -> None:

@@ -12,10 +12,17 @@ from pathlib import Path
 import pytest
 
 from autocompress.config.options import SearchConfig
+from autocompress.config.settings import SearchSettings, SpaceSettings, TrainingSettings
 from autocompress.intake import Task
 from autocompress.search import lrprobe, session
 from autocompress.transform.survey import build_inventory
 from tests.search_fixture import run_short_search
+
+
+def _settings(config: SearchConfig) -> tuple[SpaceSettings, TrainingSettings]:
+    """The probe's settings (the space and the fine-tune's) of ``config``."""
+    settings = SearchSettings.from_config(config)
+    return settings.space, settings.training
 
 
 def test_choose_takes_the_fastest_rate_that_does_no_harm() -> None:
@@ -94,7 +101,7 @@ def test_a_bounded_probe_scores_two_rates_from_the_smallest_on_one_batch(
     inventory = build_inventory(demo_task.model, demo_task.data.example_input(1))
     calibration = [x for x, _ in itertools.islice(demo_task.data.batches("train", 32), 2)]
     probe = lrprobe.probe_learning_rate(
-        demo_task, inventory, config, calibration, candidates=(1e-3, 3e-4, 1e-4),
+        demo_task, inventory, *_settings(config), calibration, candidates=(1e-3, 3e-4, 1e-4),
         below=(3e-3, 3e-5), seconds=1e-6)
     # nothing trained, so the smallest rate does no harm: the walk goes up, then time is up
     assert finetuned == [1e-4, 3e-4]
@@ -102,7 +109,7 @@ def test_a_bounded_probe_scores_two_rates_from_the_smallest_on_one_batch(
     assert set(probe.scores) == {1e-4, 3e-4} and probe.chosen == 3e-4
     finetuned.clear()
     lrprobe.probe_learning_rate(  # unbounded: up through the grid, never to 3e-3 of `below`
-        demo_task, inventory, config, calibration, candidates=(1e-3, 3e-4, 1e-4),
+        demo_task, inventory, *_settings(config), calibration, candidates=(1e-3, 3e-4, 1e-4),
         below=(3e-3, 3e-5))
     assert finetuned == [1e-4, 3e-4, 1e-3]
 
@@ -112,7 +119,7 @@ def test_probe_refuses_a_rate_that_wrecks_the_student(demo_task: Task) -> None:
     inventory = build_inventory(demo_task.model, demo_task.data.example_input(1))
     calibration = [x for x, _ in itertools.islice(demo_task.data.batches("train", 32), 2)]
     probe = lrprobe.probe_learning_rate(
-        demo_task, inventory, config, calibration, candidates=(5.0, 1e-3), below=()
+        demo_task, inventory, *_settings(config), calibration, candidates=(5.0, 1e-3), below=()
     )
     assert probe.bits == 8 and probe.steps == 20
     assert probe.start_accuracy > 0.9
@@ -140,7 +147,7 @@ def test_probe_fine_tunes_with_the_tasks_own_loss(demo_task: Task) -> None:
     inventory = build_inventory(task.model, task.data.example_input(1))
     calibration = [x for x, _ in itertools.islice(task.data.batches("train", 32), 2)]
     # kd_alpha < 1 in the probe's plan: the hard-target term is part of every step
-    probe = lrprobe.probe_learning_rate(task, inventory, config, calibration,
+    probe = lrprobe.probe_learning_rate(task, inventory, *_settings(config), calibration,
                                         candidates=(1e-3,), below=())
     assert probe.steps == 20 and len(calls) == 20
 
@@ -204,7 +211,6 @@ def test_a_probe_that_crashes_is_one_line_naming_the_way_out(
 
     import optuna
 
-    from autocompress.config.options import SearchConfig
     from autocompress.errors import TrainingError
     from autocompress.search import session
 
@@ -216,4 +222,5 @@ def test_a_probe_that_crashes_is_one_line_naming_the_way_out(
     study = optuna.create_study()
     with pytest.raises(TrainingError, match=r"learning-rate probe .*GoogLeNetOutputs.*"
                                             r"--learning-rate skips the probe"):
-        session._resolve_learning_rate(study, None, None, SearchConfig(), [], None)
+        session._resolve_learning_rate(study, None, None,
+                                       SearchSettings.from_config(SearchConfig()), [], None)

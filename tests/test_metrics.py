@@ -25,6 +25,23 @@ def test_rates_follow_the_guide() -> None:
     assert metrics.reduction_rate(0.0, 25.0) is None
 
 
+def test_times_smaller_and_faster_and_what_the_trial_page_adds() -> None:
+    assert metrics.times_smaller(400.0, 100.0) == 4.0
+    assert metrics.times_smaller(None, 100.0) is None and metrics.times_smaller(400.0, 0) is None
+    assert metrics.times_faster(0.5) == 2.0 and metrics.times_faster(None) is None
+    fp32 = {"number": 0, "accuracy": 0.9, "size_bytes": 400.0, "test_accuracy": 0.88,
+            "zip_size_bytes": 360.0, "params": 1000, "latency_ms": 2.0}
+    row = {"accuracy": 0.87, "size_bytes": 100.0, "test_accuracy": 0.86, "zip_size_bytes": 90.0,
+           "params": 250, "latency_ms": 1.0, "latency_vs_fp32": None}
+    vs = metrics.row_versus_fp32(row, fp32)
+    assert vs["times_smaller"] == 4.0 and vs["zip_times_smaller"] == 4.0
+    assert vs["params_times_fewer"] == 4.0
+    assert vs["test_accuracy_change_points"] == pytest.approx(-2.0)
+    # no interleaved ratio: the speed falls back to the fp32 trial's own latency
+    assert vs["times_faster"] == 2.0 and vs["latency_basis"] == "fp32 baseline trial #0"
+    assert metrics.row_versus_fp32(row, None)["zip_times_smaller"] is None
+
+
 def test_layer_macs_and_bit_operations() -> None:
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(),
                           nn.Linear(8 * 4 * 4, 10))
@@ -71,3 +88,9 @@ def test_show_dashboard_and_report_agree_on_the_rates(
         assert candidate[report_key] == pytest.approx(value), key
     # quantized: fewer bit-operations than fp32 even where the FLOPs are the same
     assert shown["bops_reduction_rate"] > 0.5
+    # "x smaller" and "x faster" come from the same place (results.metrics) everywhere
+    for key in ("times_smaller", "times_faster"):
+        assert shown[key] is not None, key
+        assert trial["comparison"][key] == pytest.approx(shown[key]), key
+        assert candidate[key] == pytest.approx(shown[key]), key
+    assert row["times_faster"] == pytest.approx(shown["times_faster"])

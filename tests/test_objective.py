@@ -8,7 +8,9 @@ from autocompress.config.options import parse_budget
 from autocompress.intake import Task
 from autocompress.model.plan import CompressionPlan
 from autocompress.transform.prune import dependency_groups
-from autocompress.trial.runner import build_student, clear_verdict, structure_key, torch_accuracy
+from autocompress.transform.student import build_student, torch_accuracy
+from autocompress.trial.context import structure_key
+from autocompress.trial.precheck import clear_verdict
 
 
 def _half_pruned(task: Task) -> CompressionPlan:

@@ -17,7 +17,7 @@ from autocompress.intake import Task
 from autocompress.model.plan import CompressionPlan
 from autocompress.transform import quantize as q
 from autocompress.transform.onnx_compact import compact_graph
-from autocompress.transform.quantize import onnx_export, onnx_float
+from autocompress.transform.quantize import onnx_float, onnx_qdq, onnx_weight_only
 
 
 def _export(task: Task, bits: int, path: Path) -> Path:
@@ -47,7 +47,7 @@ def test_exported_file_is_smaller_and_computes_the_same(
 ) -> None:
     with monkeypatch.context() as patch:
         # every step of the export that writes the compact layout
-        for step in (onnx_export, onnx_float):
+        for step in (onnx_qdq, onnx_weight_only, onnx_float):
             patch.setattr(step, "compact_graph", lambda proto: None)
         plain = _export(demo_task, bits, tmp_path / "plain.onnx")
     compact = _export(demo_task, bits, tmp_path / "compact.onnx")

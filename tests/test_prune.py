@@ -14,15 +14,15 @@ from autocompress.errors import InputError, PlanError
 from autocompress.intake.demo import build_demo_model
 from autocompress.model.inventory import PruneGroup
 from autocompress.model.plan import CompressionPlan
+from autocompress.transform.batchnorm import recalibrate_batchnorm
 from autocompress.transform.prune import (
-    CLASSIFIER_REASON,
-    apply_unstructured,
     dependency_groups,
     kept_channels,
     prune,
     prune_with_report,
-    recalibrate_batchnorm,
 )
+from autocompress.transform.prune_graph import CLASSIFIER_REASON
+from autocompress.transform.sparsity import apply_unstructured
 from tests.tiny_models import tiny_vit
 
 

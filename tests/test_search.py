@@ -342,11 +342,11 @@ def test_latency_verdict_does_not_flip_when_the_machine_drifts(
     judged on the ratio x the study's reference, none does."""
     from autocompress.runtime import latency_reference
     from autocompress.runtime.measure import LatencyStats, file_size
-    from autocompress.trial import runner as objective
+    from autocompress.trial.measurement import MEASURE_ROUNDS
 
     def fake_interleaved(candidate, reference, shape, *, rounds=5, **_kw):
         ratio = file_size(candidate) / file_size(reference)
-        slow = 2.5 if rounds == objective.MEASURE_ROUNDS else 1.0  # the final measurement
+        slow = 2.5 if rounds == MEASURE_ROUNDS else 1.0  # the final measurement
         stats = [LatencyStats(v, 0.0, v, v, 10) for v in (ratio * slow, slow)]
         return timing.InterleavedLatency(stats[0], stats[1], ratio, rounds)
 
@@ -389,11 +389,11 @@ def test_a_structure_measured_again_is_judged_on_the_pooled_ratio(
     measurements come out 0.3, 0.3, then 0.9 of fp32 (one noisy look) against a 0.5 budget:
     judged alone the third would flip to over budget; pooled with the structure's earlier
     measurements (median 0.3) it stays within, and its own ratio stays recorded."""
-    from autocompress.trial import runner as objective
+    from autocompress.trial.measurement import MEASURE_ROUNDS
 
     finals = iter([0.3, 0.3, 0.9, *[0.3] * 5])  # the measured trials, in order
     _fake_latency(monkeypatch, lambda rounds: (
-        next(finals) if rounds == objective.MEASURE_ROUNDS else 0.3))
+        next(finals) if rounds == MEASURE_ROUNDS else 0.3))
     study = run_short_search(tmp_path, study="pooled", budgets=("0.5ms",), trials=6,
                              bits=(8,), activation_bits=(8,), prune_max=0.0, guided=False,
                              warm_starts=False, baselines=False, promote_share=0.0,
@@ -415,9 +415,10 @@ def test_a_careful_pre_check_is_one_of_the_structures_measurements(
     0.56, against a 0.5 budget (the same int8 file timed 0.50x and 0.67x on this machine
     seconds apart). The verdict is the median of both looks (0.49: within), not the last
     look alone, and both looks are counted."""
-    from autocompress.trial import runner as objective
+    from autocompress.trial.measurement import MEASURE_ROUNDS
+    from autocompress.trial.precheck import PRECHECK_CAREFUL_ROUNDS
 
-    ratios = {objective.MEASURE_ROUNDS: 0.56, objective.PRECHECK_CAREFUL_ROUNDS: 0.42}
+    ratios = {MEASURE_ROUNDS: 0.56, PRECHECK_CAREFUL_ROUNDS: 0.42}
     # the first look (1 round) at 0.45 is too close to the budget to call: a careful look
     _fake_latency(monkeypatch, lambda rounds: ratios.get(rounds, 0.45))
     study = run_short_search(tmp_path, study="pre-pooled", budgets=("0.5ms",), trials=3,
@@ -479,12 +480,13 @@ def test_a_time_limit_that_ends_with_nothing_within_budget_names_the_closest_pla
     import time
 
     from autocompress.config.options import SearchConfig, parse_budget
-    from autocompress.search.loop import _TrialCounter
+    from autocompress.config.settings import SearchSettings
+    from autocompress.search.counter import TrialCounter
     from autocompress.study.records import TrialRecord
 
     budgets = [parse_budget("0.2ms")]
-    counter = _TrialCounter(SearchConfig(time_limit=0.01, budgets=("0.2ms",)), 2,
-                            time.perf_counter() - 60)
+    settings = SearchSettings.from_config(SearchConfig(time_limit=0.01, budgets=("0.2ms",)))
+    counter = TrialCounter(settings.run, settings.promotion, 2, time.perf_counter() - 60)
     counter.searching = True
     over = [TrialRecord(number=n, state="COMPLETE", accuracy=0.9, size_bytes=1e4,
                         latency_ms=lat, plan_summary=f"plan {n}")

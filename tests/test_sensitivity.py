@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from autocompress.config.options import SearchConfig
+from autocompress.config.settings import SearchSettings
 from autocompress.intake import Task
 from autocompress.search.sensitivity import Sensitivity, measure_sensitivity, prune_grid
 from autocompress.transform.survey import build_inventory
@@ -40,8 +41,9 @@ def _fragile_task(task: Task) -> Task:
 def fragile_table(demo_task: Task) -> Sensitivity:
     task = _fragile_task(demo_task)
     inventory = build_inventory(task.model, task.data.example_input(1))
-    config = SearchConfig(prune_max=0.5)
-    return measure_sensitivity(task, inventory, config, _calibration(task), images=128)
+    settings = SearchSettings.from_config(SearchConfig(prune_max=0.5))
+    return measure_sensitivity(task, inventory, settings.space, _calibration(task),
+                               training=settings.training, images=128)
 
 
 def test_fragile_layer_ranks_first_at_int4(fragile_table: Sensitivity) -> None:
@@ -78,9 +80,12 @@ def test_more_pruning_does_more_damage(fragile_table: Sensitivity) -> None:
 
 
 def test_prune_grid_follows_the_space() -> None:
-    assert prune_grid(SearchConfig(prune_max=0.7)) == [0.2, 0.4, 0.6]
-    assert prune_grid(SearchConfig(prune_max=0.1)) == [0.1]
-    assert prune_grid(SearchConfig(prune_max=0.0)) == []
+    def grid(prune_max: float) -> list[float]:
+        return prune_grid(SearchSettings.from_config(SearchConfig(prune_max=prune_max)).space)
+
+    assert grid(0.7) == [0.2, 0.4, 0.6]
+    assert grid(0.1) == [0.1]
+    assert grid(0.0) == []
 
 
 def test_a_choice_that_cannot_be_scored_is_left_out_not_fatal(
@@ -124,8 +129,8 @@ def test_a_pass_out_of_time_scores_every_layer_and_the_largest_groups(
     assert list(table.groups) == [max(sizes, key=lambda n: sizes[n])]
     assert sorted(table.unscored) == sorted(n for n in sizes if n not in table.groups)
     assert Sensitivity.from_dict(table.to_dict()).unscored == table.unscored
-    assert pass_seconds(SearchConfig(time_limit=15)) == pytest.approx(90.0)
-    assert pass_seconds(SearchConfig()) == TIME_CAP_S
+    assert pass_seconds(15) == pytest.approx(90.0)
+    assert pass_seconds(None) == TIME_CAP_S
 
 
 def test_layers_that_would_overrun_the_pass_are_scored_on_fewer_images(

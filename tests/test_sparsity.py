@@ -14,7 +14,7 @@ from autocompress.model.plan import CompressionPlan
 from autocompress.runtime import measure
 from autocompress.train import distill
 from autocompress.transform import quantize, sparsity
-from autocompress.transform.prune import apply_unstructured
+from autocompress.transform.sparsity import apply_unstructured
 from autocompress.transform.student import build_student
 from autocompress.transform.survey import build_inventory
 

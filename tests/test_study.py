@@ -22,7 +22,7 @@ from sqlalchemy import exc as sa_exc
 from autocompress import study as study_mod
 from autocompress.config.options import SearchConfig
 from autocompress.errors import StudyError
-from autocompress.study import storage as study_storage
+from autocompress.study import resilient as study_resilient
 from tests.pg import fresh_database
 
 pytestmark = pytest.mark.filterwarnings(
@@ -181,7 +181,7 @@ def test_the_resilient_storage_wraps_every_storage_call(tmp_path: Path) -> None:
                  or getattr(type(storage), n) is getattr(BaseHeartbeat, n, None)]
     assert not inherited, f"storage calls not wrapped: {inherited}"
     assert all(getattr(RDBStorage, n).__module__.startswith("optuna")
-               for n in study_storage._RETRIED_CALLS if hasattr(RDBStorage, n))
+               for n in study_resilient._RETRIED_CALLS if hasattr(RDBStorage, n))
 
 
 def test_blip_is_retried_and_outage_ends_in_one_line(
@@ -354,7 +354,7 @@ def test_s3_artifacts_round_trip(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
         artifact_id = study_mod.upload(trial, store, source)
         keys = [o["Key"] for o in boto3.client("s3").list_objects_v2(
             Bucket="ml-artifacts")["Contents"]]
-        assert keys == [f"autocompress/intake/demo/{artifact_id}"]
+        assert keys == [f"autocompress/demo/{artifact_id}"]
         study_mod.download(store, artifact_id, tmp_path / "back.onnx")
         assert (tmp_path / "back.onnx").read_bytes() == source.read_bytes()
         with pytest.raises(StudyError, match="cannot use artifact bucket 'missing'"):

@@ -165,7 +165,7 @@ def test_hidden_states_are_the_feature_distillation_layers(tiny_bert: tuple[Path
 
     from autocompress.config.options import SearchConfig
     from autocompress.model import space
-    from autocompress.train.distill import FeatureDistiller
+    from autocompress.train.features import FeatureDistiller
 
     model_dir, rows = tiny_bert
     task = load_task(f"hf:{model_dir}", None, _data(rows))

@@ -1,8 +1,10 @@
-"""YAML study configs: read a file and check each value against its field's type, so a typo
-or a wrong type is a ``ConfigError`` naming the key, never a silent default."""
+"""Building a ``SearchConfig``: defaults < YAML file (``--config``) < command line, and
+from the config a study recorded. Each YAML value is checked against its field's type, so a
+typo or a wrong type is a ``ConfigError`` naming the key, never a silent default."""
 
 from __future__ import annotations
 
+import dataclasses
 import types
 import typing
 from pathlib import Path
@@ -10,10 +12,16 @@ from typing import Any
 
 import yaml
 
+from autocompress.config.options import SearchConfig
 from autocompress.errors import ConfigError
 
 
-def coerce(key: str, value: Any, hint: Any) -> Any:
+def _field_types() -> dict[str, Any]:
+    hints = typing.get_type_hints(SearchConfig)
+    return {f.name: hints[f.name] for f in dataclasses.fields(SearchConfig)}
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
     """Check a YAML value against the field's type; lists become tuples."""
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
@@ -21,13 +29,13 @@ def coerce(key: str, value: Any, hint: Any) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return coerce(key, value, inner[0])
+        return _coerce(key, value, inner[0])
     if origin is tuple:
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, list):
             raise ConfigError(f"config key {key!r} must be a list, got {type(value).__name__}")
-        return tuple(coerce(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value))
+        return tuple(_coerce(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value))
     return _scalar(key, value, hint)
 
 
@@ -51,8 +59,8 @@ def _scalar(key: str, value: Any, hint: Any) -> Any:
     return value
 
 
-def read_config_file(path: str | Path, hints: dict[str, Any]) -> dict[str, Any]:
-    """A YAML study config as checked keyword arguments (``hints``: field name -> type)."""
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML study config into checked keyword arguments for SearchConfig."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist; see studies/demo.yaml")
@@ -63,6 +71,7 @@ def read_config_file(path: str | Path, hints: dict[str, Any]) -> dict[str, Any]:
         raise ConfigError(f"config file {str(path)!r} is not valid YAML: {first}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {str(path)!r} must be a mapping of keys to values")
+    hints = _field_types()
     checked: dict[str, Any] = {}
     for key, value in raw.items():
         name = str(key).replace("-", "_")
@@ -73,5 +82,27 @@ def read_config_file(path: str | Path, hints: dict[str, Any]) -> dict[str, Any]:
             raise ConfigError(
                 f"unknown config key {key!r} in {path}; known keys: {', '.join(sorted(hints))}"
             )
-        checked[name] = coerce(name, value, hints[name])
+        checked[name] = _coerce(name, value, hints[name])
     return checked
+
+
+def build_config(config_file: str | Path | None, overrides: dict[str, Any]) -> SearchConfig:
+    """Defaults < file < overrides (overrides whose value is None are not given)."""
+    values: dict[str, Any] = load_config_file(config_file) if config_file else {}
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return SearchConfig(**values)
+    except TypeError as exc:  # a key that slipped past the checks above
+        raise ConfigError(f"bad config: {exc}") from None
+
+
+def config_from_stored(values: dict[str, Any], **overrides: Any) -> SearchConfig:
+    """The SearchConfig a study recorded (its ``config`` attribute), with ``overrides``.
+    Keys this version does not know (a study written by another one) are left out."""
+    hints = _field_types()
+    checked = {k: _coerce(k, v, hints[k]) for k, v in values.items() if k in hints}
+    checked.update(overrides)
+    try:
+        return SearchConfig(**checked)
+    except TypeError as exc:
+        raise ConfigError(f"the study's stored config is unreadable: {exc}") from None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import types
 import typing
 from collections.abc import Callable
@@ -82,4 +83,31 @@ def add_config_flags(parser: Any, group: str) -> None:
         parser.add_argument(flag, **kwargs)
 
 
-__all__ = ["add_config_flags", "config_flags", "csv_list", "flag_of", "float_list", "int_list"]
+def attach_negative_values(argv: list[str]) -> list[str]:
+    """``--budget -5ms`` as ``--budget=-5ms``: argparse reads a value that starts with '-'
+    as an option ("expected one argument"); attached, the value reaches the check that says
+    what is wrong with it (a budget must be positive)."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        following = argv[i + 1] if i + 1 < len(argv) else ""
+        if (token.startswith("--") and "=" not in token and token != "--"
+                and re.match(r"-\.?\d", following)):
+            out.append(f"{token}={following}")
+            i += 2
+            continue
+        out.append(token)
+        i += 1
+    return out
+
+
+__all__ = [
+    "add_config_flags",
+    "attach_negative_values",
+    "config_flags",
+    "csv_list",
+    "flag_of",
+    "float_list",
+    "int_list",
+]

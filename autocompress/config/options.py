@@ -1,32 +1,29 @@
-"""Study configuration: one dataclass whose fields are the CLI options and the YAML keys.
+"""Study configuration: one dataclass whose fields are the CLI options and the YAML keys,
+with the checks it runs when built and the default storage of a study.
 
-Precedence: built-in defaults < YAML file (``--config``) < command line. Unknown keys and
-values of the wrong type are ``ConfigError`` naming the key, so a typo never silently falls
-back to a default.
+Building one from a YAML file and the command line: ``config.files``; budgets:
+``config.budgets``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import typing
+import math
+import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from autocompress.config.budgets import Budget, format_bytes, parse_budget
-from autocompress.config.checks import (
-    MAX_STUDY_NAME,
-    OBJECTIVES,
-    PTQ_METHODS,
-    SAMPLERS,
-    SIZE_METRICS,
-    SPARSITY_SCOPES,
-    TARGETS,
-    check_config,
-)
-from autocompress.config.files import coerce, read_config_file
 from autocompress.errors import ConfigError
 
+SAMPLERS = ("tpe", "random", "nsga2", "gp")
+OBJECTIVES = ("accuracy", "size", "latency")
+SPARSITY_SCOPES = ("layer", "global")
+SIZE_METRICS = ("file", "zip")
+PTQ_METHODS = ("minmax", "entropy", "percentile", "dynamic")
+# Where candidates are timed and scored (runtime/sessions.py dispatches on it).
+TARGETS = ("onnxruntime-cpu", "openvino-cpu", "onnxruntime-cuda", "tensorrt")
+MAX_STUDY_NAME = 120
 # default share of a run's fine-tune effort spent on promotions (SearchConfig.promotion_share)
 PROMOTE_SHARE = 0.25
 PROMOTE_SHARE_UNDER_BUDGETS = 0.5
@@ -134,7 +131,7 @@ class SearchConfig:
     round_to: int = _opt(8, "pruned channel counts kept at multiples of this (default 8)")
     # the fine-tune each candidate gets
     finetune_steps: int = _opt(150, "QAT+KD steps per candidate")
-    # None: chosen per study by a short probe (lrprobe)
+    # None: chosen per study by a short probe (search/lrprobe.py)
     learning_rate: float | None = _opt(None, "fine-tune learning rate (default: chosen once "
                                        "per study by a short probe)")
     batch_size: int = _opt(64, "fine-tune batch size")
@@ -177,9 +174,138 @@ class SearchConfig:
     def __post_init__(self) -> None:
         self.check()
 
+    # -- checks ---------------------------------------------------------------------
+
     def check(self) -> None:
-        """Raise a ConfigError naming the first setting out of range (``checks``)."""
-        check_config(self)
+        """Raise a ConfigError naming the first setting out of range (in field order)."""
+        self._check_search()
+        self._check_space()
+        self._check_task()
+        self._check_training()
+        self._check_run()
+        self._check_study_name()
+
+    def _check_search(self) -> None:
+        for budget in self.budgets:
+            parse_budget(budget)
+        if self.trials < 1:
+            raise ConfigError(f"trials {self.trials} must be at least 1 (--trials 20)")
+        if self.sampler not in SAMPLERS:
+            raise ConfigError(f"sampler {self.sampler!r} is unknown; use one of {list(SAMPLERS)}")
+        if self.startup_trials is not None and self.startup_trials < 1:
+            raise ConfigError(
+                f"startup_trials {self.startup_trials} must be >= 1 (or left out for trials // 3)"
+            )
+        if not self.objectives or any(o not in OBJECTIVES for o in self.objectives):
+            raise ConfigError(
+                f"objectives {','.join(self.objectives)!r} invalid; use a comma list of "
+                f"{list(OBJECTIVES)} starting with accuracy, e.g. accuracy,size,latency"
+            )
+        if self.objectives[0] != "accuracy" or len(set(self.objectives)) != len(self.objectives):
+            raise ConfigError(
+                "objectives must start with accuracy and not repeat, e.g. accuracy,size"
+            )
+
+    def _check_space(self) -> None:
+        for b in self.bits:
+            if b not in (32, 8, 4):
+                raise ConfigError(f"bits value {b} is unsupported; use values from 32, 8, 4")
+        if not self.bits:
+            raise ConfigError("bits is empty: the search space has nothing to choose from")
+        if not self.activation_bits or any(a not in (8, 32) for a in self.activation_bits) or (
+                len(set(self.activation_bits)) != len(self.activation_bits)):
+            raise ConfigError(
+                f"activation_bits {list(self.activation_bits)} is invalid; use 8 (uint8 "
+                "activations), 32 (weight-only) or both: 8,32"
+            )
+        if not 0.0 <= self.prune_max < 1.0:
+            raise ConfigError(f"prune_max {self.prune_max} must be in [0, 1) (e.g. 0.7)")
+        if not 0 < self.prune_step < 1:
+            raise ConfigError(f"prune_step {self.prune_step} must be in (0, 1) (e.g. 0.05)")
+        if not 0.0 <= self.sparsity_max < 1.0:
+            raise ConfigError(f"sparsity_max {self.sparsity_max} must be in [0, 1) (e.g. 0.8; "
+                              "0 turns unstructured sparsity off)")
+        if not 0 < self.sparsity_step < 1:
+            raise ConfigError(f"sparsity_step {self.sparsity_step} must be in (0, 1) (e.g. 0.1)")
+        for key, value, allowed in (("sparsity_scope", self.sparsity_scope, SPARSITY_SCOPES),
+                                    ("size_metric", self.size_metric, SIZE_METRICS)):
+            if value not in allowed:
+                raise ConfigError(f"{key} {value!r} is unknown; use one of {list(allowed)}")
+
+    def _check_task(self) -> None:
+        if (self.mean is None) != (self.std is None) or (
+                self.std is not None and (len(self.std) != len(self.mean or ())
+                                       or min(self.std, default=1.0) <= 0)):
+            raise ConfigError("mean and std go together, one value per input channel each, "
+                              "std > 0 (e.g. --mean 0.485,0.456,0.406 --std 0.229,0.224,0.225)")
+        if self.task is not None and any(v is not None for v in (self.model, self.data,
+                                                                 self.weights)):
+            raise ConfigError(f"task {self.task!r} brings its own model and data; drop model, "
+                              "weights and data")
+        if self.target not in TARGETS:
+            raise ConfigError(f"target {self.target!r} is unknown; use one of {list(TARGETS)}")
+
+    def _check_training(self) -> None:
+        if not 0.0 <= self.feature_weight_max <= 100.0:
+            raise ConfigError(f"feature_weight_max {self.feature_weight_max} must be in "
+                              "[0, 100] (e.g. 1; 0 turns feature distillation off)")
+        bad = [m for m in self.ptq_methods if m not in PTQ_METHODS]
+        if bad or len(set(self.ptq_methods)) != len(self.ptq_methods):
+            raise ConfigError(f"ptq_methods {list(self.ptq_methods)} is invalid; use any of "
+                              f"{list(PTQ_METHODS)} once each, or none")
+        if self.early_stop_drop is not None and not 0 < self.early_stop_drop <= 1:
+            raise ConfigError(
+                f"early_stop_drop {self.early_stop_drop} must be in (0, 1] (e.g. 0.25: stop a "
+                "fine-tune whose accuracy fell 25 points below fp32's)"
+            )
+        if not 0 < self.kd_temperature_min <= self.kd_temperature_max:
+            raise ConfigError("kd_temperature_min must be > 0 and <= kd_temperature_max")
+        if not 0 <= self.kd_alpha_min <= self.kd_alpha_max <= 1:
+            raise ConfigError("kd_alpha_min <= kd_alpha_max must both lie in [0, 1]")
+        for name in ("finetune_steps", "batch_size", "threads", "latency_batch_size",
+                     "latency_repeats", "round_to", "train_threads"):
+            minimum = 0 if name == "finetune_steps" else 1
+            if getattr(self, name) < minimum:
+                raise ConfigError(f"{name} {getattr(self, name)} must be >= {minimum}")
+
+    def _check_run(self) -> None:
+        if self.max_rejections < 1:
+            raise ConfigError(
+                f"max_rejections {self.max_rejections} must be >= 1 (e.g. 50 plans rejected "
+                "in a row before the search gives up)"
+            )
+        if self.time_limit is not None and not (0 < self.time_limit < math.inf):
+            raise ConfigError(
+                f"time_limit {self.time_limit} must be a positive number of minutes (e.g. 15)"
+            )
+        if self.promote_share is not None and not 0.0 <= self.promote_share < 1.0:
+            raise ConfigError(f"promote_share {self.promote_share} must be in [0, 1) (e.g. "
+                              "0.25 of the run's fine-tune effort; 0 turns promotions off)")
+        if self.promote_factor < 2:
+            raise ConfigError(f"promote_factor {self.promote_factor} must be >= 2 (e.g. 4: "
+                              "a promoted plan gets 4x the fine-tune steps)")
+        if self.sensitivity_images < 16:
+            raise ConfigError(f"sensitivity_images {self.sensitivity_images} must be >= 16 "
+                              "(e.g. 512 validation images score each choice)")
+        if self.learning_rate is not None and self.learning_rate <= 0:
+            raise ConfigError(
+                f"learning_rate {self.learning_rate} must be > 0 (e.g. 2e-3), or left out to "
+                "let the search choose it"
+            )
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"device {self.device!r} is unknown; use auto, cpu or cuda")
+
+    def _check_study_name(self) -> None:
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", self.study):
+            raise ConfigError(
+                f"study name {self.study!r} may hold only letters, digits, '_', '-' and '.'"
+            )
+        if len(self.study) > MAX_STUDY_NAME:
+            # the default storage is studies/<name>.db: file systems stop at 255 bytes
+            raise ConfigError(
+                f"study name is {len(self.study)} characters long; use at most "
+                f"{MAX_STUDY_NAME} (e.g. {self.study[:20]!r})"
+            )
 
     # -- derived --------------------------------------------------------------------
 
@@ -215,38 +341,6 @@ class SearchConfig:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in items}
 
 
-def _field_types() -> dict[str, Any]:
-    hints = typing.get_type_hints(SearchConfig)
-    return {f.name: hints[f.name] for f in dataclasses.fields(SearchConfig)}
-
-
-def load_config_file(path: str | Path) -> dict[str, Any]:
-    """Read a YAML study config into checked keyword arguments for SearchConfig."""
-    return read_config_file(path, _field_types())
-
-
-def build_config(config_file: str | Path | None, overrides: dict[str, Any]) -> SearchConfig:
-    """Defaults < file < overrides (overrides whose value is None are not given)."""
-    values: dict[str, Any] = load_config_file(config_file) if config_file else {}
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    try:
-        return SearchConfig(**values)
-    except TypeError as exc:  # a key that slipped past the checks above
-        raise ConfigError(f"bad config: {exc}") from None
-
-
-def config_from_stored(values: dict[str, Any], **overrides: Any) -> SearchConfig:
-    """The SearchConfig a study recorded (its ``config`` attribute), with ``overrides``.
-    Keys this version does not know (a study written by another one) are left out."""
-    hints = _field_types()
-    checked = {k: coerce(k, v, hints[k]) for k, v in values.items() if k in hints}
-    checked.update(overrides)
-    try:
-        return SearchConfig(**checked)
-    except TypeError as exc:
-        raise ConfigError(f"the study's stored config is unreadable: {exc}") from None
-
-
 def config_keys() -> list[str]:
     return [f.name for f in dataclasses.fields(SearchConfig)]
 
@@ -263,11 +357,8 @@ __all__ = [
     "TARGETS",
     "Budget",
     "SearchConfig",
-    "build_config",
-    "config_from_stored",
     "config_keys",
     "default_storage_url",
     "format_bytes",
-    "load_config_file",
     "parse_budget",
 ]

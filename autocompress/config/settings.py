@@ -104,11 +104,12 @@ class SearchSettings:
 
     @classmethod
     def from_config(cls, config: SearchConfig) -> SearchSettings:
+        options = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
         return cls(
-            space=_copied(SpaceSettings, config),
-            training=_copied(TrainingSettings, config),
-            measurement=_copied(MeasurementSettings, config),
-            run=_copied(RunSettings, config),
+            space=_picked(SpaceSettings, options),
+            training=_picked(TrainingSettings, options),
+            measurement=_picked(MeasurementSettings, options),
+            run=_picked(RunSettings, options),
             promotion=PromotionSettings(
                 share=config.promotion_share(),
                 factor=config.promote_factor,
@@ -126,11 +127,10 @@ class SearchSettings:
 _S = TypeVar("_S")
 
 
-def _copied(cls: type[_S], config: SearchConfig) -> _S:
-    """``cls`` with each field set to the config option of the same name."""
-    values: dict[str, Any] = {f.name: getattr(config, f.name)
-                              for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    return cls(**values)
+def _picked(cls: type[_S], options: dict[str, Any]) -> _S:
+    """``cls`` with each field set to the option of the same name."""
+    fields = dataclasses.fields(cls)  # type: ignore[arg-type]
+    return cls(**{f.name: options[f.name] for f in fields})
 
 
 __all__ = [

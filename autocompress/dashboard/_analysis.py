@@ -1,18 +1,18 @@
-"""Pure functions that turn stored trials into what the pages show.
+"""Pure functions that turn stored attributes into what the pages show: decoded JSON
+attributes, metric keys, the per-layer plan chart, phase timings, trial-number ranges.
 
 Nothing here touches storage, Flask or torch: inputs are plain dicts built from Optuna's
-``FrozenTrial`` objects by ``_storage``, so every rule (feasibility, front, hypervolume,
-plan layout, baseline comparison) is testable with literals.
+``FrozenTrial`` objects by ``_summary``, so each rule is testable with literals. Fronts,
+hypervolume and the comparison with fp32 are ``autocompress.results``' (the one rule
+``show`` and export use too).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from typing import Any
 
-from autocompress.results import metrics
-from autocompress.results.pareto import hypervolume_points
 from autocompress.study.records import feasibility, finite_number
 
 # The order objectives are written in by the search (BRIEF: accuracy, size, then latency).
@@ -57,7 +57,7 @@ def maybe_json(value: Any) -> Any:
     return value
 
 
-number_or_none = finite_number  # one definition, in pareto
+number_or_none = finite_number  # one definition, in study.records
 
 
 def metric_key(name: str | None, index: int) -> str:
@@ -67,51 +67,7 @@ def metric_key(name: str | None, index: int) -> str:
     return DEFAULT_METRICS[index] if index < len(DEFAULT_METRICS) else f"objective_{index}"
 
 
-is_feasible = feasibility  # one definition, in pareto (the search reads it too)
-
-
-def is_compressed_candidate(trial: dict[str, Any]) -> bool:
-    """Feasible search result or compressed baseline; the fp32 model is the reference only.
-
-    Counting the uncompressed fp32 baseline as "best accuracy" would make every study's best
-    the unchanged teacher and flatten the progress curve from trial 0.
-    """
-    return bool(trial["feasible"]) and trial.get("baseline") != "fp32"
-
-
-def progress(trials: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Best feasible accuracy and 2-D hypervolume after each trial number.
-
-    Candidates are feasible trials other than the fp32 reference. The reference size is
-    fixed for the whole study (1.1 x the largest size any complete trial reached, fp32
-    included) so the curve is monotone and comparable across the run.
-    """
-    sizes = [t["size_bytes"] for t in trials if t["state"] == "COMPLETE" and t["size_bytes"]]
-    ref_size = max(sizes) * 1.1 if sizes else None
-    numbers: list[int] = []
-    best_acc: list[float | None] = []
-    hv: list[float | None] = []
-    front: list[tuple[float, float]] = []  # only non-dominated points change the volume
-    volume = 0.0
-    best: float | None = None
-    for t in sorted(trials, key=lambda t: t["number"]):
-        usable = t["accuracy"] is not None and t["size_bytes"] is not None
-        if usable and is_compressed_candidate(t):
-            point = (t["accuracy"], t["size_bytes"])
-            best = point[0] if best is None else max(best, point[0])
-            if not any(a >= point[0] and s <= point[1] for a, s in front):
-                front = [(a, s) for a, s in front if not (point[0] >= a and point[1] <= s)]
-                front.append(point)
-                volume = hypervolume_points(front, ref_size) if ref_size is not None else 0.0
-        numbers.append(t["number"])
-        best_acc.append(best)
-        hv.append(volume if ref_size is not None else None)
-    return {
-        "trial_numbers": numbers,
-        "best_feasible_accuracy": best_acc,
-        "hypervolume": hv,
-        "reference": {"accuracy": 0.0, "size_bytes": ref_size},
-    }
+is_feasible = feasibility  # one definition, in study.records (the search reads it too)
 
 
 def plan_layers(
@@ -192,39 +148,6 @@ def timing_rows(timing: Any) -> list[dict[str, Any]]:
         if seconds is not None:
             rows.append({"phase": k, "seconds": seconds})
     return rows
-
-
-def compare_to_fp32(trial: dict[str, Any], fp32: dict[str, Any] | None) -> dict[str, Any]:
-    """Times smaller, times faster, accuracy change (points) and the guide's rates
-    (accuracy drop, FLOP and BOP reduction; ``metrics.versus_fp32``) against the fp32
-    baseline.
-
-    Speed prefers the interleaved ratio measured beside the fp32 file in the same run
-    (``latency_vs_fp32``: latency drifts, interleaving cancels it), then the fp32 latency
-    recorded on the trial, then the fp32 baseline trial's own latency.
-    """
-    ratio = number_or_none(trial.get("latency_vs_fp32"))
-    out: dict[str, Any] = metrics.versus_fp32(
-        accuracy=number_or_none(trial.get("accuracy")),
-        size_bytes=number_or_none(trial.get("size_bytes")),
-        flops=number_or_none(trial.get("flops")),
-        bops=number_or_none(trial.get("bops")),
-        latency_vs_fp32=ratio if ratio and ratio > 0 else None,
-        fp32=fp32,
-    )
-    out["latency_basis"] = None
-    out["fp32_trial"] = fp32["number"] if fp32 else None
-    lat = trial.get("latency_ms")
-    fp32_lat = number_or_none(trial.get("fp32_latency_ms"))
-    if out["times_faster"] is not None:
-        out["latency_basis"] = "interleaved with the fp32 file in the same run"
-    elif fp32_lat and lat:
-        out["times_faster"] = fp32_lat / lat
-        out["latency_basis"] = "fp32 latency recorded with this trial"
-    elif fp32 and fp32.get("latency_ms") and lat:
-        out["times_faster"] = fp32["latency_ms"] / lat
-        out["latency_basis"] = f"fp32 baseline trial #{fp32['number']}"
-    return out
 
 
 def compact_ranges(numbers: Iterable[int]) -> str:

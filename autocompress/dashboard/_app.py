@@ -29,7 +29,8 @@ from flask import (
 from werkzeug.exceptions import HTTPException
 
 from autocompress.dashboard._analysis import compact_ranges
-from autocompress.dashboard._storage import Missing, StudyReader
+from autocompress.dashboard._db import Missing
+from autocompress.dashboard._storage import StudyReader
 
 TOKEN_ENV = "AUTOCOMPRESS_DASHBOARD_TOKEN"
 TOKEN_COOKIE = "autocompress_token"

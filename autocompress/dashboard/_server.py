@@ -13,8 +13,8 @@ from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler
 from werkzeug.serving import make_server as _werkzeug_server
 
 from autocompress.dashboard._app import TOKEN_ENV, create_app
-from autocompress.dashboard._storage import masked_url
 from autocompress.errors import StudyError
+from autocompress.study.urls import masked_url
 
 
 def is_loopback(host: str) -> bool:

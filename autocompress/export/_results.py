@@ -9,6 +9,7 @@ from typing import Any
 
 from autocompress.config.options import Budget, format_bytes
 from autocompress.errors import AutocompressError
+from autocompress.results import metrics
 from autocompress.study.records import TrialRecord
 
 log = logging.getLogger("autocompress")
@@ -43,8 +44,8 @@ NEAR_TIE = 0.02
 AGREEMENT_SAMPLES = 1000
 
 
-# objective.py measures accuracy with batches of 256 and default session options; the
-# re-measurement mirrors it so the two are the same computation.
+# A trial (autocompress/trial/) measures accuracy with batches of 256 and default session
+# options; the re-measurement mirrors it so the two are the same computation.
 EVAL_BATCH_SIZE = 256
 
 
@@ -147,7 +148,7 @@ def _versus_line(cand: dict[str, Any], fp32: dict[str, Any], metric: str = "accu
 
 def _speed_text(ratio: float) -> str:
     """Latency ratio vs fp32 in words: 0.5 -> "2.00x faster", 1.4 -> "1.40x slower"."""
-    return f"{1 / ratio:.2f}x faster" if ratio <= 1 else f"{ratio:.2f}x slower"
+    return f"{metrics.times_faster(ratio):.2f}x faster" if ratio <= 1 else f"{ratio:.2f}x slower"
 
 
 def _latency_check_text(lat: dict[str, Any]) -> str:

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from autocompress import __version__
-from autocompress.config.options import Budget, format_bytes
-from autocompress.export._results import REPORT_FORMAT_VERSION, Choice, _speed_text
+from autocompress.config.options import Budget
+from autocompress.export._results import REPORT_FORMAT_VERSION, Choice
 from autocompress.export.program import _Context
 from autocompress.export.verify import _runtime_of
 from autocompress.model.inventory import Inventory
@@ -19,12 +18,6 @@ from autocompress.results import metrics
 from autocompress.results.pareto import pareto_front
 from autocompress.study import attrs as trial_attrs
 from autocompress.study.records import TrialRecord
-
-
-def _ratio(a: float | None, b: float | None) -> float | None:
-    if a is None or b is None or not b:
-        return None
-    return float(a) / float(b)
 
 
 def _metrics(record: TrialRecord | None, fp32: TrialRecord | None) -> dict[str, Any]:
@@ -39,13 +32,13 @@ def _metrics(record: TrialRecord | None, fp32: TrialRecord | None) -> dict[str, 
         "plan_summary": record.plan_summary,
         "size_bytes": record.size_bytes,
         "zip_size_bytes": a.get(trial_attrs.ZIP_SIZE),
-        "times_smaller": _ratio(fp32.size_bytes, record.size_bytes) if fp32 else None,
+        "times_smaller": vs["times_smaller"],
         "latency_ms": record.latency_ms,
         "latency_spread_ms": record.latency_spread_ms,
         "latency_p10_ms": a.get(trial_attrs.LATENCY_P10),
         "latency_p90_ms": a.get(trial_attrs.LATENCY_P90),
         "latency_vs_fp32": record.latency_vs_fp32,
-        "times_faster": _ratio(1.0, record.latency_vs_fp32),
+        "times_faster": vs["times_faster"],
         "fp32_latency_ms": a.get(trial_attrs.FP32_LATENCY),
         "runtime": _runtime_of(record),
         "accuracy_val": record.accuracy,
@@ -185,150 +178,6 @@ def _notes(record: TrialRecord, choice: Choice) -> list[str]:
         notes.append("the accuracy-drop limit filters candidates; among those left the most "
                      "accurate is chosen")
     return notes
-
-
-def _fmt(value: Any, spec: str = ".4f", none: str = "-") -> str:
-    if value is None:
-        return none
-    return format(value, spec)
-
-
-def _latency_text(row: dict[str, Any]) -> str:
-    if row.get("latency_ms") is None:
-        return "-"
-    text = f"{row['latency_ms']:.4f} ms ± {(row.get('latency_spread_ms') or 0) / 2:.4f}"
-    if row.get("latency_p10_ms") is not None and row.get("latency_p90_ms") is not None:
-        text += f" (p10 {row['latency_p10_ms']:.4f}, p90 {row['latency_p90_ms']:.4f})"
-    return text
-
-
-def _markdown(report: dict[str, Any]) -> str:
-    cand, fp32 = report["candidate"], report["fp32"]
-    sel = report["selection"]
-    rt = cand.get("runtime") or {}
-    lines = [
-        f"# autocompress export: trial {report['trial']} of study `{report['study']}`",
-        "",
-        f"Model `{report['model_spec']}` on data `{report['data_spec']}`; plan "
-        f"`{cand.get('plan_summary') or '-'}`.",
-        "",
-        f"**Chosen by:** {sel['rule']}.",
-        "",
-    ]
-    inputs = report.get("inputs") or {}
-    if inputs.get("packed"):
-        lines += [f"**Input:** {inputs['packed']}.", ""]
-    lines += [f"**Note:** {note}." for note in report.get("notes", [])]
-    if report.get("notes"):
-        lines.append("")
-    if sel["runners_up"]:
-        lines += ["| runner-up | val accuracy | size | latency ms | why not chosen |",
-                  "|---|---|---|---|---|"]
-        for r in sel["runners_up"]:
-            lines.append(
-                f"| trial {r['trial']} | {_fmt(r['accuracy_val'])} | "
-                f"{format_bytes(r['size_bytes']) if r['size_bytes'] else '-'} | "
-                f"{_fmt(r['latency_ms'])} | {r['why_not_chosen']} |"
-            )
-        lines.append("")
-    fp32_label = f"fp32 baseline (trial {fp32.get('trial')})" if fp32.get("trial") is not None \
-        else "fp32 teacher"
-    rows = [
-        ("file size", _size(fp32.get("size_bytes")), _size(cand.get("size_bytes"))
-         + (f" ({cand['times_smaller']:.2f}x smaller)" if cand.get("times_smaller") else "")),
-        ("zipped size", _size(fp32.get("zip_size_bytes")), _size(cand.get("zip_size_bytes"))),
-        ("latency (median ± IQR/2)", _latency_text(fp32), _latency_text(cand)),
-        ("latency vs fp32 (interleaved)", _fmt(fp32.get("latency_vs_fp32"), ".3f"),
-         _fmt(cand.get("latency_vs_fp32"), ".3f")
-         + (f" ({_speed_text(cand['latency_vs_fp32'])})" if cand.get("latency_vs_fp32") else "")),
-        ("accuracy, validation", _fmt(fp32.get("accuracy_val")), _fmt(cand.get("accuracy_val"))),
-        ("accuracy, held-out test", _fmt(fp32.get("accuracy_test")),
-         _fmt(cand.get("accuracy_test"))),
-        ("accuracy-drop rate (val)", "0", _fmt(cand.get("accuracy_drop_rate_val"), ".2%")),
-        ("accuracy-drop rate (test)", "0", _fmt(cand.get("accuracy_drop_rate_test"), ".2%")),
-        ("FLOPs", _fmt(fp32.get("flops"), ",d"), _fmt(cand.get("flops"), ",d")),
-        ("FLOP-reduction rate", "0", _fmt(cand.get("flop_reduction_rate"), ".2%")),
-        ("bit-operation reduction", "0", _fmt(cand.get("bops_reduction_rate"), ".2%")),
-        ("params", _fmt(fp32.get("params"), ",d"), _fmt(cand.get("params"), ",d")),
-        ("weight types in file", _types(fp32.get("weight_types")),
-         _types(cand.get("weight_types"))),
-    ]
-    lines += [f"| metric | {fp32_label} | exported (trial {report['trial']}) |", "|---|---|---|"]
-    lines += [f"| {name} | {a} | {b} |" for name, a, b in rows]
-    lines += [
-        "",
-        "Accuracy-drop rate and FLOP-reduction rate are (original - compressed) / original. "
-        "Accuracy is measured by ONNX Runtime on the exported file.",
-        "",
-        f"**Runtime (as measured):** {rt.get('runtime', 'onnxruntime')} {rt.get('version', '')}"
-        f", providers {rt.get('providers', ['CPUExecutionProvider'])}, intra-op threads "
-        f"{rt.get('threads', '?')}, batch size {rt.get('batch_size', '?')}, session options "
-        f"`{json.dumps(rt.get('session_options', {}))}`, execution "
-        f"{rt.get('execution_mode', '?')}, graph optimization {rt.get('graph_optimization', '?')}"
-        f", CPU {rt.get('cpu', '?')} ({rt.get('cpu_count', '?')} cores). Use the same session "
-        "options to reproduce the latency.",
-        "",
-        "## Per layer",
-        "",
-        "| layer | type | bits | weights in file | prune ratio (group) | params before → after "
-        "| FLOPs before → after |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for row in report["layers"]:
-        group = f"{row['prune_ratio']:.2f} ({row['prune_group']})" if row["prune_group"] else "-"
-        lines.append(
-            f"| {row['layer']} | {row['type']} | {row['bits']} | "
-            f"{row['weights_in_file'] or '-'} | {group} | "
-            f"{_fmt(row['params_before'], ',d')} → {_fmt(row['params_after'], ',d')} | "
-            f"{_fmt(row['flops_before'], ',d')} → {_fmt(row['flops_after'], ',d')} |"
-        )
-    lines += ["", "Before: the study's inventory of the original model. After: the rebuilt "
-              "model (pruned, BatchNorm folded into the conv, so a conv may gain a bias).", ""]
-    lines += ["## Verification", ""]
-    ver = report.get("verification")
-    if ver is None:
-        lines.append("Skipped (`--no-verify`): the figures above are the study's records.")
-    else:
-        lat = ver["latency"]
-        lines += [
-            f"- `model.onnx` sha256 `{ver['sha256']}` equals the study's record.",
-            f"- Test accuracy re-measured on the written file: {ver['test_accuracy']:.6f} "
-            f"(recorded {ver['recorded_test_accuracy']}, tolerance {ver['accuracy_tolerance']:g}).",
-            f"- `model.pt2` vs `model.onnx`: top-1 agreement {ver['agreement']:.2%} on "
-            f"{ver['agreement_samples']} validation samples (floor {ver['agreement_floor']:.0%})"
-            f"; max |logit difference| to the rebuilt model {ver['program_max_abs_diff']:.2e}.",
-        ]
-        if lat.get("skipped"):
-            lines.append(f"- Latency not re-checked: {lat['skipped']}.")
-        else:
-            lines.append(
-                f"- Latency re-measured interleaved with the fp32 baseline: "
-                f"{lat['candidate']['median_ms']:.4f} ms vs {lat['fp32']['median_ms']:.4f} ms, "
-                f"ratio {lat['ratio']:.3f} (recorded {lat['recorded_ratio']:.3f}; allowed "
-                f"{lat['allowed'][0]:.3f}-{lat['allowed'][1]:.3f}: {lat['tolerance']}, because "
-                "latency on shared machines drifts by tens of percent within minutes)."
-            )
-    lines += [
-        "",
-        "## Files",
-        "",
-        "- `model.onnx`: deploy with ONNX Runtime (QDQ int8/int4 weights per plan).",
-        "- `model.pt2`: `torch.export.load('model.pt2').module()(x)`; needs only PyTorch.",
-        "- `plan.json`: `autocompress.rebuild(model_spec, weights, plan, state_dict=...)`.",
-        "- `report.json`: every figure above as data; `pareto.png`: the study's trials.",
-        "",
-    ]
-    return "\n".join(lines)
-
-
-def _size(n: Any) -> str:
-    return "-" if not n else f"{format_bytes(n)} ({int(n):,d} B)"
-
-
-def _types(counts: dict[str, int] | None) -> str:
-    if not counts:
-        return "-"
-    return ", ".join(f"{k} x{v}" for k, v in sorted(counts.items()))
 
 
 def _plot(

@@ -15,8 +15,9 @@ from autocompress import study as study_mod
 from autocompress.config.options import Budget
 from autocompress.export._results import FILES, Choice, ExportResult
 from autocompress.export.files import _artifacts_dir, _fetch, _publish, _umask, check_out
+from autocompress.export.markdown import markdown
 from autocompress.export.program import _Context, _export_program, _rebuild
-from autocompress.export.report import _markdown, _plot, _report
+from autocompress.export.report import _plot, _report
 from autocompress.export.selection import choose_from_study, fp32_record
 from autocompress.export.verify import _verify
 from autocompress.intake.metric import label_of
@@ -127,7 +128,7 @@ def _write(
     report = _report(ctx, choice, record, fp32, plan, after, verification, program_diff,
                      inputs_record(float_model, ctx.input_shape, example.dtype))
     (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    (tmp / "report.md").write_text(_markdown(report))
+    (tmp / "report.md").write_text(markdown(report))
     _plot(tmp / "pareto.png", records, record, ctx, choice.budgets or _study_budgets(ctx))
     return report
 

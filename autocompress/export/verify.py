@@ -45,7 +45,7 @@ def _verify(
     threads = int(rt.get("threads") or ctx.config.get("threads") or 1)
     target = _target_of(rt)
 
-    # 1. accuracy: the same computation objective.py recorded (file, split, batches, threads,
+    # 1. accuracy: the same computation the trial recorded (file, split, batches, threads,
     # runtime: the study's deploy target).
     accuracy = scoring.onnx_accuracy(
         onnx_path, data.batches("test", EVAL_BATCH_SIZE), threads=threads,

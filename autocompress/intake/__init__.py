@@ -15,8 +15,9 @@ Every user mistake raises ``ModelSpecError`` / ``DataSpecError`` with a one-line
 names the bad value and says how to fix it.
 
 The package by job: ``specs`` (spec forms, factories, cache folder), ``data`` (splits and
-preprocessing), ``data_sources`` (digits, image folders, CIFAR-10, factories), ``models``
-(model specs and weights) and ``task`` (the two together).
+preprocessing), ``data_loading`` (a data spec into splits), ``splitting`` (seeded, stratified
+positions), ``data_sources`` (digits, image folders, CIFAR-10, factories), ``models`` (model
+specs and weights) and ``task`` (the two together).
 
 Layer 2. May import: ``errors``, ``config``.
 """
@@ -27,8 +28,8 @@ from autocompress.intake.data import (
     DataSplits,
     Split,
     as_sequences,
-    load_data,
 )
+from autocompress.intake.data_loading import load_data
 from autocompress.intake.models import (
     check_model_input,
     load_model,

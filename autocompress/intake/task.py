@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from autocompress.errors import DataSpecError, ModelSpecError, one_line
-from autocompress.intake.data import DataSplits, as_sequences, load_data
+from autocompress.intake.data import DataSplits, as_sequences
+from autocompress.intake.data_loading import load_data
 from autocompress.intake.metric import TOP1, Metric
 from autocompress.intake.models import _in_channels, check_model_input, load_model
 from autocompress.intake.specs import DEMO_MODEL_SPEC, DIGITS_DATA_SPEC, default_cache_dir
@@ -57,45 +58,15 @@ def load_task(
         return _load_user_task(task, model_spec, weights, data_spec, num_classes, input_size,
                                seed, cache, mean, std)
     if data_spec is None:
-        if model_spec is not None and model_spec.strip().lower() == "demo":
-            raise DataSpecError(
-                "'demo' is not a model spec: for the built-in demo (a small CNN on digits), "
-                "leave out --model and --data"
-            )
-        if model_spec is not None:
-            raise DataSpecError(
-                f"--model {model_spec} needs --data too (e.g. --data imagefolder:ROOT); "
-                "without --model and --data the built-in demo runs"
-            )
-        data_spec = DIGITS_DATA_SPEC
+        data_spec = _demo_data_spec(model_spec)
     data = load_data(
         data_spec, input_size=input_size, seed=seed, cache_dir=cache, mean=mean, std=std,
         tokenizer=tokenizer_of(model_spec),
     )
-    if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 1):
-        raise ModelSpecError(f"--num-classes must be a positive integer, got {num_classes!r}")
-    classes = num_classes if num_classes is not None else data.num_classes
-    if classes < data.num_classes:
-        raise ModelSpecError(
-            f"--num-classes {classes} is less than the {data.num_classes} classes in "
-            f"{data.spec!r}; drop --num-classes or match it to the data"
-        )
+    classes = _class_count(num_classes, data)
     if model_spec is None or (model_spec == DEMO_MODEL_SPEC and weights is None):
-        if data.spec != DIGITS_DATA_SPEC:
-            raise ModelSpecError(
-                f"the built-in demo model is trained on digits only, not {data.spec!r}; "
-                "pass --model (and --weights) for your own model"
-            )
-        if classes != data.num_classes:
-            raise ModelSpecError(
-                f"--num-classes {classes} does not fit the built-in demo, trained on "
-                f"{data.num_classes} digit classes; drop --num-classes"
-            )
-        from autocompress.intake.demo import load_demo_model
-
         model_spec = DEMO_MODEL_SPEC
-        model: nn.Module = load_demo_model(data, cache_dir=cache, seed=seed)
-        check_model_input(model, data.example_input(), model_spec)
+        model = _demo_model(data, classes, cache, seed)
     else:
         model = load_model(model_spec, weights, num_classes=classes, input_shape=data.input_shape)
         # The zero-input check above fixed the shape; one real batch catches dtype surprises.
@@ -109,6 +80,53 @@ def load_task(
         num_classes=classes,
         weights=str(weights) if weights is not None else None,
     )
+
+
+def _demo_data_spec(model_spec: str | None) -> str:
+    """Digits, the demo's data, when no data spec was given: only without a model spec."""
+    if model_spec is not None and model_spec.strip().lower() == "demo":
+        raise DataSpecError(
+            "'demo' is not a model spec: for the built-in demo (a small CNN on digits), "
+            "leave out --model and --data"
+        )
+    if model_spec is not None:
+        raise DataSpecError(
+            f"--model {model_spec} needs --data too (e.g. --data imagefolder:ROOT); "
+            "without --model and --data the built-in demo runs"
+        )
+    return DIGITS_DATA_SPEC
+
+
+def _class_count(num_classes: int | None, data: DataSplits) -> int:
+    """``num_classes`` (checked against the data's classes), else the data's count."""
+    if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 1):
+        raise ModelSpecError(f"--num-classes must be a positive integer, got {num_classes!r}")
+    classes = num_classes if num_classes is not None else data.num_classes
+    if classes < data.num_classes:
+        raise ModelSpecError(
+            f"--num-classes {classes} is less than the {data.num_classes} classes in "
+            f"{data.spec!r}; drop --num-classes or match it to the data"
+        )
+    return classes
+
+
+def _demo_model(data: DataSplits, classes: int, cache: Path, seed: int) -> nn.Module:
+    """The built-in demo CNN, trained on this seed's digits at first use and cached."""
+    if data.spec != DIGITS_DATA_SPEC:
+        raise ModelSpecError(
+            f"the built-in demo model is trained on digits only, not {data.spec!r}; "
+            "pass --model (and --weights) for your own model"
+        )
+    if classes != data.num_classes:
+        raise ModelSpecError(
+            f"--num-classes {classes} does not fit the built-in demo, trained on "
+            f"{data.num_classes} digit classes; drop --num-classes"
+        )
+    from autocompress.intake.demo import load_demo_model
+
+    model: nn.Module = load_demo_model(data, cache_dir=cache, seed=seed)
+    check_model_input(model, data.example_input(), DEMO_MODEL_SPEC)
+    return model
 
 
 def tokenizer_of(model_spec: str | None) -> str | None:

@@ -133,7 +133,7 @@ def load_text_tokens(
     rest: str, *, tokenizer: str | None,
 ) -> tuple[torch.Tensor, torch.Tensor, list[str], int]:
     """``text:`` data as (token ids (N, L) int64, labels (N,) int64, classes, L); the
-    splits are made by ``intake.data`` like every other source's."""
+    splits are made by ``intake.data_loading`` like every other source's."""
     path, options = parse_text_spec(rest)
     folder = options.get("tokenizer") or tokenizer
     if not folder:

@@ -15,6 +15,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from autocompress.study.records import finite_number
+
 if TYPE_CHECKING:
     import torch
     from torch import nn
@@ -90,6 +92,16 @@ def bit_operations(macs: Mapping[str, int], plan: CompressionPlan) -> int:
     return total
 
 
+def times_smaller(fp32_size: float | None, size: float | None) -> float | None:
+    """fp32 bytes / these bytes ("x smaller"); None when either is missing or zero."""
+    return float(fp32_size) / float(size) if fp32_size and size else None
+
+
+def times_faster(latency_vs_fp32: float | None) -> float | None:
+    """1 / the latency ratio to fp32 ("x faster"); None without a ratio."""
+    return 1.0 / float(latency_vs_fp32) if latency_vs_fp32 else None
+
+
 def versus_fp32(
     *,
     accuracy: float | None,
@@ -104,11 +116,9 @@ def versus_fp32(
     Speed comes from the interleaved ratio measured beside the fp32 file."""
     base = fp32 or {}
     fp32_acc = base.get("accuracy")
-    fp32_size = base.get("size_bytes")
     return {
-        "times_smaller": (float(fp32_size) / float(size_bytes)
-                          if fp32_size and size_bytes else None),
-        "times_faster": 1.0 / float(latency_vs_fp32) if latency_vs_fp32 else None,
+        "times_smaller": times_smaller(base.get("size_bytes"), size_bytes),
+        "times_faster": times_faster(latency_vs_fp32),
         "accuracy_change_points": (100.0 * (float(accuracy) - float(fp32_acc))
                                    if accuracy is not None and fp32_acc is not None else None),
         "accuracy_drop_rate": accuracy_drop_rate(fp32_acc, accuracy),
@@ -127,3 +137,52 @@ def record_versus_fp32(record: TrialRecord, fp32: TrialRecord | None) -> dict[st
         accuracy=record.accuracy, size_bytes=record.size_bytes, flops=record.flops,
         bops=record.bops, latency_vs_fp32=record.latency_vs_fp32, fp32=base,
     )
+
+
+def row_versus_fp32(row: Mapping[str, Any], fp32: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``versus_fp32`` for plain rows (the dashboard's trials; ``fp32``: the fp32 baseline
+    trial's row, with its ``number``), plus what the trial page shows beside it: the test
+    accuracy change (points), how many times smaller the zipped file and how many times
+    fewer the parameters.
+
+    Speed prefers the interleaved ratio measured beside the fp32 file in the same run
+    (``latency_vs_fp32``: latency drifts, interleaving cancels it), then the fp32 latency
+    recorded on the trial, then the fp32 baseline trial's own latency.
+    """
+    ratio = finite_number(row.get("latency_vs_fp32"))
+    out: dict[str, Any] = versus_fp32(
+        accuracy=finite_number(row.get("accuracy")),
+        size_bytes=finite_number(row.get("size_bytes")),
+        flops=finite_number(row.get("flops")),
+        bops=finite_number(row.get("bops")),
+        latency_vs_fp32=ratio if ratio and ratio > 0 else None,
+        fp32=fp32,
+    )
+    out["latency_basis"] = None
+    out["fp32_trial"] = fp32["number"] if fp32 else None
+    lat = row.get("latency_ms")
+    fp32_lat = finite_number(row.get("fp32_latency_ms"))
+    if out["times_faster"] is not None:
+        out["latency_basis"] = "interleaved with the fp32 file in the same run"
+    elif fp32_lat and lat:
+        out["times_faster"] = fp32_lat / lat
+        out["latency_basis"] = "fp32 latency recorded with this trial"
+    elif fp32 and fp32.get("latency_ms") and lat:
+        out["times_faster"] = fp32["latency_ms"] / lat
+        out["latency_basis"] = f"fp32 baseline trial #{fp32['number']}"
+    out.update(_beside_fp32(row, fp32 or {}))
+    return out
+
+
+def _beside_fp32(row: Mapping[str, Any], fp32: Mapping[str, Any]) -> dict[str, float | None]:
+    test, fp32_test = row.get("test_accuracy"), fp32.get("test_accuracy")
+    zipped, fp32_zipped = row.get("zip_size_bytes"), fp32.get("zip_size_bytes")
+    params, fp32_params = row.get("params"), fp32.get("params")
+    return {
+        "test_accuracy_change_points": (100.0 * (test - fp32_test) if test is not None
+                                        and fp32_test is not None else None),
+        "zip_times_smaller": (fp32_zipped / zipped if zipped and fp32_zipped is not None
+                              else None),
+        "params_times_fewer": (fp32_params / params if params and params > 0
+                               and fp32_params is not None else None),
+    }

@@ -1,9 +1,12 @@
-"""Pareto fronts, hypervolume and the selection rule: pure functions over plain records."""
+"""Pareto fronts, dominance, hypervolume and the selection rule: pure functions over plain
+records (``TrialRecord``) and over the dashboard's plain rows (dicts), so the search, ``show``,
+export and the dashboard share one front."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from autocompress.config.options import Budget
 from autocompress.study import attrs as trial_attrs
@@ -67,6 +70,84 @@ def nondominated(points: dict[int, Sequence[float]], maximize: Sequence[bool]) -
         if not any(_dominates(points[m], points[n], signs) for m in front):
             front.append(n)
     return sorted(front)
+
+
+def is_compressed_candidate(row: Mapping[str, Any]) -> bool:
+    """Feasible search result or compressed baseline; the fp32 model is the reference only.
+
+    Counting the uncompressed fp32 baseline as "best accuracy" would make every study's best
+    the unchanged teacher and flatten the progress curve from trial 0.
+    """
+    return bool(row["feasible"]) and row.get("baseline") != "fp32"
+
+
+def fp32_row(rows: Iterable[Mapping[str, Any]]) -> Mapping[str, Any] | None:
+    """The fp32 baseline trial among plain rows: complete, with a measured accuracy."""
+    return next((r for r in rows if r["baseline"] == "fp32" and r["state"] == "COMPLETE"
+                 and r["accuracy"] is not None), None)
+
+
+def row_fronts(
+    rows: Sequence[Mapping[str, Any]], keys: Sequence[str], maximize: Sequence[bool]
+) -> tuple[set[int], list[int], list[int]]:
+    """(superseded, front, front_2d) of plain rows: the trial numbers a feasible retrain of
+    the same plan supersedes, the non-dominated feasible rows over ``keys`` (ascending
+    number), and the feasible (accuracy up, size down) front, smallest first. Each plan
+    counts once, at its most-trained trial (``superseded``)."""
+    gone = superseded((r["parent_trial"], bool(r["feasible"])) for r in rows)
+    feasible = [r for r in rows if r["feasible"] and r["number"] not in gone]
+    full = {
+        r["number"]: [r[k] for k in keys]
+        for r in feasible
+        if all(r[k] is not None for k in keys)
+    }
+    front = nondominated(full, maximize)
+    flat = {
+        r["number"]: [r["accuracy"], r["size_bytes"]]
+        for r in feasible
+        if r["accuracy"] is not None and r["size_bytes"] is not None
+    }
+    front_2d = nondominated(flat, [True, False])
+    front_2d.sort(key=lambda n: flat[n][1])
+    return gone, front, front_2d
+
+
+def progress_curve(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Best feasible accuracy and 2-D hypervolume after each trial number, over plain rows.
+
+    Candidates are feasible trials other than the fp32 reference. The reference size is
+    fixed for the whole study (1.1 x the largest size any complete trial reached, fp32
+    included) so the curve is monotone and comparable across the run; ``hypervolume_share``
+    is the volume as a share of that reference box.
+    """
+    sizes = [r["size_bytes"] for r in rows if r["state"] == "COMPLETE" and r["size_bytes"]]
+    ref_size = max(sizes) * 1.1 if sizes else None
+    numbers: list[int] = []
+    best_acc: list[float | None] = []
+    hv: list[float | None] = []
+    front: list[tuple[float, float]] = []  # only non-dominated points change the volume
+    volume = 0.0
+    best: float | None = None
+    for r in sorted(rows, key=lambda r: r["number"]):
+        usable = r["accuracy"] is not None and r["size_bytes"] is not None
+        if usable and is_compressed_candidate(r):
+            point = (r["accuracy"], r["size_bytes"])
+            best = point[0] if best is None else max(best, point[0])
+            if not any(a >= point[0] and s <= point[1] for a, s in front):
+                front = [(a, s) for a, s in front if not (point[0] >= a and point[1] <= s)]
+                front.append(point)
+                volume = hypervolume_points(front, ref_size) if ref_size is not None else 0.0
+        numbers.append(r["number"])
+        best_acc.append(best)
+        hv.append(volume if ref_size is not None else None)
+    return {
+        "trial_numbers": numbers,
+        "best_feasible_accuracy": best_acc,
+        "hypervolume": hv,
+        "hypervolume_share": [v / ref_size if v is not None and ref_size else None
+                              for v in hv],
+        "reference": {"accuracy": 0.0, "size_bytes": ref_size},
+    }
 
 
 def hypervolume_points(points: Iterable[tuple[float, float]], ref_size: float) -> float:

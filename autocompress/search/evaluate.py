@@ -59,8 +59,9 @@ def evaluate_plan(
         with sessions.torch_threads(scratch.train_threads):
             session = sessions.open_session(scratch, url, storage, Path(tmp), on_note, task=task)
             plan.validate(session.inventory)
-            params = space.plan_to_params(plan, session.inventory, scratch)
-            _check_in_space(plan, space.params_to_plan(params, session.inventory, scratch))
+            settings = session.settings.space
+            params = space.plan_to_params(plan, session.inventory, settings)
+            _check_in_space(plan, space.params_to_plan(params, session.inventory, settings))
             study_mod.enqueue(session.study, params,
                               {trial_attrs.FINETUNE_STEPS: plan.finetune_steps}, first=True)
             session.runner.ctx.on_step = on_step

@@ -17,7 +17,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from autocompress.config.options import Budget, SearchConfig
+from autocompress.config.options import Budget
+from autocompress.config.settings import SpaceSettings
 from autocompress.model import space
 from autocompress.model.inventory import Inventory
 from autocompress.model.plan import CompressionPlan
@@ -71,14 +72,14 @@ class _Targets:
 class _Problem:
     """The units (layers with widths, groups with ratios) and the size/latency/damage model."""
 
-    def __init__(self, sens: Sensitivity, config: SearchConfig, fp32_bytes: float,
+    def __init__(self, sens: Sensitivity, settings: SpaceSettings, fp32_bytes: float,
                  activation_bits: int, predict: LatencyPredictor | None,
                  inventory: Inventory) -> None:
         self.sens = sens
         self.acts = activation_bits
         self.predict = predict
         self.layers = list(sens.layers)
-        widths = sorted({b for b in config.bits}, reverse=True)
+        widths = sorted({b for b in settings.bits}, reverse=True)
         self.layer_options = {
             name: [b for b in widths if b == 32 or str(b) in sens.layers[name]["bits"]]
             for name in self.layers
@@ -258,7 +259,7 @@ def solve_rung(
     rung: Rung,
     sens: Sensitivity,
     inventory: Inventory,
-    config: SearchConfig,
+    settings: SpaceSettings,
     *,
     fp32_bytes: float,
     predict_latency: LatencyPredictor | None = None,
@@ -268,7 +269,7 @@ def solve_rung(
     target; None when the space cannot reach it or the uncompressed model already does."""
     aim = _Targets(None if rung.size_bytes is None else rung.size_bytes * SIZE_MARGIN,
                    None if rung.latency_ratio is None else rung.latency_ratio * latency_margin)
-    best = _best_over_activations(sens, config, fp32_bytes, predict_latency, aim, inventory)
+    best = _best_over_activations(sens, settings, fp32_bytes, predict_latency, aim, inventory)
     if best is None:
         return None
     problem, choice = best
@@ -276,7 +277,7 @@ def solve_rung(
         return None  # the uncompressed model already meets it: the baselines cover that
     kept = problem.kept(choice)
     return GuidedPlan(
-        name=rung.name, plan=_to_plan(choice, config, problem.acts, inventory),
+        name=rung.name, plan=_to_plan(choice, settings, problem.acts, inventory),
         predicted_damage=problem.damage(choice),
         predicted_size_bytes=problem.size(choice, kept),
         predicted_latency_ratio=problem.latency_ratio(choice, kept),
@@ -287,7 +288,7 @@ def solve_rung(
 def propose(
     sens: Sensitivity,
     inventory: Inventory,
-    config: SearchConfig,
+    settings: SpaceSettings,
     *,
     fp32_bytes: float,
     budgets: Sequence[Budget],
@@ -301,7 +302,7 @@ def propose(
     out: list[GuidedPlan] = []
     seen: set[str] = set()
     for rung in rungs(fp32_bytes=fp32_bytes, budgets=budgets, reference_ms=reference_ms):
-        plan = solve_rung(rung, sens, inventory, config, fp32_bytes=fp32_bytes,
+        plan = solve_rung(rung, sens, inventory, settings, fp32_bytes=fp32_bytes,
                           predict_latency=predict_latency)
         if plan is None or plan.plan.to_json() in seen:
             continue
@@ -313,14 +314,14 @@ def propose(
 
 
 def _best_over_activations(
-    sens: Sensitivity, config: SearchConfig, fp32_bytes: float,
+    sens: Sensitivity, settings: SpaceSettings, fp32_bytes: float,
     predict: LatencyPredictor | None, targets: _Targets, inventory: Inventory,
 ) -> tuple[_Problem, dict[tuple[str, str], float]] | None:
     """A plan has one activation mode: solve under each the space allows, keep the least
     predicted damage (ties, common since int4 is scored weight-only: the faster plan)."""
     best: tuple[tuple[float, float], _Problem, dict[tuple[str, str], float]] | None = None
-    for acts in config.activation_bits:
-        problem = _Problem(sens, config, fp32_bytes, acts, predict, inventory)
+    for acts in settings.activation_bits:
+        problem = _Problem(sens, settings, fp32_bytes, acts, predict, inventory)
         choice = solve(problem, targets)
         if choice is None:
             continue
@@ -330,11 +331,11 @@ def _best_over_activations(
     return None if best is None else (best[1], best[2])
 
 
-def _to_plan(choice: dict[tuple[str, str], float], config: SearchConfig, acts: int,
+def _to_plan(choice: dict[tuple[str, str], float], settings: SpaceSettings, acts: int,
              inventory: Inventory) -> CompressionPlan:
     """The chosen options as a plan of the search space (every searchable layer and group
     named, as ``space.suggest_plan`` would)."""
-    base = space.uniform_plan(inventory, config, bits=32, activation_bits=acts)
+    base = space.uniform_plan(inventory, settings, bits=32, activation_bits=acts)
     bits = dict(base.bits)
     prune = dict(base.prune)
     for (kind, name), value in choice.items():

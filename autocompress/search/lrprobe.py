@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
-from autocompress.config.options import SearchConfig
+from autocompress.config.settings import SpaceSettings, TrainingSettings
 from autocompress.errors import TrainingError
 from autocompress.intake import Task
 from autocompress.model import space
@@ -41,7 +41,7 @@ from autocompress.model.inventory import Inventory
 from autocompress.model.plan import CompressionPlan
 from autocompress.train import distill
 from autocompress.transform import quantize
-from autocompress.trial.runner import build_student, torch_accuracy
+from autocompress.transform.student import build_student, torch_accuracy
 
 CANDIDATES = (3e-3, 1e-3, 3e-4, 1e-4)
 BELOW = (3e-5, 1e-5)  # tried only while each smaller rate still gains (pretrained transformers)
@@ -127,7 +127,8 @@ def walk(score: Callable[[float], float], ladder: tuple[float, ...], first: int,
 def probe_learning_rate(
     task: Task,
     inventory: Inventory,
-    config: SearchConfig,
+    space_settings: SpaceSettings,
+    training: TrainingSettings,
     calibration: list[torch.Tensor],
     *,
     candidates: tuple[float, ...] = CANDIDATES,
@@ -139,12 +140,11 @@ def probe_learning_rate(
     doc): from the smallest of ``candidates``, up through them, or down through the rates of
     ``below`` that are smaller still; ``seconds`` bounds the probe."""
     started = time.perf_counter()
-    widths = [b for b in config.bits if b < 32]
+    widths = [b for b in space_settings.bits if b < 32]
     bits = min((b for b in widths if b > 4), default=min(widths, default=32))
-    steps = min(PROBE_STEPS, max(1, config.finetune_steps))
-    base = space.uniform_plan(inventory, config, bits=bits)
-    student = build_student(task, base, config.round_to)
-    eval_batches = PROBE_EVAL_BATCHES
+    steps = min(PROBE_STEPS, max(1, space_settings.finetune_steps))
+    base = space.uniform_plan(inventory, space_settings, bits=bits)
+    student = build_student(task, base, training.round_to)
 
     def accuracy(model: torch.nn.Module, batches: int) -> float:
         val = itertools.islice(task.data.batches("val", 256), batches)
@@ -158,16 +158,7 @@ def probe_learning_rate(
     grid = sorted(candidates, reverse=True)
     ladder = tuple(sorted({*grid, *(lr for lr in below if lr < grid[-1])}, reverse=True))
     start_model = calibrated(base).to(device)  # moved before the timing: not a batch's cost
-    one_batch: float | None = None
-    if seconds is not None:  # one batch timed: as many as a fair share of the time allows
-        t0 = time.perf_counter()
-        one_batch = accuracy(start_model, 1)
-        per_batch = time.perf_counter() - t0
-        evaluations = 1 + len(ladder)  # the start and at most every rate
-        eval_batches = max(1, min(PROBE_EVAL_BATCHES, int(
-            EVAL_SHARE * seconds / evaluations / max(per_batch, 1e-9))))
-    start = (one_batch if one_batch is not None and eval_batches == 1
-             else accuracy(start_model, eval_batches))
+    eval_batches, start = _start_accuracy(accuracy, start_model, seconds, len(ladder))
     paces: list[float] = []
 
     def score(lr: float) -> float:
@@ -175,8 +166,8 @@ def probe_learning_rate(
         plan = dataclasses.replace(base, learning_rate=lr, finetune_steps=steps)
         model = calibrated(plan)
         try:
-            distill.finetune(model, task.model, task.data, plan, batch_size=config.batch_size,
-                             device=device, seed=config.seed, loss=task.loss)
+            distill.finetune(model, task.model, task.data, plan, batch_size=training.batch_size,
+                             device=device, seed=training.seed, loss=task.loss)
         except TrainingError:
             result = -math.inf  # the loss diverged: as bad as a rate can be
         else:
@@ -193,3 +184,24 @@ def probe_learning_rate(
     scores = walk(score, ladder, first, start, out_of_time)
     ordered = dict(sorted(scores.items(), reverse=True))
     return LearningRateProbe(choose(ordered), start, ordered, steps, bits)
+
+
+def _start_accuracy(
+    accuracy: Callable[[torch.nn.Module, int], float], start_model: torch.nn.Module,
+    seconds: float | None, rates: int,
+) -> tuple[int, float]:
+    """The validation batches each evaluation uses, and the student's accuracy before any
+    fine-tune. Under a time bound one batch is timed first: as many batches as a fair share
+    of the time allows (the start and at most each of ``rates`` rates are evaluated)."""
+    eval_batches = PROBE_EVAL_BATCHES
+    one_batch: float | None = None
+    if seconds is not None:
+        t0 = time.perf_counter()
+        one_batch = accuracy(start_model, 1)
+        per_batch = time.perf_counter() - t0
+        evaluations = 1 + rates  # the start and at most every rate
+        eval_batches = max(1, min(PROBE_EVAL_BATCHES, int(
+            EVAL_SHARE * seconds / evaluations / max(per_batch, 1e-9))))
+    start = (one_batch if one_batch is not None and eval_batches == 1
+             else accuracy(start_model, eval_batches))
+    return eval_batches, start

@@ -24,7 +24,8 @@ from collections.abc import Callable
 from typing import Any
 
 from autocompress import study as study_mod
-from autocompress.config.options import Budget, SearchConfig
+from autocompress.config.options import Budget
+from autocompress.config.settings import RunSettings, SpaceSettings
 from autocompress.errors import one_line
 from autocompress.model import space
 from autocompress.model.plan import CompressionPlan
@@ -40,7 +41,8 @@ from autocompress.search.sensitivity import (
 from autocompress.search.session import _say
 from autocompress.study import attrs as trial_attrs
 from autocompress.transform.student import build_student
-from autocompress.trial.runner import SearchContext, TrialRunner
+from autocompress.trial.context import SearchContext
+from autocompress.trial.runner import TrialRunner
 
 log = logging.getLogger("autocompress")
 
@@ -59,7 +61,8 @@ def enqueue_guided(
     study: Any,
     runner: TrialRunner,
     inventory: Any,
-    config: SearchConfig,
+    settings: SpaceSettings,
+    run: RunSettings,
     budgets: list[Budget],
     on_start: Callable[[str], None] | None,
 ) -> None:
@@ -68,13 +71,14 @@ def enqueue_guided(
     GUIDED_SHARE trials)."""
     ctx = runner.ctx
     try:
-        table = _resolve_sensitivity(study, ctx, inventory, config, on_start)
+        table = _resolve_sensitivity(study, ctx, inventory, run, on_start)
     except Exception as exc:  # a model the pass cannot score still gets searched
         _say(f"sensitivity pass failed ({one_line(exc, typed=True)}); searching without "
              "guided plans", on_start)
         return
-    fit_latency_model(runner, inventory, config)
-    plans, measured = _checked_plans(runner, table, inventory, config, budgets)
+    fit_latency_model(runner, inventory, settings)
+    plans, measured = _checked_plans(runner, table, inventory, settings, budgets,
+                                     max(1, run.trials // GUIDED_SHARE))
     for g in plans:
         lat = ("" if g.predicted_latency_ratio is None
                else f", x{g.predicted_latency_ratio:.2f} of fp32 latency")
@@ -85,9 +89,9 @@ def enqueue_guided(
              f"{g.predicted_size_bytes / 1000:.1f} KB{lat}, damage {g.predicted_damage:.3g}",
              on_start)
     chosen = [(g.name, g.plan) for g in plans]
-    if config.ptq_methods:  # each least-damage plan realised by PTQ first: seconds each
-        chosen = space.ptq_twins(chosen, config) + chosen
-    named = [(name, space.plan_to_params(plan, inventory, config)) for name, plan in chosen]
+    if settings.ptq_methods:  # each least-damage plan realised by PTQ first: seconds each
+        chosen = space.ptq_twins(chosen, settings) + chosen
+    named = [(name, space.plan_to_params(plan, inventory, settings)) for name, plan in chosen]
     study_mod.enqueue_once(study, named, trial_attrs.GUIDED)
 
 
@@ -95,20 +99,20 @@ def _checked_plans(
     runner: TrialRunner,
     table: Sensitivity,
     inventory: Any,
-    config: SearchConfig,
+    settings: SpaceSettings,
     budgets: list[Budget],
+    limit: int,
 ) -> tuple[list[guided.GuidedPlan], dict[str, float]]:
-    """Per rung: solve, pre-check a latency-aimed plan, and solve again (the model has
-    learned that structure, and the aim moves by the miss) while it measured over its
-    target or far under it (overshooting costs accuracy), up to REPLANS solves. A rung
-    keeps its least-damage plan measured within target; one never measured within it is
-    kept only while it meets the latency budgets (its trial would be rejected otherwise)."""
+    """Up to ``limit`` plans. Per rung: solve, pre-check a latency-aimed plan, and solve
+    again (the model has learned that structure, and the aim moves by the miss) while it
+    measured over its target or far under it (overshooting costs accuracy), up to REPLANS
+    solves. A rung keeps its least-damage plan measured within target; one never measured
+    within it is kept only while it meets the latency budgets (else its trial is rejected)."""
     ctx = runner.ctx
     fp32_bytes = measure.file_size(ctx.fp32_onnx)
     measured: dict[str, float] = {}
     out: list[guided.GuidedPlan] = []
     seen: set[str] = set()
-    limit = max(1, config.trials // GUIDED_SHARE)
     for rung in guided.rungs(fp32_bytes=fp32_bytes, budgets=budgets,
                              reference_ms=None if ctx.reference is None
                              else ctx.reference.median_ms):
@@ -118,7 +122,7 @@ def _checked_plans(
         last: guided.GuidedPlan | None = None
         margin = guided.LATENCY_MARGIN
         for _ in range(REPLANS):
-            g = guided.solve_rung(rung, table, inventory, config, fp32_bytes=fp32_bytes,
+            g = guided.solve_rung(rung, table, inventory, settings, fp32_bytes=fp32_bytes,
                                   predict_latency=ctx.latency_model.predict,
                                   latency_margin=margin)
             if g is None:
@@ -129,7 +133,7 @@ def _checked_plans(
                 break
             key = g.plan.to_json()
             if key not in measured:
-                ratio = _measure(runner, g.plan, config)
+                ratio = _measure(runner, g.plan)
                 measured[key] = float("nan") if ratio is None else ratio
             ratio = measured[key]
             if ratio != ratio:  # cannot be timed: its trial will say why
@@ -158,13 +162,13 @@ def _breaks_budget(ratio: float, ctx: SearchContext) -> bool:
     return budget is not None and ratio > budget
 
 
-def _measure(runner: TrialRunner, plan: CompressionPlan, config: SearchConfig,
+def _measure(runner: TrialRunner, plan: CompressionPlan,
              what: str = "guided plan") -> float | None:
     """The structure's latency ratio to fp32 (a careful pre-check, which the latency model
     also learns from), or None, with a warning naming ``what`` was skipped, when it cannot
     be timed (a guided plan's trial then records why)."""
     try:
-        student = build_student(runner.ctx.task, plan, config.round_to)
+        student = build_student(runner.ctx.task, plan, runner.ctx.training.round_to)
         pre = runner.precheck(student, plan, None, runner.ctx.workdir / "pre-checks",
                               careful=True)
     except Exception as exc:
@@ -173,36 +177,36 @@ def _measure(runner: TrialRunner, plan: CompressionPlan, config: SearchConfig,
     return pre.ratio
 
 
-def fit_latency_model(runner: TrialRunner, inventory: Any, config: SearchConfig) -> None:
+def fit_latency_model(runner: TrialRunner, inventory: Any, settings: SpaceSettings) -> None:
     """Pre-check the probe structures (module docstring) so the latency model is fitted on
     this machine before the guided plans aim at a speed. Latency does not depend on weight
     values, so each costs an export and a timing (cached by structure, reused by every later
     pre-check); a structure that cannot be timed is left out with a warning."""
     model = runner.ctx.latency_model
-    for plan in latency_probes(inventory, config):
+    for plan in latency_probes(inventory, settings):
         if model.ready and len(model.observations) >= guided.LATENCY_PROBES:
             return
-        _measure(runner, plan, config, "latency probe")
+        _measure(runner, plan, "latency probe")
 
 
-def latency_probes(inventory: Any, config: SearchConfig) -> list[CompressionPlan]:
+def latency_probes(inventory: Any, settings: SpaceSettings) -> list[CompressionPlan]:
     """Each width uniformly at 0/25/50% pruning, then the widest width and int8 (or the
     narrowest) alternating layer by layer (unpruned), with uint8 activations where allowed:
     weight-only structures time like float ones, so only these teach the model what integer
     kernels and the switches between float and integer cost here."""
-    ratios = sorted({0.0, *(r for r in (0.25, 0.5) if r <= space.prune_high(config))})
-    widths = sorted(set(config.bits), reverse=True)
+    ratios = sorted({0.0, *(r for r in (0.25, 0.5) if r <= space.prune_high(settings))})
+    widths = sorted(set(settings.bits), reverse=True)
 
     def acts_for(bits: int) -> int:
-        return 8 if bits < 32 and 8 in config.activation_bits else config.activation_bits[0]
+        return 8 if bits < 32 and 8 in settings.activation_bits else settings.activation_bits[0]
 
-    probes = [space.uniform_plan(inventory, config, bits=bits, ratio=ratio,
+    probes = [space.uniform_plan(inventory, settings, bits=bits, ratio=ratio,
                                  activation_bits=acts_for(bits))
               for bits in widths for ratio in ratios]
     if len(widths) > 1:
         # float and integer layers alternating: int8 where allowed, the planner's usual mix
         narrow = 8 if 8 in widths else widths[-1]
-        base = space.uniform_plan(inventory, config, bits=widths[0],
+        base = space.uniform_plan(inventory, settings, bits=widths[0],
                                   activation_bits=acts_for(narrow))
         mixed = {name: (narrow if i % 2 else bits) for i, (name, bits)
                  in enumerate(base.bits.items())}
@@ -214,7 +218,7 @@ def _resolve_sensitivity(
     study: Any,
     ctx: SearchContext,
     inventory: Any,
-    config: SearchConfig,
+    run: RunSettings,
     on_start: Callable[[str], None] | None,
 ) -> Sensitivity:
     """The study's sensitivity table: measured once (under the study lock, so concurrent
@@ -223,23 +227,23 @@ def _resolve_sensitivity(
         stored = study.user_attrs.get(SENSITIVITY_ATTR)
         if stored is not None:
             return Sensitivity.from_dict(json.loads(stored))
-        table = measure_sensitivity(ctx.task, inventory, config, ctx.calibration,
-                                    images=config.sensitivity_images,
-                                    seconds=pass_seconds(config))
+        table = measure_sensitivity(ctx.task, inventory, ctx.space, ctx.calibration,
+                                    training=ctx.training, images=run.sensitivity_images,
+                                    seconds=pass_seconds(run.time_limit))
         study.set_user_attr(SENSITIVITY_ATTR, json.dumps(table.to_dict()))
-    fragile = table.fragile_layers(min(config.bits))
+    fragile = table.fragile_layers(min(ctx.space.bits))
     _say(f"sensitivity pass: {len(table.layers)} layers and {len(table.groups)} groups "
          f"scored on {table.images} validation images in {table.seconds:.0f} s"
          + (f" (observers calibrated on {table.calibration_batches} batch(es) to fit "
-            f"{pass_seconds(config):.0f} s)"
+            f"{pass_seconds(run.time_limit):.0f} s)"
             if table.calibration_batches < min(CALIBRATION_BATCHES, len(ctx.calibration))
             else "")
          + (f"; keep at higher precision: {', '.join(fragile)}" if fragile else "")
          + (f"; {len(table.failed)} choices could not be scored" if table.failed else "")
          + (f"; {len(table.unscored)} smaller groups left unscored to stay within "
-            f"{pass_seconds(config):.0f} s (guided plans do not prune them)"
+            f"{pass_seconds(run.time_limit):.0f} s (guided plans do not prune them)"
             if table.unscored else "")
-         + f" (autocompress sensitivity --study {config.study})", on_start)
+         + f" (autocompress sensitivity --study {run.study})", on_start)
     return table
 
 

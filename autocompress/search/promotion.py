@@ -12,7 +12,7 @@ Without budgets, the most accurate plan at each target of the guided ladder (8x 
 1.5x faster, ...) goes before the rest: hypervolume alone favours the front's smallest,
 least accurate plans, whose retrains rarely reach the accuracy anyone deploys.
 
-The effort is a share of the run's (``SearchConfig.promotion_share``: 0.25, 0.5 under
+The effort is a share of the run's (``PromotionSettings.share``: 0.25, 0.5 under
 budgets), in units of one short fine-tune: ``share x trials`` without a time limit; with
 ``--time-limit``, the search part stops at ``1 - share`` of it and promotions use what is
 left, costed by the run's own mean time per short trial, planned again after each batch
@@ -25,7 +25,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from autocompress.config.options import SearchConfig
+from autocompress.config.settings import PromotionSettings
+from autocompress.results import metrics
 from autocompress.results.pareto import (
     fp32_record,
     hypervolume_contributions,
@@ -48,17 +49,17 @@ class Promotion:
     cost: float  # in short fine-tunes (the search's finetune_steps)
 
 
-def fidelity(record: TrialRecord, config: SearchConfig) -> float:
+def fidelity(record: TrialRecord, settings: PromotionSettings) -> float:
     """The record's fine-tune steps over the search's (1 for an ordinary trial)."""
     steps = record.plan.get("finetune_steps")
-    if not steps or not config.finetune_steps:
+    if not steps or not settings.finetune_steps:
         return 1.0
-    return float(steps) / config.finetune_steps
+    return float(steps) / settings.finetune_steps
 
 
 def plan_promotions(
     records: Sequence[TrialRecord],
-    config: SearchConfig,
+    settings: PromotionSettings,
     *,
     effort: float,
     reference_size: float,
@@ -75,9 +76,35 @@ def plan_promotions(
     what the rungs leave over (less than one more promotion) lengthens the chosen retrains,
     shared equally, up to the last rung's steps each. Short trials run in that leftover
     instead would never be retrained, and the deliverable is a retrained plan."""
-    if config.promotion_share() <= 0 or config.finetune_steps == 0 or effort <= 0:
+    if settings.share <= 0 or settings.finetune_steps == 0 or effort <= 0:
         return []
-    factor = config.promote_factor
+    factor = settings.factor
+    ranked, top = _ranked(records, settings, reference_size)
+    out: list[Promotion] = []
+    left = effort
+    for record in ranked:
+        level = fidelity(record, settings)
+        rung = 1 if level < factor else 2
+        if level >= factor**MAX_RUNGS:
+            continue
+        cost = min(level * factor, float(factor**MAX_RUNGS))
+        if cost > left + 1e-9:
+            continue
+        if settings.under_budgets and record in top:
+            cost, rung = _concentrated(cost, left, settings)
+        steps = round(cost * settings.finetune_steps)
+        out.append(Promotion(parent=record.number, steps=steps, rung=rung, cost=cost))
+        left -= cost
+    if stretch:
+        out = _stretched(out, left, settings)
+    return out
+
+
+def _ranked(
+    records: Sequence[TrialRecord], settings: PromotionSettings, reference_size: float
+) -> tuple[list[TrialRecord], list[TrialRecord]]:
+    """The plans in the order they are considered for a retrain (see ``plan_promotions``),
+    and the budget-first ones among them (empty without budgets)."""
     has_child = {parent_of(r) for r in records if parent_of(r) is not None}
     top: list[TrialRecord] = []
     front = pareto_front(records)
@@ -86,7 +113,7 @@ def plan_promotions(
         (r for r in front if r.baseline is None and r.number not in has_child),
         key=lambda r: (-gains.get(r.number, 0.0), r.number),
     )
-    if config.budgets:
+    if settings.under_budgets:
         # Under budgets the most accurate plan within them is what `export --best` delivers,
         # the candidate the user came for: it is retrained first, with as much of the effort
         # as the last rung allows (``_concentrated``), then the rest by hypervolume. It is
@@ -95,42 +122,25 @@ def plan_promotions(
         # accurate plans after 150 steps kept their order after 650-700 steps each (or tied
         # within 0.1 point), while doubling one retrain's steps gains ~0.4-0.5 point
         # (600 -> 1200 steps: -1.32 -> -0.91 points of test accuracy).
-        within = _retrainable(records, config, has_child)
+        within = _retrainable(records, settings, has_child)
         top = sorted(within, key=lambda r: (-(r.accuracy or 0.0), r.number))[:BUDGET_FIRST]
         ranked = top + [r for r in ranked if r not in top]
     else:
-        picks = _ladder_picks(records, config, has_child)
+        picks = _ladder_picks(records, settings, has_child)
         ranked = picks + [r for r in ranked if r not in picks]
-    out: list[Promotion] = []
-    left = effort
-    for record in ranked:
-        level = fidelity(record, config)
-        rung = 1 if level < factor else 2
-        if level >= factor**MAX_RUNGS:
-            continue
-        cost = min(level * factor, float(factor**MAX_RUNGS))
-        if cost > left + 1e-9:
-            continue
-        if config.budgets and record in top:
-            cost, rung = _concentrated(cost, left, config)
-        steps = round(cost * config.finetune_steps)
-        out.append(Promotion(parent=record.number, steps=steps, rung=rung, cost=cost))
-        left -= cost
-    if stretch:
-        out = _stretched(out, left, config)
-    return out
+    return ranked, top
 
 
-def _retrainable(records: Sequence[TrialRecord], config: SearchConfig,
+def _retrainable(records: Sequence[TrialRecord], settings: PromotionSettings,
                  has_child: set[int | None]) -> list[TrialRecord]:
     """Plans that may be retrained: measured and feasible at their most-trained trial, not
     a baseline, not retrained already, below the last rung."""
     return [r for r in most_trained(records)
             if r.measured and r.feasible and r.baseline is None and r.number not in has_child
-            and fidelity(r, config) < config.promote_factor**MAX_RUNGS]
+            and fidelity(r, settings) < settings.factor**MAX_RUNGS]
 
 
-def _ladder_picks(records: Sequence[TrialRecord], config: SearchConfig,
+def _ladder_picks(records: Sequence[TrialRecord], settings: PromotionSettings,
                   has_child: set[int | None]) -> list[TrialRecord]:
     """Per target of the guided ladder, in its order, the most accurate (validation) plan
     meeting it among those that may be retrained, each plan once: the candidates a user
@@ -142,13 +152,14 @@ def _ladder_picks(records: Sequence[TrialRecord], config: SearchConfig,
     fp32 = fp32_record(records)
     if fp32 is None or not fp32.size_bytes:
         return []
-    pool = [r for r in _retrainable(records, config, has_child) if r.accuracy is not None]
+    pool = [r for r in _retrainable(records, settings, has_child) if r.accuracy is not None]
     out: list[TrialRecord] = []
     for kind, factor in LADDER:
         if kind == "size":
-            ok = [r for r in pool if r.size_bytes and fp32.size_bytes / r.size_bytes >= factor]
+            ok = [r for r in pool
+                  if (metrics.times_smaller(fp32.size_bytes, r.size_bytes) or 0.0) >= factor]
         else:
-            ok = [r for r in pool if r.latency_vs_fp32 and 1 / r.latency_vs_fp32 >= factor]
+            ok = [r for r in pool if (metrics.times_faster(r.latency_vs_fp32) or 0.0) >= factor]
         best = max(ok, key=lambda r: (r.accuracy or 0.0, -(r.size_bytes or 0.0), -r.number),
                    default=None)
         if best is not None and best not in out:
@@ -156,18 +167,19 @@ def _ladder_picks(records: Sequence[TrialRecord], config: SearchConfig,
     return out
 
 
-def _concentrated(cost: float, left: float, config: SearchConfig) -> tuple[float, int]:
+def _concentrated(cost: float, left: float, settings: PromotionSettings) -> tuple[float, int]:
     """The cost and rung of the budget-first retrain: every short fine-tune of ``left`` up
     to the last rung's (factor^2), at least its rung's ``cost``."""
-    factor = config.promote_factor
+    factor = settings.factor
     cost = max(cost, min(left, float(factor**MAX_RUNGS)))
     return cost, 1 if cost <= factor + 1e-9 else 2
 
 
-def _stretched(chosen: list[Promotion], left: float, config: SearchConfig) -> list[Promotion]:
+def _stretched(chosen: list[Promotion], left: float,
+               settings: PromotionSettings) -> list[Promotion]:
     """``chosen`` with ``left`` short fine-tunes shared among them, none past the last rung
     (what one cannot take goes to the others)."""
-    cap = float(config.promote_factor**MAX_RUNGS)
+    cap = float(settings.factor**MAX_RUNGS)
     costs = [p.cost for p in chosen]
     while left > 1e-9:
         open_ = [i for i, c in enumerate(costs) if c < cap - 1e-9]
@@ -179,7 +191,7 @@ def _stretched(chosen: list[Promotion], left: float, config: SearchConfig) -> li
             costs[i] += add
             left -= add
     return [
-        Promotion(parent=p.parent, steps=round(c * config.finetune_steps), rung=p.rung, cost=c)
+        Promotion(parent=p.parent, steps=round(c * settings.finetune_steps), rung=p.rung, cost=c)
         for p, c in zip(chosen, costs, strict=True)
     ]
 

@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from autocompress import study as study_mod
-from autocompress.config.options import config_from_stored
+from autocompress.config.files import config_from_stored
+from autocompress.config.settings import SearchSettings
 from autocompress.errors import InputError, StudyError
 from autocompress.model import space
 from autocompress.model.plan import CompressionPlan
@@ -29,6 +30,7 @@ from autocompress.study.records import TrialRecord
 
 if TYPE_CHECKING:
     from autocompress.export import ExportResult
+    from autocompress.search.session import Session
 
 MAX_EPOCHS = 1000
 
@@ -93,20 +95,8 @@ def refine_trial(
         with tempfile.TemporaryDirectory(prefix="autocompress-refine-") as tmp, \
                 sessions.torch_threads(config.train_threads):
             session = sessions.open_session(config, storage_url, storage, Path(tmp), on_note)
-            config = sessions.use_learning_rate(session, on_note)
-            train_images = len(session.task.data.split("train"))
-            steps = steps_for(epochs, train_images, config.batch_size)
-            plan = space.as_qat(CompressionPlan.from_dict(parent.plan))
-            params = space.plan_to_params(plan, session.inventory, config)
-            marker = f"{trial}:{epochs}:{uuid.uuid4().hex[:12]}"  # finds this refine's trial
-            study_mod.enqueue(session.study, params, {
-                trial_attrs.PARENT: trial, trial_attrs.FINETUNE_STEPS: steps,
-                trial_attrs.REFINE_EPOCHS: epochs, trial_attrs.REFINE_REQUEST: marker,
-            }, first=True)
-            if on_note:
-                on_note(f"refining trial {trial} ({parent.plan_summary}): {epochs} epoch(s) = "
-                        f"{steps} steps of {config.batch_size} images, learning rate "
-                        f"{config.learning_rate:g}, cosine")
+            settings = sessions.use_learning_rate(session, on_note)
+            marker = _enqueue_refine(session, settings, parent, epochs, on_note)
             session.runner.ctx.on_step = on_step
             session.study.optimize(session.runner, n_trials=1, catch=(Exception,))
         records = study_mod.records(session.study)
@@ -120,6 +110,29 @@ def refine_trial(
         raise RefineError(f"the refine of trial {trial} (trial {record.number}) did not "
                           f"finish: {why}")
     return record
+
+
+def _enqueue_refine(
+    session: Session, settings: SearchSettings, parent: TrialRecord, epochs: int,
+    on_note: Callable[[str], None] | None,
+) -> str:
+    """Queue the retrain of ``parent``'s plan for ``epochs`` epochs first in the study;
+    returns the marker that finds its trial."""
+    train_images = len(session.task.data.split("train"))
+    steps = steps_for(epochs, train_images, settings.training.batch_size)
+    plan = space.as_qat(CompressionPlan.from_dict(parent.plan))
+    params = space.plan_to_params(plan, session.inventory, settings.space)
+    trial = parent.number
+    marker = f"{trial}:{epochs}:{uuid.uuid4().hex[:12]}"  # finds this refine's trial
+    study_mod.enqueue(session.study, params, {
+        trial_attrs.PARENT: trial, trial_attrs.FINETUNE_STEPS: steps,
+        trial_attrs.REFINE_EPOCHS: epochs, trial_attrs.REFINE_REQUEST: marker,
+    }, first=True)
+    if on_note:
+        on_note(f"refining trial {trial} ({parent.plan_summary}): {epochs} epoch(s) = "
+                f"{steps} steps of {settings.training.batch_size} images, learning rate "
+                f"{settings.space.learning_rate:g}, cosine")
+    return marker
 
 
 def refine_and_export(

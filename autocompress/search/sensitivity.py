@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from autocompress.config.options import SearchConfig
+from autocompress.config.settings import SearchSettings, SpaceSettings, TrainingSettings
 from autocompress.errors import one_line
 from autocompress.intake import Task
 from autocompress.intake.metric import Metric
@@ -117,114 +118,155 @@ class Sensitivity:
         return [name for name, kl in ranked if kl > floor]
 
 
-def pass_seconds(config: SearchConfig) -> float:
-    """The time the sensitivity pass may take in a search with ``config``."""
-    if config.time_limit is not None:
-        return TIME_SHARE * 60.0 * config.time_limit
+def pass_seconds(time_limit: float | None) -> float:
+    """The time the sensitivity pass may take in a search with this time limit (minutes)."""
+    if time_limit is not None:
+        return TIME_SHARE * 60.0 * time_limit
     return TIME_CAP_S
 
 
-def prune_grid(config: SearchConfig) -> list[float]:
+def prune_grid(settings: SpaceSettings) -> list[float]:
     """The ratios a group is scored at: PRUNE_GRID on the search's step grid, within
     prune_max (an empty list when the search does not prune)."""
-    high = space.prune_high(config)
+    high = space.prune_high(settings)
     if high <= 0:
         return []
-    ratios = {round(round(r / config.prune_step) * config.prune_step, 6) for r in PRUNE_GRID}
+    ratios = {round(round(r / settings.prune_step) * settings.prune_step, 6) for r in PRUNE_GRID}
     if high < min(PRUNE_GRID):  # a small prune_max: score its one ratio
         ratios.add(high)
     return sorted(r for r in ratios if 0 < r <= high)
 
 
+@dataclass
+class _Pass:
+    """What scoring one choice needs: the BN-folded student, the fixed validation slice with
+    the teacher's outputs on it, the observers' calibration, and the progress count."""
+
+    task: Task
+    base: nn.Module
+    xs: list[torch.Tensor]
+    ys: list[torch.Tensor]
+    teacher_logits: list[torch.Tensor]
+    calibration: list[torch.Tensor]
+    weights: dict[str, int]  # weight elements per module of the teacher
+    tick: Callable[[], None]
+
+
 def measure_sensitivity(
     task: Task,
     inventory: Inventory,
-    config: SearchConfig,
+    settings: SpaceSettings | SearchConfig,
     calibration: list[torch.Tensor],
     *,
+    training: TrainingSettings | None = None,
     images: int = 512,
     on_item: Callable[[int, int], None] | None = None,
     seconds: float | None = None,
 ) -> Sensitivity:
     """Score every single choice of the search space against the teacher (no fine-tune).
 
-    ``seconds`` bounds the pass: every layer is scored (a layer left out of the table would
-    stay float in every guided plan), then the prunable groups, largest first, while the
-    time left covers one more group at the pace so far; the rest are listed as ``unscored``
-    (each group costs a pruned copy of the model per ratio: on densenet121 the groups alone
-    ran past 20 minutes on 2 cores)."""
+    ``settings``: the search space, with ``training`` (how pruned copies are built); a
+    ``SearchConfig`` gives both. ``seconds`` bounds the pass: every layer is scored (a layer
+    left out of the table would stay float in every guided plan), then the prunable groups,
+    largest first, while the time left covers one more group at the pace so far; the rest
+    are listed as ``unscored`` (each group costs a pruned copy of the model per ratio: on
+    densenet121 the groups alone ran past 20 minutes on 2 cores)."""
+    if isinstance(settings, SearchConfig):
+        both = SearchSettings.from_config(settings)
+        settings, training = both.space, both.training
+    if training is None:
+        raise TypeError("measure_sensitivity needs training= settings with space settings")
     started = time.perf_counter()
-    base = build_student(task, CompressionPlan(), config.round_to)  # BN folded, nothing else
+    base = build_student(task, CompressionPlan(), training.round_to)  # BN folded, nothing else
     layers = [layer for layer in inventory.layers if layer.quantizable]
-    widths = sorted((b for b in set(config.bits) if b < 32), reverse=True)
+    widths = sorted((b for b in set(settings.bits) if b < 32), reverse=True)
     calibration_batches = CALIBRATION_BATCHES
     if seconds is not None and layers and widths:
         images, calibration_batches = _affordable_images(
-            task, base, layers[0].name, widths[0], config, calibration, images,
+            task, base, layers[0].name, widths[0], settings, calibration, images,
             LAYER_SHARE * seconds / (len(layers) * len(widths)))
-    # what each choice's observers really see: the search may hold fewer batches than asked
-    calibration_batches = min(calibration_batches, len(calibration))
     xs, ys = _fixed_slice(task, images)
     teacher = task.model.eval()
     with torch.no_grad():
         teacher_logits = [teacher(x) for x in xs]
-    teacher_acc = _figure(teacher_logits, ys, task.metric)
     weights = {name: _weight_numel(module) for name, module in task.model.named_modules()}
-    prunable = [g for g in inventory.groups if g.prunable] if space.prune_high(config) else []
+    prunable = [g for g in inventory.groups if g.prunable] if space.prune_high(settings) else []
     # scored largest first (they matter most when time runs out), listed in graph order
     groups = [g.name for g in sorted(prunable, key=lambda g: -_group_weights(g, weights))]
-    ratios = prune_grid(config)
+    ratios = prune_grid(settings)
     total = len(layers) * len(widths) + len(groups) * len(ratios)
     done = itertools.count(1)
-
+    scoring = _Pass(task, base, xs, ys, teacher_logits, calibration, weights,
+                    lambda: _tick(on_item, next(done), total))
+    # what each choice's observers really see: the search may hold fewer batches than asked
     table = Sensitivity(images=sum(int(y.numel()) for y in ys), seconds=0.0,
-                        teacher_accuracy=teacher_acc, calibration_batches=calibration_batches)
-    for layer in layers:
-        entry: dict[str, Any] = {"params": weights.get(layer.name, 0), "macs": layer.flops,
-                                 "bits": {}}
-        for bits in widths:
-            acts = space.activations_for(bits, config)
-            plan = CompressionPlan(bits={layer.name: bits}, activation_bits=acts)
-            try:
-                model = quantize.prepare_qat(base, plan)
-                quantize.calibrate(model, calibration, max_batches=calibration_batches)
-                kl, acc = _score(model, xs, ys, teacher_logits, task.metric)
-            except Exception as exc:  # one choice that cannot be scored must not end the pass
-                table.failed[f"{layer.name}@int{bits}"] = one_line(exc, typed=True)
-            else:
-                entry["bits"][str(bits)] = {"kl": kl, "accuracy": acc, "activation_bits": acts}
-            _tick(on_item, next(done), total)
-        table.layers[layer.name] = entry
-    groups_started = time.perf_counter()
-    for index, group in enumerate(groups):
-        if seconds is not None and index > 0:
-            pace = (time.perf_counter() - groups_started) / index
-            if time.perf_counter() - started + pace > seconds:
-                table.unscored = groups[index:]
-                break
-        measured: dict[str, Any] = {}
-        for ratio in ratios:
-            plan = CompressionPlan(prune={group: ratio})
-            bn = (x for x, _ in task.data.batches("train", config.batch_size, shuffle=True,
-                                                  seed=config.seed))
-            try:
-                model = build_student(task, plan, config.round_to, bn_batches=bn)
-                kl, acc = _score(model, xs, ys, teacher_logits, task.metric)
-            except Exception as exc:
-                table.failed[f"{group}@{ratio:.0%}"] = one_line(exc, typed=True)
-            else:
-                measured[_ratio_key(ratio)] = {"kl": kl, "accuracy": acc,
-                                               "kept": _kept_shares(model, weights)}
-            _tick(on_item, next(done), total)
-        if measured:
-            table.groups[group] = {"ratios": measured}
+                        teacher_accuracy=_figure(teacher_logits, ys, task.metric),
+                        calibration_batches=min(calibration_batches, len(calibration)))
+    _score_layers(scoring, table, layers, widths, settings)
+    _score_groups(scoring, table, groups, ratios, training,
+                  None if seconds is None else started + seconds)
     table.groups = {g.name: table.groups[g.name] for g in prunable if g.name in table.groups}
     table.seconds = time.perf_counter() - started
     return table
 
 
+def _score_layers(scoring: _Pass, table: Sensitivity, layers: list[Any], widths: list[int],
+                  settings: SpaceSettings) -> None:
+    """Each quantizable layer alone at each width below 32 bits, into ``table.layers``."""
+    for layer in layers:
+        entry: dict[str, Any] = {"params": scoring.weights.get(layer.name, 0),
+                                 "macs": layer.flops, "bits": {}}
+        for bits in widths:
+            acts = space.activations_for(bits, settings)
+            plan = CompressionPlan(bits={layer.name: bits}, activation_bits=acts)
+            try:
+                model = quantize.prepare_qat(scoring.base, plan)
+                quantize.calibrate(model, scoring.calibration,
+                                   max_batches=table.calibration_batches)
+                kl, acc = _score(model, scoring.xs, scoring.ys, scoring.teacher_logits,
+                                 scoring.task.metric)
+            except Exception as exc:  # one choice that cannot be scored must not end the pass
+                table.failed[f"{layer.name}@int{bits}"] = one_line(exc, typed=True)
+            else:
+                entry["bits"][str(bits)] = {"kl": kl, "accuracy": acc, "activation_bits": acts}
+            scoring.tick()
+        table.layers[layer.name] = entry
+
+
+def _score_groups(scoring: _Pass, table: Sensitivity, groups: list[str], ratios: list[float],
+                  training: TrainingSettings, deadline: float | None) -> None:
+    """Each prunable group alone at each ratio, into ``table.groups``, while the time to
+    ``deadline`` (perf_counter seconds) covers one more group at the pace so far; the groups
+    left over are listed in ``table.unscored``."""
+    task = scoring.task
+    groups_started = time.perf_counter()
+    for index, group in enumerate(groups):
+        if deadline is not None and index > 0:
+            pace = (time.perf_counter() - groups_started) / index
+            if time.perf_counter() + pace > deadline:
+                table.unscored = groups[index:]
+                break
+        measured: dict[str, Any] = {}
+        for ratio in ratios:
+            plan = CompressionPlan(prune={group: ratio})
+            bn = (x for x, _ in task.data.batches("train", training.batch_size, shuffle=True,
+                                                  seed=training.seed))
+            try:
+                model = build_student(task, plan, training.round_to, bn_batches=bn)
+                kl, acc = _score(model, scoring.xs, scoring.ys, scoring.teacher_logits,
+                                 task.metric)
+            except Exception as exc:
+                table.failed[f"{group}@{ratio:.0%}"] = one_line(exc, typed=True)
+            else:
+                measured[_ratio_key(ratio)] = {"kl": kl, "accuracy": acc,
+                                               "kept": _kept_shares(model, scoring.weights)}
+            scoring.tick()
+        if measured:
+            table.groups[group] = {"ratios": measured}
+
+
 def _affordable_images(task: Task, base: nn.Module, layer: str, bits: int,
-                       config: SearchConfig, calibration: list[torch.Tensor], images: int,
+                       settings: SpaceSettings, calibration: list[torch.Tensor], images: int,
                        per_choice_s: float) -> tuple[int, int]:
     """How many images one choice may be scored on, and on how many calibration batches its
     observers are set, to take about ``per_choice_s``: one choice timed on a short slice,
@@ -234,7 +276,8 @@ def _affordable_images(task: Task, base: nn.Module, layer: str, bits: int,
     a choice's time, and the pass ran 258 s against its 72 s)."""
     probe = min(images, MIN_IMAGES)
     xs, _ = _fixed_slice(task, probe)
-    plan = CompressionPlan(bits={layer: bits}, activation_bits=space.activations_for(bits, config))
+    plan = CompressionPlan(bits={layer: bits},
+                           activation_bits=space.activations_for(bits, settings))
     t0 = time.perf_counter()
     try:
         model = quantize.prepare_qat(base, plan)

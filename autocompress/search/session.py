@@ -21,6 +21,7 @@ import torch
 from autocompress import __version__, intake
 from autocompress import study as study_mod
 from autocompress.config.options import Budget, SearchConfig
+from autocompress.config.settings import MeasurementSettings, SearchSettings
 from autocompress.errors import AutocompressError, TrainingError, one_line
 from autocompress.model import space
 from autocompress.runtime import latency_reference as reference_mod
@@ -30,12 +31,8 @@ from autocompress.search import lrprobe
 from autocompress.train import distill
 from autocompress.transform import quantize
 from autocompress.transform.survey import build_inventory
-from autocompress.trial.runner import (
-    CALIBRATION_BATCH_SIZE,
-    CALIBRATION_BATCHES,
-    SearchContext,
-    TrialRunner,
-)
+from autocompress.trial.context import CALIBRATION_BATCH_SIZE, CALIBRATION_BATCHES, SearchContext
+from autocompress.trial.runner import TrialRunner
 
 log = logging.getLogger("autocompress")
 
@@ -67,6 +64,7 @@ class Session:
     calibration: list[torch.Tensor]
     budgets: list[Budget]
     artifacts: str  # where this run uploads its files
+    settings: SearchSettings  # every stage's settings, built once from the config
 
 
 def open_session(
@@ -82,35 +80,19 @@ def open_session(
     model, resolve the fp32 latency reference: everything a trial runner needs."""
     budgets = config.parsed_budgets()
     sessions.check_target(config.target)  # a missing GPU or OpenVINO: one line, nothing made
+    settings = SearchSettings.from_config(config)
     if task is None:
         task = intake.load_task(
-            config.model,
-            config.weights,
-            config.data,
-            num_classes=config.num_classes,
-            input_size=config.input_size,
-            seed=config.seed,
-            mean=config.mean,
-            std=config.std,
+            config.model, config.weights, config.data, num_classes=config.num_classes,
+            input_size=config.input_size, seed=config.seed, mean=config.mean, std=config.std,
             task=config.task,
         )
     example = task.data.example_input(1)
     inventory = build_inventory(task.model, example)
-    space.check_space(inventory, config)
-    description = space.space_description(inventory, config)
-    identity = {
-        "model_spec": task.model_spec,
-        "weights_sha256": _file_sha256(config.weights),
-        "data_spec": task.data_spec,
-        "objectives": list(config.objectives),
-        "space_hash": space.space_hash(description),
-        "budgets": sorted(f"{b.kind}<={b.value:g}{'x' if b.relative else ''}"
-                          for b in budgets),
-        "onnx_format": quantize.ONNX_FORMAT,
-        # one target per study (the best candidate differs between runtimes); absent for the
-        # default, so studies made before targets existed still resume
-        **({"target": config.target} if config.target != sessions.DEFAULT_TARGET else {}),
-    }
+    space.check_space(inventory, settings.space)
+    description = space.space_description(inventory, settings.space)
+    identity = _identity(task, description, budgets, weights=config.weights,
+                         objectives=config.objectives, target=config.target)
     # A folder (absolute) or s3://bucket/prefix, recorded in the study for export/dashboard.
     artifacts = study_mod.artifact_location(config.artifacts, url, config.study)
     store = study_mod.artifact_store(artifacts)
@@ -122,60 +104,93 @@ def open_session(
         fp32_onnx, task.data.batches("val", 256), threads=config.threads, target=config.target,
         metric=task.metric,
     )
-    study_mod.set_study_info(study, {
+    study_mod.set_study_info(study, _study_info(task, inventory, description, fp32_accuracy,
+                                                artifacts, config.to_dict()))
+    calibration = _calibration(task, config.seed)
+    if on_start:
+        on_start(f"study {config.study!r} in {url}: teacher val {task.metric.label} "
+                 f"{fp32_accuracy:.4f}, {len(description['layers'])} quantizable layers, "
+                 f"{len(description['groups'])} prunable groups")
+    reference = _resolve_reference(study, fp32_onnx, task.input_shape, settings.measurement,
+                                   on_start)
+    # "0.6x" budgets in milliseconds of this machine (re-resolved on a resume elsewhere)
+    budgets = [b.resolve(reference.median_ms) for b in budgets]
+    study_mod.set_study_info(study, {"budgets": json.dumps([b.to_dict() for b in budgets])})
+    ctx = SearchContext(
+        reference=reference, task=task, inventory=inventory, space=settings.space,
+        training=settings.training, measurement=settings.measurement, budgets=budgets,
+        workdir=workdir, fp32_onnx=fp32_onnx, fp32_accuracy=fp32_accuracy,
+        device=resolve_device(settings.training.device), calibration=calibration,
+        upload=lambda trial, path: study_mod.upload(trial, store, path),
+    )
+    return Session(study, TrialRunner(ctx), task, inventory, calibration, budgets, artifacts,
+                   settings)
+
+
+def _identity(
+    task: intake.Task, description: dict[str, Any], budgets: list[Budget], *,
+    weights: str | None, objectives: tuple[str, ...], target: str,
+) -> dict[str, Any]:
+    """What a study is of: a resume must match it (``create_or_load_study``)."""
+    return {
+        "model_spec": task.model_spec,
+        "weights_sha256": _file_sha256(weights),
+        "data_spec": task.data_spec,
+        "objectives": list(objectives),
+        "space_hash": space.space_hash(description),
+        "budgets": sorted(f"{b.kind}<={b.value:g}{'x' if b.relative else ''}"
+                          for b in budgets),
+        "onnx_format": quantize.ONNX_FORMAT,
+        # one target per study (the best candidate differs between runtimes); absent for the
+        # default, so studies made before targets existed still resume
+        **({"target": target} if target != sessions.DEFAULT_TARGET else {}),
+    }
+
+
+def _study_info(
+    task: intake.Task, inventory: Any, description: dict[str, Any], fp32_accuracy: float,
+    artifacts: str, config: dict[str, Any],
+) -> dict[str, Any]:
+    """What the study records about itself for ``show``, ``export`` and the dashboard."""
+    return {
         "model_spec": task.model_spec,
         "data_spec": task.data_spec,
-        "objectives": list(config.objectives),
+        "objectives": list(config["objectives"]),
         "inventory": json.dumps(inventory.to_dict()),
         "data": json.dumps(task.data.describe()),
         "search_space": json.dumps(description),
-        "config": json.dumps(config.to_dict()),
+        "config": json.dumps(config),
         "input_shape": list(task.input_shape),
         "num_classes": task.num_classes,
         "fp32_accuracy": fp32_accuracy,
         "metric": task.metric.to_dict(),
         "artifacts_dir": artifacts,
         "created_by": f"autocompress {__version__}",
-    })
-    calibration = [
+    }
+
+
+def _calibration(task: intake.Task, seed: int) -> list[torch.Tensor]:
+    """The search's calibration set: CALIBRATION_BATCHES shuffled training batches."""
+    return [
         x
         for x, _ in _take(
-            task.data.batches("train", CALIBRATION_BATCH_SIZE, shuffle=True, seed=config.seed),
+            task.data.batches("train", CALIBRATION_BATCH_SIZE, shuffle=True, seed=seed),
             CALIBRATION_BATCHES,
         )
     ]
-    if on_start:
-        on_start(f"study {config.study!r} in {url}: teacher val {task.metric.label} "
-                 f"{fp32_accuracy:.4f}, {len(description['layers'])} quantizable layers, "
-                 f"{len(description['groups'])} prunable groups")
-    reference = _resolve_reference(study, fp32_onnx, task.input_shape, config, on_start)
-    # "0.6x" budgets in milliseconds of this machine (re-resolved on a resume elsewhere)
-    budgets = [b.resolve(reference.median_ms) for b in budgets]
-    study_mod.set_study_info(study, {"budgets": json.dumps([b.to_dict() for b in budgets])})
-    ctx = SearchContext(
-        reference=reference,
-        task=task,
-        inventory=inventory,
-        config=config,
-        budgets=budgets,
-        workdir=workdir,
-        fp32_onnx=fp32_onnx,
-        fp32_accuracy=fp32_accuracy,
-        device=resolve_device(config.device),
-        calibration=calibration,
-        upload=lambda trial, path: study_mod.upload(trial, store, path),
-    )
-    return Session(study, TrialRunner(ctx), task, inventory, calibration, budgets, artifacts)
 
 
-def use_learning_rate(session: Session, on_start: Callable[[str], None] | None) -> SearchConfig:
+def use_learning_rate(
+    session: Session, on_start: Callable[[str], None] | None
+) -> SearchSettings:
     """Set the session's fine-tune learning rate (the user's, the study's probed one, or a
-    new probe) on its runner; returns the config that carries it."""
+    new probe) on its settings and its runner; returns the settings that carry it."""
     runner = session.runner
-    config = _resolve_learning_rate(session.study, session.task, session.inventory,
-                                    runner.ctx.config, session.calibration, on_start)
-    runner.ctx = dataclasses.replace(runner.ctx, config=config)  # same cache and model
-    return config
+    settings = _resolve_learning_rate(session.study, session.task, session.inventory,
+                                      session.settings, session.calibration, on_start)
+    session.settings = settings
+    runner.ctx = dataclasses.replace(runner.ctx, space=settings.space)  # same cache and model
+    return settings
 
 
 @contextlib.contextmanager
@@ -202,21 +217,22 @@ def _resolve_learning_rate(
     study: Any,
     task: Any,
     inventory: Any,
-    config: SearchConfig,
+    settings: SearchSettings,
     calibration: list[torch.Tensor],
     on_start: Callable[[str], None] | None,
-) -> SearchConfig:
-    """The config with its fine-tune learning rate set: the user's, else the study's probed
-    one (probed once per study, under the study lock so concurrent workers agree)."""
-    if config.learning_rate is not None or config.finetune_steps == 0:
-        return config  # given, or nothing will be fine-tuned
+) -> SearchSettings:
+    """The settings with their fine-tune learning rate set: the user's, else the study's
+    probed one (probed once per study, under the study lock so concurrent workers agree)."""
+    if settings.space.learning_rate is not None or settings.space.finetune_steps == 0:
+        return settings  # given, or nothing will be fine-tuned
     with study_mod.study_lock(study):
         stored = study.user_attrs.get(LR_PROBE_ATTR)
         if stored is None:
             try:
                 probe = lrprobe.probe_learning_rate(
-                    task, inventory, config, calibration, device=resolve_device(config.device),
-                    seconds=lrprobe.probe_seconds(config.time_limit),
+                    task, inventory, settings.space, settings.training, calibration,
+                    device=resolve_device(settings.training.device),
+                    seconds=lrprobe.probe_seconds(settings.run.time_limit),
                 )
             except AutocompressError:
                 raise
@@ -233,7 +249,7 @@ def _resolve_learning_rate(
         else:
             note = f"learning rate {stored['chosen']:g}, probed when the study began"
     _say(note, on_start)
-    return config.replace(learning_rate=float(stored["chosen"]))
+    return settings.with_learning_rate(float(stored["chosen"]))
 
 
 def _say(text: str, on_start: Callable[[str], None] | None) -> None:
@@ -247,21 +263,21 @@ def _resolve_reference(
     study: Any,
     fp32_onnx: Path,
     input_shape: tuple[int, ...],
-    config: SearchConfig,
+    settings: MeasurementSettings,
     on_start: Callable[[str], None] | None,
 ) -> ReferenceLatency:
     """The study's fp32 latency on this machine: measured once per study and machine (under
     the study lock, so concurrent workers on one machine agree), re-measured and said so
     when the study is resumed elsewhere or with other threads or batch size."""
-    info = reference_mod.machine(config.threads, config.latency_batch_size)
+    info = reference_mod.machine(settings.threads, settings.latency_batch_size)
     key = reference_mod.machine_key(info)
     with study_mod.study_lock(study):
         refs = reference_mod.stored_references(study.user_attrs)
         measured_now = key not in refs
         if measured_now:
             refs[key] = reference_mod.measure_reference(
-                fp32_onnx, (config.latency_batch_size, *input_shape), threads=config.threads,
-                target=config.target,
+                fp32_onnx, (settings.latency_batch_size, *input_shape), threads=settings.threads,
+                target=settings.target,
             )
             study.set_user_attr(reference_mod.REFERENCE_ATTR, reference_mod.encode_references(refs))
     ref = refs[key]

@@ -17,11 +17,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from autocompress.config.options import Budget, SearchConfig
+from autocompress.config.options import Budget
+from autocompress.config.settings import RunSettings, SpaceSettings
 from autocompress.model import space
 from autocompress.model.inventory import Inventory
 from autocompress.study.records import TrialRecord
-from autocompress.trial.runner import TrialRunner, build_student
+from autocompress.transform.student import build_student
+from autocompress.trial.runner import TrialRunner
 
 log = logging.getLogger("autocompress")
 
@@ -41,53 +43,56 @@ class WarmStarts:
 def plan_warm_starts(
     runner: TrialRunner,
     inventory: Inventory,
-    config: SearchConfig,
+    settings: SpaceSettings,
+    run: RunSettings,
     budgets: Sequence[Budget],
     records: Sequence[TrialRecord],
 ) -> WarmStarts:
-    widths = sorted((b for b in config.bits if b < 32), reverse=True)
-    if not config.warm_starts or not widths:
+    widths = sorted((b for b in settings.bits if b < 32), reverse=True)
+    if not run.warm_starts or not widths:
         return WarmStarts([], [])
     named: list[tuple[str, dict[str, Any]]] = []
     notes: list[str] = []
     for bits in widths:
-        acts = space.activations_for(bits, config)
+        acts = space.activations_for(bits, settings)
         over = _baseline_over(bits, acts, budgets, records)
         if over:
             notes.append(f"warm start uniform-int{bits} skipped: {over}")
             continue
-        plan = space.uniform_plan(inventory, config, bits=bits, activation_bits=acts)
-        named.append((f"uniform-int{bits}", space.plan_to_params(plan, inventory, config)))
-    if budgets and space.prune_high(config) > 0:
+        plan = space.uniform_plan(inventory, settings, bits=bits, activation_bits=acts)
+        named.append((f"uniform-int{bits}", space.plan_to_params(plan, inventory, settings)))
+    if budgets and space.prune_high(settings) > 0:
         for bits in widths:
-            acts = space.activations_for(bits, config)
-            ratio = _smallest_ratio_within(runner, inventory, config, bits, acts)
+            acts = space.activations_for(bits, settings)
+            ratio = _smallest_ratio_within(runner, inventory, settings, bits, acts)
             what = f"int{bits}" + (" weight-only" if acts == WEIGHT_ONLY else "")
             if ratio is None:
-                notes.append(f"no uniform pruning ratio up to {space.prune_high(config):.0%} "
+                notes.append(f"no uniform pruning ratio up to {space.prune_high(settings):.0%} "
                              f"meets the budgets at {what}: no pruned warm start there")
             elif ratio > 0:
-                plan = space.uniform_plan(inventory, config, bits=bits, ratio=ratio,
+                plan = space.uniform_plan(inventory, settings, bits=bits, ratio=ratio,
                                           activation_bits=acts)
-                named.append((f"budget-int{bits}", space.plan_to_params(plan, inventory, config)))
+                named.append((f"budget-int{bits}",
+                              space.plan_to_params(plan, inventory, settings)))
                 notes.append(f"warm start budget-int{bits}: every group pruned {ratio:.0%} at "
                              f"{what}, the least uniform pruning the pre-check found within "
                              "the budgets")
     # Pruned warm starts first under a budget: they are the ones known to fit it.
     named.sort(key=lambda item: not item[0].startswith("budget-"))
-    room = config.trials // WARM_START_SHARE
+    room = run.trials // WARM_START_SHARE
     if len(named) > room:
         dropped = [name for name, _ in named[room:]]
         if dropped:
             notes.append(f"warm starts {', '.join(dropped)} left out: --trials "
-                         f"{config.trials} leaves room for {room} (one per {WARM_START_SHARE})")
+                         f"{run.trials} leaves room for {room} (one per {WARM_START_SHARE})")
         named = named[:room]
-    if config.ptq_methods:
+    if settings.ptq_methods:
         # PTQ twins first: seconds each, and the QAT runs after them are then measured
         # against what plain calibration already gives.
-        plans = [(name, space.params_to_plan(params, inventory, config)) for name, params in named]
-        twins = space.ptq_twins(plans, config, every_method="uniform-int8")
-        named = [(name, space.plan_to_params(plan, inventory, config))
+        plans = [(name, space.params_to_plan(params, inventory, settings))
+                 for name, params in named]
+        twins = space.ptq_twins(plans, settings, every_method="uniform-int8")
+        named = [(name, space.plan_to_params(plan, inventory, settings))
                  for name, plan in twins] + named
     return WarmStarts(named, notes)
 
@@ -117,18 +122,19 @@ def _baseline_over(
 
 
 def _smallest_ratio_within(
-    runner: TrialRunner, inventory: Inventory, config: SearchConfig, bits: int, activations: int
+    runner: TrialRunner, inventory: Inventory, settings: SpaceSettings, bits: int,
+    activations: int,
 ) -> float | None:
     """Smallest ratio on the prune grid whose uniform plan at ``bits`` meets every budget
     (latency with the margin), by bisection with real pre-checks; None when even the
     largest ratio does not."""
-    step = config.prune_step
-    grid = [round(k * step, 6) for k in range(round(space.prune_high(config) / step) + 1)]
+    step = settings.prune_step
+    grid = [round(k * step, 6) for k in range(round(space.prune_high(settings) / step) + 1)]
 
     def fits(ratio: float) -> bool:
-        plan = space.uniform_plan(inventory, config, bits=bits, ratio=ratio,
+        plan = space.uniform_plan(inventory, settings, bits=bits, ratio=ratio,
                                   activation_bits=activations)
-        student = build_student(runner.ctx.task, plan, config.round_to)
+        student = build_student(runner.ctx.task, plan, runner.ctx.training.round_to)
         pre = runner.precheck(student, plan, None, runner.ctx.workdir / "warm-starts")
         return all(
             b.violation(pre.estimate_ms / (BUDGET_MARGIN if b.kind == "latency" else 1.0),

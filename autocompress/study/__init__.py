@@ -25,9 +25,11 @@ one study when they share a PostgreSQL ``--storage``:
   needs boto3; ``AWS_ENDPOINT_URL`` points it at MinIO and friends).
 - SQLite serves one worker: a second one is refused with a message naming PostgreSQL.
 
-The package by job: ``storage`` (URLs, settings, the resilient connection, the SQLite lock),
-``artifacts`` (folder or S3 stores), ``studies`` (create/resume, samplers, queue, locks)
-and ``records`` (plain-data trial and study records).
+The package by job: ``urls`` (the SQLite URL parser, drivers, masked URLs), ``storage``
+(settings, opening a storage, the SQLite lock), ``resilient`` (the outage-proof connection),
+``studies`` (create/resume, samplers), ``worker`` (the worker's study), ``queue`` (queued
+trials, locks), ``snapshot`` (no half-made study), ``artifacts`` (folder or S3 stores) and
+``records`` (plain-data trial and study records).
 
 Layer 2. May import: ``errors``, ``config``.
 """
@@ -43,46 +45,38 @@ from autocompress.study.artifacts import (
     is_remote_artifacts,
     upload,
 )
+from autocompress.study.queue import enqueue, enqueue_baselines, enqueue_once, study_lock
 from autocompress.study.records import (
     StudyInfo,
     records,
     study_info,
     to_record,
 )
+from autocompress.study.resilient import DB_RETRY_S, is_connection_error
+from autocompress.study.snapshot import no_half_made_study, storage_snapshot
 from autocompress.study.storage import (
-    DB_RETRY_S,
     ENV_DB_RETRY,
     ENV_GRACE_PERIOD,
     ENV_HEARTBEAT_INTERVAL,
     GRACE_PERIOD_S,
     HEARTBEAT_INTERVAL_S,
     WorkerSettings,
-    driver_url,
-    is_connection_error,
-    masked_url,
     open_storage,
     single_sqlite_worker,
-    sqlite_path,
     worker_settings,
 )
 from autocompress.study.studies import (
     METRIC_NAMES,
-    QUEUE_FIRST_ATTR,
     TrialPruned,
     create_or_load_study,
     directions,
-    enqueue,
-    enqueue_baselines,
-    enqueue_once,
-    fail_stale_trials,
     load_existing_study,
     make_sampler,
-    no_half_made_study,
     set_study_info,
-    storage_snapshot,
-    study_lock,
     study_summaries,
 )
+from autocompress.study.urls import driver_url, masked_url, sqlite_path
+from autocompress.study.worker import QUEUE_FIRST_ATTR, fail_stale_trials
 
 __all__ = [
     "DB_RETRY_S",

@@ -9,8 +9,9 @@ from typing import IO, Protocol
 import optuna
 from optuna.artifacts import FileSystemArtifactStore
 
+from autocompress.config.options import DEFAULT_STUDIES_DIR
 from autocompress.errors import StudyError, one_line
-from autocompress.study.storage import sqlite_path
+from autocompress.study.urls import sqlite_path
 
 
 class ArtifactStore(Protocol):
@@ -62,7 +63,7 @@ def default_artifacts_dir(storage_url: str, study_name: str) -> Path:
     path = sqlite_path(storage_url)
     if path is not None:
         return path.with_name(path.stem + "-artifacts")
-    return Path("studies") / f"{study_name}-artifacts"
+    return Path(DEFAULT_STUDIES_DIR) / f"{study_name}-artifacts"
 
 
 class _PrefixedStore:

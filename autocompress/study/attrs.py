@@ -1,7 +1,7 @@
 """The names of what a trial and a study record (Optuna user attributes): one list, so the
-writer (``objective``) and the readers (``study.records``, ``show``, ``export``, the report
-and the dashboard) cannot drift apart. Values are plain JSON; figures are measured on the
-trial's exported file (design rule 1)."""
+writer (the trial runner, ``autocompress/trial/``) and the readers (``study.records``,
+``show``, ``export``, the report and the dashboard) cannot drift apart. Values are plain
+JSON; figures are measured on the trial's exported file (design rule 1)."""
 
 from __future__ import annotations
 
@@ -30,18 +30,18 @@ LATENCY_P90 = "latency_p90_ms"
 LATENCY_VS_FP32 = "latency_vs_fp32"  # interleaved ratio
 LATENCY_ESTIMATE = "latency_estimate_ms"  # ratio x the study's fp32 reference: budgets
 # how many final measurements of this structure (this one included) the estimate's ratio is
-# the median of (latency_reference.pooled_ratio)
+# the median of (runtime/latency_reference.py: pooled_ratio)
 LATENCY_POOLED = "latency_pooled_measurements"
 FP32_LATENCY = "fp32_latency_ms"
 FP32_REFERENCE = "fp32_reference_ms"
 FLOPS = "flops"  # fvcore, of the float structure (precision does not change them)
-BOPS = "bops"  # bit-operations: MACs x weight bits x activation bits (metrics.py)
+BOPS = "bops"  # bit-operations: MACs x weight bits x activation bits (results/metrics.py)
 PARAMS = "params"
 WEIGHT_TYPES = "weight_types"
 RUNTIME = "runtime"  # ONNX Runtime version, session options, threads, batch size, CPU
 TIMING = "timing"  # seconds per phase
 FINETUNE_STEPS_RUN = "finetune_steps_run"
-RECOVERY_STEPS = "recovery_steps"  # of those, trained with BatchNorm live (tuning.py)
+RECOVERY_STEPS = "recovery_steps"  # of those, trained with BatchNorm live (train/tuning.py)
 
 # -- a trial: budgets, rejection, failure -----------------------------------------------------
 CONSTRAINTS = "constraints"

@@ -16,7 +16,7 @@ from autocompress.study import attrs as trial_attrs
 
 @dataclass(frozen=True)
 class TrialRecord:
-    """One finished trial as plain data (built from the study database by ``study.py``)."""
+    """One finished trial as plain data (built from the study database by ``to_record``)."""
 
     number: int
     state: str  # COMPLETE | FAIL | PRUNED | RUNNING | WAITING
@@ -42,7 +42,7 @@ class TrialRecord:
     @property
     def budget_latency_ms(self) -> float | None:
         """The latency budgets are judged on: the ratio-based estimate where the study made
-        one (see ``latency_reference``), else the absolute median (older studies)."""
+        one (see ``runtime/latency_reference.py``), else the absolute median (older studies)."""
         return self.latency_estimate_ms if self.latency_estimate_ms is not None else (
             self.latency_ms)
 

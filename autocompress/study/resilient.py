@@ -55,7 +55,7 @@ def is_connection_error(exc: BaseException) -> bool:
     return False
 
 
-def _cause_line(exc: BaseException) -> str:
+def cause_line(exc: BaseException) -> str:
     """The first line of the innermost cause: the driver's words ("connection refused"),
     not the wrapper's ("An exception is raised during the commit")."""
     *_, root = _exception_chain(exc)
@@ -77,7 +77,7 @@ _RETRIED_CALLS = (
 
 
 def _retrying(name: str) -> Callable[..., Any]:
-    def call(self: _ResilientStorage, *args: Any, **kwargs: Any) -> Any:
+    def call(self: ResilientStorage, *args: Any, **kwargs: Any) -> Any:
         return self._retry(lambda: getattr(self.cached, name)(*args, **kwargs))
 
     call.__name__ = name
@@ -85,7 +85,7 @@ def _retrying(name: str) -> Callable[..., Any]:
     return call
 
 
-class _ResilientStorage(BaseStorage, BaseHeartbeat):
+class ResilientStorage(BaseStorage, BaseHeartbeat):
     """An RDB storage that rides out a database outage, by composition: it holds Optuna's
     ``RDBStorage`` (``backend``) behind Optuna's own caching layer (``cached``, what every
     Study builds around an ``RDBStorage``) and delegates each call to it with retries; no
@@ -128,12 +128,12 @@ class _ResilientStorage(BaseStorage, BaseHeartbeat):
                 if started is None:
                     started = now
                     log.warning("lost the connection to the study database (%s); retrying for "
-                                "up to %.0f s", _cause_line(exc), self.retry_s)
+                                "up to %.0f s", cause_line(exc), self.retry_s)
                 waited = now - started
                 if waited >= self.retry_s:
                     self.lost = StudyError(
                         f"lost the connection to the study database {masked_url(self.url)} "
-                        f"({_cause_line(exc)}) after {waited:.0f} s; the study is consistent: "
+                        f"({cause_line(exc)}) after {waited:.0f} s; the study is consistent: "
                         "rerun the same command to resume"
                     )
                     raise StudyError(str(self.lost)) from None
@@ -186,7 +186,7 @@ class _ResilientStorage(BaseStorage, BaseHeartbeat):
             if not is_connection_error(exc):
                 raise
             self.backend.scoped_session.remove()
-            log.debug("heartbeat of trial id %d missed: %s", trial_id, _cause_line(exc))
+            log.debug("heartbeat of trial id %d missed: %s", trial_id, cause_line(exc))
 
     def get_heartbeat_interval(self) -> int | None:
         return self.cached.get_heartbeat_interval()

@@ -29,7 +29,7 @@ from autocompress.study import attrs as trial_attrs
 from autocompress.study.resilient import (
     DB_RETRY_S,
     MAX_BACKOFF_S,
-    _ResilientStorage,
+    ResilientStorage,
     is_connection_error,
 )
 from autocompress.study.urls import driver_url, masked_url, sqlite_path
@@ -160,10 +160,10 @@ def open_storage(url: str, *, heartbeat: bool = True, create: bool = True) -> Ba
                         "heartbeat_stale_trial_callback": _RetryStaleTrial(max_retry=1),
                     }
                 backend = RDBStorage(driver_url(url), engine_kwargs=engine, **kwargs)
-            return _ResilientStorage(backend, settings.db_retry_s)
+            return ResilientStorage(backend, settings.db_retry_s)
         except Exception as exc:
             last = exc
-            if not _is_transient(exc) or time.monotonic() + delay > deadline:
+            if not is_transient(exc) or time.monotonic() + delay > deadline:
                 break
             time.sleep(delay)
             delay = min(2 * delay, MAX_BACKOFF_S)
@@ -200,7 +200,7 @@ _FATAL_RE = re.compile(r"authentication failed|no password supplied|could not tr
                        r"|invalid dsn|(database|role) \"[^\"]*\" does not exist")
 
 
-def _is_transient(exc: BaseException) -> bool:
+def is_transient(exc: BaseException) -> bool:
     text = f"{type(exc).__name__} {exc}".lower()
     if _FATAL_RE.search(text):
         return False
@@ -240,3 +240,8 @@ def single_sqlite_worker(url: str) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def study_names(storage: BaseStorage) -> list[str]:
+    return [s.study_name for s in optuna.get_all_study_summaries(storage,
+                                                                 include_best_trial=False)]

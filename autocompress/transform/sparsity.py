@@ -1,7 +1,7 @@
-"""Unstructured L1 sparsity that survives the fine-tune: global magnitude pruning and the
-masks that hold the planned zeros through every optimiser step.
+"""Unstructured L1 sparsity that survives the fine-tune: per-layer and global magnitude
+pruning, and the masks that hold the planned zeros through every optimiser step.
 
-``prune.apply_unstructured`` zeroes the smallest weights of named layers; without masks a
+``apply_unstructured`` zeroes the smallest weights of named layers; without masks a
 fine-tune refills them (measured: 50% zeros became 0% after 3 steps). ``ZeroMasks`` records
 where a plan's zeros are and puts them back after each step, so the exported file holds
 exactly the planned zeros (symmetric weight quantization maps 0 to 0).
@@ -13,6 +13,7 @@ import copy
 import math
 
 import torch
+import torch.nn.utils.prune as torch_prune
 from torch import nn
 
 from autocompress.errors import PlanError
@@ -24,6 +25,33 @@ _WEIGHT_TYPES = (nn.modules.conv._ConvNd, nn.Linear)
 def weight_layers(model: nn.Module) -> list[str]:
     """Names of the Conv/Linear layers, the ones unstructured sparsity applies to."""
     return [name for name, m in model.named_modules() if isinstance(m, _WEIGHT_TYPES)]
+
+
+def apply_unstructured(model: nn.Module, sparsity: dict[str, float]) -> nn.Module:
+    """A new model with the smallest-|w| fraction of each named layer's weights set to zero.
+
+    ``sparsity`` maps Conv/Linear layer names to a fraction in [0, 1). The zeros are
+    permanent (``torch.nn.utils.prune.remove``): no masks or hooks stay behind.
+    """
+    modules = dict(model.named_modules())
+    allowed = sorted(n for n, m in modules.items() if isinstance(m, _WEIGHT_TYPES))
+    for name, amount in sparsity.items():
+        if name not in modules or not isinstance(modules[name], _WEIGHT_TYPES):
+            what = "is not a Conv/Linear layer" if name in modules else "does not exist"
+            raise PlanError(
+                f"sparsity layer {name!r} {what} in this model; allowed: {_shown(allowed)}"
+            )
+        if not (0.0 <= float(amount) < 1.0) or math.isnan(float(amount)):
+            raise PlanError(f"layer {name!r}: sparsity {amount} is outside [0, 1); use e.g. 0.5")
+    new = copy.deepcopy(model)
+    new_modules = dict(new.named_modules())
+    for name, amount in sparsity.items():
+        if amount <= 0:
+            continue
+        layer = new_modules[name]
+        torch_prune.l1_unstructured(layer, name="weight", amount=float(amount))
+        torch_prune.remove(layer, "weight")
+    return new
 
 
 def apply_global(model: nn.Module, amount: float) -> nn.Module:
@@ -93,3 +121,7 @@ class ZeroMasks:
 
 def zero_fraction(weight: torch.Tensor) -> float:
     return float((weight == 0).sum()) / max(weight.numel(), 1)
+
+
+def _shown(names: list[str]) -> str:
+    return ", ".join(names[:12]) + (" ..." if len(names) > 12 else "") or "none"

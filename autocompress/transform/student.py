@@ -15,7 +15,7 @@ from torch import nn
 
 from autocompress.intake.metric import TOP1, Metric
 from autocompress.model.plan import CompressionPlan
-from autocompress.transform import prune, quantize, sparsity
+from autocompress.transform import batchnorm, prune, quantize, sparsity
 
 if TYPE_CHECKING:
     from autocompress.intake import Task
@@ -34,7 +34,7 @@ def build_student(
     """The pruned, BN-folded float structure of a plan (teacher untouched).
 
     With ``bn_batches`` (training inputs), a plan that removes channels or weights gets its
-    BatchNorm statistics re-estimated before they are folded away (``prune.
+    BatchNorm statistics re-estimated before they are folded away (``batchnorm.
     recalibrate_batchnorm``): the fine-tune then starts from a working model instead of
     spending its steps undoing stale statistics. Without data (structure-only rebuilds,
     latency checks) the teacher's statistics are folded as they are. ``fold=False`` keeps
@@ -46,12 +46,12 @@ def build_student(
     else:
         model = copy.deepcopy(task.model)
     if plan.sparsity:
-        model = prune.apply_unstructured(model, plan.sparsity)
+        model = sparsity.apply_unstructured(model, plan.sparsity)
     if plan.global_sparsity > 0:
         model = sparsity.apply_global(model, plan.global_sparsity)
     model.eval()
     if bn_batches is not None and removes_weights(plan):
-        prune.recalibrate_batchnorm(model, bn_batches, max_batches=BN_RECALIBRATION_BATCHES)
+        batchnorm.recalibrate_batchnorm(model, bn_batches, max_batches=BN_RECALIBRATION_BATCHES)
     return quantize.fold_batchnorm(model) if fold else model
 
 

@@ -148,7 +148,8 @@ def markdown(data: dict[str, Any], stem: str = "cifar10") -> str:
         lines += [
             f"Learning rate {s['learning_rate']:g}, fixed for recipes and searches alike (a search "
             "without `--learning-rate` probes its own; the probe is measured on this teacher in "
-            "docs/how-a-trial-works.md): AdamW at 2e-3 took the BN-folded ResNet-20 student from 0.757 "
+            "docs/how-a-trial-works.md): AdamW at 2e-3 took the BN-folded ResNet-20 student "
+            "from 0.757 "
             "to 0.10 validation accuracy within 5 KD steps (int8 QAT and fp32 alike; 5e-4 dipped "
             "to 0.62, 2e-4 held 0.71-0.76, SGD at 2e-3 held 0.75-0.76; 1000 val images, batch "
             "64). The first quick run at 2e-3 is kept: `cifar10_quick_lr0.002.md` (every search "

@@ -1,8 +1,9 @@
 """Hand recipes measured exactly as search trials: the package's own TrialRunner on fixed plans.
 
-``make_context`` builds the SearchContext the way ``search.run_search`` does (fp32 export,
-fp32 validation accuracy, 8 calibration batches of 32 training images), and ``run_fixed``
-feeds a fixed plan to ``objective.TrialRunner`` through an ``optuna.trial.FixedTrial``: same
+``make_context`` builds the SearchContext the way ``search.session.open_session`` does (fp32
+export, fp32 validation accuracy, 8 calibration batches of 32 training images), and
+``run_fixed`` feeds a fixed plan to ``trial.runner.TrialRunner`` through an
+``optuna.trial.FixedTrial``: same
 build, pre-check, QAT + KD fine-tune, export and measurement code as every search trial, so
 recipe and search figures are comparable one to one.
 """
@@ -18,13 +19,15 @@ from typing import Any
 from optuna.trial import FixedTrial
 
 from autocompress.config.options import SearchConfig
+from autocompress.config.settings import SearchSettings
 from autocompress.intake import Task
 from autocompress.model import space
 from autocompress.model.plan import CompressionPlan
 from autocompress.runtime import scoring
 from autocompress.transform import quantize
 from autocompress.transform.survey import build_inventory
-from autocompress.trial.runner import SearchContext, TrialRunner
+from autocompress.trial.context import SearchContext
+from autocompress.trial.runner import TrialRunner
 
 
 def make_context(task: Task, config: SearchConfig, workdir: Path) -> SearchContext:
@@ -40,10 +43,13 @@ def make_context(task: Task, config: SearchConfig, workdir: Path) -> SearchConte
         calibration.append(x)
         if len(calibration) >= 8:
             break
+    settings = SearchSettings.from_config(config)
     return SearchContext(
         task=task,
         inventory=inventory,
-        config=config,
+        space=settings.space,
+        training=settings.training,
+        measurement=settings.measurement,
         budgets=config.parsed_budgets(),
         workdir=workdir,
         fp32_onnx=fp32_onnx,
@@ -56,18 +62,20 @@ def make_context(task: Task, config: SearchConfig, workdir: Path) -> SearchConte
 
 def with_config(ctx: SearchContext, config: SearchConfig) -> SearchContext:
     """Same task/exports/calibration, another config (e.g. no fine-tune for PTQ)."""
-    return dataclasses.replace(ctx, config=config, budgets=config.parsed_budgets())
+    settings = SearchSettings.from_config(config)
+    return dataclasses.replace(ctx, space=settings.space, training=settings.training,
+                               measurement=settings.measurement, budgets=config.parsed_budgets())
 
 
 def uniform(ctx: SearchContext, *, bits: int, ratio: float = 0.0) -> CompressionPlan:
-    return space.uniform_plan(ctx.inventory, ctx.config, bits=bits, ratio=ratio)
+    return space.uniform_plan(ctx.inventory, ctx.space, bits=bits, ratio=ratio)
 
 
 def run_fixed(
     ctx: SearchContext, plan: CompressionPlan, *, number: int, baseline: str | None = None
 ) -> dict[str, Any]:
     """One trial of ``plan`` through TrialRunner; returns its attributes plus duration."""
-    params = space.plan_to_params(plan, ctx.inventory, ctx.config)
+    params = space.plan_to_params(plan, ctx.inventory, ctx.space)
     trial = FixedTrial(params, number=number)
     if baseline:
         trial.set_user_attr("baseline", baseline)

@@ -1,4 +1,5 @@
-/* autocompress dashboard: renders the JSON the server computes; polls it every 2 s.
+/* autocompress dashboard: renders the JSON the server computes (rows, fronts, hypervolume and
+ * every comparison with fp32 come from autocompress.results); polls it every 2 s.
  * No external resources: Plotly comes from /vendor/plotly.min.js served by the app. */
 "use strict";
 
@@ -121,7 +122,7 @@
     { key: "test_accuracy", label: "Accuracy (test)", num: true, fmt: (t) => pct(t.test_accuracy) },
     { key: "size_bytes", label: "Size", num: true, fmt: (t) => bytes(t.size_bytes) },
     { key: "latency_ms", label: "Latency (median)", num: true, fmt: (t) => ms(t.latency_ms) + (isNum(t.latency_spread_ms) ? ` <span class="muted">± ${ms(t.latency_spread_ms)}</span>` : "") },
-    { key: "speedup", label: "Speed vs fp32", num: true, fmt: (t) => times(t.speedup) },
+    { key: "times_faster", label: "Speed vs fp32", num: true, fmt: (t) => times(t.times_faster) },
     { key: "accuracy_drop_rate", label: "Acc. drop rate", num: true, fmt: (t) => rate(t.accuracy_drop_rate) },
     { key: "flop_reduction_rate", label: "FLOPs −", num: true, fmt: (t) => rate(t.flop_reduction_rate) },
     { key: "bops_reduction_rate", label: "BOPs −", num: true, fmt: (t) => rate(t.bops_reduction_rate) },
@@ -144,7 +145,7 @@
       tableState.key = key;
       renderTable(study);
     }));
-    const rows = study.trials.map((t) => ({ ...t, speedup: isNum(t.latency_vs_fp32) && t.latency_vs_fp32 > 0 ? 1 / t.latency_vs_fp32 : null }));
+    const rows = study.trials.slice();  // the server sends every figure, speed included
     rows.sort((a, b) => {
       const x = sortValue(a, tableState.key), y = sortValue(b, tableState.key);
       if (x == null && y == null) return a.number - b.number;
@@ -280,7 +281,7 @@
   function renderProgress(study) {
     const p = study.progress;
     const ref = p.reference.size_bytes;
-    const hv = p.hypervolume.map((v) => (isNum(v) && ref ? v / ref : null));
+    const hv = p.hypervolume_share;  // computed by the server (autocompress.results)
     const traces = [
       { x: p.trial_numbers, y: p.best_feasible_accuracy, name: "best feasible accuracy", type: "scatter", mode: "lines+markers", line: { shape: "hv", color: "#2f6fde" }, marker: { size: 4 }, hovertemplate: "after trial %{x}: %{y:.2%}<extra></extra>" },
       ...fp32Line(study, p.trial_numbers),
@@ -389,14 +390,14 @@
     const m = d.metrics;
     const rows = [
       ["Accuracy (validation)", pct(m.accuracy), fp ? pct(fp.accuracy) : "—", points(c.accuracy_change_points)],
-      ["Accuracy (test)", pct(m.test_accuracy), fp ? pct(fp.test_accuracy) : "—", fp && isNum(m.test_accuracy) && isNum(fp.test_accuracy) ? points((m.test_accuracy - fp.test_accuracy) * 100) : "—"],
+      ["Accuracy (test)", pct(m.test_accuracy), fp ? pct(fp.test_accuracy) : "—", points(c.test_accuracy_change_points)],
       ["Size (file)", bytes(m.size_bytes), fp ? bytes(fp.size_bytes) : "—", c.times_smaller != null ? times(c.times_smaller) + " smaller" : "—"],
-      ["Size (zipped)", bytes(m.zip_size_bytes), fp ? bytes(fp.zip_size_bytes) : "—", fp && isNum(m.zip_size_bytes) && isNum(fp.zip_size_bytes) ? times(fp.zip_size_bytes / m.zip_size_bytes) + " smaller" : "—"],
+      ["Size (zipped)", bytes(m.zip_size_bytes), fp ? bytes(fp.zip_size_bytes) : "—", c.zip_times_smaller != null ? times(c.zip_times_smaller) + " smaller" : "—"],
       ["Latency (median ± IQR)", ms(m.latency_ms) + (isNum(m.latency_spread_ms) ? " ± " + ms(m.latency_spread_ms) : ""), isNum(m.fp32_latency_ms) ? ms(m.fp32_latency_ms) : fp ? ms(fp.latency_ms) : "—", c.times_faster != null ? times(c.times_faster) + " faster" : "—"],
       ["Accuracy-drop rate", rate(c.accuracy_drop_rate), "0", "(fp32 − trial) / fp32"],
       ["FLOPs", count(m.flops), fp ? count(fp.flops) : "—", isNum(c.flop_reduction_rate) ? rate(c.flop_reduction_rate) + " fewer (FLOP-reduction rate)" : "—"],
       ["Bit-operations (MACs × bits × bits)", count(m.bops), fp ? count(fp.bops) : "—", isNum(c.bops_reduction_rate) ? rate(c.bops_reduction_rate) + " fewer" : "—"],
-      ["Parameters", count(m.params), fp ? count(fp.params) : "—", fp && isNum(m.params) && isNum(fp.params) && m.params > 0 ? times(fp.params / m.params) + " fewer" : "—"],
+      ["Parameters", count(m.params), fp ? count(fp.params) : "—", c.params_times_fewer != null ? times(c.params_times_fewer) + " fewer" : "—"],
     ];
     el("metrics-table").innerHTML = "<thead><tr><th>Metric</th><th class='num'>This trial</th><th class='num'>fp32 baseline</th><th class='num'>Change</th></tr></thead><tbody>" +
       rows.map((r) => `<tr><td>${r[0]}</td><td class="num">${r[1]}</td><td class="num">${r[2]}</td><td class="num">${r[3]}</td></tr>`).join("") + "</tbody>";

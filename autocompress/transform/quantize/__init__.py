@@ -26,8 +26,10 @@ upgraded to 21 for native INT4 Q/DQ) -> ``quant_pre_process`` -> ``quantize_stat
 ``runtime`` (sessions) and ``ort_tools`` (ONNX Runtime's quantization tools).
 
 The package by job: ``scheme`` (widths, ranges, scales), ``qat`` (fake-quant modules,
-calibration), ``bn_fold`` (BatchNorm folding), ``onnx_float`` (the float export) and
-``onnx_export`` (QDQ and weight-only files, PTQ, inspection).
+calibration), ``bn_fold`` (BatchNorm folding), ``onnx_float`` (the float export),
+``onnx_export`` (a plan's file, checked), ``onnx_qdq`` (QDQ and dynamic files, PTQ, through
+``ort_tools``), ``onnx_weight_only`` (weight-only files) and ``onnx_inspect`` (a file's weights
+by layer).
 """
 
 from __future__ import annotations
@@ -40,15 +42,13 @@ from autocompress.transform.quantize.onnx_export import (
     DYNAMIC,
     ExportInfo,
     export_onnx,
-    onnx_weight_types,
-    ptq_dynamic,
-    ptq_static,
-    weight_scales,
 )
 from autocompress.transform.quantize.onnx_float import (
     EXPORT_OPSET,
     export_float_onnx,
 )
+from autocompress.transform.quantize.onnx_inspect import onnx_weight_types, weight_scales
+from autocompress.transform.quantize.onnx_qdq import ptq_dynamic, ptq_static
 from autocompress.transform.quantize.qat import (
     LearnedQuant,
     QuantConv1d,

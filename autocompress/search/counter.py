@@ -1,0 +1,134 @@
+"""What ``--trials`` counts and when a run of the search stops: the trials it fine-tuned,
+the plans rejected in a row, the time limit (with the promotions' share of it), and the one
+line that says why a run ended early."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+from autocompress.config.options import Budget
+from autocompress.config.settings import PromotionSettings, RunSettings
+from autocompress.results.pareto import closest_to_budgets
+from autocompress.study.records import TrialRecord
+
+
+class TrialCounter:
+    """What ``--trials`` counts (fine-tuned candidates, failures included: they spent the
+    work), the rejections in a row that end a hopeless run, and the time limit."""
+
+    def __init__(self, run: RunSettings, promotion: PromotionSettings, baselines: int,
+                 started: float) -> None:
+        self.run = run
+        self.promotion = promotion
+        self.baselines = baselines
+        self.counted = 0
+        self.rejected = 0
+        self.in_a_row = 0
+        self.finished = 0  # every trial this run finished, baselines included
+        self.searching = False  # baselines are done; search trials are being counted
+        self.last_stretch = False  # after the promotions: search until the full time limit
+        self.started = started
+
+    @property
+    def done(self) -> int:
+        return min(self.baselines, self.finished) + self.counted
+
+    @property
+    def total(self) -> int:
+        return self.baselines + self.run.trials
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+    def hard_cap(self) -> int:
+        """An upper bound on search trials, so the loop ends even if a callback never fires:
+        each counted trial can follow at most max_rejections rejections."""
+        return (self.run.trials + 1) * (self.run.max_rejections + 1)
+
+    def add(self, record: TrialRecord) -> None:
+        self.finished += 1
+        if not self.searching:
+            return
+        if record.rejected is not None:
+            self.rejected += 1
+            self.in_a_row += 1
+        else:
+            self.counted += 1
+            self.in_a_row = 0
+
+    def _out_of_time(self) -> bool:
+        """Past the search part of the time limit (the rest is the promotions' share, and
+        after them, the last stretch of searching)."""
+        limit = self.run.time_limit
+        share = 0.0 if self.last_stretch else self.promotion.share
+        return limit is not None and self.elapsed() >= limit * 60 * (1.0 - share)
+
+    def time_left_for_more(self) -> bool:
+        """Under a time limit, after the promotions: is there time for one more trial (the
+        mean of this run's trials so far)?"""
+        limit = self.run.time_limit
+        if limit is None or self.counted >= self.run.trials or self.in_a_row >= (
+                self.run.max_rejections) or not self.counted:
+            return False
+        mean = self.elapsed() / max(self.finished, 1)
+        return limit * 60 - self.elapsed() > mean
+
+    def promotion_effort(self, timings: Sequence[tuple[dict[str, float], int | None]]) -> float:
+        """Short fine-tunes' worth of promotions this run may add: its share of the counted
+        trials, or, under a time limit, the time left over what a short fine-tune takes in
+        ``timings`` (each a trial's timing and fine-tune steps run), after one trial's fixed
+        part (build, export, measurement: a retrain costs it once, however long it trains;
+        dividing by the whole short trial left a quarter of the promotions' time to short
+        trials that are never retrained)."""
+        limit, steps = self.run.time_limit, self.promotion.finetune_steps
+        if limit is None:
+            return self.promotion.share * self.counted
+        tuned = [(t, n) for t, n in timings if t.get("finetune") and n]
+        if not tuned or not steps:
+            return 0.0
+        short = sum(t["finetune"] * steps / n for t, n in tuned) / len(tuned)
+        fixed = sum(sum(t.values()) - t["finetune"] for t, _ in tuned) / len(tuned)
+        left = limit * 60 - self.elapsed() - fixed
+        return max(left, 0.0) / short
+
+    def should_stop(self) -> bool:
+        run = self.run
+        return (self.counted >= run.trials or self.in_a_row >= run.max_rejections
+                or self._out_of_time())
+
+    def end_note(self, budgets: list[Budget], records: list[TrialRecord]) -> str | None:
+        """None when the run did its trials; else one line saying why it ended early (with
+        the closest plan when rejections ended it)."""
+        run = self.run
+        if self.counted >= run.trials:
+            return None
+        if self._out_of_time():
+            note = (f"time limit of {run.time_limit:g} min reached after {self.counted} of "
+                    f"{run.trials} fine-tuned trials ({self.rejected} plans rejected at the "
+                    "pre-check); run the same command again to continue the study")
+            if budgets and not any(r.measured and r.feasible for r in records):
+                # the run ends with nothing to export: say how far the nearest plan is
+                closest = _closest(records, budgets)
+                note += ("; no trial meets the budgets yet"
+                         + (f" ({closest})" if closest else "") + "; or " + _BUDGET_ADVICE)
+            return note
+        if self.in_a_row >= run.max_rejections:
+            head = (f"stopped after {self.in_a_row} plans in a row were rejected at the "
+                    f"pre-check ({self.counted} of {run.trials} fine-tuned)")
+            closest = _closest([r for r in records if r.rejected is not None], budgets)
+            head += f"; {closest}" if closest else ""
+            return head + "; " + _BUDGET_ADVICE + ", or --max-rejections to keep trying"
+        return None
+
+
+_BUDGET_ADVICE = "raise the budget, allow more pruning (--prune-max) or fewer bits (--bits)"
+
+
+def _closest(records: list[TrialRecord], budgets: list[Budget]) -> str:
+    """"closest: trial N (plan), what it misses by", or "" when no trial was measured."""
+    closest = closest_to_budgets(records, budgets, k=1)
+    if not closest:
+        return ""
+    record, why = closest[0]
+    return f"closest: trial {record.number} ({record.plan_summary}), {why}"
