@@ -243,5 +243,6 @@ def single_sqlite_worker(url: str) -> Iterator[None]:
 
 
 def study_names(storage: BaseStorage) -> list[str]:
+    """The names of the studies in a storage."""
     return [s.study_name for s in optuna.get_all_study_summaries(storage,
                                                                  include_best_trial=False)]
