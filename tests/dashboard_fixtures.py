@@ -191,7 +191,7 @@ def _complete(
     artifact: bytes | None = None,
     extra: dict[str, Any] | None = None,
 ) -> int:
-    """One finished trial written the way objective.py writes it (attrs, constraint, file).
+    """One finished trial written the way trial/measurement.py writes it (attrs, constraint, file).
 
     Attributes go in through ``enqueue_trial(user_attrs=...)`` (one transaction instead of
     one per attribute: SQLite commits dominate the fixture's run time).
