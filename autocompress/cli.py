@@ -135,7 +135,7 @@ def _add_refine_and_sensitivity(sub: Any) -> None:
 def _study_and_storage(args: argparse.Namespace) -> tuple[str, str]:
     """The study a reading command names, and its storage URL (default: its SQLite file)."""
     name = args.study or "demo"
-    return name, args.storage or default_storage_url(name)
+    return name, args.storage if args.storage is not None else default_storage_url(name)
 
 
 # -- commands ----------------------------------------------------------------------------
@@ -191,7 +191,7 @@ def _list(args: argparse.Namespace) -> int:
     from autocompress.study import study_summaries
 
     found = sorted(Path(DEFAULT_STUDIES_DIR).glob("*.db"))  # each study's default file
-    urls = [args.storage] if args.storage else [default_storage_url(p.stem) for p in found]
+    urls = [default_storage_url(p.stem) for p in found] if args.storage is None else [args.storage]
     rows = [dict(row, storage=url) for url in urls for row in study_summaries(url)]
     if args.json:
         print(json.dumps(rows, indent=2))

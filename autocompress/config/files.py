@@ -13,7 +13,7 @@ from typing import Any
 import yaml
 
 from autocompress.config.options import SearchConfig
-from autocompress.errors import ConfigError
+from autocompress.errors import ConfigError, one_line
 
 
 def _field_types() -> dict[str, Any]:
@@ -65,7 +65,10 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist; see studies/demo.yaml")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (UnicodeDecodeError, OSError) as exc:
+        raise ConfigError(f"config file {str(path)!r} cannot be read as text ({one_line(exc)}); "
+                          "pass a YAML study config such as studies/demo.yaml") from None
     except yaml.YAMLError as exc:
         first = str(exc).splitlines()[0]
         raise ConfigError(f"config file {str(path)!r} is not valid YAML: {first}") from None
@@ -87,13 +90,38 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
 
 
 def build_config(config_file: str | Path | None, overrides: dict[str, Any]) -> SearchConfig:
-    """Defaults < file < overrides (overrides whose value is None are not given)."""
-    values: dict[str, Any] = load_config_file(config_file) if config_file else {}
-    values.update({k: v for k, v in overrides.items() if v is not None})
+    """Defaults < file < overrides (overrides whose value is None are not given). A file's
+    value a flag overrides must still be valid: a broken file is refused, never half used.
+    A device the machine lacks (cuda without CUDA) is refused too."""
+    from_file: dict[str, Any] = load_config_file(config_file) if config_file else {}
+    given = {k: v for k, v in overrides.items() if v is not None}
+    config = _config({**from_file, **given})
+    if set(from_file) & set(given):
+        try:  # the file's values over the flags: flags' own errors were reported above
+            _config({**given, **from_file})
+        except ConfigError as exc:
+            raise ConfigError(f"config file {str(config_file)!r}: {exc}") from None
+    _check_device(config.device)
+    return config
+
+
+def _config(values: dict[str, Any]) -> SearchConfig:
     try:
         return SearchConfig(**values)
     except TypeError as exc:  # a key that slipped past the checks above
         raise ConfigError(f"bad config: {exc}") from None
+
+
+def _check_device(device: str) -> None:
+    """--device cuda on a machine without CUDA: refused here, where the user chose it (a
+    library search falls back to the CPU with a warning)."""
+    if not device.startswith("cuda"):
+        return
+    import torch  # only when CUDA was asked for: the config layer stays light
+
+    if not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} was asked for but CUDA is not available on this "
+                          "machine; use --device cpu, or auto (CUDA when there is one)")
 
 
 def config_from_stored(values: dict[str, Any], **overrides: Any) -> SearchConfig:

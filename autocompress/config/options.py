@@ -11,6 +11,7 @@ import dataclasses
 import math
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from autocompress.config.budgets import Budget, format_bytes, parse_budget
@@ -24,6 +25,8 @@ PTQ_METHODS = ("minmax", "entropy", "percentile", "dynamic")
 # Where candidates are timed and scored (runtime/sessions.py dispatches on it).
 TARGETS = ("onnxruntime-cpu", "openvino-cpu", "onnxruntime-cuda", "tensorrt")
 MAX_STUDY_NAME = 120
+# numpy's RandomState (Optuna's samplers) takes seeds in [0, 2**32)
+MAX_SEED = 2**32 - 1
 # default share of a run's fine-tune effort spent on promotions (SearchConfig.promotion_share)
 PROMOTE_SHARE = 0.25
 PROMOTE_SHARE_UNDER_BUDGETS = 0.5
@@ -184,6 +187,7 @@ class SearchConfig:
         self._check_training()
         self._check_run()
         self._check_study_name()
+        self._check_storage()
 
     def _check_search(self) -> None:
         for budget in self.budgets:
@@ -192,6 +196,9 @@ class SearchConfig:
             raise ConfigError(f"trials {self.trials} must be at least 1 (--trials 20)")
         if self.sampler not in SAMPLERS:
             raise ConfigError(f"sampler {self.sampler!r} is unknown; use one of {list(SAMPLERS)}")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ConfigError(f"seed {self.seed} must be a whole number from 0 to {MAX_SEED} "
+                              "(e.g. --seed 0)")
         if self.startup_trials is not None and self.startup_trials < 1:
             raise ConfigError(
                 f"startup_trials {self.startup_trials} must be >= 1 (or left out for trials // 3)"
@@ -212,6 +219,9 @@ class SearchConfig:
                 raise ConfigError(f"bits value {b} is unsupported; use values from 32, 8, 4")
         if not self.bits:
             raise ConfigError("bits is empty: the search space has nothing to choose from")
+        if len(set(self.bits)) != len(self.bits):
+            raise ConfigError(f"bits {','.join(map(str, self.bits))} repeats a width; name each "
+                              "of 32, 8, 4 at most once (e.g. --bits 8,4)")
         if not self.activation_bits or any(a not in (8, 32) for a in self.activation_bits) or (
                 len(set(self.activation_bits)) != len(self.activation_bits)):
             raise ConfigError(
@@ -242,6 +252,10 @@ class SearchConfig:
                                                                  self.weights)):
             raise ConfigError(f"task {self.task!r} brings its own model and data; drop model, "
                               "weights and data")
+        if self.weights is not None and self.model is None and self.task is None:
+            # without a model spec the demo would be built and the weights never read
+            raise ConfigError(f"weights {self.weights!r} need the model they belong to: add "
+                              "--model (e.g. --model torchvision:resnet18 --weights FILE)")
         if self.target not in TARGETS:
             raise ConfigError(f"target {self.target!r} is unknown; use one of {list(TARGETS)}")
 
@@ -287,10 +301,10 @@ class SearchConfig:
         if self.sensitivity_images < 16:
             raise ConfigError(f"sensitivity_images {self.sensitivity_images} must be >= 16 "
                               "(e.g. 512 validation images score each choice)")
-        if self.learning_rate is not None and self.learning_rate <= 0:
-            raise ConfigError(
-                f"learning_rate {self.learning_rate} must be > 0 (e.g. 2e-3), or left out to "
-                "let the search choose it"
+        if self.learning_rate is not None and not 0 < self.learning_rate < math.inf:
+            raise ConfigError(  # the comparison also refuses nan
+                f"learning_rate {self.learning_rate} must be a finite number > 0 (e.g. 2e-3), "
+                "or left out to let the search choose it"
             )
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"device {self.device!r} is unknown; use auto, cpu or cuda")
@@ -306,6 +320,19 @@ class SearchConfig:
                 f"study name is {len(self.study)} characters long; use at most "
                 f"{MAX_STUDY_NAME} (e.g. {self.study[:20]!r})"
             )
+
+    def _check_storage(self) -> None:
+        for key, value in (("storage", self.storage), ("artifacts", self.artifacts)):
+            if value is not None and not value.strip():
+                raise ConfigError(f"{key} is empty; pass a value (--{key} ...) or leave it out "
+                                  "for the default (beside studies/<study>.db)")
+        if self.artifacts is None or self.artifacts.startswith("s3:"):
+            return
+        blocker = _file_in_the_way(Path(self.artifacts))
+        if blocker is not None:
+            raise ConfigError(f"artifacts folder {self.artifacts!r} cannot be made: {blocker} "
+                              "is a file; pass --artifacts a folder path (e.g. "
+                              f"studies/{self.study}-artifacts)")
 
     # -- derived --------------------------------------------------------------------
 
@@ -341,6 +368,14 @@ class SearchConfig:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in items}
 
 
+def _file_in_the_way(folder: Path) -> Path | None:
+    """The file (not a folder) at ``folder`` or at its nearest existing parent, if any."""
+    for path in (folder, *folder.absolute().parents):
+        if path.exists():
+            return None if path.is_dir() else path
+    return None
+
+
 def config_keys() -> list[str]:
     return [f.name for f in dataclasses.fields(SearchConfig)]
 
@@ -348,6 +383,7 @@ def config_keys() -> list[str]:
 __all__ = [
     "DEFAULT_STORAGE",
     "DEFAULT_STUDIES_DIR",
+    "MAX_SEED",
     "MAX_STUDY_NAME",
     "OBJECTIVES",
     "PTQ_METHODS",

@@ -16,7 +16,7 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 from urllib.parse import quote
 
 import optuna
@@ -127,6 +127,9 @@ def open_storage(url: str, *, heartbeat: bool = True, create: bool = True) -> Ba
     Creating the schema is retried too: workers starting at once race on ``CREATE TABLE``
     (Optuna #4621), and a server that is still starting refuses connections for a moment.
     """
+    if not url.strip():
+        raise StudyError("storage is empty; pass a database URL (e.g. sqlite:///studies/demo.db)"
+                         " or leave --storage out for the study's default file")
     path = sqlite_path(url)
     if path is not None:
         if not create and not path.is_file():
@@ -134,8 +137,8 @@ def open_storage(url: str, *, heartbeat: bool = True, create: bool = True) -> Ba
                 f"storage {url!r} does not exist; run `autocompress search` first "
                 "or pass the --storage a search wrote to"
             )
-        if not create:
-            _refuse_non_study_file(path, url)  # a reader must never write a schema into it
+        if not create or path.is_file():  # never write a schema into another's database
+            _refuse_non_study_file(path, url, create=create)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -172,27 +175,46 @@ def open_storage(url: str, *, heartbeat: bool = True, create: bool = True) -> Ba
                      "that the database server is running")
 
 
-def _refuse_non_study_file(path: Path, url: str) -> None:
+def _refuse_non_study_file(path: Path, url: str, *, create: bool = False) -> None:
     """A file a reader is pointed at must be a SQLite database holding Optuna's tables;
-    opening anything else through Optuna would write a fresh schema into it."""
+    opening anything else through Optuna would write a fresh schema into it. A search
+    (``create``) may also start in an empty file or an empty SQLite database, never in
+    another program's."""
+    if create and path.stat().st_size == 0:
+        return
     try:
-        with path.open("rb") as handle:
-            header = handle.read(16)
-        ok = header == b"SQLite format 3\x00"
-        if ok:
-            connection = sqlite3.connect(f"file:{quote(str(path.resolve()))}?mode=ro", uri=True)
-            try:
-                ok = connection.execute(
-                    "SELECT 1 FROM sqlite_master WHERE type='table' AND name='studies'"
-                ).fetchone() is not None
-            finally:
-                connection.close()
+        tables = _sqlite_tables(path)
     except (OSError, sqlite3.Error) as exc:
         raise StudyError(f"cannot read storage {url!r} ({one_line(exc)}); check the path and "
                          "its permissions") from None
-    if not ok:
+    if tables is not None and (_OPTUNA_TABLES <= tables or (create and not tables)):
+        return
+    if not create:
         raise StudyError(f"storage {url!r} is not a study database (no Optuna tables in it); "
                          "pass the --storage a search wrote to")
+    held = f"another program's SQLite database (tables: {', '.join(sorted(tables)[:4])})" \
+        if tables else "a file that is no SQLite database"
+    raise StudyError(f"storage {url!r} is {held}; a study is never written into it: pass "
+                     "--storage a new or empty file, e.g. "
+                     f"sqlite:///{path.with_name(path.stem + '-study.db')}")
+
+
+# Optuna's own tables: a file holding them is a study database (their schema, not a guess
+# from one common name such as "studies").
+_OPTUNA_TABLES = frozenset({"studies", "trials", "version_info"})
+
+
+def _sqlite_tables(path: Path) -> set[str] | None:
+    """The tables of the SQLite file at ``path``, read-only; None when it is no SQLite file."""
+    with path.open("rb") as handle:
+        if handle.read(16) != b"SQLite format 3\x00":
+            return None
+    connection = sqlite3.connect(f"file:{quote(str(path.resolve()))}?mode=ro", uri=True)
+    try:
+        rows = connection.execute("SELECT name FROM sqlite_master WHERE type='table'").fetchall()
+    finally:
+        connection.close()
+    return {str(name) for (name,) in rows}
 
 
 # Connection errors that waiting will not fix: a wrong password, user, host or database name.
@@ -223,6 +245,7 @@ def single_sqlite_worker(url: str) -> Iterator[None]:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     lock_path = path.with_name(path.name + ".lock")
+    existed = lock_path.exists()
     with open(lock_path, "a+") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -233,13 +256,27 @@ def single_sqlite_worker(url: str) -> Iterator[None]:
                 "(--storage postgresql://user:pw@host/db) to run several workers"
             ) from None
         handle.seek(0)
-        handle.truncate()
-        handle.write(str(os.getpid()))
-        handle.flush()
+        previous = handle.read()
+        _write_lock(handle, str(os.getpid()))
         try:
             yield
+        except BaseException:
+            # A refused run (a resume with other settings, a trial that cannot be refined)
+            # leaves the folder as it found it: no new lock file, the old one's content.
+            if existed:
+                _write_lock(handle, previous)
+            else:
+                lock_path.unlink(missing_ok=True)
+            raise
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _write_lock(handle: IO[str], text: str) -> None:
+    handle.seek(0)
+    handle.truncate()
+    handle.write(text)
+    handle.flush()
 
 
 def study_names(storage: BaseStorage) -> list[str]:
