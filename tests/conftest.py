@@ -6,7 +6,7 @@ built-in demo (trained DemoNet on seeded digits splits), loaded once per session
 model as read-only (``copy.deepcopy`` it before changing anything). ``short_study`` is one
 short real search, shared read-only.
 
-The suite runs on pytest-xdist workers (``addopts`` in pyproject.toml). The expensive shared
+The suite runs on pytest-xdist workers (``pytest_cmdline_main`` below). The expensive shared
 things are made once per run, not once per worker (tests/run_once.py): the demo teacher is
 trained by the first worker that needs it into the cache folder all workers share, and the
 short search runs once; each worker then reads its own copy of that study.

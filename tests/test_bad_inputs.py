@@ -9,6 +9,7 @@ line."""
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -32,12 +33,16 @@ CASES: list[tuple[str, list[str], bool]] = [
     ("lr-zero", [*SEARCH, "--learning-rate", "0"], False),
     ("lr-negative", [*SEARCH, "--learning-rate", "-1e-3"], False),
     ("lr-text", [*SEARCH, "--learning-rate", "fast"], False),
+    ("lr-inf", [*SEARCH, "--learning-rate", "inf"], False),
+    ("lr-nan", [*SEARCH, "--learning-rate", "nan"], False),
     ("batch-zero", [*SEARCH, "--batch-size", "0"], False),
     ("threads-zero", [*SEARCH, "--threads", "0"], False),
     ("train-threads-zero", [*SEARCH, "--train-threads", "0"], False),
     ("latency-repeats-zero", [*SEARCH, "--latency-repeats", "0"], False),
     ("latency-batch-zero", [*SEARCH, "--latency-batch-size", "0"], False),
     ("seed-text", [*SEARCH, "--seed", "abc"], False),
+    ("seed-negative", [*SEARCH, "--seed", "-1"], False),
+    ("seed-over-2-64", [*SEARCH, "--seed", "18446744073709551616"], False),
     ("max-rejections-zero", [*SEARCH, "--max-rejections", "0"], False),
     ("max-rejections-negative", [*SEARCH, "--max-rejections", "-1"], False),
     ("time-limit-zero", [*SEARCH, "--time-limit", "0"], False),
@@ -68,6 +73,7 @@ CASES: list[tuple[str, list[str], bool]] = [
     ("bits-text", [*SEARCH, "--bits", "8,abc"], False),
     ("bits-empty", [*SEARCH, "--bits", ""], False),
     ("bits-zero", [*SEARCH, "--bits", "0"], False),
+    ("bits-repeated", [*SEARCH, "--bits", "8,8"], False),
     ("activation-bits-four", [*SEARCH, "--activation-bits", "4"], False),
     ("prune-max-over-one", [*SEARCH, "--prune-max", "1.5"], False),
     ("prune-max-negative", [*SEARCH, "--prune-max", "-0.1"], False),
@@ -103,7 +109,11 @@ CASES: list[tuple[str, list[str], bool]] = [
     ("storage-unknown-scheme", [*SEARCH, "--storage", "ftp://host/db"], False),
     ("storage-under-a-file", [*SEARCH, "--storage", "sqlite:///{tmp}/file.txt/x.db"], False),
     ("storage-garbage-file", [*SEARCH, "--storage", "sqlite:///{tmp}/garbage.db"], False),
-    ("artifacts-under-a-file", [*SEARCH, "--artifacts", "{tmp}/file.txt/sub"], True),
+    ("storage-foreign-sqlite", [*SEARCH, "--storage", "sqlite:///{tmp}/other.db"], False),
+    ("storage-empty", [*SEARCH, "--storage", ""], False),
+    ("artifacts-under-a-file", [*SEARCH, "--artifacts", "{tmp}/file.txt/sub"], False),
+    ("artifacts-a-file", [*SEARCH, "--artifacts", "{tmp}/file.txt"], False),
+    ("artifacts-empty", [*SEARCH, "--artifacts", ""], False),
     # -- search: YAML configs ---------------------------------------------------------------
     ("config-missing", [*SEARCH, "--config", "{tmp}/missing.yaml"], False),
     ("config-a-folder", [*SEARCH, "--config", "{tmp}/folder"], False),
@@ -113,6 +123,9 @@ CASES: list[tuple[str, list[str], bool]] = [
     ("config-wrong-type", [*SEARCH, "--config", "{tmp}/wrongtype.yaml"], False),
     ("config-bad-value", [*SEARCH, "--config", "{tmp}/badvalue.yaml"], False),
     ("config-binary", [*SEARCH, "--config", "{tmp}/garbage.db"], False),
+    ("config-not-utf8", [*SEARCH, "--config", "{tmp}/latin1.yaml"], False),
+    # the file's trials: -3 is refused though --trials 1 overrides it
+    ("config-bad-value-overridden", [*SEARCH, "--config", "{tmp}/negtrials.yaml"], False),
     # -- search: model, weights, data -----------------------------------------------------
     ("model-demo-word", [*SEARCH, "--model", "demo"], False),
     ("model-without-data", [*SEARCH, "--model", "{tmp}/model.py:make"], False),
@@ -135,6 +148,7 @@ CASES: list[tuple[str, list[str], bool]] = [
                          "{tmp}/nope.pt", "--data", "digits"], False),
     ("weights-garbage", [*SEARCH, "--model", "{tmp}/model.py:make", "--weights",
                          "{tmp}/garbage.db", "--data", "digits"], False),
+    ("weights-without-model", [*SEARCH, "--weights", "{tmp}/garbage.db"], False),
     ("weights-a-folder", [*SEARCH, "--model", "{tmp}/model.py:make", "--weights",
                           "{tmp}/folder", "--data", "digits"], False),
     ("data-unknown-kind", [*SEARCH, "--model", "{tmp}/model.py:make", "--data",
@@ -172,8 +186,10 @@ CASES: list[tuple[str, list[str], bool]] = [
     ("show-storage-garbage", ["show", "--storage", "sqlite:///{tmp}/garbage.db"], False),
     ("show-storage-empty-file", ["show", "--storage", "sqlite:///{tmp}/empty.db"], False),
     ("show-storage-not-a-url", ["show", "--storage", "notaurl"], False),
+    ("show-storage-foreign-sqlite", ["show", "--storage", "sqlite:///{tmp}/other.db"], False),
     ("list-storage-missing", ["list", "--storage", "sqlite:///{tmp}/nope.db"], False),
     ("list-storage-garbage", ["list", "--storage", "sqlite:///{tmp}/garbage.db"], False),
+    ("list-storage-empty", ["list", "--storage", ""], False),
     ("sensitivity-storage-missing", ["sensitivity", "--storage", "sqlite:///{tmp}/nope.db"],
      False),
     ("sensitivity-top-zero", ["sensitivity", "--top", "0"], False),
@@ -189,6 +205,7 @@ CASES: list[tuple[str, list[str], bool]] = [
                                 "sqlite:///{tmp}/nope.db"], False),
     ("export-storage-garbage", ["export", "--best", "--out", "{tmp}/o", "--storage",
                                 "sqlite:///{tmp}/garbage.db"], False),
+    ("export-storage-empty", ["export", "--best", "--out", "{tmp}/o", "--storage", ""], False),
     ("export-trial-text", ["export", "--trial", "abc", "--out", "{tmp}/o"], False),
     ("export-format-unknown", ["export", "--best", "--format", "bogus", "--out", "{tmp}/o"],
      False),
@@ -227,6 +244,7 @@ FILES = {
     "list.yaml": "- trials\n- 2\n",
     "wrongtype.yaml": "trials: many\n",
     "badvalue.yaml": "trials: 2\nbits: [3]\n",
+    "negtrials.yaml": "trials: -3\n",
 }
 
 
@@ -234,6 +252,17 @@ def _setup(folder: Path) -> None:
     for name, text in FILES.items():
         (folder / name).write_text(text)
     (folder / "folder").mkdir()
+    (folder / "latin1.yaml").write_bytes("study: caf\xe9\n".encode("latin-1"))
+    _foreign_database(folder / "other.db")
+
+
+def _foreign_database(path: Path) -> None:
+    """Another program's SQLite database: a search must never write its tables into it."""
+    connection = sqlite3.connect(path)
+    with connection:
+        connection.execute("CREATE TABLE users (id INTEGER PRIMARY KEY, name TEXT)")
+        connection.execute("INSERT INTO users (name) VALUES ('ada')")
+    connection.close()
 
 
 def _snapshot(folder: Path) -> dict[str, bytes]:
@@ -247,11 +276,15 @@ def test_the_battery_has_over_100_distinct_inputs() -> None:
     assert len({tuple(argv) for _, argv, _ in CASES}) == len(CASES)
 
 
-@pytest.mark.parametrize("argv, late", [(a, late) for _, a, late in CASES],
-                         ids=[case_id for case_id, _, _ in CASES])
+# Cases still met by the catch-all "unexpected: ... please report it" line.
+# TODO: runtime.sessions.make_session should say a file is not ONNX (InvalidProtobuf).
+CATCH_ALL_LEFT = {"profile-onnx-garbage"}
+
+
+@pytest.mark.parametrize("case_id, argv, late", CASES, ids=[case_id for case_id, _, _ in CASES])
 def test_bad_input_is_one_line_exit_2_and_creates_nothing(
-    argv: list[str], late: bool, tmp_path: Path, capsys: pytest.CaptureFixture[str],
-    monkeypatch: pytest.MonkeyPatch,
+    case_id: str, argv: list[str], late: bool, tmp_path: Path,
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("AUTOCOMPRESS_DASHBOARD_TOKEN", raising=False)
@@ -263,6 +296,114 @@ def test_bad_input_is_one_line_exit_2_and_creates_nothing(
     assert code == 2, err
     assert "Traceback" not in err, err
     assert lines and lines[-1].startswith("error: "), err
+    if case_id not in CATCH_ALL_LEFT:
+        assert "unexpected" not in err, err  # its own message, not the catch-all
     if not late:
         assert len(lines) == 1, err
     assert _snapshot(tmp_path) == before  # nothing created, nothing changed
+
+
+def _one_error_line(code: int, err: str) -> None:
+    lines = err.strip().splitlines()
+    assert code == 2, err
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err and "unexpected" not in err, err
+
+
+def test_device_cuda_without_cuda_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import torch
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    code = main([*SEARCH, "--device", "cuda"])
+    err = capsys.readouterr().err
+    _one_error_line(code, err)
+    assert "CUDA is not available" in err and "--device cpu" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bits_without_32_pass_validation() -> None:
+    from autocompress.config.files import build_config
+
+    assert build_config(None, {"bits": (8, 4)}).bits == (8, 4)
+    assert build_config(None, {"bits": (4,)}).bits == (4,)
+
+
+def test_a_new_search_may_start_in_an_empty_file_or_database(tmp_path: Path) -> None:
+    from autocompress.study.storage import open_storage, study_names
+
+    empty = tmp_path / "empty.db"
+    empty.write_bytes(b"")
+    blank = tmp_path / "blank.db"
+    sqlite3.connect(blank).execute("VACUUM").connection.close()  # SQLite, no tables yet
+    for path in (empty, blank):
+        assert study_names(open_storage(f"sqlite:///{path}", heartbeat=False)) == []
+
+
+# -- refused resumes and refines change nothing on disk ---------------------------------------
+
+TINY_MODEL_PY = (
+    "import torch\n\n"
+    "def make():\n    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 32), "
+    "torch.nn.ReLU(), torch.nn.Linear(32, 10))\n\n"
+    "def other():\n    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 16), "
+    "torch.nn.ReLU(), torch.nn.Linear(16, 10))\n"
+)
+STORE = ["--study", "s", "--storage", "sqlite:///s.db"]
+# a one-trial study of a small MLP on digits, in seconds (no baselines, no fine-tune)
+TINY = ["search", *STORE, "--model", "model.py:make", "--data", "digits", "--trials", "1",
+        "--finetune-steps", "0", "--learning-rate", "1e-3", "--latency-repeats", "1",
+        "--no-baselines", "--no-warm-starts", "--no-guided", "--json"]
+REFINE = ["refine", *STORE, "--epochs", "1", "--trial"]
+REFUSED = {
+    "resume-other-bits": [*TINY, "--bits", "8"],
+    "resume-other-prune-max": [*TINY, "--prune-max", "0.5"],
+    "resume-other-budget": [*TINY, "--budget", "1MB"],
+    "resume-other-objectives": [*TINY, "--objectives", "accuracy,size,latency"],
+    "resume-other-model": [*TINY, "--model", "model.py:other"],
+    "refine-unknown-trial": [*REFINE, "99"],
+    "refine-failed-trial": [*REFINE, "1"],
+    "refine-stopped-early-trial": [*REFINE, "2"],
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_study(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Trial 0 measured, trial 1 failed, trial 2 stopped early (pruned)."""
+    import contextlib
+
+    import optuna
+    from optuna.trial import TrialState, create_trial
+
+    folder = tmp_path_factory.mktemp("tiny-study")
+    (folder / "model.py").write_text(TINY_MODEL_PY)
+    with contextlib.chdir(folder):
+        assert main(TINY) == 0
+    study = optuna.load_study(study_name="s", storage=f"sqlite:///{folder / 's.db'}")
+    done = study.trials[0]
+    for state in (TrialState.FAIL, TrialState.PRUNED):
+        study.add_trial(create_trial(state=state, params=done.params,
+                                     distributions=done.distributions))
+    (folder / "s.db.lock").unlink()
+    return folder
+
+
+@pytest.mark.parametrize("argv", REFUSED.values(), ids=REFUSED.keys())
+@pytest.mark.parametrize("lock", [None, "12345"], ids=["no-lock", "old-lock"])
+def test_a_refused_resume_or_refine_changes_nothing_on_disk(
+    argv: list[str], lock: str | None, tiny_study: Path, tmp_path: Path,
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import shutil
+
+    folder = tmp_path / "study"
+    shutil.copytree(tiny_study, folder)
+    if lock is not None:  # another run's lock file: its content stays
+        (folder / "s.db.lock").write_text(lock)
+    monkeypatch.chdir(folder)
+    before = _snapshot(folder)
+    code = main(argv)
+    _one_error_line(code, capsys.readouterr().err)
+    assert _snapshot(folder) == before  # same names, same bytes: not even a .lock

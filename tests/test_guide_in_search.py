@@ -78,6 +78,7 @@ def test_dynamic_int8_baseline_only_for_linear_heavy_models(demo_task: Task) -> 
     import torch
     from torch import nn
 
+    from autocompress.config.settings import SearchSettings
     from autocompress.search.loop import _enqueue_baselines, linear_share
     from autocompress.transform.survey import build_inventory
 
@@ -88,6 +89,8 @@ def test_dynamic_int8_baseline_only_for_linear_heavy_models(demo_task: Task) -> 
     for inventory, expected in ((conv, {"fp32", "int8-ptq"}),
                                 (mlp, {"fp32", "int8-ptq", "int8-dynamic"})):
         study = optuna.create_study(directions=["maximize", "minimize"])
-        assert _enqueue_baselines(study, inventory, SearchConfig()) == len(expected)
+        settings = SearchSettings.from_config(SearchConfig())
+        assert _enqueue_baselines(study, inventory, settings.space, settings.run) == len(
+            expected)
         names = {t.user_attrs[trial_attrs.BASELINE] for t in study.get_trials()}
         assert names == expected

@@ -129,6 +129,8 @@ def config_from_stored(values: dict[str, Any], **overrides: Any) -> SearchConfig
     Keys this version does not know (a study written by another one) are left out."""
     hints = _field_types()
     checked = {k: _coerce(k, v, hints[k]) for k, v in values.items() if k in hints}
+    if checked.get("model") is None and checked.get("task") is None:
+        checked.pop("weights", None)  # an older study's unused weights (the demo was built)
     checked.update(overrides)
     try:
         return SearchConfig(**checked)

@@ -322,10 +322,11 @@ class SearchConfig:
             )
 
     def _check_storage(self) -> None:
-        for key, value in (("storage", self.storage), ("artifacts", self.artifacts)):
+        for key, value, default in (("storage", self.storage, self.storage_url()),
+                                    ("artifacts", self.artifacts, "beside the SQLite file")):
             if value is not None and not value.strip():
-                raise ConfigError(f"{key} is empty; pass a value (--{key} ...) or leave it out "
-                                  "for the default (beside studies/<study>.db)")
+                raise ConfigError(f"{key} is empty; pass a value or leave --{key} out for the "
+                                  f"default ({default})")
         if self.artifacts is None or self.artifacts.startswith("s3:"):
             return
         blocker = _file_in_the_way(Path(self.artifacts))
@@ -383,7 +384,6 @@ def config_keys() -> list[str]:
 __all__ = [
     "DEFAULT_STORAGE",
     "DEFAULT_STUDIES_DIR",
-    "MAX_SEED",
     "MAX_STUDY_NAME",
     "OBJECTIVES",
     "PTQ_METHODS",
