@@ -109,5 +109,7 @@ def _numbers(records: list[TrialRecord]) -> str:
 def load_study(
     study: str = "demo", storage: str | None = None, artifacts: str | Path | None = None
 ) -> StudyHandle:
-    """Open a study a search wrote (default storage: ``sqlite:///studies/<study>.db``)."""
-    return StudyHandle(study, storage or default_storage_url(study), artifacts)
+    """Open a study a search wrote (default storage: ``sqlite:///studies/<study>.db``; an
+    empty ``storage`` is refused, not read as the default)."""
+    return StudyHandle(study, default_storage_url(study) if storage is None else storage,
+                       artifacts)

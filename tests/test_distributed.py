@@ -41,6 +41,9 @@ FAST = {
 }
 # The fault tests are about workers, not baselines: two trials fewer each.
 NO_BASELINES = ("--no-baselines",)
+# ... and about workers, not the study's priors: a given learning rate (no probe) and no guided
+# plans save each worker ~15 s of start-up (the three-worker test keeps both).
+QUICK_START = ("--no-guided", "--learning-rate", "0.002")
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 STUDY_ATTRS = {"model_spec", "data_spec", "budgets", "objectives", "inventory", "data",
                "search_space", "created_by", "identity"}
@@ -201,8 +204,8 @@ def test_killed_worker_trial_is_failed_and_retried(tmp_path: Path, demo_task: ob
     with fresh_database() as url:
         # No guided plans: a plan queued for later would take one of the survivor's 3 trials,
         # and whether the dead worker's retry then still fits depends on timing.
-        survivor = _start(tmp_path, "survivor", url, "kill", 3, *NO_BASELINES, "--no-guided")
-        victim = _start(tmp_path, "victim", url, "kill", 1, *NO_BASELINES, "--no-guided")
+        survivor = _start(tmp_path, "survivor", url, "kill", 3, *NO_BASELINES, *QUICK_START)
+        victim = _start(tmp_path, "victim", url, "kill", 1, *NO_BASELINES, *QUICK_START)
         watch = Watch(url, "kill")
         try:
             wait_until(lambda: watch.running_with_plan() == 2, TIMEOUT, "both workers mid-trial")
@@ -233,7 +236,8 @@ def test_database_outage_then_resume(tmp_path: Path, demo_task: object) -> None:
     env = {"AUTOCOMPRESS_DB_RETRY_SECONDS": "2"}
     # A server of our own: stopping the shared one would break other tests using it.
     with private_server() as server:
-        first = _start(tmp_path, "first", server.url, "outage", 1, *NO_BASELINES, env=env)
+        first = _start(tmp_path, "first", server.url, "outage", 1, *NO_BASELINES, *QUICK_START,
+                       env=env)
         watch = Watch(server.url, "outage")
         try:
             wait_until(lambda: watch.running_with_plan() == 1, TIMEOUT, "a trial to start")
@@ -247,7 +251,8 @@ def test_database_outage_then_resume(tmp_path: Path, demo_task: object) -> None:
         assert "lost the connection to the study database" in first.stderr()  # the retry note
 
         server.start()
-        again = _start(tmp_path, "again", server.url, "outage", 1, *NO_BASELINES, env=env)
+        again = _start(tmp_path, "again", server.url, "outage", 1, *NO_BASELINES, *QUICK_START,
+                       env=env)
         assert again.wait() == 0, again.tail()
         _, trials = _load(server.url, "outage")
         # Numbering continues: the interrupted trial 0 is failed and run again as trial 1.
@@ -263,14 +268,14 @@ def test_sqlite_refuses_a_second_worker_and_sigterm_ends_cleanly(
     tmp_path: Path, demo_task: object
 ) -> None:
     url = f"sqlite:///{tmp_path / 'one.db'}"
-    first = _start(tmp_path, "first", url, "one", 50, *NO_BASELINES)
+    first = _start(tmp_path, "first", url, "one", 50, *NO_BASELINES, *QUICK_START)
     lock = tmp_path / "one.db.lock"
     watch = Watch(url, "one")
     try:
         # The first worker holds the lock (its pid in the file) for the whole search.
         wait_until(lambda: lock.is_file() and lock.read_text() == str(first.proc.pid), TIMEOUT,
                    "the first worker to take the SQLite lock")
-        second = _start(tmp_path, "second", url, "one", 50, *NO_BASELINES)
+        second = _start(tmp_path, "second", url, "one", 50, *NO_BASELINES, *QUICK_START)
         assert second.wait() == 2, second.tail()
         assert "Traceback" not in second.stderr()
         assert re.match(r"^error: another autocompress search is already writing to \S+one\.db;"

@@ -196,7 +196,8 @@ def test_verification_figures_are_in_the_report(exported: Exported) -> None:
     lat = ver["latency"]
     assert lat["allowed"][0] <= lat["ratio"] <= lat["allowed"][1]
     assert lat["recorded_ratio"] == exported.record.latency_vs_fp32
-    assert "factor 2" in lat["tolerance"]
+    assert "measured spread of both figures" in lat["tolerance"]
+    assert lat["allowed"][1] / lat["recorded_ratio"] <= export.LATENCY_RATIO_FACTOR + 1e-9
 
 
 def test_pt2_loads_without_autocompress_and_agrees_with_onnx(
@@ -549,3 +550,71 @@ def test_agreement_excuses_near_ties_but_not_flips() -> None:
     assert _agreement_of(file, np.zeros((3, 3)), values=False) == pytest.approx((0.0, 0.0))
     wrong = program + np.array([[0.0, 3.0, 0.0], [0.0, 3.0, 0.0], [0.0, 0.0, 3.0]])
     assert _agreement_of(wrong, program, values=False) == pytest.approx((2 / 3, 0.0))
+
+
+def test_latency_band_catches_a_wrong_figure_on_a_quiet_machine() -> None:
+    """A flat factor of 2 let a recorded 0.448x pass a file that re-measured far from it; on
+    a quiet measurement (relative IQRs of a few percent) the band is about +-20%, so a figure
+    90% off fails and one within the measured spread passes."""
+    from autocompress.export.verify import latency_band
+
+    quiet = [0.02, 0.03]
+    (low, high), tolerance, noise = latency_band(0.448, quiet, [0.02, 0.03, 0.01])
+    assert tolerance < 0.25 and noise == pytest.approx((2 * 0.02**2 + 2 * 0.03**2
+                                                        + 0.01**2) ** 0.5)
+    assert not low <= 0.448 * 1.9 <= high  # 90% off
+    assert not low <= 0.448 / 1.3 <= high  # 30% off the other way
+    assert low <= 0.525 <= high  # the hidden run's re-measurement, 17% off: noise
+    assert low <= 0.448 * 1.1 <= high
+
+
+def test_latency_band_widens_with_measured_noise_and_is_capped() -> None:
+    from autocompress.export.verify import latency_band
+
+    quiet, _, _ = latency_band(1.0, [0.02], [0.02])
+    noisy, tolerance, noise = latency_band(1.0, [0.02], [0.4, 0.3, 0.2])
+    assert noisy[0] < quiet[0] and noisy[1] > quiet[1]
+    assert noise > 0.5 and tolerance == pytest.approx(0.15 + noise)
+    assert noisy[0] <= 1.5 <= noisy[1]  # 50% off passes when the measurement is that noisy
+    # however noisy, never wider than the old flat factor; no spread at all: the floor
+    (low, high), _, _ = latency_band(1.0, [5.0], [5.0])
+    assert (low, high) == pytest.approx((1 / export.LATENCY_RATIO_FACTOR,
+                                         export.LATENCY_RATIO_FACTOR))
+    (low, high), tolerance, _ = latency_band(1.0, [0.0, float("nan")], [])
+    assert tolerance == pytest.approx(0.15) and (low, high) == pytest.approx((1 / 1.15, 1.15))
+
+
+def test_latency_check_re_measures_longer_before_failing(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A first re-measurement outside the band is retried with more rounds and runs; the
+    report lists both attempts and the band of the one that passed."""
+    from types import SimpleNamespace
+
+    from autocompress.export import verify
+    from autocompress.runtime import timing
+    from autocompress.runtime.measure import LatencyStats
+
+    calls: list[tuple[int, int]] = []
+    stats = LatencyStats(1.0, 0.02, 0.98, 1.03, 30)
+
+    def fake(*args: Any, rounds: int, repeats: int, **kwargs: Any) -> Any:
+        calls.append((rounds, repeats))
+        ratio = 0.9 if len(calls) == 1 else 0.52
+        return timing.InterleavedLatency(stats, stats, ratio, rounds, 0.01)
+
+    monkeypatch.setattr(timing, "time_interleaved", fake)
+    record = TrialRecord(number=3, state="COMPLETE", attrs={}, latency_ms=0.5,
+                         latency_spread_ms=0.01, latency_vs_fp32=0.5)
+    fp32 = TrialRecord(number=0, state="COMPLETE", attrs={}, latency_ms=1.0,
+                       latency_spread_ms=0.02)
+    ctx = SimpleNamespace(config={"latency_repeats": 30}, input_shape=(1, 8, 8))
+    lat = verify._verify_latency(tmp_path / "m.onnx", ctx, record, fp32,  # type: ignore[arg-type]
+                                 tmp_path / "f.onnx", 1)
+    assert calls == [(3, 10), (6, 20)] and lat["attempts"] == [0.9, 0.52]
+    assert lat["allowed"][0] <= 0.52 <= lat["allowed"][1] < 0.9
+    record = TrialRecord(number=3, state="COMPLETE", attrs={}, latency_ms=0.5,
+                         latency_spread_ms=0.01, latency_vs_fp32=0.2)
+    with pytest.raises(VerificationError, match=r"2 times.*recorded 0\.200x"):
+        verify._verify_latency(tmp_path / "m.onnx", ctx, record, fp32,  # type: ignore[arg-type]
+                               tmp_path / "f.onnx", 1)

@@ -76,12 +76,13 @@ def test_every_rate_diverged_leaves_the_smallest() -> None:
     assert lrprobe.choose({3e-3: -math.inf, 1e-3: -math.inf, 1e-4: -math.inf}) == 1e-4
 
 
-def test_a_bounded_probe_scores_two_rates_from_the_smallest_on_one_batch(
+def test_a_bounded_probe_stops_at_its_share_from_the_smallest_on_one_batch(
     demo_task: Task, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """With almost no time the probe still scores two rates (one is no choice), starts at
-    the grid's smallest, never walks up into a ``below`` rate above the grid, and measures
-    the start on the one batch it timed (each evaluation counted in batches)."""
+    """With almost no time the probe scores the grid's smallest rate only and keeps it (the
+    safest: it stops at its share and works with what it measured, where it used to score
+    a second rate whatever the bound), never walks up into a ``below`` rate above the grid,
+    and measures the start on the one batch it timed (each evaluation counted in batches)."""
     finetuned: list[float] = []
     evaluated: list[int] = []
     real_accuracy = lrprobe.torch_accuracy
@@ -103,10 +104,11 @@ def test_a_bounded_probe_scores_two_rates_from_the_smallest_on_one_batch(
     probe = lrprobe.probe_learning_rate(
         demo_task, inventory, *_settings(config), calibration, candidates=(1e-3, 3e-4, 1e-4),
         below=(3e-3, 3e-5), seconds=1e-6)
-    # nothing trained, so the smallest rate does no harm: the walk goes up, then time is up
-    assert finetuned == [1e-4, 3e-4]
-    assert evaluated == [1, 1, 1]  # the timed start (reused) and each rate, one batch each
-    assert set(probe.scores) == {1e-4, 3e-4} and probe.chosen == 3e-4
+    # nothing trained, so the smallest rate does no harm, but the time is up after it
+    assert finetuned == [1e-4]
+    assert evaluated == [1, 1]  # the timed start (reused) and the rate, one batch each
+    assert set(probe.scores) == {1e-4} and probe.chosen == 1e-4
+    assert probe.seconds > 0 and probe.to_dict()["seconds"] == round(probe.seconds, 3)
     finetuned.clear()
     lrprobe.probe_learning_rate(  # unbounded: up through the grid, never to 3e-3 of `below`
         demo_task, inventory, *_settings(config), calibration, candidates=(1e-3, 3e-4, 1e-4),

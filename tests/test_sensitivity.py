@@ -110,27 +110,66 @@ def test_a_choice_that_cannot_be_scored_is_left_out_not_fatal(
     assert table.layers["conv1"]["bits"]  # the others were scored
 
 
-def test_a_pass_out_of_time_scores_every_layer_and_the_largest_groups(
+def test_a_pass_out_of_time_estimates_layers_and_leaves_groups_unscored(
     demo_task: Task,
 ) -> None:
-    """A time bound (here: none left after the first group) keeps every layer (a layer
-    missing from the table would stay float in every guided plan) and the largest group,
-    and lists the other groups as unscored; a search's bound is a tenth of its time limit."""
+    """With no time at all the pass scores one choice and works with it: every other layer
+    width gets the scored median (listed as estimated, so guided plans still use it), no
+    group is started, all are listed as unscored; a search's bound is a tenth of its limit."""
     from autocompress.search.sensitivity import TIME_CAP_S, pass_seconds
 
     inventory = build_inventory(demo_task.model, demo_task.data.example_input(1))
-    prunable = [g for g in inventory.groups if g.prunable]
+    prunable = {g.name for g in inventory.groups if g.prunable}
+    quantizable = [layer.name for layer in inventory.layers if layer.quantizable]
     assert len(prunable) >= 2
-    sizes = {g.name: sum(int(demo_task.model.get_submodule(m).weight.numel())
-                         for m in g.members) for g in prunable}
     table = measure_sensitivity(demo_task, inventory, SearchConfig(prune_max=0.5),
                                 _calibration(demo_task), images=64, seconds=0.0)
-    assert set(table.layers) == {layer.name for layer in inventory.layers if layer.quantizable}
-    assert list(table.groups) == [max(sizes, key=lambda n: sizes[n])]
-    assert sorted(table.unscored) == sorted(n for n in sizes if n not in table.groups)
-    assert Sensitivity.from_dict(table.to_dict()).unscored == table.unscored
+    assert list(table.layers) == quantizable
+    assert table.estimated == quantizable[1:]
+    first = table.layers[quantizable[0]]["bits"]
+    assert set(first) == {"8", "4"} and "estimated" not in first["8"]
+    assert "estimated" not in first["4"]  # the first layer's widths: a choice is scored first
+    for name in quantizable[1:]:
+        assert table.layers[name]["bits"]["4"]["estimated"] is True
+        assert table.layers[name]["bits"]["4"]["kl"] == first["4"]["kl"]
+    assert table.groups == {} and sorted(table.unscored) == sorted(prunable)
+    again = Sensitivity.from_dict(table.to_dict())
+    assert again.unscored == table.unscored and again.estimated == table.estimated
     assert pass_seconds(15) == pytest.approx(90.0)
     assert pass_seconds(None) == TIME_CAP_S
+
+
+def test_the_pass_stops_at_its_share_when_choices_are_slow(
+    demo_task: Task, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each choice made slow (a sleep): the pass stops when the next one would overrun its
+    bound and keeps what it scored, instead of scoring every layer and a group past it."""
+    import time
+
+    from autocompress.search import sensitivity
+
+    real = sensitivity._score
+    step = 0.05
+
+    def slow(*args: object, **kwargs: object) -> tuple[float, float]:
+        time.sleep(step)
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(sensitivity, "_score", slow)
+    inventory = build_inventory(demo_task.model, demo_task.data.example_input(1))
+    bound = 0.4
+    started = time.perf_counter()
+    table = measure_sensitivity(demo_task, inventory, SearchConfig(prune_max=0.5),
+                                _calibration(demo_task), images=64, seconds=bound)
+    took = time.perf_counter() - started
+    assert took <= bound + 2 * step + 0.1 and table.seconds <= bound + 2 * step + 0.1
+    scored = sum(1 for e in table.layers.values() for b in e["bits"].values()
+                 if not b.get("estimated"))
+    assert 1 <= scored < 2 * len(table.layers) and table.estimated
+    assert table.unscored
+    roomy = measure_sensitivity(demo_task, inventory, SearchConfig(prune_max=0.5),
+                                _calibration(demo_task), images=64, seconds=3600.0)
+    assert not roomy.estimated and not roomy.unscored
 
 
 def test_layers_that_would_overrun_the_pass_are_scored_on_fewer_images(

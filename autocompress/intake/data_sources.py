@@ -216,13 +216,19 @@ def _load_cifar10(root_text: str) -> tuple[_Source, _Source, list[str]]:
     from torchvision.datasets import CIFAR10
 
     root = Path(root_text).expanduser()
+    if root.exists() and not root.is_dir():
+        raise DataSpecError(f"cifar10 folder {root} is a file; use cifar10:ROOT with ROOT a "
+                            "folder (a new one, or one holding cifar-10-batches-py)")
+    made, before = _first_missing(root), _entries(root)
     try:
         train = CIFAR10(str(root), train=True, download=True)
         test = CIFAR10(str(root), train=False, download=True)
     except Exception as exc:  # URLError, checksum errors, HTTP errors...
+        _remove_new(root, made, before)  # no half-downloaded archive or folder left behind
         raise DataSpecError(
             f"could not download CIFAR-10 into {root} ({one_line(exc, typed=True)}); without "
-            "network, unpack a local copy as ROOT/train/<class>/*.png and "
+            "network, use cifar10:DIR with DIR a folder holding a local cifar-10-batches-py "
+            "(the python version), or unpack images as ROOT/train/<class>/*.png and "
             "ROOT/test/<class>/*.png and use --data imagefolder:ROOT"
         ) from exc
 
@@ -231,6 +237,35 @@ def _load_cifar10(root_text: str) -> tuple[_Source, _Source, list[str]]:
         return _Source(x, torch.as_tensor(ds.targets, dtype=torch.int64))
 
     return source(train), source(test), list(train.classes)
+
+
+def _first_missing(path: Path) -> Path | None:
+    """The outermost folder of ``path`` that does not exist yet (None: it exists)."""
+    missing = None
+    for folder in (path, *path.parents):
+        if folder.exists():
+            break
+        missing = folder
+    return missing
+
+
+def _entries(folder: Path) -> set[str]:
+    return {p.name for p in folder.iterdir()} if folder.is_dir() else set()
+
+
+def _remove_new(root: Path, made: Path | None, before: set[str]) -> None:
+    """Undo a failed download: the folders it made, else the entries it added to ``root``."""
+    import shutil
+
+    if made is not None:
+        shutil.rmtree(made, ignore_errors=True)
+        return
+    for name in _entries(root) - before:
+        target = root / name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target, ignore_errors=True)
+        else:
+            target.unlink(missing_ok=True)
 
 
 def _load_data_factory(spec: str) -> tuple[_Source, _Source | None, _Source, list[str]]:

@@ -21,7 +21,7 @@ from typing import Any
 import onnxruntime as ort
 
 from autocompress.config.options import TARGETS as config_targets
-from autocompress.errors import InputError
+from autocompress.errors import InputError, ModelSpecError, one_line
 from autocompress.runtime import tensorrt as tensorrt_engine
 from autocompress.runtime.cpu import cpu_has_vnni, cpu_model
 
@@ -100,10 +100,41 @@ def make_session(
         options.enable_profiling = True
         options.profile_file_prefix = profile_prefix
     if target == "tensorrt":  # the builder flags every session of the target shares
-        return ort.InferenceSession(str(model_path), options,
-                                    providers=tensorrt_engine.providers(has_qdq(model_path)))
-    providers = _GPU_PROVIDERS.get(target, PROVIDERS)
-    return ort.InferenceSession(str(model_path), options, providers=list(providers))
+        try:
+            qdq = has_qdq(model_path)
+        except Exception as exc:  # onnx cannot parse it: not an ONNX file
+            raise _not_onnx(model_path, one_line(exc, typed=True)) from None
+        providers = tensorrt_engine.providers(qdq)
+    else:
+        providers = list(_GPU_PROVIDERS.get(target, PROVIDERS))
+    try:
+        return ort.InferenceSession(str(model_path), options, providers=providers)
+    except (_ORT_ERRORS.InvalidProtobuf, _ORT_ERRORS.InvalidArgument, _ORT_ERRORS.Fail) as exc:
+        if not _load_failed(exc):
+            raise  # the file loaded: a session problem, not a wrong file
+        raise _not_onnx(model_path, _ort_reason(exc)) from None
+
+
+# ONNX Runtime's load failures: garbage bytes are InvalidProtobuf, an empty or graphless
+# protobuf InvalidArgument, a protobuf that is no ONNX model Fail; all say "Load model from".
+_ORT_ERRORS = ort.capi.onnxruntime_pybind11_state
+
+
+def _load_failed(exc: BaseException) -> bool:
+    return isinstance(exc, _ORT_ERRORS.InvalidProtobuf) or "Load model from" in str(exc)
+
+
+def _ort_reason(exc: BaseException) -> str:
+    """ONNX Runtime's reason after its "Load model from <path> failed:" prefix, one line."""
+    text = " ".join(str(exc).split())
+    return text.rpartition("failed:")[2].strip() or type(exc).__name__
+
+
+def _not_onnx(path: Path, reason: str) -> ModelSpecError:
+    return ModelSpecError(
+        f"{str(path)!r} is not an ONNX model ONNX Runtime can load ({reason[:120]}); pass an "
+        ".onnx file exported by autocompress export or torch.onnx.export"
+    )
 
 
 def input_name(session: Any) -> str:

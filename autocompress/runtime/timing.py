@@ -49,6 +49,9 @@ class InterleavedLatency:
     reference: LatencyStats
     ratio: float  # median over rounds of candidate / reference median; < 1: candidate faster
     rounds: int
+    # IQR of the rounds' ratios (0.0 for a single round): how far session placement and drift
+    # moved the ratio between rounds; export's latency check widens its band by it.
+    ratio_spread: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -234,6 +237,7 @@ def time_interleaved(
         reference=LatencyStats.from_samples(ref_samples),
         ratio=float(np.median(round_ratios)),
         rounds=rounds,
+        ratio_spread=float(np.subtract(*np.percentile(round_ratios, [75, 25]))),
     )
 
 

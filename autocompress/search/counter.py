@@ -1,15 +1,17 @@
 """What ``--trials`` counts and when a run of the search stops: the trials it fine-tuned,
-the plans rejected in a row, the time limit (with the promotions' share of it), and the one
-line that says why a run ended early."""
+the plans rejected in a row, the time limit (with the promotions' share of it), whether the
+next trial can finish inside that limit, and the one line that says why a run ended early."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from typing import Any
 
 from autocompress.config.options import Budget
-from autocompress.config.settings import PromotionSettings, RunSettings
+from autocompress.config.settings import PromotionSettings, RunSettings, SearchSettings
 from autocompress.results.pareto import closest_to_budgets
+from autocompress.study import attrs as trial_attrs
 from autocompress.study.records import TrialRecord
 
 
@@ -29,6 +31,13 @@ class TrialCounter:
         self.searching = False  # baselines are done; search trials are being counted
         self.last_stretch = False  # after the promotions: search until the full time limit
         self.started = started
+        # seconds each fine-tuned trial of this run took (pre-check rejections excluded: they
+        # are cheap, and the next plan may well be fine-tuned)
+        self.durations: list[float] = []
+        # what a fine-tuned trial is expected to take before this run finished one (from the
+        # study's earlier trials, or its baselines and learning-rate probe); None: unknown
+        self.first_estimate: float | None = None
+        self.declined: str | None = None  # why a trial was not started for lack of time
 
     @property
     def done(self) -> int:
@@ -46,8 +55,11 @@ class TrialCounter:
         each counted trial can follow at most max_rejections rejections."""
         return (self.run.trials + 1) * (self.run.max_rejections + 1)
 
-    def add(self, record: TrialRecord) -> None:
+    def add(self, record: TrialRecord, seconds: float | None = None) -> None:
         self.finished += 1
+        if seconds is not None and record.rejected is None and record.baseline is None and (
+                record.attrs.get(trial_attrs.PARENT) is None):
+            self.durations.append(seconds)
         if not self.searching:
             return
         if record.rejected is not None:
@@ -64,6 +76,28 @@ class TrialCounter:
         share = 0.0 if self.last_stretch else self.promotion.share
         return limit is not None and self.elapsed() >= limit * 60 * (1.0 - share)
 
+    def trial_estimate(self) -> float | None:
+        """Seconds the next fine-tuned trial is expected to take: the mean of this run's,
+        else the first estimate (None: nothing to go by yet)."""
+        if self.durations:
+            return sum(self.durations) / len(self.durations)
+        return self.first_estimate
+
+    def can_finish(self, seconds: float | None = None, what: str = "another trial") -> bool:
+        """Under a time limit: can a ``what`` of ``seconds`` (default: the trial estimate)
+        finish inside it? A trial that cannot is not started (a 10-minute resnet18 search
+        started its first trial past its limit); ``declined`` says so in one line."""
+        limit = self.run.time_limit
+        cost = self.trial_estimate() if seconds is None else seconds
+        if limit is None or cost is None:
+            return True
+        left = limit * 60 - self.elapsed()
+        if left >= cost:
+            return True
+        self.declined = (f"not starting {what}: it would take about {_shown(cost)} s here and "
+                         f"{_shown(max(left, 0.0))} s of the {limit:g}-min time limit are left")
+        return False
+
     def time_left_for_more(self) -> bool:
         """Under a time limit, after the promotions: is there time for one more trial (the
         mean of this run's trials so far)?"""
@@ -72,7 +106,7 @@ class TrialCounter:
                 self.run.max_rejections) or not self.counted:
             return False
         mean = self.elapsed() / max(self.finished, 1)
-        return limit * 60 - self.elapsed() > mean
+        return limit * 60 - self.elapsed() > mean and self.can_finish()
 
     def promotion_effort(self, timings: Sequence[tuple[dict[str, float], int | None]]) -> float:
         """Short fine-tunes' worth of promotions this run may add: its share of the counted
@@ -92,10 +126,29 @@ class TrialCounter:
         left = limit * 60 - self.elapsed() - fixed
         return max(left, 0.0) / short
 
+    def promotions_that_fit(self, costs: Sequence[tuple[dict[str, float], int | None, float]]
+                            ) -> int:
+        """How many of the promotions, in order (each its parent's timing and fine-tune
+        steps, and its cost in short fine-tunes), finish inside the time limit: each pays
+        one trial's fixed part (build, export, measurement) on top of its fine-tune, which
+        ``promotion_effort`` counts once for all of them. ``declined`` says why the rest
+        were not started."""
+        limit, steps = self.run.time_limit, self.promotion.finetune_steps
+        if limit is None:
+            return len(costs)
+        total = 0.0
+        for index, (timing, ran, cost) in enumerate(costs):
+            if timing.get("finetune") and ran and steps:
+                total += (sum(timing.values()) - timing["finetune"]
+                          + cost * timing["finetune"] * steps / ran)
+            if not self.can_finish(total, what=f"{len(costs) - index} promotion(s)"):
+                return index
+        return len(costs)
+
     def should_stop(self) -> bool:
         run = self.run
         return (self.counted >= run.trials or self.in_a_row >= run.max_rejections
-                or self._out_of_time())
+                or self._out_of_time() or not self.can_finish())
 
     def end_note(self, budgets: list[Budget], records: list[TrialRecord]) -> str | None:
         """None when the run did its trials; else one line saying why it ended early (with
@@ -103,10 +156,11 @@ class TrialCounter:
         run = self.run
         if self.counted >= run.trials:
             return None
-        if self._out_of_time():
+        if self._out_of_time() or self.declined:
             note = (f"time limit of {run.time_limit:g} min reached after {self.counted} of "
                     f"{run.trials} fine-tuned trials ({self.rejected} plans rejected at the "
-                    "pre-check); run the same command again to continue the study")
+                    "pre-check)" + (f"; {self.declined}" if self.declined else "")
+                    + "; run the same command again to continue the study")
             if budgets and not any(r.measured and r.feasible for r in records):
                 # the run ends with nothing to export: say how far the nearest plan is
                 closest = _closest(records, budgets)
@@ -120,6 +174,38 @@ class TrialCounter:
             head += f"; {closest}" if closest else ""
             return head + "; " + _BUDGET_ADVICE + ", or --max-rejections to keep trying"
         return None
+
+
+def _shown(seconds: float) -> str:
+    """Seconds as said: one decimal under 10 s (where whole seconds would read as equal)."""
+    return f"{seconds:.1f}" if seconds < 10 else f"{seconds:.0f}"
+
+
+def _seconds(record: TrialRecord) -> float:
+    """A trial's recorded seconds (the sum of its timed phases; 0.0 when none were)."""
+    timing = record.json_attr(trial_attrs.TIMING) or {}
+    return float(sum(v for v in timing.values() if isinstance(v, (int, float))))
+
+
+def first_trial_estimate(records: Sequence[TrialRecord], settings: SearchSettings,
+                         probe: dict[str, Any] | None) -> float | None:
+    """Seconds a fine-tuned search trial is expected to take before this run finished one:
+    the mean of the study's earlier ones, else a baseline's (build, export, measurement and
+    scoring, no fine-tune) plus ``finetune_steps`` at the learning-rate probe's pace (its
+    seconds over the steps it ran, evaluations included: an estimate on the safe side).
+    None when the study holds nothing to go by."""
+    searched = [_seconds(r) for r in records if r.measured and r.baseline is None
+                and r.attrs.get(trial_attrs.PARENT) is None and _seconds(r) > 0]
+    if searched:
+        return sum(searched) / len(searched)
+    fixed = [_seconds(r) for r in records if r.baseline is not None and _seconds(r) > 0]
+    per_step = 0.0
+    if probe and probe.get("seconds") and probe.get("steps") and probe.get("scores"):
+        per_step = float(probe["seconds"]) / (int(probe["steps"]) * len(probe["scores"]))
+    if not fixed and not per_step:
+        return None
+    base = sum(fixed) / len(fixed) if fixed else 0.0
+    return base + per_step * settings.space.finetune_steps
 
 
 _BUDGET_ADVICE = "raise the budget, allow more pruning (--prune-max) or fewer bits (--bits)"

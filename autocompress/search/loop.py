@@ -28,9 +28,10 @@ from autocompress.model.plan import CompressionPlan
 from autocompress.results.pareto import fp32_record, pareto_front
 from autocompress.runtime import measure
 from autocompress.search import planning
-from autocompress.search.counter import TrialCounter
+from autocompress.search.counter import TrialCounter, first_trial_estimate
 from autocompress.search.promotion import plan_promotions
 from autocompress.search.session import (
+    LR_PROBE_ATTR,
     Session,
     _say,
     open_session,
@@ -41,7 +42,7 @@ from autocompress.search.warm_starts import plan_warm_starts
 from autocompress.study import attrs as trial_attrs
 from autocompress.study.records import TrialRecord
 from autocompress.transform.student import build_student
-from autocompress.trial.runner import TrialRunner
+from autocompress.trial.runner import BASELINE_BITS, TrialRunner
 
 log = logging.getLogger("autocompress")
 
@@ -49,7 +50,7 @@ log = logging.getLogger("autocompress")
 # (name, weight bits of its plan): fp32 as exported, ONNX Runtime's static int8 PTQ and its
 # dynamic int8 quantization (MatMulInteger, activations quantized at run time: the guide's
 # recipe for Linear-heavy models such as transformers).
-BASELINES = (("fp32", 32), ("int8-ptq", 8), ("int8-dynamic", 8))
+BASELINES: tuple[tuple[str, int], ...] = tuple(BASELINE_BITS.items())
 # The dynamic baseline only where Linear layers do at least this share of the FLOPs: on
 # convolutions ONNX Runtime's ConvInteger ran 6.4x slower than fp32 on the demo CNN and 7x
 # on ResNet-20 (scoring its 15,000 CIFAR-10 images took 110 s of a 10-minute search).
@@ -124,14 +125,18 @@ def _run_search(
         _check_floors(runner, inventory, settings.space, budgets, study)
     queued = _enqueue_baselines(study, inventory, settings.space, settings.run)
     counter = TrialCounter(settings.run, settings.promotion, queued, started)
-    callback = _callback(counter, on_progress)
+    callback = _ends_on_fatal(runner, _callback(counter, on_progress))
     if queued:
         study.optimize(runner, n_trials=queued, callbacks=[callback], catch=(Exception,))
     # Baselines do not fine-tune, so they never needed the rate.
     settings = use_learning_rate(session, on_start)
     _enqueue_planned(study, runner, inventory, settings, budgets, on_start)
+    counter.first_estimate = first_trial_estimate(study_mod.records(study), settings,
+                                                  study.user_attrs.get(LR_PROBE_ATTR))
     counter.searching = True
-    study.optimize(runner, n_trials=counter.hard_cap(), callbacks=[callback], catch=(Exception,))
+    if counter.can_finish():  # the baselines and probes may have spent the limit already
+        study.optimize(runner, n_trials=counter.hard_cap(), callbacks=[callback],
+                       catch=(Exception,))
     counter.searching = False
     for _ in range(PROMOTION_PASSES):  # under a time limit, while their share lasts:
         # a plan retrained once may earn the next rung, the next front member its first
@@ -172,7 +177,8 @@ def _callback(
 
     def callback(study_obj: Any, frozen: Any) -> None:
         record = study_mod.to_record(frozen)
-        counter.add(record)
+        duration = getattr(frozen, "duration", None)
+        counter.add(record, duration.total_seconds() if duration is not None else None)
         if on_progress:
             recs = study_mod.records(study_obj)
             feasible = [r for r in recs if r.measured and r.feasible]
@@ -183,6 +189,21 @@ def _callback(
             study_obj.stop()
 
     return callback
+
+
+def _ends_on_fatal(
+    runner: TrialRunner, callback: Callable[[Any, Any], None]
+) -> Callable[[Any, Any], None]:
+    """``callback``, then the run's end when the trial just recorded met an error every
+    trial would (``TrialRunner.fatal``): raised here, out of ``study.optimize``, whose
+    ``catch`` keeps every trial's own error inside."""
+
+    def ending(study_obj: Any, frozen: Any) -> None:
+        callback(study_obj, frozen)
+        if runner.fatal is not None:
+            raise runner.fatal
+
+    return ending
 
 
 def _enqueue_planned(
@@ -225,12 +246,21 @@ def _enqueue_baselines(
     if not run.baselines:
         return 0
     baselines = [
-        (name, space.plan_to_params(space.uniform_plan(inventory, settings, bits=bits),
-                                    inventory, settings))
+        (name, _baseline_params(bits, inventory, settings))
         for name, bits in BASELINES
         if name != "int8-dynamic" or linear_share(inventory) >= DYNAMIC_LINEAR_SHARE
     ]
     return study_mod.enqueue_baselines(study, baselines)
+
+
+def _baseline_params(bits: int, inventory: Any, settings: SpaceSettings) -> dict[str, Any]:
+    """The params of the uniform plan at ``bits``; at the widest width searched when the
+    search does not try ``bits`` (no sampler takes a value outside its choices, and a trial
+    without params would leave the multivariate samplers no common space): the runner then
+    makes that baseline at ``bits`` (``TrialRunner._plan``)."""
+    width = bits if bits in settings.bits else max(settings.bits)
+    return space.plan_to_params(space.uniform_plan(inventory, settings, bits=width),
+                                inventory, settings)
 
 
 def _promote(
@@ -260,6 +290,11 @@ def _promote(
             if own > 0:
                 chosen = plan_promotions(recs, settings.promotion, effort=own,
                                          reference_size=reference_size, stretch=True)
+            fit = counter.promotions_that_fit([(*_timing(by_number[p.parent]), p.cost)
+                                               for p in chosen])
+            if fit < len(chosen):
+                _say(counter.declined or "", on_start)
+                chosen = chosen[:fit]
         for p in chosen:
             parent = by_number[p.parent]
             plan = space.as_qat(CompressionPlan.from_dict(parent.plan))

@@ -240,6 +240,8 @@ def _resolve_sensitivity(
             else "")
          + (f"; keep at higher precision: {', '.join(fragile)}" if fragile else "")
          + (f"; {len(table.failed)} choices could not be scored" if table.failed else "")
+         + (f"; {len(table.estimated)} layers given the scored layers' median to stay within "
+            f"{pass_seconds(run.time_limit):.0f} s" if table.estimated else "")
          + (f"; {len(table.unscored)} smaller groups left unscored to stay within "
             f"{pass_seconds(run.time_limit):.0f} s (guided plans do not prune them)"
             if table.unscored else "")

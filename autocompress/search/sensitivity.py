@@ -16,24 +16,26 @@ can be predicted without building it.
 from __future__ import annotations
 
 import itertools
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from autocompress.config.options import SearchConfig
 from autocompress.config.settings import SearchSettings, SpaceSettings, TrainingSettings
 from autocompress.errors import one_line
 from autocompress.intake import Task
-from autocompress.intake.metric import Metric
 from autocompress.model import space
 from autocompress.model.inventory import Inventory
 from autocompress.model.plan import CompressionPlan
+from autocompress.search.choice_score import figure as _figure
+from autocompress.search.choice_score import fixed_slice as _fixed_slice
+from autocompress.search.choice_score import kept_shares as _kept_shares
+from autocompress.search.choice_score import score_choice as _score
+from autocompress.search.choice_score import weight_numel as _weight_numel
 from autocompress.transform import quantize
 from autocompress.transform.student import build_student
 
@@ -41,7 +43,6 @@ SENSITIVITY_ATTR = "sensitivity"
 SENSITIVITY_FORMAT = 1
 # Ratios each group is scored at (snapped to the search's prune grid, capped by prune_max).
 PRUNE_GRID = (0.2, 0.4, 0.6)
-SCORE_BATCH = 128
 # The pass's time: a tenth of a time-limited run, else at most five minutes (past that the
 # largest groups are scored and the rest left out; see measure_sensitivity).
 TIME_SHARE = 0.10
@@ -72,6 +73,9 @@ class Sensitivity:
     # prunable groups left unscored when the pass ran out of its time (smallest first);
     # guided plans do not prune them (the search still may)
     unscored: list[str] = field(default_factory=list)
+    # layers with a width left unscored when the pass ran out of its time: their entry there
+    # is the median of the scored layers' ("estimated": true), so guided plans still use them
+    estimated: list[str] = field(default_factory=list)
     calibration_batches: int = CALIBRATION_BATCHES  # batches each quantized choice saw
 
     def to_dict(self) -> dict[str, Any]:
@@ -85,6 +89,7 @@ class Sensitivity:
             "groups": self.groups,
             "failed": self.failed,
             "unscored": self.unscored,
+            "estimated": self.estimated,
             "calibration_batches": self.calibration_batches,
         }
 
@@ -98,6 +103,7 @@ class Sensitivity:
             groups=dict(data.get("groups", {})),
             failed=dict(data.get("failed", {})),
             unscored=list(data.get("unscored", [])),
+            estimated=list(data.get("estimated", [])),
             calibration_batches=int(data.get("calibration_batches", CALIBRATION_BATCHES)),
         )
 
@@ -150,6 +156,28 @@ class _Pass:
     calibration: list[torch.Tensor]
     weights: dict[str, int]  # weight elements per module of the teacher
     tick: Callable[[], None]
+    clock: _Clock
+
+
+@dataclass
+class _Clock:
+    """The pass's time bound: would the next choice, at the pace of the choices timed since
+    ``since``, end past ``deadline`` (perf_counter seconds; None: unbounded)?"""
+
+    deadline: float | None
+    since: float = field(default_factory=time.perf_counter)
+    items: int = 0
+    prior: float = 0.0  # the pace before the last restart: a first guess for the next kind
+
+    def pace(self) -> float:
+        return (time.perf_counter() - self.since) / self.items if self.items else self.prior
+
+    def restart(self) -> None:
+        self.prior = self.pace()
+        self.since, self.items = time.perf_counter(), 0
+
+    def spent(self) -> bool:
+        return self.deadline is not None and time.perf_counter() + self.pace() > self.deadline
 
 
 def measure_sensitivity(
@@ -166,11 +194,13 @@ def measure_sensitivity(
     """Score every single choice of the search space against the teacher (no fine-tune).
 
     ``settings``: the search space, with ``training`` (how pruned copies are built); a
-    ``SearchConfig`` gives both. ``seconds`` bounds the pass: every layer is scored (a layer
-    left out of the table would stay float in every guided plan), then the prunable groups,
-    largest first, while the time left covers one more group at the pace so far; the rest
-    are listed as ``unscored`` (each group costs a pruned copy of the model per ratio: on
-    densenet121 the groups alone ran past 20 minutes on 2 cores)."""
+    ``SearchConfig`` gives both. ``seconds`` bounds the pass: each choice is scored while the
+    time left covers one more at the pace so far (a ResNet-20 pass took 277 s of its 90 s
+    when only whole groups were checked). The layers come first; a layer width left over
+    gets the median of the scored layers' entries and is listed as ``estimated`` (a layer
+    left out of the table would stay float in every guided plan). Then the prunable groups,
+    largest first; the rest are listed as ``unscored`` (each group costs a pruned copy of the
+    model per ratio: on densenet121 the groups alone ran past 20 minutes on 2 cores)."""
     if isinstance(settings, SearchConfig):
         both = SearchSettings.from_config(settings)
         settings, training = both.space, both.training
@@ -197,14 +227,14 @@ def measure_sensitivity(
     total = len(layers) * len(widths) + len(groups) * len(ratios)
     done = itertools.count(1)
     scoring = _Pass(task, base, xs, ys, teacher_logits, calibration, weights,
-                    lambda: _tick(on_item, next(done), total))
+                    lambda: _tick(on_item, next(done), total),
+                    _Clock(None if seconds is None else started + seconds))
     # what each choice's observers really see: the search may hold fewer batches than asked
     table = Sensitivity(images=sum(int(y.numel()) for y in ys), seconds=0.0,
                         teacher_accuracy=_figure(teacher_logits, ys, task.metric),
                         calibration_batches=min(calibration_batches, len(calibration)))
     _score_layers(scoring, table, layers, widths, settings)
-    _score_groups(scoring, table, groups, ratios, training,
-                  None if seconds is None else started + seconds)
+    _score_groups(scoring, table, groups, ratios, training)
     table.groups = {g.name: table.groups[g.name] for g in prunable if g.name in table.groups}
     table.seconds = time.perf_counter() - started
     return table
@@ -212,11 +242,18 @@ def measure_sensitivity(
 
 def _score_layers(scoring: _Pass, table: Sensitivity, layers: list[Any], widths: list[int],
                   settings: SpaceSettings) -> None:
-    """Each quantizable layer alone at each width below 32 bits, into ``table.layers``."""
+    """Each quantizable layer alone at each width below 32 bits, into ``table.layers``, while
+    the pass's time lasts (once a layer is scored at that width); the rest are estimated."""
     for layer in layers:
         entry: dict[str, Any] = {"params": scoring.weights.get(layer.name, 0),
                                  "macs": layer.flops, "bits": {}}
         for bits in widths:
+            if scoring.clock.spent() and any(str(bits) in e["bits"]
+                                             for e in table.layers.values()):
+                if layer.name not in table.estimated:
+                    table.estimated.append(layer.name)
+                continue
+            scoring.clock.items += 1
             acts = space.activations_for(bits, settings)
             plan = CompressionPlan(bits={layer.name: bits}, activation_bits=acts)
             try:
@@ -231,23 +268,39 @@ def _score_layers(scoring: _Pass, table: Sensitivity, layers: list[Any], widths:
                 entry["bits"][str(bits)] = {"kl": kl, "accuracy": acc, "activation_bits": acts}
             scoring.tick()
         table.layers[layer.name] = entry
+    _estimate(table, widths, settings)
+
+
+def _estimate(table: Sensitivity, widths: list[int], settings: SpaceSettings) -> None:
+    """Fill the widths of ``table.estimated`` layers with the scored layers' median."""
+    for bits in widths:
+        scored = [e["bits"][str(bits)] for name, e in table.layers.items()
+                  if str(bits) in e["bits"] and name not in table.estimated]
+        if not scored:
+            continue
+        middle = len(scored) // 2
+        for name in table.estimated:
+            table.layers[name]["bits"].setdefault(str(bits), {
+                "kl": sorted(e["kl"] for e in scored)[middle],
+                "accuracy": sorted(e["accuracy"] for e in scored)[middle],
+                "activation_bits": space.activations_for(bits, settings), "estimated": True})
 
 
 def _score_groups(scoring: _Pass, table: Sensitivity, groups: list[str], ratios: list[float],
-                  training: TrainingSettings, deadline: float | None) -> None:
-    """Each prunable group alone at each ratio, into ``table.groups``, while the time to
-    ``deadline`` (perf_counter seconds) covers one more group at the pace so far; the groups
-    left over are listed in ``table.unscored``."""
+                  training: TrainingSettings) -> None:
+    """Each prunable group alone at each ratio, into ``table.groups``, while the pass's time
+    covers one more ratio at the groups' pace so far; the groups not started are listed in
+    ``table.unscored`` (one cut short keeps the ratios it scored)."""
     task = scoring.task
-    groups_started = time.perf_counter()
+    scoring.clock.restart()
     for index, group in enumerate(groups):
-        if deadline is not None and index > 0:
-            pace = (time.perf_counter() - groups_started) / index
-            if time.perf_counter() + pace > deadline:
-                table.unscored = groups[index:]
-                break
         measured: dict[str, Any] = {}
+        tried = 0
         for ratio in ratios:
+            if scoring.clock.spent():
+                break
+            scoring.clock.items += 1
+            tried += 1
             plan = CompressionPlan(prune={group: ratio})
             bn = (x for x, _ in task.data.batches("train", training.batch_size, shuffle=True,
                                                   seed=training.seed))
@@ -263,6 +316,9 @@ def _score_groups(scoring: _Pass, table: Sensitivity, groups: list[str], ratios:
             scoring.tick()
         if measured:
             table.groups[group] = {"ratios": measured}
+        if scoring.clock.spent():
+            table.unscored = groups[index + (1 if tried else 0):]
+            break
 
 
 def _affordable_images(task: Task, base: nn.Module, layer: str, bits: int,
@@ -312,78 +368,6 @@ def _ratio_key(ratio: float) -> str:
 def _tick(on_item: Callable[[int, int], None] | None, done: int, total: int) -> None:
     if on_item is not None:
         on_item(done, total)
-
-
-def _fixed_slice(task: Task, images: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """The first ``images`` validation images (unshuffled: the same slice every time)."""
-    xs: list[torch.Tensor] = []
-    ys: list[torch.Tensor] = []
-    count = 0
-    for x, y in task.data.batches("val", SCORE_BATCH):
-        xs.append(x[: images - count])
-        ys.append(y[: images - count])
-        count += int(xs[-1].shape[0])
-        if count >= images:
-            break
-    return xs, ys
-
-
-def _score(
-    model: nn.Module,
-    xs: list[torch.Tensor],
-    ys: list[torch.Tensor],
-    teacher_logits: list[torch.Tensor],
-    metric: Metric,
-) -> tuple[float, float]:
-    """The damage against the teacher and the task's figure (top-1 accuracy by default).
-
-    Damage is the mean KL(teacher || model) per sample over logits (classes on dimension 1,
-    per-pixel logits averaged over positions); for float targets (values, not logits) it is
-    the mean squared error to the teacher's outputs over their variance, scale-free too."""
-    model.eval()
-    values = bool(ys) and ys[0].is_floating_point()
-    total = 0.0
-    outputs = []
-    with torch.no_grad():
-        for x, t in zip(xs, teacher_logits, strict=True):
-            out = model(x)
-            outputs.append(out)
-            if values:
-                total += float(F.mse_loss(out, t, reduction="sum"))
-            else:
-                kl = F.kl_div(F.log_softmax(out, dim=1), F.log_softmax(t, dim=1),
-                              reduction="sum", log_target=True)
-                total += float(kl) / max(1, out[0].numel() // max(1, out.shape[1]))
-    n = sum(int(x.shape[0]) for x in xs)
-    damage = total / max(n, 1)
-    if values:
-        teacher = torch.cat(teacher_logits)
-        damage /= max(float(teacher.var(unbiased=False)) * teacher[0].numel(), 1e-12)
-    return (damage if math.isfinite(damage) else 1e3), _figure(outputs, ys, metric)
-
-
-def _figure(outputs: list[torch.Tensor], ys: list[torch.Tensor], metric: Metric) -> float:
-    """The task's figure on the slice (recorded as ``accuracy`` for people to read)."""
-    return metric.score_batches((out.numpy(), y.numpy()) for out, y in zip(outputs, ys,
-                                                                         strict=True))
-
-
-def _weight_numel(module: nn.Module) -> int:
-    weight = getattr(module, "weight", None)
-    return int(weight.numel()) if isinstance(weight, torch.Tensor) else 0
-
-
-def _kept_shares(model: nn.Module, teacher_weights: dict[str, int]) -> dict[str, float]:
-    """Share of each layer's weight elements a pruned model kept (only the layers that lost
-    some): channel pruning shrinks both the group's layers and their consumers. BatchNorms,
-    folded away in the student, are not layers of the file."""
-    kept: dict[str, float] = {}
-    for name, module in model.named_modules():
-        before = teacher_weights.get(name, 0)
-        after = _weight_numel(module)
-        if before and 0 < after < before:
-            kept[name] = round(after / before, 6)
-    return kept
 
 
 __all__ = [

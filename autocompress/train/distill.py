@@ -26,7 +26,12 @@ from torch import nn
 from autocompress.errors import InputError, TrainingError
 from autocompress.model.plan import CompressionPlan
 from autocompress.train.features import FeatureDistiller
-from autocompress.train.losses import default_hard_loss, kd_loss, match_loss
+from autocompress.train.losses import (
+    checked_task_loss,
+    default_hard_loss,
+    kd_loss,
+    match_loss,
+)
 from autocompress.transform import sparsity
 
 __all__ = ["FinetuneResult", "finetune", "resolve_device"]
@@ -330,7 +335,8 @@ def _step_loss(
                 else kd_loss(s_logits, t_logits, plan.kd_temperature))
         loss = loss + alpha * soft
     if alpha < 1:
-        hard = (default_hard_loss if hard_loss is None else hard_loss)(s_logits, y)
+        hard = (default_hard_loss(s_logits, y) if hard_loss is None
+                else checked_task_loss(hard_loss, s_logits, y))
         loss = loss + (1.0 - alpha) * hard
     if distiller is not None:
         loss = loss + plan.feature_weight * distiller.loss()

@@ -1,14 +1,25 @@
-"""Distillation losses: Hinton's logit KD, output matching for values, and the hard-target
-term a task without its own loss gets."""
+"""Distillation losses: Hinton's logit KD, output matching for values, the hard-target term a
+task without its own loss gets, and the check of a task's own loss."""
 
 from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from autocompress.errors import InputError
+from autocompress.errors import InputError, TrainingError, one_line
 
-__all__ = ["default_hard_loss", "kd_loss", "match_loss"]
+__all__ = ["TaskLossError", "checked_task_loss", "default_hard_loss", "kd_loss", "match_loss"]
+
+_FIX = "fix `loss` in your --task factory"
+
+
+class TaskLossError(TrainingError):
+    """The task's own loss raised, or returned something a fine-tune cannot use (NaN/inf on
+    finite outputs, not one number): every trial would fail the same way, so it ends a run."""
 
 
 def kd_loss(
@@ -57,3 +68,29 @@ def default_hard_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Ten
     if targets.shape != outputs.shape and targets.numel() == outputs.numel():
         targets = targets.reshape(outputs.shape)
     return F.mse_loss(outputs, targets)
+
+
+def checked_task_loss(
+    loss: Callable[[torch.Tensor, torch.Tensor], Any], outputs: torch.Tensor,
+    targets: torch.Tensor,
+) -> torch.Tensor:
+    """The task's own loss on a batch, as a 0-d tensor; a one-line TaskLossError when it
+    raises, returns no tensor or more than one number, or NaN/inf while the outputs are
+    finite (non-finite outputs are a diverging fine-tune: not the loss's fault)."""
+    shapes = f"outputs {list(outputs.shape)}, targets {list(targets.shape)}"
+    try:
+        value = loss(outputs, targets)
+    except Exception as exc:  # the user's code: one line, not a traceback per trial
+        raise TaskLossError(f"the task's loss raised {one_line(exc, typed=True)} on {shapes}; "
+                            f"{_FIX}") from None
+    if not isinstance(value, torch.Tensor) or value.numel() != 1:
+        got = (f"a tensor of shape {list(value.shape)}" if isinstance(value, torch.Tensor)
+               else type(value).__name__)
+        raise TaskLossError(
+            f"the task's loss returned {got} on {shapes}; it must return one number as a "
+            f"tensor (reduce over the batch, e.g. .mean()): {_FIX}")
+    number = float(value.detach())
+    if not math.isfinite(number) and bool(torch.isfinite(outputs.detach()).all()):
+        raise TaskLossError(f"the task's loss returned {number} on finite {shapes}; it must "
+                            f"return a finite number for every batch: {_FIX}")
+    return value.reshape(())

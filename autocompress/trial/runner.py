@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -29,6 +30,7 @@ from autocompress.runtime import measure
 from autocompress.study import TrialPruned
 from autocompress.study import attrs as trial_attrs
 from autocompress.train import tuning
+from autocompress.train.losses import TaskLossError
 from autocompress.transform.student import build_student, removes_weights
 from autocompress.trial import build, constraints
 from autocompress.trial import precheck as prechecks
@@ -52,17 +54,46 @@ class _Timer:
             self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - start, 4)
 
 
+class _QuietFatal(logging.Filter):
+    """Drops Optuna's two "trial failed" warnings (the first with a traceback) for a
+    TaskLossError: the run ends on it with its own one line (search.loop), and a screenful
+    pointing into the task's code is noise."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._value_line_next = False  # Optuna's "failed with value None." follows
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], TaskLossError):
+            self._value_line_next = True
+            return False
+        if self._value_line_next:
+            self._value_line_next = False
+            return "failed with value" not in record.getMessage()
+        return True
+
+
+# The logger Optuna's optimize loop reports failed trials on.
+logging.getLogger("optuna.study._optimize").addFilter(_QuietFatal())
+
+# The weight width each baseline's plan is uniform at (what the search's BASELINES queue).
+BASELINE_BITS: dict[str, int] = {"fp32": 32, "int8-ptq": 8, "int8-dynamic": 8}
+
+
 class TrialRunner:
     """Callable objective for ``study.optimize``: returns the objective values."""
 
     def __init__(self, ctx: SearchContext) -> None:
         self.ctx = ctx
+        # An error every further trial would meet too (the task's own loss is broken): the
+        # search ends on it after the trial that met it is recorded (``search.loop``).
+        self.fatal: AutocompressError | None = None
 
     def __call__(self, trial: Any) -> tuple[float, ...]:
         ctx = self.ctx
         timer = _Timer()
         baseline = trial.user_attrs.get(trial_attrs.BASELINE)
-        plan = space.suggest_plan(trial, ctx.inventory, ctx.space)
+        plan = self._plan(trial, baseline)
         steps = trial.user_attrs.get(trial_attrs.FINETUNE_STEPS)
         if steps is not None:  # a promotion or a refine: the parent's plan, trained longer
             plan = dataclasses.replace(plan, finetune_steps=int(steps))
@@ -79,12 +110,27 @@ class TrialRunner:
             raise
         except AutocompressError as exc:
             trial.set_user_attr(trial_attrs.FAIL_REASON, str(exc))
+            if isinstance(exc, TaskLossError):
+                self.fatal = TaskLossError(
+                    f"{exc} (trial {trial.number} failed on it and the run stopped: every "
+                    "trial would; the trials that finished are kept)")
             raise
         except Exception as exc:
             trial.set_user_attr(trial_attrs.FAIL_REASON, f"{type(exc).__name__}: {exc}"[:500])
             raise
         finally:
             trial.set_user_attr(trial_attrs.TIMING, json.dumps(timer.seconds))
+
+    def _plan(self, trial: Any, baseline: str | None) -> CompressionPlan:
+        """The trial's plan, asked of the sampler; a baseline at a width the search does not
+        try (--bits 8,4: the fp32 file every figure is compared with) is queued at the widest
+        width searched, as the sampler's choices allow, and made at its own width here."""
+        ctx = self.ctx
+        plan = space.suggest_plan(trial, ctx.inventory, ctx.space)
+        bits = BASELINE_BITS.get(baseline or "")
+        if bits is not None and bits not in ctx.space.bits:
+            plan = dataclasses.replace(plan, bits=dict.fromkeys(plan.bits, bits))
+        return plan
 
     def precheck(
         self, student: nn.Module, plan: CompressionPlan, baseline: str | None, out_dir: Path,
