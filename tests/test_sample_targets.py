@@ -21,7 +21,7 @@ from autocompress.intake.metric import TOP1, Metric
 from autocompress.intake.sample_targets import ANY, CLASSES, read_target, stack_targets
 from autocompress.intake.splitting import split_positions
 from autocompress.runtime import scoring
-from autocompress.search.sensitivity import _score
+from autocompress.search.choice_score import score_choice
 from autocompress.train import losses
 
 # The demo CNN's logits turned into a value: the expected digit under its softmax (a real
@@ -131,12 +131,12 @@ def test_sensitivity_damage_of_values_is_scale_free() -> None:
     mae = Metric("mae", higher_is_better=False,
                  fn=lambda o, t: float(np.abs(o.reshape(-1) - t).mean()))
     off = [torch.tensor([[2.0], [3.0]])]
-    damage, figure = _score(model, off, ys, teacher, mae)
-    scaled, _ = _score(model, [x * 10 for x in off], ys, [t * 10 for t in teacher], mae)
+    damage, figure = score_choice(model, off, ys, teacher, mae)
+    scaled, _ = score_choice(model, [x * 10 for x in off], ys, [t * 10 for t in teacher], mae)
     assert damage == pytest.approx(0.5) and scaled == pytest.approx(damage)
     assert figure == pytest.approx(-0.5)
     logits = [torch.tensor([[2.0, 0.0], [0.0, 2.0]])]
-    assert _score(model, logits, [torch.tensor([0, 1])], logits, TOP1) == (0.0, 1.0)
+    assert score_choice(model, logits, [torch.tensor([0, 1])], logits, TOP1) == (0.0, 1.0)
 
 
 def test_float_targets_need_the_tasks_own_metric(tmp_path: Path) -> None:

@@ -224,3 +224,17 @@ def test_a_first_choice_that_cannot_be_scored_does_not_end_a_bounded_pass(
                                 _calibration(demo_task), images=64, seconds=1e-3)
     quantizable = [layer.name for layer in inventory.layers if layer.quantizable]
     assert set(table.failed) == {f"{n}@int{b}" for n in quantizable for b in (8, 4)}
+
+
+def test_the_printed_table_marks_estimated_layers(capsys: pytest.CaptureFixture[str]) -> None:
+    from autocompress.results.tables import print_sensitivity
+
+    table = Sensitivity(images=64, seconds=1.0, teacher_accuracy=0.99, layers={
+        "conv1": {"params": 100, "bits": {"4": {"kl": 0.5, "accuracy": 0.9}}},
+        "conv2": {"params": 100, "bits": {"4": {"kl": 0.25, "accuracy": 0.95,
+                                                "estimated": True}}},
+    }, estimated=["conv2"])
+    print_sensitivity(table)
+    out = capsys.readouterr().out
+    assert "~0.25" in out and "~0.9500" in out and "~0.5" not in out
+    assert "~ estimated, not measured (1 layers" in out

@@ -12,8 +12,10 @@ Files written to ``--out`` (all or nothing: a hidden temp folder beside it, rena
 
 Verification (on by default) re-measures the written ONNX file: test-split accuracy must equal
 the recorded figure (same file, same data), and its latency ratio against the fp32 baseline,
-timed interleaved, must stay within ``LATENCY_RATIO_FACTOR`` of the recorded ratio -- absolute
-latencies drift by tens of percent on shared machines (design rule 7), ratios much less.
+timed interleaved, must stay within 15% plus the measured noise of both figures of the recorded
+ratio (``verify.latency_band``, never wider than a factor ``LATENCY_RATIO_FACTOR``), re-measured
+longer before it fails -- absolute latencies drift by tens of percent on shared machines
+(design rule 7), ratios much less.
 
 The package by job: ``selection`` (which trial), ``files`` (folder, publishing, artifact
 fetch), ``program`` (the PyTorch side as a torch.export program), ``verify`` (the written

@@ -288,7 +288,10 @@ def print_sensitivity(table: Any, *, top: int | None = None) -> None:
         cells = [escape(name), f"{entry['params']:,}"]
         for b in widths:
             got = entry["bits"].get(str(b))
-            cells += ["-", "-"] if got is None else [f"{got['kl']:.4g}", f"{got['accuracy']:.4f}"]
+            # "~": not measured before the pass's time share ran out; the median layer's figure
+            mark = "~" if got is not None and got.get("estimated") else ""
+            cells += (["-", "-"] if got is None
+                      else [f"{mark}{got['kl']:.4g}", f"{mark}{got['accuracy']:.4f}"])
         layers.add_row(*cells)
     _table_console().print(layers)
     if table.groups:
@@ -314,6 +317,9 @@ def print_sensitivity(table: Any, *, top: int | None = None) -> None:
         fragile = table.fragile_layers(low)
         _out.print("keep at higher precision (int" + f"{low} damage > 5x the median layer's): "
                    + (", ".join(fragile) if fragile else "none"))
+    if table.estimated:
+        _out.print(f"~ estimated, not measured ({len(table.estimated)} layers: the pass's time "
+                   "share ran out): the median measured layer's figures")
     if table.failed:
         _out.print(f"not scored ({len(table.failed)}): " + "; ".join(
             f"{choice}: {why}" for choice, why in list(table.failed.items())[:5]))
