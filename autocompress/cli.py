@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import signal
 import sys
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
@@ -20,8 +18,7 @@ from autocompress import __version__
 from autocompress.config.flags import add_config_flags, attach_negative_values, int_list
 from autocompress.config.options import DEFAULT_STUDIES_DIR, config_keys, default_storage_url
 from autocompress.errors import AutocompressError, InputError, StudyError, one_line
-
-log = logging.getLogger("autocompress")
+from autocompress.logs import quiet_libraries
 
 
 class _Parser(argparse.ArgumentParser):
@@ -134,8 +131,10 @@ def _add_refine_and_sensitivity(sub: Any) -> None:
 
 def _study_and_storage(args: argparse.Namespace) -> tuple[str, str]:
     """The study a reading command names, and its storage URL (default: its SQLite file)."""
+    from autocompress.study.urls import require_url  # an empty --storage never means default
+
     name = args.study or "demo"
-    return name, args.storage if args.storage is not None else default_storage_url(name)
+    return name, default_storage_url(name) if args.storage is None else require_url(args.storage)
 
 
 # -- commands ----------------------------------------------------------------------------
@@ -340,7 +339,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             list(sys.argv[1:] if argv is None else argv)))
     except SystemExit as exc:  # --help, --version, or a one-line usage error (code 2)
         return int(exc.code or 0)
-    _quiet_libraries(verbose=args.verbose)
+    quiet_libraries(verbose=args.verbose)
     if args.command is None:
         parser.print_help()
         return 0
@@ -364,36 +363,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
-# Libraries that log through the root logger from inside their own code: ONNX Runtime's
-# quantizer writes ~30 "Axis 1 is out-of-range for weight ..." warnings per trial on
-# convnext_tiny with logging.warning(). Their warnings are shown with -v; errors always.
-_NOISY_PACKAGES = ("onnxruntime", "onnxscript", "onnx", "torch", "fvcore", "torch_pruning")
-
-
-def _library_noise(record: logging.LogRecord) -> bool:
-    """False (drop) for a library's record below ERROR that is not one of ours."""
-    if record.levelno >= logging.ERROR or record.name.startswith("autocompress"):
-        return True
-    parts = Path(record.pathname).parts
-    return not any(package in parts for package in _NOISY_PACKAGES)
-
-
-def _quiet_libraries(*, verbose: bool) -> None:
-    """Our own log lines at INFO on stderr; third-party chatter (ONNX Runtime's quantizer INFO
-    lines, Optuna's experimental-feature and torch's deprecation warnings) only with -v."""
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.WARNING,
-        format="%(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    log.setLevel(logging.DEBUG if verbose else logging.INFO)
-    if not verbose:
-        for handler in logging.getLogger().handlers:
-            handler.addFilter(_library_noise)
-        warnings.filterwarnings("ignore", category=FutureWarning)
-        warnings.filterwarnings("ignore", category=DeprecationWarning)
-        warnings.filterwarnings("ignore", message=".*experimental.*")
-        warnings.filterwarnings("ignore", category=UserWarning, module="torch")
 
 
 if __name__ == "__main__":

@@ -54,7 +54,6 @@ CASES: list[tuple[str, list[str], bool]] = [
     ("sensitivity-images-zero", [*SEARCH, "--sensitivity-images", "0"], False),
     ("round-to-zero", [*SEARCH, "--round-to", "0"], False),
     ("startup-trials-negative", [*SEARCH, "--startup-trials", "-1"], False),
-    ("max-drop-negative", [*SEARCH, "--max-accuracy-drop", "-1"], False),
     ("early-stop-negative", [*SEARCH, "--early-stop-drop", "-1"], False),
     # -- search: budgets ------------------------------------------------------------------
     ("budget-no-unit", [*SEARCH, "--budget", "50"], False),
@@ -104,6 +103,9 @@ CASES: list[tuple[str, list[str], bool]] = [
     ("study-too-long", [*SEARCH, "--study", LONG], False),
     ("study-empty", [*SEARCH, "--study", ""], False),
     ("study-path", [*SEARCH, "--study", "../x"], False),
+    ("study-dot", [*SEARCH, "--study", "."], False),
+    ("study-dotdot", [*SEARCH, "--study", ".."], False),
+    ("study-hidden", [*SEARCH, "--study", ".hidden"], False),
     ("study-slash", [*SEARCH, "--study", "a/b"], False),
     # -- search: storage and artifacts ----------------------------------------------------
     ("storage-not-a-url", [*SEARCH, "--storage", "notaurl"], False),

@@ -150,3 +150,23 @@ def test_a_broken_task_loss_ends_the_run_on_its_first_trial(
     kept = [t.user_attrs.get("baseline") for t in trials
             if t.state == optuna.trial.TrialState.COMPLETE]
     assert "fp32" in kept  # what finished before it stays in the study
+
+
+def test_a_broken_task_loss_ends_the_learning_rate_probe_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Without --learning-rate the probe meets the broken loss first: it must say so, not
+    score every rate as diverged and pick one."""
+    (tmp_path / "vector_task.py").write_text(VECTOR_LOSS_TASK)
+    monkeypatch.chdir(tmp_path)
+    code = main(["search", "--task", "vector_task.py:build", "--trials", "3",
+                 "--finetune-steps", "10", "--latency-repeats", "1", "--no-warm-starts",
+                 "--no-guided", "--study", "p", "--storage", "sqlite:///p.db"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "Traceback" not in err and "unexpected" not in err, err
+    assert "the task's loss returned a tensor of shape [64]" in err.strip().splitlines()[-1]
+    # the probe stopped the run: no rate was chosen and no search trial was spent on it
+    study = optuna.load_study(study_name="p", storage="sqlite:///p.db")
+    assert "learning_rate_probe" not in study.user_attrs
+    assert not [t for t in study.trials if t.state == optuna.trial.TrialState.FAIL]

@@ -87,7 +87,7 @@ def test_library_warnings_stay_out_of_stderr_unless_verbose() -> None:
     """ONNX Runtime's quantizer warns ~30 times a trial through the root logger."""
     import logging
 
-    from autocompress.cli import _library_noise
+    from autocompress.logs import library_noise as _library_noise
 
     def record(name: str, path: str, level: int = logging.WARNING) -> logging.LogRecord:
         return logging.LogRecord(name, level, path, 1209, "Axis 1 is out-of-range", None, None)

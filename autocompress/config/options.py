@@ -310,10 +310,9 @@ class SearchConfig:
             raise ConfigError(f"device {self.device!r} is unknown; use auto, cpu or cuda")
 
     def _check_study_name(self) -> None:
-        if not re.fullmatch(r"[A-Za-z0-9_.-]+", self.study):
-            raise ConfigError(
-                f"study name {self.study!r} may hold only letters, digits, '_', '-' and '.'"
-            )
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.study):  # not '.', '..'
+            raise ConfigError(f"study name {self.study!r} must start with a letter or digit and "
+                              "hold only letters, digits, '_', '-' and '.' (e.g. 'resnet20-v1')")
         if len(self.study) > MAX_STUDY_NAME:
             # the default storage is studies/<name>.db: file systems stop at 255 bytes
             raise ConfigError(

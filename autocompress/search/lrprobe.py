@@ -40,6 +40,7 @@ from autocompress.model import space
 from autocompress.model.inventory import Inventory
 from autocompress.model.plan import CompressionPlan
 from autocompress.train import distill
+from autocompress.train.losses import TaskLossError
 from autocompress.transform import quantize
 from autocompress.transform.student import build_student, torch_accuracy
 
@@ -141,9 +142,8 @@ def probe_learning_rate(
     device: str = "cpu",
     seconds: float | None = None,
 ) -> LearningRateProbe:
-    """Fine-tune the probe student at the rates ``walk`` visits and choose (see module
-    doc): from the smallest of ``candidates``, up through them, or down through the rates of
-    ``below`` that are smaller still; ``seconds`` bounds the probe."""
+    """Fine-tune the probe student at the rates ``walk`` visits and choose (module doc): up
+    from the smallest of ``candidates``, or down through ``below``; ``seconds`` bounds it."""
     started = time.perf_counter()
     widths = [b for b in space_settings.bits if b < 32]
     bits = min((b for b in widths if b > 4), default=min(widths, default=32))
@@ -173,6 +173,8 @@ def probe_learning_rate(
         try:
             distill.finetune(model, task.model, task.data, plan, batch_size=training.batch_size,
                              device=device, seed=training.seed, loss=task.loss)
+        except TaskLossError:
+            raise  # the task's loss is broken at every rate: say so, do not pick one
         except TrainingError:
             result = -math.inf  # the loss diverged: as bad as a rate can be
         else:

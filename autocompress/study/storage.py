@@ -32,7 +32,7 @@ from autocompress.study.resilient import (
     ResilientStorage,
     is_connection_error,
 )
-from autocompress.study.urls import driver_url, masked_url, sqlite_path
+from autocompress.study.urls import driver_url, masked_url, require_url, sqlite_path
 
 log = logging.getLogger("autocompress")
 
@@ -127,10 +127,7 @@ def open_storage(url: str, *, heartbeat: bool = True, create: bool = True) -> Ba
     Creating the schema is retried too: workers starting at once race on ``CREATE TABLE``
     (Optuna #4621), and a server that is still starting refuses connections for a moment.
     """
-    if not url.strip():
-        raise StudyError("storage is empty; pass a database URL (e.g. sqlite:///studies/demo.db)"
-                         " or leave --storage out for the study's default file")
-    path = sqlite_path(url)
+    path = sqlite_path(require_url(url))
     if path is not None:
         if not create and not path.is_file():
             raise StudyError(

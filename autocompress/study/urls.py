@@ -13,6 +13,14 @@ import sqlalchemy
 from autocompress.errors import StudyError
 
 
+def require_url(url: str) -> str:
+    """``url`` itself; an empty one is refused (it must never quietly mean the default)."""
+    if not url.strip():
+        raise StudyError("storage is empty; pass a database URL (e.g. sqlite:///studies/demo.db)"
+                         " or leave --storage out for the study's default file")
+    return url
+
+
 def sqlite_path(url: str) -> Path | None:
     """The database file of a ``sqlite:`` URL, None for server databases. Parsed the way the
     driver opens it (SQLAlchemy's URL: a ``?query`` is not part of the file, ``%20`` is a
