@@ -22,8 +22,8 @@ __version__ = "0.1.0"
 _EXPORTS = {
     # configuration and plans
     "SearchConfig": "autocompress.config.options",
-    "Budget": "autocompress.config.options",
-    "parse_budget": "autocompress.config.options",
+    "Budget": "autocompress.config.budgets",
+    "parse_budget": "autocompress.config.budgets",
     "CompressionPlan": "autocompress.model.plan",
     # the main job and its results
     "run_search": "autocompress.search.loop",

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from autocompress import study as study_mod
-from autocompress.config.options import Budget, default_storage_url
+from autocompress.config.budgets import Budget
+from autocompress.config.options import default_storage_url
 from autocompress.errors import StudyError
 from autocompress.results.pareto import pareto_front
 from autocompress.study.records import TrialRecord

@@ -15,6 +15,7 @@ short search runs once; each worker then reads its own copy of that study.
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -23,7 +24,7 @@ import pytest
 
 from tests.run_once import once, shared_root, under_xdist
 
-if TYPE_CHECKING:  # torch is imported only by tests that ask for the demo
+if TYPE_CHECKING:  # only for annotations: the fixtures import what they build
     from autocompress.intake import Task
     from tests.search_fixture import ShortStudy
 
@@ -32,8 +33,12 @@ if TYPE_CHECKING:  # torch is imported only by tests that ask for the demo
 # commit waits for an fsync (measured 11 ms a commit here, 0.05 ms on tmpfs): a short search
 # spent a third of its time in fsync. Only where the tests' temporary files go changes; set
 # PYTEST_DEBUG_TEMPROOT (pytest's own setting) to choose another folder.
+# A run writes ~150 MB there (only failed tests' folders are kept, pyproject.toml), so a small
+# /dev/shm (a container's default 64 MB) keeps the disk.
 _RAM = Path("/dev/shm")
-if "PYTEST_DEBUG_TEMPROOT" not in os.environ and _RAM.is_dir() and os.access(_RAM, os.W_OK):
+_RAM_NEEDED = 1 << 30
+if ("PYTEST_DEBUG_TEMPROOT" not in os.environ and _RAM.is_dir() and os.access(_RAM, os.W_OK)
+        and shutil.disk_usage(_RAM).free >= _RAM_NEEDED):
     os.environ["PYTEST_DEBUG_TEMPROOT"] = str(_RAM)
 
 # Workers for a plain `pytest` (CI runs the README's plain `pytest`): one per core, at most

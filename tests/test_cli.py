@@ -114,3 +114,20 @@ def test_an_unexpected_failure_is_one_line_and_traceback_with_v(
     assert err.startswith("error: RuntimeError: named-tuple outputs") and "-v" in err
     with pytest.raises(RuntimeError):
         cli.main(["-v", "list"])
+
+
+def test_show_and_list_read_a_study_without_loading_torch(short_study: object) -> None:
+    """Reading commands stay light: a study's table needs Optuna and SQL, not torch (which
+    costs ~2 s to import)."""
+    url = short_study.storage_url  # type: ignore[attr-defined]
+    name = short_study.study  # type: ignore[attr-defined]
+    script = (
+        "import sys\n"
+        "from autocompress.cli import main\n"
+        f"codes = [main(['show', '--study', {name!r}, '--storage', {url!r}]),\n"
+        f"         main(['list', '--storage', {url!r}])]\n"
+        "print('RESULT', codes, 'torch' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=120, check=True).stdout
+    assert out.strip().splitlines()[-1] == "RESULT [0, 0] False", out

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from autocompress.config.budgets import parse_budget
 from autocompress.config.files import build_config, load_config_file
-from autocompress.config.options import SearchConfig, parse_budget
+from autocompress.config.options import SearchConfig
 from autocompress.errors import BudgetError, ConfigError
 
 REPO = Path(__file__).resolve().parents[1]

@@ -27,7 +27,7 @@ from optuna.trial import TrialState, create_trial
 from search_fixture import ShortStudy
 
 from autocompress import cli, export, intake
-from autocompress.config.options import Budget
+from autocompress.config.budgets import Budget
 from autocompress.export import ExportError, VerificationError
 from autocompress.model.plan import CompressionPlan
 from autocompress.runtime import scoring

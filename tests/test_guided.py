@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from autocompress.config.options import Budget, SearchConfig
+from autocompress.config.budgets import Budget
+from autocompress.config.options import SearchConfig
 from autocompress.config.settings import SearchSettings
 from autocompress.model.inventory import Inventory, LayerInfo, PruneGroup
 from autocompress.search.guided import _Problem, _Targets, propose, solve
@@ -218,7 +219,7 @@ def test_latency_aimed_plans_are_checked_and_re_aimed(
 
 
 def test_speed_rungs_at_or_above_the_latency_budget_are_not_solved_twice() -> None:
-    from autocompress.config.options import parse_budget
+    from autocompress.config.budgets import parse_budget
     from autocompress.search.guided import rungs
 
     budget = parse_budget("0.6ms")  # 0.6x of a 1 ms reference: 1.5x faster is slower than it

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from autocompress.config.options import parse_budget
+from autocompress.config.budgets import parse_budget
 from autocompress.intake import Task
 from autocompress.model.plan import CompressionPlan
 from autocompress.transform.prune import dependency_groups

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from autocompress.config.options import parse_budget
+from autocompress.config.budgets import parse_budget
 from autocompress.results.pareto import (
     closest_to_budgets,
     hypervolume_2d,

@@ -479,7 +479,8 @@ def test_a_time_limit_that_ends_with_nothing_within_budget_names_the_closest_pla
     which plan came closest and by how much, and what to change."""
     import time
 
-    from autocompress.config.options import SearchConfig, parse_budget
+    from autocompress.config.budgets import parse_budget
+    from autocompress.config.options import SearchConfig
     from autocompress.config.settings import SearchSettings
     from autocompress.search.counter import TrialCounter
     from autocompress.study.records import TrialRecord

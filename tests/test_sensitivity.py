@@ -162,7 +162,9 @@ def test_the_pass_stops_at_its_share_when_choices_are_slow(
     table = measure_sensitivity(demo_task, inventory, SearchConfig(prune_max=0.5),
                                 _calibration(demo_task), images=64, seconds=bound)
     took = time.perf_counter() - started
-    assert took <= bound + 2 * step + 0.1 and table.seconds <= bound + 2 * step + 0.1
+    # slack for one real choice on a loaded 2-core box (two test workers); scoring every
+    # choice, as an unbounded pass does, takes several times the bound (checked below too)
+    assert took <= bound + 2 * step + 0.5 and table.seconds <= bound + 2 * step + 0.5
     scored = sum(1 for e in table.layers.values() for b in e["bits"].values()
                  if not b.get("estimated"))
     assert 1 <= scored < 2 * len(table.layers) and table.estimated

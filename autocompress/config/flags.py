@@ -40,7 +40,7 @@ def float_list(text: str) -> tuple[float, ...]:
 _LIST_TYPES: dict[Any, Callable[[str], Any]] = {int: int_list, float: float_list, str: csv_list}
 
 
-def _base(hint: Any) -> Any:
+def base_type(hint: Any) -> Any:
     """``int | None`` -> int: the type a flag parses into."""
     if typing.get_origin(hint) in (types.UnionType, typing.Union):
         return next(a for a in typing.get_args(hint) if a is not type(None))
@@ -64,7 +64,7 @@ def config_flags(group: str) -> list[tuple[str, dict[str, Any]]]:
         kwargs: dict[str, Any] = {"dest": field.name, "help": field.metadata["help"]}
         if field.metadata.get("metavar"):
             kwargs["metavar"] = field.metadata["metavar"]
-        base = _base(hints[field.name])
+        base = base_type(hints[field.name])
         if base is bool:  # on by default: the flag turns it off (None: not given)
             kwargs.update(action="store_const", const=not field.default)
         elif field.metadata.get("flag"):  # a repeatable singular flag (--budget)

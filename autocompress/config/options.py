@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from autocompress.config.budgets import Budget, format_bytes, parse_budget
+from autocompress.config.budgets import Budget, parse_budget
 from autocompress.errors import ConfigError
 
 SAMPLERS = ("tpe", "random", "nsga2", "gp")
@@ -390,10 +390,7 @@ __all__ = [
     "SIZE_METRICS",
     "SPARSITY_SCOPES",
     "TARGETS",
-    "Budget",
     "SearchConfig",
     "config_keys",
     "default_storage_url",
-    "format_bytes",
-    "parse_budget",
 ]

@@ -15,13 +15,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-import types
 import typing
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from autocompress.config.flags import flag_of
+from autocompress.config.flags import base_type, flag_of
 from autocompress.config.options import SearchConfig
 from autocompress.errors import InputError
 
@@ -41,15 +40,8 @@ _ITEM_NAMES = {int: "integers", float: "numbers", str: "names"}
 _SCALAR_NAMES = {int: "integer", float: "number", str: "text"}
 
 
-def _base(hint: Any) -> Any:
-    """``int | None`` -> ``int``."""
-    if typing.get_origin(hint) in (types.UnionType, typing.Union):
-        return next(a for a in typing.get_args(hint) if a is not type(None))
-    return hint
-
-
 def _type_name(field: dataclasses.Field[Any], hint: Any) -> str:
-    base = _base(hint)
+    base = base_type(hint)
     if base is bool:
         return "switch"
     if typing.get_origin(base) is tuple:

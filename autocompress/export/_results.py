@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from autocompress.config.options import Budget, format_bytes
+from autocompress.config.budgets import Budget, format_bytes
 from autocompress.errors import AutocompressError
 from autocompress.results import metrics
 from autocompress.study.records import TrialRecord

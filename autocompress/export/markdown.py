@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from autocompress.config.options import format_bytes
+from autocompress.config.budgets import format_bytes
 from autocompress.export._results import _speed_text
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from autocompress import __version__
-from autocompress.config.options import Budget
+from autocompress.config.budgets import Budget
 from autocompress.export._results import REPORT_FORMAT_VERSION, Choice
 from autocompress.export.program import _Context
 from autocompress.export.verify import _runtime_of

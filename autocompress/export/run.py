@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from autocompress import study as study_mod
-from autocompress.config.options import Budget
+from autocompress.config.budgets import Budget
 from autocompress.export._results import FILES, Choice, ExportResult
 from autocompress.export.files import _artifacts_dir, _fetch, _publish, _umask, check_out
 from autocompress.export.markdown import markdown

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from autocompress import study as study_mod
-from autocompress.config.options import Budget, parse_budget
+from autocompress.config.budgets import Budget, parse_budget
 from autocompress.export._results import Choice, ExportError
 from autocompress.intake.metric import label_of
 from autocompress.results.metrics import accuracy_drop_rate

@@ -24,46 +24,33 @@ Layer 2. May import: ``errors``, ``config``.
 
 from __future__ import annotations
 
-from autocompress.intake.data import (
-    DataSplits,
-    Split,
-    as_sequences,
-)
-from autocompress.intake.data_loading import load_data
-from autocompress.intake.models import (
-    check_model_input,
-    load_model,
-    load_weights,
-    read_state_dict,
-)
-from autocompress.intake.specs import (
-    DEMO_MODEL_SPEC,
-    DIGITS_DATA_SPEC,
-    IMAGE_EXTENSIONS,
-    SPLIT_NAMES,
-    default_cache_dir,
-)
-from autocompress.intake.task import (
-    Task,
-    load_for_profile,
-    load_task,
-)
+import importlib
+from typing import Any
 
-__all__ = [
-    "DEMO_MODEL_SPEC",
-    "DIGITS_DATA_SPEC",
-    "IMAGE_EXTENSIONS",
-    "SPLIT_NAMES",
-    "DataSplits",
-    "Split",
-    "Task",
-    "as_sequences",
-    "check_model_input",
-    "default_cache_dir",
-    "load_data",
-    "load_for_profile",
-    "load_model",
-    "load_task",
-    "load_weights",
-    "read_state_dict",
-]
+# Public name -> the module that defines it. Imported on first use (PEP 562), so that a
+# torch-free reader of one intake module (``intake.metric`` for ``show`` and ``list``) does
+# not load torch through this package.
+_EXPORTS = {
+    "DataSplits": "data", "Split": "data", "as_sequences": "data",
+    "load_data": "data_loading",
+    "check_model_input": "models", "load_model": "models", "load_weights": "models",
+    "read_state_dict": "models",
+    "DEMO_MODEL_SPEC": "specs", "DIGITS_DATA_SPEC": "specs", "IMAGE_EXTENSIONS": "specs",
+    "SPLIT_NAMES": "specs", "default_cache_dir": "specs",
+    "Task": "task", "load_for_profile": "task", "load_task": "task",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'autocompress.intake' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"autocompress.intake.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

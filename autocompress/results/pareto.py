@@ -8,7 +8,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from autocompress.config.options import Budget
+from autocompress.config.budgets import Budget
 from autocompress.study import attrs as trial_attrs
 from autocompress.study.records import TrialRecord
 

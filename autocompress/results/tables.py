@@ -11,7 +11,8 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from autocompress.config.options import Budget, default_storage_url, format_bytes
+from autocompress.config.budgets import Budget, format_bytes
+from autocompress.config.options import default_storage_url
 from autocompress.intake.metric import TOP1_NAME
 from autocompress.results import metrics
 from autocompress.results.pareto import fp32_record

@@ -93,10 +93,10 @@ def count_params(model: nn.Module) -> int:
 
 def count_flops(model: nn.Module, example_input: torch.Tensor) -> int:
     """fvcore FLOP count of one forward pass on ``example_input`` (1 multiply-add = 1 flop),
-    attention included (``flop_count``)."""
-    from autocompress.model import flops as flop_count
+    attention included (``model.flops``)."""
+    from autocompress.model import flops
 
-    return flop_count.count_total(model, example_input)
+    return flops.count_total(model, example_input)
 
 
 def packing_limit_bytes(model: nn.Module, plan: CompressionPlan) -> int:

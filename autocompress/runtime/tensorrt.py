@@ -16,7 +16,7 @@ engine cache into a folder beside ``model.onnx`` (``tensorrt/``: the ``.engine``
 the GPU (compute capability) and TensorRT version that built it: a deployment on another GPU
 rebuilds it from ``model.onnx`` with the same flags.
 
-Nothing here can run without an NVIDIA GPU; ``runtime.check_target`` refuses the target in
+Nothing here can run without an NVIDIA GPU; ``runtime.sessions.check_target`` refuses the target in
 one line first.
 """
 

@@ -6,7 +6,7 @@ Used by ``autocompress profile`` to show where a model's size and time go before
     print(format_table(report))      # or report.to_json() / report.to_csv()
 
 Numbers and their meaning
-- FLOPs are fvcore counts (``flop_count``): one multiply-add counts as ONE flop (not two),
+- FLOPs are fvcore counts (``model.flops``): one multiply-add counts as ONE flop (not two),
   fused attention included. Work done by functional ops or non-leaf modules (the attention
   inside ``nn.MultiheadAttention``) is the ``(unattributed)`` row. Ops fvcore has no formula
   for that are not elementwise are named in the notes, with their call counts.
@@ -164,10 +164,10 @@ def profile_model(
 
 
 def _profile(model: nn.Module, x: torch.Tensor, repeats: int) -> ProfileReport:
-    from autocompress.model import flops as flop_count
+    from autocompress.model import flops
 
     leaves = _leaf_modules(model)
-    counts = flop_count.count(model, x)
+    counts = flops.count(model, x)
     total_flops = counts.total
 
     # Un-hooked end-to-end forward first, so hook overhead cannot leak into it.

@@ -8,7 +8,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from autocompress.config.options import Budget
+from autocompress.config.budgets import Budget
 from autocompress.config.settings import PromotionSettings, RunSettings, SearchSettings
 from autocompress.results.pareto import closest_to_budgets
 from autocompress.study import attrs as trial_attrs

@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from autocompress.config.options import Budget
+from autocompress.config.budgets import Budget
 from autocompress.config.settings import SpaceSettings
 from autocompress.model import space
 from autocompress.model.inventory import Inventory

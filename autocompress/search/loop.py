@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from autocompress import study as study_mod
-from autocompress.config.options import Budget, SearchConfig
+from autocompress.config.budgets import Budget
+from autocompress.config.options import SearchConfig
 from autocompress.config.settings import RunSettings, SearchSettings, SpaceSettings
 from autocompress.errors import BudgetError
 from autocompress.model import space

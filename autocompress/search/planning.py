@@ -24,7 +24,7 @@ from collections.abc import Callable
 from typing import Any
 
 from autocompress import study as study_mod
-from autocompress.config.options import Budget
+from autocompress.config.budgets import Budget
 from autocompress.config.settings import RunSettings, SpaceSettings
 from autocompress.errors import one_line
 from autocompress.model import space

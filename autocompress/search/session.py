@@ -20,7 +20,8 @@ import torch
 
 from autocompress import __version__, intake
 from autocompress import study as study_mod
-from autocompress.config.options import Budget, SearchConfig
+from autocompress.config.budgets import Budget
+from autocompress.config.options import SearchConfig
 from autocompress.config.settings import MeasurementSettings, SearchSettings
 from autocompress.errors import AutocompressError, TrainingError, one_line
 from autocompress.model import space

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from autocompress.config.options import Budget
+from autocompress.config.budgets import Budget
 from autocompress.config.settings import RunSettings, SpaceSettings
 from autocompress.model import space
 from autocompress.model.inventory import Inventory

@@ -7,7 +7,7 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from autocompress.config.options import Budget
+from autocompress.config.budgets import Budget
 from autocompress.runtime.latency_reference import estimate_ms
 from autocompress.study import TrialPruned
 from autocompress.study import attrs as trial_attrs

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from autocompress.config.options import Budget
+from autocompress.config.budgets import Budget
 from autocompress.config.settings import MeasurementSettings, SpaceSettings, TrainingSettings
 from autocompress.intake import Task
 from autocompress.model.inventory import Inventory

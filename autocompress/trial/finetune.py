@@ -24,7 +24,7 @@ from autocompress.trial.context import SearchContext
 EARLY_STOP_BATCHES = 4  # x 256 validation images per early-stop evaluation
 
 
-def finetune(
+def finetune_trial(
     ctx: SearchContext, trial: Any, student: nn.Module, plan: CompressionPlan, *,
     early_stop: bool = True,
 ) -> tuple[nn.Module, nn.Module, str | None]:

@@ -13,7 +13,7 @@ from typing import Any
 
 from torch import nn
 
-from autocompress.config.options import Budget
+from autocompress.config.budgets import Budget
 from autocompress.config.settings import MeasurementSettings
 from autocompress.model.plan import CompressionPlan
 from autocompress.runtime import measure, sessions, timing

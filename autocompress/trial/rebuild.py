@@ -35,7 +35,7 @@ class _ExampleData:
 
 @dataclass
 class _TaskShim:
-    """Task-like object for ``objective.build_student`` (teacher + example input only)."""
+    """Task-like object for ``transform.student.build_student`` (teacher + example input only)."""
 
     model: nn.Module
     data: _ExampleData
@@ -150,7 +150,7 @@ def rebuild(
 ) -> nn.Module:
     """The model a trial fine-tuned, rebuilt from plain data, in eval mode.
 
-    intake.load_model(spec, weights) -> objective.build_student (prune per plan with
+    intake.load_model(spec, weights) -> transform.student.build_student (prune per plan with
     ``round_to``, BN fold) -> quantize.prepare_qat(plan) -> load ``state_dict`` (a dict or a
     ``torch.save`` file; a float state_dict of a baseline trial skips prepare_qat). Without a
     state_dict the QAT model carries the teacher's (pruned) weights. The pruned channel

@@ -35,7 +35,7 @@ from autocompress.transform.student import build_student, removes_weights
 from autocompress.trial import build, constraints
 from autocompress.trial import precheck as prechecks
 from autocompress.trial.context import Precheck, SearchContext, precheck_key
-from autocompress.trial.finetune import finetune
+from autocompress.trial.finetune import finetune_trial
 from autocompress.trial.measurement import measure_trial
 
 
@@ -167,8 +167,8 @@ class TrialRunner:
         # A PTQ plan has no fine-tune: ONNX Runtime calibrates the float student at export.
         if baseline is None and plan.finetune_steps > 0 and not plan.is_ptq:
             with timer.phase("finetune"):
-                student, qat, stopped = finetune(ctx, trial, student, plan,
-                                                 early_stop=not retrain)
+                student, qat, stopped = finetune_trial(ctx, trial, student, plan,
+                                                       early_stop=not retrain)
             if stopped:
                 constraints.set_constraints(trial, ctx.budgets, pre.estimate_ms, pre.size_bytes)
                 trial.set_user_attr(trial_attrs.EARLY_STOPPED, stopped)
