@@ -14,12 +14,25 @@ def _module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def _imports(path: Path, name: str, modules: set[str]) -> set[str]:
+def _lazy_exports(init: Path, package: str) -> dict[str, str]:
+    """A package's lazy public names (its ``_EXPORTS`` literal, PEP 562) -> defining module."""
+    for node in ast.parse(init.read_text()).body:
+        if (isinstance(node, ast.Assign) and isinstance(node.value, ast.Dict)
+                and any(getattr(t, "id", None) == "_EXPORTS" for t in node.targets)):
+            names = ast.literal_eval(node.value)
+            return {k: v if v.startswith("autocompress") else f"{package}.{v}"
+                    for k, v in names.items()}
+    return {}
+
+
+def _imports(path: Path, name: str, modules: set[str],
+             lazy: dict[str, dict[str, str]] | None = None) -> set[str]:
     """Modules of the package ``path`` imports: at module level, inside functions and under
     ``if TYPE_CHECKING:`` alike (a type-only import is still a dependency a reader follows);
-    ``from package import submodule`` counts as the submodule (the lazy public API in
-    autocompress/__init__.py is not an import of anything)."""
+    ``from package import submodule`` counts as the submodule, and a name a package exports
+    lazily (``lazy``: package -> its ``_EXPORTS``) as the module that defines it."""
     found: set[str] = set()
+    lazy = lazy or {}
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
@@ -32,14 +45,17 @@ def _imports(path: Path, name: str, modules: set[str]) -> set[str]:
                 source = node.module or ""
             for alias in node.names:
                 child = f"{source}.{alias.name}"
-                found.add(child if child in modules else source)
+                found.add(child if child in modules
+                          else lazy.get(source, {}).get(alias.name, source))
     return {m for m in found if m in modules and m not in (name, "autocompress")}
 
 
 def _graph() -> dict[str, set[str]]:
     paths = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
     names = set(paths)
-    return {name: _imports(path, name, names) for name, path in paths.items()}
+    lazy = {name: _lazy_exports(path, name) for name, path in paths.items()
+            if path.name == "__init__.py"}
+    return {name: _imports(path, name, names, lazy) for name, path in paths.items()}
 
 
 # The package tree, bottom layer first: a package imports only from lower layers (and
@@ -123,6 +139,14 @@ def test_the_layer_check_sees_an_upward_import() -> None:
     graph = {"autocompress.model.plan": {"autocompress.trial.runner"},
              "autocompress.trial.runner": {"autocompress.model.plan"}}
     assert _upward_imports(graph) == ["autocompress.model.plan -> autocompress.trial.runner"]
+
+
+def test_a_lazily_exported_name_counts_as_its_module(tmp_path: Path) -> None:
+    module = tmp_path / "m.py"
+    module.write_text("from autocompress import run_search\n")
+    lazy = {"autocompress": _lazy_exports(PACKAGE / "__init__.py", "autocompress")}
+    found = _imports(module, "autocompress.model.m", {"autocompress.search.loop"}, lazy)
+    assert found == {"autocompress.search.loop"}
 
 
 def test_a_type_only_import_counts(tmp_path: Path) -> None:
