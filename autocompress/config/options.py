@@ -17,7 +17,7 @@ from typing import Any
 from autocompress.config.budgets import Budget, parse_budget
 from autocompress.errors import ConfigError
 
-SAMPLERS = ("tpe", "random", "nsga2", "gp")
+SAMPLERS = ("front", "tpe", "random", "nsga2", "gp")
 OBJECTIVES = ("accuracy", "size", "latency")
 SPARSITY_SCOPES = ("layer", "global")
 SIZE_METRICS = ("file", "zip")
@@ -85,7 +85,9 @@ class SearchConfig:
     objectives: tuple[str, ...] = _opt(("accuracy", "size"), "accuracy,size (default) or "
                                        "accuracy,size,latency")
     trials: int = _opt(20, "search trials this run adds (default 20)")
-    sampler: str = _opt("tpe", "tpe (default), random, nsga2 or gp")
+    sampler: str = _opt("front", "front (default: moves around the measured front, each "
+                        "fine-tune inheriting a trained relative; TPE when no move is "
+                        "predicted to improve it), tpe, random, nsga2 or gp")
     # random trials before the TPE/GP model; None: trials // 3
     startup_trials: int | None = _opt(None, "random trials before TPE/GP model the results "
                                       "(default trials // 3, 2..10)")

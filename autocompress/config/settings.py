@@ -80,6 +80,7 @@ class RunSettings:
     warm_starts: bool
     guided: bool
     sensitivity_images: int
+    sampler: str = "front"  # "front": the search proposes from the measured front
 
 
 @dataclass(frozen=True)

@@ -350,4 +350,8 @@ def _to_plan(choice: dict[tuple[str, str], float], settings: SpaceSettings, acts
     )
 
 
-__all__ = ["LADDER", "GuidedPlan", "Rung", "propose", "rungs", "solve", "solve_rung"]
+# what the proposer (``proposals``) prices moves with
+Problem = _Problem
+
+__all__ = ["LADDER", "GuidedPlan", "Problem", "Rung", "propose", "rungs", "solve",
+           "solve_rung"]

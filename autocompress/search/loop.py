@@ -30,6 +30,7 @@ from autocompress.results.pareto import fp32_record, pareto_front
 from autocompress.runtime import measure
 from autocompress.search import planning
 from autocompress.search.counter import TrialCounter, first_trial_estimate
+from autocompress.search.front_queue import front_queue
 from autocompress.search.promotion import plan_promotions
 from autocompress.search.session import (
     LR_PROBE_ATTR,
@@ -135,10 +136,14 @@ def _run_search(
     counter.first_estimate = first_trial_estimate(study_mod.records(study), settings,
                                                   study.user_attrs.get(LR_PROBE_ATTR))
     counter.searching = True
+    # the default sampler: plans proposed from the measured front when a trial starts
+    proposer = front_queue(study, runner, settings, on_start)
+    study.on_empty_queue = proposer
     if counter.can_finish():  # the baselines and probes may have spent the limit already
         study.optimize(runner, n_trials=counter.hard_cap(), callbacks=[callback],
                        catch=(Exception,))
     counter.searching = False
+    study.on_empty_queue = None  # promotions are queued, not proposed
     for _ in range(PROMOTION_PASSES):  # under a time limit, while their share lasts:
         # a plan retrained once may earn the next rung, the next front member its first
         if not _promote(study, runner, settings, counter, callback, on_start) or (
@@ -147,8 +152,12 @@ def _run_search(
     if counter.time_left_for_more():
         # promotions did not use all of their share: back to searching until the limit
         counter.searching = counter.last_stretch = True
+        study.on_empty_queue = proposer
         study.optimize(runner, n_trials=counter.hard_cap(), callbacks=[callback],
                        catch=(Exception,))
+        study.on_empty_queue = None
+    if proposer is not None and proposer.summary():
+        _say(str(proposer.summary()), on_start)
     stop_reason = counter.end_note(budgets, study_mod.records(study))
     if stop_reason:
         _say(stop_reason, on_start)

@@ -16,6 +16,16 @@ FINETUNE_STEPS = "finetune_steps"  # queued with its own step count (promotion, 
 PROMOTION_RUNG = "promotion_rung"
 REFINE_EPOCHS = "refine_epochs"
 REFINE_REQUEST = "refine_request"
+# the search's own proposals (search/proposals.py): the kind of move and the trial it was
+# derived from ("shrink", "repair", "blend"), and what its prediction was
+PROPOSAL = "proposal"
+PROPOSED_FROM = "proposed_from"
+PREDICTED_ACCURACY = "predicted_accuracy"
+# inheritance (trial/lineage.py): the fine-tuned trial this one started from instead of the
+# teacher, the share of its weights copied, and the fine-tune steps along the whole lineage
+INHERITED_FROM = "inherited_from"
+INHERITED_SHARE = "inherited_share"
+LINEAGE_STEPS = "lineage_steps"
 
 # -- a trial: what was measured on its file --------------------------------------------------
 ACCURACY = "accuracy"  # validation split
@@ -40,6 +50,7 @@ PARAMS = "params"
 WEIGHT_TYPES = "weight_types"
 RUNTIME = "runtime"  # ONNX Runtime version, session options, threads, batch size, CPU
 TIMING = "timing"  # seconds per phase
+FINETUNE_SECONDS = "finetune_seconds"  # the fine-tune's by kind of work (data, teacher, ...)
 FINETUNE_STEPS_RUN = "finetune_steps_run"
 RECOVERY_STEPS = "recovery_steps"  # of those, trained with BatchNorm live (train/tuning.py)
 

@@ -26,7 +26,7 @@ def make_sampler(
     name: str, seed: int | None, startup_trials: int = 10
 ) -> optuna.samplers.BaseSampler:
     """``startup_trials``: trials sampled at random before TPE or GP fit their model."""
-    if name == "tpe":
+    if name in ("tpe", "front"):  # front: the search queues its own proposals, TPE the rest
         return optuna.samplers.TPESampler(
             seed=seed, multivariate=True, n_startup_trials=startup_trials
         )
@@ -36,7 +36,7 @@ def make_sampler(
         return optuna.samplers.NSGAIISampler(seed=seed, population_size=10)
     if name == "gp":
         return optuna.samplers.GPSampler(seed=seed, n_startup_trials=startup_trials)
-    raise StudyError(f"sampler {name!r} is unknown; use tpe, random, nsga2 or gp")
+    raise StudyError(f"sampler {name!r} is unknown; use front, tpe, random, nsga2 or gp")
 
 
 def directions(objectives: tuple[str, ...]) -> list[str]:

@@ -43,6 +43,8 @@ class WorkerStudy(optuna.Study):
     """
 
     resilient: ResilientStorage | None = None
+    # called when a trial starts and nothing is queued; True when it queued a plan
+    on_empty_queue: Callable[[], bool] | None = None
 
     def optimize(self, func: Callable[[optuna.Trial], Any], n_trials: int | None = None,
                  **kwargs: Any) -> None:
@@ -102,15 +104,20 @@ class WorkerStudy(optuna.Study):
         """Optuna's queue, oldest first, except that trials queued with QUEUE_FIRST_ATTR (a
         promotion, a refine: asked for now) go before the plans a search queued for later
         (warm starts and guided plans a time limit left waiting)."""
-        waiting = self._storage.get_all_trials(self._study_id, deepcopy=False,
-                                               states=(TrialState.WAITING,))
-        for trial in sorted(waiting, key=lambda t: (not t.user_attrs.get(QUEUE_FIRST_ATTR),
-                                                    t.number)):
-            try:  # claim it; another worker may have been faster
-                if not self._storage.set_trial_state_values(trial._trial_id,
-                                                            state=TrialState.RUNNING):
+        for attempt in range(2):
+            waiting = self._storage.get_all_trials(self._study_id, deepcopy=False,
+                                                   states=(TrialState.WAITING,))
+            for trial in sorted(waiting, key=lambda t: (not t.user_attrs.get(QUEUE_FIRST_ATTR),
+                                                        t.number)):
+                try:  # claim it; another worker may have been faster
+                    if not self._storage.set_trial_state_values(trial._trial_id,
+                                                                state=TrialState.RUNNING):
+                        continue
+                except optuna.exceptions.UpdateFinishedTrialError:
                     continue
-            except optuna.exceptions.UpdateFinishedTrialError:
-                continue
-            return trial._trial_id
+                return trial._trial_id
+            # Nothing queued: the search's proposer (when one is set) may queue the next
+            # plan now, when the trial starts, so a run that ends leaves no stale proposal.
+            if attempt or self.on_empty_queue is None or not self.on_empty_queue():
+                return None
         return None

@@ -16,9 +16,8 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
 
 import torch
 from torch import nn
@@ -31,6 +30,14 @@ from autocompress.train.losses import (
     default_hard_loss,
     kd_loss,
     match_loss,
+)
+from autocompress.train.teacher_cache import (
+    TIME_KEYS,
+    Batches,
+    Feed,
+    StepClock,
+    TeacherCache,
+    cycle_batches,
 )
 from autocompress.transform import sparsity
 
@@ -46,12 +53,8 @@ _CLIP_NORM = 5.0
 _FINAL_LOSS_WINDOW = 10
 
 
-class _Batches(Protocol):
-    """The part of intake.DataSplits the fine-tune needs."""
-
-    def batches(
-        self, split_name: str, batch_size: int, shuffle: bool = False, seed: int = 0
-    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
+# The part of intake.DataSplits the fine-tune needs (callers name it by this name).
+_Batches = Batches
 
 
 @dataclass
@@ -59,7 +62,10 @@ class FinetuneResult:
     """Outcome of one bounded fine-tune.
 
     steps: optimiser steps taken. final_loss: mean total loss over the last (up to) 10 steps
-    (nan when no step ran). history: (step, metric) for every evaluate() call.
+    (nan when no step ran). history: (step, metric) for every evaluate() call. seconds: wall
+    time by phase (``teacher_cache.TIME_KEYS``): ``data`` fetching batches, ``teacher`` its
+    forwards or cache reads, ``step`` the student's forward, backward and optimiser step,
+    ``evaluate`` the early-stop evaluations.
     """
 
     steps: int
@@ -67,6 +73,7 @@ class FinetuneResult:
     history: list[tuple[int, float]] = field(default_factory=list)
     stopped_early: bool = False
     reason: str = ""
+    seconds: dict[str, float] = field(default_factory=dict)
 
 
 def resolve_device(device: str | torch.device, *, fallback: bool = False) -> torch.device:
@@ -111,26 +118,7 @@ def _make_optimizer(params: list[nn.Parameter], name: str, lr: float) -> torch.o
     raise InputError(f"optimizer {name!r} is not supported; use 'adamw' or 'sgd'")
 
 
-def _cycle_batches(
-    data: _Batches, batch_size: int, seed: int
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Endless training batches: a fresh seeded shuffle each epoch (seed, seed+1, ...)."""
-    epoch = 0
-    while True:
-        yielded = False
-        for x, y in data.batches("train", batch_size, shuffle=True, seed=seed + epoch):
-            # A batch of one breaks BatchNorm in train mode ("Expected more than 1 value per
-            # channel"); it is only ever the ragged tail of an epoch, so skip it.
-            if x.shape[0] < 2:
-                continue
-            yielded = True
-            yield x, y
-        if not yielded:
-            raise TrainingError(
-                "the training split yielded no batch of 2 or more samples; "
-                "use more training data or a smaller batch size"
-            )
-        epoch += 1
+_cycle_batches = cycle_batches  # the uncached stream (tests and callers name it here)
 
 
 @dataclass(frozen=True)
@@ -147,6 +135,8 @@ class _Loop:
     evaluate_at: Callable[[int], bool] | None
     progress: Callable[[int, int], None] | None
     hard_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None
+    cache: TeacherCache | None
+    start: int
 
 
 def finetune(
@@ -166,6 +156,8 @@ def finetune(
     evaluate_at: Callable[[int], bool] | None = None,
     progress: Callable[[int, int], None] | None = None,
     loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    teacher_cache: TeacherCache | None = None,
+    start: int = 0,
 ) -> FinetuneResult:
     """Distil ``teacher`` into ``student`` in place for exactly ``plan.finetune_steps`` steps.
 
@@ -175,15 +167,20 @@ def finetune(
     metric can matter (evaluations cost forward passes over the validation data).
     ``progress(step, total)``, when given, is called after every step (progress bars).
     ``loss(outputs, targets)`` replaces cross-entropy as the hard-target term (a task's own).
-    Raises TrainingError when the loss becomes nan/inf. Both models end on the CPU in the
+    ``teacher_cache``, when given, is the batch stream instead of one seeded by ``seed``: the
+    run reads its positions ``start``, ``start + 1``, ... and the teacher's outputs on them
+    from it (computed on first use; with feature distillation the teacher still runs, for its
+    hidden features). ``seed`` still seeds adapter init and dropout. Without it ``start``
+    must be 0. Raises TrainingError when the loss becomes nan/inf. Both models end on the CPU in the
     train/eval mode they arrived in. The run is deterministic for a given ``seed`` (same
     data order, adapter init and dropout masks); the global RNG state is left untouched.
     """
     loop = _Loop(batch_size, evaluate, eval_every, should_stop, seed, log, optimizer,
-                 evaluate_at, progress, loss)
+                 evaluate_at, progress, loss, teacher_cache, start)
     _check_loop(loop)
     if plan.finetune_steps == 0:
-        return FinetuneResult(0, math.nan, [], False, "finetune_steps is 0: nothing to do")
+        return FinetuneResult(0, math.nan, [], False, "finetune_steps is 0: nothing to do",
+                              dict.fromkeys(TIME_KEYS, 0.0))
 
     dev = resolve_device(device)
     modes = (student.training, teacher.training)
@@ -210,6 +207,11 @@ def _check_loop(loop: _Loop) -> None:
         raise InputError(f"eval_every {loop.eval_every} must be >= 1 (try 50)")
     if loop.should_stop is not None and loop.evaluate is None:
         raise InputError("should_stop needs an evaluate callback to produce the metric it sees")
+    if loop.start < 0 or (loop.start and loop.cache is None):
+        raise InputError(f"start {loop.start} needs a teacher_cache and must be >= 0")
+    if loop.cache is not None and loop.cache.batch_size != loop.batch_size:
+        raise InputError(f"batch_size {loop.batch_size} differs from the teacher cache's "
+                         f"{loop.cache.batch_size}")
 
 
 def _run(
@@ -223,7 +225,8 @@ def _run(
     distiller: FeatureDistiller | None = None
     if plan.feature_weight > 0 and len(plan.feature_pairs) > 0:
         # The first training batch doubles as the probe input: same shapes as training.
-        x0, _ = next(_cycle_batches(data, loop.batch_size, loop.seed))
+        x0 = (next(cycle_batches(data, loop.batch_size, loop.seed))[0] if loop.cache is None
+              else loop.cache.batch(loop.start)[0])
         distiller = FeatureDistiller(student, teacher, plan.feature_pairs, x0.to(dev)).to(dev)
 
     # The plan's unstructured zeros, put back after every step (a step refills them).
@@ -253,7 +256,10 @@ def _train(
 ) -> FinetuneResult:
     """The ``plan.finetune_steps`` optimiser steps, evaluated and logged as ``loop`` says."""
     steps = plan.finetune_steps
-    batches = _cycle_batches(data, loop.batch_size, loop.seed)
+    clock = StepClock(dev)
+    source = (loop.cache if loop.cache is not None
+              else cycle_batches(data, loop.batch_size, loop.seed))
+    feed = Feed(teacher, dev, clock, source, loop.start)
     opt = _make_optimizer(params, loop.optimizer, plan.learning_rate)
     # Cosine decay from plan.learning_rate to 0 over exactly `steps` steps.
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -265,30 +271,49 @@ def _train(
     if distiller is not None:
         distiller.train()
     for step in range(1, steps + 1):
-        x, y = next(batches)
-        x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
-        loss = _step_loss(student, teacher, distiller, plan, x, y, loop.hard_loss)
-        value = float(loss.detach())
-        if not math.isfinite(value):
-            lr_now = opt.param_groups[0]["lr"]
-            raise TrainingError(
-                f"loss became {value} at step {step}; lower the learning rate "
-                f"(now {lr_now:.3g})"
-            )
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, _CLIP_NORM)
-        opt.step()
-        masks.restore()
-        sched.step()
+        x, y = feed.batch(step)
+        with clock.phase("step"):
+            s_logits = student(x)
+        # Feature distillation needs the teacher's hidden features: it runs on every batch.
+        t_logits = feed.teacher_outputs(step, x, cached=distiller is None)
+        with clock.phase("step"):
+            loss = _step_loss(s_logits, t_logits, distiller, plan, y, loop.hard_loss)
+            value = _apply(loss, opt, sched, params, masks, step)
         recent.append(value)
         del recent[:-_FINAL_LOSS_WINDOW]
         if loop.progress is not None:
             loop.progress(step, steps)
-        stop = _check_in(student, distiller, loop, step, steps, value, history)
+        with clock.phase("evaluate"):
+            stop = _check_in(student, distiller, loop, step, steps, value, history)
         if stop is not None:
-            return FinetuneResult(step, _mean(recent), history, True, stop)
-    return FinetuneResult(steps, _mean(recent), history, False, f"completed {steps} steps")
+            return FinetuneResult(step, _mean(recent), history, True, stop, clock.seconds)
+    return FinetuneResult(steps, _mean(recent), history, False, f"completed {steps} steps",
+                          clock.seconds)
+
+
+def _apply(
+    loss: torch.Tensor,
+    opt: torch.optim.Optimizer,
+    sched: torch.optim.lr_scheduler.LambdaLR,
+    params: list[nn.Parameter],
+    masks: sparsity.ZeroMasks,
+    step: int,
+) -> float:
+    """One optimiser step on ``loss`` (refused when it is nan/inf); the loss's value."""
+    value = float(loss.detach())
+    if not math.isfinite(value):
+        lr_now = opt.param_groups[0]["lr"]
+        raise TrainingError(
+            f"loss became {value} at step {step}; lower the learning rate "
+            f"(now {lr_now:.3g})"
+        )
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, _CLIP_NORM)
+    opt.step()
+    masks.restore()
+    sched.step()
+    return value
 
 
 def _check_in(
@@ -315,17 +340,14 @@ def _check_in(
 
 
 def _step_loss(
-    student: nn.Module,
-    teacher: nn.Module,
+    s_logits: torch.Tensor,
+    t_logits: torch.Tensor,
     distiller: FeatureDistiller | None,
     plan: CompressionPlan,
-    x: torch.Tensor,
     y: torch.Tensor,
     hard_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    s_logits = student(x)
-    with torch.no_grad():
-        t_logits = teacher(x)
+    """The step's total loss from the student's and the teacher's outputs."""
     alpha = plan.kd_alpha
     loss = s_logits.new_zeros(())
     if alpha > 0:

@@ -31,12 +31,13 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torch import nn
 
 from autocompress.model.plan import CompressionPlan
 from autocompress.train import distill
+from autocompress.train.teacher_cache import TeacherCache
 from autocompress.transform import quantize
 
 RECOVERY_SHARE = 0.75  # of a pruning plan's fine-tune steps, spent with BatchNorm live
@@ -58,6 +59,10 @@ class TrialTuning:
     early_stop: bool = True
     progress: Callable[[int, int], None] | None = None
     loss: Callable[..., object] | None = None
+    # the study's shared batch stream and teacher outputs (``teacher_cache``), read from
+    # position ``start``: an inherited fine-tune continues where its lineage stopped
+    teacher_cache: TeacherCache | None = None
+    start: int = 0
 
 
 @dataclass(frozen=True)
@@ -67,6 +72,7 @@ class TuningResult:
     steps: int  # steps run, both phases
     recovery_steps: int
     stopped: str | None  # the early-stop reason, None when it ran to the end
+    seconds: dict[str, float] = field(default_factory=dict)  # both phases, by kind of work
 
 
 def recovers(plan: CompressionPlan) -> bool:
@@ -112,17 +118,22 @@ def finetune_trial(
             progress=None if tuning.progress is None
             else (lambda step, _: tuning.progress(step + offset, total)),  # type: ignore[misc]
             loss=tuning.loss,  # type: ignore[arg-type]
+            teacher_cache=tuning.teacher_cache, start=tuning.start + offset,
         )
 
     if first:
         recovery = dataclasses.replace(plan, finetune_steps=first,
                                        learning_rate=recovery_learning_rate(plan))
         result = run(student, recovery, 0)
+        seconds = dict(result.seconds)
         student.eval()
         if result.stopped_early:
             folded = quantize.fold_batchnorm(student)
             return TuningResult(folded, tuning.make_qat(folded), result.steps, result.steps,
-                                f"early-stopped at step {result.steps}: {result.reason}")
+                                f"early-stopped at step {result.steps}: {result.reason}",
+                                seconds)
+    else:
+        seconds = {}
     student = quantize.fold_batchnorm(student) if has_bn else student
     qat = tuning.make_qat(student)
     rest = dataclasses.replace(plan, finetune_steps=total - first)
@@ -130,7 +141,9 @@ def finetune_trial(
     qat.eval()
     stopped = (f"early-stopped at step {first + result.steps}: {result.reason}"
                if result.stopped_early else None)
-    return TuningResult(student, qat, first + result.steps, first, stopped)
+    for key, value in result.seconds.items():
+        seconds[key] = round(seconds.get(key, 0.0) + value, 4)
+    return TuningResult(student, qat, first + result.steps, first, stopped, seconds)
 
 
 def early_stop_checkpoints(total: int) -> frozenset[int]:

@@ -24,6 +24,7 @@ from autocompress.model.plan import CompressionPlan
 from autocompress.runtime import measure, sessions, timing
 from autocompress.runtime.latency_model import LatencyModel
 from autocompress.runtime.latency_reference import ReferenceLatency, estimate_ms
+from autocompress.train.teacher_cache import TeacherCache
 from autocompress.transform import quantize
 
 # The calibration set a search holds (``SearchContext.calibration``): this many batches of
@@ -70,6 +71,15 @@ class SearchContext:
     latency_model: LatencyModel = field(default_factory=LatencyModel)
     # Called with (step, total) after every fine-tune step (refine's progress bar).
     on_step: Callable[[int, int], None] | None = None
+    # The study's shared fine-tune stream with the teacher's outputs on it (one seed per
+    # study: training.seed), built here when not given; lazy, so it costs nothing unused.
+    # Set it to None after construction to give every trial its own stream again.
+    teacher_cache: TeacherCache | None = None
+
+    def __post_init__(self) -> None:
+        if self.teacher_cache is None:
+            self.teacher_cache = TeacherCache(self.task.data, self.training.batch_size,
+                                              self.training.seed)
 
     @property
     def latency_shape(self) -> tuple[int, ...]:

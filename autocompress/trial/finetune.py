@@ -10,6 +10,7 @@ as a PRUNED trial with the reason.
 from __future__ import annotations
 
 import itertools
+import json
 from typing import Any
 
 from torch import nn
@@ -26,7 +27,7 @@ EARLY_STOP_BATCHES = 4  # x 256 validation images per early-stop evaluation
 
 def finetune_trial(
     ctx: SearchContext, trial: Any, student: nn.Module, plan: CompressionPlan, *,
-    early_stop: bool = True,
+    early_stop: bool = True, start: int = 0,
 ) -> tuple[nn.Module, nn.Module, str | None]:
     """Recovery (plans that prune) and QAT + KD from the teacher (``tuning``); returns the
     folded student, the QAT model and the early-stop reason, if any (``early_stop=False``:
@@ -46,8 +47,11 @@ def finetune_trial(
         seed=training.seed + trial.number,
         floor=ctx.fp32_accuracy - training.early_stop_drop, evaluate=evaluate,
         make_qat=lambda folded: untrained_qat(ctx, folded, plan), early_stop=early_stop,
-        progress=ctx.on_step, loss=ctx.task.loss))
+        progress=ctx.on_step, loss=ctx.task.loss,
+        teacher_cache=ctx.teacher_cache, start=start))
     trial.set_user_attr(trial_attrs.FINETUNE_STEPS_RUN, result.steps)
+    if result.seconds:  # where the fine-tune's time went (data, teacher, step, evaluate)
+        trial.set_user_attr(trial_attrs.FINETUNE_SECONDS, json.dumps(result.seconds))
     if result.recovery_steps:
         trial.set_user_attr(trial_attrs.RECOVERY_STEPS, result.recovery_steps)
     return result.student, result.qat, result.stopped

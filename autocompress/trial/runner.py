@@ -36,6 +36,7 @@ from autocompress.trial import build, constraints
 from autocompress.trial import precheck as prechecks
 from autocompress.trial.context import Precheck, SearchContext, precheck_key
 from autocompress.trial.finetune import finetune_trial
+from autocompress.trial.lineage import Lineage, Trained
 from autocompress.trial.measurement import measure_trial
 
 
@@ -88,6 +89,8 @@ class TrialRunner:
         # An error every further trial would meet too (the task's own loss is broken): the
         # search ends on it after the trial that met it is recorded (``search.loop``).
         self.fatal: AutocompressError | None = None
+        # fine-tuned trials' weights, for the trials that inherit from them
+        self.lineage = Lineage()
 
     def __call__(self, trial: Any) -> tuple[float, ...]:
         ctx = self.ctx
@@ -156,23 +159,23 @@ class TrialRunner:
         retrain = trial_attrs.FINETUNE_STEPS in trial.user_attrs
         pre = self._checked(trial, student, plan, baseline, timer, out_dir, retrain=retrain)
 
-        if baseline is None and removes_weights(plan):
-            with timer.phase("build"):  # within budget: now worth re-estimating BN statistics
-                student = build_student(  # unfolded when a recovery phase trains through BN
-                    ctx.task, plan, ctx.training.round_to,
-                    bn_batches=build.bn_batches(ctx, trial.number),
-                    fold=not tuning.recovers(plan))
+        parent = self._parent(trial, plan, baseline)
+        student = self._starting_student(trial, plan, baseline, parent, student, timer)
 
         qat: nn.Module | None = None
         # A PTQ plan has no fine-tune: ONNX Runtime calibrates the float student at export.
         if baseline is None and plan.finetune_steps > 0 and not plan.is_ptq:
+            start = 0 if parent is None else parent.steps
             with timer.phase("finetune"):
                 student, qat, stopped = finetune_trial(ctx, trial, student, plan,
-                                                       early_stop=not retrain)
+                                                       early_stop=not retrain, start=start)
             if stopped:
                 constraints.set_constraints(trial, ctx.budgets, pre.estimate_ms, pre.size_bytes)
                 trial.set_user_attr(trial_attrs.EARLY_STOPPED, stopped)
                 raise TrialPruned(stopped)
+            steps = start + int(trial.user_attrs.get(trial_attrs.FINETUNE_STEPS_RUN, 0))
+            trial.set_user_attr(trial_attrs.LINEAGE_STEPS, steps)
+            self.lineage.add(trial.number, plan, qat, steps)
 
         with timer.phase("export"):
             if baseline is None and qat is None and not plan.is_ptq:  # zero fine-tune steps
@@ -188,7 +191,43 @@ class TrialRunner:
             trial.set_user_attr(trial_attrs.TORCH_KIND, "float" if qat is None else "qat")
             trial.set_user_attr(trial_attrs.TORCH_ARTIFACT_SHA256, measure.sha256_file(torch_state))
             trial.set_user_attr(trial_attrs.TORCH_ARTIFACT_ID, ctx.upload(trial, torch_state))
+        self.lineage.measured(trial.number, trial.user_attrs.get(trial_attrs.ACCURACY))
         return values
+
+    def _parent(self, trial: Any, plan: CompressionPlan, baseline: str | None) -> Trained | None:
+        """The fine-tuned trial this one starts from (``lineage``), or None: the teacher.
+        Preferred: the trial a proposal was derived from, or the one a retrain trains on."""
+        if baseline is not None:
+            return None
+        preferred = trial.user_attrs.get(trial_attrs.PROPOSED_FROM,
+                                         trial.user_attrs.get(trial_attrs.PARENT))
+        return self.lineage.parent_for(
+            plan, preferred=None if preferred is None else int(preferred),
+            floor=self.ctx.fp32_accuracy - self.ctx.training.early_stop_drop)
+
+    def _starting_student(
+        self, trial: Any, plan: CompressionPlan, baseline: str | None, parent: Trained | None,
+        student: nn.Module, timer: _Timer,
+    ) -> nn.Module:
+        """The student the fine-tune starts from: the parent's trained weights on the plan's
+        structure (folded: they were trained folded), else the teacher's with BatchNorm
+        statistics re-estimated when the plan removes weights."""
+        ctx = self.ctx
+        if parent is not None:
+            with timer.phase("inherit"):
+                share = self.lineage.inherit(student, plan, parent, ctx.task.model,
+                                             ctx.task.data.example_input(1),
+                                             ctx.training.round_to)
+            trial.set_user_attr(trial_attrs.INHERITED_FROM, parent.number)
+            trial.set_user_attr(trial_attrs.INHERITED_SHARE, round(share, 4))
+            return student
+        if baseline is None and removes_weights(plan):
+            with timer.phase("build"):  # within budget: now worth re-estimating BN statistics
+                return build_student(  # unfolded when a recovery phase trains through BN
+                    ctx.task, plan, ctx.training.round_to,
+                    bn_batches=build.bn_batches(ctx, trial.number),
+                    fold=not tuning.recovers(plan))
+        return student
 
     def _checked(
         self, trial: Any, student: nn.Module, plan: CompressionPlan, baseline: str | None,

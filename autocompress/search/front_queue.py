@@ -1,0 +1,93 @@
+"""The default sampler's queue: when a search trial starts and nothing is queued, the
+proposer (``proposals``) queues the next plan derived from the measured front, or nothing
+(then Optuna's TPE samples one).
+
+Proposals are made when a trial starts, not when one ends, so a run that ends (time limit,
+Ctrl-C) leaves no stale proposal behind, and each proposal sees every trial finished so far,
+this worker's and others'. Only this worker's fine-tuned trials can be inherited from (their
+weights are in its memory); the proposer predicts accordingly.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+from autocompress import study as study_mod
+from autocompress.config.settings import SearchSettings
+from autocompress.model import space
+from autocompress.model.plan import CompressionPlan
+from autocompress.runtime import measure
+from autocompress.search.proposals import Proposer, measured_trials, structure_key
+from autocompress.search.sensitivity import SENSITIVITY_ATTR, Sensitivity
+from autocompress.search.session import _say
+from autocompress.study import attrs as trial_attrs
+from autocompress.trial.runner import TrialRunner
+
+FRONT_SAMPLER = "front"
+
+
+class FrontQueue:
+    """``WorkerStudy.on_empty_queue`` for the default sampler."""
+
+    def __init__(self, study: Any, runner: TrialRunner, proposer: Proposer,
+                 settings: SearchSettings, on_start: Callable[[str], None] | None) -> None:
+        self.study = study
+        self.runner = runner
+        self.proposer = proposer
+        self.settings = settings
+        self.on_start = on_start
+        self.proposed = 0
+        self.refused = 0  # candidates predicted dominated, never fine-tuned
+        self.fallbacks = 0  # trials left to TPE: no candidate predicted to improve the front
+
+    def __call__(self) -> bool:
+        records = study_mod.records(self.study)
+        trials = measured_trials(records, lambda n: self.runner.lineage.get(n) is not None,
+                                 self.settings.space.finetune_steps)
+        tried = {structure_key(CompressionPlan.from_dict(r.plan)) for r in records if r.plan}
+        outcome = self.proposer.propose(trials, tried)
+        self.refused += outcome.refused
+        p = outcome.proposal
+        if p is None:
+            self.fallbacks += 1
+            return False
+        params = space.plan_to_params(p.plan, self.runner.ctx.inventory, self.settings.space)
+        study_mod.enqueue(self.study, params, {
+            trial_attrs.PROPOSAL: p.kind, trial_attrs.PROPOSED_FROM: p.parent,
+            trial_attrs.PREDICTED_ACCURACY: round(p.predicted_accuracy, 4)})
+        self.proposed += 1
+        label = self.runner.ctx.task.metric.label
+        _say(f"proposal {p.kind} of #{p.parent}: {p.plan.summary()}, predicted {label} "
+             f"{p.predicted_accuracy:.4f} at {p.predicted_size / 1000:.1f} KB "
+             f"({outcome.refused} of {outcome.candidates} candidates predicted dominated)",
+             self.on_start)
+        return True
+
+    def summary(self) -> str | None:
+        if not (self.proposed or self.fallbacks):
+            return None
+        return (f"proposals: {self.proposed} from the front, {self.refused} candidates refused "
+                f"as predicted dominated, {self.fallbacks} trial(s) left to TPE")
+
+
+def front_queue(study: Any, runner: TrialRunner, settings: SearchSettings,
+                on_start: Callable[[str], None] | None) -> FrontQueue | None:
+    """The queue when the study uses the default sampler and has a sensitivity table (the
+    proposer prices moves with it); None otherwise."""
+    if settings.run.sampler != FRONT_SAMPLER:
+        return None
+    stored = study.user_attrs.get(SENSITIVITY_ATTR)
+    if stored is None:
+        return None
+    ctx = runner.ctx
+    proposer = Proposer(Sensitivity.from_dict(json.loads(stored)), ctx.inventory,
+                        settings.space, fp32_bytes=measure.file_size(ctx.fp32_onnx),
+                        fp32_accuracy=ctx.fp32_accuracy,
+                        predict_latency=ctx.latency_model.predict,
+                        latency_budget=ctx.budget_ratio())
+    return FrontQueue(study, runner, proposer, settings, on_start)
+
+
+__all__ = ["FRONT_SAMPLER", "FrontQueue", "front_queue"]

@@ -1,0 +1,386 @@
+"""Proposals from what the study measured: moves around the front, blends of neighbours, each
+predicted by the study's surrogate before anything is fine-tuned.
+
+After the warm starts and guided plans, the default proposer (``--sampler front``) derives
+each next plan from the measured Pareto front instead of sampling the space blind:
+
+- **shrink**: a front trial made ~``SHRINK`` (or ``SHRINK_MORE``) smaller by the changes with
+  the least sensitivity damage per byte saved: a group's ratio a grid step up, a layer a width
+  down. Its fine-tune inherits the front trial's weights (``trial.lineage``), so a high ratio
+  is reached a step at a time along a lineage instead of in one cut;
+- **repair**: the front trial's most damaging choice undone a step (a width up, a ratio down),
+  then shrunk back to its size by the least damaging changes elsewhere (a better trade at the
+  same size), or not (**grow**: larger, more accurate);
+- **blend**: between two neighbours on the front, the larger one with the cheaper half of the
+  smaller one's differences.
+
+Each candidate's accuracy is predicted (``surrogate``) from where its fine-tune will start (the
+trial it inherits from, else the teacher) plus the damage it adds; one predicted dominated by
+what the study measured is refused (counted, not fine-tuned). Of the rest, the one whose
+optimistic prediction adds the most hypervolume to the front (log size vs accuracy, down to
+``FLOOR_DROP`` under fp32) is proposed. Under a latency budget, candidates the latency model
+predicts over it are left out, so moves stay inside it. Torch-free: plans in, a plan out.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from autocompress.config.settings import SpaceSettings
+from autocompress.model import space
+from autocompress.model.inventory import Inventory
+from autocompress.model.plan import CompressionPlan
+from autocompress.search import guided
+from autocompress.search.sensitivity import Sensitivity
+from autocompress.search.surrogate import Pair, Surrogate, calibrate
+from autocompress.study import attrs as trial_attrs
+from autocompress.trial.lineage import distance
+
+SHRINK = 0.85  # a shrink move's size, of its front trial's
+SHRINK_MORE = 0.7
+REPAIR_RATIO_STEP = 0.1  # a repaired group's ratio goes down this much
+FLOOR_DROP = 0.05  # hypervolume counts accuracy down to fp32 minus this
+FRONT_SOURCES = 8  # front trials moves are derived from (the most accurate per size first)
+
+Choice = dict[tuple[str, str], float]
+
+
+@dataclass(frozen=True)
+class Measured:
+    """What proposals need of a measured trial (plain data)."""
+
+    number: int
+    plan: CompressionPlan
+    accuracy: float
+    size: float
+    trained: bool  # fine-tuned by this process and held for inheritance
+    inherited_from: int | None = None
+    default_steps: bool = True  # fine-tuned for the study's step count (calibration pairs)
+
+
+@dataclass(frozen=True)
+class Proposal:
+    kind: str  # shrink | repair | grow | blend
+    parent: int  # the front trial it was derived from
+    plan: CompressionPlan
+    predicted_accuracy: float
+    predicted_size: float
+    gain: float  # hypervolume the optimistic prediction adds
+
+
+@dataclass(frozen=True)
+class Outcome:
+    proposal: Proposal | None
+    refused: int  # candidates predicted dominated
+    candidates: int
+    surrogate: Surrogate
+
+
+class Proposer:
+    """Moves, blends and the surrogate over one study's sensitivity table."""
+
+    def __init__(self, sens: Sensitivity, inventory: Inventory, settings: SpaceSettings, *,
+                 fp32_bytes: float, fp32_accuracy: float,
+                 predict_latency: guided.LatencyPredictor | None = None,
+                 latency_budget: float | None = None) -> None:
+        self.settings = settings
+        self.inventory = inventory
+        self.fp32_bytes = fp32_bytes
+        self.fp32_accuracy = fp32_accuracy
+        self.latency_budget = latency_budget
+        dense = densify(sens, settings)
+        self.problems = {acts: guided.Problem(dense, settings, fp32_bytes, acts,
+                                              predict_latency, inventory)
+                         for acts in settings.activation_bits}
+
+    def propose(self, trials: Sequence[Measured], tried: set[str]) -> Outcome:
+        """The next plan (module docstring); ``tried``: ``structure_key``s already run."""
+        surrogate = calibrate(self.pairs(trials), self.fp32_accuracy)
+        points = [(t.size, t.accuracy) for t in trials]
+        best: Proposal | None = None
+        refused = seen = 0
+        for kind, parent, plan in self._candidates(trials):
+            key = structure_key(plan)
+            if key in tried:
+                continue
+            tried = tried | {key}
+            seen += 1
+            proposal = self._predicted(kind, parent, plan, trials, surrogate, points)
+            if proposal is None:
+                continue
+            if surrogate.dominated(proposal.predicted_accuracy, proposal.predicted_size,
+                                   points):
+                refused += 1
+                continue
+            if best is None or proposal.gain > best.gain:
+                best = proposal
+        return Outcome(best if best is not None and best.gain > 0 else None, refused, seen,
+                       surrogate)
+
+    def pairs(self, trials: Sequence[Measured]) -> list[Pair]:
+        """Calibration pairs: each trial fine-tuned for the study's steps, from its start."""
+        by_number = {t.number: t for t in trials}
+        out = []
+        for t in trials:
+            damage = self.damage(t.plan)
+            if damage is None or not t.default_steps or t.plan.is_ptq:
+                continue
+            start = by_number.get(t.inherited_from) if t.inherited_from is not None else None
+            start_damage = None if start is None else self.damage(start.plan)
+            if start is None or start_damage is None:
+                out.append(Pair(damage, self.fp32_accuracy - t.accuracy))
+            else:
+                out.append(Pair(damage - start_damage, start.accuracy - t.accuracy))
+        return out
+
+    def damage(self, plan: CompressionPlan) -> float | None:
+        found = self._choice(plan)
+        return None if found is None else found[0].damage(found[1])
+
+    # -- candidates -----------------------------------------------------------------------
+
+    def _candidates(self, trials: Sequence[Measured]) -> list[tuple[str, int, CompressionPlan]]:
+        front = _front(trials)[:FRONT_SOURCES]
+        out: list[tuple[str, int, CompressionPlan]] = []
+        for t in front:
+            found = self._choice(t.plan)
+            if found is None:
+                continue
+            problem, choice = found
+            size = problem.size(choice)
+            for kind, moved in (("shrink", self._shrink(problem, choice, size * SHRINK)),
+                                ("shrink", self._shrink(problem, choice, size * SHRINK_MORE)),
+                                *self._repairs(problem, choice, size)):
+                if moved is not None and moved != choice:
+                    out.append((kind, t.number, self._plan(t.plan, moved)))
+        ordered = sorted(front, key=lambda t: t.size)
+        for small, large in itertools.pairwise(ordered):
+            blended = self._blend(large, small)
+            if blended is not None:
+                out.append(("blend", large.number, blended))
+        return out
+
+    def _shrink(self, problem: guided.Problem, choice: Choice, target: float,
+                frozen: tuple[str, str] | None = None) -> Choice | None:
+        """Greedy least damage per byte saved from ``choice`` until ``target`` bytes."""
+        choice = dict(choice)
+        size, damage = problem.size(choice), problem.damage(choice)
+        while size > target:
+            best: tuple[float, Choice, float, float] | None = None
+            for unit, value in choice.items():
+                options = problem.options(*unit)
+                here = options.index(value)
+                if unit == frozen or here + 1 >= len(options):
+                    continue
+                step = dict(choice)
+                step[unit] = options[here + 1]
+                saved = size - problem.size(step)
+                if saved <= 0 or not self._within_budget(problem, step):
+                    continue
+                score = (problem.damage(step) - damage) / saved
+                if best is None or score < best[0]:
+                    best = (score, step, size - saved, problem.damage(step))
+            if best is None:
+                return None
+            _, choice, size, damage = best
+        return choice
+
+    def _repairs(self, problem: guided.Problem, choice: Choice,
+                 size: float) -> list[tuple[str, Choice | None]]:
+        damaging = [(problem.damage({u: v}), u) for u, v in choice.items()
+                    if (v < 32 if u[0] == "layer" else v > 0)]
+        if not damaging:
+            return []
+        _, unit = max(damaging)
+        options = problem.options(*unit)
+        value = choice[unit]
+        if unit[0] == "layer":
+            back = options[options.index(value) - 1]
+        else:
+            back = max((o for o in options if o <= value - REPAIR_RATIO_STEP + 1e-9),
+                       default=0.0)
+        grown = {**choice, unit: back}
+        return [("repair", self._shrink(problem, grown, size, frozen=unit)),
+                ("grow", grown if self._within_budget(problem, grown) else None)]
+
+    def _blend(self, large: Measured, small: Measured) -> CompressionPlan | None:
+        a, b = self._choice(large.plan), self._choice(small.plan)
+        if a is None or b is None or a[0] is not b[0]:
+            return None
+        problem, choice = a
+        differing = [u for u in choice if choice[u] != b[1][u]]
+        if len(differing) < 2:
+            return None
+
+        def cost(unit: tuple[str, str]) -> float:
+            step = {**choice, unit: b[1][unit]}
+            saved = problem.size(choice) - problem.size(step)
+            return (problem.damage(step) - problem.damage(choice)) / saved if saved > 0 else 1e9
+
+        cheap = sorted(differing, key=cost)[: len(differing) // 2]
+        blended = {**choice, **{u: b[1][u] for u in cheap}}
+        return self._plan(large.plan, blended) if self._within_budget(problem, blended) else None
+
+    def _within_budget(self, problem: guided.Problem, choice: Choice) -> bool:
+        return (self.latency_budget is None
+                or problem.latency_ratio(choice) <= self.latency_budget * guided.LATENCY_MARGIN)
+
+    # -- plans and predictions ------------------------------------------------------------
+
+    def _choice(self, plan: CompressionPlan) -> tuple[guided.Problem, Choice] | None:
+        """The plan as the problem's choice (None: a width or ratio the table cannot price)."""
+        problem = self.problems.get(plan.activation_bits)
+        if problem is None or plan.sparse:
+            return None
+        choice: Choice = {}
+        for kind, name in problem.units():
+            value = (float(plan.bits_for(name)) if kind == "layer"
+                     else round(plan.ratio_for(name), 6))
+            options = problem.options(kind, name)
+            near = min(options, key=lambda o, v=value: abs(o - v))
+            if abs(near - value) > 1e-6:
+                return None
+            choice[(kind, name)] = near
+        return problem, choice
+
+    def _plan(self, like: CompressionPlan, choice: Choice) -> CompressionPlan:
+        bits = dict(like.bits)
+        prune = dict(like.prune)
+        for (kind, name), value in choice.items():
+            if kind == "layer":
+                bits[name] = int(value)
+            else:
+                prune[name] = float(value)
+        return dataclasses.replace(space.as_qat(like), bits=bits, prune=prune,
+                                   finetune_steps=self.settings.finetune_steps)
+
+    def _predicted(self, kind: str, parent: int, plan: CompressionPlan,
+                   trials: Sequence[Measured], surrogate: Surrogate,
+                   points: list[tuple[float, float]]) -> Proposal | None:
+        found = self._choice(plan)
+        if found is None:
+            return None
+        problem, choice = found
+        damage = problem.damage(choice)
+        start = _start(plan, parent, trials)
+        start_damage = None if start is None else self.damage(start.plan)
+        if start is None or start_damage is None:
+            predicted = surrogate.predict(damage)
+        else:
+            predicted = surrogate.predict(damage, start_accuracy=start.accuracy,
+                                          start_damage=start_damage)
+        size = problem.size(choice) * self._size_correction(trials)
+        optimistic = predicted + 0.5 * surrogate.spread
+        gain = hypervolume_gain(points, (size, optimistic), fp32_bytes=self.fp32_bytes,
+                                floor=self.fp32_accuracy - FLOOR_DROP)
+        return Proposal(kind, parent, plan, predicted, size, gain)
+
+    def _size_correction(self, trials: Sequence[Measured]) -> float:
+        """Measured over modelled file size (scales and zero points the model leaves out),
+        the median over the trials the table can price."""
+        ratios = sorted(t.size / self.problems[t.plan.activation_bits].size(found[1])
+                        for t in trials if (found := self._choice(t.plan)) is not None)
+        return ratios[len(ratios) // 2] if ratios else 1.0
+
+
+def _start(plan: CompressionPlan, preferred: int,
+           trials: Sequence[Measured]) -> Measured | None:
+    """The trial the plan's fine-tune will inherit from (``trial.lineage``'s rule, over the
+    trials this process holds), or None: the teacher."""
+    teacher = distance(plan, None) or 0.0
+    held = [t for t in trials if t.trained]
+    for t in held:
+        if t.number == preferred and (far := distance(plan, t.plan)) is not None \
+                and far < teacher:
+            return t
+    ranked = [(far, -t.accuracy, t.number, t) for t in held
+              if (far := distance(plan, t.plan)) is not None and far < teacher]
+    return min(ranked)[3] if ranked else None
+
+
+def _front(trials: Sequence[Measured]) -> list[Measured]:
+    """Non-dominated (smaller, more accurate) trials, most accurate first."""
+    front = [t for t in trials
+             if not any(o.size <= t.size and o.accuracy >= t.accuracy
+                        and (o.size < t.size or o.accuracy > t.accuracy) for o in trials)]
+    return sorted(front, key=lambda t: -t.accuracy)
+
+
+def structure_key(plan: CompressionPlan) -> str:
+    """What makes two plans the same candidate for the proposer: widths, ratios, activations,
+    realisation (the distillation settings and step count do not)."""
+    bits = sorted((k, v) for k, v in plan.bits.items() if v < 32)
+    prune = sorted((k, round(v, 4)) for k, v in plan.prune.items() if v > 0)
+    return f"{bits}|{prune}|{plan.activation_bits}|{plan.realisation}|{plan.global_sparsity}"
+
+
+def hypervolume_gain(points: Sequence[tuple[float, float]], new: tuple[float, float], *,
+                     fp32_bytes: float, floor: float) -> float:
+    """Area a (size, accuracy) point adds to the front's, in log size x accuracy above
+    ``floor`` (both larger-is-better after the log)."""
+    def volume(pts: Sequence[tuple[float, float]]) -> float:
+        xy = sorted(((math.log(fp32_bytes / s), a - floor) for s, a in pts
+                     if s > 0 and s < fp32_bytes and a > floor), reverse=True)
+        area, best_y = 0.0, 0.0
+        for i, (x, y) in enumerate(xy):
+            best_y = max(best_y, y)
+            next_x = xy[i + 1][0] if i + 1 < len(xy) else 0.0
+            area += (x - next_x) * best_y
+        return area
+
+    return volume([*points, new]) - volume(points)
+
+
+def densify(sens: Sensitivity, settings: SpaceSettings) -> Sensitivity:
+    """The table with every prune ratio of the search grid, each group's KL and kept shares
+    interpolated linearly between the ratios it was scored at (0: no damage, all kept)."""
+    grid = [round(i * settings.prune_step, 6)
+            for i in range(1, int(space.prune_high(settings) / settings.prune_step + 1e-9) + 1)]
+    groups: dict[str, dict[str, Any]] = {}
+    for name, entry in sens.groups.items():
+        scored = sorted((float(r), v) for r, v in entry["ratios"].items())
+        if not scored:
+            groups[name] = entry
+            continue
+        points = [(0.0, {"kl": 0.0, "kept": dict.fromkeys(scored[0][1]["kept"], 1.0)}), *scored]
+        ratios = {f"{r:g}": _interpolated(points, r) for r in grid if r <= scored[-1][0] + 1e-9}
+        groups[name] = {**entry, "ratios": ratios}
+    return dataclasses.replace(sens, groups=groups)
+
+
+def _interpolated(points: list[tuple[float, dict[str, Any]]], ratio: float) -> dict[str, Any]:
+    for (r0, a), (r1, b) in itertools.pairwise(points):
+        if r0 - 1e-9 <= ratio <= r1 + 1e-9:
+            w = 0.0 if r1 == r0 else (ratio - r0) / (r1 - r0)
+            kept = {k: (1 - w) * float(a["kept"].get(k, 1.0)) + w * float(v)
+                    for k, v in b["kept"].items()}
+            return {"kl": (1 - w) * float(a["kl"]) + w * float(b["kl"]), "kept": kept}
+    return dict(points[-1][1])
+
+
+def measured_trials(records: Sequence[Any], held: Callable[[int], bool],
+                    default_steps: int) -> list[Measured]:
+    """The study's measured, feasible trials as ``Measured`` (``held``: whether this process
+    holds a trial's trained weights)."""
+    out = []
+    for r in records:
+        if not (r.measured and r.feasible) or r.accuracy is None or not r.plan:
+            continue
+        size = r.objective_size
+        if size is None:
+            continue
+        plan = CompressionPlan.from_dict(r.plan)
+        inherited = r.attrs.get(trial_attrs.INHERITED_FROM)
+        out.append(Measured(r.number, plan, float(r.accuracy), float(size), held(r.number),
+                            None if inherited is None else int(inherited),
+                            plan.finetune_steps == default_steps and r.baseline is None))
+    return out
+
+
+__all__ = ["Measured", "Outcome", "Proposal", "Proposer", "densify", "hypervolume_gain",
+           "measured_trials", "structure_key"]

@@ -1,0 +1,146 @@
+"""Inheritance: a trial's fine-tune starts from the nearest already fine-tuned trial when that
+is closer to its plan than the teacher is, instead of starting over.
+
+Which trials can be parents. Fine-tuned (QAT + KD) trials of this process whose trained
+weights are still held (``Lineage`` keeps them in memory up to ``MAX_BYTES``, the least
+recently used dropped first; trials of other workers or earlier runs start from the teacher).
+A parent must prune no group more than the child (the child's kept channels are then a subset
+of the parent's: ``transform.prune_lineage``), use no unstructured sparsity, and have measured
+at least the early-stop floor. Other widths are free: the child's fake-quant re-quantizes the
+trained float weights at its own widths.
+
+Nearest. Distance is the prune ratio still to remove, summed over groups, plus ``BITS_STEP``
+per layer at another width; the teacher's distance is the child's whole prune ratio sum plus
+``BITS_STEP`` per quantized layer. The trial a proposal was derived from is preferred when it
+qualifies; a retrain of a plan (a promotion) inherits from the trial itself and trains on.
+High compression is thus reached along a lineage, a step at a time (gradual pruning), and each
+trial records what it inherited from (``inherited_from``) and its lineage's total steps.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from autocompress.model.plan import CompressionPlan
+from autocompress.transform.inherit import transplant
+from autocompress.transform.prune_lineage import Origins, channel_origins
+
+MAX_BYTES = 1 << 30  # trained weights held for inheritance
+BITS_STEP = 0.02  # distance of one layer at another width (a prune ratio of 0.02 in one group)
+
+
+@dataclass
+class Trained:
+    """A fine-tuned trial's float weights (named as in its BN-folded student), with the
+    plan they were trained for."""
+
+    number: int
+    plan: CompressionPlan
+    params: dict[str, torch.Tensor]
+    steps: int  # fine-tune steps along its lineage, its own included
+    accuracy: float | None = None  # validation, measured on its exported file
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.params.values())
+
+
+def can_inherit(plan: CompressionPlan) -> bool:
+    """Whether a plan's fine-tune could start from a relative (a QAT plan without
+    unstructured sparsity: its zeros are chosen on the teacher's magnitudes)."""
+    return not plan.is_ptq and plan.finetune_steps > 0 and not plan.sparse
+
+
+def distance(child: CompressionPlan, parent: CompressionPlan | None) -> float | None:
+    """How far ``parent`` (None: the teacher) is from ``child``; None when its kept channels
+    do not contain the child's."""
+    groups = set(child.prune) | (set() if parent is None else set(parent.prune))
+    pruned = 0.0
+    for group in groups:
+        left = child.ratio_for(group) - (0.0 if parent is None else parent.ratio_for(group))
+        if left < -1e-9:
+            return None
+        pruned += left
+    if parent is None:
+        widths = sum(1 for bits in child.bits.values() if bits < 32)
+    else:
+        layers = set(child.bits) | set(parent.bits)
+        widths = sum(1 for layer in layers if child.bits_for(layer) != parent.bits_for(layer))
+    return pruned + BITS_STEP * widths
+
+
+class Lineage:
+    """The trained weights this process holds for inheritance, and the channel origins of
+    each pruned structure (computed once per structure)."""
+
+    def __init__(self, max_bytes: int = MAX_BYTES) -> None:
+        self.max_bytes = max_bytes
+        self._trained: OrderedDict[int, Trained] = OrderedDict()
+        self._origins: dict[str, Origins] = {}
+
+    def __len__(self) -> int:
+        return len(self._trained)
+
+    def add(self, number: int, plan: CompressionPlan, model: nn.Module, steps: int) -> None:
+        params = {name: p.detach().to("cpu", copy=True) for name, p in model.named_parameters()}
+        self._trained[number] = Trained(number, plan, params, steps)
+        self._trained.move_to_end(number)
+        while (len(self._trained) > 1
+               and sum(t.nbytes for t in self._trained.values()) > self.max_bytes):
+            self._trained.popitem(last=False)
+
+    def measured(self, number: int, accuracy: float | None) -> None:
+        if number in self._trained:
+            self._trained[number].accuracy = accuracy
+
+    def get(self, number: int) -> Trained | None:
+        return self._trained.get(number)
+
+    def parent_for(
+        self, plan: CompressionPlan, *, preferred: int | None, floor: float
+    ) -> Trained | None:
+        """The nearest held trial that qualifies (module docstring), ``preferred`` first;
+        None when the teacher is as near."""
+        if not can_inherit(plan):
+            return None
+        teacher = distance(plan, None) or 0.0  # never None: the teacher prunes nothing
+        best: tuple[float, float, Trained] | None = None
+        for entry in self._trained.values():
+            if entry.accuracy is None or entry.accuracy < floor or not can_inherit(entry.plan):
+                continue
+            far = distance(plan, entry.plan)
+            if far is None or far >= teacher:
+                continue
+            if entry.number == preferred:
+                return self._used(entry)
+            key = (far, -entry.accuracy)
+            if best is None or key < best[:2]:
+                best = (far, -entry.accuracy, entry)
+        return None if best is None else self._used(best[2])
+
+    def _used(self, entry: Trained) -> Trained:
+        self._trained.move_to_end(entry.number)
+        return entry
+
+    def origins(self, model: nn.Module, plan: CompressionPlan, example: torch.Tensor,
+                round_to: int) -> Origins:
+        # origins depend on the channels removed alone
+        key = json.dumps(sorted((g, r) for g, r in plan.prune.items() if r > 0))
+        if key not in self._origins:
+            self._origins[key] = channel_origins(model, plan, example, round_to=round_to)
+        return self._origins[key]
+
+    def inherit(self, student: nn.Module, plan: CompressionPlan, parent: Trained,
+                teacher: nn.Module, example: torch.Tensor, round_to: int) -> float:
+        """Copy ``parent``'s trained weights into ``student`` (the child's folded structure,
+        in place); returns the share of its weights copied."""
+        return transplant(student, self.origins(teacher, plan, example, round_to),
+                          parent.params, self.origins(teacher, parent.plan, example, round_to))
+
+
+__all__ = ["BITS_STEP", "MAX_BYTES", "Lineage", "Trained", "can_inherit", "distance"]
