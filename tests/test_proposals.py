@@ -1,0 +1,129 @@
+"""Proposals from the measured front and the study's surrogate (search/proposals.py,
+search/surrogate.py), on a synthetic sensitivity table: torch-free and fast."""
+
+from __future__ import annotations
+
+from autocompress.config.options import SearchConfig
+from autocompress.config.settings import SearchSettings
+from autocompress.model.inventory import Inventory, LayerInfo, PruneGroup
+from autocompress.model.plan import CompressionPlan
+from autocompress.search.proposals import (
+    Measured,
+    Proposer,
+    densify,
+    hypervolume_gain,
+    structure_key,
+)
+from autocompress.search.sensitivity import Sensitivity
+from autocompress.search.surrogate import PRIOR_SPREAD, Pair, calibrate
+
+PARAMS = 10_000
+NAMES = ["a", "b", "c"]
+FP32_BYTES = 4.0 * PARAMS * 3 + 1000
+FP32_ACC = 0.90
+
+
+def _table() -> Sensitivity:
+    kl4 = {"a": 0.01, "b": 1.0, "c": 0.02}
+    layers = {
+        name: {"params": PARAMS, "macs": PARAMS * 100,
+               "bits": {"8": {"kl": kl / 100, "accuracy": 0.9, "activation_bits": 8},
+                        "4": {"kl": kl, "accuracy": 0.8, "activation_bits": 8}}}
+        for name, kl in kl4.items()
+    }
+    groups = {"a": {"ratios": {"0.2": {"kl": 0.05, "accuracy": 0.85, "kept": {"a": 0.8}},
+                               "0.4": {"kl": 0.2, "accuracy": 0.7, "kept": {"a": 0.6}}}}}
+    return Sensitivity(images=100, seconds=1.0, teacher_accuracy=FP32_ACC, layers=layers,
+                       groups=groups)
+
+
+def _inventory() -> Inventory:
+    layers = [LayerInfo(name=n, type="Conv2d", params=PARAMS, flops=PARAMS * 100,
+                        output_shape=None, quantizable=True, excluded_reason=None)
+              for n in NAMES]
+    return Inventory(layers=layers, groups=[PruneGroup("a", ["a"], 16, True, None)])
+
+
+def _proposer() -> Proposer:
+    settings = SearchSettings.from_config(SearchConfig(prune_max=0.4, prune_step=0.1)).space
+    return Proposer(_table(), _inventory(), settings, fp32_bytes=FP32_BYTES,
+                    fp32_accuracy=FP32_ACC)
+
+
+def _plan(bits: dict[str, int], ratio: float = 0.0) -> CompressionPlan:
+    return CompressionPlan(bits=bits, prune={"a": ratio}, activation_bits=8)
+
+
+def _measured(number: int, plan: CompressionPlan, accuracy: float, proposer: Proposer,
+              *, trained: bool = True) -> Measured:
+    size = proposer.problems[8].size(proposer._choice(plan)[1])  # type: ignore[index]
+    return Measured(number, plan, accuracy, size, trained)
+
+
+def test_a_shrink_move_is_derived_from_a_front_trial() -> None:
+    proposer = _proposer()
+    front = _measured(3, _plan({"a": 8, "b": 8, "c": 8}), 0.895, proposer)
+    outcome = proposer.propose([front], tried={structure_key(front.plan)})
+    p = outcome.proposal
+    assert p is not None and p.parent == 3
+    assert p.kind in ("shrink", "blend")
+    assert p.predicted_size < front.size
+    # a shrink only compresses further: every layer as narrow or narrower, every ratio
+    # as high or higher, so the trained parent's kept channels contain the child's
+    assert all(p.plan.bits_for(n) <= front.plan.bits_for(n) for n in NAMES)
+    assert p.plan.ratio_for("a") >= front.plan.ratio_for("a")
+    # the cheapest bytes come first: the fragile layer "b" is not the one narrowed
+    assert p.plan.bits_for("b") == 8
+    # from a trial this process holds, the prediction starts at the trial's own accuracy
+    assert p.predicted_accuracy <= front.accuracy
+
+
+def test_the_surrogate_refuses_a_plan_it_predicts_dominated() -> None:
+    # three fine-tunes that lost 10 points per unit of damage: a tight, calibrated slope
+    surrogate = calibrate([Pair(0.1, 0.01), Pair(0.2, 0.02), Pair(0.5, 0.05)], FP32_ACC)
+    assert abs(surrogate.slope - 0.1) < 1e-9 and surrogate.spread < 0.01
+    measured = [(5_000.0, 0.89)]  # a smaller file already at 0.89
+    predicted = surrogate.predict(0.5)  # 0.85 predicted for a larger plan
+    assert surrogate.dominated(predicted, 8_000.0, measured)
+    assert not surrogate.dominated(predicted, 4_000.0, measured)  # smaller than anything
+
+
+def test_the_proposer_refuses_every_candidate_a_measured_trial_dominates() -> None:
+    proposer = _proposer()
+    # calibration: teacher-started trials that each lost 0.1 point per unit of damage
+    trials = []
+    for i, bits in enumerate([{"a": 4, "b": 4, "c": 4}, {"a": 8, "b": 4, "c": 8},
+                              {"a": 4, "b": 8, "c": 4}]):
+        plan = _plan(bits)
+        lost = 0.1 * (proposer.damage(plan) or 0.0)
+        trials.append(_measured(i, plan, FP32_ACC - lost, proposer, trained=False))
+    # a trial far smaller than anything the moves can reach, at almost fp32 accuracy
+    tiny = Measured(9, _plan({"a": 4, "b": 4, "c": 4}, 0.4), 0.899, 1_500.0, False,
+                    default_steps=False)
+    outcome = proposer.propose([*trials, tiny], tried=set())
+    assert outcome.surrogate.pairs == 3 and outcome.surrogate.spread < 0.01
+    assert outcome.candidates > 0
+    # every candidate is larger than the tiny trial and predicted below it: none is tried
+    assert outcome.proposal is None
+    assert outcome.refused == outcome.candidates
+
+
+def test_an_uncalibrated_surrogate_refuses_nothing_on_a_guess() -> None:
+    surrogate = calibrate([Pair(0.1, 0.01)], FP32_ACC)
+    assert surrogate.spread == PRIOR_SPREAD
+    assert not surrogate.dominated(surrogate.predict(0.1), 8_000.0, [(5_000.0, 0.93)])
+
+
+def test_densify_interpolates_between_scored_ratios() -> None:
+    settings = SearchSettings.from_config(SearchConfig(prune_max=0.4, prune_step=0.1)).space
+    dense = densify(_table(), settings)
+    ratios = dense.groups["a"]["ratios"]
+    assert sorted(ratios) == ["0.1", "0.2", "0.3", "0.4"]
+    assert abs(ratios["0.1"]["kl"] - 0.025) < 1e-9
+    assert abs(ratios["0.3"]["kept"]["a"] - 0.7) < 1e-9
+
+
+def test_hypervolume_gain_is_zero_for_a_dominated_point() -> None:
+    points = [(10_000.0, 0.9)]
+    assert hypervolume_gain(points, (12_000.0, 0.88), fp32_bytes=40_000.0, floor=0.85) == 0.0
+    assert hypervolume_gain(points, (5_000.0, 0.88), fp32_bytes=40_000.0, floor=0.85) > 0.0
