@@ -48,7 +48,7 @@ def test_more_pruning_keeps_a_subset_of_the_channels_and_takes_their_trained_wei
     assert entry is not None and entry.number == 1
     child = build_student(demo_task, child_plan, 8)
     before = {name: p.detach().clone() for name, p in child.named_parameters()}
-    share = lineage.inherit(child, child_plan, entry, demo_task.model, example, 8)
+    share = lineage.inherit(child, child_plan, entry, demo_task, 8, batches=[])
     assert share == 1.0
     # every child weight is a parent weight (+1 here), none the teacher's own
     origins_c = channel_origins(demo_task.model, child_plan, example)
@@ -91,7 +91,7 @@ def test_an_inherited_finetune_starts_above_the_teacher_started_one(demo_task: T
     inherited = build_student(demo_task, child_plan, 8)
     entry = lineage.parent_for(child_plan, preferred=1, floor=0.5)
     assert entry is not None
-    lineage.inherit(inherited, child_plan, entry, teacher, data.example_input(1), 8)
+    lineage.inherit(inherited, child_plan, entry, demo_task, 8, batches=bn[:4])
     start_i, start_s = _scores(inherited, demo_task), _scores(scratch, demo_task)
     assert start_i[0] >= start_s[0] and start_i[1] < start_s[1]
     for model in (scratch, inherited):
@@ -116,3 +116,28 @@ def _with(model: torch.nn.Module, values: dict[str, torch.Tensor]) -> torch.nn.M
         for name, p in model.named_parameters():
             p.copy_(values[name])
     return model
+
+
+def test_a_cut_childs_channels_get_the_parents_output_statistics_back(
+    demo_task: Task,
+) -> None:
+    from autocompress.transform.renormalize import _convs, _output_stats, match_channel_statistics
+
+    example = demo_task.data.example_input(1)
+    parent_plan, child_plan = _plan(0.25), _plan(0.5)
+    parent = build_student(demo_task, parent_plan, 8)
+    child = build_student(demo_task, child_plan, 8)
+    mine = channel_origins(demo_task.model, child_plan, example)
+    theirs = channel_origins(demo_task.model, parent_plan, example)
+    from autocompress.transform.inherit import transplant
+
+    transplant(child, mine, dict(parent.named_parameters()), theirs)
+    batches = [x for x, _ in itertools.islice(demo_task.data.batches("train", 64), 3)]
+    assert match_channel_statistics(child, parent, batches, mine, theirs) > 0
+    want = _output_stats(parent, batches, _convs(parent))
+    got = _output_stats(child, batches, _convs(child))
+    for name in ("block1.conv2", "block2.conv2"):  # inputs cut: shifted before the fix
+        where = {int(v): i for i, v in enumerate(theirs[f"{name}.weight"][0].tolist())}
+        rows = [where[int(v)] for v in mine[f"{name}.weight"][0].tolist()]
+        assert torch.allclose(got[name][0], want[name][0][rows], atol=1e-3)
+        assert torch.allclose(got[name][1], want[name][1][rows], rtol=1e-3, atol=1e-4)

@@ -30,7 +30,7 @@ from autocompress.results.pareto import fp32_record, pareto_front
 from autocompress.runtime import measure
 from autocompress.search import planning
 from autocompress.search.counter import TrialCounter, first_trial_estimate
-from autocompress.search.front_queue import front_queue
+from autocompress.search.front_queue import FrontQueue, front_queue
 from autocompress.search.promotion import plan_promotions
 from autocompress.search.session import (
     LR_PROBE_ATTR,
@@ -135,29 +135,8 @@ def _run_search(
     _enqueue_planned(study, runner, inventory, settings, budgets, on_start)
     counter.first_estimate = first_trial_estimate(study_mod.records(study), settings,
                                                   study.user_attrs.get(LR_PROBE_ATTR))
-    counter.searching = True
-    # the default sampler: plans proposed from the measured front when a trial starts
     proposer = front_queue(study, runner, settings, on_start)
-    study.on_empty_queue = proposer
-    if counter.can_finish():  # the baselines and probes may have spent the limit already
-        study.optimize(runner, n_trials=counter.hard_cap(), callbacks=[callback],
-                       catch=(Exception,))
-    counter.searching = False
-    study.on_empty_queue = None  # promotions are queued, not proposed
-    for _ in range(PROMOTION_PASSES):  # under a time limit, while their share lasts:
-        # a plan retrained once may earn the next rung, the next front member its first
-        if not _promote(study, runner, settings, counter, callback, on_start) or (
-                settings.run.time_limit is None):
-            break
-    if counter.time_left_for_more():
-        # promotions did not use all of their share: back to searching until the limit
-        counter.searching = counter.last_stretch = True
-        study.on_empty_queue = proposer
-        study.optimize(runner, n_trials=counter.hard_cap(), callbacks=[callback],
-                       catch=(Exception,))
-        study.on_empty_queue = None
-    if proposer is not None and proposer.summary():
-        _say(str(proposer.summary()), on_start)
+    _search_and_promote(study, runner, settings, counter, callback, proposer, on_start)
     stop_reason = counter.end_note(budgets, study_mod.records(study))
     if stop_reason:
         _say(stop_reason, on_start)
@@ -177,6 +156,41 @@ def _run_search(
         stop_reason=stop_reason,
         metric=ctx.task.metric.label,
     )
+
+
+def _search_and_promote(
+    study: Any, runner: TrialRunner, settings: SearchSettings, counter: TrialCounter,
+    callback: Callable[[Any, Any], None], proposer: FrontQueue | None,
+    on_start: Callable[[str], None] | None,
+) -> None:
+    """The search trials (the default sampler's proposals made as each trial starts), then
+    the promotions, then, under a time limit, searching again with what is left."""
+
+    def search() -> None:
+        counter.searching = True
+        study.on_empty_queue = proposer
+        try:
+            study.optimize(runner, n_trials=counter.hard_cap(), callbacks=[callback],
+                           catch=(Exception,))
+        finally:
+            counter.searching = False
+            study.on_empty_queue = None  # promotions are queued, not proposed
+
+    counter.searching = True  # the baselines and probes may have spent the limit already
+    if counter.can_finish():
+        search()
+    counter.searching = False
+    for _ in range(PROMOTION_PASSES):  # under a time limit, while their share lasts:
+        # a plan retrained once may earn the next rung, the next front member its first
+        if not _promote(study, runner, settings, counter, callback, on_start) or (
+                settings.run.time_limit is None):
+            break
+    if counter.time_left_for_more():
+        # promotions did not use all of their share: back to searching until the limit
+        counter.last_stretch = True
+        search()
+    if proposer is not None and proposer.summary():
+        _say(str(proposer.summary()), on_start)
 
 
 def _callback(

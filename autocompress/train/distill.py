@@ -170,9 +170,10 @@ def finetune(
     ``teacher_cache``, when given, is the batch stream instead of one seeded by ``seed``: the
     run reads its positions ``start``, ``start + 1``, ... and the teacher's outputs on them
     from it (computed on first use; with feature distillation the teacher still runs, for its
-    hidden features). ``seed`` still seeds adapter init and dropout. Without it ``start``
-    must be 0. Raises TrainingError when the loss becomes nan/inf. Both models end on the CPU in the
-    train/eval mode they arrived in. The run is deterministic for a given ``seed`` (same
+    hidden features). ``seed`` still seeds adapter init and dropout. Without it ``start`` is
+    ignored (the run's own stream, seeded by ``seed``, has no positions). Raises
+    TrainingError when the loss becomes nan/inf. Both models end on the CPU in the train/eval
+    mode they arrived in. The run is deterministic for a given ``seed`` (same
     data order, adapter init and dropout masks); the global RNG state is left untouched.
     """
     loop = _Loop(batch_size, evaluate, eval_every, should_stop, seed, log, optimizer,
@@ -207,8 +208,8 @@ def _check_loop(loop: _Loop) -> None:
         raise InputError(f"eval_every {loop.eval_every} must be >= 1 (try 50)")
     if loop.should_stop is not None and loop.evaluate is None:
         raise InputError("should_stop needs an evaluate callback to produce the metric it sees")
-    if loop.start < 0 or (loop.start and loop.cache is None):
-        raise InputError(f"start {loop.start} needs a teacher_cache and must be >= 0")
+    if loop.start < 0:
+        raise InputError(f"start {loop.start} must be >= 0")
     if loop.cache is not None and loop.cache.batch_size != loop.batch_size:
         raise InputError(f"batch_size {loop.batch_size} differs from the teacher cache's "
                          f"{loop.cache.batch_size}")

@@ -15,13 +15,19 @@ per layer at another width; the teacher's distance is the child's whole prune ra
 qualifies; a retrain of a plan (a promotion) inherits from the trial itself and trains on.
 High compression is thus reached along a lineage, a step at a time (gradual pruning), and each
 trial records what it inherited from (``inherited_from``) and its lineage's total steps.
+A child that cuts channels its parent kept gets each convolution's output statistics restored
+to the parent's (``transform.renormalize``): on the digits demo, 50% -> 62.5% pruned, the
+inherited child started at 0.31 validation accuracy without that and 0.82 with it (0.24 from
+the teacher with BatchNorm re-estimated).
 """
 
 from __future__ import annotations
 
 import json
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -29,6 +35,11 @@ from torch import nn
 from autocompress.model.plan import CompressionPlan
 from autocompress.transform.inherit import transplant
 from autocompress.transform.prune_lineage import Origins, channel_origins
+from autocompress.transform.renormalize import match_channel_statistics
+from autocompress.transform.student import build_student
+
+if TYPE_CHECKING:
+    from autocompress.intake import Task
 
 MAX_BYTES = 1 << 30  # trained weights held for inheritance
 BITS_STEP = 0.02  # distance of one layer at another width (a prune ratio of 0.02 in one group)
@@ -136,11 +147,27 @@ class Lineage:
         return self._origins[key]
 
     def inherit(self, student: nn.Module, plan: CompressionPlan, parent: Trained,
-                teacher: nn.Module, example: torch.Tensor, round_to: int) -> float:
+                task: Task, round_to: int, batches: Sequence[torch.Tensor]) -> float:
         """Copy ``parent``'s trained weights into ``student`` (the child's folded structure,
-        in place); returns the share of its weights copied."""
-        return transplant(student, self.origins(teacher, plan, example, round_to),
-                          parent.params, self.origins(teacher, parent.plan, example, round_to))
+        in place), then, when the child has lost channels the parent had, give each
+        convolution's channels back the parent's output statistics on ``batches``
+        (``transform.renormalize``: a folded model has no BatchNorm left to re-estimate).
+        Returns the share of the child's weights copied."""
+        example = task.data.example_input(1)
+        mine = self.origins(task.model, plan, example, round_to)
+        theirs = self.origins(task.model, parent.plan, example, round_to)
+        share = transplant(student, mine, parent.params, theirs)
+        if _cuts_more(plan, parent.plan) and batches:
+            trained = build_student(task, parent.plan, round_to)
+            with torch.no_grad():
+                for name, p in trained.named_parameters():
+                    if name in parent.params:
+                        p.copy_(parent.params[name])
+            match_channel_statistics(student, trained, batches, mine, theirs)
+        return share
 
+
+def _cuts_more(child: CompressionPlan, parent: CompressionPlan) -> bool:
+    return any(child.ratio_for(g) > parent.ratio_for(g) + 1e-9 for g in child.prune)
 
 __all__ = ["BITS_STEP", "MAX_BYTES", "Lineage", "Trained", "can_inherit", "distance"]

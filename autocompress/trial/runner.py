@@ -79,6 +79,8 @@ logging.getLogger("optuna.study._optimize").addFilter(_QuietFatal())
 
 # The weight width each baseline's plan is uniform at (what the search's BASELINES queue).
 BASELINE_BITS: dict[str, int] = {"fp32": 32, "int8-ptq": 8, "int8-dynamic": 8}
+# calibration batches an inherited child's channel statistics are restored on (lineage)
+RENORMALIZE_BATCHES = 4
 
 
 class TrialRunner:
@@ -215,9 +217,9 @@ class TrialRunner:
         ctx = self.ctx
         if parent is not None:
             with timer.phase("inherit"):
-                share = self.lineage.inherit(student, plan, parent, ctx.task.model,
-                                             ctx.task.data.example_input(1),
-                                             ctx.training.round_to)
+                share = self.lineage.inherit(student, plan, parent, ctx.task,
+                                             ctx.training.round_to,
+                                             ctx.calibration[:RENORMALIZE_BATCHES])
             trial.set_user_attr(trial_attrs.INHERITED_FROM, parent.number)
             trial.set_user_attr(trial_attrs.INHERITED_SHARE, round(share, 4))
             return student
