@@ -90,17 +90,19 @@ def test_the_surrogate_refuses_a_plan_it_predicts_dominated() -> None:
 
 def test_the_proposer_refuses_every_candidate_a_measured_trial_dominates() -> None:
     proposer = _proposer()
-    # calibration: teacher-started trials that each lost 0.1 point per unit of damage
+    # calibration: teacher-started trials that each lost 0.5 points per unit of damage
     trials = []
     for i, bits in enumerate([{"a": 4, "b": 4, "c": 4}, {"a": 8, "b": 4, "c": 8},
                               {"a": 4, "b": 8, "c": 4}]):
         plan = _plan(bits)
-        lost = 0.1 * (proposer.damage(plan) or 0.0)
+        lost = 0.5 * (proposer.damage(plan) or 0.0)
         trials.append(_measured(i, plan, FP32_ACC - lost, proposer, trained=False))
-    # a trial far smaller than anything the moves can reach, at almost fp32 accuracy
-    tiny = Measured(9, _plan({"a": 4, "b": 4, "c": 4}, 0.4), 0.899, 1_500.0, False,
+    # a trial far smaller than anything the moves can reach, at fp32 accuracy
+    tiny = Measured(9, _plan({"a": 4, "b": 4, "c": 4}, 0.4), FP32_ACC, 1_500.0, False,
                     default_steps=False)
-    outcome = proposer.propose([*trials, tiny], tried=set())
+    # all-int8, nearly lossless, was tried already (its own measurement would decide it)
+    outcome = proposer.propose([*trials, tiny],
+                               tried={structure_key(_plan({"a": 8, "b": 8, "c": 8}))})
     assert outcome.surrogate.pairs == 3 and outcome.surrogate.spread < 0.01
     assert outcome.candidates > 0
     # every candidate is larger than the tiny trial and predicted below it: none is tried

@@ -37,7 +37,7 @@ from autocompress.model.inventory import Inventory
 from autocompress.model.plan import CompressionPlan
 from autocompress.search import guided
 from autocompress.search.sensitivity import Sensitivity
-from autocompress.search.surrogate import Pair, Surrogate, calibrate
+from autocompress.search.surrogate import Pair, Surrogate, calibrate, front_accuracy_at
 from autocompress.study import attrs as trial_attrs
 from autocompress.trial.lineage import distance
 
@@ -45,7 +45,7 @@ SHRINK = 0.85  # a shrink move's size, of its front trial's
 SHRINK_MORE = 0.7
 REPAIR_RATIO_STEP = 0.1  # a repaired group's ratio goes down this much
 FLOOR_DROP = 0.05  # hypervolume counts accuracy down to fp32 minus this
-FRONT_SOURCES = 8  # front trials moves are derived from (the most accurate per size first)
+FRONT_SOURCES = 8  # trials moves are derived from: the front's, then the nearest below it
 
 Choice = dict[tuple[str, str], float]
 
@@ -146,6 +146,7 @@ class Proposer:
 
     def _candidates(self, trials: Sequence[Measured]) -> list[tuple[str, int, CompressionPlan]]:
         front = _front(trials)[:FRONT_SOURCES]
+        on_front = [t for t in front if t.number in {f.number for f in _nondominated(trials)}]
         out: list[tuple[str, int, CompressionPlan]] = []
         for t in front:
             found = self._choice(t.plan)
@@ -158,7 +159,7 @@ class Proposer:
                                 *self._repairs(problem, choice, size)):
                 if moved is not None and moved != choice:
                     out.append((kind, t.number, self._plan(t.plan, moved)))
-        ordered = sorted(front, key=lambda t: t.size)
+        ordered = sorted(on_front, key=lambda t: t.size)
         for small, large in itertools.pairwise(ordered):
             blended = self._blend(large, small)
             if blended is not None:
@@ -170,6 +171,7 @@ class Proposer:
         """Greedy least damage per byte saved from ``choice`` until ``target`` bytes."""
         choice = dict(choice)
         size, damage = problem.size(choice), problem.damage(choice)
+        start_size = size
         while size > target:
             best: tuple[float, Choice, float, float] | None = None
             for unit, value in choice.items():
@@ -185,8 +187,8 @@ class Proposer:
                 score = (problem.damage(step) - damage) / saved
                 if best is None or score < best[0]:
                     best = (score, step, size - saved, problem.damage(step))
-            if best is None:
-                return None
+            if best is None:  # the space ends first: as far as it goes, if anywhere
+                return choice if size < start_size else None
             _, choice, size, damage = best
         return choice
 
@@ -304,11 +306,22 @@ def _start(plan: CompressionPlan, preferred: int,
 
 
 def _front(trials: Sequence[Measured]) -> list[Measured]:
-    """Non-dominated (smaller, more accurate) trials, most accurate first."""
-    front = [t for t in trials
-             if not any(o.size <= t.size and o.accuracy >= t.accuracy
-                        and (o.size < t.size or o.accuracy > t.accuracy) for o in trials)]
-    return sorted(front, key=lambda t: -t.accuracy)
+    """The front's trials first (most accurate first), then the others by how far below the
+    front they are at their size: moves start from the front and, when it has few members,
+    from the trials nearest to it."""
+    points = [(t.size, t.accuracy) for t in trials]
+
+    def gap(t: Measured) -> float:
+        reached = front_accuracy_at(t.size, points)
+        return 0.0 if reached is None else max(0.0, reached - t.accuracy)
+
+    return sorted(trials, key=lambda t: (gap(t), -t.accuracy, t.size))
+
+
+def _nondominated(trials: Sequence[Measured]) -> list[Measured]:
+    return [t for t in trials
+            if not any(o.size <= t.size and o.accuracy >= t.accuracy
+                       and (o.size < t.size or o.accuracy > t.accuracy) for o in trials)]
 
 
 def structure_key(plan: CompressionPlan) -> str:

@@ -42,9 +42,10 @@ class Surrogate:
     def predict(self, damage: float, *, start_accuracy: float | None = None,
                 start_damage: float = 0.0) -> float:
         """Accuracy after a fine-tune from ``start_accuracy`` (None: the teacher's) at
-        ``start_damage``; never above the teacher's."""
+        ``start_damage``; never above the teacher's or the start's, whichever is higher (a
+        fine-tune can end above the teacher on a small validation split)."""
         base = self.fp32_accuracy if start_accuracy is None else start_accuracy
-        return min(self.fp32_accuracy, base - self.slope * (damage - start_damage))
+        return min(max(self.fp32_accuracy, base), base - self.slope * (damage - start_damage))
 
     def dominated(self, predicted: float, size: float,
                   measured: Sequence[tuple[float, float]]) -> bool:
