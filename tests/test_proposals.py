@@ -81,7 +81,8 @@ def test_a_shrink_move_is_derived_from_a_front_trial() -> None:
 def test_the_surrogate_refuses_a_plan_it_predicts_dominated() -> None:
     # three fine-tunes that lost 10 points per unit of damage: a tight, calibrated slope
     surrogate = calibrate([Pair(0.1, 0.01), Pair(0.2, 0.02), Pair(0.5, 0.05)], FP32_ACC)
-    assert abs(surrogate.slope - 0.1) < 1e-9 and surrogate.spread < 0.01
+    assert abs(surrogate.scale - 0.1) < 1e-9 and surrogate.power == 1.0
+    assert surrogate.spread < 0.01
     measured = [(5_000.0, 0.89)]  # a smaller file already at 0.89
     predicted = surrogate.predict(0.5)  # 0.85 predicted for a larger plan
     assert surrogate.dominated(predicted, 8_000.0, measured)
@@ -108,6 +109,14 @@ def test_the_proposer_refuses_every_candidate_a_measured_trial_dominates() -> No
     # every candidate is larger than the tiny trial and predicted below it: none is tried
     assert outcome.proposal is None
     assert outcome.refused == outcome.candidates
+
+
+def test_small_steps_cost_less_per_unit_of_damage_than_a_large_cut() -> None:
+    # ResNet-20's guided plans: damage 0.10 lost 0.7 points, damage 0.49 lost 10
+    surrogate = calibrate([Pair(0.104, 0.007), Pair(0.488, 0.10), Pair(0.3, 0.04)], 0.91)
+    assert surrogate.power > 1.3
+    # a step adding 0.05 along a lineage costs well under what a straight line would say
+    assert 0.91 - surrogate.predict(0.05) < 0.05 * 0.10 / 0.488
 
 
 def test_an_uncalibrated_surrogate_refuses_nothing_on_a_guess() -> None:
