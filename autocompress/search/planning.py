@@ -47,6 +47,9 @@ from autocompress.trial.runner import TrialRunner
 log = logging.getLogger("autocompress")
 
 GUIDED_SHARE = 4  # a search gets one guided plan per this many trials (at least one)
+FRONT_SAMPLER = "front"
+FRONT_GUIDED_QUEUED = 2  # guided plans the default sampler queues; the rest are candidates
+GUIDED_PENDING_ATTR = "guided_pending"  # study attribute: the guided plans not queued
 REPLANS = 3  # solve, pre-check the latency-aimed plans, refit, solve again: at most this often
 CLOSE_ENOUGH = 0.92  # a plan measured within 92-97% of its latency target is not re-aimed
 # A plan counts as within its latency target only this far under it: a trial's own
@@ -89,6 +92,15 @@ def enqueue_guided(
              f"{g.predicted_size_bytes / 1000:.1f} KB{lat}, damage {g.predicted_damage:.3g}",
              on_start)
     chosen = [(g.name, g.plan) for g in plans]
+    if run.sampler == FRONT_SAMPLER and len(chosen) > FRONT_GUIDED_QUEUED:
+        # the default sampler queues the first rungs; the others become candidates its
+        # proposer weighs against moves along the lineages (a 12x or 16x plan cut from the
+        # teacher in one go lost 10 points or was stopped early on ResNet-20)
+        chosen, pending = chosen[:FRONT_GUIDED_QUEUED], chosen[FRONT_GUIDED_QUEUED:]
+        with study_mod.study_lock(study):
+            if study.user_attrs.get(GUIDED_PENDING_ATTR) is None:
+                study.set_user_attr(GUIDED_PENDING_ATTR, json.dumps(
+                    [{"name": name, "plan": plan.to_dict()} for name, plan in pending]))
     if settings.ptq_methods:  # each least-damage plan realised by PTQ first: seconds each
         chosen = space.ptq_twins(chosen, settings) + chosen
     named = [(name, space.plan_to_params(plan, inventory, settings)) for name, plan in chosen]
@@ -249,4 +261,5 @@ def _resolve_sensitivity(
     return table
 
 
-__all__ = ["GUIDED_SHARE", "REPLANS", "enqueue_guided", "fit_latency_model", "latency_probes"]
+__all__ = ["FRONT_GUIDED_QUEUED", "FRONT_SAMPLER", "GUIDED_PENDING_ATTR", "GUIDED_SHARE",
+           "REPLANS", "enqueue_guided", "fit_latency_model", "latency_probes"]

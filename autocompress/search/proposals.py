@@ -39,7 +39,7 @@ from autocompress.search import guided
 from autocompress.search.sensitivity import Sensitivity
 from autocompress.search.surrogate import Pair, Surrogate, calibrate, front_accuracy_at
 from autocompress.study import attrs as trial_attrs
-from autocompress.trial.lineage import distance
+from autocompress.trial.lineage import can_inherit, distance
 
 SHRINK = 0.85  # a shrink move's size, of its front trial's
 SHRINK_MORE = 0.7
@@ -65,12 +65,13 @@ class Measured:
 
 @dataclass(frozen=True)
 class Proposal:
-    kind: str  # shrink | repair | grow | blend
-    parent: int  # the front trial it was derived from
+    kind: str  # shrink | repair | grow | blend | guided
+    parent: int  # the trial it was derived from (a guided plan: the one it inherits, or -1)
     plan: CompressionPlan
     predicted_accuracy: float
     predicted_size: float
     gain: float  # hypervolume the optimistic prediction adds
+    name: str | None = None  # a guided plan's rung ("guided-12x")
 
 
 @dataclass(frozen=True)
@@ -87,24 +88,34 @@ class Proposer:
     def __init__(self, sens: Sensitivity, inventory: Inventory, settings: SpaceSettings, *,
                  fp32_bytes: float, fp32_accuracy: float,
                  predict_latency: guided.LatencyPredictor | None = None,
-                 latency_budget: float | None = None) -> None:
+                 latency_budget: float | None = None, size_budget: float | None = None,
+                 floor: float = 0.0) -> None:
         self.settings = settings
         self.inventory = inventory
         self.fp32_bytes = fp32_bytes
         self.fp32_accuracy = fp32_accuracy
         self.latency_budget = latency_budget
+        self.size_budget = size_budget
+        self.floor = floor  # a trial measured below it is no parent (trial.lineage)
         dense = densify(sens, settings)
         self.problems = {acts: guided.Problem(dense, settings, fp32_bytes, acts,
                                               predict_latency, inventory)
                          for acts in settings.activation_bits}
 
-    def propose(self, trials: Sequence[Measured], tried: set[str]) -> Outcome:
-        """The next plan (module docstring); ``tried``: ``structure_key``s already run."""
+    def propose(self, trials: Sequence[Measured], tried: set[str],
+                guided: Sequence[tuple[str, CompressionPlan]] = ()) -> Outcome:
+        """The next plan (module docstring); ``tried``: ``structure_key``s already run;
+        ``guided``: (rung, plan) solved for the ladder but not queued, weighed like moves."""
         surrogate = calibrate(self.pairs(trials), self.fp32_accuracy)
         points = [(t.size, t.accuracy) for t in trials]
         best: Proposal | None = None
         refused = seen = 0
-        for kind, parent, plan in self._candidates(trials):
+        candidates = [(kind, parent, plan, None) for kind, parent, plan
+                      in self._candidates(trials)]
+        for name, plan in guided:
+            start = _start(plan, -1, trials, self.floor)
+            candidates.append(("guided", -1 if start is None else start.number, plan, name))
+        for kind, parent, plan, name in candidates:
             key = structure_key(plan)
             if key in tried:
                 continue
@@ -113,6 +124,7 @@ class Proposer:
             proposal = self._predicted(kind, parent, plan, trials, surrogate, points)
             if proposal is None:
                 continue
+            proposal = dataclasses.replace(proposal, name=name)
             if surrogate.dominated(proposal.predicted_accuracy, proposal.predicted_size,
                                    points):
                 refused += 1
@@ -132,6 +144,8 @@ class Proposer:
                 continue
             start = by_number.get(t.inherited_from) if t.inherited_from is not None else None
             start_damage = None if start is None else self.damage(start.plan)
+            if t.inherited_from is not None and (start is None or start_damage is None):
+                continue  # its start is not priced here: no pair rather than a wrong one
             if start is None or start_damage is None:
                 out.append(Pair(damage, self.fp32_accuracy - t.accuracy))
             else:
@@ -194,8 +208,10 @@ class Proposer:
 
     def _repairs(self, problem: guided.Problem, choice: Choice,
                  size: float) -> list[tuple[str, Choice | None]]:
+        # a unit at its first option (the widest width the space has, ratio 0) has nothing
+        # to undo
         damaging = [(problem.damage({u: v}), u) for u, v in choice.items()
-                    if (v < 32 if u[0] == "layer" else v > 0)]
+                    if v != problem.options(*u)[0]]
         if not damaging:
             return []
         _, unit = max(damaging)
@@ -229,6 +245,9 @@ class Proposer:
         return self._plan(large.plan, blended) if self._within_budget(problem, blended) else None
 
     def _within_budget(self, problem: guided.Problem, choice: Choice) -> bool:
+        if self.size_budget is not None and (
+                problem.size(choice) > self.size_budget * guided.SIZE_MARGIN):
+            return False
         return (self.latency_budget is None
                 or problem.latency_ratio(choice) <= self.latency_budget * guided.LATENCY_MARGIN)
 
@@ -269,7 +288,7 @@ class Proposer:
             return None
         problem, choice = found
         damage = problem.damage(choice)
-        start = _start(plan, parent, trials)
+        start = _start(plan, parent, trials, self.floor)
         start_damage = None if start is None else self.damage(start.plan)
         if start is None or start_damage is None:
             predicted = surrogate.predict(damage)
@@ -290,12 +309,12 @@ class Proposer:
         return ratios[len(ratios) // 2] if ratios else 1.0
 
 
-def _start(plan: CompressionPlan, preferred: int,
-           trials: Sequence[Measured]) -> Measured | None:
+def _start(plan: CompressionPlan, preferred: int, trials: Sequence[Measured],
+           floor: float) -> Measured | None:
     """The trial the plan's fine-tune will inherit from (``trial.lineage``'s rule, over the
     trials this process holds), or None: the teacher."""
     teacher = distance(plan, None) or 0.0
-    held = [t for t in trials if t.trained]
+    held = [t for t in trials if t.trained and t.accuracy >= floor and can_inherit(t.plan)]
     for t in held:
         if t.number == preferred and (far := distance(plan, t.plan)) is not None \
                 and far < teacher:

@@ -139,12 +139,18 @@ class TeacherCache:
         return entry.x.to(device, copy=True), entry.y.to(device, copy=True)
 
     def teacher_outputs(self, position: int, teacher: nn.Module,
-                        device: str | torch.device) -> torch.Tensor:
+                        device: str | torch.device,
+                        x: torch.Tensor | None = None) -> torch.Tensor:
         """``teacher``'s outputs on the batch at ``position``, on ``device`` (where the
         teacher must be, in eval mode): stored ones when they were computed for this teacher
-        on this device, else computed now (and stored while there is room)."""
+        on this device, else computed now (and stored while there is room). ``x``: that
+        batch, when the caller holds it: a position past the cap is then not decoded again
+        (re-reading it would restart the stream at its epoch's start)."""
         dev = torch.device(device)
         with self._lock:
+            if x is not None and position not in self._entries:
+                self.misses += 1
+                return _forward(teacher, x, dev)
             entry = self._get(position)
             owner = (id(teacher), str(dev))
             if self._owner is None:
@@ -260,6 +266,6 @@ class Feed:
         with self.clock.phase("teacher"):
             if isinstance(self.source, TeacherCache) and cached:
                 return self.source.teacher_outputs(self.start + step - 1, self.teacher,
-                                                   self.dev)
+                                                   self.dev, x)
             with torch.no_grad():
                 return self.teacher(x)

@@ -37,8 +37,8 @@ def match_channel_statistics(
         theirs = parent_stats.get(name)
         mine_o = child_origins.get(f"{name}.weight")
         theirs_o = parent_origins.get(f"{name}.weight")
-        if theirs is None or mine_o is None or theirs_o is None:
-            continue
+        if theirs is None or mine_o is None or theirs_o is None or module.bias is None:
+            continue  # a conv BatchNorm could not fold keeps no bias: its parameters stay
         mean_c, std_c = _output_stats(child, batches, {name: module})[name]
         where = {int(v): i for i, v in enumerate(theirs_o[0].tolist())}
         rows = [(j, where[int(v)]) for j, v in enumerate(mine_o[0].tolist()) if int(v) in where]
@@ -48,9 +48,6 @@ def match_channel_statistics(
         mean_p, std_p = theirs[0][parents], theirs[1][parents]
         live = std_c[mine] > _EPS
         scale = torch.where(live, std_p / std_c[mine].clamp_min(_EPS), torch.ones_like(std_p))
-        if module.bias is None:
-            module.bias = nn.Parameter(torch.zeros(module.out_channels,
-                                                   dtype=module.weight.dtype))
         shape = (-1,) + (1,) * (module.weight.ndim - 1)
         module.weight[mine] *= scale.view(shape).to(module.weight.dtype)
         module.bias[mine] = ((module.bias[mine] - mean_c[mine]) * scale + mean_p).to(
