@@ -36,6 +36,7 @@ from autocompress.model import space
 from autocompress.model.inventory import Inventory
 from autocompress.model.plan import CompressionPlan
 from autocompress.search import guided
+from autocompress.search.dense_table import densify
 from autocompress.search.sensitivity import Sensitivity
 from autocompress.search.surrogate import Pair, Surrogate, calibrate, front_accuracy_at
 from autocompress.study import attrs as trial_attrs
@@ -366,33 +367,6 @@ def hypervolume_gain(points: Sequence[tuple[float, float]], new: tuple[float, fl
         return area
 
     return volume([*points, new]) - volume(points)
-
-
-def densify(sens: Sensitivity, settings: SpaceSettings) -> Sensitivity:
-    """The table with every prune ratio of the search grid, each group's KL and kept shares
-    interpolated linearly between the ratios it was scored at (0: no damage, all kept)."""
-    grid = [round(i * settings.prune_step, 6)
-            for i in range(1, int(space.prune_high(settings) / settings.prune_step + 1e-9) + 1)]
-    groups: dict[str, dict[str, Any]] = {}
-    for name, entry in sens.groups.items():
-        scored = sorted((float(r), v) for r, v in entry["ratios"].items())
-        if not scored:
-            groups[name] = entry
-            continue
-        points = [(0.0, {"kl": 0.0, "kept": dict.fromkeys(scored[0][1]["kept"], 1.0)}), *scored]
-        ratios = {f"{r:g}": _interpolated(points, r) for r in grid if r <= scored[-1][0] + 1e-9}
-        groups[name] = {**entry, "ratios": ratios}
-    return dataclasses.replace(sens, groups=groups)
-
-
-def _interpolated(points: list[tuple[float, dict[str, Any]]], ratio: float) -> dict[str, Any]:
-    for (r0, a), (r1, b) in itertools.pairwise(points):
-        if r0 - 1e-9 <= ratio <= r1 + 1e-9:
-            w = 0.0 if r1 == r0 else (ratio - r0) / (r1 - r0)
-            kept = {k: (1 - w) * float(a["kept"].get(k, 1.0)) + w * float(v)
-                    for k, v in b["kept"].items()}
-            return {"kl": (1 - w) * float(a["kl"]) + w * float(b["kl"]), "kept": kept}
-    return dict(points[-1][1])
 
 
 def measured_trials(records: Sequence[Any], held: Callable[[int], bool],
