@@ -3,7 +3,7 @@
     python benchmarks/front_search.py compare      # default vs random, 2 seeds x 15 min, pairs
     python benchmarks/front_search.py budget       # the same under a measured latency budget
     python benchmarks/front_search.py long         # one 40-min default search + a refine
-    python benchmarks/front_search.py throughput   # fine-tuned trials/min and the time split
+    python benchmarks/front_search.py throughput   # fine-tuned trials/min, before vs after
     python benchmarks/front_search.py compare --minutes 1 --seeds 0 --default-sampler tpe \\
         --out /tmp/fs --cache /tmp/fs-cache        # a smoke run (results kept out of git)
 
@@ -17,8 +17,10 @@ promotions are the same in both, so the arms differ in what is proposed after th
 
 In ``compare`` and ``budget`` both arms of one seed run AT THE SAME TIME, one process per core
 of this 2-core machine, so the pair shares the machine's conditions; every latency was then
-measured with the other search running on the other core. ``long`` and ``throughput``'s
-short run are alone. Nothing else should run on the machine meanwhile.
+measured with the other search running on the other core. ``throughput`` runs its two arms
+the same way: the code at ``--before-commit`` (from a git worktree, ``--before-tree``) and
+this checkout, identical flags, each version's default sampler. ``long`` is alone. Nothing
+else should run on the machine meanwhile.
 
 Size ratios are ``results.metrics.times_smaller``: the fp32 baseline file's bytes over the
 trial's file bytes. Writes ``<out>/front_search_<mode>.md`` and ``.json`` (``--out``, default
@@ -67,6 +69,7 @@ PUBLISHED_MEAN = "0.4914,0.4822,0.4465"
 PUBLISHED_STD = "0.2470,0.2435,0.2616"
 # trial attributes the lead's proposer adds (autocompress.study.attrs once they land)
 PROPOSAL, INHERITED = "proposal", "inherited_from"
+FINETUNE_SECONDS = "finetune_seconds"  # the fine-tune's split: data, teacher, step, evaluate
 SINGLE_THREAD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
                      "OPENBLAS_NUM_THREADS": "1"}
 CONCURRENCY = ("Both arms of a seed ran at the same time as two `autocompress search` "
@@ -105,15 +108,20 @@ def _search_cmd(args: argparse.Namespace, place: dict[str, str], sampler_flags: 
 def _run_processes(jobs: list[dict[str, Any]], limit_s: float, loads: LoadSampler) -> None:
     """Start every job's command at once (output to its log file) and wait for all; each job
     gets ``wall_s`` and ``returncode``. A process still running past ``limit_s`` is stopped
-    (SIGTERM: the study keeps its finished trials), then killed."""
-    env = {**os.environ, **SINGLE_THREAD_ENV}
+    (SIGTERM: the study keeps its finished trials), then killed. A job may name its own
+    ``cwd`` (default the repository) and extra ``env`` variables."""
     started = time.perf_counter()
     for job in jobs:
+        extra = job.get("env") or {}
         job["log_file"] = str(job["log"])
         job["handle"] = open(job["log"], "w")  # closed when the process ends
-        job["process"] = subprocess.Popen(job["cmd"], cwd=REPO, env=env, text=True,
-                                          stdout=job["handle"], stderr=subprocess.STDOUT)
-        log(f"   started {job['label']}: {shlex.join(job['cmd'][1:])}")
+        job["process"] = subprocess.Popen(job["cmd"], cwd=job.get("cwd", REPO),
+                                          env={**os.environ, **SINGLE_THREAD_ENV, **extra},
+                                          text=True, stdout=job["handle"],
+                                          stderr=subprocess.STDOUT)
+        prefix = "".join(f"{k}={shlex.quote(v)} " for k, v in extra.items())
+        log(f"   started {job['label']}: {prefix}{shlex.join(job['cmd'][1:])}"
+            + (f" (in {job['cwd']})" if job.get("cwd") else ""))
     next_mark = 30.0
     while any(job["process"].poll() is None for job in jobs):
         elapsed = time.perf_counter() - started
@@ -207,7 +215,7 @@ KNOWN_ATTRS = {"plan", "plan_summary", "timing", "runtime", "weight_types", "con
                "baseline", "warm_start", "guided", "parent_trial", "accuracy", "test_accuracy",
                "size_bytes", "latency_ms", "latency_vs_fp32", "latency_estimate_ms",
                "feasible", "rejected", "rejected_by_model", "fail_reason",
-               "finetune_steps_run", PROPOSAL, INHERITED}
+               "finetune_steps_run", PROPOSAL, INHERITED, FINETUNE_SECONDS}
 
 
 def _row(t: Any, rec: Any, fp32_size: float | None) -> dict[str, Any]:
@@ -218,6 +226,7 @@ def _row(t: Any, rec: Any, fp32_size: float | None) -> dict[str, Any]:
     duration = ((t.datetime_complete - t.datetime_start).total_seconds()
                 if t.datetime_complete and t.datetime_start else None)
     steps = a.get("finetune_steps_run")
+    split = a.get(FINETUNE_SECONDS)
     return {
         "number": t.number, "state": t.state.name, "kind": _kind(a),
         "label": a.get("baseline") or a.get("warm_start") or a.get("guided"),
@@ -231,6 +240,7 @@ def _row(t: Any, rec: Any, fp32_size: float | None) -> dict[str, Any]:
         "latency_estimate_ms": rec.latency_estimate_ms, "finetune_steps_run": steps,
         "fine_tuned": t.state.name in ("COMPLETE", "PRUNED") and bool(steps),
         "timing": _flat(json.loads(timing)) if isinstance(timing, str) else {},
+        "finetune_seconds": _flat(json.loads(split)) if isinstance(split, str) else {},
         "duration_s": duration,
         "start": t.datetime_start.isoformat() if t.datetime_start else None,
         "other_attrs": {k: v for k, v in a.items() if k not in KNOWN_ATTRS
@@ -585,39 +595,57 @@ def render_long(data: dict[str, Any]) -> str:
 
 
 def render_throughput(data: dict[str, Any]) -> str:
-    lines = ["# Fine-tuned trials per minute and the per-trial time split", "",
+    runs = data["runs"]
+    lines = ["# Fine-tuned trials per minute, before and after (same settings)", "",
              f"Generated by `{data['command']}`.", "",
-             f"**Conditions:** {data['machine']}. Nothing else should run on the machine "
-             "meanwhile. Searches marked concurrent shared the 2 cores with the other arm of "
-             "their pair (one core each); the others ran alone.", ""]
-    rows, phases = [], sorted({k for s in data["sources"] for k in s["timing"].get(
-        "mean_phase_s", {})})
-    for s in data["sources"]:
-        t = s["timing"]
-        rows.append([s["source"], s["arm"], s["seed"], "yes" if s["concurrent"] else "no",
-                     f"{s['wall_s'] / 60:.1f}", s["fine_tuned"], s["measured_non_baseline"],
-                     f"{s['per_min']:.2f}" if s["per_min"] is not None else "-",
-                     f"{t.get('mean_trial_s', 0):.1f}",
-                     f"{t['steps_per_s']:.2f}" if t.get("steps_per_s") else "-",
-                     *(f"{t['mean_phase_s'][p]:.1f} ({t['phase_share'][p]:.0%})"
-                       if p in t.get("mean_phase_s", {}) else "-" for p in phases)])
-    lines += [md_table(["source", "arm", "seed", "concurrent", "wall min", "fine-tuned",
-                        "measured non-baseline", "per min", "s / trial", "steps/s",
-                        *(f"{p} s" for p in phases)], rows),
-              "", "Fine-tuned: trials that ran fine-tune steps (warm starts, guided plans, "
-              "promotions and early-stopped ones included); per min: fine-tuned trials per "
-              "minute of the process's wall time (start-up, sensitivity pass and baselines "
-              "included). Phase columns: mean seconds per fine-tuned trial (share of the "
-              "trials' Optuna durations), from the trial attribute `timing`.", ""]
-    before = data.get("before")
-    if before:
-        lines += [f"Before (from `{before['file']}`, {before['machine']}): "
-                  + "; ".join(f"seed {b['seed']} {b['fine_tuned']} measured non-baseline "
-                              f"trials in {b['wall_s'] / 60:.1f} min = {b['per_min']:.2f}/min"
-                              for b in before["runs"])
-                  + " (default arm alone on the machine; its count is measured non-baseline "
-                  "trials, promotions included, the `measured non-baseline` column's basis).",
-                  ""]
+             f"**Conditions:** {data['machine']}. At the end: {data['machine_end']}. Load "
+             f"average (1 min) during the run {data['load']['min']:.1f}-"
+             f"{data['load']['max']:.1f}{steal_text(data['load'])}. Nothing else should run "
+             "on the machine meanwhile.", "",
+             "Two `autocompress search` processes started at the same time, one per core of "
+             "this 2-core machine, with identical flags: ResNet-20 / CIFAR-10 (shared "
+             f"teacher), `--time-limit {data['minutes']:g} --seed {data['seed']} "
+             "--train-threads 1 --threads 1`, OMP/MKL at 1 thread, each version's own default "
+             "sampler (no `--sampler`)"
+             + ("; published mean/std of the teacher" if data.get("published_stats") else "")
+             + f". Before: commit `{data['before_commit']}`, run as `python -m autocompress` "
+             f"in its worktree `{data['before_tree']}` with `PYTHONPATH` set to it; after: "
+             "this checkout.", ""]
+    phases = sorted({k for r in runs for k in r["throughput"]["mean_phase_s"]})
+    subs = sorted({k for r in runs for k in r["throughput"]["mean_finetune_seconds"]})
+    rows, sub_rows = [], []
+    for r in runs:
+        t = r["throughput"]
+        rows.append([r["arm"], f"`{r['commit'][:12]}`" + (" +" if "uncommitted" in r["commit"]
+                                                          else ""),
+                     f"{r['wall_s'] / 60:.1f}", t["trials"], t["fine_tuned"],
+                     "-" if t["per_min"] is None else f"{t['per_min']:.2f}",
+                     "-" if t["mean_trial_s"] is None else f"{t['mean_trial_s']:.1f}",
+                     t["inherited"],
+                     *(f"{t['mean_phase_s'][p]:.1f}" if p in t["mean_phase_s"] else "-"
+                       for p in phases)])
+        sub_rows.append([r["arm"], t["finetune_seconds_trials"],
+                         *(f"{t['mean_finetune_seconds'][s]:.1f}"
+                           if s in t["mean_finetune_seconds"] else "-" for s in subs)])
+    ratio = data.get("ratio")
+    lines += [md_table(["arm", "commit", "wall min", "trials", "fine-tuned", "per min",
+                        "s / trial", "inherited", *(f"{p} s" for p in phases)], rows), "",
+              "**After / before, fine-tuned trials per minute: "
+              + ("-" if ratio is None else f"{ratio:.2f}x") + "**", "",
+              "Fine-tuned: trials whose `timing` attribute has a `finetune` phase; per min: "
+              "those per minute of the process's wall time (start-up, sensitivity pass and "
+              "baselines included). s / trial: their mean Optuna duration. Phase columns: mean "
+              "seconds per fine-tuned trial from `timing` (a phase a trial skipped counts 0). "
+              "Inherited: trials with `inherited_from` (started from a parent's weights). "
+              "A `+` after the commit: the checkout had uncommitted changes.", ""]
+    if subs:
+        lines += ["Inside the fine-tune (`finetune_seconds`, mean seconds over the trials that "
+                  "recorded it):", "",
+                  md_table(["arm", "trials with it", *(f"{s} s" for s in subs)], sub_rows), ""]
+    failed = [f"- {r['arm']}: exit {r['returncode']}, {r.get('error') or 'see ' + r['log_file']}"
+              for r in runs if r["returncode"] != 0 or r.get("study") is None]
+    if failed:
+        lines += ["Problems:", "", *failed, ""]
     return "\n".join(lines)
 
 
@@ -755,60 +783,107 @@ def mode_long(args: argparse.Namespace, loads: LoadSampler) -> dict[str, Any]:
     return out
 
 
-def _sources(out_dir: Path) -> list[dict[str, Any]]:
-    """Every search recorded in the other modes' JSON files in ``out_dir``."""
-    found = []
-    for mode in ("compare", "budget", "long"):
-        path = out_dir / f"front_search_{mode}.json"
-        if not path.is_file():
-            continue
-        data = json.loads(path.read_text())
-        runs = data.get("runs") or ([data["run"]] if data.get("run") else [])
-        for r in runs:
-            if r.get("study"):
-                found.append({"source": path.name, "concurrent": mode != "long", **r})
-    return found
+def _git(*args: str) -> str:
+    return subprocess.run(["git", *args], check=True, capture_output=True,
+                          text=True).stdout.strip()
 
 
-def _before(results: Path) -> dict[str, Any] | None:
-    """The default arm of the last hv_vs_random run (TPE, alone), for "before"."""
-    path = results / "hv_vs_random.json"
-    if not path.is_file():
-        return None
-    data = json.loads(path.read_text())
-    runs = [{"seed": r["seed"], "fine_tuned": r["fine_tuned"], "wall_s": r["wall_s"],
-             "per_min": r["fine_tuned"] / (r["wall_s"] / 60)}
-            for r in data.get("runs", []) if r.get("arm") == "default"]
-    return {"file": f"benchmarks/results/{path.name}", "machine": data.get("machine"),
-            "runs": runs} if runs else None
+def _before_tree(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``--before-commit`` checkout the before arm imports its package from: made with
+    ``git worktree add`` when ``--before-tree`` does not exist, and refused when it holds
+    another commit (a stale tree would measure the wrong code)."""
+    tree = args.before_tree.absolute()
+    commit = _git("-C", str(REPO), "rev-parse", f"{args.before_commit}^{{commit}}")
+    if not tree.exists():
+        log(f"== git worktree add -f {tree} {args.before_commit}")
+        _git("-C", str(REPO), "worktree", "add", "-f", str(tree), commit)
+    held = _git("-C", str(tree), "rev-parse", "HEAD")
+    if held != commit:
+        raise SystemExit(f"{tree} holds {held[:12]}, not {args.before_commit} ({commit[:12]}): "
+                         "remove it (git worktree remove) or pass another --before-tree")
+    return {"tree": str(tree), "commit": commit}
+
+
+def _after_commit() -> str:
+    head = _git("-C", str(REPO), "rev-parse", "HEAD")
+    # --no-optional-locks: reading the status must not rewrite the shared index
+    dirty = _git("--no-optional-locks", "-C", str(REPO), "status", "--porcelain",
+                 "--untracked-files=no")
+    return head + (" + uncommitted changes" if dirty else "")
+
+
+def _imported_from(env: dict[str, str], cwd: Path) -> str:
+    """Where ``python -m autocompress`` with this environment and folder imports the package
+    from (the folder comes first on sys.path, so the before arm also runs in its tree)."""
+    return subprocess.run([sys.executable, "-c", "import autocompress; "
+                           "print(autocompress.__file__)"], cwd=cwd,
+                          env={**os.environ, **env}, check=True, capture_output=True,
+                          text=True).stdout.strip()
+
+
+def _means(dicts: list[dict[str, float]], over: int) -> dict[str, float]:
+    totals: dict[str, float] = {}
+    for d in dicts:
+        for k, v in d.items():
+            totals[k] = totals.get(k, 0.0) + v
+    return {k: v / over for k, v in sorted(totals.items())} if over else {}
+
+
+def _arm_figures(run: dict[str, Any]) -> dict[str, Any]:
+    """Fine-tuned trials (their ``timing`` has a ``finetune`` phase) per minute of the
+    process's wall time, the mean seconds per phase over them (a phase a trial skipped counts
+    0), the mean ``finetune_seconds`` split over the trials that recorded one, and how many
+    trials inherited a parent's weights."""
+    rows = (run.get("study") or {}).get("trials", [])
+    tuned = [r for r in rows if "finetune" in r["timing"]]
+    split = [r["finetune_seconds"] for r in tuned if r["finetune_seconds"]]
+    durations = [r["duration_s"] for r in tuned if r["duration_s"]]
+    wall = run["wall_s"]
+    return {"trials": len(rows), "fine_tuned": len(tuned),
+            "per_min": len(tuned) / (wall / 60) if wall else None,
+            "mean_trial_s": statistics.mean(durations) if durations else None,
+            "mean_phase_s": _means([r["timing"] for r in tuned], len(tuned)),
+            "finetune_seconds_trials": len(split),
+            "mean_finetune_seconds": _means(split, len(split)),
+            "inherited": sum(r["inherited_from"] is not None for r in rows)}
 
 
 def mode_throughput(args: argparse.Namespace, loads: LoadSampler) -> dict[str, Any]:
-    found = [] if args.short_run else _sources(args.out)
-    if not found:
-        log(f"== no other mode's results in {args.out}: one default search, "
-            f"{args.minutes:g} min, alone")
-        place = study_place(args.cache, f"throughput-default-s{args.seeds[0]}")
-        job = {"label": "default", "arm": "default", "seed": args.seeds[0], **place,
-               "flags": _arm_flags(args, "default"), "log": args.cache / f"{place['study']}.log",
-               "cmd": _search_cmd(args, place, _arm_flags(args, "default"), args.seeds[0],
-                                  args.minutes, [])}
-        _run_processes([job], args.minutes * 60 * 1.5 + 600, loads)
-        found = [{"source": "short run", "concurrent": False, **_summarise_run(job)}]
-    sources = []
-    for r in found:
-        rows = r["study"]["trials"]
-        tuned = sum(t["fine_tuned"] for t in rows)
-        sources.append({
-            "source": r["source"], "arm": r["arm"], "seed": r["seed"],
-            "concurrent": r["concurrent"], "wall_s": r["wall_s"], "fine_tuned": tuned,
-            "measured_non_baseline": sum(t["measured"] and t["kind"] != "baseline"
-                                         for t in rows),
-            "per_min": tuned / (r["wall_s"] / 60) if r["wall_s"] else None,
-            "timing": time_split(rows),
-            "timing_proposed": time_split([t for t in rows if t["kind"] == "proposed"]),
-        })
-    return {"sources": sources, "before": _before(RESULTS)}
+    before = _before_tree(args)
+    seed = args.seeds[0]
+    arms = {"before": {"commit": before["commit"], "cwd": Path(before["tree"]),
+                       "env": {"PYTHONPATH": before["tree"]}},
+            "after": {"commit": _after_commit(), "cwd": REPO, "env": {}}}
+    jobs = []
+    for arm, where in arms.items():
+        where["imported_from"] = _imported_from(where["env"], where["cwd"])
+        log(f"   {arm}: {where['commit']}, autocompress from {where['imported_from']}")
+        place = study_place(args.cache, f"throughput-{arm}")
+        jobs.append({"label": arm, "arm": arm, "seed": seed, **place, **where, "flags": [],
+                     "log": args.cache / f"throughput-{arm}.log",
+                     "cmd": _search_cmd(args, place, [], seed, args.minutes, [])})
+    for arm, where in arms.items():  # each arm must run its own code, not the other's
+        if Path(where["imported_from"]).resolve().parents[1] != where["cwd"].resolve():
+            raise SystemExit(f"the {arm} arm would import {where['imported_from']}, "
+                             f"not the package in {where['cwd']}")
+    log(f"== before and after together, {args.minutes:g} min, seed {seed}")
+    loads.mark("start searches")
+    _run_processes(jobs, args.minutes * 60 * 1.5 + 600, loads)
+    loads.mark("end searches")
+    runs = []
+    for job in jobs:
+        run = _summarise_run(job)
+        run.update(commit=job["commit"], imported_from=job["imported_from"],
+                   throughput=_arm_figures(run))
+        runs.append(run)
+        t = run["throughput"]
+        log(f"   {job['label']}: {t['fine_tuned']} fine-tuned in {run['wall_s'] / 60:.1f} min"
+            f" = {t['per_min'] or 0:.2f}/min")
+    per_min = {r["arm"]: r["throughput"]["per_min"] for r in runs}
+    ratio = (per_min["after"] / per_min["before"]
+             if per_min["after"] is not None and per_min["before"] else None)
+    return {"before_commit": args.before_commit, "before_tree": before["tree"], "seed": seed,
+            "runs": runs, "ratio": ratio}
 
 
 MODES = {"compare": (mode_compare, render_compare), "budget": (mode_budget, render_budget),
@@ -819,8 +894,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("mode", choices=sorted(MODES))
     parser.add_argument("--minutes", type=float, default=None,
-                        help="search time limit (default 15; long: 40; throughput's short "
-                        "run: 10)")
+                        help="search time limit (default 15; long: 40; throughput: 12)")
     parser.add_argument("--seeds", type=int, nargs="+", default=None,
                         help="default 0 1 (long, throughput: 0)")
     parser.add_argument("--default-sampler", default="front",
@@ -833,8 +907,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--refine-at", type=float, default=12.0,
                         help="long: refine the best (validation) candidate at least this "
                         "many times smaller")
-    parser.add_argument("--short-run", action="store_true",
-                        help="throughput: run a short search even when results exist")
+    parser.add_argument("--before-commit", default="dec6391",
+                        help="throughput: the commit the before arm runs (default dec6391)")
+    parser.add_argument("--before-tree", type=Path, default=Path("/tmp/before"),
+                        help="throughput: its git worktree, made with `git worktree add` "
+                        "when missing (default /tmp/before)")
     parser.add_argument("--published-stats", action="store_true",
                         help="pass the teacher's published --mean/--std instead of the "
                         "train split's statistics")
@@ -847,7 +924,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main() -> int:
     args = _parser().parse_args()
-    defaults = {"long": 40.0, "throughput": 10.0}
+    defaults = {"long": 40.0, "throughput": 12.0}
     args.minutes = args.minutes or defaults.get(args.mode, 15.0)
     args.seeds = args.seeds or ([0] if args.mode in ("long", "throughput") else [0, 1])
     args.out, args.cache = args.out.absolute(), args.cache.absolute()

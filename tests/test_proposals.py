@@ -119,6 +119,15 @@ def test_small_steps_cost_less_per_unit_of_damage_than_a_large_cut() -> None:
     assert 0.91 - surrogate.predict(0.05) < 0.05 * 0.10 / 0.488
 
 
+def test_fine_tunes_that_lost_nothing_do_not_inflate_the_price_of_damage() -> None:
+    # ResNet-20: two tiny-damage trials lost nothing, two real ones lost 0.2 and 0.6 points
+    pairs = [Pair(0.00046, -0.0008), Pair(0.00019, -0.0018), Pair(0.0389, 0.0022),
+             Pair(0.0627, 0.0064)]
+    surrogate = calibrate(pairs, 0.91)
+    assert surrogate.lost(0.0627) < 0.01  # about what that trial lost, not 4.5 points
+    assert surrogate.power > 1.5
+
+
 def test_an_uncalibrated_surrogate_refuses_nothing_on_a_guess() -> None:
     surrogate = calibrate([Pair(0.1, 0.01)], FP32_ACC)
     assert surrogate.spread == PRIOR_SPREAD
