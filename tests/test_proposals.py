@@ -134,6 +134,15 @@ def test_an_uncalibrated_surrogate_refuses_nothing_on_a_guess() -> None:
     assert not surrogate.dominated(surrogate.predict(0.1), 8_000.0, [(5_000.0, 0.93)])
 
 
+def test_accuracy_above_the_teacher_buys_no_hypervolume() -> None:
+    points = [(10_000.0, 0.90)]  # the teacher's accuracy at 4x
+    above = hypervolume_gain(points, (11_000.0, 0.905), fp32_bytes=40_000.0, floor=0.85,
+                             ceiling=0.90)
+    smaller = hypervolume_gain(points, (8_000.0, 0.895), fp32_bytes=40_000.0, floor=0.85,
+                               ceiling=0.90)
+    assert above == 0.0 and smaller > 0.0
+
+
 def test_densify_interpolates_between_scored_ratios() -> None:
     settings = SearchSettings.from_config(SearchConfig(prune_max=0.4, prune_step=0.1)).space
     dense = densify(_table(), settings)
