@@ -103,6 +103,11 @@ def test_refine_records_a_new_trial_that_exports_verified(
                           on_step=lambda step, total: steps_seen.append(step))
     assert record.attrs["parent_trial"] == parent.number
     assert record.attrs["refine_epochs"] == 1
+    # a refine (another process than the search) trains on from the parent's stored weights
+    assert record.attrs["inherited_from"] == parent.number
+    assert record.attrs["inherited_share"] == 1.0
+    assert record.attrs["lineage_steps"] == (parent.attrs["lineage_steps"]
+                                             + record.plan["finetune_steps"])
     train = json.loads(load_existing_study(guided_study.storage_url, "g")
                        .user_attrs["data"])["sizes"]["train"]
     assert record.plan["finetune_steps"] == math.ceil(train / 64)

@@ -123,6 +123,7 @@ def open_session(
         workdir=workdir, fp32_onnx=fp32_onnx, fp32_accuracy=fp32_accuracy,
         device=resolve_device(settings.training.device), calibration=calibration,
         upload=lambda trial, path: study_mod.upload(trial, store, path),
+        download=lambda artifact_id, dest: study_mod.download(store, artifact_id, dest),
     )
     return Session(study, TrialRunner(ctx), task, inventory, calibration, budgets, artifacts,
                    settings)

@@ -75,6 +75,9 @@ class SearchContext:
     # study: training.seed), built here when not given; lazy, so it costs nothing unused.
     # Set it to None after construction to give every trial its own stream again.
     teacher_cache: TeacherCache | None = None
+    # (artifact id, destination): fetch a stored file, e.g. a trained trial's weights that a
+    # retrain in another process or worker inherits (trial/lineage.py); None: nothing stored
+    download: Callable[[str, Path], None] | None = None
 
     def __post_init__(self) -> None:
         if self.teacher_cache is None:

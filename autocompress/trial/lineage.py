@@ -24,15 +24,18 @@ the teacher with BatchNorm re-estimated).
 from __future__ import annotations
 
 import json
+import logging
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+from autocompress.errors import one_line
 from autocompress.model.plan import CompressionPlan
+from autocompress.study import attrs as trial_attrs
 from autocompress.transform.inherit import transplant
 from autocompress.transform.prune_lineage import Origins, channel_origins
 from autocompress.transform.renormalize import match_channel_statistics
@@ -40,6 +43,9 @@ from autocompress.transform.student import build_student
 
 if TYPE_CHECKING:
     from autocompress.intake import Task
+    from autocompress.trial.context import SearchContext
+
+log = logging.getLogger("autocompress")
 
 MAX_BYTES = 1 << 30  # trained weights held for inheritance
 BITS_STEP = 0.02  # distance of one layer at another width (a prune ratio of 0.02 in one group)
@@ -98,7 +104,11 @@ class Lineage:
         return len(self._trained)
 
     def add(self, number: int, plan: CompressionPlan, model: nn.Module, steps: int) -> None:
-        params = {name: p.detach().to("cpu", copy=True) for name, p in model.named_parameters()}
+        self.hold(number, plan, {name: p.detach().to("cpu", copy=True)
+                                 for name, p in model.named_parameters()}, steps)
+
+    def hold(self, number: int, plan: CompressionPlan, params: dict[str, torch.Tensor],
+             steps: int) -> None:
         self._trained[number] = Trained(number, plan, params, steps)
         self._trained.move_to_end(number)
         while (len(self._trained) > 1
@@ -167,7 +177,37 @@ class Lineage:
         return share
 
 
+def load_stored(lineage: Lineage, study: Any, number: int, ctx: SearchContext) -> bool:
+    """Hold trial ``number``'s trained weights from the artifact store (its ``student.pt``),
+    so a retrain in another process or worker inherits it as one in the same process would.
+    False (the teacher, as before) when the trial is not a finished fine-tune or its file
+    cannot be read; why is logged."""
+    if ctx.download is None:
+        return False
+    found = [t for t in study.get_trials(deepcopy=False) if t.number == number]
+    attrs = found[0].user_attrs if found else {}
+    artifact = attrs.get(trial_attrs.TORCH_ARTIFACT_ID)
+    if not found or artifact is None or attrs.get(trial_attrs.TORCH_KIND) != "qat" or (
+            attrs.get(trial_attrs.PLAN) is None):
+        return False
+    dest = ctx.workdir / f"inherit-{number}.pt"
+    try:
+        ctx.download(str(artifact), dest)
+        state = torch.load(str(dest), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        log.warning("trial %d's weights could not be read (%s); the retrain starts from the "
+                    "teacher", number, one_line(exc, typed=True))
+        return False
+    plan = CompressionPlan.from_json(attrs[trial_attrs.PLAN])
+    steps = attrs.get(trial_attrs.LINEAGE_STEPS, attrs.get(trial_attrs.FINETUNE_STEPS_RUN, 0))
+    lineage.hold(number, plan, {k: v for k, v in state.items() if v.is_floating_point()},
+                 int(steps or 0))
+    lineage.measured(number, attrs.get(trial_attrs.ACCURACY))
+    return True
+
+
 def _cuts_more(child: CompressionPlan, parent: CompressionPlan) -> bool:
     return any(child.ratio_for(g) > parent.ratio_for(g) + 1e-9 for g in child.prune)
 
-__all__ = ["BITS_STEP", "MAX_BYTES", "Lineage", "Trained", "can_inherit", "distance"]
+__all__ = ["BITS_STEP", "MAX_BYTES", "Lineage", "Trained", "can_inherit", "distance",
+           "load_stored"]

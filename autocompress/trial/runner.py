@@ -32,7 +32,7 @@ from autocompress.study import attrs as trial_attrs
 from autocompress.train import tuning
 from autocompress.train.losses import TaskLossError
 from autocompress.transform.student import build_student, removes_weights
-from autocompress.trial import build, constraints
+from autocompress.trial import build, constraints, lineage
 from autocompress.trial import precheck as prechecks
 from autocompress.trial.context import Precheck, SearchContext, precheck_key
 from autocompress.trial.finetune import finetune_trial
@@ -203,6 +203,10 @@ class TrialRunner:
             return None
         preferred = trial.user_attrs.get(trial_attrs.PROPOSED_FROM,
                                          trial.user_attrs.get(trial_attrs.PARENT))
+        if preferred is not None and self.lineage.get(int(preferred)) is None:
+            # another process's trial (a refine, a resumed study, another worker): its
+            # trained weights come from the artifact store
+            lineage.load_stored(self.lineage, trial.study, int(preferred), self.ctx)
         return self.lineage.parent_for(
             plan, preferred=None if preferred is None else int(preferred),
             floor=self.ctx.fp32_accuracy - self.ctx.training.early_stop_drop)
