@@ -4,10 +4,10 @@ predicted by the study's surrogate before anything is fine-tuned.
 After the warm starts and guided plans, the default proposer (``--sampler front``) derives
 each next plan from the measured Pareto front instead of sampling the space blind:
 
-- **shrink**: a front trial made ~``SHRINK`` (``SHRINK_LESS``, ``SHRINK_MORE``) smaller by the changes with
-  the least sensitivity damage per byte saved: a group's ratio a grid step up, a layer a width
-  down. Its fine-tune inherits the front trial's weights (``trial.lineage``), so a high ratio
-  is reached a step at a time along a lineage instead of in one cut;
+- **shrink**: a front trial made ~``SHRINK`` (``SHRINK_LESS``, ``SHRINK_MORE``) smaller by the
+  changes with the least sensitivity damage per byte saved: a group's ratio a grid step up, a
+  layer a width down. Its fine-tune inherits the front trial's weights (``trial.lineage``), so
+  a high ratio is reached a step at a time along a lineage instead of in one cut;
 - **repair**: the front trial's most damaging choice undone a step (a width up, a ratio down),
   then shrunk back to its size by the least damaging changes elsewhere (a better trade at the
   same size), or not (**grow**: larger, more accurate);
