@@ -558,7 +558,8 @@ def render_budget(data: dict[str, Any]) -> str:
 
 
 def render_long(data: dict[str, Any]) -> str:
-    lines = _header(data, "A 40-minute default search and a refine (ResNet-20 / CIFAR-10)")
+    lines = _header(data, f"A {data['minutes']:g}-minute default search and a refine "
+                          "(ResNet-20 / CIFAR-10)")
     lines[-2] = (f"Search: `autocompress search` alone on the machine, default settings, "
                  f"`--time-limit {data['minutes']:g}`, `{' '.join(data['default_flags'])}`, "
                  "1 torch and 1 ONNX Runtime thread.")
