@@ -124,3 +124,22 @@ def test_a_timed_demo_search_ends_within_a_tenth_of_its_limit(tmp_path: Path) ->
     assert any(r.measured and r.baseline is None for r in study.result.records)
     assert study.result.stop_reason is not None
     assert study.result.stop_reason.startswith("time limit of 0.75 min reached")
+
+
+def test_a_promotion_stretched_to_the_time_left_still_fits_a_moment_later() -> None:
+    """The search plans a timed promotion at PROMOTION_PLAN_MARGIN of the effort left: one
+    planned at all of it was refused by the fit check made milliseconds later, and a 30-min
+    ResNet-20 search ran no promotion ("about 349 s here and 349 s ... left")."""
+    from autocompress.search.loop import PROMOTION_PLAN_MARGIN
+
+    config = SearchConfig(time_limit=10.0)
+    settings = SearchSettings.from_config(config)
+    counter = TrialCounter(settings.run, settings.promotion, baselines=2,
+                           started=time.perf_counter() - 300.0)
+    timing = {"build": 1.0, "precheck": 0.5, "finetune": 40.0, "export": 0.5, "measure": 8.0}
+    steps = config.finetune_steps
+    whole = counter.promotion_effort([(timing, steps)])
+    time.sleep(0.05)
+    assert counter.promotions_that_fit([(timing, steps, whole)]) == 0  # the old plan
+    planned = PROMOTION_PLAN_MARGIN * whole
+    assert counter.promotions_that_fit([(timing, steps, planned)]) == 1

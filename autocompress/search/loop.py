@@ -59,6 +59,7 @@ BASELINES: tuple[tuple[str, int], ...] = tuple(BASELINE_BITS.items())
 DYNAMIC_LINEAR_SHARE = 0.5
 LATENCY_MODEL_ATTR = "latency_model"
 PROMOTION_PASSES = 3  # under a time limit: plan and run promotions again while time is left
+PROMOTION_PLAN_MARGIN = 0.95  # of the time left a timed promotion is planned to take
 
 
 # A latency budget is called impossible only when it is clearly below the fastest structure
@@ -304,13 +305,16 @@ def _promote(
         short = [r for r in recs if r.measured and r.baseline is None
                  and r.attrs.get(trial_attrs.TIMING) and r.attrs.get(trial_attrs.PARENT) is None]
         timed = settings.run.time_limit is not None
-        chosen = plan_promotions(recs, settings.promotion, effort=counter.promotion_effort(
+        # a little under the time left: one stretched to exactly that failed the fit check a
+        # moment later ("about 349 s here and 349 s ... left": no promotion ran)
+        margin = PROMOTION_PLAN_MARGIN if timed else 1.0
+        chosen = plan_promotions(recs, settings.promotion, effort=margin * counter.promotion_effort(
             [_timing(r) for r in short]), reference_size=reference_size, stretch=timed)
         if chosen and timed:
             # The first retrain takes most of the time: cost it at its own plan's speed
             # (int8 QAT steps ran 0.33 s where the mean short trial's ran 0.24 s, and a
             # retrain costed at the mean ran a 15-minute search 3 minutes past its limit).
-            own = counter.promotion_effort([_timing(by_number[chosen[0].parent])])
+            own = margin * counter.promotion_effort([_timing(by_number[chosen[0].parent])])
             if own > 0:
                 chosen = plan_promotions(recs, settings.promotion, effort=own,
                                          reference_size=reference_size, stretch=True)
