@@ -35,12 +35,13 @@ from autocompress.config.settings import SpaceSettings
 from autocompress.model import space
 from autocompress.model.inventory import Inventory
 from autocompress.model.plan import CompressionPlan
+from autocompress.results.pareto import nondominated
 from autocompress.search import guided
 from autocompress.search.dense_table import densify
 from autocompress.search.sensitivity import Sensitivity
 from autocompress.search.surrogate import Pair, Surrogate, calibrate, front_accuracy_at
 from autocompress.study import attrs as trial_attrs
-from autocompress.trial.lineage import can_inherit, distance
+from autocompress.trial.lineage import nearest_parent
 
 SHRINK = 0.85  # a shrink move's size, of its front trial's
 SHRINK_MORE = 0.7
@@ -112,6 +113,7 @@ class Proposer:
         ``guided``: (rung, plan) solved for the ladder but not queued, weighed like moves."""
         surrogate = calibrate(self.pairs(trials), self.fp32_accuracy)
         points = [(t.size, t.accuracy) for t in trials]
+        correction = self._size_correction(trials)  # the same for every candidate
         best: Proposal | None = None
         refused = seen = 0
         candidates = [(kind, parent, plan, None) for kind, parent, plan
@@ -125,7 +127,8 @@ class Proposer:
                 continue
             tried = tried | {key}
             seen += 1
-            proposal = self._predicted(kind, parent, plan, trials, surrogate, points)
+            proposal = self._predicted(kind, parent, plan, trials, surrogate, points,
+                                       correction)
             if proposal is None:
                 continue
             proposal = dataclasses.replace(proposal, name=name)
@@ -287,7 +290,7 @@ class Proposer:
 
     def _predicted(self, kind: str, parent: int, plan: CompressionPlan,
                    trials: Sequence[Measured], surrogate: Surrogate,
-                   points: list[tuple[float, float]]) -> Proposal | None:
+                   points: list[tuple[float, float]], correction: float) -> Proposal | None:
         found = self._choice(plan)
         if found is None:
             return None
@@ -300,7 +303,7 @@ class Proposer:
         else:
             predicted = surrogate.predict(damage, start_accuracy=start.accuracy,
                                           start_damage=start_damage)
-        size = problem.size(choice) * self._size_correction(trials)
+        size = problem.size(choice) * correction
         optimistic = predicted + 0.5 * surrogate.spread
         gain = hypervolume_gain(points, (size, optimistic), fp32_bytes=self.fp32_bytes,
                                 floor=self.fp32_accuracy - FLOOR_DROP,
@@ -319,15 +322,10 @@ def _start(plan: CompressionPlan, preferred: int, trials: Sequence[Measured],
            floor: float) -> Measured | None:
     """The trial the plan's fine-tune will inherit from (``trial.lineage``'s rule, over the
     trials this process holds), or None: the teacher."""
-    teacher = distance(plan, None) or 0.0
-    held = [t for t in trials if t.trained and t.accuracy >= floor and can_inherit(t.plan)]
-    for t in held:
-        if t.number == preferred and (far := distance(plan, t.plan)) is not None \
-                and far < teacher:
-            return t
-    ranked = [(far, -t.accuracy, t.number, t) for t in held
-              if (far := distance(plan, t.plan)) is not None and far < teacher]
-    return min(ranked)[3] if ranked else None
+    held = sorted((t for t in trials if t.trained), key=lambda t: t.number)
+    number = nearest_parent(plan, [(t.number, t.plan, t.accuracy) for t in held],
+                            preferred=preferred, floor=floor)
+    return next((t for t in held if t.number == number), None)
 
 
 def _front(trials: Sequence[Measured]) -> list[Measured]:
@@ -344,9 +342,9 @@ def _front(trials: Sequence[Measured]) -> list[Measured]:
 
 
 def _nondominated(trials: Sequence[Measured]) -> list[Measured]:
-    return [t for t in trials
-            if not any(o.size <= t.size and o.accuracy >= t.accuracy
-                       and (o.size < t.size or o.accuracy > t.accuracy) for o in trials)]
+    by_number = {t.number: t for t in trials}
+    return [by_number[n] for n in nondominated(
+        {t.number: (t.accuracy, -t.size) for t in trials}, [True, True])]
 
 
 def structure_key(plan: CompressionPlan) -> str:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from autocompress.transform.prune_lineage import Origins
+from autocompress.transform.prune_lineage import Origins, shared_positions
 
 
 @torch.no_grad()
@@ -38,7 +38,7 @@ def transplant(
             continue
         if source.shape[len(mine):] != tensor.shape[len(mine):]:
             continue  # a dimension pruning never touches differs: not the same layer
-        picks = [_positions(a, b) for a, b in zip(mine, theirs, strict=True)]
+        picks = [shared_positions(a, b) for a, b in zip(mine, theirs, strict=True)]
         if any(len(p[0]) == 0 for p in picks):
             continue
         child_index = tuple(p[0] for p in picks)
@@ -58,17 +58,6 @@ def _origins_for(name: str, origins: Origins) -> tuple[torch.Tensor, ...] | None
         weight = origins.get(name[: -len("bias")] + "weight")
         return None if weight is None else weight[:1]
     return found
-
-
-def _positions(child: torch.Tensor, parent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(positions in the child, matching positions in the parent) of the teacher indices both
-    hold."""
-    where = {int(v): i for i, v in enumerate(parent.tolist())}
-    pairs = [(i, where[int(v)]) for i, v in enumerate(child.tolist()) if int(v) in where]
-    if not pairs:
-        return torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64)
-    mine, theirs = zip(*pairs, strict=True)
-    return torch.tensor(mine), torch.tensor(theirs)
 
 
 __all__ = ["transplant"]

@@ -59,6 +59,18 @@ def channel_origins(
             for name, t in _tensors(pruned)}
 
 
+def shared_positions(child: torch.Tensor,
+                     parent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For two origin vectors of one dimension: (positions in the child, matching positions
+    in the parent) of the original indices both hold, in the child's order."""
+    where = {int(v): i for i, v in enumerate(parent.tolist())}
+    pairs = [(i, where[int(v)]) for i, v in enumerate(child.tolist()) if int(v) in where]
+    if not pairs:
+        return torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64)
+    mine, theirs = zip(*pairs, strict=True)
+    return torch.tensor(mine), torch.tensor(theirs)
+
+
 def _tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
     found = [*model.named_parameters(), *model.named_buffers()]
     return [(name, t) for name, t in found if t.is_floating_point() and t.ndim > 0]
@@ -87,4 +99,4 @@ def _index_along(tensor: torch.Tensor, dim: int) -> torch.Tensor:
     return picked.round().to(torch.int64)
 
 
-__all__ = ["CHANNEL_DIMS", "Origins", "channel_origins"]
+__all__ = ["CHANNEL_DIMS", "Origins", "channel_origins", "shared_positions"]

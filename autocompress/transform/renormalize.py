@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from autocompress.transform.prune_lineage import Origins
+from autocompress.transform.prune_lineage import Origins, shared_positions
 
 _EPS = 1e-6
 
@@ -40,11 +40,9 @@ def match_channel_statistics(
         if theirs is None or mine_o is None or theirs_o is None or module.bias is None:
             continue  # a conv BatchNorm could not fold keeps no bias: its parameters stay
         mean_c, std_c = _output_stats(child, batches, {name: module})[name]
-        where = {int(v): i for i, v in enumerate(theirs_o[0].tolist())}
-        rows = [(j, where[int(v)]) for j, v in enumerate(mine_o[0].tolist()) if int(v) in where]
-        if not rows:
+        mine, parents = shared_positions(mine_o[0], theirs_o[0])
+        if len(mine) == 0:
             continue
-        mine, parents = (torch.tensor(x) for x in zip(*rows, strict=True))
         mean_p, std_p = theirs[0][parents], theirs[1][parents]
         live = std_c[mine] > _EPS
         scale = torch.where(live, std_p / std_c[mine].clamp_min(_EPS), torch.ones_like(std_p))

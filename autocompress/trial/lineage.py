@@ -91,6 +91,31 @@ def distance(child: CompressionPlan, parent: CompressionPlan | None) -> float | 
     return pruned + BITS_STEP * widths
 
 
+def nearest_parent(
+    plan: CompressionPlan, candidates: Sequence[tuple[int, CompressionPlan, float | None]], *,
+    preferred: int | None, floor: float,
+) -> int | None:
+    """Of ``candidates`` (number, plan, measured accuracy), the one ``plan``'s fine-tune
+    starts from (module docstring): ``preferred`` when it qualifies, else the nearest (ties:
+    the more accurate, then the first given); None when the teacher is as near. The rule the
+    runner inherits by and the proposer predicts by."""
+    if not can_inherit(plan):
+        return None
+    teacher = distance(plan, None) or 0.0  # never None: the teacher prunes nothing
+    best: tuple[float, float, int] | None = None
+    for number, parent, accuracy in candidates:
+        if accuracy is None or accuracy < floor or not can_inherit(parent):
+            continue
+        far = distance(plan, parent)
+        if far is None or far >= teacher:
+            continue
+        if number == preferred:
+            return number
+        if best is None or (far, -accuracy) < best[:2]:
+            best = (far, -accuracy, number)
+    return None if best is None else best[2]
+
+
 class Lineage:
     """The trained weights this process holds for inheritance, and the channel origins of
     each pruned structure (computed once per structure)."""
@@ -127,22 +152,10 @@ class Lineage:
     ) -> Trained | None:
         """The nearest held trial that qualifies (module docstring), ``preferred`` first;
         None when the teacher is as near."""
-        if not can_inherit(plan):
-            return None
-        teacher = distance(plan, None) or 0.0  # never None: the teacher prunes nothing
-        best: tuple[float, float, Trained] | None = None
-        for entry in self._trained.values():
-            if entry.accuracy is None or entry.accuracy < floor or not can_inherit(entry.plan):
-                continue
-            far = distance(plan, entry.plan)
-            if far is None or far >= teacher:
-                continue
-            if entry.number == preferred:
-                return self._used(entry)
-            key = (far, -entry.accuracy)
-            if best is None or key < best[:2]:
-                best = (far, -entry.accuracy, entry)
-        return None if best is None else self._used(best[2])
+        number = nearest_parent(plan, [(t.number, t.plan, t.accuracy)
+                                       for t in self._trained.values()],
+                                preferred=preferred, floor=floor)
+        return None if number is None else self._used(self._trained[number])
 
     def _used(self, entry: Trained) -> Trained:
         self._trained.move_to_end(entry.number)
@@ -210,4 +223,4 @@ def _cuts_more(child: CompressionPlan, parent: CompressionPlan) -> bool:
     return any(child.ratio_for(g) > parent.ratio_for(g) + 1e-9 for g in child.prune)
 
 __all__ = ["BITS_STEP", "MAX_BYTES", "Lineage", "Trained", "can_inherit", "distance",
-           "load_stored"]
+           "load_stored", "nearest_parent"]
