@@ -143,3 +143,26 @@ def test_a_promotion_stretched_to_the_time_left_still_fits_a_moment_later() -> N
     assert counter.promotions_that_fit([(timing, steps, whole)]) == 0  # the old plan
     planned = PROMOTION_PLAN_MARGIN * whole
     assert counter.promotions_that_fit([(timing, steps, planned)]) == 1
+
+
+def test_a_stop_request_ends_the_run_after_the_trial_it_follows(tmp_path: Path) -> None:
+    """``run_search(stop_request=...)`` (the service's cancel): asked after every trial, its
+    reason ends the run there, with no promotions after it, and is the run's stop reason;
+    what was finished stays in the study."""
+    from search_fixture import SHORT
+
+    from autocompress.search.loop import run_search
+
+    asked: list[int] = []
+
+    def stop() -> str | None:
+        asked.append(1)
+        return "cancelled by the job's owner" if len(asked) >= 4 else None
+
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    result = run_search(SearchConfig(**{**SHORT, "study": "s", "storage": url, "trials": 6}),
+                        stop_request=stop)
+    assert result.stop_reason == "cancelled by the job's owner"
+    finished = [r for r in result.records if r.state in ("COMPLETE", "PRUNED", "FAIL")]
+    assert len(asked) == 4 and len(finished) == 4  # asked once a trial; none ran after
+    assert not any(r.attrs.get(trial_attrs.PARENT) is not None for r in result.records)

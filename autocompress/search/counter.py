@@ -5,7 +5,7 @@ next trial can finish inside that limit, and the one line that says why a run en
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from autocompress.config.budgets import Budget
@@ -38,6 +38,16 @@ class TrialCounter:
         # study's earlier trials, or its baselines and learning-rate probe); None: unknown
         self.first_estimate: float | None = None
         self.declined: str | None = None  # why a trial was not started for lack of time
+        # asked after every trial (a service's cancel or its turn for another project): a
+        # one-line reason ends the run there, finished trials kept
+        self.stop_request: Callable[[], str | None] | None = None
+        self.stopped: str | None = None
+
+    def requested_stop(self) -> bool:
+        """True once ``stop_request`` gave a reason (kept in ``stopped``)."""
+        if self.stopped is None and self.stop_request is not None:
+            self.stopped = self.stop_request() or None
+        return self.stopped is not None
 
     @property
     def done(self) -> int:
@@ -102,7 +112,7 @@ class TrialCounter:
         """Under a time limit, after the promotions: is there time for one more trial (the
         mean of this run's trials so far)?"""
         limit = self.run.time_limit
-        if limit is None or self.counted >= self.run.trials or self.in_a_row >= (
+        if limit is None or self.stopped or self.counted >= self.run.trials or self.in_a_row >= (
                 self.run.max_rejections) or not self.counted:
             return False
         mean = self.elapsed() / max(self.finished, 1)
@@ -147,13 +157,16 @@ class TrialCounter:
 
     def should_stop(self) -> bool:
         run = self.run
-        return (self.counted >= run.trials or self.in_a_row >= run.max_rejections
-                or self._out_of_time() or not self.can_finish())
+        return (self.stopped is not None or self.counted >= run.trials
+                or self.in_a_row >= run.max_rejections or self._out_of_time()
+                or not self.can_finish())
 
     def end_note(self, budgets: list[Budget], records: list[TrialRecord]) -> str | None:
         """None when the run did its trials; else one line saying why it ended early (with
         the closest plan when rejections ended it)."""
         run = self.run
+        if self.stopped:
+            return self.stopped
         if self.counted >= run.trials:
             return None
         if self._out_of_time() or self.declined:

@@ -97,7 +97,11 @@ def run_search(
     *,
     on_progress: Callable[[Progress], None] | None = None,
     on_start: Callable[[str], None] | None = None,
+    stop_request: Callable[[], str | None] | None = None,
 ) -> SearchResult:
+    """Run the search ``config`` describes. ``stop_request`` is asked after every trial; a
+    one-line reason it returns ends the run there (no promotions after it), finished trials
+    kept, and becomes the result's ``stop_reason`` (the service's cancel and fair turns)."""
     url = config.storage_url()
     before = study_mod.storage_snapshot(
         url, config.study, study_mod.artifact_location(config.artifacts, url, config.study))
@@ -110,7 +114,7 @@ def run_search(
             config.train_threads
         ):
             session = open_session(config, url, storage, Path(tmp), on_start)
-            return _run_search(session, url, started, on_progress, on_start)
+            return _run_search(session, url, started, on_progress, on_start, stop_request)
 
 
 def _run_search(
@@ -119,6 +123,7 @@ def _run_search(
     started: float,
     on_progress: Callable[[Progress], None] | None,
     on_start: Callable[[str], None] | None,
+    stop_request: Callable[[], str | None] | None = None,
 ) -> SearchResult:
     study, runner, inventory = session.study, session.runner, session.inventory
     budgets, settings = session.budgets, session.settings
@@ -128,16 +133,18 @@ def _run_search(
         _check_floors(runner, inventory, settings.space, budgets, study)
     queued = _enqueue_baselines(study, inventory, settings.space, settings.run)
     counter = TrialCounter(settings.run, settings.promotion, queued, started)
+    counter.stop_request = stop_request
     callback = _ends_on_fatal(runner, _callback(counter, on_progress))
     if queued:
         study.optimize(runner, n_trials=queued, callbacks=[callback], catch=(Exception,))
-    # Baselines do not fine-tune, so they never needed the rate.
-    settings = use_learning_rate(session, on_start)
-    _enqueue_planned(study, runner, inventory, settings, budgets, on_start)
-    counter.first_estimate = first_trial_estimate(study_mod.records(study), settings,
-                                                  study.user_attrs.get(LR_PROBE_ATTR))
-    proposer = front_queue(study, runner, settings, on_start)
-    _search_and_promote(study, runner, settings, counter, callback, proposer, on_start)
+    if counter.stopped is None:  # asked after each baseline
+        # Baselines do not fine-tune, so they never needed the rate.
+        settings = use_learning_rate(session, on_start)
+        _enqueue_planned(study, runner, inventory, settings, budgets, on_start)
+        counter.first_estimate = first_trial_estimate(study_mod.records(study), settings,
+                                                      study.user_attrs.get(LR_PROBE_ATTR))
+        proposer = front_queue(study, runner, settings, on_start)
+        _search_and_promote(study, runner, settings, counter, callback, proposer, on_start)
     stop_reason = counter.end_note(budgets, study_mod.records(study))
     if stop_reason:
         _say(stop_reason, on_start)
@@ -183,8 +190,8 @@ def _search_and_promote(
     counter.searching = False
     for _ in range(PROMOTION_PASSES):  # under a time limit, while their share lasts:
         # a plan retrained once may earn the next rung, the next front member its first
-        if not _promote(study, runner, settings, counter, callback, on_start) or (
-                settings.run.time_limit is None):
+        if counter.stopped or not _promote(study, runner, settings, counter, callback,
+                                           on_start) or settings.run.time_limit is None:
             break
     if counter.time_left_for_more():
         # promotions did not use all of their share: back to searching until the limit
@@ -210,7 +217,7 @@ def _callback(
             best = max((r.accuracy or 0.0 for r in feasible), default=None)
             on_progress(Progress(counter.done, counter.total, len(feasible), best,
                                  counter.elapsed(), record))
-        if counter.searching and counter.should_stop():
+        if counter.requested_stop() or (counter.searching and counter.should_stop()):
             study_obj.stop()
 
     return callback
