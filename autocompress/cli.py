@@ -46,7 +46,17 @@ def build_parser() -> argparse.ArgumentParser:
     for add in (_add_search, _add_readers, _add_profile, _add_dashboard, _add_export,
                 _add_refine_and_sensitivity):
         add(sub)
+    _add_service_commands(sub)
     return parser
+
+
+def _add_service_commands(sub: Any) -> None:
+    """The service's commands (serve, worker, admin, and the client's submit/jobs/watch/
+    cancel/fetch): each module adds its parsers with ``set_defaults(handler=...)``."""
+    from autocompress.service import cli_admin, cli_client, cli_worker
+
+    for module in (cli_client, cli_worker, cli_admin):
+        module.add_parsers(sub)
 
 
 def _add_search(sub: Any) -> None:
@@ -347,7 +357,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # consistent, and the process exits 130.
     signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
     try:
-        return _COMMANDS[args.command](args)
+        handler = getattr(args, "handler", None) or _COMMANDS[args.command]
+        return int(handler(args))
     except AutocompressError as exc:
         print(f"error: {one_line(exc, whole=True, limit=None)}", file=sys.stderr)
         return 2

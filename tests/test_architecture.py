@@ -71,7 +71,7 @@ LAYERS = {
     "trial": 7,
     "export": 8,
     "search": 9,
-    "api": 10, "logs": 10, "cli": 11, "__main__": 12,
+    "api": 10, "logs": 10, "service": 10, "cli": 11, "__main__": 12,
 }
 
 
