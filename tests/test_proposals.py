@@ -156,3 +156,60 @@ def test_hypervolume_gain_is_zero_for_a_dominated_point() -> None:
     points = [(10_000.0, 0.9)]
     assert hypervolume_gain(points, (12_000.0, 0.88), fp32_bytes=40_000.0, floor=0.85) == 0.0
     assert hypervolume_gain(points, (5_000.0, 0.88), fp32_bytes=40_000.0, floor=0.85) > 0.0
+
+
+def test_under_a_budget_no_trial_meets_a_fit_brings_a_measured_plan_inside_it() -> None:
+    """Nothing measured is inside the size budget yet (a tight budget no guided plan was
+    measured within): the proposer fits the most accurate measured plan over it inside the
+    budget by its least damaging changes, instead of leaving every trial to TPE."""
+    settings = SearchSettings.from_config(SearchConfig(prune_max=0.4, prune_step=0.1)).space
+    budget = 0.7 * 3 * PARAMS  # bytes: under all-int8 (3 x PARAMS + overhead)
+    proposer = Proposer(_table(), _inventory(), settings, fp32_bytes=FP32_BYTES,
+                        fp32_accuracy=FP32_ACC, size_budget=budget)
+    over = _measured(4, _plan({"a": 8, "b": 8, "c": 8}), 0.895, proposer)
+    outcome = proposer.propose([], tried={structure_key(over.plan)}, over_budget=[over])
+    p = outcome.proposal
+    assert p is not None and p.kind == "fit"
+    assert p.predicted_size <= budget
+    if p.parent == 4:  # fitted from the measured plan: it nests in it (inherits its weights)
+        assert all(p.plan.bits_for(n) <= over.plan.bits_for(n) for n in NAMES)
+        assert p.plan.ratio_for("a") >= over.plan.ratio_for("a")
+    # the fragile layer keeps its width: the bytes come from the cheap ones
+    assert p.plan.bits_for("b") == 8
+    # without a budget there is nothing to fit and no feasible trial to move from
+    free = _proposer()
+    assert free.propose([], tried=set(), over_budget=[over]).proposal is None
+
+
+def test_under_a_budget_moves_count_accuracy_from_below_the_best_trial_inside_it() -> None:
+    """A tight budget keeps every trial inside it far under fp32: the hypervolume floor
+    follows the best of them, so a repair that gains accuracy there is still worth a trial."""
+    settings = SearchSettings.from_config(SearchConfig(prune_max=0.4, prune_step=0.1)).space
+    proposer = Proposer(_table(), _inventory(), settings, fp32_bytes=FP32_BYTES,
+                        fp32_accuracy=FP32_ACC, size_budget=0.6 * 3 * PARAMS)
+    inside = _measured(5, _plan({"a": 4, "b": 8, "c": 4}, 0.2), 0.70, proposer)
+    assert proposer._hypervolume_floor([inside]) < 0.70
+    assert _proposer()._hypervolume_floor([inside]) == FP32_ACC - 0.05
+
+
+def test_the_latency_aim_follows_the_models_error_near_what_was_measured() -> None:
+    """The latency model is one linear fit over the whole space: near a measured plan, its
+    error on that plan aims the moves derived from it (it called 0.59x plans of the demo
+    over a 0.55x budget that measured inside it, so no move was proposed); a fit from the
+    uncompressed model follows its error on the latest pre-checks."""
+    settings = SearchSettings.from_config(SearchConfig(prune_max=0.4, prune_step=0.1)).space
+    checks = [(0.40, 0.50)] * 3  # the model predicted 0.4 where 0.5 was measured
+    proposer = Proposer(_table(), _inventory(), settings, fp32_bytes=FP32_BYTES,
+                        fp32_accuracy=FP32_ACC, predict_latency=lambda features: 0.40,
+                        latency_budget=0.5, latency_checks=lambda: checks)
+    budget_aim = 0.5 * 0.97
+    assert abs((proposer._latency_aim() or 0) - budget_aim * 0.8) < 1e-9
+    plan = _plan({"a": 8, "b": 8, "c": 8})
+    problem, choice = proposer._choice(plan)  # type: ignore[misc]
+    slow = Measured(1, plan, 0.89, 1000.0, True, latency_ratio=0.50)
+    fast = Measured(2, plan, 0.89, 1000.0, True, latency_ratio=0.36)
+    assert abs((proposer._latency_aim(problem, choice, slow) or 0) - budget_aim * 0.8) < 1e-9
+    assert abs((proposer._latency_aim(problem, choice, fast) or 0)
+               - budget_aim * 0.40 / 0.36) < 1e-9
+    # without a latency budget there is nothing to aim at
+    assert _proposer()._latency_aim(problem, choice, slow) is None

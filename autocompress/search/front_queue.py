@@ -62,12 +62,16 @@ class FrontQueue:
 
     def _propose(self) -> bool:
         records = study_mod.records(self.study)
-        trials = measured_trials(records, lambda n: self.runner.lineage.get(n) is not None,
-                                 self.settings.space.finetune_steps)
+        def held(number: int) -> bool:
+            return self.runner.lineage.get(number) is not None
+
+        steps = self.settings.space.finetune_steps
+        trials = measured_trials(records, held, steps)
+        over = measured_trials(records, held, steps, feasible=False)
         tried = {structure_key(CompressionPlan.from_dict(r.plan)) for r in records if r.plan}
         run = {r.attrs.get(trial_attrs.GUIDED) for r in records}
         pending = [(name, plan) for name, plan in self._pending() if name not in run]
-        outcome = self.proposer.propose(trials, tried, pending)
+        outcome = self.proposer.propose(trials, tried, pending, over)
         self.refused += outcome.refused
         p = outcome.proposal
         if p is None:
@@ -123,7 +127,8 @@ def front_queue(study: Any, runner: TrialRunner, settings: SearchSettings,
                         latency_budget=ctx.budget_ratio(),
                         size_budget=min((b.value for b in ctx.budgets if b.kind == "size"),
                                         default=None),
-                        floor=ctx.fp32_accuracy - ctx.training.early_stop_drop)
+                        floor=ctx.fp32_accuracy - ctx.training.early_stop_drop,
+                        latency_checks=lambda: ctx.latency_model.checked)
     return FrontQueue(study, runner, proposer, settings, on_start)
 
 

@@ -172,10 +172,16 @@ class _Problem:
         return total
 
 
-def solve(problem: _Problem, targets: _Targets) -> dict[tuple[str, str], float] | None:
-    """Greedy least damage per unit of violation removed; None when the targets cannot be met
-    within the space."""
-    choice = {(kind, name): problem.options(kind, name)[0] for kind, name in problem.units()}
+def solve(problem: _Problem, targets: _Targets,
+          start: dict[tuple[str, str], float] | None = None
+          ) -> dict[tuple[str, str], float] | None:
+    """Greedy least damage per unit of violation removed, from the uncompressed model or from
+    ``start`` (a measured plan brought inside a budget: no unit goes back past where it
+    started, so its kept channels nest in the start's and its fine-tune can inherit them);
+    None when the targets cannot be met within the space."""
+    first = {(kind, name): problem.options(kind, name)[0] for kind, name in problem.units()}
+    choice = dict(first if start is None else start)
+    lowest = dict(choice)
     violation = problem.violation(choice, targets)
     damage = problem.damage(choice)
     while violation > 1e-9:
@@ -201,7 +207,7 @@ def solve(problem: _Problem, targets: _Targets) -> dict[tuple[str, str], float] 
     # Undo what overshot: the last steps may have made earlier ones unnecessary.
     for unit in sorted(choice, key=lambda u: -_unit_damage(problem, u, choice[u])):
         options = problem.options(*unit)
-        for option in options[: options.index(choice[unit])]:
+        for option in options[options.index(lowest[unit]): options.index(choice[unit])]:
             trial = dict(choice)
             trial[unit] = option
             if problem.violation(trial, targets) <= 1e-9:
@@ -350,8 +356,9 @@ def _to_plan(choice: dict[tuple[str, str], float], settings: SpaceSettings, acts
     )
 
 
-# what the proposer (``proposals``) prices moves with
+# what the proposer (``proposals``) prices moves with and fits plans inside budgets by
 Problem = _Problem
+Targets = _Targets
 
-__all__ = ["LADDER", "GuidedPlan", "Problem", "Rung", "propose", "rungs", "solve",
+__all__ = ["LADDER", "GuidedPlan", "Problem", "Rung", "Targets", "propose", "rungs", "solve",
            "solve_rung"]

@@ -12,13 +12,18 @@ each next plan from the measured Pareto front instead of sampling the space blin
   then shrunk back to its size by the least damaging changes elsewhere (a better trade at the
   same size), or not (**grow**: larger, more accurate);
 - **blend**: between two neighbours on the front, the larger one with the cheaper half of the
-  smaller one's differences.
+  smaller one's differences;
+- **fit** (under a budget): a measured plan over the budget, or the uncompressed model,
+  brought inside it by the least damage per unit of excess removed (``guided.solve`` from that
+  start). Before any trial meets the budget these are the only moves, by predicted accuracy
+  (ResNet-20 at 0.59x: no guided plan measured within it, TPE's plans refused all run).
 
 Each candidate's accuracy is predicted (``surrogate``) from where its fine-tune will start (the
 trial it inherits from, else the teacher) plus the damage it adds; one predicted dominated by
 what the study measured is refused (counted, not fine-tuned). Of the rest, the one whose
 optimistic prediction adds the most hypervolume to the front (log size vs accuracy, down to
-``FLOOR_DROP`` under fp32) is proposed. Under a latency budget, candidates the latency model
+``FLOOR_DROP`` under fp32, or under the best trial within the budgets when that is lower) is
+proposed. Under a latency budget, candidates the latency model
 predicts over it are left out, so moves stay inside it. Torch-free: plans in, a plan out.
 """
 
@@ -26,21 +31,25 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from autocompress.config.settings import SpaceSettings
 from autocompress.model import space
 from autocompress.model.inventory import Inventory
 from autocompress.model.plan import CompressionPlan
-from autocompress.results.pareto import nondominated
 from autocompress.search import guided
 from autocompress.search.dense_table import densify
+from autocompress.search.measured import (
+    Measured,
+    front_order,
+    hypervolume_gain,
+    measured_trials,
+    on_front,
+    structure_key,
+)
 from autocompress.search.sensitivity import Sensitivity
-from autocompress.search.surrogate import Pair, Surrogate, calibrate, front_accuracy_at
-from autocompress.study import attrs as trial_attrs
+from autocompress.search.surrogate import Pair, Surrogate, calibrate
 from autocompress.trial.lineage import nearest_parent
 
 SHRINK = 0.85  # a shrink move's size, of its front trial's
@@ -51,21 +60,11 @@ SHRINK_LESS = 0.93
 REPAIR_RATIO_STEP = 0.1  # a repaired group's ratio goes down this much
 FLOOR_DROP = 0.05  # hypervolume counts accuracy down to fp32 minus this
 FRONT_SOURCES = 8  # trials moves are derived from: the front's, then the nearest below it
+LOCAL_SCALE_CAP = 1.25  # how far a latency error may move the aim of moves (_latency_aim)
+RECENT_CHECKS = 5  # pre-checks whose prediction error aims a fit from the uncompressed model
+FIT_SOURCES = 3  # measured plans over the budget (most accurate first) fitted inside it
 
 Choice = dict[tuple[str, str], float]
-
-
-@dataclass(frozen=True)
-class Measured:
-    """What proposals need of a measured trial (plain data)."""
-
-    number: int
-    plan: CompressionPlan
-    accuracy: float
-    size: float
-    trained: bool  # fine-tuned by this process and held for inheritance
-    inherited_from: int | None = None
-    default_steps: bool = True  # fine-tuned for the study's step count (calibration pairs)
 
 
 @dataclass(frozen=True)
@@ -94,7 +93,9 @@ class Proposer:
                  fp32_bytes: float, fp32_accuracy: float,
                  predict_latency: guided.LatencyPredictor | None = None,
                  latency_budget: float | None = None, size_budget: float | None = None,
-                 floor: float = 0.0) -> None:
+                 floor: float = 0.0,
+                 latency_checks: Callable[[], Sequence[tuple[float, float]]] | None = None
+                 ) -> None:
         self.settings = settings
         self.inventory = inventory
         self.fp32_bytes = fp32_bytes
@@ -102,22 +103,26 @@ class Proposer:
         self.latency_budget = latency_budget
         self.size_budget = size_budget
         self.floor = floor  # a trial measured below it is no parent (trial.lineage)
+        self.latency_checks = latency_checks  # (predicted, measured) pre-checks, oldest first
         dense = densify(sens, settings)
         self.problems = {acts: guided.Problem(dense, settings, fp32_bytes, acts,
                                               predict_latency, inventory)
                          for acts in settings.activation_bits}
 
     def propose(self, trials: Sequence[Measured], tried: set[str],
-                guided: Sequence[tuple[str, CompressionPlan]] = ()) -> Outcome:
+                guided: Sequence[tuple[str, CompressionPlan]] = (),
+                over_budget: Sequence[Measured] = ()) -> Outcome:
         """The next plan (module docstring); ``tried``: ``structure_key``s already run;
-        ``guided``: (rung, plan) solved for the ladder but not queued, weighed like moves."""
-        surrogate = calibrate(self.pairs(trials), self.fp32_accuracy)
+        ``guided``: (rung, plan) solved for the ladder but not queued, weighed like moves;
+        ``over_budget``: measured trials outside the budgets (``trials`` are those inside)."""
+        surrogate = calibrate(self.pairs([*trials, *over_budget]), self.fp32_accuracy)
         points = [(t.size, t.accuracy) for t in trials]
-        correction = self._size_correction(trials)  # the same for every candidate
+        correction = self._size_correction([*trials, *over_budget])  # same for every candidate
+        floor = self._hypervolume_floor(trials)
         best: Proposal | None = None
         refused = seen = 0
         candidates = [(kind, parent, plan, None) for kind, parent, plan
-                      in self._candidates(trials)]
+                      in [*self._candidates(trials), *self._fits(over_budget)]]
         for name, plan in guided:
             start = _start(plan, -1, trials, self.floor)
             candidates.append(("guided", -1 if start is None else start.number, plan, name))
@@ -127,8 +132,8 @@ class Proposer:
                 continue
             tried = tried | {key}
             seen += 1
-            proposal = self._predicted(kind, parent, plan, trials, surrogate, points,
-                                       correction)
+            proposal = self._predicted(kind, parent, plan, [*trials, *over_budget], surrogate,
+                                       points, (correction, floor))
             if proposal is None:
                 continue
             proposal = dataclasses.replace(proposal, name=name)
@@ -166,8 +171,9 @@ class Proposer:
     # -- candidates -----------------------------------------------------------------------
 
     def _candidates(self, trials: Sequence[Measured]) -> list[tuple[str, int, CompressionPlan]]:
-        front = _front(trials)[:FRONT_SOURCES]
-        on_front = [t for t in front if t.number in {f.number for f in _nondominated(trials)}]
+        front = front_order(trials)[:FRONT_SOURCES]
+        members = {f.number for f in on_front(trials)}
+        nondominated = [t for t in front if t.number in members]
         out: list[tuple[str, int, CompressionPlan]] = []
         for t in front:
             found = self._choice(t.plan)
@@ -175,21 +181,76 @@ class Proposer:
                 continue
             problem, choice = found
             size = problem.size(choice)
-            for kind, moved in (("shrink", self._shrink(problem, choice, size * SHRINK_LESS)),
-                                ("shrink", self._shrink(problem, choice, size * SHRINK)),
-                                ("shrink", self._shrink(problem, choice, size * SHRINK_MORE)),
-                                *self._repairs(problem, choice, size)):
+            aim = self._latency_aim(problem, choice, t)
+            for kind, moved in (("shrink", self._shrink(problem, choice, size * SHRINK_LESS,
+                                                        aim=aim)),
+                                ("shrink", self._shrink(problem, choice, size * SHRINK, aim=aim)),
+                                ("shrink", self._shrink(problem, choice, size * SHRINK_MORE,
+                                                        aim=aim)),
+                                *self._repairs(problem, choice, size, aim)):
                 if moved is not None and moved != choice:
                     out.append((kind, t.number, self._plan(t.plan, moved)))
-        ordered = sorted(on_front, key=lambda t: t.size)
+        ordered = sorted(nondominated, key=lambda t: t.size)
         for small, large in itertools.pairwise(ordered):
             blended = self._blend(large, small)
             if blended is not None:
                 out.append(("blend", large.number, blended))
         return out
 
+    def _fits(self, over_budget: Sequence[Measured]) -> list[tuple[str, int, CompressionPlan]]:
+        """Under a budget: the most accurate measured plans over it, and the uncompressed
+        model (parent -1), each brought inside it by least damage per excess removed."""
+        if self.latency_budget is None and self.size_budget is None:
+            return []
+        size = None if self.size_budget is None else self.size_budget * guided.SIZE_MARGIN
+        out: list[tuple[str, int, CompressionPlan]] = []
+        for problem in self.problems.values():
+            fitted = guided.solve(problem, guided.Targets(size, self._latency_aim()))
+            if fitted is not None:
+                base = dataclasses.replace(CompressionPlan(), activation_bits=problem.acts)
+                out.append(("fit", -1, self._plan(base, fitted)))
+        for t in sorted(over_budget, key=lambda t: -t.accuracy)[:FIT_SOURCES]:
+            found = self._choice(t.plan)
+            if found is None:
+                continue
+            targets = guided.Targets(size, self._latency_aim(*found, t))
+            fitted = guided.solve(found[0], targets, start=found[1])
+            if fitted is not None:
+                out.append(("fit", t.number, self._plan(t.plan, fitted)))
+        return out
+
+    def _hypervolume_floor(self, trials: Sequence[Measured]) -> float:
+        """Accuracy the hypervolume counts from: FLOOR_DROP under fp32, or under the best
+        trial inside the budgets when a tight budget keeps every one of them lower (else
+        every move there would add nothing and TPE would take over)."""
+        floor = self.fp32_accuracy - FLOOR_DROP
+        if trials and (self.latency_budget is not None or self.size_budget is not None):
+            floor = min(floor, max(t.accuracy for t in trials) - FLOOR_DROP)
+        return floor
+
+    def _latency_aim(self, problem: guided.Problem | None = None, choice: Choice | None = None,
+                     source: Measured | None = None) -> float | None:
+        """The latency ratio the model's prediction must stay under for moves from
+        ``source``: the budget with its margin, scaled by how far the model's prediction
+        of the source itself was off its measurement (the model is one linear fit over the
+        whole space; near a measured plan its local error is the better guide: on the demo at
+        0.55x it called plans over the budget that measured inside it, and no move was
+        proposed)."""
+        if self.latency_budget is None:
+            return None
+        aim = self.latency_budget * guided.LATENCY_MARGIN
+        if problem is not None and choice is not None and source is not None and (
+                source.latency_ratio):
+            scale = problem.latency_ratio(choice) / source.latency_ratio
+        else:  # from the uncompressed model: the model's error on the latest pre-checks
+            recent = [p / m for p, m in (self.latency_checks() if self.latency_checks else ())
+                      [-RECENT_CHECKS:] if m > 0 and p > 0]
+            scale = sorted(recent)[len(recent) // 2] if recent else 1.0
+        return aim * min(max(scale, 1 / LOCAL_SCALE_CAP), LOCAL_SCALE_CAP)
+
     def _shrink(self, problem: guided.Problem, choice: Choice, target: float,
-                frozen: tuple[str, str] | None = None) -> Choice | None:
+                frozen: tuple[str, str] | None = None, *,
+                aim: float | None = None) -> Choice | None:
         """Greedy least damage per byte saved from ``choice`` until ``target`` bytes."""
         choice = dict(choice)
         size, damage = problem.size(choice), problem.damage(choice)
@@ -204,7 +265,7 @@ class Proposer:
                 step = dict(choice)
                 step[unit] = options[here + 1]
                 saved = size - problem.size(step)
-                if saved <= 0 or not self._within_budget(problem, step):
+                if saved <= 0 or not self._within_budget(problem, step, aim):
                     continue
                 score = (problem.damage(step) - damage) / saved
                 if best is None or score < best[0]:
@@ -214,8 +275,8 @@ class Proposer:
             _, choice, size, damage = best
         return choice
 
-    def _repairs(self, problem: guided.Problem, choice: Choice,
-                 size: float) -> list[tuple[str, Choice | None]]:
+    def _repairs(self, problem: guided.Problem, choice: Choice, size: float,
+                 aim: float | None) -> list[tuple[str, Choice | None]]:
         # a unit at its first option (the widest width the space has, ratio 0) has nothing
         # to undo
         damaging = [(problem.damage({u: v}), u) for u, v in choice.items()
@@ -231,8 +292,8 @@ class Proposer:
             back = max((o for o in options if o <= value - REPAIR_RATIO_STEP + 1e-9),
                        default=0.0)
         grown = {**choice, unit: back}
-        return [("repair", self._shrink(problem, grown, size, frozen=unit)),
-                ("grow", grown if self._within_budget(problem, grown) else None)]
+        return [("repair", self._shrink(problem, grown, size, frozen=unit, aim=aim)),
+                ("grow", grown if self._within_budget(problem, grown, aim) else None)]
 
     def _blend(self, large: Measured, small: Measured) -> CompressionPlan | None:
         a, b = self._choice(large.plan), self._choice(small.plan)
@@ -250,14 +311,17 @@ class Proposer:
 
         cheap = sorted(differing, key=cost)[: len(differing) // 2]
         blended = {**choice, **{u: b[1][u] for u in cheap}}
-        return self._plan(large.plan, blended) if self._within_budget(problem, blended) else None
+        aim = self._latency_aim(problem, choice, large)
+        return (self._plan(large.plan, blended) if self._within_budget(problem, blended, aim)
+                else None)
 
-    def _within_budget(self, problem: guided.Problem, choice: Choice) -> bool:
+    def _within_budget(self, problem: guided.Problem, choice: Choice,
+                       aim: float | None) -> bool:
+        """Inside the size budget and under the latency ``aim`` (``_latency_aim``)."""
         if self.size_budget is not None and (
                 problem.size(choice) > self.size_budget * guided.SIZE_MARGIN):
             return False
-        return (self.latency_budget is None
-                or problem.latency_ratio(choice) <= self.latency_budget * guided.LATENCY_MARGIN)
+        return aim is None or problem.latency_ratio(choice) <= aim
 
     # -- plans and predictions ------------------------------------------------------------
 
@@ -290,7 +354,10 @@ class Proposer:
 
     def _predicted(self, kind: str, parent: int, plan: CompressionPlan,
                    trials: Sequence[Measured], surrogate: Surrogate,
-                   points: list[tuple[float, float]], correction: float) -> Proposal | None:
+                   points: list[tuple[float, float]], scale: tuple[float, float]
+                   ) -> Proposal | None:
+        """``scale``: the size model's correction and the hypervolume floor."""
+        correction, floor = scale
         found = self._choice(plan)
         if found is None:
             return None
@@ -305,9 +372,10 @@ class Proposer:
                                           start_damage=start_damage)
         size = problem.size(choice) * correction
         optimistic = predicted + 0.5 * surrogate.spread
+        if not points:  # nothing inside the budgets yet: the most accurate fit comes first
+            return Proposal(kind, parent, plan, predicted, size, 1.0 + optimistic)
         gain = hypervolume_gain(points, (size, optimistic), fp32_bytes=self.fp32_bytes,
-                                floor=self.fp32_accuracy - FLOOR_DROP,
-                                ceiling=self.fp32_accuracy)
+                                floor=floor, ceiling=self.fp32_accuracy)
         return Proposal(kind, parent, plan, predicted, size, gain)
 
     def _size_correction(self, trials: Sequence[Measured]) -> float:
@@ -326,72 +394,6 @@ def _start(plan: CompressionPlan, preferred: int, trials: Sequence[Measured],
     number = nearest_parent(plan, [(t.number, t.plan, t.accuracy) for t in held],
                             preferred=preferred, floor=floor)
     return next((t for t in held if t.number == number), None)
-
-
-def _front(trials: Sequence[Measured]) -> list[Measured]:
-    """The front's trials first (most accurate first), then the others by how far below the
-    front they are at their size: moves start from the front and, when it has few members,
-    from the trials nearest to it."""
-    points = [(t.size, t.accuracy) for t in trials]
-
-    def gap(t: Measured) -> float:
-        reached = front_accuracy_at(t.size, points)
-        return 0.0 if reached is None else max(0.0, reached - t.accuracy)
-
-    return sorted(trials, key=lambda t: (gap(t), -t.accuracy, t.size))
-
-
-def _nondominated(trials: Sequence[Measured]) -> list[Measured]:
-    by_number = {t.number: t for t in trials}
-    return [by_number[n] for n in nondominated(
-        {t.number: (t.accuracy, -t.size) for t in trials}, [True, True])]
-
-
-def structure_key(plan: CompressionPlan) -> str:
-    """What makes two plans the same candidate for the proposer: widths, ratios, activations,
-    realisation (the distillation settings and step count do not)."""
-    bits = sorted((k, v) for k, v in plan.bits.items() if v < 32)
-    prune = sorted((k, round(v, 4)) for k, v in plan.prune.items() if v > 0)
-    return f"{bits}|{prune}|{plan.activation_bits}|{plan.realisation}|{plan.global_sparsity}"
-
-
-def hypervolume_gain(points: Sequence[tuple[float, float]], new: tuple[float, float], *,
-                     fp32_bytes: float, floor: float, ceiling: float = math.inf) -> float:
-    """Area a (size, accuracy) point adds to the front's, in log size x accuracy between
-    ``floor`` and ``ceiling`` (both larger-is-better after the log). Accuracy above the
-    ceiling (the teacher's) counts as the ceiling: a candidate a validation split scores a
-    few images above the teacher is not better than the teacher, and rewarding it sent the
-    proposer after that noise at 3-4x instead of towards smaller files."""
-    def volume(pts: Sequence[tuple[float, float]]) -> float:
-        xy = sorted(((math.log(fp32_bytes / s), min(a, ceiling) - floor) for s, a in pts
-                     if s > 0 and s < fp32_bytes and a > floor), reverse=True)
-        area, best_y = 0.0, 0.0
-        for i, (x, y) in enumerate(xy):
-            best_y = max(best_y, y)
-            next_x = xy[i + 1][0] if i + 1 < len(xy) else 0.0
-            area += (x - next_x) * best_y
-        return area
-
-    return volume([*points, new]) - volume(points)
-
-
-def measured_trials(records: Sequence[Any], held: Callable[[int], bool],
-                    default_steps: int) -> list[Measured]:
-    """The study's measured, feasible trials as ``Measured`` (``held``: whether this process
-    holds a trial's trained weights)."""
-    out = []
-    for r in records:
-        if not (r.measured and r.feasible) or r.accuracy is None or not r.plan:
-            continue
-        size = r.objective_size
-        if size is None:
-            continue
-        plan = CompressionPlan.from_dict(r.plan)
-        inherited = r.attrs.get(trial_attrs.INHERITED_FROM)
-        out.append(Measured(r.number, plan, float(r.accuracy), float(size), held(r.number),
-                            None if inherited is None else int(inherited),
-                            plan.finetune_steps == default_steps and r.baseline is None))
-    return out
 
 
 __all__ = ["Measured", "Outcome", "Proposal", "Proposer", "densify", "hypervolume_gain",

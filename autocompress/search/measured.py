@@ -1,0 +1,101 @@
+"""The study's measured trials as the proposer sees them (plain data), the order moves are
+derived from them in, what makes two plans the same candidate, and the hypervolume a
+candidate adds to the front."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from autocompress.model.plan import CompressionPlan
+from autocompress.results.pareto import nondominated
+from autocompress.search.surrogate import front_accuracy_at
+from autocompress.study import attrs as trial_attrs
+
+
+@dataclass(frozen=True)
+class Measured:
+    """What proposals need of a measured trial (plain data)."""
+
+    number: int
+    plan: CompressionPlan
+    accuracy: float
+    size: float
+    trained: bool  # fine-tuned by this process and held for inheritance
+    inherited_from: int | None = None
+    default_steps: bool = True  # fine-tuned for the study's step count (calibration pairs)
+    latency_ratio: float | None = None  # measured, interleaved with fp32
+
+
+def front_order(trials: Sequence[Measured]) -> list[Measured]:
+    """The front's trials first (most accurate first), then the others by how far below the
+    front they are at their size: moves start from the front and, when it has few members,
+    from the trials nearest to it."""
+    points = [(t.size, t.accuracy) for t in trials]
+
+    def gap(t: Measured) -> float:
+        reached = front_accuracy_at(t.size, points)
+        return 0.0 if reached is None else max(0.0, reached - t.accuracy)
+
+    return sorted(trials, key=lambda t: (gap(t), -t.accuracy, t.size))
+
+
+def on_front(trials: Sequence[Measured]) -> list[Measured]:
+    by_number = {t.number: t for t in trials}
+    return [by_number[n] for n in nondominated(
+        {t.number: (t.accuracy, -t.size) for t in trials}, [True, True])]
+
+
+def structure_key(plan: CompressionPlan) -> str:
+    """What makes two plans the same candidate for the proposer: widths, ratios, activations,
+    realisation (the distillation settings and step count do not)."""
+    bits = sorted((k, v) for k, v in plan.bits.items() if v < 32)
+    prune = sorted((k, round(v, 4)) for k, v in plan.prune.items() if v > 0)
+    return f"{bits}|{prune}|{plan.activation_bits}|{plan.realisation}|{plan.global_sparsity}"
+
+
+def hypervolume_gain(points: Sequence[tuple[float, float]], new: tuple[float, float], *,
+                     fp32_bytes: float, floor: float, ceiling: float = math.inf) -> float:
+    """Area a (size, accuracy) point adds to the front's, in log size x accuracy between
+    ``floor`` and ``ceiling`` (both larger-is-better after the log). Accuracy above the
+    ceiling (the teacher's) counts as the ceiling: a candidate a validation split scores a
+    few images above the teacher is not better than the teacher, and rewarding it sent the
+    proposer after that noise at 3-4x instead of towards smaller files."""
+    def volume(pts: Sequence[tuple[float, float]]) -> float:
+        xy = sorted(((math.log(fp32_bytes / s), min(a, ceiling) - floor) for s, a in pts
+                     if s > 0 and s < fp32_bytes and a > floor), reverse=True)
+        area, best_y = 0.0, 0.0
+        for i, (x, y) in enumerate(xy):
+            best_y = max(best_y, y)
+            next_x = xy[i + 1][0] if i + 1 < len(xy) else 0.0
+            area += (x - next_x) * best_y
+        return area
+
+    return volume([*points, new]) - volume(points)
+
+
+def measured_trials(records: Sequence[Any], held: Callable[[int], bool],
+                    default_steps: int, *, feasible: bool = True) -> list[Measured]:
+    """The study's measured trials inside the budgets (``feasible=False``: outside them) as
+    ``Measured`` (``held``: whether this process holds a trial's trained weights)."""
+    out = []
+    for r in records:
+        if not r.measured or bool(r.feasible) != feasible or r.accuracy is None or not r.plan:
+            continue
+        size = r.objective_size
+        if size is None:
+            continue
+        plan = CompressionPlan.from_dict(r.plan)
+        inherited = r.attrs.get(trial_attrs.INHERITED_FROM)
+        ratio = r.attrs.get(trial_attrs.LATENCY_VS_FP32)
+        out.append(Measured(r.number, plan, float(r.accuracy), float(size), held(r.number),
+                            None if inherited is None else int(inherited),
+                            plan.finetune_steps == default_steps and r.baseline is None,
+                            None if ratio is None else float(ratio)))
+    return out
+
+
+__all__ = ["Measured", "front_order", "hypervolume_gain", "measured_trials", "on_front",
+           "structure_key"]
