@@ -18,6 +18,7 @@ from autocompress.config.budgets import Budget, parse_budget
 from autocompress.errors import ConfigError
 
 SAMPLERS = ("front", "tpe", "random", "nsga2", "gp")
+FIDELITIES = ("auto", "finetune", "calibration")  # how search trials are realised
 OBJECTIVES = ("accuracy", "size", "latency")
 SPARSITY_SCOPES = ("layer", "global")
 SIZE_METRICS = ("file", "zip")
@@ -101,9 +102,8 @@ class SearchConfig:
                                             "(default 8,32)")
     prune_max: float = _opt(0.7, "largest prune ratio (default 0.7)")
     prune_step: float = _opt(0.05, "prune ratio grid step (default 0.05)")
-    # unstructured L1 sparsity searched up to this fraction, per layer ("layer") or as one
-    # ratio ranked across all layers ("global"); 0: not searched. Zeros shrink a zipped file
-    # (or a sparse format), not the raw one: pair it with size_metric "zip"
+    # unstructured L1 sparsity per layer or as one global ratio (0: off); zeros shrink a
+    # zipped file, not the raw one: pair it with size_metric "zip"
     sparsity_max: float = _opt(0.0, "search unstructured L1 sparsity up to this fraction "
                                "(default 0: off; pair with --size-metric zip)")
     sparsity_step: float = _opt(0.1, "sparsity grid step (default 0.1)")
@@ -113,14 +113,12 @@ class SearchConfig:
     size_metric: str = _opt("file", "what the size objective and size budgets count: file "
                             "(bytes on disk, default) or zip (zipped bytes: what sparsity "
                             "saves)")
-    # feature distillation searched on/off with a weight up to this (0: never); the layers
-    # whose outputs are matched (student and teacher share names; empty: stage outputs)
+    # feature KD with a weight up to this (0: never), on these layers (empty: stage outputs)
     feature_weight_max: float = _opt(0.0, "search feature distillation on/off with a weight "
                                      "up to this (default 0: off)")
     feature_layers: tuple[str, ...] = _opt((), "layers whose outputs feature distillation "
                                            "matches (default: the model's stage outputs)")
-    # post-training quantization as a realisation the search may choose (no fine-tune),
-    # calibrated with one of these methods; empty: every candidate is QAT + KD
+    # PTQ as a realisation the search may choose (no fine-tune); empty: every one QAT + KD
     ptq_methods: tuple[str, ...] = _opt((), "let the search realise a plan by post-training "
                                         "quantization (no fine-tune) calibrated with these: "
                                         "minmax, entropy, percentile, or dynamic (int8 "
@@ -163,11 +161,13 @@ class SearchConfig:
                                "--trials)")
     time_limit: float | None = _opt(None, "end the run between trials after this many minutes "
                                     "(the study can be resumed)", metavar="MINUTES")
-    # search intelligence: a sensitivity pass and least-damage plans solved from it, queued
-    # after the warm starts; the best plans retrained longer (promote_factor x the steps)
-    # with promote_share of the run's fine-tune effort (0: no promotions)
+    # a sensitivity pass and least-damage plans solved from it; the best plans retrained
+    # longer (promote_factor x the steps) with promote_share of the effort (0: none)
     guided: bool = _opt(True, "skip the sensitivity pass and the least-damage plans solved "
                         "from it")
+    fidelity: str = _opt("auto", "finetune (each trial), calibration (pruned, BN re-estimated, "
+                         "PTQ; the best promoted to fine-tunes) or auto (calibration when < 3 "
+                         "fine-tunes fit the time limit; default)")
     sensitivity_images: int = _opt(512, "validation images each choice is scored on in the "
                                    "sensitivity pass (default 512)")
     promote_share: float | None = _opt(None, "share of the run's fine-tune effort spent "
@@ -196,8 +196,10 @@ class SearchConfig:
             parse_budget(budget)
         if self.trials < 1:
             raise ConfigError(f"trials {self.trials} must be at least 1 (--trials 20)")
-        if self.sampler not in SAMPLERS:
-            raise ConfigError(f"sampler {self.sampler!r} is unknown; use one of {list(SAMPLERS)}")
+        for name, allowed in (("sampler", SAMPLERS), ("fidelity", FIDELITIES)):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{name} {getattr(self, name)!r} is unknown; use one of "
+                                  f"{list(allowed)}")
         if not 0 <= self.seed <= MAX_SEED:
             raise ConfigError(f"seed {self.seed} must be a whole number from 0 to {MAX_SEED} "
                               "(e.g. --seed 0)")

@@ -81,6 +81,7 @@ class RunSettings:
     guided: bool
     sensitivity_images: int
     sampler: str = "front"  # "front": the search proposes from the measured front
+    fidelity: str = "auto"  # how search trials are realised (search/fidelity.py)
 
 
 @dataclass(frozen=True)

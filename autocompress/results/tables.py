@@ -171,6 +171,8 @@ def print_front(
             label = f"[warm start {r.attrs['warm_start']}] {label}"
         elif r.attrs.get(trial_attrs.GUIDED):
             label = f"[{r.attrs['guided']}] {label}"
+        if not r.baseline and r.attrs.get(trial_attrs.FIDELITY) == "calibration":
+            label = f"[calibration only] {label}"  # no fine-tune: pruned, BN, PTQ
         if r.attrs.get(trial_attrs.PARENT) is not None:
             what = ("refined" if r.attrs.get(trial_attrs.REFINE_EPOCHS) else "promoted")
             label = (f"[{what} #{r.attrs['parent_trial']}, "

@@ -201,24 +201,32 @@ def _seconds(record: TrialRecord) -> float:
 
 
 def first_trial_estimate(records: Sequence[TrialRecord], settings: SearchSettings,
-                         probe: dict[str, Any] | None) -> float | None:
-    """Seconds a fine-tuned search trial is expected to take before this run finished one:
-    the mean of the study's earlier ones, else a baseline's (build, export, measurement and
-    scoring, no fine-tune) plus ``finetune_steps`` at the learning-rate probe's pace (its
-    seconds over the steps it ran, evaluations included: an estimate on the safe side).
-    None when the study holds nothing to go by."""
+                         probe: dict[str, Any] | None, *,
+                         calibration: bool = False) -> float | None:
+    """Seconds a fine-tuned search trial (``calibration``: a calibration-only one) is
+    expected to take before this run finished one: the mean of the study's earlier ones of
+    that fidelity, else a baseline's (build, export, measurement and scoring, no fine-tune)
+    plus, for a fine-tune, ``finetune_steps`` at the learning-rate probe's pace (its seconds
+    over the steps it ran, evaluations included: an estimate on the safe side). None when
+    the study holds nothing to go by."""
     searched = [_seconds(r) for r in records if r.measured and r.baseline is None
-                and r.attrs.get(trial_attrs.PARENT) is None and _seconds(r) > 0]
+                and r.attrs.get(trial_attrs.PARENT) is None and _seconds(r) > 0
+                and (r.attrs.get(trial_attrs.FIDELITY) == "calibration") == calibration]
     if searched:
         return sum(searched) / len(searched)
     fixed = [_seconds(r) for r in records if r.baseline is not None and _seconds(r) > 0]
-    per_step = 0.0
-    if probe and probe.get("seconds") and probe.get("steps") and probe.get("scores"):
-        per_step = float(probe["seconds"]) / (int(probe["steps"]) * len(probe["scores"]))
+    per_step = 0.0 if calibration else probe_step_seconds(probe)
     if not fixed and not per_step:
         return None
     base = sum(fixed) / len(fixed) if fixed else 0.0
     return base + per_step * settings.space.finetune_steps
+
+
+def probe_step_seconds(probe: dict[str, Any] | None) -> float:
+    """Seconds per fine-tune step at the learning-rate probe's pace (0.0: no probe)."""
+    if probe and probe.get("seconds") and probe.get("steps") and probe.get("scores"):
+        return float(probe["seconds"]) / (int(probe["steps"]) * len(probe["scores"]))
+    return 0.0
 
 
 _BUDGET_ADVICE = "raise the budget, allow more pruning (--prune-max) or fewer bits (--bits)"

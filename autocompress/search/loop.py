@@ -27,8 +27,8 @@ from autocompress.model import space
 from autocompress.model.plan import CompressionPlan
 from autocompress.results.pareto import fp32_record, pareto_front
 from autocompress.runtime import measure
-from autocompress.search import planning
-from autocompress.search.counter import TrialCounter, first_trial_estimate
+from autocompress.search import fidelity, planning
+from autocompress.search.counter import TrialCounter, first_trial_estimate, probe_step_seconds
 from autocompress.search.floors import check_floors
 from autocompress.search.front_queue import FrontQueue, front_queue
 from autocompress.search.promotion import plan_promotions
@@ -136,9 +136,11 @@ def _run_search(
     if counter.stopped is None:  # asked after each baseline
         # Baselines do not fine-tune, so they never needed the rate.
         settings = use_learning_rate(session, on_start)
+        _choose_fidelity(study, runner, settings, counter, on_start)
         _enqueue_planned(study, runner, inventory, settings, budgets, on_start)
-        counter.first_estimate = first_trial_estimate(study_mod.records(study), settings,
-                                                      study.user_attrs.get(LR_PROBE_ATTR))
+        counter.first_estimate = first_trial_estimate(
+            study_mod.records(study), settings, study.user_attrs.get(LR_PROBE_ATTR),
+            calibration=runner.calibration_only is not None)
         proposer = front_queue(study, runner, settings, on_start)
         _search_and_promote(study, runner, settings, counter, callback, proposer, on_start)
     stop_reason = counter.end_note(budgets, study_mod.records(study))
@@ -234,6 +236,18 @@ def _ends_on_fatal(
     return ending
 
 
+def _choose_fidelity(study: Any, runner: TrialRunner, settings: SearchSettings,
+                     counter: TrialCounter, on_start: Callable[[str], None] | None) -> None:
+    """Calibration-only search trials when too few fine-tunes fit the time limit
+    (``fidelity``): the runner realises them by PTQ, the promotions fine-tune the best."""
+    estimate = first_trial_estimate(study_mod.records(study), settings,
+                                    study.user_attrs.get(LR_PROBE_ATTR))
+    chosen = fidelity.choose(settings, finetune_estimate=estimate, elapsed=counter.elapsed())
+    if chosen == fidelity.CALIBRATION:
+        runner.calibration_only = fidelity.ptq_method(settings)
+        _say(fidelity.note(chosen, finetune_estimate=estimate, settings=settings), on_start)
+
+
 def _enqueue_planned(
     study: Any,
     runner: TrialRunner,
@@ -244,7 +258,9 @@ def _enqueue_planned(
 ) -> None:
     """The warm starts and the guided plans, each once per study."""
     recorded = study_mod.records(study)
-    if not any(r.attrs.get(trial_attrs.WARM_START) for r in recorded):  # once per study: the
+    # uniform fine-tunes; realised by calibration they would be the PTQ baseline again
+    if runner.calibration_only is None and not any(
+            r.attrs.get(trial_attrs.WARM_START) for r in recorded):  # once per study: the
         # budget-aware ones cost a few pre-checks each to find their pruning ratio
         warm = plan_warm_starts(runner, inventory, settings.space, settings.run, budgets,
                                 recorded)
@@ -302,6 +318,11 @@ def _promote(
     """Retrain the front's most valuable plans longer (see ``promotion``), as linked trials;
     False when none was chosen."""
     reference_size = 1.1 * measure.file_size(runner.ctx.fp32_onnx)
+    pace = probe_step_seconds(study.user_attrs.get(LR_PROBE_ATTR))
+
+    def _timing(record: TrialRecord) -> tuple[dict[str, float], int | None]:
+        return _trial_timing(record, pace, settings.space.finetune_steps)
+
     with study_mod.study_lock(study):  # two workers never promote the same plan
         recs = study_mod.records(study)
         by_number = {r.number: r for r in recs}
@@ -341,7 +362,14 @@ def _promote(
     return True
 
 
-def _timing(record: TrialRecord) -> tuple[dict[str, float], int | None]:
-    """A trial's timing (seconds per stage) and the fine-tune steps it ran."""
-    steps = record.attrs.get(trial_attrs.FINETUNE_STEPS_RUN)
-    return record.json_attr(trial_attrs.TIMING) or {}, int(steps) if steps else None
+def _trial_timing(record: TrialRecord, pace: float,
+                  steps: int) -> tuple[dict[str, float], int | None]:
+    """A trial's timing (seconds per stage) and the fine-tune steps it ran; a
+    calibration-only trial's fine-tune is costed at the learning-rate probe's ``pace``
+    (seconds a step) for ``steps`` steps, what its promotion will run."""
+    ran = record.attrs.get(trial_attrs.FINETUNE_STEPS_RUN)
+    timing = record.json_attr(trial_attrs.TIMING) or {}
+    if (record.attrs.get(trial_attrs.FIDELITY) == "calibration" and pace > 0 and steps
+            and not timing.get("finetune")):
+        return {**timing, "finetune": pace * steps}, steps
+    return timing, int(ran) if ran else None

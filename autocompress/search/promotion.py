@@ -35,9 +35,12 @@ from autocompress.results.pareto import (
     pareto_front,
 )
 from autocompress.search.guided import LADDER
+from autocompress.study import attrs as trial_attrs
 from autocompress.study.records import TrialRecord
 
 MAX_RUNGS = 2  # x factor, then x factor^2; longer repairs are `autocompress refine`'s job
+# a calibration-only trial's first fine-tune: at least this share of a short one (steps)
+MIN_FIRST_FINETUNE = 0.1
 BUDGET_FIRST = 1  # under budgets, this many of the most accurate plans are retrained first
 
 
@@ -88,6 +91,11 @@ def plan_promotions(
         if level >= factor**MAX_RUNGS:
             continue
         cost = min(level * factor, float(factor**MAX_RUNGS))
+        if record.attrs.get(trial_attrs.FIDELITY) == "calibration":
+            # never fine-tuned: its first fine-tune is the short one, or what is left of it
+            cost = min(1.0, left)
+            if cost < MIN_FIRST_FINETUNE:
+                continue
         if cost > left + 1e-9:
             continue
         if settings.under_budgets and record in top:

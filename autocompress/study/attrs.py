@@ -52,6 +52,8 @@ RUNTIME = "runtime"  # ONNX Runtime version, session options, threads, batch siz
 TIMING = "timing"  # seconds per phase
 FINETUNE_SECONDS = "finetune_seconds"  # the fine-tune's by kind of work (data, teacher, ...)
 FINETUNE_STEPS_RUN = "finetune_steps_run"
+# how the trial's candidate was made: baseline | calibration (no fine-tune) | fine-tune
+FIDELITY = "fidelity"
 RECOVERY_STEPS = "recovery_steps"  # of those, trained with BatchNorm live (train/tuning.py)
 
 # -- a trial: budgets, rejection, failure -----------------------------------------------------

@@ -93,6 +93,9 @@ class TrialRunner:
         self.fatal: AutocompressError | None = None
         # fine-tuned trials' weights, for the trials that inherit from them
         self.lineage = Lineage()
+        # a PTQ calibration method: search trials are realised by it instead of fine-tuned
+        # (search/fidelity.py); promotions, refines and baselines keep their own realisation
+        self.calibration_only: str | None = None
 
     def __call__(self, trial: Any) -> tuple[float, ...]:
         ctx = self.ctx
@@ -102,6 +105,10 @@ class TrialRunner:
         steps = trial.user_attrs.get(trial_attrs.FINETUNE_STEPS)
         if steps is not None:  # a promotion or a refine: the parent's plan, trained longer
             plan = dataclasses.replace(plan, finetune_steps=int(steps))
+        elif self.calibration_only and baseline is None and not plan.is_ptq:
+            plan = dataclasses.replace(plan, realisation="ptq", calibration=self.calibration_only)
+        trial.set_user_attr(trial_attrs.FIDELITY, "baseline" if baseline is not None else
+                            "calibration" if plan.is_ptq else "fine-tune")
         trial.set_user_attr(trial_attrs.PLAN, plan.to_json())
         trial.set_user_attr(trial_attrs.PLAN_SUMMARY, plan.summary())
         out_dir = ctx.workdir / f"trial-{trial.number}"
