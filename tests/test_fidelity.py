@@ -10,8 +10,10 @@ from search_fixture import run_short_search
 
 from autocompress.config.options import SearchConfig
 from autocompress.config.settings import SearchSettings
+from autocompress.model import space
 from autocompress.model.plan import CompressionPlan
 from autocompress.search import fidelity
+from autocompress.search.measured import structure_key
 from autocompress.study import attrs as trial_attrs
 
 
@@ -33,11 +35,13 @@ def test_auto_chooses_calibration_only_when_too_few_fine_tunes_fit() -> None:
     assert fidelity.choose(forced, finetune_estimate=1e6, elapsed=0.0) == "finetune"
     note = fidelity.note("calibration", finetune_estimate=1500.0, settings=timed)
     assert "about 1500 s" in note and "\n" not in note
+    # 400 s a fine-tune, 1,350 s of search share: three fit, the search fine-tunes
+    assert fidelity.choose(timed, finetune_estimate=400.0, elapsed=300.0) == "finetune"
 
 
 def test_a_calibration_only_search_realises_trials_by_ptq_and_promotes_the_best(
         tmp_path: Path) -> None:
-    study = run_short_search(tmp_path, fidelity="calibration", budgets=())
+    study = run_short_search(tmp_path, fidelity="calibration", budgets=(), trials=6)
     records = study.result.records
     searched = [r for r in records if r.measured and r.baseline is None
                 and r.attrs.get(trial_attrs.PARENT) is None]
@@ -46,6 +50,11 @@ def test_a_calibration_only_search_realises_trials_by_ptq_and_promotes_the_best(
         assert r.attrs.get(trial_attrs.FIDELITY) == "calibration"
         assert CompressionPlan.from_dict(r.plan).is_ptq
         assert not r.attrs.get(trial_attrs.FINETUNE_STEPS_RUN)  # nothing was fine-tuned
+    # no structure is tried twice: the proposer knows a recorded PTQ trial is the QAT
+    # candidate it proposed (keyed apart, one was proposed 41 times in a row)
+    keys = [structure_key(space.as_qat(CompressionPlan.from_dict(r.plan))) for r in searched]
+    assert len(keys) == len(set(keys))
+    assert any(r.attrs.get(trial_attrs.PROPOSAL) for r in searched)
     promoted = [r for r in records if r.attrs.get(trial_attrs.PARENT) is not None]
     assert promoted, "the best calibration-only trial gets a fine-tune"
     parents = {r.number: r for r in searched}

@@ -104,8 +104,11 @@ def test_a_bounded_probe_stops_at_its_share_from_the_smallest_on_one_batch(
     probe = lrprobe.probe_learning_rate(
         demo_task, inventory, *_settings(config), calibration, candidates=(1e-3, 3e-4, 1e-4),
         below=(3e-3, 3e-5), seconds=1e-6)
-    # nothing trained, so the smallest rate does no harm, but the time is up after it
-    assert finetuned == [1e-4]
+    # one timed step, then the smallest rate (nothing trained, so it does no harm), and
+    # the time is up after it
+    assert finetuned == [1e-4, 1e-4]
+    # a step costs more than the whole share: the fewest steps a rate is judged on
+    assert probe.steps == lrprobe.MIN_PROBE_STEPS
     assert evaluated == [1, 1]  # the timed start (reused) and the rate, one batch each
     assert set(probe.scores) == {1e-4} and probe.chosen == 1e-4
     assert probe.seconds > 0 and probe.to_dict()["seconds"] == round(probe.seconds, 3)

@@ -166,8 +166,8 @@ class SearchConfig:
     guided: bool = _opt(True, "skip the sensitivity pass and the least-damage plans solved "
                         "from it")
     fidelity: str = _opt("auto", "finetune (each trial), calibration (pruned, BN re-estimated, "
-                         "PTQ; the best promoted to fine-tunes) or auto (calibration when < 3 "
-                         "fine-tunes fit the time limit; default)")
+                         "PTQ; the best promoted to fine-tunes) or auto (calibration when not one "
+                         "fine-tune fits the time limit; default)")
     sensitivity_images: int = _opt(512, "validation images each choice is scored on in the "
                                    "sensitivity pass (default 512)")
     promote_share: float | None = _opt(None, "share of the run's fine-tune effort spent "

@@ -68,7 +68,12 @@ class FrontQueue:
         steps = self.settings.space.finetune_steps
         trials = measured_trials(records, held, steps)
         over = measured_trials(records, held, steps, feasible=False)
-        tried = {structure_key(CompressionPlan.from_dict(r.plan)) for r in records if r.plan}
+        # calibration-only trials are recorded as the PTQ plans they were realised as; the
+        # proposer's candidates are QAT plans the runner will realise the same way (keyed
+        # apart, one rejected shrink was proposed again 41 times in a row)
+        realised = space.as_qat if self.runner.calibration_only else (lambda plan: plan)
+        tried = {structure_key(realised(CompressionPlan.from_dict(r.plan)))
+                 for r in records if r.plan}
         run = {r.attrs.get(trial_attrs.GUIDED) for r in records}
         pending = [(name, plan) for name, plan in self._pending() if name not in run]
         outcome = self.proposer.propose(trials, tried, pending, over)

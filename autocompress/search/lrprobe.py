@@ -47,6 +47,9 @@ from autocompress.transform.student import build_student, torch_accuracy
 CANDIDATES = (3e-3, 1e-3, 3e-4, 1e-4)
 BELOW = (3e-5, 1e-5)  # tried only while each smaller rate still gains (pretrained transformers)
 PROBE_STEPS = 20  # collapse at a too-high rate shows within 5 steps on ResNet-20
+# Under a time bound, fewer steps when one costs a lot (resnet18 at 224x224 on 2 cores: ~15 s
+# a step, 20 steps took the whole of a 4-minute limit): never fewer than these.
+MIN_PROBE_STEPS = 3
 PROBE_EVAL_BATCHES = 4  # x 256 validation images
 TOLERANCE = 0.01  # accuracy (absolute) a faster rate may give up against the best one
 PROBE_SHARE = 0.10  # of a time-limited search
@@ -155,24 +158,22 @@ def probe_learning_rate(
         val = itertools.islice(task.data.batches("val", 256), batches)
         return torch_accuracy(model.to(device), val, task.metric)
 
-    def calibrated(plan: CompressionPlan) -> torch.nn.Module:
-        model = quantize.prepare_qat(student, plan)
-        quantize.calibrate(model, calibration)
-        return model
-
     grid = sorted(candidates, reverse=True)
     ladder = tuple(sorted({*grid, *(lr for lr in below if lr < grid[-1])}, reverse=True))
-    start_model = calibrated(base).to(device)  # moved before the timing: not a batch's cost
+    start_model = quantize.calibrate(quantize.prepare_qat(student, base), calibration).to(device)
     eval_batches, start = _start_accuracy(accuracy, start_model, seconds, len(ladder))
     paces: list[float] = []
 
+    def finetune(plan: CompressionPlan) -> torch.nn.Module:
+        model = quantize.calibrate(quantize.prepare_qat(student, plan), calibration)
+        distill.finetune(model, task.model, task.data, plan, batch_size=training.batch_size,
+                         device=device, seed=training.seed, loss=task.loss)
+        return model
+
     def score(lr: float) -> float:
         t0 = time.perf_counter()
-        plan = dataclasses.replace(base, learning_rate=lr, finetune_steps=steps)
-        model = calibrated(plan)
         try:
-            distill.finetune(model, task.model, task.data, plan, batch_size=training.batch_size,
-                             device=device, seed=training.seed, loss=task.loss)
+            model = finetune(dataclasses.replace(base, learning_rate=lr, finetune_steps=steps))
         except TaskLossError:
             raise  # the task's loss is broken at every rate: say so, do not pick one
         except TrainingError:
@@ -185,11 +186,23 @@ def probe_learning_rate(
     def out_of_time() -> bool:
         return seconds is not None and time.perf_counter() - started + max(paces) > seconds
 
+    if seconds is not None:  # one timed step: as many steps as one rate's share allows
+        steps = _steps_that_fit(finetune, dataclasses.replace(base, learning_rate=grid[-1]),
+                                steps, seconds)
     first = ladder.index(grid[-1])  # the grid's smallest rate
-    scores = walk(score, ladder, first, start, out_of_time)
-    ordered = dict(sorted(scores.items(), reverse=True))
+    ordered = dict(sorted(walk(score, ladder, first, start, out_of_time).items(), reverse=True))
     return LearningRateProbe(choose(ordered), start, ordered, steps, bits,
                              time.perf_counter() - started)
+
+
+def _steps_that_fit(finetune: Callable[[CompressionPlan], object], plan: CompressionPlan,
+                    steps: int, seconds: float) -> int:
+    """Probe steps one rate may take within its share of ``seconds``, from one timed step
+    of ``finetune``; never fewer than MIN_PROBE_STEPS (or ``steps``, when fewer)."""
+    t0 = time.perf_counter()
+    finetune(dataclasses.replace(plan, finetune_steps=1))
+    fit = int((1 - EVAL_SHARE) * seconds / max(time.perf_counter() - t0, 1e-9))
+    return max(min(steps, fit), min(MIN_PROBE_STEPS, steps))
 
 
 def _start_accuracy(
