@@ -240,3 +240,23 @@ def test_the_printed_table_marks_estimated_layers(capsys: pytest.CaptureFixture[
     out = capsys.readouterr().out
     assert "~0.25" in out and "~0.9500" in out and "~0.5" not in out
     assert "~ estimated, not measured (1 layers" in out
+
+
+def test_groups_the_pass_had_no_time_for_get_the_scored_groups_median() -> None:
+    """A group left unscored is still priced (else no guided plan or proposal can prune it,
+    and under a latency budget that needs pruning nothing could be planned): the scored
+    groups' median KL at each ratio, its members' outputs cut by the ratio, marked."""
+    from autocompress.model.inventory import PruneGroup
+    from autocompress.search.group_estimates import estimate_groups
+
+    table = Sensitivity(images=10, seconds=1.0, teacher_accuracy=0.9)
+    for name, kl in (("big", 0.3), ("mid", 0.1), ("odd", 0.2)):
+        table.groups[name] = {"ratios": {"0.2": {"kl": kl, "accuracy": 0.8,
+                                                 "kept": {name: 0.8}}}}
+    table.unscored = ["small"]
+    estimate_groups(table, [PruneGroup("small", ["a.conv", "b.conv"], 8, True, None)], [0.2])
+    entry = table.groups["small"]
+    assert entry["estimated"] is True
+    assert entry["ratios"]["0.2"]["kl"] == 0.2  # the median of 0.1, 0.2, 0.3
+    assert entry["ratios"]["0.2"]["kept"] == {"a.conv": 0.8, "b.conv": 0.8}
+    assert table.unscored == ["small"]  # still said to be unscored

@@ -310,19 +310,21 @@ def print_sensitivity(table: Any, *, top: int | None = None) -> None:
                       key=lambda kv: -float(kv[1]["ratios"].get(last, {}).get("kl", 0.0)))
         for name, entry in rows[:top]:
             cells = [escape(name)]
+            mark = "~" if entry.get("estimated") else ""
             for r in ratios:
                 got = entry["ratios"].get(f"{r:g}")
                 cells += (["-", "-"] if got is None
-                          else [f"{got['kl']:.4g}", f"{got['accuracy']:.4f}"])
+                          else [f"{mark}{got['kl']:.4g}", f"{mark}{got['accuracy']:.4f}"])
             groups.add_row(*cells)
         _table_console().print(groups)
     if low is not None:
         fragile = table.fragile_layers(low)
         _out.print("keep at higher precision (int" + f"{low} damage > 5x the median layer's): "
                    + (", ".join(fragile) if fragile else "none"))
-    if table.estimated:
-        _out.print(f"~ estimated, not measured ({len(table.estimated)} layers: the pass's time "
-                   "share ran out): the median measured layer's figures")
+    if table.estimated or table.unscored:
+        _out.print(f"~ estimated, not measured ({len(table.estimated)} layers, "
+                   f"{len(table.unscored)} groups: the pass's time ran out): the median "
+                   "measured layer's or group's figures")
     if table.failed:
         _out.print(f"not scored ({len(table.failed)}): " + "; ".join(
             f"{choice}: {why}" for choice, why in list(table.failed.items())[:5]))

@@ -255,8 +255,8 @@ def _resolve_sensitivity(
          + (f"; {len(table.estimated)} layers given the scored layers' median to stay within "
             f"{pass_seconds(run.time_limit):.0f} s" if table.estimated else "")
          + (f"; {len(table.unscored)} smaller groups left unscored to stay within "
-            f"{pass_seconds(run.time_limit):.0f} s (guided plans do not prune them)"
-            if table.unscored else "")
+            f"{pass_seconds(run.time_limit):.0f} s (their damage estimated from the scored "
+            "groups')" if table.unscored else "")
          + f" (autocompress sensitivity --study {run.study})", on_start)
     return table
 

@@ -36,6 +36,7 @@ from autocompress.search.choice_score import fixed_slice as _fixed_slice
 from autocompress.search.choice_score import kept_shares as _kept_shares
 from autocompress.search.choice_score import score_choice as _score
 from autocompress.search.choice_score import weight_numel as _weight_numel
+from autocompress.search.group_estimates import estimate_groups
 from autocompress.transform import quantize
 from autocompress.transform.student import build_student
 
@@ -196,11 +197,10 @@ def measure_sensitivity(
     ``settings``: the search space, with ``training`` (how pruned copies are built); a
     ``SearchConfig`` gives both. ``seconds`` bounds the pass: each choice is scored while the
     time left covers one more at the pace so far (a ResNet-20 pass took 277 s of its 90 s
-    when only whole groups were checked). The layers come first; a layer width left over
-    gets the median of the scored layers' entries and is listed as ``estimated`` (a layer
-    left out of the table would stay float in every guided plan). Then the prunable groups,
-    largest first; the rest are listed as ``unscored`` (each group costs a pruned copy of the
-    model per ratio: on densenet121 the groups alone ran past 20 minutes on 2 cores)."""
+    when only whole groups were checked). The layers come first, within LAYER_SHARE when
+    groups follow; a layer width left over gets the scored layers' median (``estimated``).
+    Then the groups, largest first; the rest are ``unscored``, priced by the scored groups'
+    median (``group_estimates``; on densenet121 the groups alone ran past 20 minutes)."""
     if isinstance(settings, SearchConfig):
         both = SearchSettings.from_config(settings)
         settings, training = both.space, both.training
@@ -221,20 +221,23 @@ def measure_sensitivity(
         teacher_logits = [teacher(x) for x in xs]
     weights = {name: _weight_numel(module) for name, module in task.model.named_modules()}
     prunable = [g for g in inventory.groups if g.prunable] if space.prune_high(settings) else []
-    # scored largest first (they matter most when time runs out), listed in graph order
     groups = [g.name for g in sorted(prunable, key=lambda g: -_group_weights(g, weights))]
-    ratios = prune_grid(settings)
+    ratios = prune_grid(settings)  # groups scored largest first, listed in graph order
     total = len(layers) * len(widths) + len(groups) * len(ratios)
     done = itertools.count(1)
+    end = None if seconds is None else started + seconds
+    # layers stop at their share when groups follow (they took a whole pass, leaving 11 of
+    # ResNet-20's 12 groups unscored: nothing could prune them under a latency budget)
     scoring = _Pass(task, base, xs, ys, teacher_logits, calibration, weights,
                     lambda: _tick(on_item, next(done), total),
-                    _Clock(None if seconds is None else started + seconds))
+                    _Clock(end if end is None or not groups else started + LAYER_SHARE * seconds))
     # what each choice's observers really see: the search may hold fewer batches than asked
     table = Sensitivity(images=sum(int(y.numel()) for y in ys), seconds=0.0,
                         teacher_accuracy=_figure(teacher_logits, ys, task.metric),
                         calibration_batches=min(calibration_batches, len(calibration)))
     _score_layers(scoring, table, layers, widths, settings)
-    _score_groups(scoring, table, groups, ratios, training)
+    _score_groups(scoring, table, groups, ratios, training, end)
+    estimate_groups(table, [g for g in prunable if g.name in table.unscored], ratios)
     table.groups = {g.name: table.groups[g.name] for g in prunable if g.name in table.groups}
     table.seconds = time.perf_counter() - started
     return table
@@ -287,12 +290,13 @@ def _estimate(table: Sensitivity, widths: list[int], settings: SpaceSettings) ->
 
 
 def _score_groups(scoring: _Pass, table: Sensitivity, groups: list[str], ratios: list[float],
-                  training: TrainingSettings) -> None:
+                  training: TrainingSettings, deadline: float | None) -> None:
     """Each prunable group alone at each ratio, into ``table.groups``, while the pass's time
     covers one more ratio at the groups' pace so far; the groups not started are listed in
     ``table.unscored`` (one cut short keeps the ratios it scored)."""
     task = scoring.task
     scoring.clock.restart()
+    scoring.clock.deadline = deadline  # the pass's own: the layers stopped at their share
     for index, group in enumerate(groups):
         measured: dict[str, Any] = {}
         tried = 0
