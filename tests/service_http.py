@@ -44,22 +44,23 @@ class LiveService:
 @contextlib.contextmanager
 def live_service(storage_url: str, folder: Path, *, embedded_workers: int = 0,
                  projects: tuple[str, ...] = ("alpha", "beta"),
-                 upload_limits: Any = None) -> Iterator[LiveService]:
+                 upload_limits: Any = None,
+                 artifacts: str | None = None) -> Iterator[LiveService]:
     """A started server (and its embedded workers when asked), stopped at the end."""
     store = JobStore(storage_url)
     tokens = {}
     for name in projects:
         store.create_project(name)
         tokens[name] = store.create_token(name, "test")[1]
-    artifacts = folder / "artifacts"
-    service = make_service_server(storage_url, port=0, artifacts=str(artifacts),
+    location = artifacts or str(folder / "artifacts")  # a folder, or s3://bucket/prefix
+    service = make_service_server(storage_url, port=0, artifacts=location,
                                   embedded_workers=embedded_workers, work_dir=folder / "work",
                                   upload_limits=upload_limits)
     thread = threading.Thread(target=service.serve_forever, daemon=True)
     thread.start()
     service.start_workers()
     try:
-        yield LiveService(f"http://127.0.0.1:{service.port}", storage_url, artifacts, store,
+        yield LiveService(f"http://127.0.0.1:{service.port}", storage_url, Path(location), store,
                           tokens, service)
     finally:
         service.close()
