@@ -65,3 +65,35 @@ def test_structure_key_tells_apart_what_changes_latency() -> None:
     assert structure_key(qdq) == structure_key(CompressionPlan(bits=dict(bits), prune=dict(prune),
                                                                activation_bits=8,
                                                                kd_temperature=2.0))
+
+
+def test_under_budgets_the_early_stop_bar_is_the_best_trial_within_them() -> None:
+    """A latency budget only heavy pruning meets: every plan inside it loses more than the
+    early-stop drop. Stopping them against fp32 left the search with nothing measured in
+    budget; the bar is the best trial measured within the budgets, none until one was."""
+    import math
+    from types import SimpleNamespace
+
+    import optuna
+
+    from autocompress.study import attrs as trial_attrs
+    from autocompress.trial.finetune import early_stop_floor
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    ctx = SimpleNamespace(fp32_accuracy=0.91, training=SimpleNamespace(early_stop_drop=0.05),
+                          budgets=["0.5x"])
+    trial = SimpleNamespace(study=study)
+    assert early_stop_floor(ctx, trial) == -math.inf  # nothing within the budgets yet
+
+    def add(accuracy: float, feasible: bool) -> None:
+        study.add_trial(optuna.trial.create_trial(
+            values=[accuracy, 1000.0],
+            user_attrs={trial_attrs.ACCURACY: accuracy, trial_attrs.FEASIBLE: feasible}))
+
+    add(0.91, False)  # the fp32 baseline, over the budget
+    assert early_stop_floor(ctx, trial) == -math.inf
+    add(0.70, True)
+    assert abs(early_stop_floor(ctx, trial) - 0.65) < 1e-9
+    ctx.budgets = []  # without budgets: the teacher's accuracy less the drop
+    assert abs(early_stop_floor(ctx, trial) - 0.86) < 1e-9

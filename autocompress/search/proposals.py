@@ -231,22 +231,21 @@ class Proposer:
     def _latency_aim(self, problem: guided.Problem | None = None, choice: Choice | None = None,
                      source: Measured | None = None) -> float | None:
         """The latency ratio the model's prediction must stay under for moves from
-        ``source``: the budget with its margin, scaled by how far the model's prediction
-        of the source itself was off its measurement (the model is one linear fit over the
-        whole space; near a measured plan its local error is the better guide: on the demo at
-        0.55x it called plans over the budget that measured inside it, and no move was
-        proposed)."""
+        ``source``: the budget with its margin, scaled by the model's error (one linear fit
+        over the whole space: on the demo at 0.55x it called plans over the budget that
+        measured inside it, and no move was proposed)."""
         if self.latency_budget is None:
             return None
         aim = self.latency_budget * guided.LATENCY_MARGIN
+        # the model's error on the latest pre-checks and at the source: the tighter wins
+        # (fits aimed by one source's error alone measured over the budget 40 times)
+        recent = [p / m for p, m in (self.latency_checks() if self.latency_checks else ())
+                  [-RECENT_CHECKS:] if m > 0 and p > 0]
+        scales = [sorted(recent)[len(recent) // 2]] if recent else []
         if problem is not None and choice is not None and source is not None and (
                 source.latency_ratio):
-            scale = problem.latency_ratio(choice) / source.latency_ratio
-        else:  # from the uncompressed model: the model's error on the latest pre-checks
-            recent = [p / m for p, m in (self.latency_checks() if self.latency_checks else ())
-                      [-RECENT_CHECKS:] if m > 0 and p > 0]
-            scale = sorted(recent)[len(recent) // 2] if recent else 1.0
-        return aim * min(max(scale, 1 / LOCAL_SCALE_CAP), LOCAL_SCALE_CAP)
+            scales.append(problem.latency_ratio(choice) / source.latency_ratio)
+        return aim * min(max(min(scales, default=1.0), 1 / LOCAL_SCALE_CAP), LOCAL_SCALE_CAP)
 
     def _shrink(self, problem: guided.Problem, choice: Choice, target: float,
                 frozen: tuple[str, str] | None = None, *,
