@@ -6,7 +6,9 @@ driven through the store."""
 
 from __future__ import annotations
 
+import io
 import json
+import tarfile
 import threading
 import time
 from collections.abc import Iterator
@@ -15,9 +17,11 @@ from typing import Any
 
 import pytest
 import requests
+import sqlalchemy
 from pg import fresh_database
 from service_http import LiveService, live_service
 
+from autocompress.service import app_events, app_state
 from autocompress.service.client import parse_events
 from autocompress.service.uploads import UploadLimits
 
@@ -56,6 +60,9 @@ def test_submit_returns_201_and_the_job_is_listed(svc: LiveService) -> None:
 @pytest.mark.parametrize(("body", "content_type", "status", "field"), [
     (b"{not json", "application/json", 400, None),
     (b"[1, 2]", "application/json", 400, None),
+    (b"[" * 100_000, "application/json", 400, None),
+    (b'{"trials": 2, "time_limit": Infinity}', "application/json", 400, "time_limit"),
+    (json.dumps({"trials": 10_001}).encode(), "application/json", 400, "trials"),
     (json.dumps({"trials": 2, "colour": "red"}).encode(), "application/json", 400, "colour"),
     (json.dumps({"budgets": ["fast"]}).encode(), "application/json", 400, "budgets"),
     (json.dumps({"trials": -1}).encode(), "application/json", 400, "trials"),
@@ -196,6 +203,9 @@ def test_export_before_any_trial_is_a_409_and_bad_choices_400(svc: LiveService) 
     assert _error(svc.call("POST", base, json={"best": True, "trial": 1}), 400)["field"]
     assert _error(svc.call("POST", base, json={"format": "zip"}), 400)["field"] == "format"
     assert "no finished trial" in _error(svc.call("POST", base, json={}), 409)["error"]
+    deep = svc.call("POST", base, data=b"[" * 100_000,
+                    headers={"Content-Type": "application/json"})
+    assert "not valid JSON" in _error(deep, 400)["error"]
     assert "POST" in _error(svc.call("GET", base), 409)["error"]
 
 
@@ -245,3 +255,50 @@ def test_postgresql_service_submits_isolates_and_streams(tmp_path: Path) -> None
         assert svc.call("GET", f"/api/v1/jobs/{job['id']}").json()["job"]["state"] == \
             "cancelled"
         _check_stream(_drive_and_follow(svc))
+
+
+def test_truncated_tar_gz_upload_is_a_400(svc: LiveService) -> None:
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w:gz") as archive:
+        for i in range(20):
+            data = bytes(range(256)) * 40 * (i + 1)
+            info = tarfile.TarInfo(f"train/a/{i}.png")
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    cut = raw.getvalue()[: len(raw.getvalue()) // 2]
+    response = svc.call("POST", "/api/v1/jobs", data={"spec": json.dumps({"trials": 2})},
+                        files={"data": ("d.tar.gz", cut)})
+    assert _error(response, 400)["field"] == "data"
+    assert svc.store.jobs("alpha") == []
+
+
+def test_a_study_read_that_fails_is_201_at_submit_and_503_after(svc: LiveService) -> None:
+    studies = svc.server.server.app.config["SERVICE"].studies
+    studies.retry_s = 0.3
+
+    def gone(name: str) -> Any:
+        raise sqlalchemy.exc.OperationalError("SELECT 1", {}, Exception("connection refused"))
+
+    studies._snapshot = gone
+    response = svc.call("POST", "/api/v1/jobs", json={"trials": 2})
+    assert response.status_code == 201, response.text
+    assert [j.id for j in svc.store.jobs("alpha")] == [response.json()["job"]["id"]]
+    read = svc.call("GET", f"/api/v1/jobs/{response.json()['job']['id']}")
+    assert "unreachable" in _error(read, 503)["error"]
+
+
+def test_a_revoked_token_ends_its_open_event_stream(svc: LiveService,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(app_events, "POLL_S", 0.02)
+    monkeypatch.setattr(app_state, "_TOKEN_TTL_S", 0.0)
+    job = svc.submit()
+    token_id, secret = svc.store.create_token("alpha", "short-lived")
+    events: list[tuple[str, Any]] = []
+    with requests.get(f"{svc.url}/api/v1/jobs/{job['id']}/events", stream=True,
+                      headers={"Authorization": f"Bearer {secret}"},
+                      timeout=(5, 10)) as response:
+        for event in parse_events(response.iter_lines(decode_unicode=True)):
+            events.append(event)
+            if event[0] == "state":
+                svc.store.revoke_token(token_id)
+    assert events[-1][0] == "error" and "revoked" in events[-1][1]["error"]

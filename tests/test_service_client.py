@@ -6,6 +6,7 @@ worker, fetched as a verified export (the only slow test here)."""
 from __future__ import annotations
 
 import hashlib
+import http.server
 import json
 import os
 import signal
@@ -23,7 +24,8 @@ import requests
 from service_http import LiveService, live_service
 
 from autocompress.cli import main
-from autocompress.service.client import ServiceError, safe_unzip
+from autocompress.errors import InputError
+from autocompress.service.client import ServiceClient, ServiceError, safe_unzip
 
 
 @pytest.fixture()
@@ -202,3 +204,38 @@ def test_serve_runs_a_demo_job_to_done_and_fetch_gets_a_verified_export(
         # the other project still sees nothing of it
         assert svc.call("GET", f"/api/v1/jobs/{job_id}/artifacts/{number}/model.onnx",
                         "beta").status_code == 404
+
+
+class _NotJson(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "text/html")
+        self.end_headers()
+        self.wfile.write(b"<html>a proxy's page</html>")
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_client_failures_are_one_line_service_errors(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _NotJson)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_port}"
+    try:
+        with pytest.raises(ServiceError, match=f"service at {url} answered"):
+            ServiceClient(url, "ac_x").jobs()
+        with pytest.raises(ServiceError, match=r"service at http: failed \(") as bad:
+            ServiceClient("http://", "ac_x").jobs()  # no host: requests' InvalidURL
+        assert "\n" not in str(bad.value)
+    finally:
+        server.shutdown()
+        server.server_close()
+    with pytest.raises(InputError, match="not a project token"):
+        ServiceClient(url, "ac_bad token\u00e9")
+    monkeypatch.setenv("AUTOCOMPRESS_TOKEN", "my token")
+    code, _, err = _run(capsys, "jobs", "--server", url)
+    assert code == 2 and "not a project token" in err and err.count("\n") == 1
+    code, _, err = _run(capsys, "submit", "--task", "t.py:make")  # the service refuses it
+    assert code == 2 and "unrecognized arguments: --task" in err

@@ -224,3 +224,70 @@ def test_importing_the_service_modules_does_not_import_torch() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout.strip()
     assert out == "False"
+
+
+@pytest.mark.parametrize(("body", "field"), [
+    ({"trials": 10_001}, "trials"), ({"finetune_steps": 100_001}, "finetune_steps"),
+    ({"latency_repeats": 10_001}, "latency_repeats"), ({"input_size": 4097}, "input_size"),
+    ({"batch_size": 4097}, "batch_size"), ({"train_threads": 257}, "train_threads"),
+    ({"threads": 257}, "threads"), ({"num_classes": 100_001}, "num_classes"),
+    ({"time_limit": 10_081}, "time_limit"), ({"time_limit": float("inf")}, "time_limit"),
+    ({"learning_rate": float("nan")}, "learning_rate"), ({"budget": float("inf")}, "budget"),
+])
+def test_service_maxima_and_non_finite_numbers_are_refused(body: dict[str, Any],
+                                                            field: str) -> None:
+    with pytest.raises(JobSpecError, match=field) as info:
+        _check(body)
+    assert info.value.field == field and "\n" not in str(info.value)
+    assert _check({"trials": 10_000, "time_limit": 10_080})["trials"] == 10_000
+
+
+def _truncated_tar_gz() -> io.BytesIO:
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w:gz") as archive:
+        for i in range(20):
+            data = bytes(range(256)) * 40 * (i + 1)
+            info = tarfile.TarInfo(f"train/a/{i}.png")
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    return io.BytesIO(raw.getvalue()[: len(raw.getvalue()) // 2])
+
+
+def test_truncated_archive_is_a_refusal_at_submit_and_at_extraction(tmp_path: Path) -> None:
+    with pytest.raises(JobSpecError, match="not a readable tar") as info:
+        uploads.save_uploads(str(tmp_path / "art"), "d" * 12,
+                             {"data": ("d.tar.gz", _truncated_tar_gz())})
+    assert info.value.field == "data" and "\n" not in str(info.value)
+    broken = tmp_path / "d.tar.gz"
+    broken.write_bytes(_truncated_tar_gz().getvalue())
+    with pytest.raises(JobSpecError) as extracted:
+        uploads._extract(broken, "d.tar.gz", tmp_path / "out", 10**9)
+    assert extracted.value.field == "data"
+
+
+def test_two_turns_of_a_job_get_the_same_upload_paths(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path / "tmp"))
+    art, job = str(tmp_path / "art"), "e" * 12
+    spec = _check({"data_options": "text=text"}, {"data": ("r.csv", 1)})
+    uploads.save_uploads(art, job, {"data": ("r.csv", io.BytesIO(b"text,label\na,1\n"))})
+
+    def turn() -> str:
+        files = uploads.materialize_job(art, job, spec)
+        return to_config(spec, study=f"job-{job}", storage="sqlite:///s.db", artifacts=art,
+                         files_dir=files, dataset_spec=lambda name: None).data
+
+    first, second = turn(), turn()
+    folder = tmp_path / "tmp" / "autocompress-jobs" / job
+    assert first == second == f"text:{folder / 'data' / 'r.csv'}?text=text"
+    assert (folder / "data" / "r.csv").read_bytes() == b"text,label\na,1\n"
+    assert sorted(p.name for p in folder.parent.iterdir()) == [job]  # no partial left
+    zipped, other = _check({}, {"data": ("f.zip", 1)}), "f" * 12
+    uploads.save_uploads(art, other, {"data": ("f.zip", _zip({"f/train/a/1.png": b"1"}))})
+    specs = {to_config(zipped, study="j", storage="sqlite:///s.db", artifacts=art,
+                       files_dir=uploads.materialize_job(art, other, zipped),
+                       dataset_spec=lambda name: None).data for _ in range(2)}
+    assert specs == {f"imagefolder:{folder.parent / other / 'data' / 'f'}"}
+    uploads.remove_job_files(job)
+    assert not folder.exists()

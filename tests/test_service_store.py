@@ -317,3 +317,32 @@ def test_admin_commands(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
         {"name": "flowers", "project": "team-a", "data_spec": "imagefolder:/d"}]
     assert main(["admin", "token", "create", "ghost", *db]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_a_job_whose_worker_dies_three_times_fails(url: str) -> None:
+    store = _store(url, stale_after_s=0.2)
+    _projects(store, "alpha")
+    job = store.submit("alpha", {"trials": 5})
+    for n, worker in enumerate(("w1", "w2", "w3")):
+        assert store.claim(worker).id == job.id
+        assert store.job("alpha", job.id).attempts == n
+        time.sleep(0.3)  # the worker dies without a word: its lease goes stale
+    assert store.claim("w4") is None  # the sweep dropped the third lease
+    failed = store.job("alpha", job.id)
+    assert (failed.state, failed.attempts) == ("failed", 3)
+    assert "stopped without a word 3 times" in failed.error and "\n" not in failed.error
+    store.close()
+
+
+def test_an_older_jobs_table_gets_the_attempts_column(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/old.db"
+    JobStore(url).close()
+    engine = sqlalchemy.create_engine(url)
+    with engine.begin() as conn:  # the table as the first release made it
+        conn.exec_driver_sql("ALTER TABLE autocompress_jobs DROP COLUMN attempts")
+    engine.dispose()
+    store = JobStore(url)
+    _projects(store, "alpha")
+    job = store.submit("alpha", {"trials": 1})
+    assert store.claim("w1").attempts == 0 and store.job("alpha", job.id).attempts == 0
+    store.close()

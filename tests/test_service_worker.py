@@ -5,6 +5,7 @@ and trial heartbeats, 3 s grace period)."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -13,6 +14,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import optuna
@@ -20,8 +22,8 @@ import pytest
 from optuna.trial import TrialState
 
 from autocompress.service import jobspec
-from autocompress.service.store import JobStore
-from autocompress.service.worker import run_worker
+from autocompress.service.store import Job, JobStore
+from autocompress.service.worker import TARGET_REACHED, _Turn, _Worker, run_worker
 from tests.pg import fresh_database, private_server, wait_until
 
 TINY = {"model": "demo", "data": "digits", "trials": 2, "finetune_steps": 10,
@@ -300,3 +302,69 @@ def test_the_database_briefly_gone_is_waited_out(
     gone = [line for line in lines if "database unavailable" in line]
     assert len(gone) == 1 and "\n" not in gone[0], lines
     assert any("reachable again" in line for line in lines), lines
+
+
+class _FakeStore:
+    """The store calls a turn makes, in memory: one job, its trial count, its workers."""
+
+    def __init__(self, target: int, done: int = 0) -> None:
+        self.row = Job(id="a" * 12, project="p", state="running", spec={}, study="job-a",
+                       submitted_at=0.0, started_at=0.0, finished_at=None, error=None,
+                       cancel_requested=False, trials_target=target, time_limit_s=None,
+                       seconds_used=0.0, trials_done=done, heartbeat_at=None, workers=1)
+        self.released: list[tuple[str, bool]] = []
+
+    def heartbeat(self, worker_id: str, job_id: str) -> bool:
+        return True
+
+    def job(self, project: str, job_id: str) -> Job:
+        return self.row
+
+    def add_trials(self, job_id: str, n: int = 1) -> None:
+        self.row = dataclasses.replace(self.row, trials_done=self.row.trials_done + n)
+
+    def should_yield(self, worker_id: str, job_id: str) -> None:
+        return None
+
+    def release(self, worker_id: str, job_id: str, outcome: str, **kwargs: Any) -> None:
+        beating = any(t.name == "autocompress-lease-heartbeat" and t.is_alive()
+                      for t in threading.enumerate())
+        self.released.append((outcome, beating))
+
+
+def _trial(**attrs: Any) -> SimpleNamespace:
+    return SimpleNamespace(last=SimpleNamespace(baseline=None, rejected=None, attrs=attrs))
+
+
+def _turn(store: _FakeStore) -> Any:
+    worker = _Worker(store, "sqlite:///x.db", "art", "w1", threading.Event(), lambda _: None)
+    return _Turn(worker, store.row)
+
+
+def test_a_turns_own_last_trial_leaves_the_promotions_to_run() -> None:
+    store = _FakeStore(target=3)
+    turn = _turn(store)
+    for _ in range(3):
+        turn.on_progress(_trial())
+        assert turn.stop_request() is None  # not TARGET_REACHED: run_search promotes next
+    turn.on_progress(_trial(parent_trial=1))  # a promotion: not a search trial
+    assert (turn.trials, store.row.trials_done, turn.stop_request()) == (3, 3, None)
+    shared = _FakeStore(target=3)
+    turn = _turn(shared)
+    turn.on_progress(_trial())
+    shared.add_trials(shared.row.id, 2)  # another worker's trials reach the target
+    assert turn.stop_request() == TARGET_REACHED
+
+
+def test_an_interrupted_turn_stops_its_heartbeat_before_the_release(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AUTOCOMPRESS_HEARTBEAT_INTERVAL", "1")
+
+    def interrupted(self: Any, job: Any, turn: Any) -> Any:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(_Worker, "_run", interrupted)
+    store = _FakeStore(target=2)
+    with pytest.raises(KeyboardInterrupt):
+        _turn(store).worker.handle(store.row)
+    assert store.released == [("paused", False)]

@@ -120,6 +120,7 @@ def _authenticate(state: ServiceState) -> tuple[str, str] | None:
         if secret and len(secret) <= 200:
             project = state.project_for_token(secret)
             if project is not None:
+                g.token = secret  # an event stream checks it again while it lasts
                 return project, source
     return None
 

@@ -46,7 +46,9 @@ def install_api(app: Flask, state: ServiceState) -> None:
     @app.post(f"{API}/jobs")
     def submit() -> Any:
         job = submit_job(state, g.project)
-        response = jsonify({"job": job_json(state, job)})
+        # no study read: the job is queued already, and a read error here would answer 5xx
+        # to a client that then submits it again
+        response = jsonify({"job": job_json(state, job, with_front=False)})
         response.status_code = 201
         response.headers["Location"] = f"{API}/jobs/{job.id}"
         return response
@@ -63,7 +65,8 @@ def install_api(app: Flask, state: ServiceState) -> None:
     @app.get(f"{API}/jobs/<job_id>/events")
     def events(job_id: str) -> Any:
         job = state.job(g.project, job_id)
-        response = Response(event_stream(state, g.project, job), mimetype="text/event-stream")
+        response = Response(event_stream(state, g.project, job, token=g.get("token")),
+                            mimetype="text/event-stream")
         response.headers["X-Accel-Buffering"] = "no"  # a proxy must pass events at once
         return response
 
@@ -96,7 +99,8 @@ def _install_export_routes(app: Flask, state: ServiceState) -> None:
         if not state.studies.snapshot(job.study)["trials"]:
             raise ApiError(f"job {job.id} has no finished trial yet ({job.state}); export "
                            "once GET /api/v1/jobs/<id> shows trials", field=None, status=409)
-        started = state.exports.request(job.id, job.study, trial=trial)
+        started = state.exports.request(job.id, job.study, trial=trial, spec=job.spec,
+                                        ended=job.finished and not job.workers)
         response = jsonify({"export": started})
         response.status_code = 202
         return response
@@ -144,7 +148,7 @@ def _json_body(*, allow_empty: bool) -> dict[str, Any]:
         return {}
     try:
         body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # deep nesting
         raise ApiError(f"the request body is not valid JSON ({exc}); send a JSON object",
                        field=None) from None
     if not isinstance(body, dict):

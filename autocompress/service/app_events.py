@@ -5,8 +5,9 @@ Events (each ``data:`` is one JSON object):
 - ``trial``  a trial that finished (complete, failed or pruned), once each, oldest first;
 - ``front``  the Pareto front, whenever the set of trials on it changes;
 - ``end``    the job reached done / failed / cancelled; the stream closes after it;
-- ``error``  the job could not be read (the database gone past its retries); the stream
-             closes and a client reconnects (finished trials are sent again).
+- ``error``  the job could not be read (the database gone past its retries), or the token
+             was revoked; the stream closes and a client reconnects (finished trials are sent
+             again) or, with a revoked token, is refused.
 A comment line is sent after 15 s without an event so proxies keep the connection open.
 """
 
@@ -22,6 +23,9 @@ from autocompress.errors import one_line
 
 POLL_S = 0.75
 HEARTBEAT_S = 15.0
+# The token is checked again every this many polls (~7.5 s, past the token cache's 5 s): a
+# revoked token's open stream ends then.
+TOKEN_CHECK_POLLS = 10
 _TERMINAL = ("done", "failed", "cancelled")
 _LOG = logging.getLogger("autocompress.service")
 
@@ -30,16 +34,24 @@ def sse(event: str, data: Any) -> str:
     return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
 
 
-def event_stream(state: Any, project: str, job: Any) -> Iterator[str]:
+def event_stream(state: Any, project: str, job: Any, *,
+                 token: str | None = None) -> Iterator[str]:
     """The events of one job until it ends (runs after the request returned: it holds only
-    plain values and the app's shared state)."""
+    plain values and the app's shared state); ``token``: the one the request came with."""
     seen: set[int] = set()
     last_state: tuple[Any, ...] | None = None
     last_front: list[int] | None = None
     last_sent = time.monotonic()
+    polls = 0
     yield "retry: 2000\n\n"
     while True:
+        polls += 1
         try:  # the store and the reader ride out a brief outage themselves
+            if token is not None and polls % TOKEN_CHECK_POLLS == 0 and \
+                    state.project_for_token(token) != project:
+                yield sse("error", {"error": "the token of this stream was revoked; use a "
+                                             "valid project token"})
+                return
             job = state.store.job(project, job.id) or job
             snapshot = state.studies.snapshot(job.study)
         except Exception as exc:

@@ -41,9 +41,11 @@ class Exports:
             return {"state": "done", "trial": None, "reason": None}
         return {"state": "none", "trial": None, "reason": None}
 
-    def request(self, job_id: str, study: str, *, trial: int | None) -> dict[str, Any]:
+    def request(self, job_id: str, study: str, *, trial: int | None,
+                spec: dict[str, Any] | None = None, ended: bool = False) -> dict[str, Any]:
         """Start an export (``trial`` None: the best within the study's budgets); while one
-        runs for this job, a second request returns its state."""
+        runs for this job, a second request returns its state. ``spec``: the job's, whose
+        uploads the export reloads; ``ended``: no worker needs them here any more."""
         with self._lock:
             current = self._states.get(job_id)
             if current is not None and current["state"] == "running":
@@ -51,22 +53,30 @@ class Exports:
             state = {"state": "running", "trial": trial, "best": trial is None,
                      "reason": None, "requested_at": time.time(), "finished_at": None}
             self._states[job_id] = state
-        self._pool.submit(self._run, job_id, study, trial)
+        self._pool.submit(self._run, job_id, study, trial, dict(spec or {}), ended)
         return dict(state)
 
     def zip_path(self, job_id: str) -> Path | None:
         path = self.folder / job_id / "export.zip"
         return path if self.state(job_id)["state"] == "done" and path.is_file() else None
 
-    def _run(self, job_id: str, study: str, trial: int | None) -> None:
+    def _run(self, job_id: str, study: str, trial: int | None, spec: dict[str, Any],
+             ended: bool) -> None:
         from autocompress.export import export_from_storage  # torch: only when exporting
+        from autocompress.service import uploads
 
         root = self.folder / job_id
         try:
             shutil.rmtree(root, ignore_errors=True)
             root.mkdir(parents=True)
-            result = export_from_storage(self.storage_url, study, out=root / "files",
-                                         trial=trial, best=trial is None, verify=True)
+            # the study recorded the uploads' fixed per-job paths: put them there again
+            uploads.materialize_job(self.artifacts, job_id, spec)
+            try:
+                result = export_from_storage(self.storage_url, study, out=root / "files",
+                                             trial=trial, best=trial is None, verify=True)
+            finally:
+                if ended:
+                    uploads.remove_job_files(job_id)
             _zip_folder(root / "files", root / "export.zip")
             self._finish(job_id, "done", None, result.trial)
         except AutocompressError as exc:

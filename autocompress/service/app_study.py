@@ -7,16 +7,21 @@ from __future__ import annotations
 import re
 import threading
 import time
-from typing import IO, Any
+from collections.abc import Callable
+from typing import IO, Any, TypeVar
 
 import optuna
 
 from autocompress.dashboard._db import Missing, open_storage, retry
+from autocompress.errors import StudyError
 from autocompress.results.pareto import pareto_front
 from autocompress.study import attrs as trial_attrs
 from autocompress.study.records import TrialRecord, records, study_info
+from autocompress.study.resilient import MAX_BACKOFF_S, cause_line, is_connection_error
+from autocompress.study.storage import is_transient, worker_settings
 from autocompress.study.urls import driver_url
 
+_T = TypeVar("_T")
 _SAFE_ARTIFACT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,200}$")
 _FINISHED = ("COMPLETE", "FAIL", "PRUNED")
 # A job's snapshot is reused this long: 50 clients polling a running job once a second each
@@ -42,6 +47,8 @@ class JobStudies:
         self._lock = threading.Lock()
         self._snapshots: dict[str, tuple[float, dict[str, Any]]] = {}
         self._snapshot_locks: dict[str, threading.Lock] = {}
+        # how long a read rides out the database being gone (the store's setting)
+        self.retry_s = worker_settings().db_retry_s
 
     def _opened(self) -> optuna.storages.BaseStorage:
         with self._lock:
@@ -67,7 +74,7 @@ class JobStudies:
             cached = self._snapshots.get(name)
             if cached is not None and time.monotonic() - cached[0] < SNAPSHOT_TTL_S:
                 return cached[1]
-            snapshot = retry(lambda: self._snapshot(name))
+            snapshot = self._read(f"job study {name}", lambda: self._snapshot(name))
             self._snapshots[name] = (time.monotonic(), snapshot)
             return snapshot
 
@@ -89,7 +96,7 @@ class JobStudies:
         """A trial's artifact by the id its trial recorded (never a name from the request).
         Missing for an unknown trial or file."""
         kind = ARTIFACTS.get(filename)
-        study = retry(lambda: self._study(name))
+        study = self._read(f"job study {name}", lambda: self._study(name))
         trial = None if study is None or kind is None else next(
             (t for t in study.get_trials(deepcopy=False) if t.number == number), None)
         if trial is None or kind is None:
@@ -107,6 +114,26 @@ class JobStudies:
             raise Missing(f"artifact {filename!r} of trial {number} is missing from the "
                           "artifact store; ask the operator to check --artifacts", []) from None
         return handle, {"mimetype": kind[2], "sha256": trial.user_attrs.get(kind[1])}
+
+    def _read(self, what: str, call: Callable[[], _T]) -> _T:
+        """``call`` retried with back-off while the database is briefly gone, as the store's
+        transactions are; past ``retry_s`` a one-line StudyError (the API answers 503)."""
+        deadline = time.monotonic() + self.retry_s
+        delay = 0.1
+        while True:
+            try:
+                return retry(call)
+            except Missing:
+                raise
+            except Exception as exc:
+                if not (is_connection_error(exc) or is_transient(exc)):
+                    raise
+                if time.monotonic() + delay > deadline:
+                    raise StudyError(f"cannot read {what}: the service database is unreachable "
+                                     f"({cause_line(exc)}) after {self.retry_s:g} s of retries; "
+                                     "try again once it is back") from None
+            time.sleep(delay)
+            delay = min(2 * delay, MAX_BACKOFF_S)
 
     def _location(self, study: optuna.Study) -> str:
         """Where the job's worker stored artifacts: recorded on the study by the worker

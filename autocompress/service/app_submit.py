@@ -72,7 +72,7 @@ def _read_request() -> tuple[dict[str, Any], dict[str, Any]]:
 def _parse_object(raw: bytes, what: str) -> dict[str, Any]:
     try:
         body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # deep nesting
         raise SubmitError(f"{what} is not valid JSON ({exc}); send a JSON object such as "
                           '{"model": "demo", "data": "digits", "trials": 5}') from None
     if not isinstance(body, dict):

@@ -27,6 +27,11 @@ OUTCOMES = ("paused", "done", "failed", "cancelled")
 # PostgreSQL advisory lock taken by claims: concurrent claims each see the leases the others
 # wrote, so the fair pick counts them (the row locks alone keep claims from colliding).
 _CLAIM_LOCK = 0x61635F636C61696D  # "ac_claim"
+# A job whose worker vanished mid-run (a stale lease dropped) this many times fails: the job
+# itself likely kills its worker (out of memory), and would take down every worker in turn.
+MAX_ATTEMPTS = 3
+DIED = (f"the worker running it stopped without a word {MAX_ATTEMPTS} times (out of memory?); "
+        "lower its settings and submit again")
 
 
 class Claims:
@@ -88,8 +93,17 @@ class Claims:
 
     def _sweep(self, conn: Connection, now: float) -> None:
         """Drop stale leases; a job left with none goes back to ``queued``, or to
-        ``cancelled`` when a cancel is pending."""
-        conn.execute(leases.delete().where(leases.c.heartbeat_at < now - self.stale_after_s))
+        ``cancelled`` when a cancel is pending. Each lease dropped counts an attempt of its
+        job; a job at MAX_ATTEMPTS fails."""
+        dropped = conn.execute(leases.delete().where(
+            leases.c.heartbeat_at < now - self.stale_after_s).returning(leases.c.job_id)).all()
+        for job_id in sorted({str(r.job_id) for r in dropped}):
+            n = sum(1 for r in dropped if r.job_id == job_id)
+            conn.execute(jobs.update().where(jobs.c.id == job_id)
+                         .values(attempts=jobs.c.attempts + n))
+            conn.execute(jobs.update().where(
+                jobs.c.id == job_id, jobs.c.state.in_(ACTIVE), jobs.c.attempts >= MAX_ATTEMPTS)
+                .values(state="failed", finished_at=now, error=DIED))
         orphan = sa.and_(jobs.c.state.in_(ACTIVE),
                          sa.or_(jobs.c.state == "running", jobs.c.cancel_requested.is_(True)),
                          ~sa.exists().where(leases.c.job_id == jobs.c.id))
@@ -108,8 +122,7 @@ class Claims:
 
         def work(conn: Connection) -> bool:
             now = time.time()
-            conn.execute(leases.delete().where(leases.c.heartbeat_at < now - self.stale_after_s,
-                                               leases.c.worker_id != worker_id))
+            # others' stale leases are left to the claims' sweep, which counts them
             row = conn.execute(locked(sa.select(jobs).where(jobs.c.id == job_id))).first()
             if row is None or row.state not in ACTIVE:
                 return False

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from autocompress.config.flags import add_config_flags
+from autocompress.config.flags import add_config_flags, config_flags
 from autocompress.errors import InputError
 
 _ARCHIVES = (".zip", ".tar.gz", ".tgz", ".tar")
@@ -31,7 +31,9 @@ def add_parsers(sub: Any) -> None:
     _server_flag(s)
     add_config_flags(s.add_argument_group("model and data (local --weights, --data and "
                                           "--model file.py:factory are uploaded)"), "model")
-    add_config_flags(s, "task")
+    for flag, kwargs in config_flags("task"):
+        if flag != "--task":  # a task factory is code on the server: the service refuses it
+            s.add_argument(flag, **kwargs)
     add_config_flags(s, "search")
     s.add_argument("--json", action="store_true", help="print the job as JSON")
     s.set_defaults(handler=_submit)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -23,6 +24,8 @@ ENV_SERVER = "AUTOCOMPRESS_SERVER"
 ENV_TOKEN = "AUTOCOMPRESS_TOKEN"
 DEFAULT_SERVER = "http://127.0.0.1:8080"
 _TIMEOUT_S = 30.0
+# What `admin token create` prints: "ac_" and URL-safe characters.
+_TOKEN_RE = re.compile(r"ac_[A-Za-z0-9_-]{1,200}")
 
 
 class ServiceError(InputError):
@@ -48,6 +51,16 @@ def token_from_env() -> str:
     if not token:
         raise InputError(f"no project token: set {ENV_TOKEN} to the token an admin created "
                          "with `autocompress admin token create PROJECT`")
+    return check_token(token)
+
+
+def check_token(token: str) -> str:
+    """The token, or a one-line InputError when it is not one (a pasted label, a cut-off
+    copy, a character an HTTP header cannot carry)."""
+    if not _TOKEN_RE.fullmatch(token):
+        raise InputError(f"{ENV_TOKEN} is not a project token (it starts with 'ac_' followed "
+                         "by letters, digits, '-' and '_'); copy the whole token `autocompress "
+                         "admin token create PROJECT` printed")
     return token
 
 
@@ -58,7 +71,7 @@ class ServiceClient:
         self.server = server.rstrip("/")
         self.timeout = timeout
         self.session = requests.Session()
-        self.session.headers["Authorization"] = f"Bearer {token}"
+        self.session.headers["Authorization"] = f"Bearer {check_token(token)}"
 
     # -- plumbing -------------------------------------------------------------------------
 
@@ -73,12 +86,24 @@ class ServiceClient:
         except requests.Timeout:
             raise ServiceError(f"the service at {self.server} did not answer within "
                                f"{self.timeout:g} s; try again") from None
+        except requests.RequestException as exc:  # a bad URL, TLS, a broken answer
+            raise self._failed(exc) from None
         if response.status_code >= 400:
             raise _error_of(response)
         return response
 
+    def _failed(self, exc: BaseException) -> ServiceError:
+        detail = str(exc).splitlines()[0][:200] if str(exc) else ""
+        return ServiceError(f"the request to the autocompress service at {self.server} failed "
+                            f"({type(exc).__name__}{': ' + detail if detail else ''}); check "
+                            f"--server (or {ENV_SERVER}) and try again")
+
     def _json(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
-        body = self._request(method, path, **kwargs).json()
+        response = self._request(method, path, **kwargs)
+        try:
+            body = response.json()
+        except (ValueError, requests.RequestException):  # not JSON, or cut off mid-body
+            body = None
         if not isinstance(body, dict):
             raise ServiceError(f"the service at {self.server} answered {path} with no JSON "
                                "object; is --server an autocompress service?")
@@ -140,9 +165,12 @@ class ServiceClient:
     def download_export(self, job_id: str, dest: Path) -> None:
         response = self._request("GET", f"/api/v1/jobs/{job_id}/export", stream=True,
                                  timeout=(10.0, 300.0))
-        with response, dest.open("wb") as handle:
-            for chunk in response.iter_content(1 << 20):
-                handle.write(chunk)
+        try:
+            with response, dest.open("wb") as handle:
+                for chunk in response.iter_content(1 << 20):
+                    handle.write(chunk)
+        except requests.RequestException as exc:  # the download cut off or timed out
+            raise self._failed(exc) from None
 
 
 def _error_of(response: requests.Response) -> ServiceError:
@@ -239,4 +267,4 @@ def _member_path(info: zipfile.ZipInfo) -> str | None:
 
 
 __all__ = ["DEFAULT_SERVER", "ENV_SERVER", "ENV_TOKEN", "ServiceClient", "ServiceError",
-           "parse_events", "safe_unzip", "server_url", "token_from_env"]
+           "check_token", "parse_events", "safe_unzip", "server_url", "token_from_env"]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import re
 import typing
 from collections.abc import Callable, Mapping
@@ -42,6 +43,14 @@ WEIGHTS_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 
 
 _HINTS = typing.get_type_hints(SearchConfig)
+# The service's ceilings: values the CLI accepts on one's own machine but that would hold a
+# shared worker for days or exhaust its memory (a job that kills its worker is re-run).
+MAXIMA: dict[str, float] = {
+    "trials": 10_000, "finetune_steps": 100_000, "latency_repeats": 10_000,
+    "input_size": 4096, "batch_size": 4096, "latency_batch_size": 4096,
+    "train_threads": 256, "threads": 256, "num_classes": 100_000,
+    "time_limit": 10_080,  # minutes: one week
+}
 
 
 class JobSpecError(InputError):
@@ -83,7 +92,9 @@ def check_submission(body: Mapping[str, Any], files: Mapping[str, Any], *, allow
             and "model" not in body:
         raise JobSpecError("uploaded weights need the model they belong to: set model (e.g. "
                            "torchvision:resnet18)", "model")
+    _check_finite(body)
     overrides = _check_options(body, options)
+    _check_maxima(overrides)
     spec.update(_plain(overrides))
     spec.setdefault("trials", SearchConfig.trials)
     if names:
@@ -213,6 +224,22 @@ def _check_options(body: Mapping[str, Any], options: Mapping[str, Any]) -> dict[
             field = "budget"
         raise JobSpecError(str(exc).replace("config key", "option"), field) from None
     return {key: getattr(config, key) for key in given}
+
+
+def _check_finite(body: Mapping[str, Any]) -> None:
+    """JSON as Python reads it admits NaN and Infinity: no option of a job may be one."""
+    for key, value in body.items():
+        values = value if isinstance(value, list) else [value]
+        if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+            raise JobSpecError(f"{key} must be a finite number, not {value!r}", str(key))
+
+
+def _check_maxima(values: Mapping[str, Any]) -> None:
+    for key, value in values.items():
+        top = MAXIMA.get(key)
+        if top is not None and isinstance(value, int | float) and value > top:
+            raise JobSpecError(f"{key} {value:g} is over this service's limit of {top:g}; "
+                               f"send {key} <= {top:g}", key)
 
 
 def _listed(value: Any, field: dataclasses.Field[Any]) -> Any:

@@ -219,7 +219,8 @@ class JobStore(Claims):
                "finished_at": None, "error": None, "cancel_requested": False,
                "trials_target": int(spec.get("trials") or _DEFAULT_TRIALS),
                "time_limit_s": None if limit is None else float(limit) * 60.0,
-               "seconds_used": 0.0, "trials_done": 0, "heartbeat_at": None}
+               "seconds_used": 0.0, "trials_done": 0, "heartbeat_at": None,
+               "attempts": 0}
 
         def work(conn: Connection) -> Job:
             _require_project(conn, project)

@@ -77,7 +77,12 @@ jobs = sa.Table(
     sa.Column("seconds_used", sa.Float, nullable=False, default=0.0),
     sa.Column("trials_done", sa.Integer, nullable=False, default=0),
     sa.Column("heartbeat_at", sa.Float, nullable=True),
+    # leases of the job dropped stale (its worker died mid-run); too many fail the job
+    sa.Column("attempts", sa.Integer, nullable=False, default=0, server_default="0"),
 )
+# Columns added after the first release, added to an existing table at start:
+# (name, DDL type and default).
+_ADDED_COLUMNS = {"autocompress_jobs": (("attempts", "INTEGER NOT NULL DEFAULT 0"),)}
 
 leases = sa.Table(
     "autocompress_leases", metadata,
@@ -147,6 +152,7 @@ class Database:
         # unique violation on pg_type); is_transient counts that, and the retry finds the
         # tables made (checkfirst).
         metadata.create_all(self.engine, checkfirst=True)
+        _add_columns(self.engine)
 
     @contextlib.contextmanager
     def transaction(self, *, write: bool = False) -> Iterator[Connection]:
@@ -204,6 +210,18 @@ class Database:
         self.engine.dispose()
 
 
+def _add_columns(engine: Engine) -> None:
+    """The columns an older version's tables lack (a racing process adding the same one
+    loses with "duplicate column" / "already exists": transient, and the retry sees it)."""
+    inspector = sa.inspect(engine)
+    for table, columns in _ADDED_COLUMNS.items():
+        have = {c["name"] for c in inspector.get_columns(table)}
+        for name, ddl in columns:
+            if name not in have:
+                with engine.begin() as conn:
+                    conn.exec_driver_sql(f"ALTER TABLE {table} ADD COLUMN {name} {ddl}")
+
+
 def _transient(exc: sa.exc.DBAPIError) -> bool:
     text = str(getattr(exc, "orig", exc)).lower()
     if any(word in text for word in ("no such table", "not a database", "readonly",
@@ -232,6 +250,7 @@ class Job:
     seconds_used: float
     trials_done: int
     heartbeat_at: float | None
+    attempts: int = 0
     workers: int = 0
 
     @property
@@ -249,6 +268,7 @@ def row_job(row: Row[Any], workers: int = 0) -> Job:
     values = dict(row._mapping)
     values["spec"] = json.loads(values["spec"])
     values["cancel_requested"] = bool(values["cancel_requested"])
+    values["attempts"] = int(values.get("attempts") or 0)
     return Job(**values, workers=workers)
 
 

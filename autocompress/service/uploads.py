@@ -6,12 +6,14 @@ extracted), and weights that must load with ``torch.load(weights_only=True)``.""
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import shutil
 import stat
 import tarfile
 import tempfile
 import zipfile
+import zlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -35,6 +37,14 @@ _CHUNK = 1024 * 1024
 # (a zip bomb is refused while it extracts, not after it filled the disk).
 EXPANSION = 10
 MAX_MEMBERS = 200_000
+# What a damaged archive raises while read (a truncated .tar.gz: EOFError; a bad deflate
+# stream: zlib.error; an encrypted zip: RuntimeError; an unknown method: NotImplementedError).
+_BROKEN = (tarfile.TarError, EOFError, OSError, zlib.error, zipfile.BadZipFile, RuntimeError,
+           NotImplementedError)
+# Jobs' uploads materialised on this machine: one fixed folder per job, so the model and
+# data specs a job's study records are the same on every turn and worker (and for export).
+JOBS_FOLDER = "autocompress-jobs"
+_COMPLETE = ".complete"
 
 
 @dataclass(frozen=True)
@@ -158,6 +168,41 @@ def materialize(artifacts_location: str, job_id: str, spec: Mapping[str, Any],
     return paths
 
 
+def job_files_dir(job_id: str) -> Path:
+    """Where the job's uploads lie on this machine (the same path on every worker)."""
+    if not re.fullmatch(r"[0-9a-f]{12}", job_id):
+        raise InputError(f"job id {job_id!r} is invalid")
+    return Path(tempfile.gettempdir()) / JOBS_FOLDER / job_id
+
+
+def materialize_job(artifacts_location: str, job_id: str, spec: Mapping[str, Any],
+                    limits: UploadLimits | None = None) -> Path:
+    """The job's uploads in ``job_files_dir``: reused when complete, else fetched into a
+    sibling folder and renamed there (atomic: a reader never sees half of it; two workers
+    racing both finish and one rename wins)."""
+    folder = job_files_dir(job_id)
+    if (folder / _COMPLETE).is_file() or not spec.get("uploads"):
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=f".{job_id}.", dir=folder.parent))
+    try:
+        materialize(artifacts_location, job_id, spec, partial, limits)
+        (partial / _COMPLETE).touch()
+        if folder.exists() and not (folder / _COMPLETE).is_file():
+            shutil.rmtree(folder, ignore_errors=True)  # left half-made by an older version
+        with contextlib.suppress(OSError):  # another worker's rename won: use its copy
+            os.rename(partial, folder)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return folder
+
+
+def remove_job_files(job_id: str) -> None:
+    """Delete the job's uploads from this machine (the job has ended)."""
+    with contextlib.suppress(InputError):
+        shutil.rmtree(job_files_dir(job_id), ignore_errors=True)
+
+
 def _check_weights(path: Path, name: str) -> None:
     """The weights must be a state_dict (or a checkpoint holding one) that loads with
     ``weights_only=True``: nothing in them is unpickled as code."""
@@ -177,9 +222,10 @@ def _members(handle: IO[bytes], name: str) -> Iterator[tuple[str, str, int]]:
     if name.lower().endswith(".zip"):
         try:
             archive = zipfile.ZipFile(handle)
-        except zipfile.BadZipFile as exc:
-            raise JobSpecError(f"uploaded data {name!r} is not a readable zip ({exc}); send a "
-                               ".zip or .tar.gz of the ImageFolder", "data") from None
+        except _BROKEN as exc:
+            raise JobSpecError(f"uploaded data {name!r} is not a readable zip "
+                               f"({one_line(exc)}); send a .zip or .tar.gz of the ImageFolder",
+                               "data") from None
         for info in archive.infolist():
             mode = info.external_attr >> 16
             kind = "dir" if info.is_dir() else "file"
@@ -192,7 +238,7 @@ def _members(handle: IO[bytes], name: str) -> Iterator[tuple[str, str, int]]:
             for member in archive:
                 kind = "file" if member.isreg() else "dir" if member.isdir() else "other"
                 yield member.name, kind, member.size
-    except tarfile.TarError as exc:
+    except _BROKEN as exc:
         raise JobSpecError(f"uploaded data {name!r} is not a readable tar archive "
                            f"({one_line(exc)}); send a .zip or .tar.gz of the ImageFolder",
                            "data") from None
@@ -235,6 +281,15 @@ def _check_archive(handle: IO[bytes], name: str, max_bytes: int) -> None:
 
 
 def _extract(archive_path: Path, name: str, dest: Path, max_bytes: int) -> None:
+    """``_extract_members``, a damaged archive a JobSpecError naming the data field."""
+    try:
+        _extract_members(archive_path, name, dest, max_bytes)
+    except _BROKEN as exc:
+        raise JobSpecError(f"uploaded data {name!r} cannot be extracted ({one_line(exc)}); "
+                           "send an intact .zip or .tar.gz of the ImageFolder", "data") from None
+
+
+def _extract_members(archive_path: Path, name: str, dest: Path, max_bytes: int) -> None:
     """Extract member by member into ``dest``, each checked, bytes counted as written."""
     dest.mkdir(parents=True, exist_ok=True)
     budget = [max_bytes]
@@ -270,4 +325,5 @@ def _write_member(target: Path, kind: str, opener: Any, budget: list[int]) -> No
             out.write(chunk)
 
 
-__all__ = ["PREFIX", "UploadLimits", "discard", "materialize", "save_uploads"]
+__all__ = ["PREFIX", "UploadLimits", "discard", "job_files_dir", "materialize",
+           "materialize_job", "remove_job_files", "save_uploads"]

@@ -16,16 +16,15 @@ import logging
 import os
 import secrets
 import socket
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any, TypeVar
 
 from autocompress.errors import AutocompressError, StudyError, one_line
+from autocompress.study import attrs as trial_attrs
 from autocompress.study.resilient import is_connection_error
-from autocompress.study.urls import sqlite_path
+from autocompress.study.urls import masked_url, sqlite_path
 
 Log = Callable[[str], None]
 _logger = logging.getLogger("autocompress.service")
@@ -115,50 +114,61 @@ class _Heartbeat(threading.Thread):
 
 class _Turn:
     """One job's run on this worker: what ``run_search`` asks after every trial (cancel,
-    fair turn, worker stopping, target reached) and the trials it finished."""
+    fair turn, worker stopping, target reached by others) and the trials it finished."""
 
     def __init__(self, worker: _Worker, job: Any) -> None:
         self.worker = worker
         self.job = job
         self.why: str | None = None  # the reason this turn was asked to end
-        self.trials = 0  # fine-tuned trials this turn finished (what --trials counts)
+        self.trials = 0  # search trials this turn finished (what --trials counts)
         self.unrecorded = 0  # of them, those the database missed (added at the release)
+        # the search trials this turn's run_search was given: past them it promotes
+        self.left = _left(job)[0]
 
     def stop_request(self) -> str | None:
         self.why = self._why()
         return self.why
 
     def _why(self) -> str | None:
-        store, job, wid = self.worker.store, self.job, self.worker.worker_id
         if self.worker.stop.is_set():
             return STOPPING
         try:
-            if not store.heartbeat(wid, job.id):
-                return LEASE_LOST
-            now = store.job(job.project, job.id)
-            if now is None or now.cancel_requested or now.state == "cancelled":
-                return CANCELLED
-            if job.trials_target and now.trials_done >= job.trials_target:
-                return TARGET_REACHED  # other workers sharing this job got there
-            if job.trials_target and now.trials_done + max(0, now.workers - 1) >= (
-                    job.trials_target):
-                # the trials the others sharing the job are running now make up the rest:
-                # one more here would overshoot the target
-                return OTHERS_FINISH
-            if not self.trials:
-                # a turn runs one fine-tuned trial at least: yielding after the baselines or
-                # the start-up alone would spend a claim's set-up on nothing
-                return None
-            return store.should_yield(wid, job.id)
+            return self._job_why()
         except Exception as exc:  # the database briefly gone: keep running, ask again later
-            self.worker.log(f"job {job.id}: could not check for cancel or turn "
+            self.worker.log(f"job {self.job.id}: could not check for cancel or turn "
                             f"({one_line(exc)}); going on")
             return None
 
+    def _job_why(self) -> str | None:
+        store, job, wid = self.worker.store, self.job, self.worker.worker_id
+        if not store.heartbeat(wid, job.id):
+            return LEASE_LOST
+        now = store.job(job.project, job.id)
+        if now is None or now.cancel_requested or now.state == "cancelled":
+            return CANCELLED
+        if self.left is not None and self.trials >= self.left:
+            # this turn's own search is over and run_search promotes now (it ends by itself:
+            # a stop here would skip the promotions)
+            return None
+        target = job.trials_target
+        others = now.trials_done - job.trials_done - (self.trials - self.unrecorded)
+        if target and others > 0 and now.trials_done + self.unrecorded >= target:
+            return TARGET_REACHED  # other workers sharing this job got there
+        if target and now.workers > 1 and now.trials_done + now.workers - 1 >= target:
+            # the trials the others sharing the job are running now make up the rest:
+            # one more here would overshoot the target
+            return OTHERS_FINISH
+        if not self.trials:
+            # a turn runs one fine-tuned trial at least: yielding after the baselines or
+            # the start-up alone would spend a claim's set-up on nothing
+            return None
+        return store.should_yield(wid, job.id)
+
     def on_progress(self, progress: Any) -> None:
         record = progress.last
-        if record.baseline is not None or record.rejected is not None:
-            return  # baselines and pre-check rejections are not what a job's trials count
+        if record.baseline is not None or record.rejected is not None or \
+                record.attrs.get(trial_attrs.PARENT) is not None:
+            return  # baselines, rejections and promotions are not what --trials counts
         self.trials += 1
         try:
             self.worker.store.add_trials(self.job.id, 1)
@@ -202,13 +212,24 @@ class _Worker:
         try:
             outcome, error = self._run(job, turn)
         except KeyboardInterrupt:  # a second SIGTERM or Ctrl-C: hand the job back at once
+            beat.stop()  # first: a beat after the release would write the lease back
             self.release(job, "paused", None, time.monotonic() - started, turn.unrecorded)
             raise
         finally:
             beat.stop()
         self.release(job, outcome, error, time.monotonic() - started, turn.unrecorded)
+        self._tidy(job)
         self.log(f"job {job.id} ({job.project}): {outcome}" + (f": {error}" if error else "")
                  + f" ({turn.trials} trial(s) this turn, {time.monotonic() - started:.0f} s)")
+
+    def _tidy(self, job: Any) -> None:
+        """The job's uploads on this machine go once it ended and no worker holds it."""
+        from autocompress.service.uploads import remove_job_files
+
+        with contextlib.suppress(Exception):  # the database away: kept, no harm done
+            now = self.store.job(job.project, job.id)
+            if now is None or (now.finished and not now.workers):
+                remove_job_files(job.id)
 
     def _run(self, job: Any, turn: _Turn) -> tuple[str, str | None]:
         """The job's outcome and its one-line reason; never raises an Exception."""
@@ -266,24 +287,22 @@ def _search(worker: _Worker, job: Any, turn: _Turn) -> tuple[str, str | None]:
     from autocompress.service import jobspec, uploads
 
     _study_tables(worker.storage_url)
-    with tempfile.TemporaryDirectory(prefix=f"autocompress-job-{job.id}-") as tmp:
-        files = Path(tmp)
-        uploads.materialize(worker.artifacts, job.id, job.spec, files)
-        config = jobspec.to_config(
-            job.spec, study=job.study, storage=worker.storage_url, artifacts=worker.artifacts,
-            files_dir=files,
-            dataset_spec=lambda name: worker.store.dataset_spec(name, job.project))
-        left: dict[str, Any] = {}
-        if trials is not None:
-            left["trials"] = trials
-        if minutes is not None:
-            left["time_limit"] = minutes
-        config = dataclasses.replace(config, **left)
-        worker.log(f"job {job.id} ({job.project}): running study {job.study!r}"
-                   + (f", {trials} trial(s) left" if trials is not None else "")
-                   + (f", {minutes:.1f} min left" if minutes is not None else ""))
-        result = run_search(config, on_progress=turn.on_progress,
-                            stop_request=turn.stop_request)
+    # a fixed folder per job: the model and data specs its study records (and a resume or a
+    # second worker must match) name the same paths on every turn
+    files = uploads.materialize_job(worker.artifacts, job.id, job.spec)
+    config = jobspec.to_config(
+        job.spec, study=job.study, storage=worker.storage_url, artifacts=worker.artifacts,
+        files_dir=files, dataset_spec=lambda name: worker.store.dataset_spec(name, job.project))
+    left: dict[str, Any] = {}
+    if trials is not None:
+        left["trials"] = trials
+    if minutes is not None:
+        left["time_limit"] = minutes
+    config = dataclasses.replace(config, **left)
+    worker.log(f"job {job.id} ({job.project}): running study {job.study!r}"
+               + (f", {trials} trial(s) left" if trials is not None else "")
+               + (f", {minutes:.1f} min left" if minutes is not None else ""))
+    result = run_search(config, on_progress=turn.on_progress, stop_request=turn.stop_request)
     if turn.why == CANCELLED:
         return "cancelled", None
     if turn.why is not None and turn.why != TARGET_REACHED:
@@ -341,7 +360,8 @@ def run_worker(storage_url: str, artifacts: str, *, worker_id: str | None = None
         if store is None:
             return 0  # stopped while the database was still away
         worker = _Worker(store, storage_url, artifacts, wid, stop, log)
-        log(f"worker {wid} started: jobs from {_masked(storage_url)}, artifacts in {artifacts}")
+        log(f"worker {wid} started: jobs from {masked_url(storage_url)}, artifacts in "
+            f"{artifacts}")
         while not stop.is_set():
             job = worker.claim()
             if job is None:
@@ -373,9 +393,3 @@ def _open_store(storage_url: str, patience: _Patience) -> Any | None:
         patience.ok()
         return store
     return None
-
-
-def _masked(url: str) -> str:
-    from autocompress.study.urls import masked_url
-
-    return masked_url(url)
