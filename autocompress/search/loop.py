@@ -61,8 +61,6 @@ PROMOTION_PASSES = 3  # under a time limit: plan and run promotions again while 
 PROMOTION_PLAN_MARGIN = 0.95  # of the time left a timed promotion is planned to take
 
 
-
-
 @dataclass(frozen=True)
 class Progress:
     done: int
@@ -238,7 +236,7 @@ def _ends_on_fatal(
 
 def _choose_fidelity(study: Any, runner: TrialRunner, settings: SearchSettings,
                      counter: TrialCounter, on_start: Callable[[str], None] | None) -> None:
-    """Calibration-only search trials when too few fine-tunes fit the time limit
+    """Calibration-only search trials when not one fine-tune fits the time limit
     (``fidelity``): the runner realises them by PTQ, the promotions fine-tune the best."""
     estimate = first_trial_estimate(study_mod.records(study), settings,
                                     study.user_attrs.get(LR_PROBE_ATTR))
