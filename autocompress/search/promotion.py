@@ -91,8 +91,9 @@ def plan_promotions(
         if level >= factor**MAX_RUNGS:
             continue
         cost = min(level * factor, float(factor**MAX_RUNGS))
-        if record.attrs.get(trial_attrs.FIDELITY) == "calibration":
-            # never fine-tuned: its first fine-tune is the short one, or what is left of it
+        if record.attrs.get(trial_attrs.FIDELITY) == "calibration" and cost > left + 1e-9:
+            # never fine-tuned, and its rung does not fit: a first fine-tune of what is left
+            # (a real-size model's calibration-only search leaves minutes, not rungs)
             cost = min(1.0, left)
             if cost < MIN_FIRST_FINETUNE:
                 continue
