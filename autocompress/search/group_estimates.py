@@ -6,7 +6,8 @@ from __future__ import annotations
 from typing import Any
 
 
-def _ratio_key(ratio: float) -> str:
+def ratio_key(ratio: float) -> str:
+    """A prune ratio as the sensitivity table's key ("0.4")."""
     return f"{ratio:g}"
 
 
@@ -19,7 +20,7 @@ def estimate_groups(table: Any, unscored: list[Any], ratios: list[float]) -> Non
     for group in unscored:
         measured: dict[str, Any] = {}
         for ratio in ratios:
-            key = _ratio_key(ratio)
+            key = ratio_key(ratio)
             scored = [e["ratios"][key] for e in table.groups.values()
                       if key in e["ratios"] and not e.get("estimated")]
             if scored:

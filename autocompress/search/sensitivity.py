@@ -36,7 +36,7 @@ from autocompress.search.choice_score import fixed_slice as _fixed_slice
 from autocompress.search.choice_score import kept_shares as _kept_shares
 from autocompress.search.choice_score import score_choice as _score
 from autocompress.search.choice_score import weight_numel as _weight_numel
-from autocompress.search.group_estimates import estimate_groups
+from autocompress.search.group_estimates import estimate_groups, ratio_key
 from autocompress.transform import quantize
 from autocompress.transform.student import build_student
 
@@ -315,7 +315,7 @@ def _score_groups(scoring: _Pass, table: Sensitivity, groups: list[str], ratios:
             except Exception as exc:
                 table.failed[f"{group}@{ratio:.0%}"] = one_line(exc, typed=True)
             else:
-                measured[_ratio_key(ratio)] = {"kl": kl, "accuracy": acc,
+                measured[ratio_key(ratio)] = {"kl": kl, "accuracy": acc,
                                                "kept": _kept_shares(model, scoring.weights)}
             scoring.tick()
         if measured:
@@ -363,10 +363,6 @@ def _affordable_images(task: Task, base: nn.Module, layer: str, bits: int,
 
 def _group_weights(group: Any, weights: dict[str, int]) -> int:
     return sum(weights.get(member, 0) for member in group.members)
-
-
-def _ratio_key(ratio: float) -> str:
-    return f"{ratio:g}"
 
 
 def _tick(on_item: Callable[[int, int], None] | None, done: int, total: int) -> None:
