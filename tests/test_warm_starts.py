@@ -59,3 +59,37 @@ def test_a_measured_unpruned_baseline_over_the_budget_starts_the_grid_one_step_u
                                                skip_unpruned=True)
     assert ratio == pytest.approx(0.1)
     assert 0.0 not in runner.checked
+
+
+def test_under_a_latency_budget_no_quantized_width_fits_so_pruning_alone_at_float_does(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """ResNet-20 at 0.53x of fp32: no uniform ratio met it at int8 or int4 weight-only (their
+    per-operator cost), so no pruned warm start opened the search; pruning alone at float
+    reached 0.38x. The float fallback is tried only when no quantized one fits."""
+    timing = {8: 0.9, 4: 1.2, 32: 0.6}  # ms at any ratio above 0; 1.5 ms unpruned
+    monkeypatch.setattr(
+        warm_starts.space, "uniform_plan",
+        lambda _inv, _settings, *, bits, ratio=0.0, activation_bits: (bits, ratio))
+    monkeypatch.setattr(warm_starts.space, "prune_high", lambda _settings: 0.5)
+    monkeypatch.setattr(warm_starts.space, "activations_for", lambda bits, _s: bits)
+    monkeypatch.setattr(warm_starts.space, "plan_to_params", lambda plan, *_a: {"plan": plan})
+    monkeypatch.setattr(warm_starts, "build_student", lambda *_a: None)
+    runner = _FakeRunner({}, "0.7ms")
+    runner.precheck = lambda _s, plan, *_a: SimpleNamespace(  # type: ignore[method-assign]
+        estimate_ms=1.5 if plan[1] == 0 else timing[plan[0]], size_bytes=1e3)
+    settings = SimpleNamespace(prune_step=0.1, bits=(32, 8, 4))
+    named, notes = warm_starts._pruned_warm_starts(
+        runner, None, settings, runner.ctx.budgets, [], (8, 4))  # type: ignore[arg-type]
+    assert named == [("budget-fp32", {"plan": (32, 0.1)})]
+    assert any("at float" in n for n in notes)
+    timing[8] = 0.5  # int8 fits now: no float fallback
+    named, _ = warm_starts._pruned_warm_starts(
+        runner, None, settings, runner.ctx.budgets, [], (8, 4))  # type: ignore[arg-type]
+    assert [n for n, _ in named] == ["budget-int8"]
+    size_only = [parse_budget("100KB")]  # a size budget: float pruning is not tried
+    runner.ctx.budgets = size_only
+    timing[8] = 0.9
+    named, _ = warm_starts._pruned_warm_starts(
+        runner, None, settings, size_only, [], (8, 4))  # type: ignore[arg-type]
+    assert all(n != "budget-fp32" for n, _ in named)
