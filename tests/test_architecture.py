@@ -171,6 +171,8 @@ MAX_MODULE_LINES = 400
 MAX_FUNCTION_LINES = 60
 # Longer on purpose, each with its reason. Everything else stays under the limits.
 LONG_MODULES: dict[str, str] = {
+    "config/options.py": "one field per search option (their help is the CLI's and docs'); "
+                         "--student and the scheme options took it past 400",
 }
 LONG_FUNCTIONS: dict[str, str] = {
 }

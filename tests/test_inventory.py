@@ -145,12 +145,10 @@ def test_vit_attention_layers_are_reported() -> None:
     x = torch.randn(1, 3, 32, 32)
     inv = build_inventory(model, x)
     out_proj = "encoder.layers.encoder_layer_0.self_attention.out_proj"
-    # MultiheadAttention uses out_proj's weight directly: a fake-quant wrapper would never run.
-    assert out_proj not in inv.quantizable_layers()
-    assert "never called as a module" in inv.excluded_reason(out_proj)
-    assert "unsupported layer type MultiheadAttention" in inv.excluded_reason(
-        "encoder.layers.encoder_layer_0.self_attention"
-    )
+    # MultiheadAttention uses out_proj's weight directly: both projections are quantized
+    # through the attention module (its input projection is named by the module itself).
+    assert out_proj in inv.quantizable_layers()
+    assert "encoder.layers.encoder_layer_0.self_attention" in inv.quantizable_layers()
     assert "encoder.layers.encoder_layer_0.mlp.0" in inv.quantizable_layers()
     assert "no longer runs" in inv.excluded_reason("conv_proj")  # the embedding width group
     assert inv.prunable_groups() == [

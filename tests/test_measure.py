@@ -87,3 +87,23 @@ def test_packing_limit_bytes() -> None:
     expected = math.ceil(36 * 4 / 8) + 4 * 4 + 2560 * 8 / 8 + 10 * 4
     assert packing_limit_bytes(model, plan) == expected
     assert packing_limit_bytes(model, CompressionPlan()) == 4 * count_params(model)
+
+
+def test_packing_limit_counts_recurrent_and_attention_weights_at_their_planned_width() -> None:
+    """An LSTM's weight_ih_l0/weight_hh_l0 and an attention's in_proj_weight counted 32 bits
+    whatever the plan said: a size refusal named a 163.8 KB limit for a 50 KB file."""
+    from torch import nn
+
+    class _Seq(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lstm = nn.LSTM(8, 16, batch_first=True)
+            self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+
+    model = _Seq()
+    plan = CompressionPlan(bits={"lstm": 8, "attn": 4, "attn.out_proj": 8})
+    lstm_w = 4 * 16 * 8 + 4 * 16 * 16
+    expected_bits = (lstm_w * 8 + 2 * 4 * 16 * 32  # weights at 8; both biases float
+                     + 3 * 16 * 16 * 4 + 3 * 16 * 32  # in_proj at 4, its bias float
+                     + 16 * 16 * 8 + 16 * 32)  # out_proj at 8, its bias float
+    assert packing_limit_bytes(model, plan) == math.ceil(expected_bits / 8)

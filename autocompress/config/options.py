@@ -23,8 +23,10 @@ OBJECTIVES = ("accuracy", "size", "latency")
 SPARSITY_SCOPES = ("layer", "global")
 SIZE_METRICS = ("file", "zip")
 PTQ_METHODS = ("minmax", "entropy", "percentile", "dynamic")
+ACTIVATION_SCHEMES = ("asymmetric", "symmetric", "search")
 # Where candidates are timed and scored (runtime/sessions.py dispatches on it).
-TARGETS = ("onnxruntime-cpu", "openvino-cpu", "onnxruntime-cuda", "tensorrt")
+TARGETS = ("onnxruntime-cpu", "openvino-cpu", "onnxruntime-cuda", "tensorrt",
+           "executorch-xnnpack")
 MAX_STUDY_NAME = 120
 # numpy's RandomState (Optuna's samplers) takes seeds in [0, 2**32)
 MAX_SEED = 2**32 - 1
@@ -100,6 +102,10 @@ class SearchConfig:
                                             "(uint8, integer kernels), 32 (weight-only: float "
                                             "activations, integer weights in the file) or both "
                                             "(default 8,32)")
+    activation_scheme: str = _opt("asymmetric", "how activations are quantized: asymmetric "
+                                  "(uint8 with a zero point, ORT's fast x86 path; default), "
+                                  "symmetric (int8, zero point 0) or search (the sampler "
+                                  "chooses per trial)")
     prune_max: float = _opt(0.7, "largest prune ratio (default 0.7)")
     prune_step: float = _opt(0.05, "prune ratio grid step (default 0.05)")
     # unstructured L1 sparsity per layer or as one global ratio (0: off); zeros shrink a
@@ -147,7 +153,8 @@ class SearchConfig:
     target: str = _opt("onnxruntime-cpu", "where candidates are timed and scored: "
                        "onnxruntime-cpu (default), openvino-cpu (pip install "
                        "'autocompress[openvino]'), onnxruntime-cuda or tensorrt (NVIDIA GPU, "
-                       "onnxruntime-gpu)")
+                       "onnxruntime-gpu), executorch-xnnpack (a .pte program on ExecuTorch's "
+                       "XNNPACK backend; pip install 'autocompress[executorch]')")
     threads: int = _opt(1, "ONNX Runtime intra-op threads for latency")
     latency_batch_size: int = _opt(1, "batch size latency is measured at")
     latency_repeats: int = _opt(30, "timed runs per latency measurement")
@@ -175,6 +182,11 @@ class SearchConfig:
                                        "under budgets; 0: none)")
     promote_factor: int = _opt(4, "a promoted plan gets this many times its fine-tune steps "
                                "(default 4)")
+    students: tuple[str, ...] = _opt((), "another architecture (any --model spec) distilled "
+                                     "from the model once per study and compressed too; "
+                                     "repeatable", flag="--student", metavar="SPEC")
+    student_epochs: int = _opt(10, "whole epochs each --student is distilled for (default 10; "
+                               "fewer when the time limit says so, at least 1)")
 
     def __post_init__(self) -> None:
         self.check()
@@ -232,6 +244,9 @@ class SearchConfig:
                 f"activation_bits {list(self.activation_bits)} is invalid; use 8 (uint8 "
                 "activations), 32 (weight-only) or both: 8,32"
             )
+        if self.activation_scheme not in ACTIVATION_SCHEMES:
+            raise ConfigError(f"activation_scheme {self.activation_scheme!r} is unknown; use "
+                              f"one of {list(ACTIVATION_SCHEMES)}")
         if not 0.0 <= self.prune_max < 1.0:
             raise ConfigError(f"prune_max {self.prune_max} must be in [0, 1) (e.g. 0.7)")
         if not 0 < self.prune_step < 1:
@@ -281,7 +296,7 @@ class SearchConfig:
         if not 0 <= self.kd_alpha_min <= self.kd_alpha_max <= 1:
             raise ConfigError("kd_alpha_min <= kd_alpha_max must both lie in [0, 1]")
         for name in ("finetune_steps", "batch_size", "threads", "latency_batch_size",
-                     "latency_repeats", "round_to", "train_threads"):
+                     "latency_repeats", "round_to", "train_threads", "student_epochs"):
             minimum = 0 if name == "finetune_steps" else 1
             if getattr(self, name) < minimum:
                 raise ConfigError(f"{name} {getattr(self, name)} must be >= {minimum}")

@@ -39,6 +39,8 @@ class SpaceSettings:
     kd_alpha_max: float
     finetune_steps: int
     learning_rate: float | None  # None until the search's probe chose one
+    # asymmetric (uint8), symmetric (int8, zero point 0) or search (the sampler's choice)
+    activation_scheme: str = "asymmetric"
 
 
 @dataclass(frozen=True)
@@ -82,6 +84,8 @@ class RunSettings:
     sensitivity_images: int
     sampler: str = "front"  # "front": the search proposes from the measured front
     fidelity: str = "auto"  # how search trials are realised (search/fidelity.py)
+    students: tuple[str, ...] = ()  # --student specs distilled and compressed beside it
+    student_epochs: int = 10  # whole epochs each student is distilled for (search/students.py)
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from autocompress import study as study_mod
 from autocompress.errors import one_line
 from autocompress.export._results import ExportError, VerificationError
 from autocompress.export.files import _artifacts_dir, _fetch
-from autocompress.export.selection import _exportable
+from autocompress.export.selection import _exportable, base_context
 from autocompress.intake.task import tokenizer_of
 from autocompress.model.inventory import Inventory
 from autocompress.model.plan import CompressionPlan
@@ -172,8 +172,9 @@ def load_trial_model(
     """The fine-tuned PyTorch model of a trial, from the study alone (checksum-checked)."""
     study = study_mod.load_existing_study(storage_url, study_name)
     info = study_mod.study_info(study, storage_url)
-    record = _exportable(study_mod.records(study), trial, study_name)
-    ctx = _Context.from_info(info)
+    recs = study_mod.records(study)
+    record = _exportable(recs, trial, study_name)
+    ctx = base_context(_Context.from_info(info), record, recs)  # a --student's: its spec
     store = study_mod.artifact_store(_artifacts_dir(info, storage_url, artifacts_dir))
     with tempfile.TemporaryDirectory(prefix="autocompress-rebuild-") as scratch:
         state_path = Path(scratch) / "state.pt"

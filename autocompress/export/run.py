@@ -18,12 +18,13 @@ from autocompress.export.files import _artifacts_dir, _fetch, _publish, _umask, 
 from autocompress.export.markdown import markdown
 from autocompress.export.program import _Context, _export_program, _rebuild
 from autocompress.export.report import _plot, _report
-from autocompress.export.selection import choose_from_study, fp32_record
+from autocompress.export.selection import base_context, choose_from_study, fp32_record
 from autocompress.export.verify import _verify
 from autocompress.intake.metric import label_of
 from autocompress.intake.models import zeros_input
 from autocompress.intake.sample_inputs import inputs_record
 from autocompress.model.plan import CompressionPlan
+from autocompress.runtime import executorch as executorch_runtime
 from autocompress.runtime import measure
 from autocompress.study.records import TrialRecord
 from autocompress.transform.survey import build_inventory
@@ -61,7 +62,7 @@ def export_from_storage(
     if rule is not None:
         choice = dataclasses.replace(choice, rule=rule)
     store = study_mod.artifact_store(_artifacts_dir(info, url, artifacts_dir))
-    ctx = _Context.from_info(info)
+    ctx = base_context(_Context.from_info(info), choice.record, records)  # teacher or student
 
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.", suffix=".partial",
@@ -107,10 +108,19 @@ def _write(
     state_path = scratch / "state.pt"
     _fetch(store, record, "torch_artifact_id", "torch_artifact_sha256", state_path,
            "PyTorch artifact")
+    program = _is_program_target(record)
+    if program:  # the program the study measured, beside model.onnx (model.pte)
+        _fetch(store, record, executorch_runtime.ARTIFACT_ID_ATTR,
+               executorch_runtime.ARTIFACT_SHA256_ATTR,
+               executorch_runtime.program_path(onnx_path), "ExecuTorch program")
     fp32_path: Path | None = None
     if verify and fp32 is not None:
         fp32_path = scratch / "fp32.onnx"
         _fetch(store, fp32, "artifact_id", "artifact_sha256", fp32_path, "fp32 ONNX artifact")
+        if program:
+            _fetch(store, fp32, executorch_runtime.ARTIFACT_ID_ATTR,
+                   executorch_runtime.ARTIFACT_SHA256_ATTR,
+                   executorch_runtime.program_path(fp32_path), "fp32 ExecuTorch program")
     data = ctx.load_checked_data() if verify else None
     model, float_model = _rebuild(ctx, record, state_path)
     example = (data.example_input(2) if data is not None
@@ -133,11 +143,21 @@ def _write(
     return report
 
 
+def _is_program_target(record: TrialRecord) -> bool:
+    """Whether the trial was measured as an ExecuTorch program (executorch-xnnpack)."""
+    runtime_info = record.json_attr("runtime")
+    target = runtime_info.get("target") if isinstance(runtime_info, dict) else None
+    return target == executorch_runtime.TARGET
+
+
 def _target_files(folder: Path, record: TrialRecord, input_shape: tuple[int, ...]) -> list[str]:
-    """Files in the study's target's own format beside model.onnx (which is what was
-    measured): OpenVINO IR for the openvino-cpu target, what OpenVINO deployments load
-    fastest; for the tensorrt target the engine TensorRT built from model.onnx for this
-    GPU, with its builder flags (``tensorrt/build.json``)."""
+    """Files in the study's target's own format beside model.onnx: OpenVINO IR for the
+    openvino-cpu target, what OpenVINO deployments load fastest; for the tensorrt target the
+    engine TensorRT built from model.onnx for this GPU, with its builder flags
+    (``tensorrt/build.json``); for executorch-xnnpack the measured program itself,
+    ``model.pte`` (fetched and checksummed in ``_write``, verified in ``_verify``)."""
+    if _is_program_target(record):
+        return [executorch_runtime.program_path(folder / "model.onnx").name]
     runtime_info = record.json_attr("runtime")
     target = runtime_info.get("target") if isinstance(runtime_info, dict) else None
     if target == "tensorrt":

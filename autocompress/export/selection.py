@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -10,6 +11,7 @@ from autocompress import study as study_mod
 from autocompress.config.budgets import Budget, parse_budget
 from autocompress.export._results import Choice, ExportError
 from autocompress.intake.metric import label_of
+from autocompress.model.inventory import Inventory
 from autocompress.results.metrics import accuracy_drop_rate
 from autocompress.results.pareto import closest_to_budgets, drop_floor, fp32_record, select_best
 from autocompress.study import attrs as trial_attrs
@@ -180,3 +182,17 @@ def _first_reference_ms(study_attrs: dict[str, Any]) -> float | None:
 
     refs = stored_references(study_attrs)
     return next(iter(refs.values())).median_ms if refs else None
+
+
+def base_context(ctx: Any, record: TrialRecord, records: Sequence[TrialRecord]) -> Any:
+    """Export's study context (``program._Context``) for ``record``: a ``--student`` trial
+    is rebuilt from the student's spec, and its report's "before" is the student's inventory
+    (recorded on its distillation trial); the teacher's trials keep the study's."""
+    spec = record.base_model
+    if spec is None:
+        return ctx
+    distilled = [r for r in records if r.measured
+                 and r.attrs.get(trial_attrs.STUDENT_DISTILLED) == spec]
+    stored = distilled[-1].json_attr(trial_attrs.STUDENT_INVENTORY) if distilled else None
+    return dataclasses.replace(ctx, model_spec=spec,
+                               inventory=Inventory.from_dict(stored) if stored else None)

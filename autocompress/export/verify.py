@@ -1,4 +1,7 @@
-"""Export verification: the written file re-measured (accuracy, model.pt2 agreement, latency)."""
+"""Export verification: the written file re-measured (accuracy, model.pt2 agreement, latency).
+
+The file is the one the study measured: ``model.onnx``, or for the executorch-xnnpack target
+``model.pte`` (every session of that target opens the program beside the ONNX path)."""
 
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ from autocompress.export._results import (
 )
 from autocompress.export.program import _Context
 from autocompress.intake.user_task import metric_of
+from autocompress.runtime import executorch as executorch_runtime
 from autocompress.runtime import scoring, sessions, timing
 from autocompress.study import attrs as trial_attrs
 from autocompress.study.records import TrialRecord
@@ -45,6 +49,7 @@ def _verify(
     rt = _runtime_of(record)
     threads = int(rt.get("threads") or ctx.config.get("threads") or 1)
     target = _target_of(rt)
+    name = _measured_name(target)
 
     # 1. accuracy: the same computation the trial recorded (file, split, batches, threads,
     # runtime: the study's deploy target).
@@ -61,7 +66,7 @@ def _verify(
             version_note = (f" ({now['runtime']} {now.get('version')} now, {rt['version']} in "
                             "the search)")
         raise VerificationError(
-            f"test accuracy of the written model.onnx is {accuracy:.6f} but the study recorded "
+            f"test accuracy of the written {name} is {accuracy:.6f} but the study recorded "
             f"{recorded} for trial {record.number}{version_note}: same file and data must give "
             "the same figure, so the study record or the runtime changed; pass --no-verify to "
             "export anyway"
@@ -72,12 +77,13 @@ def _verify(
                                                target)
     if agreement < AGREEMENT_FLOOR and not record.quantized_by_runtime:
         raise VerificationError(
-            f"model.pt2 agrees with model.onnx on only {agreement:.2%} of {samples} validation "
+            f"model.pt2 agrees with {name} on only {agreement:.2%} of {samples} validation "
             f"samples (need {AGREEMENT_FLOOR:.0%}): the rebuilt PyTorch model is not the "
             "exported one; pass --no-verify to export anyway"
         )
 
     return {
+        "file": name,
         "sha256": record.attrs.get(trial_attrs.ARTIFACT_SHA256),
         "sha256_matches": True,
         "test_accuracy": accuracy,
@@ -89,6 +95,13 @@ def _verify(
         "agreement_floor": AGREEMENT_FLOOR,
         "latency": _verify_latency(onnx_path, ctx, record, fp32, fp32_path, threads),
     }
+
+
+def _measured_name(target: str) -> str:
+    """The written file the study's figures are re-measured on."""
+    if target == executorch_runtime.TARGET:
+        return executorch_runtime.program_path("model.onnx").name
+    return "model.onnx"
 
 
 def _target_of(rt: dict[str, Any]) -> str:
@@ -228,7 +241,8 @@ def _verify_latency(
             break
     else:
         raise VerificationError(
-            f"latency of the written model.onnx re-measured at {inter.ratio:.3f}x the fp32 "
+            f"latency of the written {_measured_name(_target_of(rt))} re-measured at "
+            f"{inter.ratio:.3f}x the fp32 "
             f"baseline ({len(attempts)} times, the last {inter.rounds} rounds), but the study "
             f"recorded {recorded:.3f}x; allowed {allowed[0]:.3f}-{allowed[1]:.3f}x "
             f"({_tolerance_text(tolerance, noise)}): this machine's runtime differs from the "

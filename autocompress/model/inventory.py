@@ -24,14 +24,18 @@ from autocompress.model import flops as flop_count
 from autocompress.model.groups import PruneGroup
 
 INVENTORY_FORMAT_VERSION = 1
-QUANTIZABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Linear, nn.Embedding)
+# Recurrent layers get one width for all their weight matrices; a MultiheadAttention's width
+# is its input projection's (its ``out_proj`` is a layer of its own).
+SEQUENCE_TYPES: tuple[type[nn.Module], ...] = (nn.LSTM, nn.GRU, nn.RNN, nn.MultiheadAttention)
+QUANTIZABLE_TYPES: tuple[type[nn.Module], ...] = (
+    nn.Conv1d, nn.Conv2d, nn.Linear, nn.Embedding, *SEQUENCE_TYPES)
 # Types that carry weights but that our fake-quant/export path does not handle.
 _WEIGHTED_UNSUPPORTED = (
     nn.modules.conv._ConvNd,
     nn.EmbeddingBag,
     nn.RNNBase,
-    nn.MultiheadAttention,
 )
+_IN_PROJ = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
 
 
 @dataclass(frozen=True)
@@ -140,6 +144,10 @@ def inventory_with_groups(
     """
     work = copy.deepcopy(model).eval()
     shapes, called = _output_shapes(work, example_input)
+    # An attention's out_proj is never called as a module (its parent reads the weight) but
+    # is quantized through its parent: it counts as called when the parent is.
+    called |= {f"{name}.out_proj" for name, module in work.named_modules()
+               if isinstance(module, nn.MultiheadAttention) and name in called}
     flops, total_flops, uncounted = _flops(work, example_input)
     layers = [
         _layer_info(name, module, flops.get(name, 0), shapes.get(name), name in called, min_weights)
@@ -167,8 +175,10 @@ def _layer_info(
     params = sum(p.numel() for p in module.parameters())
     reason: str | None = None
     if isinstance(module, QUANTIZABLE_TYPES):
-        weights = module.weight.numel()
-        if not called:
+        weights = _weight_count(module)
+        if isinstance(module, nn.LSTM) and module.proj_size > 0:
+            reason = "an LSTM with proj_size is not quantized (set proj_size=0)"
+        elif not called:
             reason = (
                 f"{kind} is never called as a module (its parent uses the weight directly, "
                 "e.g. MultiheadAttention.out_proj)"
@@ -176,8 +186,8 @@ def _layer_info(
         elif weights < min_weights:
             reason = f"too small to pay for its scales ({weights} weights < {min_weights})"
     elif isinstance(module, _WEIGHTED_UNSUPPORTED):
-        reason = (f"unsupported layer type {kind} (only Conv1d/Conv2d/Linear/Embedding are "
-                  "quantized)")
+        reason = (f"unsupported layer type {kind} (only Conv1d/Conv2d/Linear/Embedding, "
+                  "LSTM/GRU/RNN and MultiheadAttention are quantized)")
     elif any(True for _ in module.children()):
         reason = f"a container ({kind}), not a Conv/Linear layer; name one of its layers"
     else:
@@ -191,6 +201,17 @@ def _layer_info(
         quantizable=reason is None,
         excluded_reason=reason,
     )
+
+
+def _weight_count(module: nn.Module) -> int:
+    """Elements of the weights a width applies to: every weight matrix of a recurrent layer,
+    the input projection of an attention, ``weight`` otherwise."""
+    if isinstance(module, nn.RNNBase):
+        return sum(p.numel() for n, p in module.named_parameters(recurse=False)
+                   if n.startswith("weight"))
+    if isinstance(module, nn.MultiheadAttention):
+        return sum(p.numel() for n, p in module.named_parameters(recurse=False) if n in _IN_PROJ)
+    return module.weight.numel()
 
 
 @torch.no_grad()

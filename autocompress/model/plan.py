@@ -20,6 +20,13 @@ Conventions
   Runtime folds the weights to float at load, so the layer runs at float speed with the
   file size of its integer weights).
   Layers left at 32 bits get no quantization at all, activations included.
+- ``activation_scheme``: ``"asymmetric"`` (uint8 activations with a zero point: ONNX
+  Runtime's default and its fast x86 path) or ``"symmetric"`` (int8, zero point 0: what
+  symmetric-only accelerators take). Written to JSON only when symmetric, so plans recorded
+  before it existed read back the same and keep their JSON.
+- Quantizable layers also include LSTM/GRU/RNN modules (one width for all their weight
+  matrices) and MultiheadAttention modules (the width of the input projection; its
+  ``<name>.out_proj`` has its own).
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ if TYPE_CHECKING:
 
 ALLOWED_WEIGHT_BITS: tuple[int, ...] = (32, 8, 4)
 ALLOWED_ACTIVATION_BITS: tuple[int, ...] = (8, 16, 32)
+ACTIVATION_SCHEMES: tuple[str, ...] = ("asymmetric", "symmetric")
 REALISATIONS: tuple[str, ...] = ("qat", "ptq")
 # dynamic: ONNX Runtime quantizes activations at run time (no calibration; int8 MatMul/Conv)
 CALIBRATION_METHODS: tuple[str, ...] = ("minmax", "entropy", "percentile", "dynamic")
@@ -59,6 +67,7 @@ class CompressionPlan:
     learning_rate: float = 1e-3
     realisation: str = "qat"
     calibration: str = "minmax"
+    activation_scheme: str = "asymmetric"
 
     def __post_init__(self) -> None:
         # Normalise containers so equality and JSON round trips do not depend on input types.
@@ -101,6 +110,11 @@ class CompressionPlan:
             raise PlanError(
                 f"calibration {self.calibration!r} is unknown; use one of "
                 f"{list(CALIBRATION_METHODS)}"
+            )
+        if self.activation_scheme not in ACTIVATION_SCHEMES:
+            raise PlanError(
+                f"activation_scheme {self.activation_scheme!r} is unknown; use one of "
+                f"{list(ACTIVATION_SCHEMES)}"
             )
         if self.activation_bits not in ALLOWED_ACTIVATION_BITS:
             raise PlanError(
@@ -178,6 +192,9 @@ class CompressionPlan:
             parts.append(f"featKD{self.feature_weight:.2g}")
         if self.is_ptq:
             parts.append(f"ptq-{self.calibration}")
+        if self.activation_scheme == "symmetric" and self.activation_bits < 32 and any(
+                b < 32 for b in self.bits.values()):
+            parts.append("a-int8" if self.activation_bits == 8 else "a-sym")
         return " ".join(parts) or "fp32"
 
     # -- serialisation ------------------------------------------------------------------
@@ -185,6 +202,8 @@ class CompressionPlan:
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["feature_pairs"] = [list(p) for p in self.feature_pairs]
+        if self.activation_scheme == "asymmetric":
+            del data["activation_scheme"]  # the default: JSON as before the option existed
         data["format_version"] = PLAN_FORMAT_VERSION
         return data
 

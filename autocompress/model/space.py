@@ -9,6 +9,9 @@ ranges are the search's ``SpaceSettings``, named as its options):
     kd/alpha          float kd_alpha_min..max
     quant/activations categorical over activation_bits (only when there are two or
                       more: 8 = uint8 activations and integer kernels, 32 = weight-only)
+    quant/activation_scheme  categorical asymmetric/symmetric (only when the study's
+                      activation_scheme is "search"): one scheme for the whole plan, since
+                      int8 next to uint8 activations costs a requantize between layers
     sparsity/<layer>  float 0..sparsity_max in sparsity_step steps (scope "layer")
     sparsity/global   one such float ranked across all layers (scope "global")
     kd/features       categorical off/on, and kd/feature_weight (log float) when on
@@ -41,6 +44,9 @@ class _Suggests(Protocol):
 
 
 ACTIVATIONS_PARAM = "quant/activations"
+ACTIVATION_SCHEME_PARAM = "quant/activation_scheme"
+SCHEME_CHOICES = ("asymmetric", "symmetric")
+SEARCHED_SCHEME = "search"  # SpaceSettings.activation_scheme letting the sampler choose
 GLOBAL_SPARSITY_PARAM = "sparsity/global"
 FEATURES_PARAM = "kd/features"
 FEATURE_WEIGHT_PARAM = "kd/feature_weight"
@@ -212,7 +218,11 @@ def suggest_plan(
     if settings.ptq_methods:
         realise = str(trial.suggest_categorical(REALISE_PARAM, realisations(settings)))
         extras.update(_realisation(realise))
+    if settings.activation_scheme == SEARCHED_SCHEME:
+        extras["activation_scheme"] = str(trial.suggest_categorical(ACTIVATION_SCHEME_PARAM,
+                                                                    list(SCHEME_CHOICES)))
     return _plan(settings, bits, prune, temperature, alpha, activations, **extras)
+
 
 
 def realisations(settings: SpaceSettings) -> list[str]:
@@ -264,6 +274,9 @@ def _plan(
     # A search resolves an unset learning rate (lrprobe) before it makes any plan; plans made
     # outside a search for their structure alone keep CompressionPlan's default.
     rate = {} if settings.learning_rate is None else {"learning_rate": settings.learning_rate}
+    scheme = settings.activation_scheme
+    if scheme != SEARCHED_SCHEME:  # a fixed scheme; "search": the sampler's, or asymmetric
+        extras["activation_scheme"] = scheme
     return CompressionPlan(
         bits=bits,
         prune=prune,
@@ -301,6 +314,8 @@ def plan_to_params(plan: CompressionPlan, inventory: Inventory, settings: SpaceS
             params[FEATURE_WEIGHT_PARAM] = plan.feature_weight
     if settings.ptq_methods:
         params[REALISE_PARAM] = realisation_choice(plan)
+    if settings.activation_scheme == SEARCHED_SCHEME:
+        params[ACTIVATION_SCHEME_PARAM] = plan.activation_scheme
     return params
 
 
@@ -326,6 +341,8 @@ def params_to_plan(
         extras["feature_weight"] = float(params[FEATURE_WEIGHT_PARAM])
     if REALISE_PARAM in params:
         extras.update(_realisation(str(params[REALISE_PARAM])))
+    if ACTIVATION_SCHEME_PARAM in params:
+        extras["activation_scheme"] = str(params[ACTIVATION_SCHEME_PARAM])
     return _plan(settings, bits, prune, float(params["kd/temperature"]),
                  float(params["kd/alpha"]), activations, **extras)
 
@@ -373,6 +390,8 @@ def space_description(inventory: Inventory, settings: SpaceSettings) -> dict[str
         **({"feature_kd": [settings.feature_weight_max, feature_layers(inventory, settings)]}
            if settings.feature_weight_max > 0 else {}),
         **({"ptq_methods": list(settings.ptq_methods)} if settings.ptq_methods else {}),
+        **({"activation_scheme": settings.activation_scheme}
+           if settings.activation_scheme != "asymmetric" else {}),
     }
 
 

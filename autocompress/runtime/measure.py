@@ -99,6 +99,13 @@ def count_flops(model: nn.Module, example_input: torch.Tensor) -> int:
     return flops.count_total(model, example_input)
 
 
+# The weight matrices an LSTM/GRU/RNN (weight_ih_l0, weight_hh_l0_reverse) or a
+# MultiheadAttention's input projection (in_proj_weight, or q/k/v_proj_weight) carry under
+# the module's own name: one planned width for all of them (model/inventory.py).
+_LAYER_WEIGHT_PREFIXES = ("weight_ih_", "weight_hh_", "in_proj_weight", "q_proj_weight",
+                          "k_proj_weight", "v_proj_weight")
+
+
 def packing_limit_bytes(model: nn.Module, plan: CompressionPlan) -> int:
     """Lower bound on the weight bytes: every parameter packed at its planned bit width.
 
@@ -110,7 +117,7 @@ def packing_limit_bytes(model: nn.Module, plan: CompressionPlan) -> int:
     for name, param in model.named_parameters():
         bits = _FLOAT_BITS
         layer, _, leaf = name.rpartition(".")
-        if leaf == "weight":
+        if leaf == "weight" or leaf.startswith(_LAYER_WEIGHT_PREFIXES):
             bits = plan.bits_for(layer)
         total_bits += param.numel() * bits
     return math.ceil(total_bits / 8)

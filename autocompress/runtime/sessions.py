@@ -22,12 +22,14 @@ import onnxruntime as ort
 
 from autocompress.config.options import TARGETS as config_targets
 from autocompress.errors import InputError, ModelSpecError, one_line
+from autocompress.runtime import executorch as executorch_runtime
 from autocompress.runtime import tensorrt as tensorrt_engine
 from autocompress.runtime.cpu import cpu_has_vnni, cpu_model
 
 PROVIDERS: tuple[str, ...] = ("CPUExecutionProvider",)
 # Where a study's files are timed and scored (``--target``): ONNX Runtime on the CPU, OpenVINO
-# on the CPU (the same ONNX files), or the GPU runtimes through ONNX Runtime's CUDA and
+# on the CPU (the same ONNX files), ExecuTorch's XNNPACK backend (the .pte program made
+# beside each ONNX file: runtime/executorch.py), or the GPU runtimes through ONNX Runtime's CUDA and
 # TensorRT execution providers (they need onnxruntime-gpu and an NVIDIA GPU).
 TARGETS: tuple[str, ...] = config_targets
 DEFAULT_TARGET = "onnxruntime-cpu"
@@ -46,6 +48,11 @@ def check_target(target: str) -> None:
     """Raise a one-line InputError when ``target`` is unknown or cannot run here."""
     if target not in TARGETS:
         raise InputError(f"target {target!r} is unknown; use one of {list(TARGETS)}")
+    if target == executorch_runtime.TARGET:
+        reason = executorch_runtime.unavailable_reason()
+        if reason is not None:
+            raise InputError(f"the {target} target needs ExecuTorch's runtime ({reason}): "
+                             f"{executorch_runtime.INSTALL_HINT}, or use --target onnxruntime-cpu")
     if target == "openvino-cpu":
         from autocompress.runtime import openvino as openvino_runtime
 
@@ -78,6 +85,10 @@ def make_session(
     """
     if threads < 1:
         raise InputError(f"threads={threads} must be >= 1; use e.g. --threads 2")
+    if target == executorch_runtime.TARGET:  # the .pte program beside (or at) ``path``
+        check_target(target)
+        return executorch_runtime.ExecuTorchSession(path, threads=threads,
+                                                    options=session_options)
     model_path = Path(path)
     if not model_path.is_file():
         raise InputError(f"ONNX file {str(model_path)!r} does not exist; export the model first")
@@ -167,7 +178,10 @@ def runtime_info(
     target: str = DEFAULT_TARGET,
 ) -> dict[str, Any]:
     """What a user needs to reproduce a latency figure (JSON-serialisable)."""
-    if target == "openvino-cpu":
+    if target == executorch_runtime.TARGET:
+        engine = {"runtime": "executorch", "version": executorch_runtime.version(),
+                  "providers": ["XnnpackBackend"], "program": executorch_runtime.PROGRAM_SUFFIX}
+    elif target == "openvino-cpu":
         from autocompress.runtime import openvino as openvino_runtime
 
         engine = {"runtime": "openvino", "version": openvino_runtime.version(),

@@ -27,7 +27,7 @@ from autocompress.model import space
 from autocompress.model.plan import CompressionPlan
 from autocompress.results.pareto import fp32_record, pareto_front
 from autocompress.runtime import measure
-from autocompress.search import fidelity, planning
+from autocompress.search import fidelity, planning, student_turns, students
 from autocompress.search.counter import TrialCounter, first_trial_estimate, probe_step_seconds
 from autocompress.search.floors import check_floors
 from autocompress.search.front_queue import FrontQueue, front_queue
@@ -100,6 +100,7 @@ def run_search(
     before = study_mod.storage_snapshot(
         url, config.study, study_mod.artifact_location(config.artifacts, url, config.study))
     storage = study_mod.open_storage(url)  # fail fast on a bad URL, before loading models
+    students.check_specs(config.students, config.num_classes)  # a bad --student: one line
     # SQLite admits one worker: refuse a second one now, not after loading the model.
     with study_mod.single_sqlite_worker(url), study_mod.no_half_made_study(before):
         # a bad model, data or budget found from here on leaves no empty study behind
@@ -121,6 +122,8 @@ def _run_search(
 ) -> SearchResult:
     study, runner, inventory = session.study, session.runner, session.inventory
     budgets, settings = session.budgets, session.settings
+    # --student specs built and checked now: a bad one is one line before any trial runs
+    student_models = students.load_models(settings.run.students, session.task)
     if not study.get_trials(deepcopy=False):
         # A new study: refuse an impossible budget from a few pre-checks, before any
         # trial is recorded or fine-tune learning rate probed.
@@ -135,11 +138,16 @@ def _run_search(
         # Baselines do not fine-tune, so they never needed the rate.
         settings = use_learning_rate(session, on_start)
         _choose_fidelity(study, runner, settings, counter, on_start)
+        bases = students.prepare(session, settings, student_models, counter.elapsed(),
+                                 on_start)  # distilled once per study, else loaded
         _enqueue_planned(study, runner, inventory, settings, budgets, on_start)
+        if settings.run.warm_starts:
+            students.enqueue_starts(study, bases, settings.space, runner)
         counter.first_estimate = first_trial_estimate(
             study_mod.records(study), settings, study.user_attrs.get(LR_PROBE_ATTR),
             calibration=runner.calibration_only is not None)
-        proposer = front_queue(study, runner, settings, on_start)
+        proposer = student_turns.turns(study, front_queue(study, runner, settings, on_start),
+                                  bases)
         _search_and_promote(study, runner, settings, counter, callback, proposer, on_start)
     stop_reason = counter.end_note(budgets, study_mod.records(study))
     if stop_reason:
@@ -164,7 +172,7 @@ def _run_search(
 
 def _search_and_promote(
     study: Any, runner: TrialRunner, settings: SearchSettings, counter: TrialCounter,
-    callback: Callable[[Any, Any], None], proposer: FrontQueue | None,
+    callback: Callable[[Any, Any], None], proposer: FrontQueue | student_turns.Turns | None,
     on_start: Callable[[str], None] | None,
 ) -> None:
     """The search trials (the default sampler's proposals made as each trial starts), then
@@ -348,10 +356,14 @@ def _promote(
         for p in chosen:
             parent = by_number[p.parent]
             plan = space.as_qat(CompressionPlan.from_dict(parent.plan))
-            params = space.plan_to_params(plan, runner.ctx.inventory, settings.space)
-            study_mod.enqueue(study, params, {trial_attrs.PARENT: p.parent,
-                                              trial_attrs.FINETUNE_STEPS: p.steps,
-                                              trial_attrs.PROMOTION_RUNG: p.rung}, first=True)
+            # keyed by the layer names of the base it compresses (the teacher or a student)
+            queued = students.retrain_params(parent, runner, plan, settings.space)
+            if queued is None:  # a student this worker has not loaded
+                continue
+            study_mod.enqueue(study, queued[0], {trial_attrs.PARENT: p.parent,
+                                                 trial_attrs.FINETUNE_STEPS: p.steps,
+                                                 trial_attrs.PROMOTION_RUNG: p.rung,
+                                                 **queued[1]}, first=True)
     if not chosen:
         return False
     _say(f"promoting {len(chosen)} plan(s) to longer fine-tunes: "

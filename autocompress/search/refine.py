@@ -48,6 +48,11 @@ def refinable(records: Sequence[TrialRecord], number: int, study_name: str) -> T
     if record.baseline == "fp32":
         raise RefineError(f"trial {number} is the fp32 baseline: there is nothing to repair; "
                           "pick a compressed trial from `autocompress show`")
+    if record.attrs.get(trial_attrs.STUDENT_DISTILLED) is not None:
+        raise RefineError(f"trial {number} is the distillation of student "
+                          f"{record.attrs[trial_attrs.STUDENT_DISTILLED]!r} (its fp32 form): "
+                          "rerun the search with more --student-epochs, or refine one of its "
+                          "compressed trials")
     if not record.measured:
         why = record.rejected or record.fail_reason or f"state {record.state}"
         raise RefineError(f"trial {number} has no measured result to refine ({why}); pick a "
@@ -78,6 +83,7 @@ def refine_trial(
     if not 1 <= epochs <= MAX_EPOCHS:
         raise RefineError(f"--epochs {epochs} must be between 1 and {MAX_EPOCHS} (e.g. 5)")
     from autocompress.search import session as sessions  # torch: refining only
+    from autocompress.search import students
 
     storage = study_mod.open_storage(storage_url, create=False)
     with study_mod.single_sqlite_worker(storage_url):
@@ -96,6 +102,10 @@ def refine_trial(
                 sessions.torch_threads(config.train_threads):
             session = sessions.open_session(config, storage_url, storage, Path(tmp), on_note)
             settings = sessions.use_learning_rate(session, on_note)
+            # the study's students (--student), so a student's trial is retrained on its base
+            for base in students.prepare(session, settings, {}, 0.0, on_note):
+                if base.runner is not None:
+                    base.runner.ctx.on_step = on_step
             marker = _enqueue_refine(session, settings, parent, epochs, on_note)
             session.runner.ctx.on_step = on_step
             session.study.optimize(session.runner, n_trials=1, catch=(Exception,))
@@ -120,13 +130,19 @@ def _enqueue_refine(
     returns the marker that finds its trial."""
     train_images = len(session.task.data.split("train"))
     steps = steps_for(epochs, train_images, settings.training.batch_size)
+    from autocompress.search.students import retrain_params
+
     plan = space.as_qat(CompressionPlan.from_dict(parent.plan))
-    params = space.plan_to_params(plan, session.inventory, settings.space)
+    # keyed by the layer names of the base it compresses (the teacher or a --student)
+    queued = retrain_params(parent, session.runner, plan, settings.space)
+    if queued is None:
+        raise RefineError(f"trial {parent.number} compresses student {parent.base_model!r}, "
+                          "which could not be loaded (see the note above)")
     trial = parent.number
     marker = f"{trial}:{epochs}:{uuid.uuid4().hex[:12]}"  # finds this refine's trial
-    study_mod.enqueue(session.study, params, {
+    study_mod.enqueue(session.study, queued[0], {
         trial_attrs.PARENT: trial, trial_attrs.FINETUNE_STEPS: steps,
-        trial_attrs.REFINE_EPOCHS: epochs, trial_attrs.REFINE_REQUEST: marker,
+        trial_attrs.REFINE_EPOCHS: epochs, trial_attrs.REFINE_REQUEST: marker, **queued[1],
     }, first=True)
     if on_note:
         on_note(f"refining trial {trial} ({parent.plan_summary}): {epochs} epoch(s) = "

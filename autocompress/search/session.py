@@ -32,6 +32,7 @@ from autocompress.search import lrprobe
 from autocompress.train import distill
 from autocompress.transform import quantize
 from autocompress.transform.survey import build_inventory
+from autocompress.trial import build
 from autocompress.trial.context import CALIBRATION_BATCH_SIZE, CALIBRATION_BATCHES, SearchContext
 from autocompress.trial.runner import TrialRunner
 
@@ -101,6 +102,7 @@ def open_session(
     study = study_mod.create_or_load_study(storage, config, identity, seed_offset=seed_offset,
                                            space=description)
     fp32_onnx = quantize.export_float_onnx(task.model, example, workdir / "fp32.onnx")
+    build.write_reference_program(task, fp32_onnx, config.target, config.latency_batch_size)
     fp32_accuracy = scoring.onnx_accuracy(
         fp32_onnx, task.data.batches("val", 256), threads=config.threads, target=config.target,
         metric=task.metric,

@@ -13,7 +13,8 @@ from autocompress.service.app_api import job_json, job_summary
 from autocompress.service.app_state import ServiceState
 
 # Search targets the form offers (the search refuses the ones this server cannot time).
-TARGETS = ("onnxruntime-cpu", "openvino-cpu", "onnxruntime-cuda", "tensorrt")
+TARGETS = ("onnxruntime-cpu", "openvino-cpu", "onnxruntime-cuda", "tensorrt",
+           "executorch-xnnpack")
 
 
 def install_pages(app: Flask, state: ServiceState) -> None:

@@ -23,6 +23,20 @@ PROPOSED_FROM = "proposed_from"
 PREDICTED_ACCURACY = "predicted_accuracy"
 # inheritance (trial/lineage.py): the fine-tuned trial this one started from instead of the
 # teacher, the share of its weights copied, and the fine-tune steps along the whole lineage
+# --student (search/students.py): the base model a trial compresses ("teacher" when absent:
+# plans keyed by the teacher's layer names), and on the student's distillation trial what
+# it was distilled from, for how many epochs, with which layer pairing and recipe; on the
+# student's own warm starts the plan's name ("uniform-int8")
+BASE_MODEL = "base_model"
+TEACHER_BASE = "teacher"
+STUDENT_DISTILLED = "student_distilled"  # the student's spec, on its distillation trial only
+STUDENT_OF = "student_of"  # "teacher": the link to the model it was distilled from
+STUDENT_EPOCHS = "student_epochs"  # whole epochs run
+STUDENT_PAIRING = "student_pairing"  # JSON [[student layer, teacher layer], ...]
+STUDENT_RECIPE = "student_recipe"  # JSON: epochs planned, learning rate, T, alpha, ...
+STUDENT_INVENTORY = "student_inventory"  # JSON Inventory of the student (export's "before")
+STUDENT_WEIGHTS_ID = "student_weights_id"  # the distilled (unfolded) weights: the base
+STUDENT_START = "student_start"
 INHERITED_FROM = "inherited_from"
 INHERITED_SHARE = "inherited_share"
 LINEAGE_STEPS = "lineage_steps"

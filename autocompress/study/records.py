@@ -83,6 +83,13 @@ class TrialRecord:
         value = self.attrs.get(name)
         return json.loads(value) if isinstance(value, str) else value
 
+    @property
+    def base_model(self) -> str | None:
+        """The spec of the student (``--student``) this trial compresses or is; None for
+        the teacher's trials (plans keyed by the teacher's layer names)."""
+        base = self.attrs.get(trial_attrs.BASE_MODEL)
+        return None if base in (None, trial_attrs.TEACHER_BASE) else str(base)
+
 
 def feasibility(state: str, attrs: dict[str, Any],
                 constraints: Sequence[float] | dict[str, float] | None = None) -> bool | None:

@@ -1,5 +1,6 @@
-"""A candidate's models and file: BatchNorm batches for a pruned student, the untrained QAT
-model, and the ONNX export of a plan or a baseline."""
+"""A candidate's models and files: BatchNorm batches for a pruned student, the untrained QAT
+model, the ONNX export of a plan or a baseline, and for the ``executorch-xnnpack`` target the
+ExecuTorch program beside it, lowered from the same PyTorch model (``X.onnx`` -> ``X.pte``)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from autocompress.intake import Task
 from autocompress.model.plan import CompressionPlan
+from autocompress.runtime import executorch as executorch_runtime
 from autocompress.transform import quantize
+from autocompress.transform.quantize import executorch_lower
 from autocompress.trial.context import SearchContext
 
 
@@ -49,9 +53,24 @@ def export_candidate(
 ) -> Path:
     """The candidate's ONNX file in ``out_dir``: a baseline made from the fp32 file, a PTQ
     plan's float student calibrated by ONNX Runtime, or the QAT model (untrained when not
-    given)."""
+    given). For the executorch-xnnpack target its program is written beside it."""
     calibration = ctx.calibration if calibration is None else calibration
-    path = out_dir / name
+    if ctx.measurement.target == executorch_runtime.TARGET:
+        if qat is None and baseline is None and not plan.is_ptq:
+            qat = untrained_qat(ctx, student, plan, calibration)
+        write_program(ctx, student, qat, plan, baseline, out_dir / name, calibration)
+    return _export_onnx(ctx, student, qat, plan, baseline, out_dir / name, calibration)
+
+
+def _export_onnx(
+    ctx: SearchContext,
+    student: nn.Module,
+    qat: nn.Module | None,
+    plan: CompressionPlan,
+    baseline: str | None,
+    path: Path,
+    calibration: list[torch.Tensor],
+) -> Path:
     example = ctx.task.data.example_input(1)
     if baseline == "fp32":
         path.write_bytes(ctx.fp32_onnx.read_bytes())
@@ -70,3 +89,44 @@ def export_candidate(
         qat = untrained_qat(ctx, student, plan, calibration)
     info = quantize.export_onnx(qat, example, path, plan, calibration)
     return Path(info.path)
+
+
+def write_program(
+    ctx: SearchContext,
+    student: nn.Module,
+    qat: nn.Module | None,
+    plan: CompressionPlan,
+    baseline: str | None,
+    onnx_path: Path,
+    calibration: list[torch.Tensor],
+) -> Path:
+    """The candidate's ExecuTorch program beside ``onnx_path``, from the same PyTorch model
+    the ONNX file is made from, at the plan's widths where XNNPACK has kernels; what it holds
+    is kept in ``ctx.programs`` for the trial's record."""
+    path = executorch_runtime.program_path(onnx_path)
+    if baseline == "fp32":  # the study's reference program, byte for byte
+        reference = ctx.fp32_program
+        path.write_bytes(reference.read_bytes())
+        ctx.programs[str(path)] = dict(ctx.programs.get(str(reference), {}), path=str(path))
+        return path
+    source = student if baseline is not None or plan.is_ptq or qat is None else qat
+    dynamic = (baseline == "int8-dynamic" or plan.calibration == quantize.DYNAMIC
+               or (baseline is None and not plan.is_ptq and plan.activation_bits != 8))
+    info = executorch_lower.lower_program(
+        source, ctx.task.data.example_input(ctx.measurement.latency_batch_size), path,
+        plan.bits, calibration, dynamic=dynamic)
+    ctx.programs[str(path)] = info.to_dict()
+    return path
+
+
+def write_reference_program(task: Task, fp32_onnx: Path, target: str,
+                            batch_size: int) -> Path | None:
+    """For the executorch-xnnpack target, the teacher's fp32 program beside the study's fp32
+    ONNX file (``fp32.pte``, on which the session scores the teacher and times the fp32
+    reference, and every candidate program is timed against), for inputs of ``batch_size``
+    (the latency batch); None, and nothing written, for the other targets."""
+    if target != executorch_runtime.TARGET:
+        return None
+    return executorch_lower.lower_program(
+        task.model, task.data.example_input(batch_size),
+        executorch_runtime.program_path(fp32_onnx)).path

@@ -21,11 +21,13 @@ from autocompress.config.settings import MeasurementSettings, SpaceSettings, Tra
 from autocompress.intake import Task
 from autocompress.model.inventory import Inventory
 from autocompress.model.plan import CompressionPlan
+from autocompress.runtime import executorch as executorch_runtime
 from autocompress.runtime import measure, sessions, timing
 from autocompress.runtime.latency_model import LatencyModel
 from autocompress.runtime.latency_reference import ReferenceLatency, estimate_ms
 from autocompress.train.teacher_cache import TeacherCache
 from autocompress.transform import quantize
+from autocompress.transform.quantize import executorch_lower
 
 # The calibration set a search holds (``SearchContext.calibration``): this many batches of
 # this many training images.
@@ -78,11 +80,38 @@ class SearchContext:
     # (artifact id, destination): fetch a stored file, e.g. a trained trial's weights that a
     # retrain in another process or worker inherits (trial/lineage.py); None: nothing stored
     download: Callable[[str, Path], None] | None = None
+    # executorch-xnnpack: what each program written this run holds (``.pte`` path ->
+    # ``executorch_lower.ProgramInfo.to_dict()``), for the trial that measures it
+    programs: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.teacher_cache is None:
             self.teacher_cache = TeacherCache(self.task.data, self.training.batch_size,
                                               self.training.seed)
+        if self.measurement.target == executorch_runtime.TARGET:
+            self._reference_program()
+
+    def _reference_program(self) -> None:
+        """The fp32 program every candidate program is timed against: made beside
+        ``fp32_onnx`` (``search/session.py`` makes it before the fp32 reference is timed;
+        a context built by hand gets it here)."""
+        path = self.fp32_program
+        if str(path) in self.programs:
+            return
+        example = self.task.data.example_input(self.measurement.latency_batch_size)
+        if not path.is_file():
+            self.programs[str(path)] = executorch_lower.lower_program(
+                self.task.model, example, path).to_dict()
+        else:  # made by the session: what an fp32 lowering holds is float everywhere
+            layers = executorch_lower.float_layers(self.task.model)
+            self.programs[str(path)] = {"path": str(path), "weight_types": layers,
+                                        "activations": dict(layers), "notes": {},
+                                        "size_bytes": path.stat().st_size}
+
+    @property
+    def fp32_program(self) -> Path:
+        """The study's fp32 ExecuTorch program (executorch-xnnpack target), beside fp32_onnx."""
+        return executorch_runtime.program_path(self.fp32_onnx)
 
     @property
     def latency_shape(self) -> tuple[int, ...]:

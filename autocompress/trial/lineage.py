@@ -190,15 +190,20 @@ class Lineage:
         return share
 
 
-def load_stored(lineage: Lineage, study: Any, number: int, ctx: SearchContext) -> bool:
+def load_stored(lineage: Lineage, study: Any, number: int, ctx: SearchContext,
+                base: str | None = None) -> bool:
     """Hold trial ``number``'s trained weights from the artifact store (its ``student.pt``),
     so a retrain in another process or worker inherits it as one in the same process would.
-    False (the teacher, as before) when the trial is not a finished fine-tune or its file
-    cannot be read; why is logged."""
+    False (the teacher, as before) when the trial is not a finished fine-tune, compresses
+    another base model than ``base`` (None: the teacher; a ``--student`` spec: that student,
+    whose layer names the plan is keyed by), or its file cannot be read; why is logged."""
     if ctx.download is None:
         return False
     found = [t for t in study.get_trials(deepcopy=False) if t.number == number]
     attrs = found[0].user_attrs if found else {}
+    stored_base = attrs.get(trial_attrs.BASE_MODEL)
+    if (None if stored_base in (None, trial_attrs.TEACHER_BASE) else stored_base) != base:
+        return False  # another architecture's weights never fit this one's structure
     artifact = attrs.get(trial_attrs.TORCH_ARTIFACT_ID)
     if not found or artifact is None or attrs.get(trial_attrs.TORCH_KIND) != "qat" or (
             attrs.get(trial_attrs.PLAN) is None):

@@ -1,5 +1,7 @@
 """A trial's final measurement: every recorded figure taken on the exported ONNX file that
-becomes the trial's artifact (design rule 1), then its constraints and objective values."""
+becomes the trial's artifact (design rule 1), then its constraints and objective values. For
+the executorch-xnnpack target the figures are the ExecuTorch program's (``X.pte`` beside the
+ONNX file), which is stored with the trial too."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from torch import nn
 
 from autocompress.model.plan import CompressionPlan
 from autocompress.results import metrics
+from autocompress.runtime import executorch as executorch_runtime
 from autocompress.runtime import measure, timing
 from autocompress.runtime.latency_reference import pooled_ratio
 from autocompress.runtime.scoring import onnx_accuracy
@@ -37,7 +40,8 @@ def measure_trial(
     settings = ctx.measurement
     accuracy, test_accuracy = _accuracies(ctx, artifact, pre.session_options)
     inter = _timed(ctx, artifact, pre.session_options)
-    size, zipped = measure.file_size(artifact), measure.zipped_size(artifact)
+    measured = _measured_file(ctx, artifact)
+    size, zipped = measure.file_size(measured), measure.zipped_size(measured)
     objective_size = zipped if settings.size_metric == "zip" else size
     earlier = ctx.structure_ratios.setdefault(structure, [])
     estimate = ctx.budget_latency_ms(inter, pooled_ratio(inter.ratio, earlier))
@@ -61,9 +65,14 @@ def measure_trial(
         trial_attrs.FLOPS: measure.count_flops(student, example),
         trial_attrs.BOPS: metrics.bit_operations(metrics.layer_macs(student, example), plan),
         trial_attrs.PARAMS: measure.count_params(student),
-        trial_attrs.WEIGHT_TYPES: json.dumps(quantize.onnx_weight_types(artifact)),
+        trial_attrs.WEIGHT_TYPES: json.dumps(_weight_types(ctx, artifact, measured)),
         trial_attrs.ARTIFACT_SHA256: measure.sha256_file(artifact),
     }
+    if measured != artifact:  # the figures are the program's: store it with the trial too
+        held = {k: v for k, v in ctx.programs.get(str(measured), {}).items() if k != "path"}
+        attrs[executorch_runtime.PROGRAM_ATTR] = json.dumps(held)
+        attrs[executorch_runtime.ARTIFACT_SHA256_ATTR] = measure.sha256_file(measured)
+        attrs[executorch_runtime.ARTIFACT_ID_ATTR] = ctx.upload(trial, measured)
     if ctx.reference is not None:
         attrs[trial_attrs.FP32_REFERENCE] = ctx.reference.median_ms
     for key, value in attrs.items():
@@ -72,6 +81,22 @@ def measure_trial(
     # Upload while the trial is RUNNING (Optuna writes metadata before the file).
     trial.set_user_attr(trial_attrs.ARTIFACT_ID, ctx.upload(trial, artifact))
     return objective_values(settings.objectives, accuracy, objective_size, estimate)
+
+
+def _measured_file(ctx: SearchContext, artifact: Path) -> Path:
+    """The file the target runs: the ``.pte`` beside the ONNX file for executorch-xnnpack
+    (its bytes are the size figures), else the ONNX file itself."""
+    if ctx.measurement.target == executorch_runtime.TARGET:
+        return executorch_runtime.program_path(artifact)
+    return artifact
+
+
+def _weight_types(ctx: SearchContext, artifact: Path, measured: Path) -> dict[str, str]:
+    """Per-layer weight types as the measured file holds them (a program's as its lowering
+    read them back from the XNNPACK delegates)."""
+    if measured == artifact:
+        return quantize.onnx_weight_types(artifact)
+    return dict(ctx.programs.get(str(measured), {}).get("weight_types", {}))
 
 
 def _accuracies(

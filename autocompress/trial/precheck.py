@@ -16,6 +16,7 @@ from torch import nn
 from autocompress.config.budgets import Budget
 from autocompress.config.settings import MeasurementSettings
 from autocompress.model.plan import CompressionPlan
+from autocompress.runtime import executorch as executorch_runtime
 from autocompress.runtime import measure, sessions, timing
 from autocompress.runtime.latency_model import structure_features
 from autocompress.study import attrs as trial_attrs
@@ -52,7 +53,7 @@ def precheck(
     path = export_candidate(
         ctx, student, None, plan, baseline, out_dir, name="precheck.onnx", calibration=few
     )
-    size = objective_size(ctx.measurement, path)
+    size = objective_size(ctx.measurement, path)  # the program's bytes for executorch
     options = _session_options(ctx, path)
     inter, careful = _timed(ctx, path, options, size, careful=careful)
     result = Precheck(
@@ -77,8 +78,8 @@ def precheck(
 
 def _session_options(ctx: SearchContext, path: Path) -> dict[str, str]:
     """A choice between two variants (2x apart when it matters): a short interleaved look.
-    Files without QDQ nodes run the same either way."""
-    if not sessions.has_qdq(path):
+    Files without QDQ nodes run the same either way; an ExecuTorch program has no options."""
+    if ctx.measurement.target == executorch_runtime.TARGET or not sessions.has_qdq(path):
         return {}
     options, _ = timing.pick_session_options(
         path, ctx.latency_shape, threads=ctx.measurement.threads, rounds=2, repeats=5,
@@ -133,7 +134,10 @@ def predict_ratio(
 
 
 def objective_size(settings: MeasurementSettings, path: Path) -> int:
-    """The bytes the size objective and size budgets count (the ``size_metric``)."""
+    """The bytes the size objective and size budgets count (the ``size_metric``): of the
+    program beside ``path`` for the executorch-xnnpack target."""
+    if settings.target == executorch_runtime.TARGET:
+        path = executorch_runtime.program_path(path)
     zipped = settings.size_metric == "zip"
     return measure.zipped_size(path) if zipped else measure.file_size(path)
 

@@ -15,7 +15,7 @@ import dataclasses
 import json
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from autocompress.errors import AutocompressError
+from autocompress.errors import AutocompressError, StudyError
 from autocompress.model import space
 from autocompress.model.plan import CompressionPlan
 from autocompress.runtime import measure
@@ -83,6 +83,20 @@ BASELINE_BITS: dict[str, int] = {"fp32": 32, "int8-ptq": 8, "int8-dynamic": 8}
 RENORMALIZE_BATCHES = 4
 
 
+class PrefixedTrial:
+    """An Optuna trial whose suggested parameter names carry ``prefix``: a student's plan
+    space beside the teacher's in one study (``space.suggest_plan`` asks it)."""
+
+    def __init__(self, trial: Any, prefix: str) -> None:
+        self._trial, self._prefix = trial, prefix
+
+    def suggest_categorical(self, name: str, choices: Any) -> Any:
+        return self._trial.suggest_categorical(self._prefix + name, choices)
+
+    def suggest_float(self, name: str, low: float, high: float, **kwargs: Any) -> float:
+        return self._trial.suggest_float(self._prefix + name, low, high, **kwargs)
+
+
 class TrialRunner:
     """Callable objective for ``study.optimize``: returns the objective values."""
 
@@ -96,8 +110,18 @@ class TrialRunner:
         # a PTQ calibration method: search trials are realised by it instead of fine-tuned
         # (search/fidelity.py); promotions, refines and baselines keep their own realisation
         self.calibration_only: str | None = None
+        # --student (search/students.py): the base model this runner compresses (None: the
+        # teacher), the prefix of its Optuna parameter names (a student's layer names must
+        # not share the teacher's parameters), and the objectives of the other bases' trials
+        # (a trial queued with user attribute BASE_MODEL is run by the runner of that base)
+        self.base: str | None = None
+        self.param_prefix = ""
+        self.bases: dict[str, Callable[[Any], tuple[float, ...]]] = {}
 
     def __call__(self, trial: Any) -> tuple[float, ...]:
+        base = trial.user_attrs.get(trial_attrs.BASE_MODEL)
+        if base not in (None, trial_attrs.TEACHER_BASE, self.base):
+            return self._other_base(trial, str(base))
         ctx = self.ctx
         timer = _Timer()
         baseline = trial.user_attrs.get(trial_attrs.BASELINE)
@@ -133,12 +157,23 @@ class TrialRunner:
         finally:
             trial.set_user_attr(trial_attrs.TIMING, json.dumps(timer.seconds))
 
+    def _other_base(self, trial: Any, base: str) -> tuple[float, ...]:
+        """A trial of another base model (a ``--student``): run by that base's objective."""
+        objective = self.bases.get(base)
+        if objective is None:
+            reason = (f"trial {trial.number} compresses student {base!r}, which this worker "
+                      f"has not loaded; run the search with --student {base}")
+            trial.set_user_attr(trial_attrs.FAIL_REASON, reason)
+            raise StudyError(reason)
+        return objective(trial)
+
     def _plan(self, trial: Any, baseline: str | None) -> CompressionPlan:
         """The trial's plan, asked of the sampler; a baseline at a width the search does not
         try (--bits 8,4: the fp32 file every figure is compared with) is queued at the widest
         width searched, as the sampler's choices allow, and made at its own width here."""
         ctx = self.ctx
-        plan = space.suggest_plan(trial, ctx.inventory, ctx.space)
+        asked = PrefixedTrial(trial, self.param_prefix) if self.param_prefix else trial
+        plan = space.suggest_plan(asked, ctx.inventory, ctx.space)
         bits = BASELINE_BITS.get(baseline or "")
         if bits is not None and bits not in ctx.space.bits:
             plan = dataclasses.replace(plan, bits=dict.fromkeys(plan.bits, bits))
@@ -213,7 +248,8 @@ class TrialRunner:
         if preferred is not None and self.lineage.get(int(preferred)) is None:
             # another process's trial (a refine, a resumed study, another worker): its
             # trained weights come from the artifact store
-            lineage.load_stored(self.lineage, trial.study, int(preferred), self.ctx)
+            lineage.load_stored(self.lineage, trial.study, int(preferred), self.ctx,
+                                base=self.base)
         return self.lineage.parent_for(
             plan, preferred=None if preferred is None else int(preferred),
             floor=self.ctx.fp32_accuracy - self.ctx.training.early_stop_drop)

@@ -1,6 +1,7 @@
 """Export a model to ONNX by its plan: the float export, then the file the plan's widths ask
-for (static QDQ, dynamic, or weight-only; embedding tables weight-only in every file), and
-the check that the written file stores every planned width."""
+for (static QDQ, dynamic, or weight-only; embedding tables weight-only in every file;
+recurrent layers as ``onnx_recurrent`` stores them), and the check that the written file
+stores every planned width."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import copy
 import shutil
 import tempfile
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,8 +21,14 @@ from autocompress.errors import PlanError
 from autocompress.runtime.measure import file_size
 from autocompress.transform.quantize.bn_fold import fold_batchnorm
 from autocompress.transform.quantize.onnx_float import _opset, export_float_onnx
-from autocompress.transform.quantize.onnx_inspect import gather_sites, onnx_weight_types
+from autocompress.transform.quantize.onnx_inspect import (
+    activation_types,
+    gather_sites,
+    layer_kernels,
+    onnx_weight_types,
+)
 from autocompress.transform.quantize.onnx_qdq import dynamic_file, quantize_file
+from autocompress.transform.quantize.onnx_recurrent import name_recurrent_weights, recurrent_file
 from autocompress.transform.quantize.onnx_weight_only import weight_only_file
 from autocompress.transform.quantize.qat import (
     _QUANT_CLASS,
@@ -29,6 +36,7 @@ from autocompress.transform.quantize.qat import (
     is_prepared,
     strip_fake_quant,
 )
+from autocompress.transform.quantize.qat_sequence import RECURRENT_TYPES, is_attention_output
 from autocompress.transform.quantize.scheme import INT8_FULL_QMAX, WEIGHT_ONLY, weight_qmax
 
 if TYPE_CHECKING:
@@ -48,6 +56,10 @@ class ExportInfo:
     size_bytes: int
     opset: int
     int8_qmax: int = INT8_FULL_QMAX  # 63 when int8 weights were range-reduced (no VNNI)
+    # layer -> how the file runs it ("Gemm QDQ", "DynamicQuantizeLSTM", "GRU weight-only")
+    kernels: dict[str, str] = field(default_factory=dict)
+    # what activations are quantized to: ["UINT8"] asymmetric, ["INT8"] symmetric, [] none
+    activation_types: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -56,6 +68,8 @@ class ExportInfo:
             "size_bytes": self.size_bytes,
             "opset": self.opset,
             "int8_qmax": self.int8_qmax,
+            "kernels": dict(self.kernels),
+            "activation_types": list(self.activation_types),
         }
 
 
@@ -89,11 +103,18 @@ def export_onnx(
     # Embedding tables are weight-only in every file: integer rows dequantized in front of
     # the Gather, after the layers that compute are quantized the plan's way.
     tables = {k: b for k, b in layer_bits.items() if isinstance(modules[k], nn.Embedding)}
-    computing = {k: b for k, b in layer_bits.items() if k not in tables}
+    recurrent = {k: b for k, b in layer_bits.items() if isinstance(modules[k], RECURRENT_TYPES)}
+    computing = {k: b for k, b in layer_bits.items() if k not in tables and k not in recurrent}
+    scheme = plan.activation_scheme
     with tempfile.TemporaryDirectory(prefix="autocompress-x-") as tmp:
         float_path = export_float_onnx(float_model, example_input, Path(tmp) / "float.onnx")
+        if recurrent:
+            name_recurrent_weights(float_path, float_model)
         requested = _write_planned(float_path, out_path, computing, learned, plan.activation_bits,
-                                   calibration, calibration_method)
+                                   calibration, calibration_method, scheme)
+        if recurrent:
+            requested |= recurrent_file(out_path, out_path, recurrent, learned,
+                                        plan.activation_bits)
         if tables:
             requested |= weight_only_file(out_path, out_path, tables, learned,
                                           sites=gather_sites)
@@ -107,10 +128,12 @@ def _planned_bits(plan: CompressionPlan, modules: dict[str, nn.Module]) -> dict[
     for layer, bits in plan.bits.items():
         if bits >= 32:
             continue
-        if type(modules.get(layer)) not in _QUANT_CLASS:
+        kind = type(modules.get(layer))
+        if kind not in _QUANT_CLASS and kind not in (*RECURRENT_TYPES, nn.MultiheadAttention) \
+                and not is_attention_output(modules, layer):
             raise PlanError(
-                f"plan quantizes {layer!r}, which is not a Conv/Linear layer of "
-                "this model; check the name against the inventory"
+                f"plan quantizes {layer!r}, which is not a Conv/Linear/LSTM/GRU/attention "
+                "layer of this model; check the name against the inventory"
             )
         layer_bits[layer] = bits
     return layer_bits
@@ -124,6 +147,7 @@ def _write_planned(
     activation_bits: int,
     calibration: Iterable[Any],
     calibration_method: str,
+    activation_scheme: str = "asymmetric",
 ) -> dict[str, int]:
     """Write the file for the computing layers' widths; the bits requested per layer."""
     if not computing:
@@ -141,6 +165,7 @@ def _write_planned(
         activation_bits=activation_bits,
         learned=learned,
         calibration_method=calibration_method,
+        activation_scheme=activation_scheme,
     )
 
 
@@ -172,6 +197,8 @@ def _checked(
         size_bytes=file_size(out_path),
         opset=_opset(onnx.load(str(out_path), load_external_data=False)),
         int8_qmax=min(int8_ranges, default=INT8_FULL_QMAX),
+        kernels=layer_kernels(out_path),
+        activation_types=activation_types(out_path),
     )
 
 

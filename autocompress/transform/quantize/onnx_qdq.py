@@ -24,7 +24,11 @@ from autocompress.transform.quantize.qat import LearnedQuant
 from autocompress.transform.quantize.scheme import QUANT_WEIGHT_BITS, _numpy_scales, weight_qmax
 
 _WEIGHT_QTYPE: dict[int, str] = {8: "QInt8", 4: "QInt4"}
-_ACTIVATION_QTYPE: dict[int, str] = {8: "QUInt8", 16: "QUInt16"}
+# (bits, scheme) -> ORT's activation type; "symmetric" also sets ActivationSymmetric.
+_ACTIVATION_QTYPE: dict[tuple[int, str], str] = {
+    (8, "asymmetric"): "QUInt8", (16, "asymmetric"): "QUInt16",
+    (8, "symmetric"): "QInt8", (16, "symmetric"): "QInt16",
+}
 # ONNX Runtime's dynamic quantization (the ``dynamic`` PTQ method) has integer kernels for
 # these ops (not Gemm).
 _DYNAMIC_OPS = ("MatMul", "Conv")
@@ -127,9 +131,11 @@ def quantize_file(
     weight_bits: int = 8,
     op_types: tuple[str, ...] | None = QUANT_OPS,
     calibration_method: str = "minmax",
+    activation_scheme: str = "asymmetric",
 ) -> dict[str, int]:
     """Pre-process and QDQ-quantize ``float_path``. ``layer_bits`` None means every layer at
-    ``weight_bits``. Returns the bits actually requested per layer found in the graph."""
+    ``weight_bits``; activations uint (asymmetric) or int with zero point 0 (symmetric).
+    Returns the bits actually requested per layer found in the graph."""
     from autocompress.transform.quantize import ort_tools as ort_quantize
 
     with tempfile.TemporaryDirectory(prefix="autocompress-q-") as tmp:
@@ -150,7 +156,7 @@ def quantize_file(
             pre_path,
             out_path,
             calibration,
-            activation_type=_ACTIVATION_QTYPE[activation_bits],
+            activation_type=_ACTIVATION_QTYPE[(activation_bits, activation_scheme)],
             weight_overrides=request.overrides,
             activation_overrides=act_overrides,
             nodes_to_quantize=nodes if layer_bits is not None else None,

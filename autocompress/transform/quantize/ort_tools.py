@@ -103,10 +103,9 @@ def quantize_qdq(
     the quantized histogram, TensorRT's method) or ``percentile`` (99.999th percentile of
     |x|: outliers clipped).
 
-    ``weight_overrides``: initializer name -> one dict per output channel with plain values
-    ``{"quant_type": "QInt4"|"QInt8", "axis": int, "scale": float, "zero_point": int}``.
-    ``activation_overrides``: tensor name -> ``{"scale": float, "zero_point": int}`` (e.g.
-    ranges learned during QAT). Quant types are passed as strings so callers need no ORT.
+    ``weight_overrides``: initializer name -> one dict per output channel of plain values
+    ``{"quant_type": "QInt4"|"QInt8", "axis": int, "scale": float, "zero_point": int}``;
+    ``activation_overrides``: tensor -> ``{"scale", "zero_point"}`` (QAT's); QInt8 is symmetric.
     """
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, quantize_static
 
@@ -141,7 +140,8 @@ def quantize_qdq(
             activation_type=act_type,
             weight_type=_quant_type("QInt8"),
             nodes_to_quantize=list(nodes_to_quantize) if nodes_to_quantize else None,
-            extra_options={"TensorQuantOverrides": overrides},
+            extra_options={"TensorQuantOverrides": overrides, "ActivationSymmetric":
+                           activation_type in ("QInt8", "QInt16")},  # zero point 0
         )
     return Path(dst)
 

@@ -12,11 +12,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from autocompress.errors import PlanError
+from autocompress.transform.quantize.qat_sequence import (
+    _SequenceFakeQuant,
+    prepare_sequence_layers,
+)
 from autocompress.transform.quantize.scheme import (
     _EMA_MOMENTUM,
-    ACTIVATION_QMAX,
     WEIGHT_ONLY,
-    _affine_qparams,
+    activation_qparams,
+    activation_range,
     fake_quant_weight,
     symmetric_scales,
     warn_once,
@@ -45,6 +49,7 @@ class _FakeQuantMixin(nn.Module):
     weight_bits: int
     weight_qmax: int
     activation_bits: int
+    activation_scheme: str
     observing: bool
     quantize_output: bool
     _float_cls: type[nn.Module]
@@ -54,12 +59,14 @@ class _FakeQuantMixin(nn.Module):
         "weight_bits",
         "weight_qmax",
         "activation_bits",
+        "activation_scheme",
         "observing",
         "quantize_output",
     )
 
     @classmethod
-    def _from_float(cls, layer: nn.Module, weight_bits: int, activation_bits: int) -> nn.Module:
+    def _from_float(cls, layer: nn.Module, weight_bits: int, activation_bits: int,
+                    activation_scheme: str = "asymmetric") -> nn.Module:
         quant = cls.__new__(cls)
         quant.__dict__.update(layer.__dict__)
         # Own copies of the registries so the float layer and this one never alias state.
@@ -73,6 +80,7 @@ class _FakeQuantMixin(nn.Module):
             else weight_only_qmax(weight_bits)
         )
         quant.activation_bits = activation_bits
+        quant.activation_scheme = activation_scheme
         quant.observing = False
         quant.quantize_output = True
         device = layer.weight.device
@@ -112,7 +120,11 @@ class _FakeQuantMixin(nn.Module):
         if self.activation_bits >= WEIGHT_ONLY or not bool(getattr(self, f"{side}_seen")):
             return None
         lo, hi = float(getattr(self, f"{side}_min")), float(getattr(self, f"{side}_max"))
-        return _affine_qparams(lo, hi, ACTIVATION_QMAX[self.activation_bits])
+        return activation_qparams(lo, hi, self.activation_bits, self._scheme())
+
+    def _scheme(self) -> str:
+        # Layers prepared before activation schemes existed (pickled models) are asymmetric.
+        return getattr(self, "activation_scheme", "asymmetric")
 
     @torch.no_grad()
     def _observe(self, side: str, x: torch.Tensor) -> None:
@@ -137,9 +149,8 @@ class _FakeQuantMixin(nn.Module):
         if qparams is None:
             return x  # never observed: nothing to simulate yet (export then calibrates)
         scale, zero_point = qparams
-        return torch.fake_quantize_per_tensor_affine(
-            x, scale, zero_point, 0, ACTIVATION_QMAX[self.activation_bits]
-        )
+        qmin, qmax = activation_range(self.activation_bits, self._scheme())
+        return torch.fake_quantize_per_tensor_affine(x, scale, zero_point, qmin, qmax)
 
     def _quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         return self._fake_quant("in", x)
@@ -205,12 +216,16 @@ def prepare_qat(model: nn.Module, plan: CompressionPlan) -> nn.Module:
     """A copy of ``model`` with fake-quant on every layer the plan puts below 32 bits.
 
     Module and parameter names are unchanged. Layers at 32 bits (or absent from the plan)
-    are left as they are, activations included.
+    are left as they are, activations included. Recurrent and attention layers get
+    weight fake-quant (``qat_sequence``).
     """
     prepared = copy.deepcopy(model)
+    planned = {layer: bits for layer, bits in plan.bits.items() if bits < 32}
+    done = prepare_sequence_layers(prepared, planned, plan.activation_bits, _set_module)
     modules = dict(prepared.named_modules())
-    for layer, bits in sorted(plan.bits.items()):
-        if bits >= 32:
+    scheme = plan.activation_scheme
+    for layer, bits in sorted(planned.items()):
+        if layer in done:
             continue
         module = modules.get(layer)
         if module is None:
@@ -218,19 +233,21 @@ def prepare_qat(model: nn.Module, plan: CompressionPlan) -> nn.Module:
                 f"plan quantizes layer {layer!r}, which is not in the model; "
                 "check the name against the inventory"
             )
-        if isinstance(module, _FakeQuantMixin):
+        if isinstance(module, (_FakeQuantMixin, _SequenceFakeQuant)):
             raise PlanError(
                 f"layer {layer!r} is already fake-quantized; call prepare_qat on the float model"
             )
         quant_cls = _QUANT_CLASS.get(type(module))
         if quant_cls is None:
             raise PlanError(
-                f"layer {layer!r} is a {type(module).__name__}; only Conv1d/2d/3d, Linear and "
-                "Embedding layers can be quantized, set it to 32 bits"
+                f"layer {layer!r} is a {type(module).__name__}; only Conv1d/2d/3d, Linear, "
+                "Embedding, LSTM/GRU/RNN and MultiheadAttention layers can be quantized, set "
+                "it to 32 bits"
             )
         # an embedding table is looked up, not multiplied: its weights only
         activation_bits = WEIGHT_ONLY if quant_cls is QuantEmbedding else plan.activation_bits
-        _set_module(prepared, layer, quant_cls._from_float(module, bits, activation_bits))
+        _set_module(prepared, layer,
+                    quant_cls._from_float(module, bits, activation_bits, scheme))
     _mark_unquantized_outputs(prepared)
     return prepared
 
@@ -283,7 +300,7 @@ def _trace(model: nn.Module) -> torch.fx.Graph | None:
 
 
 def is_prepared(model: nn.Module) -> bool:
-    return any(isinstance(m, _FakeQuantMixin) for m in model.modules())
+    return any(isinstance(m, (_FakeQuantMixin, _SequenceFakeQuant)) for m in model.modules())
 
 
 @dataclass(frozen=True)
@@ -304,6 +321,10 @@ def strip_fake_quant(model: nn.Module) -> tuple[nn.Module, dict[str, LearnedQuan
             learned[name] = LearnedQuant(
                 module.weight_qmax, module.activation_qparams(), module.output_qparams()
             )
+            _set_module(stripped, name, module._to_float())
+        elif isinstance(module, _SequenceFakeQuant):
+            for suffix, qmax in module.learned_qmax().items():
+                learned[name + suffix] = LearnedQuant(qmax, None, None)
             _set_module(stripped, name, module._to_float())
     return stripped, learned
 
@@ -337,4 +358,5 @@ class _LeafTracer(torch.fx.Tracer):
     """Keeps fake-quant layers as leaves so their Conv+BN pairs can be folded too."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return isinstance(m, _FakeQuantMixin) or super().is_leaf_module(m, module_qualified_name)
+        return isinstance(m, (_FakeQuantMixin, _SequenceFakeQuant)) or super().is_leaf_module(
+            m, module_qualified_name)

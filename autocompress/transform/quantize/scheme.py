@@ -50,6 +50,12 @@ _VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
 ACTIVATION_QMAX: dict[int, int] = {8: 255, 16: 65535}
 
 
+# How activations are quantized (``plan.activation_scheme``): asymmetric = uint8/uint16 with a
+# zero point (ORT's default QDQ, the fast x86 u8s8 path); symmetric = int8/int16 with zero
+# point 0 (what many NPU/TensorRT-style targets want; 2.5-3x slower in ORT on x86 here).
+ACTIVATION_SCHEMES: tuple[str, ...] = ("asymmetric", "symmetric")
+
+
 WEIGHT_ONLY = 32  # plan.activation_bits meaning "quantize weights, keep activations float"
 
 
@@ -147,3 +153,40 @@ def _affine_qparams(lo: float, hi: float, qmax: int) -> tuple[float, int]:
         return 1.0, 0
     zero_point = int(np.clip(round(-lo / scale), 0, qmax))
     return scale, zero_point
+
+
+def activation_range(bits: int, scheme: str) -> tuple[int, int]:
+    """Integer range [qmin, qmax] of activations at ``bits`` in ``scheme`` (what the file's
+    QuantizeLinear saturates to: uint8 [0, 255], int8 [-128, 127], ...)."""
+    if bits not in ACTIVATION_QMAX:
+        raise PlanError(f"activation bits {bits} cannot be quantized; use 8 or 16 (or 32)")
+    if scheme == "symmetric":
+        half = (ACTIVATION_QMAX[bits] + 1) // 2
+        return -half, half - 1
+    if scheme != "asymmetric":
+        raise PlanError(f"activation scheme {scheme!r} is unknown; use one of "
+                        f"{list(ACTIVATION_SCHEMES)}")
+    return 0, ACTIVATION_QMAX[bits]
+
+
+def activation_qparams(lo: float, hi: float, bits: int, scheme: str) -> tuple[float, int]:
+    """(scale, zero_point) of an activation range: affine uint with a zero point, or
+    symmetric int with zero point 0 and ``scale = max|x| / qmax`` (qmax 127 for 8 bits, as
+    ORT's ``ActivationSymmetric`` computes it)."""
+    if scheme != "symmetric":
+        activation_range(bits, scheme)  # validates the scheme
+        return _affine_qparams(lo, hi, ACTIVATION_QMAX[bits])
+    qmax = activation_range(bits, scheme)[1]
+    amax = max(abs(lo), abs(hi))
+    scale = float(np.float32(amax / qmax))
+    return (scale, 0) if scale > 0 else (1.0, 0)
+
+
+def recurrent_weight_qmax(bits: int, *, dynamic: bool) -> int:
+    """Weight range of an LSTM/GRU/RNN layer: an LSTM on ONNX Runtime's integer kernel
+    (``DynamicQuantizeLSTM``, a u8s8 GEMM) like any int8 layer with integer kernels (see
+    int8_weight_qmax); weight-only layers (GRU, RNN, int4, or float activations) the full
+    range like other weight-only ones."""
+    if dynamic and bits == 8:
+        return int8_weight_qmax()
+    return weight_only_qmax(bits)
