@@ -3,6 +3,8 @@ point 0, fake-quantized in the fine-tune, written in the file, searched and reco
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -18,11 +20,15 @@ from torch import nn
 from autocompress.config.options import SearchConfig
 from autocompress.config.settings import SearchSettings
 from autocompress.errors import ConfigError, PlanError
+from autocompress.export.program import deployable_module
 from autocompress.model import space
 from autocompress.model.inventory import inventory_with_groups
 from autocompress.model.plan import CompressionPlan
+from autocompress.search import measured
+from autocompress.study.studies import _space_changes
 from autocompress.transform import quantize
 from autocompress.transform.quantize.onnx_inspect import activation_types
+from autocompress.trial.context import precheck_key
 
 
 def _mlp() -> nn.Module:
@@ -119,3 +125,43 @@ def _activation_types_or_none(path: Path) -> list[str] | None:
         return activation_types(path)
     except Exception:  # not an ONNX file (a state_dict, a plot): onnx raises several types
         return None
+
+
+def test_the_program_module_clamps_activations_to_the_scheme_range() -> None:
+    # model.pt2 is made from deployable_module: symmetric int8 activations must keep their
+    # negative values there too (zero point 0, range [-128, 127], not uint8's [0, 255])
+    model = _mlp()
+    x = torch.randn(64, 16)
+    plan = CompressionPlan(bits={"0": 8, "2": 8, "4": 8}, activation_scheme="symmetric")
+    qat = quantize.calibrate(quantize.prepare_qat(model, plan), [x]).eval()
+    with torch.no_grad():
+        simulated, program = qat(x), deployable_module(qat)(x)
+    assert float((simulated - program).abs().max()) < 1e-5
+    assert qat[0].activation_int_range() == (-128, 127)
+
+
+def _key_before_schemes(plan: CompressionPlan) -> str:
+    """trial/context.py's pre-check key as written before activation schemes existed."""
+    body = json.dumps({"bits": plan.bits, "prune": plan.prune, "acts": plan.activation_bits,
+                       "made": "qdq"}, sort_keys=True)
+    return "search:" + hashlib.sha256(body.encode()).hexdigest()[:16]
+
+
+def test_latency_keys_tell_the_schemes_apart_and_keep_old_keys() -> None:
+    asymmetric = CompressionPlan(bits={"fc": 8})
+    symmetric = CompressionPlan(bits={"fc": 8}, activation_scheme="symmetric")
+    # another file, other kernels: pre-check verdicts and pooled ratios must not be shared
+    assert precheck_key(asymmetric, None) != precheck_key(symmetric, None)
+    assert measured.structure_key(asymmetric) != measured.structure_key(symmetric)
+    # the default's keys are what resumed studies stored
+    assert precheck_key(asymmetric, None) == _key_before_schemes(asymmetric)
+    assert measured.structure_key(asymmetric) == "[('fc', 8)]|[]|8|qat|0.0"
+
+
+def test_resuming_with_another_scheme_names_the_option() -> None:
+    inventory = inventory_with_groups(_mlp(), torch.randn(1, 16), [])
+    stored = space.space_description(inventory, SearchSettings.from_config(SearchConfig()).space)
+    now = space.space_description(inventory, SearchSettings.from_config(
+        SearchConfig(activation_scheme="symmetric")).space)
+    assert _space_changes(stored, now) == [
+        "--activation-scheme was asymmetric, now symmetric"]

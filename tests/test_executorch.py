@@ -8,6 +8,7 @@ AUTOCOMPRESS_REQUIRE_SERVICES=1 (.ci/run) a missing runtime fails instead."""
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +18,10 @@ from pg import unavailable
 from search_fixture import run_short_search
 from torch import nn
 
+from autocompress import study as study_mod
 from autocompress.cli import main
-from autocompress.errors import InputError
+from autocompress.config.options import SearchConfig
+from autocompress.errors import ConfigError, InputError, StudyError
 from autocompress.export import export_from_storage
 from autocompress.intake import Task
 from autocompress.runtime import executorch as executorch_runtime
@@ -104,14 +107,115 @@ def test_mixed_plan_holds_int8_where_planned_and_says_why_not(tmp_path: Path) ->
     assert np.abs(out - want).max() < 0.1 * scale  # int8 error, not a different network
     assert (out.argmax(1) == want.argmax(1)).mean() > 0.9
 
-    # int4: a convolution has no XNNPACK 4-bit kernel (stays float, noted); a linear layer
-    # holds INT4 exactly when this build lowers 4-bit linear layers
+
+
+def _require_int4_linear_build() -> None:
+    """ExecuTorch 1.5.x (the version pinned and checked) lowers 4-bit linear layers; other
+    versions may not, so the int4 expectations are only asserted there."""
+    from importlib.metadata import version
+
+    installed = version("executorch")
+    if not installed.startswith("1.5."):
+        pytest.skip(f"int4 linear support checked on executorch 1.5.x; {installed} installed")
+
+
+def test_int4_is_held_by_linear_layers_and_noted_for_convolutions(tmp_path: Path) -> None:
+    _require_executorch()
+    _require_int4_linear_build()
+    from autocompress.transform.quantize import executorch_lower as lower
+
+    assert lower.int4_linear_supported()
+    model, x = _model(), _digits(32)
     info4 = lower.lower_program(model, x[:1], tmp_path / "four.pte",
                                 {"conv1": 4, "fc": 4}, [x[:16]])
+    # a convolution has no XNNPACK 4-bit kernel: float, and the record says why
     assert info4.weight_types["conv1"] == "FLOAT" and "int4" in info4.notes["conv1"]
-    expected_fc = "INT4" if lower.int4_linear_supported() else "FLOAT"
-    assert info4.weight_types["fc"] == expected_fc
-    assert ("fc" in info4.notes) == (expected_fc == "FLOAT")
+    assert info4.weight_types["fc"] == "INT4" and "fc" not in info4.notes
+
+
+def test_a_failing_int4_probe_says_why_in_the_debug_log(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    _require_executorch()
+    from autocompress.transform.quantize import executorch_lower as lower
+
+    def broken(*_args: object, **_kwargs: object) -> None:
+        raise RuntimeError("no qcint4 kernel in this build")
+
+    monkeypatch.setattr(lower, "_quantized", broken)
+    lower.int4_linear_supported.cache_clear()
+    try:
+        with caplog.at_level(logging.DEBUG, logger="autocompress"):
+            assert lower.int4_linear_supported() is False
+    finally:
+        lower.int4_linear_supported.cache_clear()  # later tests probe the real build
+    assert "no qcint4 kernel in this build" in caplog.text
+
+
+def test_calibration_batches_smaller_than_the_program_batch_all_count() -> None:
+    from autocompress.transform.quantize import executorch_lower as lower
+
+    x = torch.arange(14 * 3, dtype=torch.float32).reshape(14, 3)
+    batches = [(x[i:i + 2], None) for i in range(0, 14, 2)]  # 7 batches of 2, program batch 4
+    chunks = lower._chunks(batches, x[:4])
+    assert [c.shape[0] for c in chunks] == [4, 4, 4]  # 12 of 14 images; the short rest dropped
+    assert torch.equal(torch.cat(chunks), x[:12])
+    capped = lower._chunks([torch.zeros(100, 3), torch.ones(100, 3)], x[:8])
+    assert sum(c.shape[0] for c in capped) == lower.MAX_CALIBRATION_IMAGES
+    assert float(torch.cat(capped).sum()) == (lower.MAX_CALIBRATION_IMAGES - 100) * 3
+
+
+def test_the_space_holds_only_layers_xnnpack_quantizes() -> None:
+    from autocompress.transform.quantize import executorch_lower as lower
+    from autocompress.transform.survey import build_inventory
+
+    class _Sequence(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(50, 32)
+            self.lstm = nn.LSTM(32, 32, batch_first=True)
+            self.head = nn.Linear(32, 4)
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return self.head(self.lstm(self.embed(ids))[0][:, -1])
+
+    model = _Sequence().eval()
+    inventory = build_inventory(model, torch.zeros(1, 6, dtype=torch.long))
+    assert {"embed", "lstm", "head"} <= set(inventory.quantizable_layers())
+    held = lower.target_inventory(inventory, model, TARGET)
+    assert held.quantizable_layers() == ["head"]
+    assert "kept float on the executorch-xnnpack target" in (held.excluded_reason("lstm") or "")
+    assert lower.target_inventory(inventory, model, "onnxruntime-cpu") is inventory
+
+
+@pytest.mark.parametrize("scheme", ["symmetric", "search"])
+def test_an_activation_scheme_xnnpack_ignores_is_refused(
+    scheme: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(ConfigError, match="has no effect on the executorch-xnnpack target"):
+        SearchConfig(target=TARGET, activation_scheme=scheme)
+    SearchConfig(target=TARGET)  # the default scheme is XNNPACK's own
+    monkeypatch.chdir(tmp_path)
+    code = main(["search", "--target", TARGET, "--activation-scheme", scheme, "--trials", "1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "--activation-scheme" in err[0]
+    assert not list(tmp_path.iterdir())
+
+
+def test_resuming_on_another_target_is_refused(tmp_path: Path) -> None:
+    identity = {"model_spec": "demo", "weights_sha256": None, "data_spec": "digits",
+                "objectives": ["accuracy", "size"], "space_hash": "h", "budgets": []}
+    url = f"sqlite:///{tmp_path / 'x.db'}"
+    storage = study_mod.open_storage(url, heartbeat=False)
+    config = SearchConfig(study="s", storage=url)
+    study_mod.create_or_load_study(storage, config, identity)  # onnxruntime-cpu: not stored
+    with pytest.raises(StudyError) as refused:
+        study_mod.create_or_load_study(storage, config, {**identity, "target": TARGET})
+    message = str(refused.value)
+    assert "\n" not in message and "--target onnxruntime-cpu" in message
+    assert "--study NEW_NAME" in message and TARGET in message
+    study_mod.create_or_load_study(storage, config, identity)  # the same target resumes
 
 
 def test_program_sizes_follow_widths(tmp_path: Path) -> None:
@@ -174,6 +278,13 @@ def test_search_export_verify_on_the_program(demo_task: Task, tmp_path: Path) ->
     out = tmp_path / "out"
     report = json.loads((out / "report.json").read_text())
     assert report["verification"]["file"] == "model.pte"
+    # the report is of the program: its own checksum, and the page names it
+    assert (report["verification"]["sha256"]
+            == best.attrs[executorch_runtime.ARTIFACT_SHA256_ATTR]
+            != best.attrs[trial_attrs.ARTIFACT_SHA256])
+    page = (out / "report.md").read_text()
+    assert "`model.pte` sha256" in page and "`model.pt2` vs `model.pte`" in page
+    assert "`model.onnx`: deploy with ONNX Runtime" not in page
     assert report["verification"]["test_accuracy"] == pytest.approx(best.test_accuracy)
     assert {"model.onnx", "model.pte"} <= set(result.files)
     # the recorded size is the program's bytes, and the written program is the measured one
@@ -188,3 +299,23 @@ def test_search_export_verify_on_the_program(demo_task: Task, tmp_path: Path) ->
                                     (1, *demo_task.input_shape),
                                     threads=1, rounds=1, repeats=3, target=TARGET)
     assert 0.5 < inter.ratio < 2.0
+
+
+def test_the_report_page_names_the_program_it_measured() -> None:
+    from autocompress.export.markdown import markdown
+
+    verification = {"file": "model.pte", "sha256": "ab12", "test_accuracy": 0.9,
+                    "recorded_test_accuracy": 0.9, "accuracy_tolerance": 1e-6,
+                    "agreement": 1.0, "agreement_samples": 64, "agreement_floor": 0.99,
+                    "program_max_abs_diff": 0.0, "latency": {"skipped": "no baseline"}}
+    report = {"trial": 3, "study": "et", "model_spec": "demo", "data_spec": "digits",
+              "selection": {"rule": "most accurate", "runners_up": []},
+              "candidate": {"runtime": {"target": TARGET, "runtime": "executorch"}},
+              "fp32": {}, "layers": [], "verification": verification}
+    page = markdown(report)
+    assert "`model.pte` sha256 `ab12`" in page and "`model.pt2` vs `model.pte`" in page
+    assert "- `model.pte`: the measured ExecuTorch program" in page
+    assert "deploy with ONNX Runtime" not in page and "by ONNX Runtime" not in page
+    onnx = markdown({**report, "candidate": {"runtime": {"target": "onnxruntime-cpu"}},
+                     "verification": {**verification, "file": "model.onnx"}})
+    assert "`model.onnx` sha256" in onnx and "deploy with ONNX Runtime" in onnx

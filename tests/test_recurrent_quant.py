@@ -4,6 +4,7 @@ layer), and searched end to end below the size floor of a space that kept them f
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -15,11 +16,13 @@ from search_fixture import run_short_search
 from sklearn.datasets import load_digits
 from torch import nn
 
+from autocompress import study as study_mod
 from autocompress.config.options import SearchConfig
 from autocompress.config.settings import SearchSettings
 from autocompress.errors import BudgetError
+from autocompress.export.program import deployable_module
 from autocompress.model import space
-from autocompress.model.inventory import inventory_with_groups
+from autocompress.model.inventory import as_searched_before, inventory_with_groups
 from autocompress.model.plan import CompressionPlan
 from autocompress.transform import quantize
 from autocompress.transform.quantize.onnx_inspect import layer_kernels, onnx_weight_types
@@ -209,3 +212,97 @@ def test_a_budget_below_the_float_lstm_floor_is_searched(tmp_path: Path,
     assert feasible, [(r.plan_summary, r.size_bytes) for r in short.result.records]
     assert all(r.size_bytes < 60_000 for r in feasible)
     assert any(r.plan["bits"].get("lstm") == 8 for r in feasible)
+
+
+class _CrossAttention(nn.Module):
+    """Queries from one projection, keys/values from another (a decoder's cross-attention),
+    same widths: PyTorch's packed in_proj_weight, sliced at run time."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(8, 32)
+        self.memory = nn.Linear(8, 32)
+        self.attn = nn.MultiheadAttention(32, 2, batch_first=True)
+        self.out = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kv = self.memory(x)
+        a, _ = self.attn(self.embed(x), key=kv, value=kv, need_weights=False)
+        return self.out(a.mean(dim=1))
+
+
+def test_cross_attention_projections_stay_float_and_its_out_proj_exports(
+        tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = _CrossAttention().eval()
+    x = _digits_rows(64)
+    inventory = inventory_with_groups(model, x[:1], [])
+    # the exported graph has no in_proj weight initializer: a plan naming it could not export
+    assert "attn" not in inventory.quantizable_layers()
+    assert "cross-attention" in inventory.excluded_reason("attn")
+    assert "attn.out_proj" in inventory.quantizable_layers()
+    settings = SearchSettings.from_config(SearchConfig()).space
+    plan = space.uniform_plan(inventory, settings, bits=8)
+    info, out, ref = _export(model, plan, x, tmp_path / "cross.onnx")
+    assert info.weight_types["attn.out_proj"] == "INT8"
+    assert (out.argmax(1) == ref.argmax(1)).mean() >= 0.9
+
+
+@pytest.mark.parametrize("kind", ["lstm", "attention"])
+def test_the_program_module_holds_the_quantized_sequence_weights(kind: str) -> None:
+    # model.pt2 (export/program.py) must compute what the fine-tuned model does: recurrent
+    # and attention weights at their width, not the float weights beneath the fake-quant
+    torch.manual_seed(0)
+    x = _digits_rows(32)
+    if kind == "lstm":
+        model: nn.Module = _Rows(nn.LSTM(8, 32, batch_first=True)).eval()
+        plan = CompressionPlan(bits={"rnn": 4})
+        param = "rnn.weight_hh_l0"
+    else:
+        model = _Attention().eval()
+        plan = CompressionPlan(bits={"attn": 4, "attn.out_proj": 4}, activation_bits=32)
+        param = "attn.out_proj.weight"
+    qat = quantize.prepare_qat(model, plan).eval()
+    program = deployable_module(qat)
+    with torch.no_grad():
+        assert float((program(x) - qat(x)).abs().max()) < 1e-5
+    weights = program.get_parameter(param)
+    assert len(torch.unique(weights[0])) <= 2 * quantize.INT4_QMAX + 1  # on the int4 grid
+
+
+def test_a_study_made_before_sequence_layers_resumes_without_them() -> None:
+    torch.manual_seed(0)
+    model = _Attention().eval()
+    inventory = inventory_with_groups(model, _digits_rows(1), [])
+    settings = SearchSettings.from_config(SearchConfig()).space
+    now = space.space_description(inventory, settings)
+    # what the study stored before attention layers were quantizable
+    old = {**now, "layers": ["embed", "out"]}
+    storage = optuna.storages.InMemoryStorage()
+    optuna.create_study(study_name="old", storage=storage).set_user_attr(
+        "search_space", json.dumps(old))
+    assert study_mod.stored_space(storage, "new") is None
+    resumed = as_searched_before(inventory, study_mod.stored_space(storage, "old"))
+    assert resumed.quantizable_layers() == ["embed", "out"]
+    assert "new --study" in (resumed.excluded_reason("attn") or "")
+    assert space.space_hash(space.space_description(resumed, settings)) == space.space_hash(old)
+    # a new study, or one whose other layers changed too: the inventory as it is
+    assert as_searched_before(inventory, None) is inventory
+    assert as_searched_before(inventory, {**now, "layers": ["embed"]}) is inventory
+
+
+def test_a_search_made_before_lstm_layers_resumes(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "rows.py").write_text(LSTM_MODEL.replace("96", "16"))
+    common = {"model": f"{tmp_path / 'rows.py'}:build", "data": "digits", "finetune_steps": 5,
+              "guided": False, "bits": (32, 8), "prune_max": 0.0, "budgets": (),
+              "activation_bits": (8,), "latency_repeats": 2}
+    from autocompress.model import inventory
+
+    with monkeypatch.context() as old_space:  # the space before LSTMs were quantizable
+        old_space.setattr(inventory, "QUANTIZABLE_TYPES",
+                          (nn.Conv1d, nn.Conv2d, nn.Linear, nn.Embedding))
+        before = run_short_search(tmp_path, study="old", trials=1, **common)
+    after = run_short_search(tmp_path, study="old", trials=2, **common)
+    assert len(after.result.records) > len(before.result.records)
+    assert all("lstm" not in r.plan.get("bits", {}) for r in after.result.records)

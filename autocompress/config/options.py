@@ -277,6 +277,12 @@ class SearchConfig:
                               "--model (e.g. --model torchvision:resnet18 --weights FILE)")
         if self.target not in TARGETS:
             raise ConfigError(f"target {self.target!r} is unknown; use one of {list(TARGETS)}")
+        if self.target == "executorch-xnnpack" and self.activation_scheme != "asymmetric":
+            # XNNPACK's quantizer picks its int8 activations' zero points itself
+            raise ConfigError(f"activation_scheme {self.activation_scheme!r} has no effect on "
+                              "the executorch-xnnpack target (XNNPACK sets its own int8 "
+                              "activation scheme); drop --activation-scheme or use another "
+                              "--target")
 
     def _check_training(self) -> None:
         if not 0.0 <= self.feature_weight_max <= 100.0:

@@ -7,6 +7,7 @@ from typing import Any
 
 from autocompress.config.budgets import format_bytes
 from autocompress.export._results import _speed_text
+from autocompress.runtime import executorch as executorch_runtime
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -16,17 +17,33 @@ def markdown(report: dict[str, Any]) -> str:
     lines += _runtime(report["candidate"].get("runtime") or {})
     lines += _layers(report["layers"])
     lines += _verification(report.get("verification"))
+    lines += ["", "## Files", "", *_deployed_files(report)]
     lines += [
-        "",
-        "## Files",
-        "",
-        "- `model.onnx`: deploy with ONNX Runtime (QDQ int8/int4 weights per plan).",
         "- `model.pt2`: `torch.export.load('model.pt2').module()(x)`; needs only PyTorch.",
         "- `plan.json`: `autocompress.rebuild(model_spec, weights, plan, state_dict=...)`.",
         "- `report.json`: every figure above as data; `pareto.png`: the study's trials.",
         "",
     ]
     return "\n".join(lines)
+
+
+def _measured_file(report: dict[str, Any]) -> str:
+    """The written file the figures are of: model.pte for the executorch-xnnpack target."""
+    target = (report["candidate"].get("runtime") or {}).get("target")
+    return "model.pte" if target == executorch_runtime.TARGET else "model.onnx"
+
+
+def _deployed_files(report: dict[str, Any]) -> list[str]:
+    if _measured_file(report) == "model.pte":
+        return [
+            "- `model.pte`: the measured ExecuTorch program (XNNPACK backend, int8/int4 weights "
+            "where XNNPACK holds them); load it with ExecuTorch's runtime "
+            "(`executorch.runtime.Runtime.get().load_program('model.pte')`); its input shape "
+            "is fixed at the latency batch.",
+            "- `model.onnx`: the same compressed model as ONNX (QDQ weights per plan), for "
+            "ONNX tools; the figures above are not its.",
+        ]
+    return ["- `model.onnx`: deploy with ONNX Runtime (QDQ int8/int4 weights per plan)."]
 
 
 def _heading(report: dict[str, Any]) -> list[str]:
@@ -90,7 +107,9 @@ def _figures(report: dict[str, Any]) -> list[str]:
     lines += [
         "",
         "Accuracy-drop rate and FLOP-reduction rate are (original - compressed) / original. "
-        "Accuracy is measured by ONNX Runtime on the exported file.",
+        + ("Accuracy is measured by ExecuTorch on the exported model.pte."
+           if _measured_file(report) == "model.pte" else
+           "Accuracy is measured by ONNX Runtime on the exported file."),
         "",
     ]
     return lines
@@ -135,12 +154,12 @@ def _verification(ver: dict[str, Any] | None) -> list[str]:
     if ver is None:
         lines.append("Skipped (`--no-verify`): the figures above are the study's records.")
         return lines
-    lat = ver["latency"]
+    lat, name = ver["latency"], ver.get("file", "model.onnx")
     lines += [
-        f"- `model.onnx` sha256 `{ver['sha256']}` equals the study's record.",
+        f"- `{name}` sha256 `{ver['sha256']}` equals the study's record.",
         f"- Test accuracy re-measured on the written file: {ver['test_accuracy']:.6f} "
         f"(recorded {ver['recorded_test_accuracy']}, tolerance {ver['accuracy_tolerance']:g}).",
-        f"- `model.pt2` vs `model.onnx`: top-1 agreement {ver['agreement']:.2%} on "
+        f"- `model.pt2` vs `{name}`: top-1 agreement {ver['agreement']:.2%} on "
         f"{ver['agreement_samples']} validation samples (floor {ver['agreement_floor']:.0%})"
         f"; max |logit difference| to the rebuilt model {ver['program_max_abs_diff']:.2e}.",
     ]

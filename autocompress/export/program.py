@@ -26,15 +26,17 @@ from autocompress.transform import quantize
 from autocompress.trial import rebuild as rebuilder
 
 
-def _affine_fake_quant(scale: float, zero_point: int, qmax: int) -> Any:
-    """Per-tensor uint fake-quant written with plain aten ops: the same arithmetic as
-    ``torch.fake_quantize_per_tensor_affine`` (x * (1/scale), round half to even, clamp),
-    which has no fake-tensor kernel and so cannot be captured by ``torch.export``."""
+def _affine_fake_quant(scale: float, zero_point: int, qmin: int, qmax: int) -> Any:
+    """Per-tensor fake-quant to the integer range [qmin, qmax] (uint8 [0, 255] with a zero
+    point, or int8 [-128, 127] with zero point 0) written with plain aten ops: the same
+    arithmetic as ``torch.fake_quantize_per_tensor_affine`` (x * (1/scale), round half to
+    even, clamp), which has no fake-tensor kernel and so cannot be captured by
+    ``torch.export``."""
     inv = float(np.float32(1.0) / np.float32(scale))
     sc = float(np.float32(scale))
 
     def apply(x: torch.Tensor) -> torch.Tensor:
-        q = torch.clamp(torch.round(x * inv) + zero_point, 0, qmax)
+        q = torch.clamp(torch.round(x * inv) + zero_point, qmin, qmax)
         return (q - zero_point) * sc
 
     return apply
@@ -45,8 +47,9 @@ def deployable_module(model: nn.Module) -> nn.Module:
 
     The QAT modules decide at run time whether their observers have seen data
     (``bool(buffer)``), which export cannot trace. Their eval-mode behaviour is frozen
-    instead: weights replaced by their fake-quantized values, activation fake-quant as
-    hooks with constant scales. Layer and parameter names stay the same.
+    instead: weights replaced by their fake-quantized values (recurrent and attention
+    weights too), activation fake-quant as hooks with constant scales in the layer's integer
+    range. Layer and parameter names stay the same.
     """
     if not quantize.is_prepared(model):
         return model.eval()
@@ -55,26 +58,36 @@ def deployable_module(model: nn.Module) -> nn.Module:
     quant_layers = {
         name: m for name, m in model.named_modules() if hasattr(m, "quantized_weight")
     }
+    # LSTM/GRU/RNN and MultiheadAttention: several weights each, no activation fake-quant
+    sequence_layers = {
+        name: m for name, m in model.named_modules() if hasattr(m, "quantized_parameters")
+    }
     frozen = quantize.strip_fake_quant(model)[0]
     modules = dict(frozen.named_modules())
     with torch.no_grad():
         for name, qmod in quant_layers.items():
             modules[name].weight.copy_(qmod.quantized_weight())
+        for name, qmod in sequence_layers.items():
+            for param, value in qmod.quantized_parameters().items():
+                modules[name].get_parameter(param).copy_(value)
     for name, qmod in quant_layers.items():
         if int(qmod.activation_bits) >= quantize.WEIGHT_ONLY:
             continue  # weight-only: float activations, nothing to simulate
-        qmax = quantize.ACTIVATION_QMAX[int(qmod.activation_bits)]
-        in_params = qmod.activation_qparams()
-        out_params = qmod.output_qparams() if hasattr(qmod, "output_qparams") else None
-        if in_params is not None:
-            fq_in = _affine_fake_quant(*in_params, qmax)
-            modules[name].register_forward_pre_hook(
-                lambda _m, args, fq=fq_in: (fq(args[0]), *args[1:])
-            )
-        if out_params is not None:
-            fq_out = _affine_fake_quant(*out_params, qmax)
-            modules[name].register_forward_hook(lambda _m, _a, out, fq=fq_out: fq(out))
+        _freeze_activations(modules[name], qmod)
     return frozen.eval()
+
+
+def _freeze_activations(module: nn.Module, qmod: Any) -> None:
+    """Hooks on ``module`` doing what ``qmod``'s input and output fake-quant do in eval."""
+    qmin, qmax = qmod.activation_int_range()
+    in_params = qmod.activation_qparams()
+    out_params = qmod.output_qparams() if hasattr(qmod, "output_qparams") else None
+    if in_params is not None:
+        fq_in = _affine_fake_quant(*in_params, qmin, qmax)
+        module.register_forward_pre_hook(lambda _m, args, fq=fq_in: (fq(args[0]), *args[1:]))
+    if out_params is not None:
+        fq_out = _affine_fake_quant(*out_params, qmin, qmax)
+        module.register_forward_hook(lambda _m, _a, out, fq=fq_out: fq(out))
 
 
 def _export_program(model: nn.Module, example: torch.Tensor, path: Path) -> float:

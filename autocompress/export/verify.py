@@ -84,7 +84,7 @@ def _verify(
 
     return {
         "file": name,
-        "sha256": record.attrs.get(trial_attrs.ARTIFACT_SHA256),
+        "sha256": record.attrs.get(_sha256_attr(target)),  # checked when it was fetched
         "sha256_matches": True,
         "test_accuracy": accuracy,
         "recorded_test_accuracy": recorded,
@@ -102,6 +102,13 @@ def _measured_name(target: str) -> str:
     if target == executorch_runtime.TARGET:
         return executorch_runtime.program_path("model.onnx").name
     return "model.onnx"
+
+
+def _sha256_attr(target: str) -> str:
+    """The trial attribute holding the checksum of the file the figures are of."""
+    if target == executorch_runtime.TARGET:
+        return executorch_runtime.ARTIFACT_SHA256_ATTR
+    return trial_attrs.ARTIFACT_SHA256
 
 
 def _target_of(rt: dict[str, Any]) -> str:

@@ -12,6 +12,7 @@ on. The inventory is plain data: ``to_dict()`` is JSON and goes into the study d
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -128,6 +129,33 @@ class Inventory:
         )
 
 
+_SEQUENCE_TYPE_NAMES = frozenset(t.__name__ for t in SEQUENCE_TYPES)
+
+
+def as_searched_before(inventory: Inventory, stored_space: dict[str, Any] | None) -> Inventory:
+    """The inventory a resumed study searches: its own when the study was made before
+    LSTM/GRU/RNN and MultiheadAttention layers were quantizable and its stored layers are
+    this inventory's less those (the sequence layers then stay float for that study, so it
+    resumes in the space it was searched in); ``inventory`` unchanged otherwise (a new study,
+    the same layers, or another change, which the resume check refuses)."""
+    stored = stored_space.get("layers") if isinstance(stored_space, dict) else None
+    now = inventory.quantizable_layers()
+    if not isinstance(stored, list) or stored == now:
+        return inventory
+    types = {info.name: info.type for info in inventory.layers}
+    added = {name for name in now if name not in stored}
+    sequence = {name for name in added if types.get(name) in _SEQUENCE_TYPE_NAMES or (
+        name.endswith(".out_proj")
+        and types.get(name.rpartition(".")[0]) == nn.MultiheadAttention.__name__)}
+    if not added or added != sequence or [n for n in now if n not in added] != stored:
+        return inventory
+    reason = ("kept float: this study was searched before LSTM/GRU/RNN and attention layers "
+              "were quantizable; start a new --study to search them")
+    layers = [dataclasses.replace(info, quantizable=False, excluded_reason=reason)
+              if info.name in added else info for info in inventory.layers]
+    return dataclasses.replace(inventory, layers=layers)
+
+
 def inventory_with_groups(
     model: nn.Module,
     example_input: torch.Tensor,
@@ -143,7 +171,7 @@ def inventory_with_groups(
     would cost more than int8 saves).
     """
     work = copy.deepcopy(model).eval()
-    shapes, called = _output_shapes(work, example_input)
+    shapes, called, cross = _output_shapes(work, example_input)
     # An attention's out_proj is never called as a module (its parent reads the weight) but
     # is quantized through its parent: it counts as called when the parent is.
     called |= {f"{name}.out_proj" for name, module in work.named_modules()
@@ -151,6 +179,8 @@ def inventory_with_groups(
     flops, total_flops, uncounted = _flops(work, example_input)
     layers = [
         _layer_info(name, module, flops.get(name, 0), shapes.get(name), name in called, min_weights)
+        if name not in cross else _cross_attention_info(name, module, flops.get(name, 0),
+                                                        shapes.get(name))
         for name, module in work.named_modules()
         if name
     ]
@@ -203,6 +233,22 @@ def _layer_info(
     )
 
 
+def _cross_attention_info(name: str, module: nn.Module, flops: int,
+                          shape: list[int] | None) -> LayerInfo:
+    """A MultiheadAttention with a packed ``in_proj_weight`` called with key/value other than
+    its query (a decoder's cross-attention): PyTorch slices the packed weight by the inputs'
+    shapes at run time, so the exported graph has no weight initializer for its projections
+    to quantize. Its ``out_proj`` is a plain Gemm and stays a layer of its own."""
+    return LayerInfo(
+        name=name, type=type(module).__name__,
+        params=sum(p.numel() for p in module.parameters()), flops=int(flops),
+        output_shape=shape, quantizable=False,
+        excluded_reason=("cross-attention (key/value other than the query) with a packed "
+                         "in_proj_weight: its ONNX export slices the weight at run time, so "
+                         "there is no weight to quantize (its out_proj can be)"),
+    )
+
+
 def _weight_count(module: nn.Module) -> int:
     """Elements of the weights a width applies to: every weight matrix of a recurrent layer,
     the input projection of an attention, ``weight`` otherwise."""
@@ -217,9 +263,11 @@ def _weight_count(module: nn.Module) -> int:
 @torch.no_grad()
 def _output_shapes(
     model: nn.Module, example_input: torch.Tensor
-) -> tuple[dict[str, list[int] | None], set[str]]:
-    """Output shape of each module's first call, and the set of modules called at all."""
+) -> tuple[dict[str, list[int] | None], set[str], set[str]]:
+    """Output shape of each module's first call, the set of modules called at all, and the
+    packed-projection attentions called as cross-attention (``_cross_attention_info``)."""
     shapes: dict[str, list[int] | None] = {}
+    cross: set[str] = set()
 
     def hook_for(name: str) -> Any:
         def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
@@ -229,13 +277,26 @@ def _output_shapes(
 
         return hook
 
-    handles = [m.register_forward_hook(hook_for(n)) for n, m in model.named_modules() if n]
+    def attention_hook_for(name: str) -> Any:
+        def hook(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            qkv = [*args[:3], *(kwargs.get(k) for k in ("query", "key", "value")[len(args):])]
+            # the same test as F.multi_head_attention_forward's packed-projection path
+            if not (qkv[0] is qkv[1] and qkv[1] is qkv[2]):
+                cross.add(name)
+
+        return hook
+
+    modules = [(n, m) for n, m in model.named_modules() if n]
+    handles = [m.register_forward_hook(hook_for(n)) for n, m in modules]
+    handles += [m.register_forward_pre_hook(attention_hook_for(n), with_kwargs=True)
+                for n, m in modules
+                if isinstance(m, nn.MultiheadAttention) and m.in_proj_weight is not None]
     try:
         model(example_input)
     finally:
         for handle in handles:
             handle.remove()
-    return shapes, set(shapes)
+    return shapes, set(shapes), cross
 
 
 def _flops(

@@ -50,10 +50,14 @@ def on_front(trials: Sequence[Measured]) -> list[Measured]:
 
 def structure_key(plan: CompressionPlan) -> str:
     """What makes two plans the same candidate for the proposer: widths, ratios, activations,
-    realisation (the distillation settings and step count do not)."""
+    realisation, a non-default activation scheme (the distillation settings and step count
+    do not)."""
     bits = sorted((k, v) for k, v in plan.bits.items() if v < 32)
     prune = sorted((k, round(v, 4)) for k, v in plan.prune.items() if v > 0)
-    return f"{bits}|{prune}|{plan.activation_bits}|{plan.realisation}|{plan.global_sparsity}"
+    key = f"{bits}|{prune}|{plan.activation_bits}|{plan.realisation}|{plan.global_sparsity}"
+    # appended only when not the default, so keys made before schemes existed are unchanged
+    scheme = plan.activation_scheme
+    return key if scheme == CompressionPlan().activation_scheme else f"{key}|{scheme}"
 
 
 def hypervolume_gain(points: Sequence[tuple[float, float]], new: tuple[float, float], *,

@@ -25,12 +25,14 @@ from autocompress.config.options import SearchConfig
 from autocompress.config.settings import MeasurementSettings, SearchSettings
 from autocompress.errors import AutocompressError, TrainingError, one_line
 from autocompress.model import space
+from autocompress.model.inventory import as_searched_before
 from autocompress.runtime import latency_reference as reference_mod
 from autocompress.runtime import scoring, sessions
 from autocompress.runtime.latency_reference import ReferenceLatency
 from autocompress.search import lrprobe
 from autocompress.train import distill
 from autocompress.transform import quantize
+from autocompress.transform.quantize.executorch_lower import target_inventory
 from autocompress.transform.survey import build_inventory
 from autocompress.trial import build
 from autocompress.trial.context import CALIBRATION_BATCH_SIZE, CALIBRATION_BATCHES, SearchContext
@@ -90,7 +92,8 @@ def open_session(
             task=config.task,
         )
     example = task.data.example_input(1)
-    inventory = build_inventory(task.model, example)
+    inventory = target_inventory(build_inventory(task.model, example), task.model, config.target)
+    inventory = as_searched_before(inventory, study_mod.stored_space(storage, config.study))
     space.check_space(inventory, settings.space)
     description = space.space_description(inventory, settings.space)
     identity = _identity(task, description, budgets, weights=config.weights,
@@ -105,8 +108,7 @@ def open_session(
     build.write_reference_program(task, fp32_onnx, config.target, config.latency_batch_size)
     fp32_accuracy = scoring.onnx_accuracy(
         fp32_onnx, task.data.batches("val", 256), threads=config.threads, target=config.target,
-        metric=task.metric,
-    )
+        metric=task.metric)
     study_mod.set_study_info(study, _study_info(task, inventory, description, fp32_accuracy,
                                                 artifacts, config.to_dict()))
     calibration = _calibration(task, config.seed)

@@ -73,6 +73,7 @@ from autocompress.study.studies import (
     load_existing_study,
     make_sampler,
     set_study_info,
+    stored_space,
     study_summaries,
 )
 from autocompress.study.urls import driver_url, masked_url, sqlite_path
@@ -114,6 +115,7 @@ __all__ = [
     "single_sqlite_worker",
     "sqlite_path",
     "storage_snapshot",
+    "stored_space",
     "study_info",
     "study_lock",
     "study_summaries",

@@ -123,6 +123,21 @@ def _create_once(storage: BaseStorage, name: str, dirs: list[str]) -> None:
     raise StudyError(f"cannot create study {name!r}: {one_line(last)}")
 
 
+def stored_space(storage: BaseStorage, name: str) -> dict[str, Any] | None:
+    """The search space description an existing study was made with (``search_space``), or
+    None for a new study (or one made before descriptions were stored)."""
+    try:
+        study_id = storage.get_study_id_from_name(name)
+    except KeyError:  # Optuna's answer for a study that does not exist
+        return None
+    raw = storage.get_study_user_attrs(study_id).get("search_space")
+    try:
+        found = json.loads(raw) if isinstance(raw, str) else None
+    except ValueError:
+        return None
+    return found if isinstance(found, dict) else None
+
+
 def set_study_info(study: optuna.Study, info: dict[str, Any]) -> None:
     """Descriptive attributes (inventory, data, budgets); first writer wins."""
     existing = study.user_attrs
@@ -141,6 +156,13 @@ def _refuse_mismatch(config: SearchConfig, stored: dict[str, Any], now: dict[str
             f", this autocompress writes {now.get('onnx_format', 1)}), so file sizes would not "
             "compare; use --study NEW_NAME (export and dashboard still read the old study)"
         )
+    # One runtime per study: .onnx and .pte figures on one front would not compare. The
+    # default target is not stored (studies made before targets resume).
+    was, now_target = (stored.get("target") or "onnxruntime-cpu",
+                       now.get("target") or "onnxruntime-cpu")
+    if was != now_target:
+        raise StudyError(f"{where} was measured on --target {was}, not {now_target}; pass "
+                         f"--target {was} to resume it, or --study NEW_NAME to start a new study")
     # Budgets too: the trials' feasibility was judged against them, and export's --best
     # selects against the study's budgets.
     for key in ("model_spec", "weights_sha256", "data_spec", "objectives", "space_hash",
@@ -174,7 +196,10 @@ _SPACE_SETTINGS = {
     "size_metric": "--size-metric",
     "feature_kd": "--feature-weight-max/--feature-layers",
     "ptq_methods": "--ptq-methods",
+    "activation_scheme": "--activation-scheme",
 }
+# What an absent entry means (settings added later are stored only when not the default).
+_SPACE_DEFAULTS = {"activation_scheme": "asymmetric", "size_metric": "file"}
 
 
 def _space_changes(stored: dict[str, Any] | None, now: dict[str, Any] | None) -> list[str]:
@@ -183,7 +208,8 @@ def _space_changes(stored: dict[str, Any] | None, now: dict[str, Any] | None) ->
         return []
     out = []
     for key, setting in _SPACE_SETTINGS.items():
-        before, after = stored.get(key), now.get(key)
+        default = _SPACE_DEFAULTS.get(key)
+        before, after = stored.get(key, default), now.get(key, default)
         if before == after:
             continue
         if key in ("layers", "groups"):

@@ -139,13 +139,20 @@ class SearchContext:
         return sessions.runtime_info(m.threads, m.latency_batch_size, options, m.target)
 
 
+_DEFAULT_SCHEME = CompressionPlan().activation_scheme
+
+
 def structure_key(plan: CompressionPlan) -> str:
     """What latency depends on: widths, pruning, activation precision (uint8 activations run
     integer kernels, weight-only ones float) and how the file is made (ORT's quantizer and
-    dynamic quantization write other graphs than the QDQ export)."""
+    dynamic quantization write other graphs than the QDQ export). A symmetric activation
+    scheme (int8 activations, other kernels) keys apart; the default adds nothing, so keys
+    stored by studies made before schemes existed still match."""
     made = plan.calibration if plan.is_ptq else "qdq"
+    scheme = ({"scheme": plan.activation_scheme}
+              if plan.activation_scheme != _DEFAULT_SCHEME else {})
     body = json.dumps({"bits": plan.bits, "prune": plan.prune,
-                       "acts": plan.activation_bits, "made": made}, sort_keys=True)
+                       "acts": plan.activation_bits, "made": made, **scheme}, sort_keys=True)
     return hashlib.sha256(body.encode()).hexdigest()[:16]
 
 

@@ -23,7 +23,9 @@ so a layer PT2E quantized but XNNPACK did not take would show as not delegated.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
+import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,10 +34,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from autocompress.errors import PlanError
+from autocompress.errors import PlanError, one_line
+from autocompress.model.inventory import Inventory
+from autocompress.runtime.executorch import TARGET
 from autocompress.runtime.measure import file_size
 from autocompress.transform.quantize.bn_fold import fold_batchnorm
 from autocompress.transform.quantize.qat import is_prepared, strip_fake_quant
+
+log = logging.getLogger("autocompress")
 
 INT8, INT4, FLOAT = "INT8", "INT4", "FLOAT"  # the words onnx_weight_types uses
 # Calibration images for static int8 activations: the PT2E observers run in eager mode at
@@ -95,6 +101,25 @@ def lower_program(
     notes.update(_dropped(weight_types, widths, modules, dynamic))
     return ProgramInfo(out, weight_types, {k: acts.get(k, FLOAT) for k in weight_types},
                        notes, file_size(out))
+
+
+def target_inventory(inventory: Inventory, model: nn.Module, target: str) -> Inventory:
+    """The inventory a search on ``target`` chooses widths from: for executorch-xnnpack the
+    layers XNNPACK quantizes (Conv/Linear) stay quantizable, and the others the per-layer
+    space knows (LSTM/GRU/RNN, MultiheadAttention, Embedding) are excluded with the reason,
+    since every program would hold them float (design rule 2: the space holds only what
+    the target file can realise). Other targets: ``inventory`` unchanged."""
+    if target != TARGET:
+        return inventory
+    modules = dict(model.named_modules())
+    layers = [
+        info if not info.quantizable or isinstance(modules.get(info.name), _LAYER_TYPES)
+        else dataclasses.replace(info, quantizable=False, excluded_reason=(
+            f"{info.type} is kept float on the {TARGET} target (XNNPACK quantizes "
+            "Conv/Linear layers only)"))
+        for info in inventory.layers
+    ]
+    return dataclasses.replace(inventory, layers=layers)
 
 
 def _layer_names(modules: dict[str, nn.Module]) -> list[str]:
@@ -224,18 +249,24 @@ def _quantized(exported: Any, example: torch.Tensor, widths: dict[str, int],
     return torch.export.export(converted, (example,))
 
 
-def _chunks(calibration: Iterable[Any], example: torch.Tensor) -> Iterable[torch.Tensor]:
+def _chunks(calibration: Iterable[Any], example: torch.Tensor) -> list[torch.Tensor]:
     """Calibration inputs at the program's batch (the captured graph's shapes are fixed),
-    up to MAX_CALIBRATION_IMAGES; a short last chunk is dropped."""
-    batch, taken = example.shape[0], 0
+    up to MAX_CALIBRATION_IMAGES. The batches are joined before they are cut, so batches
+    smaller than the program's (a latency batch above the calibration batch) still all
+    count; only a short last chunk is dropped."""
+    batch, parts, held = example.shape[0], [], 0
     for item in calibration:
+        if held >= MAX_CALIBRATION_IMAGES:
+            break
         x = item[0] if isinstance(item, (tuple, list)) else item
-        x = torch.as_tensor(x).to(example.dtype)
-        for start in range(0, x.shape[0] - batch + 1, batch):
-            if taken >= MAX_CALIBRATION_IMAGES:
-                return
-            yield x[start:start + batch]
-            taken += batch
+        x = torch.as_tensor(x).to(example.dtype)[:MAX_CALIBRATION_IMAGES - held]
+        parts.append(x)
+        held += x.shape[0]
+    if not parts:
+        return []
+    joined = torch.cat(parts)
+    return [joined[start:start + batch]
+            for start in range(0, joined.shape[0] - batch + 1, batch)]
 
 
 def _lower(exported: Any, out: Path) -> tuple[dict[str, str], dict[str, str], list[str]]:
@@ -320,5 +351,8 @@ def int4_linear_supported() -> bool:
             want = layer(x)
         close = torch.allclose(got, want, atol=0.1 * float(want.abs().max()) + 1e-3)
         return types.get("0") == INT4 and not loose and bool(close)
-    except Exception:  # any failure of the probe means: no usable 4-bit linear here
+    except Exception as exc:  # any failure of the probe means: no usable 4-bit linear here
+        # ... but say which, so a build that lost its 4-bit kernel can be told from a bug here
+        log.debug("4-bit linear probe failed, int4 linear layers stay float: %s",
+                  one_line(exc, typed=True), exc_info=True)
         return False

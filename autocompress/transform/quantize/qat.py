@@ -122,6 +122,11 @@ class _FakeQuantMixin(nn.Module):
         lo, hi = float(getattr(self, f"{side}_min")), float(getattr(self, f"{side}_max"))
         return activation_qparams(lo, hi, self.activation_bits, self._scheme())
 
+    def activation_int_range(self) -> tuple[int, int]:
+        """Integer range [qmin, qmax] activations are clamped to (uint8 [0, 255] asymmetric,
+        int8 [-128, 127] symmetric, ...)."""
+        return activation_range(self.activation_bits, self._scheme())
+
     def _scheme(self) -> str:
         # Layers prepared before activation schemes existed (pickled models) are asymmetric.
         return getattr(self, "activation_scheme", "asymmetric")
@@ -149,7 +154,7 @@ class _FakeQuantMixin(nn.Module):
         if qparams is None:
             return x  # never observed: nothing to simulate yet (export then calibrates)
         scale, zero_point = qparams
-        qmin, qmax = activation_range(self.activation_bits, self._scheme())
+        qmin, qmax = self.activation_int_range()
         return torch.fake_quantize_per_tensor_affine(x, scale, zero_point, qmin, qmax)
 
     def _quantize_input(self, x: torch.Tensor) -> torch.Tensor:

@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import torch
 from torch import nn
 
 from autocompress.transform.quantize.scheme import (
@@ -67,6 +68,12 @@ class _SequenceFakeQuant(nn.Module):
         """Layer-name suffix ("" for the module itself) -> weight qmax used."""
         raise NotImplementedError
 
+    def quantized_parameters(self) -> dict[str, torch.Tensor]:
+        """Parameter name (relative to this module, e.g. ``weight_ih_l0``,
+        ``out_proj.weight``) -> its fake-quantized value, for each weight the forward
+        quantizes: what a frozen float copy must hold to compute what this module does."""
+        raise NotImplementedError
+
 
 class _QuantRecurrent(_SequenceFakeQuant):
     """Every ``weight_*`` matrix fake-quantized per row (one scale per gate unit)."""
@@ -88,6 +95,11 @@ class _QuantRecurrent(_SequenceFakeQuant):
 
     def learned_qmax(self) -> dict[str, int]:
         return {"": self.weight_qmax}
+
+    def quantized_parameters(self) -> dict[str, torch.Tensor]:
+        return {name: fake_quant_weight(getattr(self, name), self.weight_qmax)
+                for name in self._flat_weights_names
+                if name.startswith("weight") and getattr(self, name, None) is not None}
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         saved = self._flat_weights
@@ -140,6 +152,15 @@ class QuantMultiheadAttention(_SequenceFakeQuant, nn.MultiheadAttention):
     def learned_qmax(self) -> dict[str, int]:
         return {suffix: q for suffix, q in (("", self.in_qmax), (".out_proj", self.out_qmax))
                 if q}
+
+    def quantized_parameters(self) -> dict[str, torch.Tensor]:
+        params = self._parameters
+        quantized = {key: fake_quant_weight(params[key], self.in_qmax) for key in _IN_PROJ
+                     if self.in_qmax and params.get(key) is not None}
+        if self.out_qmax:
+            quantized["out_proj.weight"] = fake_quant_weight(self.out_proj.weight,
+                                                             self.out_qmax)
+        return quantized
 
     @contextmanager
     def _quantized_weights(self) -> Iterator[None]:
