@@ -231,13 +231,14 @@ def _ends_on_fatal(
     runner: TrialRunner, callback: Callable[[Any, Any], None]
 ) -> Callable[[Any, Any], None]:
     """``callback``, then the run's end when the trial just recorded met an error every
-    trial would (``TrialRunner.fatal``): raised here, out of ``study.optimize``, whose
-    ``catch`` keeps every trial's own error inside."""
+    trial would (``TrialRunner.first_fatal``: the teacher's runner or a student's): raised
+    here, out of ``study.optimize``, whose ``catch`` keeps every trial's own error inside."""
 
     def ending(study_obj: Any, frozen: Any) -> None:
         callback(study_obj, frozen)
-        if runner.fatal is not None:
-            raise runner.fatal
+        fatal = runner.first_fatal()  # the teacher's runner or a --student's
+        if fatal is not None:
+            raise fatal
 
     return ending
 

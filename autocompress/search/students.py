@@ -9,6 +9,8 @@ student's fp32 ONNX, measured like any trial (against the teacher's fp32 referen
 budgets, latency ratios and the study's figures stay the teacher's), so the front shows it.
 Its weights are stored in the artifact store (``student_weights_id``): a later run, another
 worker, ``refine`` and ``export`` rebuild the student from them, never distil it again.
+Workers starting on a new study at once distil it once: under the study lock, the others
+wait for its record (``student_claim``).
 
 The search then compresses the student as a second base model. A student trial records
 ``base_model`` (the spec); its plan is keyed by the student's layer names and its Optuna
@@ -42,11 +44,13 @@ from torch import nn
 from autocompress import intake
 from autocompress import study as study_mod
 from autocompress.config.settings import SearchSettings, SpaceSettings
-from autocompress.errors import InputError, StudyError, TrainingError, one_line
+from autocompress.errors import InputError, StudyError, one_line
 from autocompress.model import space
 from autocompress.model.plan import CompressionPlan
+from autocompress.runtime import executorch as executorch_runtime
 from autocompress.runtime import measure, timing
 from autocompress.runtime.latency_model import LatencyModel
+from autocompress.search import student_claim
 from autocompress.search.session import Session, _say
 from autocompress.study import attrs as trial_attrs
 from autocompress.study.records import TrialRecord
@@ -54,6 +58,7 @@ from autocompress.train.student_distill import StudentRecipe, StudentResult, dis
 from autocompress.transform import quantize
 from autocompress.transform.student import build_student
 from autocompress.transform.survey import build_inventory
+from autocompress.trial import build
 from autocompress.trial.context import Precheck, SearchContext
 from autocompress.trial.measurement import measure_trial
 from autocompress.trial.runner import TrialRunner
@@ -121,6 +126,11 @@ class StudentBase:
 
     def __call__(self, trial: Any) -> tuple[float, ...]:
         if trial.user_attrs.get(trial_attrs.STUDENT_DISTILLED) is not None:
+            done = student_claim.measured(trial.study, self.spec)
+            if done is not None:  # a queued copy (a dead worker's retry): never distil twice
+                reason = f"student {self.spec!r} was distilled in trial {done.number} already"
+                trial.set_user_attr(trial_attrs.FAIL_REASON, reason)
+                raise StudyError(reason)
             return self._distil(trial)
         if self.runner is None:
             reason = f"student {self.spec!r} is not distilled yet in this worker"
@@ -161,7 +171,14 @@ class StudentBase:
         dest = ctx.workdir / f"student-{record.number}.pt"
         ctx.download(str(artifact), dest)
         state = torch.load(str(dest), map_location="cpu", weights_only=True)
-        self.model.load_state_dict(state, strict=True)
+        try:
+            self.model.load_state_dict(state, strict=True)
+        except RuntimeError as exc:  # the student's code changed since it was distilled
+            raise StudyError(
+                f"student {self.spec!r}: the weights distilled in trial {record.number} do not "
+                f"fit the model it builds now ({one_line(exc, whole=True, limit=160)}); run "
+                "with the student's code as it was then, or start a new study (--study "
+                "NEW_NAME)") from None
         self.model.eval()
         self.trial = record.number
         self.use(float(record.accuracy or 0.0))
@@ -216,6 +233,8 @@ class StudentBase:
         folded = build_student(sctx.task, plan, tctx.training.round_to)
         artifact = quantize.export_float_onnx(folded, sctx.task.data.example_input(1),
                                               out / "model.onnx")
+        if sctx.measurement.target == executorch_runtime.TARGET:  # the file that is measured
+            build.write_program(sctx, folded, None, plan, None, artifact, sctx.calibration)
         values = measure_trial(sctx, trial, artifact, folded, plan, _look(sctx, artifact),
                                f"student-fp32:{self.spec}")
         _store(sctx, trial, folded, out / "student.pt")
@@ -249,12 +268,13 @@ def _store(ctx: SearchContext, trial: Any, model: nn.Module, path: Path) -> None
 
 
 def distilled_records(records: list[TrialRecord]) -> dict[str, TrialRecord]:
-    """Spec -> the study's measured distillation trial of that student (the latest)."""
+    """Spec -> the study's measured distillation trial of that student (the first, as
+    ``student_claim.measured``: the one the student's trials are compressed from)."""
     out: dict[str, TrialRecord] = {}
     for r in records:
         spec = r.attrs.get(trial_attrs.STUDENT_DISTILLED)
         if spec is not None and r.measured:
-            out[str(spec)] = r
+            out.setdefault(str(spec), r)
     return out
 
 
@@ -286,27 +306,32 @@ def prepare(session: Session, settings: SearchSettings, models: dict[str, nn.Mod
                  f"{r.accuracy:.4f}; not distilled again", on_start)
     limit = settings.run.time_limit
     for base in fresh:
+        wait_s = student_claim.WAIT_S
         if limit is not None:
-            base.allowed_s = TIME_SHARE * max(limit * 60 - elapsed, 0.0) / len(fresh)
-        _distil_once(session, base, on_start)
+            left = max(limit * 60 - elapsed, 0.0)
+            base.allowed_s = TIME_SHARE * left / len(fresh)
+            wait_s = max(left, student_claim.POLL_S)  # another worker's, within the limit
+        _distil_once(session, base, on_start, wait_s)
     return [b for b in bases if b.runner is not None]
 
 
 def _distil_once(session: Session, base: StudentBase,
-                 on_start: Callable[[str], None] | None) -> None:
-    """The student's distillation trial, queued first and run now."""
+                 on_start: Callable[[str], None] | None, wait_s: float) -> None:
+    """The student's distillation trial, queued first and run now, under the study's lock
+    (``student_claim``); distilled by another worker meanwhile: its weights loaded."""
     study = session.study
-    study_mod.enqueue(study, {}, {trial_attrs.BASE_MODEL: base.spec,
-                                  trial_attrs.STUDENT_DISTILLED: base.spec}, first=True)
-    _say(f"student {base.spec}: distilling from the teacher for up to "
-         f"{base.recipe.epochs} epoch(s)", on_start)
-    study.optimize(session.runner, n_trials=1, catch=(Exception,))
-    record = distilled_records(study_mod.records(study)).get(base.spec)
-    if record is None:
-        failed = [r for r in study_mod.records(study)
-                  if r.attrs.get(trial_attrs.STUDENT_DISTILLED) == base.spec]
-        why = failed[-1].fail_reason if failed else "not run"
-        raise TrainingError(f"distilling student {base.spec!r} failed: {why}")
+
+    def distil() -> None:
+        study_mod.enqueue(study, {}, {trial_attrs.BASE_MODEL: base.spec,
+                                      trial_attrs.STUDENT_DISTILLED: base.spec}, first=True)
+        _say(f"student {base.spec}: distilling from the teacher for up to "
+             f"{base.recipe.epochs} epoch(s)", on_start)
+        study.optimize(session.runner, n_trials=1, catch=(Exception,))
+
+    record = student_claim.distil_or_wait(study, base.spec, distil, wait_s=wait_s,
+                                          on_wait=lambda note: _say(note, on_start))
+    if base.trial != record.number:  # another worker's distillation (or an earlier one)
+        base.load(record)
     teacher = session.runner.ctx.fp32_accuracy
     pairs = json.loads(record.attrs.get(trial_attrs.STUDENT_PAIRING) or "[]")
     _say(f"student {base.spec} distilled as trial {record.number}: "

@@ -118,6 +118,17 @@ class TrialRunner:
         self.param_prefix = ""
         self.bases: dict[str, Callable[[Any], tuple[float, ...]]] = {}
 
+    def first_fatal(self) -> AutocompressError | None:
+        """The error that ends the search: this runner's ``fatal``, else that of another
+        base's runner (a ``--student``'s trials meet their own, and would all meet it)."""
+        if self.fatal is not None:
+            return self.fatal
+        for objective in self.bases.values():
+            inner = getattr(objective, "runner", None)  # students.StudentBase.runner
+            if isinstance(inner, TrialRunner) and inner.first_fatal() is not None:
+                return inner.first_fatal()
+        return None
+
     def __call__(self, trial: Any) -> tuple[float, ...]:
         base = trial.user_attrs.get(trial_attrs.BASE_MODEL)
         if base not in (None, trial_attrs.TEACHER_BASE, self.base):
