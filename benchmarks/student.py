@@ -36,7 +36,9 @@ from _common import (
     REPO,
     RESULTS,
     TEACHER,
+    machine_state,
     md_table,
+    state_line,
     study_place,
     write_json,
     write_text,
@@ -77,7 +79,7 @@ def _run_both(jobs: list[dict[str, Any]], out: Path) -> None:
     """Start both searches at once (one per core), wait for both."""
     started = time.perf_counter()
     for job in jobs:
-        job["log"] = out / f"student_{job['label']}.log"
+        job["log"] = CACHE / f"student_{job['label']}.log"  # gitignored, beside the studies
         job["handle"] = job["log"].open("w")
         job["process"] = subprocess.Popen(job["cmd"], cwd=REPO, text=True,
                                           env={**os.environ, **SINGLE_THREAD_ENV},
@@ -148,6 +150,8 @@ def markdown(data: dict[str, Any]) -> str:
              f"Student `{data['student']}`, {data['epochs']} distillation epoch(s) asked; "
              f"teacher `{data['teacher']}`. Both searches ran at the same time, one per core.",
              ""]
+    if data.get("machine"):
+        lines += [f"**Conditions:** {data['machine']}. At the end: {data['machine_end']}.", ""]
     rows = []
     for arm in ("without", "with"):
         f = data["arms"][arm]["figures"]
@@ -186,9 +190,13 @@ def main(argv: list[str] | None = None) -> int:
         place = study_place(CACHE, f"student-{label}-{args.seed}")
         jobs.append({"label": label, "place": place,
                      "cmd": _command(args, place, task, extra)})
+    before = machine_state(ort_threads=1, torch_threads=1)
     _run_both(jobs, args.out)
     data: dict[str, Any] = {"minutes": args.minutes, "epochs": args.epochs, "student": student,
-                            "teacher": "demo" if args.demo else MODEL_SPEC, "arms": {}}
+                            "teacher": "demo" if args.demo else MODEL_SPEC, "arms": {},
+                            "machine": state_line(before),
+                            "machine_end": state_line(machine_state(ort_threads=1,
+                                                                    torch_threads=1))}
     for job in jobs:
         figs = figures(_records(job["place"])) if job["returncode"] == 0 else {
             "error": f"search exited {job['returncode']} (see {job['log']})"}
