@@ -19,6 +19,10 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
+# Each search process pinned to one core's worth of BLAS/OpenMP threads (the benchmarks that
+# run two searches at once, one per core)
+SINGLE_THREAD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+                     "OPENBLAS_NUM_THREADS": "1"}
 if str(REPO) not in sys.path:  # run as `python benchmarks/x.py` without installing
     sys.path.insert(0, str(REPO))
 

@@ -47,6 +47,7 @@ from _common import (
     MODEL_SPEC,
     REPO,
     RESULTS,
+    SINGLE_THREAD_ENV,
     TEACHER,
     LoadSampler,
     machine_state,
@@ -70,8 +71,6 @@ PUBLISHED_STD = "0.2470,0.2435,0.2616"
 # trial attributes the lead's proposer adds (autocompress.study.attrs once they land)
 PROPOSAL, INHERITED = "proposal", "inherited_from"
 FINETUNE_SECONDS = "finetune_seconds"  # the fine-tune's split: data, teacher, step, evaluate
-SINGLE_THREAD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-                     "OPENBLAS_NUM_THREADS": "1"}
 CONCURRENCY = ("Both arms of a seed ran at the same time as two `autocompress search` "
                "processes, one per core of this 2-core machine (1 torch thread and 1 ONNX "
                "Runtime thread each), so the pair shared the machine's conditions; every "

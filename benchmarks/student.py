@@ -35,6 +35,7 @@ from _common import (
     MODEL_SPEC,
     REPO,
     RESULTS,
+    SINGLE_THREAD_ENV,
     TEACHER,
     machine_state,
     md_table,
@@ -47,8 +48,6 @@ from _common import (
 CACHE = REPO / "benchmarks" / "cache" / "student"  # gitignored
 RATIOS = (8.0, 12.0, 16.0)
 WITHIN = 0.01  # "within 1 point" of the fp32 baseline's validation accuracy
-SINGLE_THREAD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-                     "OPENBLAS_NUM_THREADS": "1"}
 DEMO_STUDENT = "tests.student_models:tiny_student"
 
 
@@ -75,7 +74,7 @@ def _command(args: argparse.Namespace, place: dict[str, str], task: list[str],
             "--train-threads", "1", "--threads", "1", "--device", "cpu", *extra]
 
 
-def _run_both(jobs: list[dict[str, Any]], out: Path) -> None:
+def _run_both(jobs: list[dict[str, Any]]) -> None:
     """Start both searches at once (one per core), wait for both."""
     started = time.perf_counter()
     for job in jobs:
@@ -191,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         jobs.append({"label": label, "place": place,
                      "cmd": _command(args, place, task, extra)})
     before = machine_state(ort_threads=1, torch_threads=1)
-    _run_both(jobs, args.out)
+    _run_both(jobs)
     data: dict[str, Any] = {"minutes": args.minutes, "epochs": args.epochs, "student": student,
                             "teacher": "demo" if args.demo else MODEL_SPEC, "arms": {},
                             "machine": state_line(before),
