@@ -59,6 +59,8 @@ from _common import (
     write_text,
 )
 
+from autocompress.config.options import available_cpus  # _common puts the repo on sys.path
+
 CACHE = REPO / "benchmarks" / "cache" / "front_search"  # gitignored
 RATIOS = (8.0, 12.0, 16.0)
 WITHIN = 0.01  # "within 1 point": of fp32 test accuracy, or of the front (validation)
@@ -93,12 +95,16 @@ def _data_spec() -> str:
 
 
 def _search_cmd(args: argparse.Namespace, place: dict[str, str], sampler_flags: list[str],
-                seed: int, minutes: float, extra: list[str]) -> list[str]:
+                seed: int, minutes: float, extra: list[str], *,
+                one_core: bool = True) -> list[str]:
+    """``one_core``: 1 torch thread (two searches share the 2 cores); False: the default
+    (fine-tunes on every CPU, for a search alone on the machine)."""
     cmd = [sys.executable, "-m", "autocompress", "search", "--model", MODEL_SPEC,
            "--weights", str(TEACHER), "--data", args.data_spec, "--study", place["study"],
            "--storage", place["storage"], "--artifacts", place["artifacts"],
            "--trials", "10000", "--time-limit", f"{minutes:g}", "--seed", str(seed),
-           "--train-threads", "1", "--threads", "1", "--device", "cpu", *sampler_flags, *extra]
+           *(["--train-threads", "1"] if one_core else []), "--threads", "1",
+           "--device", "cpu", *sampler_flags, *extra]
     if args.published_stats:
         cmd += ["--mean", PUBLISHED_MEAN, "--std", PUBLISHED_STD]
     return cmd
@@ -561,7 +567,9 @@ def render_long(data: dict[str, Any]) -> str:
                           "(ResNet-20 / CIFAR-10)")
     lines[-2] = (f"Search: `autocompress search` alone on the machine, default settings, "
                  f"`--time-limit {data['minutes']:g}`, `{' '.join(data['default_flags'])}`, "
-                 "1 torch and 1 ONNX Runtime thread.")
+                 + (f"{data['train_threads']} torch thread(s) (the default: every CPU)"
+                    if data.get("train_threads") else "1 torch thread")
+                 + " and 1 ONNX Runtime thread (latency).")
     ref = data.get("refine") or {}
     lines += [
         f"Refine: trial {ref.get('parent', '-')} (the most accurate on validation at >= "
@@ -742,14 +750,19 @@ def _refine_epochs(study: dict[str, Any], minutes: float) -> dict[str, Any]:
 
 def mode_long(args: argparse.Namespace, loads: LoadSampler) -> dict[str, Any]:
     place = study_place(args.cache, f"long-default-s{args.seeds[0]}")
+    # alone on the machine: default settings, so the fine-tunes (and the refine, which reads
+    # the study's settings) use every CPU; OMP/MKL may too
+    every_cpu = {k: str(available_cpus()) for k in SINGLE_THREAD_ENV}
     job = {"label": "default", "arm": "default", "seed": args.seeds[0], **place,
            "flags": _arm_flags(args, "default"), "log": args.cache / f"{place['study']}.log",
+           "env": every_cpu,
            "cmd": _search_cmd(args, place, _arm_flags(args, "default"), args.seeds[0],
-                              args.minutes, [])}
+                              args.minutes, [], one_core=False)}
     log(f"== one default search, {args.minutes:g} min, alone")
     _run_processes([job], args.minutes * 60 * 1.5 + 600, loads)
     run = _summarise_run(job)
     out: dict[str, Any] = {"run": run, "refine_at": args.refine_at,
+                           "train_threads": available_cpus(),
                            "refine_minutes": args.refine_minutes,
                            "search_figures": run.get("figures")}
     if run.get("study") is None:
@@ -765,7 +778,8 @@ def mode_long(args: argparse.Namespace, loads: LoadSampler) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "autocompress", "refine", "--study", place["study"],
            "--storage", place["storage"], "--artifacts", place["artifacts"],
            "--trial", str(pick["number"]), "--epochs", str(plan["epochs"]), "--json"]
-    refine = {"label": "refine", "cmd": cmd, "log": args.cache / f"{place['study']}-refine.log"}
+    refine = {"label": "refine", "cmd": cmd, "log": args.cache / f"{place['study']}-refine.log",
+              "env": every_cpu}
     log(f"== refine trial {pick['number']} ({pick['times_smaller']:.2f}x, val "
         f"{pick['accuracy']:.4f}) for {plan['epochs']} epoch(s)")
     _run_processes([refine], args.refine_minutes * 60 * 2 + 300, loads)

@@ -41,6 +41,11 @@ if ("PYTEST_DEBUG_TEMPROOT" not in os.environ and _RAM.is_dir() and os.access(_R
         and shutil.disk_usage(_RAM).free >= _RAM_NEEDED):
     os.environ["PYTEST_DEBUG_TEMPROOT"] = str(_RAM)
 
+# One torch thread per test process: the searches' default (--train-threads 0) follows
+# OMP_NUM_THREADS, else takes every CPU, and xdist already runs a worker per core (tiny
+# models gain nothing from more threads; oversubscribed workers lose a lot).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 # Workers for a plain `pytest` (CI runs the README's plain `pytest`): one per core, at most
 # MAX_WORKERS. Set here rather than as `-n` in addopts so that `pytest -p no:xdist` still
 # works; `pytest -n 0` runs in one process, `-n N` picks N workers.

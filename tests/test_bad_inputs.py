@@ -38,7 +38,7 @@ CASES: list[tuple[str, list[str], bool]] = [
     ("lr-nan", [*SEARCH, "--learning-rate", "nan"], False),
     ("batch-zero", [*SEARCH, "--batch-size", "0"], False),
     ("threads-zero", [*SEARCH, "--threads", "0"], False),
-    ("train-threads-zero", [*SEARCH, "--train-threads", "0"], False),
+    ("train-threads-negative", [*SEARCH, "--train-threads", "-1"], False),
     ("latency-repeats-zero", [*SEARCH, "--latency-repeats", "0"], False),
     ("latency-batch-zero", [*SEARCH, "--latency-batch-size", "0"], False),
     ("seed-text", [*SEARCH, "--seed", "abc"], False),

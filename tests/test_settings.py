@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import pytest
 
@@ -13,7 +14,7 @@ from autocompress.model.space import space_description, uniform_plan
 
 CONFIG = SearchConfig(bits=(8, 4), prune_max=0.5, sparsity_max=0.4, ptq_methods=("minmax",),
                       finetune_steps=40, batch_size=16, threads=2, latency_repeats=10,
-                      trials=9, time_limit=3.0, promote_factor=3, budgets=("5ms",))
+                      train_threads=3, trials=9, time_limit=3.0, promote_factor=3, budgets=("5ms",))
 
 
 def test_every_copied_field_keeps_the_options_value() -> None:
@@ -21,6 +22,18 @@ def test_every_copied_field_keeps_the_options_value() -> None:
     for part in (settings.space, settings.training, settings.measurement, settings.run):
         for field in dataclasses.fields(part):
             assert getattr(part, field.name) == getattr(CONFIG, field.name), field.name
+
+
+def test_train_threads_zero_means_every_cpu_this_process_may_use(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {0, 1, 5}, raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert SearchConfig().train_threads == 0  # the default
+    settings = SearchSettings.from_config(SearchConfig())
+    assert settings.training.train_threads == settings.measurement.train_threads == 3
+    assert SearchConfig(train_threads=2).fine_tune_threads() == 2  # an explicit count stays
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")  # as torch reads it
+    assert SearchConfig().fine_tune_threads() == 2
 
 
 def test_derived_promotion_settings() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -147,8 +148,13 @@ class SearchConfig:
     early_stop_drop: float = _opt(0.25, "stop a fine-tune half-way when its accuracy is this "
                                   "far below the teacher's (default 0.25)")
     device: str = _opt("auto", "fine-tune device: auto, cpu or cuda")
-    # torch threads for fine-tuning; 1 is fastest for small models
-    train_threads: int = _opt(1, "torch threads for fine-tuning (default 1)")
+    # torch threads for fine-tuning; 0: every CPU this process may use. One search alone on
+    # a 2-core machine fine-tuned ResNet-20 (batch 64) 1.75x faster on 2 threads than on 1,
+    # and a default of 1 left the second core idle for the whole search. Several workers on
+    # one machine each pass their share (--train-threads 1 for two workers on 2 cores).
+    train_threads: int = _opt(0, "torch threads for fine-tuning and scoring (default 0: "
+                              "OMP_NUM_THREADS when set, else every CPU this process may use; "
+                              "give each of several workers on one machine its share)")
     # the runtime latency is measured on: the deploy target, its threads, batch and runs
     target: str = _opt("onnxruntime-cpu", "where candidates are timed and scored: "
                        "onnxruntime-cpu (default), openvino-cpu (pip install "
@@ -303,7 +309,7 @@ class SearchConfig:
             raise ConfigError("kd_alpha_min <= kd_alpha_max must both lie in [0, 1]")
         for name in ("finetune_steps", "batch_size", "threads", "latency_batch_size",
                      "latency_repeats", "round_to", "train_threads", "student_epochs"):
-            minimum = 0 if name == "finetune_steps" else 1
+            minimum = 0 if name in ("finetune_steps", "train_threads") else 1
             if getattr(self, name) < minimum:
                 raise ConfigError(f"{name} {getattr(self, name)} must be >= {minimum}")
 
@@ -369,6 +375,14 @@ class SearchConfig:
             return self.startup_trials
         return max(2, min(10, self.trials // 3))
 
+    def fine_tune_threads(self) -> int:
+        """``train_threads`` with 0 (the default) resolved: ``OMP_NUM_THREADS`` when set (as
+        torch itself reads it), else the CPUs this process may use."""
+        if self.train_threads:
+            return self.train_threads
+        omp = os.environ.get("OMP_NUM_THREADS", "")
+        return int(omp) if omp.isdigit() and int(omp) > 0 else available_cpus()
+
     def promotion_share(self) -> float:
         """``promote_share``, or by default 0.25, and 0.5 under budgets: there the deliverable
         is the one most accurate plan within them (``export --best``), and a longer fine-tune
@@ -401,6 +415,14 @@ def _file_in_the_way(folder: Path) -> Path | None:
     return None
 
 
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask: a container's or taskset's share)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # macOS and Windows have no affinity call
+        return max(1, os.cpu_count() or 1)
+
+
 def config_keys() -> list[str]:
     return [f.name for f in dataclasses.fields(SearchConfig)]
 
@@ -416,6 +438,7 @@ __all__ = [
     "SPARSITY_SCOPES",
     "TARGETS",
     "SearchConfig",
+    "available_cpus",
     "config_keys",
     "default_storage_url",
 ]

@@ -111,6 +111,7 @@ class SearchSettings:
     @classmethod
     def from_config(cls, config: SearchConfig) -> SearchSettings:
         options = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+        options["train_threads"] = config.fine_tune_threads()  # 0: every CPU, resolved here
         return cls(
             space=_picked(SpaceSettings, options),
             training=_picked(TrainingSettings, options),

@@ -56,7 +56,7 @@ def evaluate_plan(
             learning_rate=config.learning_rate or plan.learning_rate, time_limit=None,
         )
         storage = study_mod.open_storage(url)
-        with sessions.torch_threads(scratch.train_threads):
+        with sessions.torch_threads(scratch.fine_tune_threads()):
             session = sessions.open_session(scratch, url, storage, Path(tmp), on_note, task=task)
             plan.validate(session.inventory)
             settings = session.settings.space

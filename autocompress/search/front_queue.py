@@ -22,7 +22,7 @@ from autocompress.model import space
 from autocompress.model.plan import CompressionPlan
 from autocompress.runtime import measure
 from autocompress.search.planning import FRONT_SAMPLER, GUIDED_PENDING_ATTR
-from autocompress.search.proposals import Proposer, measured_trials, structure_key
+from autocompress.search.proposals import Proposer, measured_trials
 from autocompress.search.sensitivity import SENSITIVITY_ATTR, Sensitivity
 from autocompress.search.session import _say
 from autocompress.study import attrs as trial_attrs
@@ -72,8 +72,8 @@ class FrontQueue:
         # proposer's candidates are QAT plans the runner will realise the same way (keyed
         # apart, one rejected shrink was proposed again 41 times in a row)
         realised = space.as_qat if self.runner.calibration_only else (lambda plan: plan)
-        tried = {structure_key(realised(CompressionPlan.from_dict(r.plan)))
-                 for r in records if r.plan}
+        tried = set().union(*(self.proposer.keys(realised(CompressionPlan.from_dict(r.plan)))
+                              for r in records if r.plan))
         run = {r.attrs.get(trial_attrs.GUIDED) for r in records}
         pending = [(name, plan) for name, plan in self._pending() if name not in run]
         outcome = self.proposer.propose(trials, tried, pending, over)
@@ -133,7 +133,8 @@ def front_queue(study: Any, runner: TrialRunner, settings: SearchSettings,
                         size_budget=min((b.value for b in ctx.budgets if b.kind == "size"),
                                         default=None),
                         floor=ctx.fp32_accuracy - ctx.training.early_stop_drop,
-                        latency_checks=lambda: ctx.latency_model.checked)
+                        latency_checks=lambda: ctx.latency_model.checked,
+                        round_to=ctx.training.round_to)
     return FrontQueue(study, runner, proposer, settings, on_start)
 
 

@@ -106,7 +106,7 @@ def run_search(
         # a bad model, data or budget found from here on leaves no empty study behind
         started = time.perf_counter()  # the time limit counts from here
         with tempfile.TemporaryDirectory(prefix="autocompress-") as tmp, torch_threads(
-            config.train_threads
+            config.fine_tune_threads()
         ):
             session = open_session(config, url, storage, Path(tmp), on_start)
             return _run_search(session, url, started, on_progress, on_start, stop_request)

@@ -15,16 +15,15 @@ each next plan from the measured Pareto front instead of sampling the space blin
   smaller one's differences;
 - **fit** (under a budget): a measured plan over the budget, or the uncompressed model,
   brought inside it by the least damage per unit of excess removed (``guided.solve`` from that
-  start). Before any trial meets the budget these are the only moves, by predicted accuracy
-  (ResNet-20 at 0.59x: no guided plan measured within it, TPE's plans refused all run).
+  start). Before any trial meets the budget these are the only moves, by predicted accuracy.
 
 Each candidate's accuracy is predicted (``surrogate``) from where its fine-tune will start (the
 trial it inherits from, else the teacher) plus the damage it adds; one predicted dominated by
 what the study measured is refused (counted, not fine-tuned). Of the rest, the one whose
 optimistic prediction adds the most hypervolume to the front (log size vs accuracy, down to
 ``FLOOR_DROP`` under fp32, or under the best trial within the budgets when that is lower) is
-proposed. Under a latency budget, candidates the latency model
-predicts over it are left out, so moves stay inside it. Torch-free: plans in, a plan out.
+proposed. Under a latency budget, candidates the latency model predicts over it are left
+out, so moves stay inside it. Torch-free: plans in, a plan out.
 """
 
 from __future__ import annotations
@@ -42,15 +41,16 @@ from autocompress.search import guided
 from autocompress.search.dense_table import densify
 from autocompress.search.measured import (
     Measured,
+    fine_tune_start,
     front_order,
     hypervolume_gain,
     measured_trials,
     on_front,
+    realised_key,
     structure_key,
 )
 from autocompress.search.sensitivity import Sensitivity
 from autocompress.search.surrogate import Pair, Surrogate, calibrate
-from autocompress.trial.lineage import nearest_parent
 
 SHRINK = 0.85  # a shrink move's size, of its front trial's
 SHRINK_MORE = 0.7
@@ -58,7 +58,10 @@ SHRINK_MORE = 0.7
 # 8.8x plan: a smaller step is offered too, and the surrogate weighs all three
 SHRINK_LESS = 0.93
 REPAIR_RATIO_STEP = 0.1  # a repaired group's ratio goes down this much
-FLOOR_DROP = 0.05  # hypervolume counts accuracy down to fp32 minus this
+# hypervolume counts accuracy down to fp32 minus this: a plan 5 points down after the short
+# fine-tune is no dead end (ResNet-20 at 13.2x: -4.8 test points, -1.3 after a 4-epoch
+# refine); at 0.05 the proposer saw nothing past ~10x and spent 40 minutes around the 8x knee
+FLOOR_DROP = 0.10
 FRONT_SOURCES = 8  # trials moves are derived from: the front's, then the nearest below it
 LOCAL_SCALE_CAP = 1.25  # how far a latency error may move the aim of moves (_latency_aim)
 RECENT_CHECKS = 5  # pre-checks whose prediction error aims a fit from the uncompressed model
@@ -94,10 +97,12 @@ class Proposer:
                  predict_latency: guided.LatencyPredictor | None = None,
                  latency_budget: float | None = None, size_budget: float | None = None,
                  floor: float = 0.0,
-                 latency_checks: Callable[[], Sequence[tuple[float, float]]] | None = None
-                 ) -> None:
+                 latency_checks: Callable[[], Sequence[tuple[float, float]]] | None = None,
+                 round_to: int = 8) -> None:
         self.settings = settings
         self.inventory = inventory
+        self.channels = {g.name: g.channels for g in inventory.groups}  # realised_key's
+        self.round_to = round_to
         self.fp32_bytes = fp32_bytes
         self.fp32_accuracy = fp32_accuracy
         self.latency_budget = latency_budget
@@ -112,7 +117,7 @@ class Proposer:
     def propose(self, trials: Sequence[Measured], tried: set[str],
                 guided: Sequence[tuple[str, CompressionPlan]] = (),
                 over_budget: Sequence[Measured] = ()) -> Outcome:
-        """The next plan (module docstring); ``tried``: ``structure_key``s already run;
+        """The next plan (module docstring); ``tried``: ``keys`` of the plans already run;
         ``guided``: (rung, plan) solved for the ladder but not queued, weighed like moves;
         ``over_budget``: measured trials outside the budgets (``trials`` are those inside)."""
         surrogate = calibrate(self.pairs([*trials, *over_budget]), self.fp32_accuracy)
@@ -124,13 +129,13 @@ class Proposer:
         candidates = [(kind, parent, plan, None) for kind, parent, plan
                       in [*self._candidates(trials), *self._fits(over_budget)]]
         for name, plan in guided:
-            start = _start(plan, -1, trials, self.floor)
+            start = fine_tune_start(plan, -1, trials, self.floor)
             candidates.append(("guided", -1 if start is None else start.number, plan, name))
         for kind, parent, plan, name in candidates:
-            key = structure_key(plan)
-            if key in tried:
+            keys = self.keys(plan)
+            if keys & tried:
                 continue
-            tried = tried | {key}
+            tried = tried | keys
             seen += 1
             proposal = self._predicted(kind, parent, plan, [*trials, *over_budget], surrogate,
                                        points, (correction, floor))
@@ -145,6 +150,10 @@ class Proposer:
                 best = proposal
         return Outcome(best if best is not None and best.gain > 0 else None, refused, seen,
                        surrogate)
+
+    def keys(self, plan: CompressionPlan) -> set[str]:
+        """The plan as specified and as built (``realised_key``), for "already tried"."""
+        return {structure_key(plan), realised_key(plan, self.channels, self.round_to)}
 
     def pairs(self, trials: Sequence[Measured]) -> list[Pair]:
         """Calibration pairs: each trial fine-tuned for the study's steps, from its start."""
@@ -362,7 +371,7 @@ class Proposer:
             return None
         problem, choice = found
         damage = problem.damage(choice)
-        start = _start(plan, parent, trials, self.floor)
+        start = fine_tune_start(plan, parent, trials, self.floor)
         start_damage = None if start is None else self.damage(start.plan)
         if start is None or start_damage is None:
             predicted = surrogate.predict(damage)
@@ -383,16 +392,6 @@ class Proposer:
         ratios = sorted(t.size / self.problems[t.plan.activation_bits].size(found[1])
                         for t in trials if (found := self._choice(t.plan)) is not None)
         return ratios[len(ratios) // 2] if ratios else 1.0
-
-
-def _start(plan: CompressionPlan, preferred: int, trials: Sequence[Measured],
-           floor: float) -> Measured | None:
-    """The trial the plan's fine-tune will inherit from (``trial.lineage``'s rule, over the
-    trials this process holds), or None: the teacher."""
-    held = sorted((t for t in trials if t.trained), key=lambda t: t.number)
-    number = nearest_parent(plan, [(t.number, t.plan, t.accuracy) for t in held],
-                            preferred=preferred, floor=floor)
-    return next((t for t in held if t.number == number), None)
 
 
 __all__ = ["Measured", "Outcome", "Proposal", "Proposer", "densify", "hypervolume_gain",

@@ -99,7 +99,7 @@ def refine_trial(
             artifacts=artifacts_dir or info.attrs.get("artifacts_dir"),
         )
         with tempfile.TemporaryDirectory(prefix="autocompress-refine-") as tmp, \
-                sessions.torch_threads(config.train_threads):
+                sessions.torch_threads(config.fine_tune_threads()):
             session = sessions.open_session(config, storage_url, storage, Path(tmp), on_note)
             settings = sessions.use_learning_rate(session, on_note)
             # the study's students (--student), so a student's trial is retrained on its base

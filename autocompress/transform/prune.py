@@ -30,7 +30,7 @@ import torch_pruning as tp
 from torch import nn
 
 from autocompress.errors import InputError, PlanError, one_line
-from autocompress.model.groups import PruneGroup
+from autocompress.model.groups import PruneGroup, kept_channels
 from autocompress.model.guard import analysis_limits, limited
 from autocompress.model.plan import CompressionPlan
 from autocompress.transform.prune_graph import (
@@ -167,26 +167,6 @@ def prune_with_report(
     return _prune_groups(
         model, groups, ratios, example_input, round_to=round_to, traced=(work, graph)
     )
-
-
-def kept_channels(
-    channels: int, ratio: float, *, round_to: int = 8, channel_groups: int = 1
-) -> int:
-    """How many of ``channels`` survive ``ratio``: nearest allowed count to channels*(1-ratio).
-
-    Allowed counts are multiples of ``channel_groups`` (grouped convs and attention heads lose
-    channels evenly per group) and, where any exists, multiples of ``round_to``; keeping all
-    channels is always allowed. Never 0. E.g. 64 channels at 0.3 -> 48 (not 45).
-    """
-    if ratio <= 0:
-        return channels
-    step = max(1, channel_groups)
-    candidates = list(range(step, channels + 1, step))
-    aligned = [c for c in candidates if c % round_to == 0]
-    pool = sorted(set(aligned) | {channels}) if aligned else candidates
-    target = channels * (1.0 - ratio)
-    # Nearest to the target; ties keep more channels (the cheaper mistake).
-    return min(pool, key=lambda c: (abs(c - target), -c))
 
 
 def _check_names(ratios: dict[str, float], groups: list[CoupledGroup]) -> None:
