@@ -610,11 +610,17 @@ def render_throughput(data: dict[str, Any]) -> str:
              f"average (1 min) during the run {data['load']['min']:.1f}-"
              f"{data['load']['max']:.1f}{steal_text(data['load'])}. Nothing else should run "
              "on the machine meanwhile.", "",
-             "Two `autocompress search` processes started at the same time, one per core of "
-             "this 2-core machine, with identical flags: ResNet-20 / CIFAR-10 (shared "
-             f"teacher), `--time-limit {data['minutes']:g} --seed {data['seed']} "
-             "--train-threads 1 --threads 1`, OMP/MKL at 1 thread, each version's own default "
-             "sampler (no `--sampler`)"
+             ("Two `autocompress search` processes one after the other, each alone on the "
+              "machine with each version's default fine-tune threads (before: 1; after: every "
+              f"CPU, {data.get('cpus', '?')}), OMP/MKL at every CPU, identical flags: "
+              "ResNet-20 / CIFAR-10 (shared teacher), "
+              f"`--time-limit {data['minutes']:g} --seed {data['seed']} --threads 1`"
+              if data.get("alone") else
+              "Two `autocompress search` processes started at the same time, one per core of "
+              "this 2-core machine, with identical flags: ResNet-20 / CIFAR-10 (shared "
+              f"teacher), `--time-limit {data['minutes']:g} --seed {data['seed']} "
+              "--train-threads 1 --threads 1`, OMP/MKL at 1 thread")
+             + ", each version's own default sampler (no `--sampler`)"
              + ("; published mean/std of the teacher" if data.get("published_stats") else "")
              + f". Before: commit `{data['before_commit']}`, run as `python -m autocompress` "
              f"in its worktree `{data['before_tree']}` with `PYTHONPATH` set to it; after: "
@@ -748,11 +754,16 @@ def _refine_epochs(study: dict[str, Any], minutes: float) -> dict[str, Any]:
             "fits": epochs * epoch_steps / sps + outside + 120 <= minutes * 60}
 
 
+def _every_cpu_env() -> dict[str, str]:
+    """OMP/MKL/OpenBLAS at every CPU: for a search alone on the machine."""
+    return {k: str(available_cpus()) for k in SINGLE_THREAD_ENV}
+
+
 def mode_long(args: argparse.Namespace, loads: LoadSampler) -> dict[str, Any]:
     place = study_place(args.cache, f"long-default-s{args.seeds[0]}")
     # alone on the machine: default settings, so the fine-tunes (and the refine, which reads
     # the study's settings) use every CPU; OMP/MKL may too
-    every_cpu = {k: str(available_cpus()) for k in SINGLE_THREAD_ENV}
+    every_cpu = _every_cpu_env()
     job = {"label": "default", "arm": "default", "seed": args.seeds[0], **place,
            "flags": _arm_flags(args, "default"), "log": args.cache / f"{place['study']}.log",
            "env": every_cpu,
@@ -873,16 +884,24 @@ def mode_throughput(args: argparse.Namespace, loads: LoadSampler) -> dict[str, A
         where["imported_from"] = _imported_from(where["env"], where["cwd"])
         log(f"   {arm}: {where['commit']}, autocompress from {where['imported_from']}")
         place = study_place(args.cache, f"throughput-{arm}")
+        if args.alone:  # each version's own default threads, the machine to itself
+            where["env"] = {**where["env"], **_every_cpu_env()}
         jobs.append({"label": arm, "arm": arm, "seed": seed, **place, **where, "flags": [],
                      "log": args.cache / f"throughput-{arm}.log",
-                     "cmd": _search_cmd(args, place, [], seed, args.minutes, [])})
+                     "cmd": _search_cmd(args, place, [], seed, args.minutes, [],
+                                        one_core=not args.alone)})
     for arm, where in arms.items():  # each arm must run its own code, not the other's
         if Path(where["imported_from"]).resolve().parents[1] != where["cwd"].resolve():
             raise SystemExit(f"the {arm} arm would import {where['imported_from']}, "
                              f"not the package in {where['cwd']}")
-    log(f"== before and after together, {args.minutes:g} min, seed {seed}")
     loads.mark("start searches")
-    _run_processes(jobs, args.minutes * 60 * 1.5 + 600, loads)
+    if args.alone:
+        for job in jobs:
+            log(f"== {job['arm']} alone, {args.minutes:g} min, seed {seed}")
+            _run_processes([job], args.minutes * 60 * 1.5 + 600, loads)
+    else:
+        log(f"== before and after together, {args.minutes:g} min, seed {seed}")
+        _run_processes(jobs, args.minutes * 60 * 1.5 + 600, loads)
     loads.mark("end searches")
     runs = []
     for job in jobs:
@@ -897,7 +916,7 @@ def mode_throughput(args: argparse.Namespace, loads: LoadSampler) -> dict[str, A
     ratio = (per_min["after"] / per_min["before"]
              if per_min["after"] is not None and per_min["before"] else None)
     return {"before_commit": args.before_commit, "before_tree": before["tree"], "seed": seed,
-            "runs": runs, "ratio": ratio}
+            "runs": runs, "ratio": ratio, "alone": args.alone, "cpus": available_cpus()}
 
 
 MODES = {"compare": (mode_compare, render_compare), "budget": (mode_budget, render_budget),
@@ -926,6 +945,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--before-tree", type=Path, default=Path("/tmp/before"),
                         help="throughput: its git worktree, made with `git worktree add` "
                         "when missing (default /tmp/before)")
+    parser.add_argument("--alone", action="store_true",
+                        help="throughput: run the arms one after the other, each with its "
+                        "version's default threads, instead of together at 1 thread each")
     parser.add_argument("--published-stats", action="store_true",
                         help="pass the teacher's published --mean/--std instead of the "
                         "train split's statistics")
