@@ -128,6 +128,8 @@ def _add_refine_and_sensitivity(sub: Any) -> None:
     add_config_flags(rf, "storage")
     rf.add_argument("--trial", type=int, required=True, help="the trial whose plan to refine")
     rf.add_argument("--epochs", type=int, required=True, help="epochs over the training split")
+    rf.add_argument("--learning-rate", type=float, metavar="LR", help="peak learning rate of "
+                    "the refine (default: the study's, chosen for its short fine-tunes)")
     rf.add_argument("--out", help="also export the refined trial, verified, to this folder")
     rf.add_argument("--force", action="store_true", help="write into a non-empty --out folder")
     rf.add_argument("--json", action="store_true")
@@ -287,7 +289,7 @@ def _refine(args: argparse.Namespace) -> int:
     with report.StepProgress("refine", enabled=not args.json) as bar:
         record = refine.refine_trial(url, name, args.trial, args.epochs,
                                      artifacts_dir=args.artifacts, on_step=bar.update,
-                                     on_note=bar.note)
+                                     on_note=bar.note, learning_rate=args.learning_rate)
     exported = None
     if args.out:
         from autocompress.export import export_from_storage

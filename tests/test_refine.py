@@ -121,6 +121,15 @@ def test_refine_records_a_new_trial_that_exports_verified(
     assert verification["agreement"] >= verification["agreement_floor"]
 
 
+def test_refine_at_a_learning_rate_of_its_own(guided_study: ShortStudy) -> None:
+    recs = guided_study.result.records
+    parent = next(r for r in recs if r.attrs.get("warm_start") == "uniform-int4")
+    assert parent.plan["learning_rate"] != 2e-3  # the study's probed rate
+    record = refine_trial(guided_study.storage_url, "g", parent.number, 1, learning_rate=2e-3)
+    assert record.attrs["parent_trial"] == parent.number and record.measured
+    assert record.plan["learning_rate"] == 2e-3
+
+
 def test_refine_refuses_bad_requests(guided_study: ShortStudy,
                                      capsys: pytest.CaptureFixture[str]) -> None:
     recs = guided_study.result.records
@@ -132,6 +141,8 @@ def test_refine_refuses_bad_requests(guided_study: ShortStudy,
         refine_trial(url, "g", 999, 1)
     with pytest.raises(RefineError, match="--epochs 0"):
         refine_trial(url, "g", 2, 0)
+    with pytest.raises(RefineError, match="--learning-rate 0 must be in"):
+        refine_trial(url, "g", 2, 1, learning_rate=0.0)
     before = len(records(load_existing_study(url, "g")))
     code, _, err = _cli(capsys, "refine", "--study", "g", "--storage", url, "--trial",
                         str(fp32.number), "--epochs", "1")

@@ -11,6 +11,7 @@ fine-tunes, then fine-tune the chosen network for long.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import tempfile
@@ -74,14 +75,18 @@ def refine_trial(
     artifacts_dir: str | None = None,
     on_step: Callable[[int, int], None] | None = None,
     on_note: Callable[[str], None] | None = None,
+    learning_rate: float | None = None,
 ) -> TrialRecord:
     """Retrain trial ``trial``'s plan for ``epochs`` epochs as a new trial; returns its record.
 
-    The study's search settings are reused (model, data, learning rate, batch size, latency
-    conditions); the new trial is measured like any other, and its file uploaded.
+    The study's search settings are reused (model, data, batch size, latency conditions, and
+    the learning rate unless ``learning_rate`` is given: the study's was probed for its short
+    fine-tunes); the new trial is measured like any other, and its file uploaded.
     """
     if not 1 <= epochs <= MAX_EPOCHS:
         raise RefineError(f"--epochs {epochs} must be between 1 and {MAX_EPOCHS} (e.g. 5)")
+    if learning_rate is not None and not 0 < learning_rate <= 1:
+        raise RefineError(f"--learning-rate {learning_rate:g} must be in (0, 1] (e.g. 1e-3)")
     from autocompress.search import session as sessions  # torch: refining only
     from autocompress.search import students
 
@@ -102,6 +107,11 @@ def refine_trial(
                 sessions.torch_threads(config.fine_tune_threads()):
             session = sessions.open_session(config, storage_url, storage, Path(tmp), on_note)
             settings = sessions.use_learning_rate(session, on_note)
+            if learning_rate is not None:
+                settings = settings.with_learning_rate(learning_rate)
+                session.settings = settings
+                session.runner.ctx = dataclasses.replace(session.runner.ctx,
+                                                         space=settings.space)
             # the study's students (--student), so a student's trial is retrained on its base
             for base in students.prepare(session, settings, {}, 0.0, on_note):
                 if base.runner is not None:
