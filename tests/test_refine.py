@@ -123,7 +123,8 @@ def test_refine_records_a_new_trial_that_exports_verified(
 
 def test_refine_at_a_learning_rate_of_its_own(guided_study: ShortStudy) -> None:
     recs = guided_study.result.records
-    parent = next(r for r in recs if r.attrs.get("warm_start") == "uniform-int4")
+    parent = next(r for r in recs if r.measured and r.baseline is None
+                  and r.attrs.get("parent_trial") is None)
     assert parent.plan["learning_rate"] != 2e-3  # the study's probed rate
     record = refine_trial(guided_study.storage_url, "g", parent.number, 1, learning_rate=2e-3)
     assert record.attrs["parent_trial"] == parent.number and record.measured
