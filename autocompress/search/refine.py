@@ -11,7 +11,6 @@ fine-tunes, then fine-tune the chosen network for long.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import tempfile
@@ -106,7 +105,7 @@ def refine_trial(
         with tempfile.TemporaryDirectory(prefix="autocompress-refine-") as tmp, \
                 sessions.torch_threads(config.fine_tune_threads()):
             session = sessions.open_session(config, storage_url, storage, Path(tmp), on_note)
-            settings = _refine_rate(session, learning_rate, on_note)
+            settings = sessions.use_learning_rate(session, on_note, learning_rate)
             # the study's students (--student), so a student's trial is retrained on its base
             for base in students.prepare(session, settings, {}, 0.0, on_note):
                 if base.runner is not None:
@@ -125,21 +124,6 @@ def refine_trial(
         raise RefineError(f"the refine of trial {trial} (trial {record.number}) did not "
                           f"finish: {why}")
     return record
-
-
-def _refine_rate(session: Session, learning_rate: float | None,
-                 on_note: Callable[[str], None] | None) -> SearchSettings:
-    """The session's settings at the study's learning rate, or at ``learning_rate`` (set on
-    the session and its runner too, as ``use_learning_rate`` does)."""
-    from autocompress.search import session as sessions
-
-    settings = sessions.use_learning_rate(session, on_note)
-    if learning_rate is None:
-        return settings
-    settings = settings.with_learning_rate(learning_rate)
-    session.settings = settings
-    session.runner.ctx = dataclasses.replace(session.runner.ctx, space=settings.space)
-    return settings
 
 
 def _enqueue_refine(

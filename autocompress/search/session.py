@@ -187,13 +187,16 @@ def _calibration(task: intake.Task, seed: int) -> list[torch.Tensor]:
 
 
 def use_learning_rate(
-    session: Session, on_start: Callable[[str], None] | None
+    session: Session, on_start: Callable[[str], None] | None, rate: float | None = None
 ) -> SearchSettings:
     """Set the session's fine-tune learning rate (the user's, the study's probed one, or a
-    new probe) on its settings and its runner; returns the settings that carry it."""
+    new probe; ``rate`` instead when given, a refine's own) on its settings and its runner;
+    returns the settings that carry it."""
     runner = session.runner
     settings = _resolve_learning_rate(session.study, session.task, session.inventory,
                                       session.settings, session.calibration, on_start)
+    if rate is not None:
+        settings = settings.with_learning_rate(rate)
     session.settings = settings
     runner.ctx = dataclasses.replace(runner.ctx, space=settings.space)  # same cache and model
     return settings
