@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -11,9 +12,11 @@ import pytest
 
 from autocompress import cli
 from autocompress.export import export_from_storage
-from autocompress.search.refine import RefineError, refine_trial
+from autocompress.model.plan import CompressionPlan
+from autocompress.search.refine import RefineError, refine_start, refine_trial
 from autocompress.search.sensitivity import SENSITIVITY_ATTR
 from autocompress.study import load_existing_study, records
+from autocompress.study.records import TrialRecord
 from tests.search_fixture import ShortStudy, run_short_search
 
 STEPS = 30
@@ -103,7 +106,8 @@ def test_refine_records_a_new_trial_that_exports_verified(
                           on_step=lambda step, total: steps_seen.append(step))
     assert record.attrs["parent_trial"] == parent.number
     assert record.attrs["refine_epochs"] == 1
-    # a refine (another process than the search) trains on from the parent's stored weights
+    # a refine (another process than the search) of a plan that does not prune trains on
+    # from the parent's stored weights
     assert record.attrs["inherited_from"] == parent.number
     assert record.attrs["inherited_share"] == 1.0
     assert record.attrs["lineage_steps"] == (parent.attrs["lineage_steps"]
@@ -129,6 +133,41 @@ def test_refine_at_a_learning_rate_of_its_own(guided_study: ShortStudy) -> None:
     record = refine_trial(guided_study.storage_url, "g", parent.number, 1, learning_rate=2e-3)
     assert record.attrs["parent_trial"] == parent.number and record.measured
     assert record.plan["learning_rate"] == 2e-3
+
+
+def _pruned_parent(study: ShortStudy) -> TrialRecord:
+    return next(r for r in study.result.records if r.measured and r.baseline is None
+                and any(v > 0 for v in r.plan["prune"].values())
+                and not r.plan.get("sparsity") and r.attrs.get("torch_kind") == "qat")
+
+
+def test_a_long_refine_of_a_pruned_plan_starts_from_the_teacher_with_batchnorm_live(
+    guided_study: ShortStudy,
+) -> None:
+    parent = _pruned_parent(guided_study)
+    train = json.loads(load_existing_study(guided_study.storage_url, "g")
+                       .user_attrs["data"])["sizes"]["train"]
+    epochs = math.ceil(parent.attrs["lineage_steps"] / math.ceil(train / 64))  # as long
+    record = refine_trial(guided_study.storage_url, "g", parent.number, epochs)
+    assert record.attrs["parent_trial"] == parent.number and record.measured
+    # not the parent's folded weights: the teacher's, so that the first 3/4 of the refine
+    # train with BatchNorm live at the recovery rate
+    assert record.attrs["refine_start"] == "teacher"
+    assert "inherited_from" not in record.attrs
+    assert record.attrs["recovery_steps"] == int(0.75 * record.plan["finetune_steps"])
+    assert record.attrs["lineage_steps"] == record.plan["finetune_steps"]
+
+
+def test_a_short_refine_or_one_that_does_not_prune_trains_on_from_its_trial(
+    guided_study: ShortStudy,
+) -> None:
+    parent = _pruned_parent(guided_study)
+    plan = CompressionPlan.from_dict(parent.plan)
+    lineage = parent.attrs["lineage_steps"]
+    assert refine_start(plan, lineage, parent) == "teacher"
+    assert refine_start(plan, lineage - 1, parent) == "parent"  # keeps the head start
+    unpruned = dataclasses.replace(plan, prune={})
+    assert refine_start(unpruned, 100 * lineage, parent) == "parent"
 
 
 def test_refine_refuses_bad_requests(guided_study: ShortStudy,

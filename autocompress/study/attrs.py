@@ -16,6 +16,8 @@ FINETUNE_STEPS = "finetune_steps"  # queued with its own step count (promotion, 
 PROMOTION_RUNG = "promotion_rung"
 REFINE_EPOCHS = "refine_epochs"
 REFINE_REQUEST = "refine_request"
+# where a refine's fine-tune starts: "teacher" (BatchNorm live first) or "parent" (its weights)
+REFINE_START = "refine_start"
 # the search's own proposals (search/proposals.py): the kind of move and the trial it was
 # derived from ("shrink", "repair", "blend"), and what its prediction was
 PROPOSAL = "proposal"

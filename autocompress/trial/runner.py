@@ -252,8 +252,8 @@ class TrialRunner:
     def _parent(self, trial: Any, plan: CompressionPlan, baseline: str | None) -> Trained | None:
         """The fine-tuned trial this one starts from (``lineage``), or None: the teacher.
         Preferred: the trial a proposal was derived from, or the one a retrain trains on."""
-        if baseline is not None:
-            return None
+        if baseline is not None or trial.user_attrs.get(trial_attrs.REFINE_START) == "teacher":
+            return None  # search.refine.refine_start says why
         preferred = trial.user_attrs.get(trial_attrs.PROPOSED_FROM,
                                          trial.user_attrs.get(trial_attrs.PARENT))
         if preferred is not None and self.lineage.get(int(preferred)) is None:
