@@ -214,12 +214,21 @@ def test_killed_worker_trial_is_failed_and_retried(tmp_path: Path, demo_task: ob
         victim.proc.send_signal(signal.SIGKILL)
         assert victim.wait() == -signal.SIGKILL
         assert survivor.wait() == 0, survivor.tail()
-        # The survivor ran its 3 trials; one of them was the dead worker's, again.
         assert _json(survivor)["new_trials"] == 3
         assert "stopped sending heartbeats" in survivor.stderr()
 
         _, trials = _load(url, "kill")
-        assert [t.number for t in trials] == [0, 1, 2, 3]
+        if any(t.state == TrialState.WAITING for t in trials):
+            # On a loaded machine the dead worker's heartbeat can go stale only after the
+            # survivor started its last trial: the retry is then queued when the survivor
+            # ends, said so, and the next search of the study runs it (seen under CI load).
+            assert "is queued to run trial" in survivor.stderr(), survivor.tail()
+            again = _start(tmp_path, "again", url, "kill", 1, *NO_BASELINES, *QUICK_START)
+            assert again.wait() == 0, again.tail()
+            _, trials = _load(url, "kill")
+            assert [t.number for t in trials] == [0, 1, 2, 3, 4]
+        else:  # the survivor ran the dead worker's trial again as one of its 3
+            assert [t.number for t in trials] == [0, 1, 2, 3]
         failed = [t for t in trials if t.state == TrialState.FAIL]
         assert len(failed) == 1
         dead = failed[0]
