@@ -11,6 +11,7 @@ search with short fine-tunes, then fine-tune the chosen network for long.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import tempfile
@@ -82,12 +83,13 @@ def refine_start(plan: CompressionPlan, steps: int, parent: TrialRecord) -> str:
     900 steps came out 0.9972 test from the parent, 0.9916 from the teacher. A plan that does
     not prune has no recovery phase, so it always trains on from the parent.
     """
-    from autocompress.train.tuning import RECOVERY_MIN_STEPS  # torch: refining only
+    from autocompress.train import tuning  # torch: refining only
 
     lineage = int(parent.attrs.get(trial_attrs.LINEAGE_STEPS)
                   or parent.plan.get("finetune_steps") or 0)
-    prunes = any(r > 0 for r in plan.prune.values())
-    return "teacher" if prunes and steps >= max(lineage, RECOVERY_MIN_STEPS) else "parent"
+    # the teacher start pays only where the refine gets the recovery phase
+    recovers = tuning.recovers(dataclasses.replace(plan, finetune_steps=steps))
+    return "teacher" if recovers and steps >= lineage else "parent"
 
 
 def steps_for(epochs: int, train_images: int, batch_size: int) -> int:
