@@ -155,7 +155,7 @@ def test_under_a_time_limit_the_effort_counts_a_retrains_fixed_part_once() -> No
     """Time left over the short fine-tune's own seconds, after one trial's build, export and
     measurement: 290 s of a 600 s limit over 40 s fine-tunes is 7.25 short fine-tunes (not
     300 s over the 50 s of a whole short trial, 6). The search costs the first retrain at its
-    own plan's speed this way (``search.loop._promote``)."""
+    own plan's speed this way (``search.promote.promote``)."""
     import time
 
     from autocompress.search.counter import TrialCounter

@@ -68,6 +68,10 @@ def test_promotion_is_linked_and_replaces_its_parent(guided_study: ShortStudy) -
     assert {k: v for k, v in child.plan.items() if k != "finetune_steps"} == {
         k: v for k, v in parent.plan.items() if k != "finetune_steps"}
     assert child.attrs["artifact_sha256"] != parent.attrs["artifact_sha256"]
+    # where it started follows the refine's rule, recorded as a refine's is
+    assert child.attrs["refine_start"] == refine_start(
+        CompressionPlan.from_dict(child.plan), 2 * STEPS, parent)
+    assert ("inherited_from" in child.attrs) == (child.attrs["refine_start"] == "parent")
     front = [r.number for r in guided_study.result.front]
     assert parent.number not in front
     if child.feasible and child.measured:

@@ -130,7 +130,7 @@ def test_a_promotion_stretched_to_the_time_left_still_fits_a_moment_later() -> N
     """The search plans a timed promotion at PROMOTION_PLAN_MARGIN of the effort left: one
     planned at all of it was refused by the fit check made milliseconds later, and a 30-min
     ResNet-20 search ran no promotion ("about 349 s here and 349 s ... left")."""
-    from autocompress.search.loop import PROMOTION_PLAN_MARGIN
+    from autocompress.search.promote import PROMOTION_PLAN_MARGIN
 
     config = SearchConfig(time_limit=10.0)
     settings = SearchSettings.from_config(config)

@@ -60,6 +60,8 @@ def test_pruned_plan_recovers_with_batchnorm_live_then_folds(demo_task: Task) ->
     result = _run(demo_task, plan)
     assert result.recovery_steps == int(STEPS * tuning.RECOVERY_SHARE)
     assert result.steps == STEPS and result.stopped is None
+    # the recovery phase is timed apart (search/retrain_cost.py prices each phase)
+    assert 0 < result.recovery_seconds < sum(result.seconds.values())
     assert not _has_bn(result.student)  # folded before QAT: the exported structure
     assert result.qat is not result.student
 
@@ -69,6 +71,7 @@ def test_plan_without_pruning_is_all_qat(demo_task: Task) -> None:
     assert not tuning.recovers(plan)
     result = _run(demo_task, plan)
     assert result.recovery_steps == 0 and result.steps == STEPS
+    assert result.recovery_seconds == 0.0
 
 
 @pytest.mark.parametrize("steps", [0, tuning.RECOVERY_MIN_STEPS - 1])

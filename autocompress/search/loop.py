@@ -24,14 +24,12 @@ from autocompress.config.budgets import Budget
 from autocompress.config.options import SearchConfig
 from autocompress.config.settings import RunSettings, SearchSettings, SpaceSettings
 from autocompress.model import space
-from autocompress.model.plan import CompressionPlan
 from autocompress.results.pareto import fp32_record, pareto_front
-from autocompress.runtime import measure
 from autocompress.search import fidelity, planning, student_turns, students
-from autocompress.search.counter import TrialCounter, first_trial_estimate, probe_step_seconds
+from autocompress.search.counter import TrialCounter, first_trial_estimate
 from autocompress.search.floors import check_floors
 from autocompress.search.front_queue import FrontQueue, front_queue
-from autocompress.search.promotion import plan_promotions
+from autocompress.search.promote import promote
 from autocompress.search.session import (
     LR_PROBE_ATTR,
     Session,
@@ -58,7 +56,6 @@ BASELINES: tuple[tuple[str, int], ...] = tuple(BASELINE_BITS.items())
 DYNAMIC_LINEAR_SHARE = 0.5
 LATENCY_MODEL_ATTR = "latency_model"
 PROMOTION_PASSES = 3  # under a time limit: plan and run promotions again while time is left
-PROMOTION_PLAN_MARGIN = 0.95  # of the time left a timed promotion is planned to take
 
 
 @dataclass(frozen=True)
@@ -194,7 +191,7 @@ def _search_and_promote(
     counter.searching = False
     for _ in range(PROMOTION_PASSES):  # under a time limit, while their share lasts:
         # a plan retrained once may earn the next rung, the next front member its first
-        if counter.stopped or not _promote(study, runner, settings, counter, callback,
+        if counter.stopped or not promote(study, runner, settings, counter, callback,
                                            on_start) or settings.run.time_limit is None:
             break
     if counter.time_left_for_more():
@@ -312,75 +309,3 @@ def _baseline_params(bits: int, inventory: Any, settings: SpaceSettings) -> dict
     width = bits if bits in settings.bits else max(settings.bits)
     return space.plan_to_params(space.uniform_plan(inventory, settings, bits=width),
                                 inventory, settings)
-
-
-def _promote(
-    study: Any,
-    runner: TrialRunner,
-    settings: SearchSettings,
-    counter: TrialCounter,
-    callback: Callable[[Any, Any], None],
-    on_start: Callable[[str], None] | None,
-) -> bool:
-    """Retrain the front's most valuable plans longer (see ``promotion``), as linked trials;
-    False when none was chosen."""
-    reference_size = 1.1 * measure.file_size(runner.ctx.fp32_onnx)
-    pace = probe_step_seconds(study.user_attrs.get(LR_PROBE_ATTR))
-
-    def _timing(record: TrialRecord) -> tuple[dict[str, float], int | None]:
-        return _trial_timing(record, pace, settings.space.finetune_steps)
-
-    with study_mod.study_lock(study):  # two workers never promote the same plan
-        recs = study_mod.records(study)
-        by_number = {r.number: r for r in recs}
-        short = [r for r in recs if r.measured and r.baseline is None
-                 and r.attrs.get(trial_attrs.TIMING) and r.attrs.get(trial_attrs.PARENT) is None]
-        timed = settings.run.time_limit is not None
-        # a little under the time left: one stretched to exactly that failed the fit check a
-        # moment later ("about 349 s here and 349 s ... left": no promotion ran)
-        margin = PROMOTION_PLAN_MARGIN if timed else 1.0
-        chosen = plan_promotions(recs, settings.promotion, effort=margin * counter.promotion_effort(
-            [_timing(r) for r in short]), reference_size=reference_size, stretch=timed)
-        if chosen and timed:
-            # The first retrain takes most of the time: cost it at its own plan's speed
-            # (int8 QAT steps ran 0.33 s where the mean short trial's ran 0.24 s, and a
-            # retrain costed at the mean ran a 15-minute search 3 minutes past its limit).
-            own = margin * counter.promotion_effort([_timing(by_number[chosen[0].parent])])
-            if own > 0:
-                chosen = plan_promotions(recs, settings.promotion, effort=own,
-                                         reference_size=reference_size, stretch=True)
-            fit = counter.promotions_that_fit([(*_timing(by_number[p.parent]), p.cost)
-                                               for p in chosen])
-            if fit < len(chosen):
-                _say(counter.declined or "", on_start)
-                chosen = chosen[:fit]
-        for p in chosen:
-            parent = by_number[p.parent]
-            plan = space.as_qat(CompressionPlan.from_dict(parent.plan))
-            # keyed by the layer names of the base it compresses (the teacher or a student)
-            queued = students.retrain_params(parent, runner, plan, settings.space)
-            if queued is None:  # a student this worker has not loaded
-                continue
-            study_mod.enqueue(study, queued[0], {trial_attrs.PARENT: p.parent,
-                                                 trial_attrs.FINETUNE_STEPS: p.steps,
-                                                 trial_attrs.PROMOTION_RUNG: p.rung,
-                                                 **queued[1]}, first=True)
-    if not chosen:
-        return False
-    _say(f"promoting {len(chosen)} plan(s) to longer fine-tunes: "
-         + ", ".join(f"#{p.parent} -> {p.steps} steps" for p in chosen), on_start)
-    study.optimize(runner, n_trials=len(chosen), callbacks=[callback], catch=(Exception,))
-    return True
-
-
-def _trial_timing(record: TrialRecord, pace: float,
-                  steps: int) -> tuple[dict[str, float], int | None]:
-    """A trial's timing (seconds per stage) and the fine-tune steps it ran; a
-    calibration-only trial's fine-tune is costed at the learning-rate probe's ``pace``
-    (seconds a step) for ``steps`` steps, what its promotion will run."""
-    ran = record.attrs.get(trial_attrs.FINETUNE_STEPS_RUN)
-    timing = record.json_attr(trial_attrs.TIMING) or {}
-    if (record.attrs.get(trial_attrs.FIDELITY) == "calibration" and pace > 0 and steps
-            and not timing.get("finetune")):
-        return {**timing, "finetune": pace * steps}, steps
-    return timing, int(ran) if ran else None

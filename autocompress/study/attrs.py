@@ -16,7 +16,8 @@ FINETUNE_STEPS = "finetune_steps"  # queued with its own step count (promotion, 
 PROMOTION_RUNG = "promotion_rung"
 REFINE_EPOCHS = "refine_epochs"
 REFINE_REQUEST = "refine_request"
-# where a refine's fine-tune starts: "teacher" (BatchNorm live first) or "parent" (its weights)
+# where a retrain's (a refine's or a promotion's) fine-tune starts: "teacher" (BatchNorm live
+# first) or "parent" (its weights); search/refine.py refine_start
 REFINE_START = "refine_start"
 # the search's own proposals (search/proposals.py): the kind of move and the trial it was
 # derived from ("shrink", "repair", "blend"), and what its prediction was
@@ -71,6 +72,7 @@ FINETUNE_STEPS_RUN = "finetune_steps_run"
 # how the trial's candidate was made: baseline | calibration (no fine-tune) | fine-tune
 FIDELITY = "fidelity"
 RECOVERY_STEPS = "recovery_steps"  # of those, trained with BatchNorm live (train/tuning.py)
+RECOVERY_SECONDS = "recovery_seconds"  # the fine-tune's seconds in those steps
 
 # -- a trial: budgets, rejection, failure -----------------------------------------------------
 CONSTRAINTS = "constraints"

@@ -73,6 +73,10 @@ class TuningResult:
     recovery_steps: int
     stopped: str | None  # the early-stop reason, None when it ran to the end
     seconds: dict[str, float] = field(default_factory=dict)  # both phases, by kind of work
+    # the recovery phase's share of ``seconds``: a step there and a QAT step differ in cost
+    # (int8 QAT 3x a BatchNorm-live step on ResNet-20, weight-only QAT 0.8x), so a retrain
+    # with another mix of the two is costed phase by phase (search/retrain_cost.py)
+    recovery_seconds: float = 0.0
 
 
 def recovers(plan: CompressionPlan) -> bool:
@@ -126,14 +130,15 @@ def finetune_trial(
                                        learning_rate=recovery_learning_rate(plan))
         result = run(student, recovery, 0)
         seconds = dict(result.seconds)
+        recovery_seconds = round(sum(seconds.values()), 4)
         student.eval()
         if result.stopped_early:
             folded = quantize.fold_batchnorm(student)
             return TuningResult(folded, tuning.make_qat(folded), result.steps, result.steps,
                                 f"early-stopped at step {result.steps}: {result.reason}",
-                                seconds)
+                                seconds, recovery_seconds)
     else:
-        seconds = {}
+        seconds, recovery_seconds = {}, 0.0
     student = quantize.fold_batchnorm(student) if has_bn else student
     qat = tuning.make_qat(student)
     rest = dataclasses.replace(plan, finetune_steps=total - first)
@@ -143,7 +148,8 @@ def finetune_trial(
                if result.stopped_early else None)
     for key, value in result.seconds.items():
         seconds[key] = round(seconds.get(key, 0.0) + value, 4)
-    return TuningResult(student, qat, first + result.steps, first, stopped, seconds)
+    return TuningResult(student, qat, first + result.steps, first, stopped, seconds,
+                        recovery_seconds)
 
 
 def early_stop_checkpoints(total: int) -> frozenset[int]:

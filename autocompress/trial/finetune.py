@@ -59,6 +59,7 @@ def finetune_trial(
         trial.set_user_attr(trial_attrs.FINETUNE_SECONDS, json.dumps(result.seconds))
     if result.recovery_steps:
         trial.set_user_attr(trial_attrs.RECOVERY_STEPS, result.recovery_steps)
+        trial.set_user_attr(trial_attrs.RECOVERY_SECONDS, result.recovery_seconds)
     return result.student, result.qat, result.stopped
 
 
