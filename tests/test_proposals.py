@@ -7,9 +7,14 @@ from autocompress.config.options import SearchConfig
 from autocompress.config.settings import SearchSettings
 from autocompress.model.inventory import Inventory, LayerInfo, PruneGroup
 from autocompress.model.plan import CompressionPlan
-from autocompress.search.measured import realised_key
-from autocompress.search.proposals import (
+from autocompress.search.measured import (
     FLOOR_DROP,
+    hypervolume_floor,
+    realised_key,
+    smallest_counted,
+)
+from autocompress.search.proposals import (
+    SHRINK,
     Measured,
     Proposer,
     densify,
@@ -176,6 +181,36 @@ def test_densify_interpolates_between_scored_ratios() -> None:
     assert abs(ratios["0.3"]["kept"]["a"] - 0.7) < 1e-9
 
 
+def test_past_the_smallest_size_counted_only_accuracy_adds_hypervolume() -> None:
+    """Past ``smallest`` a smaller file adds no area (the proposer's is one shrink past the
+    guided ladder's smallest target), so a more accurate plan there beats a smaller one."""
+    points = [(10_000.0, 0.90), (2_000.0, 0.80)]
+    kwargs = {"fp32_bytes": 40_000.0, "floor": 0.70, "smallest": 2_000.0}
+    assert hypervolume_gain(points, (1_000.0, 0.80), **kwargs) == 0.0
+    assert hypervolume_gain(points, (1_900.0, 0.82), **kwargs) > 0.0
+    uncapped = {**kwargs, "smallest": 0.0}
+    assert hypervolume_gain(points, (1_000.0, 0.80), **uncapped) > 0.0
+
+
+def test_sizes_count_down_to_one_shrink_past_the_ladder_a_budget_or_free_compression() -> None:
+    settings = SearchSettings.from_config(SearchConfig()).space
+    free = Proposer(_table(), _inventory(), settings, fp32_bytes=FP32_BYTES,
+                    fp32_accuracy=FP32_ACC)
+    tight = Proposer(_table(), _inventory(), settings, fp32_bytes=FP32_BYTES,
+                     fp32_accuracy=FP32_ACC, size_budget=FP32_BYTES / 40)
+
+    def counted_to(proposer: Proposer, trials: list[Measured]) -> float:  # x smaller
+        return FP32_BYTES / smallest_counted(trials, proposer.targets, fp32_bytes=FP32_BYTES,
+                                             fp32_accuracy=FP32_ACC, extent=1 / SHRINK)
+
+    assert abs(counted_to(free, []) - 16 / SHRINK) < 1e-9
+    assert abs(counted_to(tight, []) - 40 / SHRINK) < 1e-9
+    plan = _plan({"a": 4, "b": 8, "c": 4}, 0.2)
+    lossless = Measured(5, plan, FP32_ACC - 0.005, FP32_BYTES / 30, True)
+    lossy = Measured(6, plan, FP32_ACC - 0.05, FP32_BYTES / 60, True)
+    assert abs(counted_to(free, [lossless, lossy]) - 30 / SHRINK) < 1e-9
+
+
 def test_hypervolume_gain_is_zero_for_a_dominated_point() -> None:
     points = [(10_000.0, 0.9)]
     assert hypervolume_gain(points, (12_000.0, 0.88), fp32_bytes=40_000.0, floor=0.85) == 0.0
@@ -212,8 +247,8 @@ def test_under_a_budget_moves_count_accuracy_from_below_the_best_trial_inside_it
     proposer = Proposer(_table(), _inventory(), settings, fp32_bytes=FP32_BYTES,
                         fp32_accuracy=FP32_ACC, size_budget=0.6 * 3 * PARAMS)
     inside = _measured(5, _plan({"a": 4, "b": 8, "c": 4}, 0.2), 0.70, proposer)
-    assert proposer._hypervolume_floor([inside]) < 0.70
-    assert _proposer()._hypervolume_floor([inside]) == FP32_ACC - FLOOR_DROP
+    assert hypervolume_floor([inside], FP32_ACC, budgeted=True) < 0.70
+    assert hypervolume_floor([inside], FP32_ACC, budgeted=False) == FP32_ACC - FLOOR_DROP
 
 
 def test_the_latency_aim_follows_the_models_error_near_what_was_measured() -> None:

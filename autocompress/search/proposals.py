@@ -21,9 +21,10 @@ Each candidate's accuracy is predicted (``surrogate``) from where its fine-tune 
 trial it inherits from, else the teacher) plus the damage it adds; one predicted dominated by
 what the study measured is refused (counted, not fine-tuned). Of the rest, the one whose
 optimistic prediction adds the most hypervolume to the front (log size vs accuracy, down to
-``FLOOR_DROP`` under fp32, or under the best trial within the budgets when that is lower) is
-proposed. Under a latency budget, candidates the latency model predicts over it are left
-out, so moves stay inside it. Torch-free: plans in, a plan out.
+``measured.FLOOR_DROP`` under fp32, or under the best trial within the budgets when that is
+lower; sizes down to one shrink past the guided ladder's smallest target) is proposed.
+Under a latency budget, candidates the latency model predicts over it are left out, so
+moves stay inside it. Torch-free: plans in, a plan out.
 """
 
 from __future__ import annotations
@@ -43,10 +44,12 @@ from autocompress.search.measured import (
     Measured,
     fine_tune_start,
     front_order,
+    hypervolume_floor,
     hypervolume_gain,
     measured_trials,
     on_front,
     realised_key,
+    smallest_counted,
     structure_key,
 )
 from autocompress.search.sensitivity import Sensitivity
@@ -58,10 +61,11 @@ SHRINK_MORE = 0.7
 # 8.8x plan: a smaller step is offered too, and the surrogate weighs all three
 SHRINK_LESS = 0.93
 REPAIR_RATIO_STEP = 0.1  # a repaired group's ratio goes down this much
-# hypervolume counts accuracy down to fp32 minus this: a plan 5 points down after the short
-# fine-tune is no dead end (ResNet-20 at 13.2x: -4.8 test points, -1.3 after a 4-epoch
-# refine); at 0.05 the proposer saw nothing past ~10x and spent 40 minutes around the 8x knee
-FLOOR_DROP = 0.10
+# hypervolume counts sizes down to one shrink step past the guided ladder's smallest target
+# (a size budget's, or the smallest plan measured within a point of fp32, when smaller):
+# beyond, a smaller file adds no area. With measured.FLOOR_DROP as low as it is, area out
+# there would outweigh any repair where the ladder's targets are.
+EXTENT_PAST_LADDER = 1 / SHRINK
 FRONT_SOURCES = 8  # trials moves are derived from: the front's, then the nearest below it
 LOCAL_SCALE_CAP = 1.25  # how far a latency error may move the aim of moves (_latency_aim)
 RECENT_CHECKS = 5  # pre-checks whose prediction error aims a fit from the uncompressed model
@@ -108,6 +112,9 @@ class Proposer:
         self.latency_budget = latency_budget
         self.size_budget = size_budget
         self.floor = floor  # a trial measured below it is no parent (trial.lineage)
+        # the ratios (x smaller than fp32) the hypervolume counts sizes to, one shrink past
+        self.targets = [f for kind, f in guided.LADDER if kind == "size"] + (
+            [] if size_budget is None else [fp32_bytes / size_budget])
         self.latency_checks = latency_checks  # (predicted, measured) pre-checks, oldest first
         dense = densify(sens, settings)
         self.problems = {acts: guided.Problem(dense, settings, fp32_bytes, acts,
@@ -123,7 +130,10 @@ class Proposer:
         surrogate = calibrate(self.pairs([*trials, *over_budget]), self.fp32_accuracy)
         points = [(t.size, t.accuracy) for t in trials]
         correction = self._size_correction([*trials, *over_budget])  # same for every candidate
-        floor = self._hypervolume_floor(trials)
+        floor = hypervolume_floor(trials, self.fp32_accuracy, budgeted=(
+            self.latency_budget is not None or self.size_budget is not None))
+        smallest = smallest_counted(trials, self.targets, fp32_bytes=self.fp32_bytes,
+                                    fp32_accuracy=self.fp32_accuracy, extent=EXTENT_PAST_LADDER)
         best: Proposal | None = None
         refused = seen = 0
         candidates = [(kind, parent, plan, None) for kind, parent, plan
@@ -138,7 +148,7 @@ class Proposer:
             tried = tried | keys
             seen += 1
             proposal = self._predicted(kind, parent, plan, [*trials, *over_budget], surrogate,
-                                       points, (correction, floor))
+                                       points, (correction, floor, smallest))
             if proposal is None:
                 continue
             proposal = dataclasses.replace(proposal, name=name)
@@ -227,15 +237,6 @@ class Proposer:
             if fitted is not None:
                 out.append(("fit", t.number, self._plan(t.plan, fitted)))
         return out
-
-    def _hypervolume_floor(self, trials: Sequence[Measured]) -> float:
-        """Accuracy the hypervolume counts from: FLOOR_DROP under fp32, or under the best
-        trial inside the budgets when a tight budget keeps every one of them lower (else
-        every move there would add nothing and TPE would take over)."""
-        floor = self.fp32_accuracy - FLOOR_DROP
-        if trials and (self.latency_budget is not None or self.size_budget is not None):
-            floor = min(floor, max(t.accuracy for t in trials) - FLOOR_DROP)
-        return floor
 
     def _latency_aim(self, problem: guided.Problem | None = None, choice: Choice | None = None,
                      source: Measured | None = None) -> float | None:
@@ -362,10 +363,10 @@ class Proposer:
 
     def _predicted(self, kind: str, parent: int, plan: CompressionPlan,
                    trials: Sequence[Measured], surrogate: Surrogate,
-                   points: list[tuple[float, float]], scale: tuple[float, float]
+                   points: list[tuple[float, float]], scale: tuple[float, float, float]
                    ) -> Proposal | None:
-        """``scale``: the size model's correction and the hypervolume floor."""
-        correction, floor = scale
+        """``scale``: the size model's correction, the hypervolume floor and smallest size."""
+        correction, floor, smallest = scale
         found = self._choice(plan)
         if found is None:
             return None
@@ -383,7 +384,8 @@ class Proposer:
         if not points:  # nothing inside the budgets yet: the most accurate fit comes first
             return Proposal(kind, parent, plan, predicted, size, 1.0 + optimistic)
         gain = hypervolume_gain(points, (size, optimistic), fp32_bytes=self.fp32_bytes,
-                                floor=floor, ceiling=self.fp32_accuracy)
+                                floor=floor, ceiling=self.fp32_accuracy,
+                                smallest=smallest)
         return Proposal(kind, parent, plan, predicted, size, gain)
 
     def _size_correction(self, trials: Sequence[Measured]) -> float:
