@@ -61,10 +61,8 @@ SHRINK_MORE = 0.7
 # 8.8x plan: a smaller step is offered too, and the surrogate weighs all three
 SHRINK_LESS = 0.93
 REPAIR_RATIO_STEP = 0.1  # a repaired group's ratio goes down this much
-# hypervolume counts sizes down to one shrink step past the guided ladder's smallest target
-# (a size budget's, or the smallest plan measured within a point of fp32, when smaller):
-# beyond, a smaller file adds no area. With measured.FLOOR_DROP as low as it is, area out
-# there would outweigh any repair where the ladder's targets are.
+# sizes count down to a shrink past the ladder's last target (measured.smallest_counted):
+# with FLOOR_DROP as low as it is, area further out outweighed repairs at the targets
 EXTENT_PAST_LADDER = 1 / SHRINK
 FRONT_SOURCES = 8  # trials moves are derived from: the front's, then the nearest below it
 LOCAL_SCALE_CAP = 1.25  # how far a latency error may move the aim of moves (_latency_aim)
@@ -129,7 +127,7 @@ class Proposer:
         ``over_budget``: measured trials outside the budgets (``trials`` are those inside)."""
         surrogate = calibrate(self.pairs([*trials, *over_budget]), self.fp32_accuracy)
         points = [(t.size, t.accuracy) for t in trials]
-        correction = self._size_correction([*trials, *over_budget])  # same for every candidate
+        scales = self._size_scales([*trials, *over_budget])
         floor = hypervolume_floor(trials, self.fp32_accuracy, budgeted=(
             self.latency_budget is not None or self.size_budget is not None))
         smallest = smallest_counted(trials, self.targets, fp32_bytes=self.fp32_bytes,
@@ -148,7 +146,7 @@ class Proposer:
             tried = tried | keys
             seen += 1
             proposal = self._predicted(kind, parent, plan, [*trials, *over_budget], surrogate,
-                                       points, (correction, floor, smallest))
+                                       points, (scales, floor, smallest))
             if proposal is None:
                 continue
             proposal = dataclasses.replace(proposal, name=name)
@@ -363,10 +361,10 @@ class Proposer:
 
     def _predicted(self, kind: str, parent: int, plan: CompressionPlan,
                    trials: Sequence[Measured], surrogate: Surrogate,
-                   points: list[tuple[float, float]], scale: tuple[float, float, float]
-                   ) -> Proposal | None:
-        """``scale``: the size model's correction, the hypervolume floor and smallest size."""
-        correction, floor, smallest = scale
+                   points: list[tuple[float, float]],
+                   scale: tuple[dict[int, float], float, float]) -> Proposal | None:
+        """``scale``: ``_size_scales``, the hypervolume floor and smallest size counted."""
+        scales, floor, smallest = scale
         found = self._choice(plan)
         if found is None:
             return None
@@ -379,7 +377,7 @@ class Proposer:
         else:
             predicted = surrogate.predict(damage, start_accuracy=start.accuracy,
                                           start_damage=start_damage)
-        size = problem.size(choice) * correction
+        size = problem.size(choice) * scales.get(parent, scales[-1])
         optimistic = predicted + 0.5 * surrogate.spread
         if not points:  # nothing inside the budgets yet: the most accurate fit comes first
             return Proposal(kind, parent, plan, predicted, size, 1.0 + optimistic)
@@ -388,13 +386,15 @@ class Proposer:
                                 smallest=smallest)
         return Proposal(kind, parent, plan, predicted, size, gain)
 
-    def _size_correction(self, trials: Sequence[Measured]) -> float:
-        """Measured over modelled file size (scales and zero points the model leaves out),
-        the median over the trials the table can price."""
-        ratios = sorted(t.size / self.problems[t.plan.activation_bits].size(found[1])
-                        for t in trials if (found := self._choice(t.plan)) is not None)
-        return ratios[len(ratios) // 2] if ratios else 1.0
-
+    def _size_scales(self, trials: Sequence[Measured]) -> dict[int, float]:
+        """Measured over modelled file size (scales and zero points the model leaves out) of
+        each trial the table can price, and under -1 their median. A move's size is predicted
+        at its source's (with the median alone, the digits demo put a shrink of a measured
+        29.8x plan at 26.2x, larger than its source, so no move from it was proposed)."""
+        out = {t.number: t.size / found[0].size(found[1]) for t in trials
+               if (found := self._choice(t.plan)) is not None and found[0].size(found[1]) > 0}
+        ratios = sorted(out.values())
+        return {**out, -1: ratios[len(ratios) // 2] if ratios else 1.0}
 
 __all__ = ["Measured", "Outcome", "Proposal", "Proposer", "densify", "hypervolume_gain",
            "measured_trials", "structure_key"]
