@@ -11,10 +11,10 @@ from autocompress.config.settings import SearchSettings
 from autocompress.model import space
 from autocompress.model.plan import CompressionPlan
 from autocompress.runtime import measure
-from autocompress.search import retrain_cost, students
+from autocompress.search import retrain_cost
 from autocompress.search.counter import TrialCounter, probe_step_seconds
-from autocompress.search.promotion import Promotion, plan_promotions
-from autocompress.search.refine import refine_start
+from autocompress.search.promotion import plan_promotions
+from autocompress.search.refine import enqueue_retrain, refine_start
 from autocompress.search.session import LR_PROBE_ATTR, _say
 from autocompress.study import attrs as trial_attrs
 from autocompress.study.records import TrialRecord
@@ -73,8 +73,9 @@ def promote(
             if fit < len(chosen):
                 _say(counter.declined or "", on_start)
                 chosen = chosen[:fit]
-        for p in chosen:
-            _enqueue_promotion(study, runner, settings, by_number[p.parent], p)
+        for p in chosen:  # from where a refine that long would start (refine_start)
+            enqueue_retrain(study, runner, settings, by_number[p.parent], p.steps,
+                            {trial_attrs.PROMOTION_RUNG: p.rung})
     if not chosen:
         return False
     _say(f"promoting {len(chosen)} plan(s) to longer fine-tunes: "
@@ -86,24 +87,6 @@ def promote(
 def _retrain_start(parent: TrialRecord, steps: int) -> str:
     """Where a retrain of ``parent``'s plan for ``steps`` starts (``refine.refine_start``)."""
     return refine_start(space.as_qat(CompressionPlan.from_dict(parent.plan)), steps, parent)
-
-
-def _enqueue_promotion(study: Any, runner: TrialRunner, settings: SearchSettings,
-                       parent: TrialRecord, promotion: Promotion) -> None:
-    """Queue ``promotion`` first in the study: the parent's plan, its steps, where it starts
-    (a long retrain of a pruning plan from the teacher, as a refine: 704 steps of a 12.5x
-    ResNet-20 plan trained along a 450-step lineage gave 0.8530 test from the teacher,
-    0.8433 on from the plan's weights)."""
-    plan = space.as_qat(CompressionPlan.from_dict(parent.plan))
-    # keyed by the layer names of the base it compresses (the teacher or a student)
-    queued = students.retrain_params(parent, runner, plan, settings.space)
-    if queued is None:  # a student this worker has not loaded
-        return
-    study_mod.enqueue(study, queued[0], {
-        trial_attrs.PARENT: parent.number, trial_attrs.FINETUNE_STEPS: promotion.steps,
-        trial_attrs.PROMOTION_RUNG: promotion.rung,
-        trial_attrs.REFINE_START: _retrain_start(parent, promotion.steps), **queued[1],
-    }, first=True)
 
 
 def _trial_timing(record: TrialRecord, pace: float,
